@@ -1,0 +1,7 @@
+"""bot.py is not built yet (issue 8). It exits with code 2 so nothing mistakes it for a running bot."""
+
+import sys
+
+if __name__ == "__main__":
+    sys.stderr.write("bot.py is not built yet (issue 8); nothing was started.\n")
+    sys.exit(2)

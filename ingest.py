@@ -1,0 +1,7 @@
+"""ingest.py is not built yet (issue 7). It exits with code 2 so nothing mistakes it for a running bot."""
+
+import sys
+
+if __name__ == "__main__":
+    sys.stderr.write("ingest.py is not built yet (issue 7); nothing was started.\n")
+    sys.exit(2)

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The one entry point.
+#   ./start.sh                      run the bot named by BOT (worker by default)
+#   ./start.sh test [pytest args]   run the test suite
+#   ./start.sh bench NAME [args]    run bench/NAME.py (--quick, --json)
+#
+# Creates .venv on first use and reinstalls only when the requirements change
+# (a hash stamp inside .venv). On Railway (RAILWAY_ENVIRONMENT set) or with
+# NO_VENV=1 it uses the interpreter it finds: the platform installed the
+# requirements already.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+die() { echo "start.sh: $*" >&2; exit 2; }
+
+find_python() {
+    local candidate
+    for candidate in ${PYTHON:-} python3 python3.13 python3.12 python3.11 python; do
+        if command -v "$candidate" >/dev/null 2>&1 &&
+            "$candidate" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; then
+            command -v "$candidate"
+            return 0
+        fi
+    done
+    return 1
+}
+
+SYSTEM_PY=$(find_python) || die "Python 3.11 or newer is required (found: $(python3 --version 2>&1 || echo none)). Install it, or set PYTHON=/path/to/python3.11."
+
+# ensure_env REQUIREMENTS_FILE: make sure the interpreter in $PY has that file installed.
+ensure_env() {
+    local reqs=$1
+    if [[ -n "${RAILWAY_ENVIRONMENT:-}" || "${NO_VENV:-}" == "1" ]]; then
+        PY=$SYSTEM_PY
+        return 0
+    fi
+    if [[ ! -x .venv/bin/python ]]; then
+        echo "start.sh: creating .venv with $("$SYSTEM_PY" --version)" >&2
+        "$SYSTEM_PY" -m venv .venv || die "could not create .venv (on Debian: apt-get install python3-venv)"
+    fi
+    PY=.venv/bin/python
+    local stamp=".venv/.stamp-$(basename "$reqs" .txt)"
+    local want
+    want=$(cat requirements*.txt | "$PY" -c 'import hashlib,sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())')
+    if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
+        echo "start.sh: installing $reqs into .venv" >&2
+        "$PY" -m pip install --quiet --disable-pip-version-check -r "$reqs" || die "pip could not install $reqs"
+        echo "$want" > "$stamp"
+    fi
+}
+
+case "${1:-run}" in
+    test)
+        shift
+        ensure_env requirements-dev.txt
+        exec "$PY" -m pytest "$@"
+        ;;
+    bench)
+        shift
+        [[ $# -ge 1 ]] || die "usage: ./start.sh bench NAME [--quick] [--json]  (available: $(ls bench/*.py 2>/dev/null | xargs -n1 basename 2>/dev/null | sed 's/\.py$//' | tr '\n' ' '))"
+        name=$1
+        shift
+        [[ -f "bench/$name.py" ]] || die "no benchmark named '$name' (available: $(ls bench/*.py 2>/dev/null | xargs -n1 basename 2>/dev/null | sed 's/\.py$//' | tr '\n' ' '))"
+        ensure_env requirements-dev.txt
+        exec "$PY" "bench/$name.py" "$@"
+        ;;
+    run)
+        ensure_env requirements.txt
+        bot=${BOT:-worker}
+        case "$bot" in
+            worker | ingest | bot) ;;
+            *) die "BOT must be one of worker, ingest, bot (got '$bot')" ;;
+        esac
+        if [[ "${SUPERVISED:-}" == "1" ]]; then
+            exec "$PY" supervisor.py
+        fi
+        exec "$PY" "$bot.py"
+        ;;
+    *)
+        die "unknown command '$1' (use: ./start.sh, ./start.sh test, ./start.sh bench NAME)"
+        ;;
+esac
