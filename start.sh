@@ -61,7 +61,7 @@ case "${1:-run}" in
         name=$1
         shift
         [[ -f "bench/$name.py" ]] || die "no benchmark named '$name' (available: $(ls bench/*.py 2>/dev/null | xargs -n1 basename 2>/dev/null | sed 's/\.py$//' | tr '\n' ' '))"
-        ensure_env requirements-dev.txt
+        ensure_env requirements-bench.txt
         exec "$PY" "bench/$name.py" "$@"
         ;;
     run)

@@ -1,0 +1,341 @@
+"""Circuit breakers: stop hammering a service that is down, probe it, recover.
+
+CLOSED lets calls through and counts consecutive failures; at
+``failure_threshold`` it turns OPEN and refuses calls with
+:class:`CircuitOpenError` (a transient error carrying ``retry_after``) for
+``recovery_timeout`` seconds; then HALF_OPEN admits at most
+``half_open_max_calls`` trial calls: ``success_threshold`` successes close
+it, one failure opens it again.
+
+Why our own code and not a library: pybreaker is synchronous (its async
+support needs Tornado) and has no half-open call limit; purgatory is async
+but has neither a half-open call limit nor a success threshold, and neither
+can decide what counts as a failure through our error classifier. This file
+is small enough to read in one sitting and is tested state by state.
+
+Only failures that say something about the service count: by default those
+:func:`shared.errors.classify` calls transient or unknown-outcome. A
+"message too long" is the caller's problem and leaves the breaker closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import functools
+import inspect
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+
+from shared.errors import ErrorKind, TransientError, classify
+from shared.metrics import BREAKER_STATE, BREAKER_TRANSITIONS
+
+if TYPE_CHECKING:
+    from shared.alerts import AlertSink
+
+logger = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class CircuitState(str, enum.Enum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+_STATE_VALUE = {CircuitState.CLOSED: 0, CircuitState.HALF_OPEN: 1, CircuitState.OPEN: 2}
+
+
+class CircuitOpenError(TransientError):
+    """Raised instead of calling a service whose breaker is open."""
+
+    def __init__(self, breaker: str, retry_after: float) -> None:
+        self.breaker = breaker
+        self.retry_after = max(0.0, retry_after)
+        super().__init__(f"circuit breaker '{breaker}' is open; next probe in {self.retry_after:.1f}s")
+
+
+def _counts_by_default(exc: BaseException) -> bool:
+    return classify(exc).kind in (ErrorKind.TRANSIENT, ErrorKind.UNKNOWN_OUTCOME, ErrorKind.RATE_LIMITED)
+
+
+class CircuitBreaker:
+    """A circuit breaker for sync and async callables.
+
+    Args:
+        name: shown in /status, metrics and alerts.
+        failure_threshold: consecutive counted failures that open the circuit.
+        recovery_timeout: seconds the circuit stays open before probing.
+        half_open_max_calls: trial calls admitted while half-open.
+        success_threshold: successful trials that close the circuit
+            (capped at ``half_open_max_calls``).
+        counts: decides whether an exception counts as a failure; by default
+            the classifier's transient, unknown-outcome and rate-limited kinds.
+        clock: monotonic seconds; injectable for tests.
+        alerts: where "circuit_breaker_open" and its resolution go.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        failure_threshold: int = 5,
+        recovery_timeout: float = 60.0,
+        half_open_max_calls: int = 3,
+        success_threshold: int = 2,
+        counts: Callable[[BaseException], bool] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        alerts: AlertSink | None = None,
+    ) -> None:
+        if failure_threshold < 1 or half_open_max_calls < 1 or success_threshold < 1 or recovery_timeout < 0:
+            raise ValueError("breaker thresholds must be >= 1 and the recovery timeout >= 0")
+        self.name = name
+        self.failure_threshold = failure_threshold
+        self.recovery_timeout = recovery_timeout
+        self.half_open_max_calls = half_open_max_calls
+        self.success_threshold = min(success_threshold, half_open_max_calls)
+        self.alerts = alerts
+        self._counts = counts or _counts_by_default
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._state = CircuitState.CLOSED
+        self._failures = 0
+        self._opened_at = 0.0
+        self._trials_admitted = 0
+        self._trial_successes = 0
+        self._total_failures = 0
+        self._total_successes = 0
+        self._rejected = 0
+        self._times_opened = 0
+        self._last_error: str | None = None
+        self._last_error_at: float | None = None
+        self._last_change_at = time.time()
+        BREAKER_STATE.labels(name).set(0)
+
+    # --- state ------------------------------------------------------------
+
+    @property
+    def state(self) -> CircuitState:
+        with self._lock:
+            self._maybe_half_open()
+            return self._state
+
+    def _maybe_half_open(self) -> None:
+        if self._state is CircuitState.OPEN and self._clock() - self._opened_at >= self.recovery_timeout:
+            self._transition(CircuitState.HALF_OPEN)
+
+    def _transition(self, to: CircuitState) -> None:
+        previous = self._state
+        if previous is to:
+            return
+        self._state = to
+        self._last_change_at = time.time()
+        if to is CircuitState.OPEN:
+            self._opened_at = self._clock()
+            self._times_opened += 1
+        if to is CircuitState.HALF_OPEN:
+            self._trials_admitted = 0
+            self._trial_successes = 0
+        if to is CircuitState.CLOSED:
+            self._failures = 0
+        BREAKER_STATE.labels(self.name).set(_STATE_VALUE[to])
+        BREAKER_TRANSITIONS.labels(self.name, to.value).inc()
+        log = logger.warning if to is CircuitState.OPEN else logger.info
+        log(
+            "circuit breaker %s: %s -> %s",
+            self.name,
+            previous.value,
+            to.value,
+            extra={"breaker": self.name, "from": previous.value, "to": to.value, "last_error": self._last_error},
+        )
+        self._notify(previous, to)
+
+    def _notify(self, previous: CircuitState, to: CircuitState) -> None:
+        if self.alerts is None:
+            return
+        from shared.alerts import AlertType
+
+        key = f"breaker:{self.name}"
+        try:
+            if to is CircuitState.OPEN and previous is CircuitState.CLOSED:
+                self.alerts.alert(
+                    AlertType.CIRCUIT_BREAKER_OPEN,
+                    f"Circuit breaker '{self.name}' opened after {self.failure_threshold} failures",
+                    key=key,
+                    details={"breaker": self.name, "error": self._last_error or "", "retry_in_s": self.recovery_timeout},
+                )
+            elif to is CircuitState.CLOSED:
+                self.alerts.resolve(AlertType.CIRCUIT_BREAKER_OPEN, key=key, message=f"Circuit breaker '{self.name}' closed again")
+        except Exception:  # an alert must never break the caller
+            logger.exception("could not queue breaker alert")
+
+    def _before_call(self) -> None:
+        with self._lock:
+            self._maybe_half_open()
+            if self._state is CircuitState.OPEN:
+                self._rejected += 1
+                raise CircuitOpenError(self.name, self.recovery_timeout - (self._clock() - self._opened_at))
+            if self._state is CircuitState.HALF_OPEN:
+                if self._trials_admitted >= self.half_open_max_calls:
+                    self._rejected += 1
+                    raise CircuitOpenError(self.name, 0.0)
+                self._trials_admitted += 1
+
+    def record_success(self) -> None:
+        with self._lock:
+            self._total_successes += 1
+            if self._state is CircuitState.HALF_OPEN:
+                self._trial_successes += 1
+                if self._trial_successes >= self.success_threshold:
+                    self._transition(CircuitState.CLOSED)
+            else:
+                self._failures = 0
+
+    def record_failure(self, exc: BaseException) -> None:
+        if not self._counts(exc):
+            # Not the service's fault; in half-open it still frees the trial slot.
+            with self._lock:
+                if self._state is CircuitState.HALF_OPEN:
+                    self._trials_admitted = max(0, self._trials_admitted - 1)
+            return
+        with self._lock:
+            self._total_failures += 1
+            self._last_error = f"{type(exc).__name__}: {exc}"[:300]
+            self._last_error_at = time.time()
+            if self._state is CircuitState.HALF_OPEN:
+                self._transition(CircuitState.OPEN)
+            elif self._state is CircuitState.CLOSED:
+                self._failures += 1
+                if self._failures >= self.failure_threshold:
+                    self._transition(CircuitState.OPEN)
+
+    # --- calling ----------------------------------------------------------
+
+    async def call(self, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Await ``fn(*args, **kwargs)`` through the breaker.
+
+        Raises:
+            CircuitOpenError: the circuit is open (or half-open and full).
+            Exception: whatever ``fn`` raised, after counting it.
+        """
+        self._before_call()
+        try:
+            result = await fn(*args, **kwargs)
+        except asyncio.CancelledError:
+            self._release_trial()
+            raise
+        except BaseException as exc:
+            self.record_failure(exc)
+            raise
+        self.record_success()
+        return result
+
+    def call_sync(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Call a synchronous ``fn`` through the breaker (e.g. inside a thread)."""
+        self._before_call()
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:
+            self.record_failure(exc)
+            raise
+        self.record_success()
+        return result
+
+    def _release_trial(self) -> None:
+        with self._lock:
+            if self._state is CircuitState.HALF_OPEN:
+                self._trials_admitted = max(0, self._trials_admitted - 1)
+
+    def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
+        """Use the breaker as a decorator on a sync or async function."""
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+                return await self.call(fn, *args, **kwargs)
+
+            return async_wrapper
+
+        @functools.wraps(fn)
+        def sync_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+            return self.call_sync(fn, *args, **kwargs)
+
+        return sync_wrapper
+
+    def reset(self) -> None:
+        """Close the circuit and forget the failure count (an operator's action)."""
+        with self._lock:
+            self._transition(CircuitState.CLOSED)
+            self._failures = 0
+
+    def get_status(self) -> dict[str, Any]:
+        with self._lock:
+            self._maybe_half_open()
+            retry_in = None
+            if self._state is CircuitState.OPEN:
+                retry_in = round(max(0.0, self.recovery_timeout - (self._clock() - self._opened_at)), 1)
+            return {
+                "name": self.name,
+                "state": self._state.value,
+                "consecutive_failures": self._failures,
+                "failure_threshold": self.failure_threshold,
+                "recovery_timeout_s": self.recovery_timeout,
+                "half_open_max_calls": self.half_open_max_calls,
+                "success_threshold": self.success_threshold,
+                "retry_in_s": retry_in,
+                "times_opened": self._times_opened,
+                "total_failures": self._total_failures,
+                "total_successes": self._total_successes,
+                "rejected_calls": self._rejected,
+                "last_error": self._last_error,
+                "last_error_at": self._last_error_at,
+                "last_change_at": self._last_change_at,
+            }
+
+
+class BreakerRegistry:
+    """Every breaker of the process, so /status can list them."""
+
+    def __init__(self) -> None:
+        self._breakers: dict[str, CircuitBreaker] = {}
+        self._alerts: AlertSink | None = None
+        self._lock = threading.Lock()
+
+    def get_or_create(self, name: str, **kwargs: Any) -> CircuitBreaker:
+        """Return the breaker called ``name``, creating it with ``kwargs`` the first time."""
+        with self._lock:
+            breaker = self._breakers.get(name)
+            if breaker is None:
+                kwargs.setdefault("alerts", self._alerts)
+                breaker = CircuitBreaker(name, **kwargs)
+                self._breakers[name] = breaker
+            return breaker
+
+    def get(self, name: str) -> CircuitBreaker | None:
+        return self._breakers.get(name)
+
+    def set_alerts(self, sink: AlertSink | None) -> None:
+        """Send the state changes of every breaker, present and future, to ``sink``."""
+        with self._lock:
+            self._alerts = sink
+            for breaker in self._breakers.values():
+                breaker.alerts = sink
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        return {name: breaker.get_status() for name, breaker in sorted(self._breakers.items())}
+
+    def any_open(self) -> bool:
+        return any(b.state is CircuitState.OPEN for b in self._breakers.values())
+
+    def clear(self) -> None:
+        """Forget every breaker (tests and a process that rewires itself)."""
+        with self._lock:
+            self._breakers.clear()
+
+
+registry = BreakerRegistry()

@@ -1,0 +1,323 @@
+"""One place that decides what an error means.
+
+Every loop asks :func:`classify` what to do with an exception instead of
+guessing: retry it soon (transient), wait the time the service asked for
+(rate limited), give up on this item (permanent), stop using this account
+(account dead), or treat the call as possibly done (unknown outcome).
+
+The mapping covers Telethon's RPC errors, asyncpg, aiohttp, httpx (used by
+supabase-py), botocore (R2), our own timeouts and the exception types below,
+which our code raises when it already knows the kind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import re
+from dataclasses import dataclass
+from typing import Any
+
+
+class ErrorKind(str, enum.Enum):
+    """What an error means for the work that raised it."""
+
+    TRANSIENT = "transient"
+    """Try again later with backoff: the next attempt may well succeed."""
+    RATE_LIMITED = "rate_limited"
+    """The service asked us to wait ``retry_after`` seconds."""
+    PERMANENT = "permanent"
+    """This item can never succeed as it is: fail it with the reason."""
+    ACCOUNT_DEAD = "account_dead"
+    """The Telegram account's session is gone: stop it, mark it, alert."""
+    UNKNOWN_OUTCOME = "unknown_outcome"
+    """The call may have taken effect: retry only idempotently."""
+    ALREADY_DONE = "already_done"
+    """The operation took effect earlier (Telegram's RANDOM_ID_DUPLICATE)."""
+
+
+@dataclass(frozen=True)
+class Classification:
+    """The verdict of :func:`classify`."""
+
+    kind: ErrorKind
+    reason: str
+    retry_after: float | None = None
+
+    @property
+    def retryable(self) -> bool:
+        return self.kind in (ErrorKind.TRANSIENT, ErrorKind.RATE_LIMITED, ErrorKind.UNKNOWN_OUTCOME)
+
+
+class BotError(Exception):
+    """Base of the errors our own code raises on purpose."""
+
+
+class TransientError(BotError):
+    """A failure that a later attempt may not see (outage, timeout, 5xx)."""
+
+
+class UnknownOutcomeError(TransientError):
+    """The operation may or may not have taken effect."""
+
+
+class PermanentError(BotError):
+    """This item cannot succeed as it is; the message says why."""
+
+
+class AccountDeadError(BotError):
+    """The account needs a new login."""
+
+
+class RateLimitedError(BotError):
+    """The remote side asked us to wait ``retry_after`` seconds."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = float(retry_after)
+
+
+# --- Telethon -------------------------------------------------------------
+
+_ACCOUNT_DEAD_TELETHON = {
+    "AuthKeyDuplicatedError",
+    "AuthKeyUnregisteredError",
+    "AuthKeyInvalidError",
+    "AuthKeyPermEmptyError",
+    "SessionRevokedError",
+    "SessionExpiredError",
+    "UserDeactivatedError",
+    "UserDeactivatedBanError",
+    "PhoneNumberBannedError",
+    "SessionPasswordNeededError",
+}
+
+_READABLE_TELETHON = {
+    "PeerIdInvalidError": "invalid chat: Telegram does not know this peer",
+    "UsernameNotOccupiedError": "invalid chat: no user has this username",
+    "UsernameInvalidError": "invalid chat: malformed username",
+    "UserIsBlockedError": "the user blocked this account",
+    "ChatWriteForbiddenError": "this account may not write in that chat",
+    "ChannelPrivateError": "the channel is private or this account was banned from it",
+    "MessageTooLongError": "text too long: Telegram accepts at most 4096 UTF-16 code units",
+    "MessageEmptyError": "empty message: nothing to send",
+    "MediaCaptionTooLongError": "caption too long: Telegram accepts at most 1024 characters",
+    "InputUserDeactivatedError": "the recipient's account was deleted",
+    "UserBannedInChannelError": "this account is banned from sending in that chat",
+}
+
+
+def _classify_telethon(exc: BaseException) -> Classification | None:
+    try:
+        from telethon import errors as tg
+    except ImportError:  # pragma: no cover - telethon is a runtime dependency
+        return None
+    if not isinstance(exc, tg.RPCError):
+        return None
+    name = type(exc).__name__
+    text = _short(exc)
+    if isinstance(exc, tg.RandomIdDuplicateError):
+        return Classification(ErrorKind.ALREADY_DONE, "Telegram already has a message with this random_id")
+    if name in _ACCOUNT_DEAD_TELETHON or isinstance(exc, tg.UnauthorizedError):
+        return Classification(ErrorKind.ACCOUNT_DEAD, f"account needs a new login ({name}: {text})")
+    seconds = getattr(exc, "seconds", None)
+    if isinstance(exc, tg.FloodError) or seconds is not None:
+        wait = float(seconds) if seconds is not None else 30.0
+        return Classification(ErrorKind.RATE_LIMITED, f"Telegram asked to wait {wait:.0f}s ({name})", wait)
+    if isinstance(exc, (tg.ServerError, tg.TimedOutError, tg.InvalidDCError)):
+        return Classification(ErrorKind.TRANSIENT, f"Telegram server error ({name}: {text})")
+    if name in _READABLE_TELETHON:
+        return Classification(ErrorKind.PERMANENT, _READABLE_TELETHON[name])
+    if name.startswith(("File", "Media", "Photo", "Document", "Webpage")) or isinstance(
+        exc, (tg.BadRequestError, tg.ForbiddenError, tg.NotFoundError)
+    ):
+        return Classification(ErrorKind.PERMANENT, f"Telegram refused the request ({name}: {text})")
+    return Classification(ErrorKind.TRANSIENT, f"Telegram error ({name}: {text})")
+
+
+# --- asyncpg and PostgreSQL SQLSTATE -------------------------------------
+
+# SQLSTATE classes that mean "the database is unwell", not "your data is wrong".
+_TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57", "58")
+
+
+def classify_sqlstate(sqlstate: str | None, message: str) -> Classification:
+    """Classify a PostgreSQL error code (also used for PostgREST answers)."""
+    code = sqlstate or ""
+    if code.startswith(_TRANSIENT_SQLSTATE_CLASSES):
+        return Classification(ErrorKind.TRANSIENT, f"database unavailable ({code}: {message})")
+    return Classification(ErrorKind.PERMANENT, f"database refused the operation ({code or 'error'}: {message})")
+
+
+def _classify_asyncpg(exc: BaseException) -> Classification | None:
+    try:
+        import asyncpg
+    except ImportError:  # pragma: no cover
+        return None
+    if isinstance(exc, asyncpg.PostgresError):
+        return classify_sqlstate(getattr(exc, "sqlstate", None), _short(exc))
+    if isinstance(exc, (asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError)):
+        return Classification(ErrorKind.TRANSIENT, f"database connection problem ({type(exc).__name__}: {_short(exc)})")
+    return None
+
+
+# --- HTTP clients -----------------------------------------------------------
+
+
+def _retry_after_from_headers(headers: Any) -> float | None:
+    if not headers:
+        return None
+    for key in ("Retry-After", "retry-after"):
+        value = headers.get(key)
+        if value:
+            try:
+                return max(0.0, float(value))
+            except ValueError:
+                return None
+    return None
+
+
+def classify_http_status(status: int, *, retry_after: float | None = None, what: str = "HTTP") -> Classification:
+    """Classify an HTTP status code from any client."""
+    if status == 429:
+        return Classification(ErrorKind.RATE_LIMITED, f"{what} rate limited (429)", retry_after if retry_after is not None else 60.0)
+    if status in (408, 425) or status >= 500:
+        return Classification(ErrorKind.TRANSIENT, f"{what} server error ({status})")
+    if status in (401, 403):
+        return Classification(ErrorKind.PERMANENT, f"{what} refused our credentials ({status})")
+    return Classification(ErrorKind.PERMANENT, f"{what} rejected the request ({status})")
+
+
+def _classify_aiohttp(exc: BaseException) -> Classification | None:
+    try:
+        import aiohttp
+    except ImportError:  # pragma: no cover
+        return None
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return classify_http_status(exc.status, retry_after=_retry_after_from_headers(exc.headers))
+    if isinstance(exc, aiohttp.ClientError):
+        return Classification(ErrorKind.TRANSIENT, f"HTTP connection problem ({type(exc).__name__}: {_short(exc)})")
+    return None
+
+
+def _classify_httpx(exc: BaseException) -> Classification | None:
+    try:
+        import httpx
+    except ImportError:  # pragma: no cover
+        return None
+    if isinstance(exc, httpx.HTTPStatusError):
+        return classify_http_status(
+            exc.response.status_code, retry_after=_retry_after_from_headers(exc.response.headers)
+        )
+    if isinstance(exc, httpx.TransportError):
+        return Classification(ErrorKind.TRANSIENT, f"HTTP connection problem ({type(exc).__name__}: {_short(exc)})")
+    return None
+
+
+def _classify_postgrest(exc: BaseException) -> Classification | None:
+    if type(exc).__name__ != "APIError" or not type(exc).__module__.startswith("postgrest"):
+        return None
+    code = getattr(exc, "code", None)
+    message = getattr(exc, "message", None) or _short(exc)
+    if code and re.fullmatch(r"[0-9A-Z]{5}", str(code)):
+        return classify_sqlstate(str(code), str(message))
+    return Classification(ErrorKind.TRANSIENT, f"Supabase API error ({code}: {message})")
+
+
+# --- botocore (R2) ----------------------------------------------------------
+
+_S3_THROTTLE = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException"}
+_S3_PERMANENT = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket", "InvalidBucketName"}
+
+
+def _classify_botocore(exc: BaseException) -> Classification | None:
+    try:
+        from botocore import exceptions as bc
+    except ImportError:  # pragma: no cover
+        return None
+    if isinstance(exc, bc.ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        if code in _S3_THROTTLE or status == 429:
+            return Classification(ErrorKind.RATE_LIMITED, f"storage throttled ({code or status})", 5.0)
+        if code in _S3_PERMANENT:
+            return Classification(ErrorKind.PERMANENT, f"storage refused the request ({code})")
+        if status >= 500 or status == 0:
+            return Classification(ErrorKind.TRANSIENT, f"storage server error ({code or status})")
+        return Classification(ErrorKind.PERMANENT, f"storage rejected the request ({code or status})")
+    if isinstance(exc, (bc.EndpointConnectionError, bc.ConnectionError, bc.HTTPClientError)):
+        return Classification(ErrorKind.TRANSIENT, f"storage unreachable ({type(exc).__name__})")
+    if isinstance(exc, bc.NoCredentialsError):
+        return Classification(ErrorKind.PERMANENT, "storage credentials missing")
+    return None
+
+
+# --- the classifier ---------------------------------------------------------
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    text = str(exc).strip().replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def describe(exc: BaseException) -> str:
+    """A one-line, human-readable description of an exception."""
+    text = _short(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def classify(exc: BaseException) -> Classification:
+    """Decide what ``exc`` means for the work that raised it.
+
+    Never raises. Unknown exception types count as transient: retries are
+    bounded everywhere, so a surprise ends as a dead item with its reason
+    rather than a crash or an endless loop.
+    """
+    if isinstance(exc, asyncio.CancelledError):
+        return Classification(ErrorKind.TRANSIENT, "cancelled")
+
+    # Our own types first: the raiser knew best.
+    if isinstance(exc, RateLimitedError):
+        return Classification(ErrorKind.RATE_LIMITED, _short(exc), exc.retry_after)
+    if isinstance(exc, AccountDeadError):
+        return Classification(ErrorKind.ACCOUNT_DEAD, _short(exc))
+    if isinstance(exc, PermanentError):
+        return Classification(ErrorKind.PERMANENT, _short(exc))
+    if isinstance(exc, UnknownOutcomeError):
+        return Classification(ErrorKind.UNKNOWN_OUTCOME, _short(exc))
+    retry_after = getattr(exc, "retry_after", None)
+    if isinstance(exc, TransientError):
+        if isinstance(retry_after, (int, float)):
+            return Classification(ErrorKind.TRANSIENT, _short(exc), float(retry_after))
+        return Classification(ErrorKind.TRANSIENT, _short(exc))
+
+    # OperationTimeout carries whether the call may have taken effect.
+    if isinstance(exc, TimeoutError):
+        if getattr(exc, "outcome_unknown", False):
+            return Classification(ErrorKind.UNKNOWN_OUTCOME, f"timed out, outcome unknown ({_short(exc) or 'timeout'})")
+        return Classification(ErrorKind.TRANSIENT, f"timed out ({_short(exc) or 'timeout'})")
+
+    for specific in (
+        _classify_telethon,
+        _classify_asyncpg,
+        _classify_aiohttp,
+        _classify_httpx,
+        _classify_postgrest,
+        _classify_botocore,
+    ):
+        verdict = specific(exc)
+        if verdict is not None:
+            return verdict
+
+    if isinstance(exc, FileNotFoundError):
+        return Classification(ErrorKind.PERMANENT, f"file not found: {exc.filename or _short(exc)}")
+    if isinstance(exc, (IsADirectoryError, PermissionError)):
+        return Classification(ErrorKind.PERMANENT, f"file not usable: {_short(exc)}")
+    if isinstance(exc, (ConnectionError, OSError, EOFError)):
+        return Classification(ErrorKind.TRANSIENT, f"connection problem ({describe(exc)})")
+    if isinstance(exc, (ValueError, TypeError, KeyError, LookupError, UnicodeError)):
+        # Telethon raises ValueError for entities it cannot resolve; bad input
+        # in general does not get better by retrying.
+        return Classification(ErrorKind.PERMANENT, describe(exc))
+    return Classification(ErrorKind.TRANSIENT, f"unexpected error ({describe(exc)})")
