@@ -325,8 +325,7 @@ def render_env_example() -> str:
     lines = [
         "# Every setting the bots read, with its default. Copy to .env and edit.",
         "# Generated from shared/config.py: python -m shared.config env-example > .env.example",
-        "# Empty means unset. With nothing set, ./start.sh runs the worker on an embedded",
-        "# PostgreSQL and the Telegram sandbox.",
+        "# An empty value means unset (the default applies).",
     ]
     for s in SETTINGS:
         used_by = "all bots" if s.bots == ALL else ", ".join(sorted(s.bots))

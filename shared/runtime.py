@@ -1,0 +1,303 @@
+"""The bot runtime: the shared kit assembled once for every bot.
+
+A bot file reads as a story on top of this::
+
+    settings = load_or_exit(WorkerSettings)
+    runtime = BotRuntime(bot="worker", settings=settings)
+    async with runtime:                       # alerts, status server, signals
+        runtime.add_loop("outbound", outbound.cycle, interval=1.0, wake=outbound.wake)
+        runtime.add_cleanup("database", db.close)
+        await runtime.run_until_stopped()     # SIGTERM: drain, clean up, exit 0
+
+It owns the alert sink, the loop watchdog, the global heartbeat, the
+graceful shutdown, the status server and the counters that ``/status``
+shows, and it decides what ``/health`` means: the event loop answers, the
+watchdog's monitor is checking, and no loop is ``failing``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import shared
+from shared.alerts import AlertSink, build_alert_sink
+from shared.breaker import registry as breakers
+from shared.config import CommonSettings
+from shared.errors import describe
+from shared.heartbeat import GlobalHeartbeat, HeartbeatStore
+from shared.logs import register_secret, setup_logging
+from shared.retry_queue import RetryQueue
+from shared.shutdown import GracefulShutdown
+from shared.status_server import StatusServer
+from shared.watchdog import LoopWatchdog, periodic
+
+logger = logging.getLogger(__name__)
+
+
+def code_version() -> str:
+    """The package version, with the deployed commit when Railway provides it."""
+    sha = os.environ.get("RAILWAY_GIT_COMMIT_SHA", "")[:7]
+    return f"{shared.__version__}+{sha}" if sha else shared.__version__
+
+
+def configure_logging(settings: CommonSettings) -> None:
+    """Logging per LOG_LEVEL / LOG_FORMAT, with every configured secret redacted."""
+    setup_logging(level=settings.log_level, fmt=settings.log_format)
+    for secret in settings.secrets():
+        register_secret(secret)
+
+
+@dataclass
+class Stats:
+    """Counters every bot reports in /status."""
+
+    processed: int = 0
+    failed: int = 0
+    retried: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    last_error: str | None = None
+    last_error_at: float | None = None
+
+    def error(self, where: str, exc: BaseException | str) -> None:
+        text = exc if isinstance(exc, str) else describe(exc)
+        self.last_error = f"{where}: {text}"
+        self.last_error_at = time.time()
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "processed": self.processed,
+            "failed": self.failed,
+            "retried": self.retried,
+            "skipped": dict(self.skipped),
+        }
+
+
+class BotRuntime:
+    """Everything a bot process needs besides its own logic.
+
+    Args:
+        bot: "worker", "ingest" or "bot"; names the process in alerts and /status.
+        settings: the bot's settings (any subclass of CommonSettings).
+        alerts: an alert sink; built from ALERT_* settings when omitted.
+        version: shown in /status and the heartbeat.
+        host: interface of the status server.
+    """
+
+    def __init__(
+        self,
+        *,
+        bot: str,
+        settings: CommonSettings,
+        alerts: AlertSink | None = None,
+        version: str | None = None,
+        host: str = "0.0.0.0",
+    ) -> None:
+        self.bot = bot
+        self.settings = settings
+        self.version = version or code_version()
+        self.alerts = alerts if alerts is not None else build_alert_sink(settings, bot)
+        self.stats = Stats()
+        self.sandbox = False
+        self.backend: str | None = None
+        self.watchdog = LoopWatchdog(
+            max_silence=settings.watchdog_max_silence,
+            check_interval=settings.watchdog_check_interval,
+            startup_grace=settings.watchdog_startup_grace,
+            storm_restarts=settings.watchdog_storm_restarts,
+            storm_window=settings.watchdog_storm_window,
+            alerts=self.alerts,
+        )
+        self.shutdown = GracefulShutdown(grace=settings.shutdown_grace)
+        self.heartbeat: GlobalHeartbeat | None = None
+        self.queues: dict[str, RetryQueue] = {}
+        self._sections: dict[str, Callable[[], Any]] = {}
+        self._ready_checks: dict[str, Callable[[], Awaitable[Any]]] = {}
+        self._detailed: Callable[[], Awaitable[dict[str, Any]]] | None = None
+        self.status_server = StatusServer(
+            bot=bot,
+            version=self.version,
+            port=settings.port,
+            host=host,
+            token=settings.status_token,
+            status=self.status,
+            liveness=self.liveness,
+            readiness=self.readiness,
+            detailed_health=self._detailed_health,
+        )
+        self._started = False
+
+    # --- wiring ---------------------------------------------------------------
+
+    def add_loop(
+        self,
+        name: str,
+        cycle: Callable[[], Awaitable[float | None]],
+        *,
+        interval: float,
+        wake: asyncio.Event | None = None,
+        max_silence: float | None = None,
+    ) -> None:
+        """Run ``cycle`` forever under the watchdog, each cycle bounded by TIMEOUT_LOOP_CYCLE."""
+        factory = periodic(
+            self.watchdog, name, cycle, interval=interval, cycle_timeout=self.settings.timeout_loop_cycle, wake=wake
+        )
+        # A cycle may legitimately take up to its timeout; silence must allow for it.
+        silence = max_silence or max(self.settings.watchdog_max_silence, self.settings.timeout_loop_cycle + interval)
+        self.watchdog.register(name, factory, max_silence=silence)
+
+    def add_task_loop(self, name: str, factory: Callable[[], Awaitable[None]], *, max_silence: float | None = None) -> None:
+        """Watch a hand-written loop that pings ``runtime.watchdog`` itself."""
+        self.watchdog.register(name, factory, max_silence=max_silence)
+
+    def add_queue(self, queue: RetryQueue) -> None:
+        self.queues[queue.name] = queue
+
+    def add_section(self, name: str, provider: Callable[[], Any]) -> None:
+        """Add a section to /status (accounts, channels, history jobs ...)."""
+        self._sections[name] = provider
+
+    def add_ready_check(self, name: str, check: Callable[[], Awaitable[Any]]) -> None:
+        """A dependency that /ready probes (it raises when unreachable)."""
+        self._ready_checks[name] = check
+
+    def set_detailed_health(self, provider: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+        self._detailed = provider
+
+    def add_cleanup(self, name: str, fn: Callable[[], Awaitable[object]], *, timeout: float = 5.0) -> None:
+        self.shutdown.add_cleanup(name, fn, timeout=timeout)
+
+    def start_heartbeat(self, *, worker_id: str, store: HeartbeatStore) -> GlobalHeartbeat:
+        self.heartbeat = GlobalHeartbeat(
+            worker_id=worker_id,
+            store=store,
+            version=self.version,
+            status=lambda: "online" if self.watchdog.is_healthy() else "degraded",
+            loops=self.watchdog.get_status,
+            interval=self.settings.heartbeat_interval,
+            timeout=self.settings.timeout_db,
+        )
+        self.heartbeat.start()
+        return self.heartbeat
+
+    # --- health and status ----------------------------------------------------
+
+    def liveness(self) -> tuple[bool, dict[str, Any]]:
+        summary = self.watchdog.summary() if self._started else {"healthy": True, "starting": True}
+        return bool(summary.get("healthy", True)), summary
+
+    async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        results: dict[str, Any] = {}
+        ok = True
+        for name, check in self._ready_checks.items():
+            try:
+                await asyncio.wait_for(check(), 5)
+                results[name] = "ok"
+            except Exception as exc:
+                ok = False
+                results[name] = describe(exc) if not isinstance(exc, TimeoutError) else "timed out"
+        return ok, results
+
+    async def _detailed_health(self) -> dict[str, Any]:
+        if self._detailed is not None:
+            return await self._detailed()
+        ok, checks = await self.readiness()
+        return {"overall": "healthy" if ok else "error", "checks": checks}
+
+    async def status(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "sandbox": self.sandbox,
+            "backend": self.backend,
+            "stopping": self.shutdown.stopping,
+            "counters": self.stats.as_dict(),
+            "last_error": {"message": self.stats.last_error, "at": self.stats.last_error_at},
+            "watchdog": self.watchdog.summary(),
+            "loops": self.watchdog.get_status(),
+            "breakers": breakers.status(),
+            "queues": {name: queue.get_status() for name, queue in self.queues.items()},
+        }
+        if self.heartbeat is not None:
+            data["heartbeat"] = self.heartbeat.get_status()
+        status_of_alerts = getattr(self.alerts, "get_status", None)
+        if callable(status_of_alerts):
+            data["alerts"] = status_of_alerts()
+        for name, provider in self._sections.items():
+            try:
+                value = provider()
+                data[name] = await value if asyncio.iscoroutine(value) else value
+            except Exception as exc:
+                data[name] = {"error": describe(exc)}
+        return data
+
+    # --- lifecycle --------------------------------------------------------------
+
+    async def __aenter__(self) -> BotRuntime:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is not None and not isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt)):
+            logger.critical("%s stopped by an unexpected error: %s", self.bot, describe(exc), exc_info=exc)
+        await self.stop()
+
+    async def start(self) -> None:
+        """Start alerts, the status server and signal handling (loops start with :meth:`run_until_stopped`)."""
+        starter = getattr(self.alerts, "start", None)
+        if callable(starter):
+            await starter()
+        breakers.set_alerts(self.alerts)
+        try:
+            self.shutdown.install()
+        except (NotImplementedError, RuntimeError):  # not the main thread (tests)
+            logger.debug("signal handlers not installed")
+        await self.status_server.start()
+        logger.info(
+            "%s %s started; status server on port %d",
+            self.bot,
+            self.version,
+            self.status_server.port,
+            extra={"bot": self.bot, "version": self.version, "port": self.status_server.port},
+        )
+
+    async def run_until_stopped(self) -> None:
+        """Start the loops and wait for SIGTERM/SIGINT (or :meth:`GracefulShutdown.request_stop`)."""
+        await self.watchdog.start()
+        self._started = True
+        await self.shutdown.wait()
+
+    async def stop(self) -> None:
+        """Drain in-flight work within the grace, stop loops, run cleanups, stop serving."""
+        self.shutdown.request_stop("stop")
+        started = time.monotonic()
+        drained = await self.shutdown.drain()
+        await self.watchdog.stop(timeout=2.0)
+        for queue in self.queues.values():
+            try:
+                await queue.close()
+            except Exception:
+                logger.exception("could not close retry queue %s", queue.name)
+        await self.shutdown.run_cleanups()
+        if self.heartbeat is not None:
+            await self.heartbeat.stop()
+        closer = getattr(self.alerts, "close", None)
+        if callable(closer):
+            await closer(timeout=2.0)
+        await self.status_server.stop()
+        logger.info(
+            "%s stopped in %.1fs (%s)",
+            self.bot,
+            time.monotonic() - started,
+            "drained" if drained else "grace ran out",
+            extra={"bot": self.bot},
+        )

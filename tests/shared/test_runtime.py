@@ -1,0 +1,142 @@
+"""The runtime assembles the kit: loops under the watchdog, /health, /status, clean stop."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import aiohttp
+import pytest
+
+from shared.config import CommonSettings, load_settings
+from shared.heartbeat import HeartbeatRecord
+from shared.runtime import BotRuntime
+
+
+def make_settings(**overrides: str) -> CommonSettings:
+    env = {
+        "PORT": "0",
+        "WATCHDOG_MAX_SILENCE": "0.3",
+        "WATCHDOG_CHECK_INTERVAL": "0.05",
+        "WATCHDOG_STARTUP_GRACE": "0",
+        "WATCHDOG_STORM_RESTARTS": "3",
+        "TIMEOUT_LOOP_CYCLE": "0.2",
+        "HEARTBEAT_INTERVAL": "0.05",
+        "SHUTDOWN_GRACE": "1",
+        "STATUS_TOKEN": "s3cret-status-token",
+        **overrides,
+    }
+    return load_settings(CommonSettings, env)
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+class MemoryHeartbeats:
+    def __init__(self) -> None:
+        self.records: list[HeartbeatRecord] = []
+
+    async def write_heartbeat(self, record: HeartbeatRecord) -> None:
+        self.records.append(record)
+
+
+async def test_runtime_serves_health_and_status_with_its_loops() -> None:
+    runtime = BotRuntime(bot="worker", settings=make_settings(), host="127.0.0.1")
+    cycles = 0
+
+    async def cycle() -> float:
+        nonlocal cycles
+        cycles += 1
+        runtime.stats.processed += 1
+        return 0.01
+
+    runtime.add_loop("demo", cycle, interval=0.01)
+    runtime.add_section("accounts", lambda: {"alice": {"connected": True}})
+    await runtime.start()
+    runner = asyncio.create_task(runtime.run_until_stopped())
+    try:
+        await wait_until(lambda: cycles >= 3)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{runtime.status_server.url}/health") as response:
+                assert response.status == 200
+            async with http.get(f"{runtime.status_server.url}/status") as response:
+                assert response.status == 401
+            headers = {"Authorization": "Bearer s3cret-status-token"}
+            async with http.get(f"{runtime.status_server.url}/status", headers=headers) as response:
+                assert response.status == 200
+                body = await response.json()
+                text = await response.text()
+        assert body["bot"] == "worker"
+        assert body["loops"]["demo"]["alive"] is True
+        assert body["counters"]["processed"] >= 3
+        assert body["accounts"] == {"alice": {"connected": True}}
+        assert "s3cret-status-token" not in text
+    finally:
+        runtime.shutdown.request_stop("test")
+        await asyncio.wait_for(runner, 5)
+        await runtime.stop()
+
+
+async def test_health_turns_503_when_a_loop_is_failing_and_heartbeat_keeps_beating() -> None:
+    runtime = BotRuntime(bot="worker", settings=make_settings(), host="127.0.0.1")
+    store = MemoryHeartbeats()
+
+    async def crashing() -> None:
+        raise RuntimeError("boom")
+
+    runtime.watchdog.backoff_base = 0.01
+    runtime.add_task_loop("crashy", crashing)
+    await runtime.start()
+    runtime.start_heartbeat(worker_id="test-worker", store=store)
+    runner = asyncio.create_task(runtime.run_until_stopped())
+    try:
+        await wait_until(lambda: "crashy" in runtime.watchdog.failing())
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{runtime.status_server.url}/health") as response:
+                assert response.status == 503
+        beats = len(store.records)
+        await wait_until(lambda: len(store.records) > beats + 2)
+        assert store.records[-1].status == "degraded"
+        assert store.records[-1].loops["crashy"]["restarts"] >= 3
+    finally:
+        runtime.shutdown.request_stop("test")
+        await asyncio.wait_for(runner, 5)
+        await runtime.stop()
+    assert store.records[-1].status == "stopped"
+
+
+async def test_stop_waits_for_in_flight_work_and_runs_cleanups() -> None:
+    runtime = BotRuntime(bot="worker", settings=make_settings(), host="127.0.0.1")
+    finished = asyncio.Event()
+    cleaned: list[str] = []
+
+    async def work() -> None:
+        async with runtime.shutdown.in_flight():
+            await asyncio.sleep(0.2)
+            finished.set()
+
+    async def cleanup() -> None:
+        cleaned.append("db")
+
+    runtime.add_cleanup("db", cleanup)
+    await runtime.start()
+    task = asyncio.create_task(work())
+    await asyncio.sleep(0)
+    await runtime.stop()
+    assert finished.is_set()
+    assert cleaned == ["db"]
+    await task
+
+
+@pytest.mark.parametrize("value", ["-1", "abc", "70000"])
+def test_bad_port_is_a_config_error(value: str) -> None:
+    from shared.config import ConfigError
+
+    with pytest.raises(ConfigError, match="PORT"):
+        make_settings(PORT=value)
