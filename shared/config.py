@@ -344,8 +344,29 @@ def render_markdown_table() -> str:
     return "\n".join(rows) + "\n"
 
 
+README_START = "<!-- settings:start -->"
+README_END = "<!-- settings:end -->"
+
+
+def update_readme(path: Path) -> bool:
+    """Rewrite the settings table between the README's markers. True when it changed."""
+    text = path.read_text(encoding="utf-8")
+    head, start, rest = text.partition(README_START)
+    _, end, tail = rest.partition(README_END)
+    if not start or not end:
+        raise ValueError(f"{path} has no {README_START} ... {README_END} markers")
+    updated = f"{head}{README_START}\n{render_markdown_table()}{README_END}{tail}"
+    if updated != text:
+        path.write_text(updated, encoding="utf-8")
+    return updated != text
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if args == ["update-readme"]:
+        changed = update_readme(Path("README.md"))
+        sys.stdout.write("README.md updated\n" if changed else "README.md already up to date\n")
+        return 0
     if args == ["env-example"]:
         sys.stdout.write(render_env_example())
         return 0
@@ -356,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         load_or_exit(CommonSettings)
         sys.stdout.write("configuration OK\n")
         return 0
-    sys.stderr.write("usage: python -m shared.config env-example | markdown | check\n")
+    sys.stderr.write("usage: python -m shared.config env-example | markdown | update-readme | check\n")
     return 2
 
 
