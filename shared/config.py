@@ -124,6 +124,8 @@ def _log_level(raw: str) -> str:
 # --- the registry -----------------------------------------------------------
 
 ALL = frozenset({"worker", "ingest", "bot"})
+PROCESS = ALL | {"supervisor"}
+SUPERVISOR = frozenset({"supervisor"})
 
 
 @dataclass(frozen=True)
@@ -175,22 +177,31 @@ SETTINGS: list[Setting] = [
     Setting("MAX_IMAGE_SIZE_BYTES", _int(1), 52428800, "a whole number of bytes >= 1", "Larger media is skipped before download.", frozenset({"ingest"})),
     Setting("MAX_IMAGE_DIMENSION", _int(16), 8192, "a whole number of pixels >= 16", "Longest side kept; larger images are downscaled or skipped.", frozenset({"ingest"})),
     # Process and server
-    Setting("PORT", _int(0, 65535), 8080, "a port number 0-65535", "Port of the status server (Railway sets it)."),
+    Setting("PORT", _int(0, 65535), 8080, "a port number 0-65535", "Port of the status server (Railway sets it).", PROCESS),
     Setting("DATA_DIR", _path, Path("./.data"), "a directory path", "Local state: embedded PostgreSQL, sandbox world, spill files."),
-    Setting("SHUTDOWN_GRACE", _float(0), 30.0, "a number of seconds >= 0", "Time in-flight work gets to finish after SIGTERM."),
+    Setting("SHUTDOWN_GRACE", _float(0), 30.0, "a number of seconds >= 0", "Time in-flight work gets to finish after SIGTERM.", PROCESS),
     Setting("STATUS_TOKEN", _text, None, "a non-empty token", "When set, /status, /metrics and / require it (Bearer or ?token=).", secret=True),
-    Setting("LOG_LEVEL", _log_level, "INFO", "one of DEBUG, INFO, WARNING, ERROR, CRITICAL", "Log verbosity."),
-    Setting("LOG_FORMAT", _choice("text", "json"), "text", "text or json", "json writes one JSON object per line (Railway)."),
+    Setting("LOG_LEVEL", _log_level, "INFO", "one of DEBUG, INFO, WARNING, ERROR, CRITICAL", "Log verbosity.", PROCESS),
+    Setting("LOG_FORMAT", _choice("text", "json"), "text", "text or json", "json writes one JSON object per line (Railway).", PROCESS),
     # Alerts
-    Setting("ALERT_BOT_TOKEN", _text, None, "a Telegram bot token", "Bot that sends operator alerts; without it alerts are only logged.", secret=True),
-    Setting("ALERT_CHAT_ID", _text, None, "a Telegram chat id", "Chat that receives operator alerts."),
-    Setting("ALERT_API_BASE", _url("http", "https"), "https://api.telegram.org", "an http(s) URL", "Bot API base URL for alerts."),
-    Setting("ALERT_DEDUPE_WINDOW", _float(0), 600.0, "a number of seconds >= 0", "The same alert is sent at most once per window."),
+    Setting("ALERT_BOT_TOKEN", _text, None, "a Telegram bot token", "Bot that sends operator alerts; without it alerts are only logged.", PROCESS, secret=True),
+    Setting("ALERT_CHAT_ID", _text, None, "a Telegram chat id", "Chat that receives operator alerts.", PROCESS),
+    Setting("ALERT_API_BASE", _url("http", "https"), "https://api.telegram.org", "an http(s) URL", "Bot API base URL for alerts.", PROCESS),
+    Setting("ALERT_DEDUPE_WINDOW", _float(0), 600.0, "a number of seconds >= 0", "The same alert is sent at most once per window.", PROCESS),
     # Database
     Setting("DATABASE_URL", _url("postgres", "postgresql"), None, "a postgresql:// URL", "PostgreSQL (Supabase: session pooler or direct for NOTIFY).", secret=True),
     Setting("SUPABASE_URL", _url("http", "https"), None, "an https:// URL", "Supabase project URL, used over HTTP when DATABASE_URL is not set."),
     Setting("SUPABASE_SERVICE_ROLE_KEY", _text, None, "a Supabase service role key", "Key for SUPABASE_URL.", secret=True),
     Setting("DB_AUTO_MIGRATE", _bool, False, "0 or 1", "Apply migrations at start (always on for the embedded database)."),
+    # Supervisor (SUPERVISED=1 ./start.sh)
+    Setting("BOT", _choice("worker", "ingest", "bot"), "worker", "worker, ingest or bot", "Which bot ./start.sh and the supervisor run.", SUPERVISOR),
+    Setting("MAX_RESTARTS", _int(0), 10, "a whole number >= 0", "Restarts allowed within RESTART_WINDOW; one more ends the supervisor with exit 1.", SUPERVISOR),
+    Setting("RESTART_WINDOW", _float(0, exclusive=True), 3600.0, "a number of seconds > 0", "How long a restart counts against MAX_RESTARTS.", SUPERVISOR),
+    Setting("HEALTH_FAIL_AFTER", _float(0), 60.0, "a number of seconds >= 0", "A child whose /health has not answered this long is restarted (0: no probe).", SUPERVISOR),
+    Setting("HEALTH_CHECK_INTERVAL", _float(0, exclusive=True), 5.0, "a number of seconds > 0", "Seconds between two /health probes of the child.", SUPERVISOR),
+    Setting("HEALTH_STARTUP_GRACE", _float(0), 60.0, "a number of seconds >= 0", "Extra time before a new child's first /health answer is required.", SUPERVISOR),
+    Setting("RESTART_BACKOFF_BASE", _float(0), 1.0, "a number of seconds >= 0", "First delay between restarts; it doubles each time.", SUPERVISOR),
+    Setting("RESTART_BACKOFF_MAX", _float(0), 60.0, "a number of seconds >= 0", "Cap of the delay between restarts.", SUPERVISOR),
 ]
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
@@ -272,7 +283,7 @@ def parse_setting(setting: Setting, env: Mapping[str, str]) -> Any:
         ConfigError: the value is malformed, or missing when required.
     """
     raw = env.get(setting.name)
-    if raw is None or (raw.strip() == "" and setting.default is None and not setting.required):
+    if raw is None or raw.strip() == "":
         if setting.required:
             raise ConfigError(setting.name, setting.expected, None)
         return setting.default
@@ -321,6 +332,14 @@ def settings_for(bot: str) -> list[Setting]:
 # --- generated documentation ----------------------------------------------
 
 
+def _used_by(setting: Setting) -> str:
+    if setting.bots == ALL:
+        return "all bots"
+    if setting.bots == PROCESS:
+        return "all bots and the supervisor"
+    return ", ".join(sorted(setting.bots))
+
+
 def render_env_example() -> str:
     lines = [
         "# Every setting the bots read, with its default. Copy to .env and edit.",
@@ -328,7 +347,7 @@ def render_env_example() -> str:
         "# An empty value means unset (the default applies).",
     ]
     for s in SETTINGS:
-        used_by = "all bots" if s.bots == ALL else ", ".join(sorted(s.bots))
+        used_by = _used_by(s)
         lines.append("")
         lines.append(f"# {s.help} Expected: {s.expected}. Used by: {used_by}.")
         lines.append(f"{s.name}={s.default_text()}")
@@ -338,7 +357,7 @@ def render_env_example() -> str:
 def render_markdown_table() -> str:
     rows = ["| Variable | Default | Expected | Used by | What it does |", "|---|---|---|---|---|"]
     for s in SETTINGS:
-        used_by = "all" if s.bots == ALL else ", ".join(sorted(s.bots))
+        used_by = _used_by(s)
         default = f"`{s.default_text()}`" if s.default_text() else "(unset)"
         rows.append(f"| `{s.name}` | {default} | {s.expected} | {used_by} | {s.help} |")
     return "\n".join(rows) + "\n"
