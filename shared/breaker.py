@@ -61,7 +61,7 @@ class CircuitOpenError(TransientError):
 
 
 def _counts_by_default(exc: BaseException) -> bool:
-    return classify(exc).kind in (ErrorKind.TRANSIENT, ErrorKind.UNKNOWN_OUTCOME, ErrorKind.RATE_LIMITED)
+    return classify(exc).kind in (ErrorKind.TRANSIENT, ErrorKind.UNKNOWN_OUTCOME)
 
 
 class CircuitBreaker:
@@ -75,7 +75,9 @@ class CircuitBreaker:
         success_threshold: successful trials that close the circuit
             (capped at ``half_open_max_calls``).
         counts: decides whether an exception counts as a failure; by default
-            the classifier's transient, unknown-outcome and rate-limited kinds.
+            the classifier's transient and unknown-outcome kinds. Rate limits
+            do not count: the caller waits the time asked for, and a flood
+            wait on one chat says nothing about the whole service.
         clock: monotonic seconds; injectable for tests.
         alerts: where "circuit_breaker_open" and its resolution go.
     """

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from dotenv import dotenv_values
 
@@ -29,11 +29,16 @@ from dotenv import dotenv_values
 class ConfigError(ValueError):
     """A setting is missing or malformed."""
 
-    def __init__(self, variable: str, expected: str, got: str | None) -> None:
+    def __init__(self, variable: str, expected: str, got: str | None, *, secret: bool = False) -> None:
         self.variable = variable
         self.expected = expected
-        self.got = got
-        shown = "nothing" if got is None else repr(got if len(got) <= 60 else got[:57] + "...")
+        self.got = None if secret else got
+        if got is None:
+            shown = "nothing"
+        elif secret:
+            shown = "a value not shown here (it is a secret)"
+        else:
+            shown = repr(got if len(got) <= 60 else got[:57] + "...")
         super().__init__(f"{variable} must be {expected}, got {shown}")
 
 
@@ -261,6 +266,8 @@ class CommonSettings:
             password = urlparse(self.database_url).password
             if password:
                 values.append(password)
+                if unquote(password) != password:
+                    values.append(unquote(password))  # what the driver sees and may echo
         return values
 
 
@@ -290,7 +297,7 @@ def parse_setting(setting: Setting, env: Mapping[str, str]) -> Any:
     try:
         return setting.parse(raw)
     except (ValueError, TypeError):
-        raise ConfigError(setting.name, setting.expected, raw) from None
+        raise ConfigError(setting.name, setting.expected, raw, secret=setting.secret) from None
 
 
 def load_settings(cls: type[S], env: Mapping[str, str] | None = None) -> S:

@@ -257,7 +257,10 @@ def _classify_botocore(exc: BaseException) -> Classification | None:
 
 
 def _short(exc: BaseException, limit: int = 300) -> str:
-    text = str(exc).strip().replace("\n", " ")
+    try:
+        text = str(exc).strip().replace("\n", " ")
+    except Exception:  # a broken __str__ must not make classify() raise
+        text = f"<unprintable {type(exc).__name__}>"
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 

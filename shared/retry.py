@@ -48,7 +48,9 @@ def _should_retry(max_rate_wait: float) -> Callable[[BaseException], bool]:
     def predicate(exc: BaseException) -> bool:
         verdict = classify(exc)
         if verdict.kind is ErrorKind.TRANSIENT:
-            return True
+            # A transient error may name its own wait (an open circuit breaker):
+            # like a rate limit, a long one is raised for the caller to reschedule.
+            return verdict.retry_after is None or verdict.retry_after <= max_rate_wait
         if verdict.kind is ErrorKind.RATE_LIMITED:
             return (verdict.retry_after or 0.0) <= max_rate_wait
         return False

@@ -125,8 +125,15 @@ class JsonlRetryStore:
 
     def _append(self, record: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record, separators=(",", ":")) + "\n")
+        line = (json.dumps(record, separators=(",", ":")) + "\n").encode("utf-8")
+        with self.path.open("a+b") as handle:
+            size = handle.seek(0, 2)
+            if size:
+                handle.seek(size - 1)
+                if handle.read(1) != b"\n":
+                    # A crash tore the last line: start a fresh one so this record stays readable.
+                    line = b"\n" + line
+            handle.write(line)
             handle.flush()
         self._appends_since_compact += 1
         if self._appends_since_compact >= 5000:

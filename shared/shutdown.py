@@ -26,6 +26,9 @@ from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
 
+#: The same signal again within this many seconds is a duplicate delivery, not a second request.
+DUPLICATE_SIGNAL_WINDOW = 1.0
+
 
 @dataclass
 class _Cleanup:
@@ -50,7 +53,7 @@ class GracefulShutdown:
         self._idle.set()
         self._in_flight = 0
         self._cleanups: list[_Cleanup] = []
-        self._signals_seen = 0
+        self._first_signal: tuple[signal.Signals, float] | None = None
         self.reason: str | None = None
         self.stop_requested_at: float | None = None
 
@@ -63,11 +66,18 @@ class GracefulShutdown:
             loop.add_signal_handler(sig, self._on_signal, sig)
 
     def _on_signal(self, sig: signal.Signals) -> None:
-        self._signals_seen += 1
-        if self._signals_seen > 1:
-            logger.warning("second %s: exiting at once", sig.name)
+        now = time.monotonic()
+        if self._first_signal is not None:
+            first_sig, first_at = self._first_signal
+            if sig == first_sig and now - first_at < DUPLICATE_SIGNAL_WINDOW:
+                # Ctrl-C under the supervisor reaches the bot twice at once (the
+                # terminal's and the forwarded one): that is one request, not two.
+                logger.debug("duplicate %s within %.1fs ignored", sig.name, DUPLICATE_SIGNAL_WINDOW)
+                return
+            logger.warning("second signal (%s): exiting at once", sig.name)
             self._exit_now(128 + int(sig))
             return
+        self._first_signal = (sig, now)
         logger.info("%s received: finishing in-flight work (grace %.0fs)", sig.name, self.grace)
         self.request_stop(sig.name)
 

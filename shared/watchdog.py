@@ -74,6 +74,7 @@ class _Loop:
     cycle_errors: int = 0
     restart_task: asyncio.Task[None] | None = None
     storm_alerted: bool = False
+    handled_task: asyncio.Task[None] | None = None
 
 
 class LoopWatchdog:
@@ -159,6 +160,7 @@ class LoopWatchdog:
         if self._running:
             return
         self._running = True
+        self._last_check = self._clock()  # healthy from the start, not only after the first pass
         for loop in self._loops.values():
             self._start_loop(loop)
         self._start_monitor()
@@ -214,8 +216,11 @@ class LoopWatchdog:
         await loop.factory()
 
     def _loop_done(self, loop: _Loop, task: asyncio.Task[None]) -> None:
-        if not self._running or task is not loop.task:
+        if not self._running or task is not loop.task or task is loop.handled_task:
             return
+        # Whichever sees the end first (this done callback or the monitor's
+        # check) handles it, once, with the real reason and the traceback.
+        loop.handled_task = task
         if task.cancelled():
             reason = "cancelled"
         elif task.exception() is not None:
@@ -325,8 +330,8 @@ class LoopWatchdog:
             if loop.task is None:
                 continue
             if loop.task.done():
-                # The done callback normally schedules this; be safe if it did not.
-                self._schedule_restart(loop, "ended")
+                # The done callback normally handles this; the monitor may get there first.
+                self._loop_done(loop, loop.task)
                 continue
             # Until its first ping a (re)started loop also gets the start-up grace.
             silent_since = loop.last_ping if loop.pinged else loop.grace_until

@@ -1,0 +1,355 @@
+"""Tests for shared/breaker.py: the breaker walked state by state with an injected clock."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from prometheus_client import REGISTRY
+
+from shared.breaker import BreakerRegistry, CircuitBreaker, CircuitOpenError, CircuitState, registry
+from shared.errors import ErrorKind, PermanentError, TransientError, classify
+
+
+class FakeClock:
+    """Monotonic seconds that only move when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass
+class RecordingSink:
+    """An AlertSink that remembers what it was told."""
+
+    alerts: list[tuple[str, str, str | None, dict[str, Any] | None]] = field(default_factory=list)
+    resolved: list[tuple[str, str | None, str]] = field(default_factory=list)
+
+    def alert(self, type: str, message: str, *, key: str | None = None, details: dict[str, Any] | None = None) -> bool:
+        self.alerts.append((str(type.value if hasattr(type, "value") else type), message, key, details))
+        return True
+
+    def resolve(self, type: str, *, key: str | None = None, message: str = "") -> bool:
+        self.resolved.append((str(type.value if hasattr(type, "value") else type), key, message))
+        return True
+
+
+async def ok() -> str:
+    return "ok"
+
+
+async def down() -> None:
+    raise TransientError("service down")
+
+
+async def bad_input() -> None:
+    raise PermanentError("message too long")
+
+
+async def fail_n(breaker: CircuitBreaker, n: int) -> None:
+    for _ in range(n):
+        with pytest.raises(TransientError, match="service down"):
+            await breaker.call(down)
+
+
+def make(name: str, clock: FakeClock, **kwargs: Any) -> CircuitBreaker:
+    options: dict[str, Any] = {"failure_threshold": 3, "recovery_timeout": 30.0, "half_open_max_calls": 2,
+                               "success_threshold": 2}
+    options.update(kwargs)
+    return CircuitBreaker(name, clock=clock, **options)
+
+
+async def test_opens_at_its_failure_threshold_and_refuses_with_retry_after() -> None:
+    clock = FakeClock()
+    breaker = make("t_opens", clock)
+    await fail_n(breaker, 2)
+    assert breaker.state is CircuitState.CLOSED
+    await fail_n(breaker, 1)
+    assert breaker.state is CircuitState.OPEN
+
+    clock.advance(10)
+    called = False
+
+    async def must_not_run() -> None:
+        nonlocal called
+        called = True
+
+    with pytest.raises(CircuitOpenError) as caught:
+        await breaker.call(must_not_run)
+    assert not called
+    assert caught.value.breaker == "t_opens"
+    assert caught.value.retry_after == pytest.approx(20.0)
+    verdict = classify(caught.value)
+    assert verdict.kind is ErrorKind.TRANSIENT and verdict.retry_after == pytest.approx(20.0)
+    assert REGISTRY.get_sample_value("bot_breaker_state", {"breaker": "t_opens"}) == 2
+
+
+async def test_a_success_resets_the_consecutive_failure_count() -> None:
+    breaker = make("t_resets_count", FakeClock())
+    await fail_n(breaker, 2)
+    assert await breaker.call(ok) == "ok"
+    await fail_n(breaker, 2)
+    assert breaker.state is CircuitState.CLOSED
+    assert breaker.get_status()["consecutive_failures"] == 2
+
+
+async def test_half_opens_after_the_recovery_timeout_and_closes_after_success_threshold() -> None:
+    clock = FakeClock()
+    breaker = make("t_half_open", clock)
+    await fail_n(breaker, 3)
+    clock.advance(29.9)
+    assert breaker.state is CircuitState.OPEN
+    clock.advance(0.1)
+    assert breaker.state is CircuitState.HALF_OPEN
+
+    assert await breaker.call(ok) == "ok"
+    assert breaker.state is CircuitState.HALF_OPEN, "one success of two is not enough"
+    assert await breaker.call(ok) == "ok"
+    assert breaker.state is CircuitState.CLOSED
+    assert REGISTRY.get_sample_value("bot_breaker_state", {"breaker": "t_half_open"}) == 0
+
+
+async def test_half_open_admits_at_most_half_open_max_calls_trials() -> None:
+    clock = FakeClock()
+    breaker = make("t_trials", clock, half_open_max_calls=2, success_threshold=2)
+    await fail_n(breaker, 3)
+    clock.advance(30)
+
+    release = asyncio.Event()
+    entered = 0
+
+    async def slow_trial() -> str:
+        nonlocal entered
+        entered += 1
+        await release.wait()
+        return "ok"
+
+    trials = [asyncio.create_task(breaker.call(slow_trial)) for _ in range(2)]
+    async with asyncio.timeout(5):
+        while entered < 2:
+            await asyncio.sleep(0.01)
+    with pytest.raises(CircuitOpenError) as caught:
+        await breaker.call(ok)
+    assert caught.value.retry_after == 0.0
+    assert breaker.get_status()["rejected_calls"] == 1
+
+    release.set()
+    assert await asyncio.wait_for(asyncio.gather(*trials), 5) == ["ok", "ok"]
+    assert breaker.state is CircuitState.CLOSED
+
+
+async def test_a_failure_in_half_open_reopens_for_a_full_recovery_timeout() -> None:
+    clock = FakeClock()
+    breaker = make("t_reopen", clock)
+    await fail_n(breaker, 3)
+    clock.advance(30)
+    assert breaker.state is CircuitState.HALF_OPEN
+    await fail_n(breaker, 1)
+    assert breaker.state is CircuitState.OPEN
+    with pytest.raises(CircuitOpenError) as caught:
+        await breaker.call(ok)
+    assert caught.value.retry_after == pytest.approx(30.0)
+    assert breaker.get_status()["times_opened"] == 2
+
+
+async def test_a_cancelled_trial_frees_its_half_open_slot() -> None:
+    clock = FakeClock()
+    breaker = make("t_cancel_trial", clock, half_open_max_calls=1, success_threshold=1)
+    await fail_n(breaker, 3)
+    clock.advance(30)
+    started = asyncio.Event()
+
+    async def hang() -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    trial = asyncio.create_task(breaker.call(hang))
+    await asyncio.wait_for(started.wait(), 5)
+    trial.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await trial
+    assert await breaker.call(ok) == "ok"
+    assert breaker.state is CircuitState.CLOSED
+
+
+@pytest.mark.parametrize("error", [PermanentError("text too long"), ValueError("bad chat id")], ids=["permanent", "value"])
+async def test_permanent_errors_do_not_count_toward_opening(error: Exception) -> None:
+    breaker = make("t_permanent_" + type(error).__name__, FakeClock())
+
+    async def raise_it() -> None:
+        raise error
+
+    for _ in range(10):
+        with pytest.raises(type(error)):
+            await breaker.call(raise_it)
+    assert breaker.state is CircuitState.CLOSED
+    assert breaker.get_status()["total_failures"] == 0
+
+
+async def test_a_permanent_error_in_half_open_neither_reopens_nor_uses_up_a_trial() -> None:
+    clock = FakeClock()
+    breaker = make("t_half_open_permanent", clock, half_open_max_calls=1, success_threshold=1)
+    await fail_n(breaker, 3)
+    clock.advance(30)
+    with pytest.raises(PermanentError):
+        await breaker.call(bad_input)
+    assert breaker.state is CircuitState.HALF_OPEN
+    assert await breaker.call(ok) == "ok"
+    assert breaker.state is CircuitState.CLOSED
+
+
+async def test_custom_counts_predicate_decides_what_is_a_failure() -> None:
+    breaker = make("t_counts", FakeClock(), failure_threshold=1, counts=lambda exc: isinstance(exc, KeyError))
+    with pytest.raises(TransientError):
+        await breaker.call(down)
+    assert breaker.state is CircuitState.CLOSED
+
+    async def missing() -> None:
+        raise KeyError("x")
+
+    with pytest.raises(KeyError):
+        await breaker.call(missing)
+    assert breaker.state is CircuitState.OPEN
+
+
+async def test_sync_callables_through_call_sync_and_in_a_thread() -> None:
+    clock = FakeClock()
+    breaker = make("t_sync", clock, failure_threshold=2)
+
+    def upload(size: int) -> int:
+        if size < 0:
+            raise ConnectionResetError("reset by peer")
+        return size
+
+    assert breaker.call_sync(upload, 5) == 5
+    assert await asyncio.to_thread(breaker.call_sync, upload, 6) == 6
+    for _ in range(2):
+        with pytest.raises(ConnectionResetError):
+            await asyncio.to_thread(breaker.call_sync, upload, -1)
+    with pytest.raises(CircuitOpenError):
+        breaker.call_sync(upload, 1)
+
+
+async def test_decorator_form_wraps_sync_and_async_functions() -> None:
+    clock = FakeClock()
+    breaker = make("t_decorator", clock, failure_threshold=1)
+
+    @breaker
+    async def fetch(x: int) -> int:
+        if x < 0:
+            raise TransientError("down")
+        return x * 2
+
+    @breaker
+    def compute(x: int) -> int:
+        return x + 1
+
+    assert fetch.__name__ == "fetch" and compute.__name__ == "compute"
+    assert await fetch(2) == 4
+    assert compute(2) == 3
+    with pytest.raises(TransientError):
+        await fetch(-1)
+    with pytest.raises(CircuitOpenError):
+        await fetch(2)
+    with pytest.raises(CircuitOpenError):
+        compute(2)
+
+
+async def test_reset_closes_an_open_circuit() -> None:
+    clock = FakeClock()
+    breaker = make("t_reset", clock)
+    await fail_n(breaker, 3)
+    assert breaker.state is CircuitState.OPEN
+    breaker.reset()
+    assert breaker.state is CircuitState.CLOSED
+    assert breaker.get_status()["consecutive_failures"] == 0
+    assert await breaker.call(ok) == "ok"
+
+
+async def test_get_status_reports_state_counts_and_time_to_next_probe() -> None:
+    clock = FakeClock()
+    breaker = make("t_status", clock)
+    assert await breaker.call(ok) == "ok"
+    await fail_n(breaker, 3)
+    clock.advance(12)
+    status = breaker.get_status()
+    assert status["name"] == "t_status"
+    assert status["state"] == "open"
+    assert status["retry_in_s"] == 18.0
+    assert status["total_failures"] == 3 and status["total_successes"] == 1
+    assert status["times_opened"] == 1
+    assert status["last_error"] == "TransientError: service down"
+    assert {"failure_threshold", "recovery_timeout_s", "half_open_max_calls", "success_threshold",
+            "rejected_calls", "last_error_at", "last_change_at"} <= status.keys()
+
+
+async def test_opening_alerts_once_and_closing_resolves() -> None:
+    clock = FakeClock()
+    sink = RecordingSink()
+    breaker = make("t_alerts", clock, alerts=sink, success_threshold=1)
+    await fail_n(breaker, 3)
+    assert [(a[0], a[2]) for a in sink.alerts] == [("circuit_breaker_open", "breaker:t_alerts")]
+    assert "t_alerts" in sink.alerts[0][1]
+    assert sink.alerts[0][3] is not None and "service down" in sink.alerts[0][3]["error"]
+
+    # Re-opening from half-open is the same incident: no second alert.
+    clock.advance(30)
+    await fail_n(breaker, 1)
+    assert len(sink.alerts) == 1
+    assert sink.resolved == []
+
+    clock.advance(30)
+    assert await breaker.call(ok) == "ok"
+    assert breaker.state is CircuitState.CLOSED
+    assert [(r[0], r[1]) for r in sink.resolved] == [("circuit_breaker_open", "breaker:t_alerts")]
+
+
+async def test_a_failing_alert_sink_never_breaks_the_caller() -> None:
+    class BrokenSink(RecordingSink):
+        def alert(self, type: str, message: str, *, key: str | None = None, details: dict[str, Any] | None = None) -> bool:
+            raise RuntimeError("sink exploded")
+
+    breaker = make("t_broken_sink", FakeClock(), alerts=BrokenSink(), failure_threshold=1)
+    await fail_n(breaker, 1)
+    assert breaker.state is CircuitState.OPEN
+
+
+def test_invalid_thresholds_are_refused() -> None:
+    with pytest.raises(ValueError):
+        CircuitBreaker("t_invalid", failure_threshold=0)
+    with pytest.raises(ValueError):
+        CircuitBreaker("t_invalid", recovery_timeout=-1)
+
+
+async def test_registry_returns_one_breaker_per_name_and_reports_every_status() -> None:
+    own = BreakerRegistry()
+    sink = RecordingSink()
+    first = own.get_or_create("t_reg_db", failure_threshold=1)
+    assert own.get_or_create("t_reg_db", failure_threshold=99) is first
+    assert first.failure_threshold == 1
+    own.get_or_create("t_reg_storage")
+    own.set_alerts(sink)
+    later = own.get_or_create("t_reg_telegram")
+    assert first.alerts is sink and later.alerts is sink
+
+    with pytest.raises(TransientError):
+        await first.call(down)
+    status = own.status()
+    assert list(status) == ["t_reg_db", "t_reg_storage", "t_reg_telegram"]
+    assert status["t_reg_db"]["state"] == "open"
+    assert own.any_open()
+    assert len(sink.alerts) == 1
+    own.clear()
+    assert own.status() == {}
+
+    shared_breaker = registry.get_or_create("t_process_wide")
+    assert registry.get("t_process_wide") is shared_breaker
+    assert registry.status()["t_process_wide"]["state"] == "closed"
