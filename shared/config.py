@@ -184,6 +184,7 @@ SETTINGS: list[Setting] = [
     # Process and server
     Setting("PORT", _int(0, 65535), 8080, "a port number 0-65535", "Port of the status server (Railway sets it).", PROCESS),
     Setting("DATA_DIR", _path, Path("./.data"), "a directory path", "Local state: embedded PostgreSQL, sandbox world, spill files."),
+    Setting("SANDBOX_DIR", _path, None, "a directory path", "Telegram sandbox world (default <DATA_DIR>/sandbox), used when no Telegram credentials are set."),
     Setting("SHUTDOWN_GRACE", _float(0), 30.0, "a number of seconds >= 0", "Time in-flight work gets to finish after SIGTERM.", PROCESS),
     Setting("STATUS_TOKEN", _text, None, "a non-empty token", "When set, /status, /metrics and / require it (Bearer or ?token=).", secret=True),
     Setting("LOG_LEVEL", _log_level, "INFO", "one of DEBUG, INFO, WARNING, ERROR, CRITICAL", "Log verbosity.", PROCESS),
@@ -236,6 +237,7 @@ class CommonSettings:
     retry_queue_capacity: int
     port: int
     data_dir: Path
+    sandbox_dir: Path | None
     shutdown_grace: float
     status_token: str | None
     log_level: str
