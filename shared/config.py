@@ -112,6 +112,17 @@ def _url(*schemes: str) -> Callable[[str], str]:
     return parse
 
 
+def _csv(raw: str) -> tuple[str, ...]:
+    items = tuple(item.strip() for item in raw.split(",") if item.strip())
+    if not items:
+        raise ValueError
+    return items
+
+
+def _int_csv(raw: str) -> tuple[int, ...]:
+    return tuple(int(item) for item in _csv(raw))
+
+
 def _path(raw: str) -> Path:
     value = raw.strip()
     if not value:
@@ -129,6 +140,7 @@ def _log_level(raw: str) -> str:
 # --- the registry -----------------------------------------------------------
 
 ALL = frozenset({"worker", "ingest", "bot"})
+TELEGRAM = frozenset({"worker", "ingest"})
 PROCESS = ALL | {"supervisor"}
 SUPERVISOR = frozenset({"supervisor"})
 
@@ -199,6 +211,61 @@ SETTINGS: list[Setting] = [
     Setting("SUPABASE_URL", _url("http", "https"), None, "an https:// URL", "Supabase project URL, used over HTTP when DATABASE_URL is not set."),
     Setting("SUPABASE_SERVICE_ROLE_KEY", _text, None, "a Supabase service role key", "Key for SUPABASE_URL.", secret=True),
     Setting("DB_AUTO_MIGRATE", _bool, False, "0 or 1", "Apply migrations at start (always on for the embedded database)."),
+    # Telegram user accounts (worker, ingest)
+    Setting("TELEGRAM_API_ID", _int(1), None, "a whole number from my.telegram.org", "Telegram API id; unset means sandbox mode (no real Telegram).", TELEGRAM),
+    Setting("TELEGRAM_API_HASH", _text, None, "the API hash from my.telegram.org", "Telegram API hash, with TELEGRAM_API_ID.", TELEGRAM, secret=True),
+    Setting("SESSION_ENCRYPTION_KEY", _text, None, "a Fernet key (python -m shared.sessions new-key)", "Encrypts Telegram sessions at rest; several comma-separated, newest first, during a rotation. Required outside sandbox mode.", TELEGRAM, secret=True),
+    Setting("TIMEOUT_TELEGRAM_CONNECT", _float(0, exclusive=True), 30.0, "a number of seconds > 0", "Deadline of connecting one account.", TELEGRAM),
+    Setting("ACCOUNT_LEASE_SECONDS", _float(5), 90.0, "a number of seconds >= 5", "An account's lease; renewed every third of it, lapses after a kill.", TELEGRAM),
+    Setting("ACCOUNT_CHECK_INTERVAL", _float(0, exclusive=True), 30.0, "a number of seconds > 0", "How often each account's lease and connection are checked.", TELEGRAM),
+    Setting("RECONNECT_BACKOFF_MAX", _float(0, exclusive=True), 300.0, "a number of seconds > 0", "Cap of the delay between reconnect attempts.", TELEGRAM),
+    Setting("RECONNECT_ALERT_AFTER", _int(1), 10, "a whole number >= 1", "Failed reconnects of one account before the operator is alerted.", TELEGRAM),
+    # worker.py
+    Setting("WORKER_ID", _text, "telegram-main", "a name", "The worker's heartbeat id.", frozenset({"worker"})),
+    Setting("OUTBOUND_BATCH_SIZE", _int(1, 10000), 100, "a whole number 1-10000", "Outbound messages claimed per round trip.", frozenset({"worker"})),
+    Setting("OUTBOUND_POLL_INTERVAL", _float(0, exclusive=True), 1.0, "a number of seconds > 0", "Longest wait between two claims when no NOTIFY arrives.", frozenset({"worker"})),
+    Setting("SEND_RATE_PER_ACCOUNT", _float(0, exclusive=True), 20.0, "messages per second > 0", "Sustained sends per account.", frozenset({"worker"})),
+    Setting("SEND_BURST_PER_ACCOUNT", _int(1), 20, "a whole number >= 1", "Sends an account may make at once after a quiet spell.", frozenset({"worker"})),
+    Setting("SEND_RATE_PER_CHAT", _float(0, exclusive=True), 1.0, "messages per second > 0", "Sustained sends into one chat.", frozenset({"worker"})),
+    Setting("SEND_BURST_PER_CHAT", _int(1), 5, "a whole number >= 1", "Sends into one chat at once after a quiet spell.", frozenset({"worker"})),
+    Setting("RECONCILE_INTERVAL", _float(0, exclusive=True), 60.0, "a number of seconds > 0", "How often recently active chats are re-read for messages whose update never came.", frozenset({"worker"})),
+    Setting("RECONCILE_WINDOW", _float(0, exclusive=True), 86400.0, "a number of seconds > 0", "Chats active within this window are reconciled.", frozenset({"worker"})),
+    Setting("HISTORY_PAGE_SIZE", _int(1, 100), 100, "a whole number 1-100", "Messages fetched per history page.", frozenset({"worker"})),
+    # ingest.py
+    Setting("INGEST_CHANNELS", _csv, None, "comma-separated channel usernames or ids", "Channels whose images are stored (sandbox mode: the demo channel).", frozenset({"ingest"})),
+    Setting("INGEST_ACCOUNT", _text, None, "an account label", "The telegram_accounts row ingest logs in with (default: the first active one).", frozenset({"ingest"})),
+    Setting("INGEST_BACKFILL_LIMIT", _int(0), 100, "a whole number >= 0", "Messages read back on a channel's first run.", frozenset({"ingest"})),
+    Setting("INGEST_OVERSIZE", _choice("resize", "skip"), "resize", "resize or skip", "What happens to images larger than MAX_IMAGE_DIMENSION.", frozenset({"ingest"})),
+    Setting("INGEST_KEEP_EXIF", _bool, False, "0 or 1", "Keep EXIF metadata (it is stripped by default).", frozenset({"ingest"})),
+    Setting("INGEST_GC_INTERVAL", _float(0), 3600.0, "a number of seconds >= 0", "How often orphan objects (stored, no row, older than 24 h) are swept; 0 turns it off.", frozenset({"ingest"})),
+    Setting("R2_ACCOUNT_ID", _text, None, "a Cloudflare account id", "Cloudflare R2 account (builds the endpoint); unset with R2_ENDPOINT unset means local storage under DATA_DIR.", frozenset({"ingest", "worker"})),
+    Setting("R2_ENDPOINT", _url("http", "https"), None, "an http(s) URL", "S3 endpoint, instead of R2_ACCOUNT_ID (any S3-compatible store).", frozenset({"ingest", "worker"})),
+    Setting("R2_BUCKET", _text, None, "a bucket name", "Bucket for stored images.", frozenset({"ingest", "worker"})),
+    Setting("R2_ACCESS_KEY_ID", _text, None, "an access key id", "R2 access key id.", frozenset({"ingest", "worker"}), secret=True),
+    Setting("R2_SECRET_ACCESS_KEY", _text, None, "a secret access key", "R2 secret access key.", frozenset({"ingest", "worker"}), secret=True),
+    Setting("TIMEOUT_STORAGE", _float(0, exclusive=True), 30.0, "a number of seconds > 0", "Deadline of one storage call.", frozenset({"ingest", "worker"})),
+    # bot.py (Reply Guy)
+    Setting("X_API_BASE", _url("http", "https"), "https://api.twitter.com", "an http(s) URL", "X API v2 base URL.", frozenset({"bot"})),
+    Setting("X_BEARER_TOKEN", _text, None, "an X API bearer token", "App token for searching tweets.", frozenset({"bot"}), secret=True),
+    Setting("X_CONSUMER_KEY", _text, None, "an X API key", "OAuth 1.0a consumer key for posting.", frozenset({"bot"}), secret=True),
+    Setting("X_CONSUMER_SECRET", _text, None, "an X API key secret", "OAuth 1.0a consumer secret.", frozenset({"bot"}), secret=True),
+    Setting("X_ACCESS_TOKEN", _text, None, "an X access token", "OAuth 1.0a user access token.", frozenset({"bot"}), secret=True),
+    Setting("X_ACCESS_TOKEN_SECRET", _text, None, "an X access token secret", "OAuth 1.0a user access token secret.", frozenset({"bot"}), secret=True),
+    Setting("X_USER_ID", _text, None, "the numeric id of the posting account", "Our own X account, used to find our earlier replies after a crash.", frozenset({"bot"})),
+    Setting("REPLY_KEYWORDS", _csv, None, "comma-separated search terms", "Tweets matching these are candidates.", frozenset({"bot"})),
+    Setting("REPLY_TARGET_ACCOUNTS", _csv, None, "comma-separated X usernames", "Recent tweets of these accounts are candidates.", frozenset({"bot"})),
+    Setting("DISCOVER_INTERVAL", _float(1), 300.0, "a number of seconds >= 1", "How often tweets are discovered.", frozenset({"bot"})),
+    Setting("AI_BASE_URL", _url("http", "https"), "https://api.openai.com/v1", "an http(s) URL", "OpenAI-compatible chat-completions API.", frozenset({"bot"})),
+    Setting("AI_API_KEY", _text, None, "an API key", "Key for AI_BASE_URL.", frozenset({"bot"}), secret=True),
+    Setting("AI_MODEL", _text, "gpt-4o-mini", "a model name", "Model that drafts replies.", frozenset({"bot"})),
+    Setting("REPLY_PROMPT_FILE", _path, None, "a file path", "System prompt for drafting (a built-in prompt when unset).", frozenset({"bot"})),
+    Setting("TELEGRAM_BOT_TOKEN", _text, None, "a Telegram bot token", "The bot that asks the operator to approve drafts.", frozenset({"bot"}), secret=True),
+    Setting("OPERATOR_CHAT_ID", _text, None, "a Telegram chat id or @username", "Where drafts are sent for approval.", frozenset({"bot"})),
+    Setting("OPERATOR_IDS", _int_csv, None, "comma-separated Telegram user ids", "Users allowed to approve, reject or edit.", frozenset({"bot"})),
+    Setting("POST_DELAY_MIN", _float(0), 0.0, "a number of seconds >= 0", "Least random delay before posting an approved reply.", frozenset({"bot"})),
+    Setting("POST_DELAY_MAX", _float(0), 0.0, "a number of seconds >= 0", "Most random delay before posting an approved reply.", frozenset({"bot"})),
+    Setting("POST_DAILY_CAP", _int(0), 50, "a whole number >= 0", "Replies posted per UTC day at most.", frozenset({"bot"})),
+    Setting("TIMEOUT_HTTP", _float(0, exclusive=True), 30.0, "a number of seconds > 0", "Deadline of one X or AI API call.", frozenset({"bot"})),
     # Supervisor (SUPERVISED=1 ./start.sh)
     Setting("BOT", _choice("worker", "ingest", "bot"), "worker", "worker, ingest or bot", "Which bot ./start.sh and the supervisor run.", SUPERVISOR),
     Setting("MAX_RESTARTS", _int(0), 10, "a whole number >= 0", "Restarts allowed within RESTART_WINDOW; one more ends the supervisor with exit 1.", SUPERVISOR),
@@ -250,7 +317,6 @@ class CommonSettings:
     supabase_url: str | None
     supabase_service_role_key: str | None
     db_auto_migrate: bool
-    extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def supabase_key(self) -> str | None:
@@ -273,7 +339,146 @@ class CommonSettings:
         return values
 
 
-S = TypeVar("S", bound=CommonSettings)
+@dataclass(frozen=True)
+class TelegramSettings(CommonSettings):
+    """What the bots that log in Telegram user accounts read (worker, ingest)."""
+
+    telegram_api_id: int | None
+    telegram_api_hash: str | None
+    session_encryption_key: str | None
+    timeout_telegram_connect: float
+    account_lease_seconds: float
+    account_check_interval: float
+    reconnect_backoff_max: float
+    reconnect_alert_after: int
+
+    @property
+    def sandbox(self) -> bool:
+        """No Telegram credentials: run against the local sandbox world."""
+        return self.telegram_api_id is None and self.telegram_api_hash is None
+
+    @property
+    def sandbox_path(self) -> Path:
+        return self.sandbox_dir or self.data_dir / "sandbox"
+
+    def validate(self) -> None:
+        if (self.telegram_api_id is None) != (self.telegram_api_hash is None):
+            missing = "TELEGRAM_API_HASH" if self.telegram_api_hash is None else "TELEGRAM_API_ID"
+            raise ConfigError(missing, BY_NAME[missing].expected + " (set both, or neither for sandbox mode)", None)
+        if not self.sandbox and not self.session_encryption_key:
+            raise ConfigError("SESSION_ENCRYPTION_KEY", BY_NAME["SESSION_ENCRYPTION_KEY"].expected + " outside sandbox mode", None)
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """Object storage (Cloudflare R2 or any S3 API); local files when unset."""
+
+    r2_account_id: str | None
+    r2_endpoint: str | None
+    r2_bucket: str | None
+    r2_access_key_id: str | None
+    r2_secret_access_key: str | None
+    timeout_storage: float
+
+    @property
+    def r2_configured(self) -> bool:
+        return bool(self.r2_account_id or self.r2_endpoint)
+
+    def validate_storage(self) -> None:
+        if not self.r2_configured:
+            return
+        for name in ("R2_BUCKET", "R2_ACCESS_KEY_ID", "R2_SECRET_ACCESS_KEY"):
+            if not getattr(self, name.lower()):
+                raise ConfigError(name, BY_NAME[name].expected + " when R2 is configured", None)
+
+
+@dataclass(frozen=True)
+class WorkerSettings(TelegramSettings, StorageSettings):
+    """worker.py."""
+
+    worker_id: str
+    outbound_batch_size: int
+    outbound_poll_interval: float
+    send_rate_per_account: float
+    send_burst_per_account: int
+    send_rate_per_chat: float
+    send_burst_per_chat: int
+    reconcile_interval: float
+    reconcile_window: float
+    history_page_size: int
+
+    def validate(self) -> None:
+        TelegramSettings.validate(self)
+        self.validate_storage()
+
+
+@dataclass(frozen=True)
+class IngestSettings(TelegramSettings, StorageSettings):
+    """ingest.py."""
+
+    max_image_size_bytes: int
+    max_image_dimension: int
+    ingest_channels: tuple[str, ...] | None
+    ingest_account: str | None
+    ingest_backfill_limit: int
+    ingest_oversize: str
+    ingest_keep_exif: bool
+    ingest_gc_interval: float
+
+    def validate(self) -> None:
+        TelegramSettings.validate(self)
+        self.validate_storage()
+        if not self.sandbox and not self.ingest_channels:
+            raise ConfigError("INGEST_CHANNELS", BY_NAME["INGEST_CHANNELS"].expected, None)
+
+
+@dataclass(frozen=True)
+class ReplyGuySettings(CommonSettings):
+    """bot.py (Reply Guy). With no X, AI or bot credentials it runs on local stand-ins."""
+
+    x_api_base: str
+    x_bearer_token: str | None
+    x_consumer_key: str | None
+    x_consumer_secret: str | None
+    x_access_token: str | None
+    x_access_token_secret: str | None
+    x_user_id: str | None
+    reply_keywords: tuple[str, ...] | None
+    reply_target_accounts: tuple[str, ...] | None
+    discover_interval: float
+    ai_base_url: str
+    ai_api_key: str | None
+    ai_model: str
+    reply_prompt_file: Path | None
+    telegram_bot_token: str | None
+    operator_chat_id: str | None
+    operator_ids: tuple[int, ...] | None
+    post_delay_min: float
+    post_delay_max: float
+    post_daily_cap: int
+    timeout_http: float
+
+    @property
+    def sandbox(self) -> bool:
+        """No credentials at all: local X and AI APIs and the Telegram sandbox."""
+        return not (self.x_bearer_token or self.ai_api_key or self.telegram_bot_token)
+
+    def validate(self) -> None:
+        if self.post_delay_max < self.post_delay_min:
+            raise ConfigError("POST_DELAY_MAX", f"at least POST_DELAY_MIN ({self.post_delay_min:g})", str(self.post_delay_max))
+        if self.sandbox:
+            return
+        for name in (
+            "X_BEARER_TOKEN", "X_CONSUMER_KEY", "X_CONSUMER_SECRET", "X_ACCESS_TOKEN", "X_ACCESS_TOKEN_SECRET",
+            "AI_API_KEY", "TELEGRAM_BOT_TOKEN", "OPERATOR_CHAT_ID", "OPERATOR_IDS",
+        ):
+            if not getattr(self, name.lower()):
+                raise ConfigError(name, BY_NAME[name].expected + " (set every credential, or none for the local stand-ins)", None)
+        if not (self.reply_keywords or self.reply_target_accounts):
+            raise ConfigError("REPLY_KEYWORDS", "set (or REPLY_TARGET_ACCOUNTS)", None)
+
+
+S = TypeVar("S")
 
 
 def read_environment(*, dotenv_path: str | os.PathLike[str] | None = ".env") -> dict[str, str]:
@@ -311,8 +516,6 @@ def load_settings(cls: type[S], env: Mapping[str, str] | None = None) -> S:
     source = read_environment() if env is None else env
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
-        if f.name == "extra":
-            continue
         setting = BY_FIELD.get(f.name)
         if setting is None:
             raise RuntimeError(f"settings field {cls.__name__}.{f.name} has no Setting in shared.config.SETTINGS")
