@@ -1,7 +1,1076 @@
-"""worker.py is not built yet (issue 6). It exits with code 2 so nothing mistakes it for a running bot."""
+"""worker.py: the Telegram account worker.
 
+It logs in the Telegram user accounts of ``telegram_accounts``, stores their
+incoming messages, sends the queued outbound messages exactly once, pages
+through chat histories on request and runs scheduled message jobs. With no
+Telegram credentials and no database configured it runs on an embedded
+PostgreSQL and the local Telegram sandbox, and says so loudly.
+
+The story, top to bottom:
+
+1. settings and the Telegram clients (real or sandbox);
+2. sync: a ``NewMessage`` handler plus a reconciler for updates that never came;
+3. outbound: claim under lease, send with the row's own ``random_id``, mark;
+4. history: page through ``get_messages(offset_id=...)``, saving the cursor;
+5. jobs: scheduled sends, edits, deletes, mark-read;
+6. the process: runtime, loops, heartbeat, shutdown;
+7. the command line: run, login, accounts, send, rotate-key.
+
+Exactly once, in short: every message is in the database before anything is
+sent; its ``random_id`` is fixed at enqueue; every attempt, including one
+after a timeout whose outcome is unknown, uses that ``random_id``, so Telegram
+drops a second copy (RANDOM_ID_DUPLICATE means "already sent"); a claim is
+fenced by its lease token, so a worker that lost its lease cannot report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import logging
+import os
+import socket
 import sys
+import time
+import uuid
+from collections import OrderedDict, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from telethon import TelegramClient, events, functions, types, utils
+from telethon.sessions import StringSession
+
+from shared.config import WorkerSettings, load_or_exit
+from shared.db import Database, open_database
+from shared.db.records import (
+    Account,
+    AccountStatus,
+    ChatKind,
+    Direction,
+    InboundMessage,
+    MessageJob,
+    MessageJobKind,
+    OutboundMessage,
+    OutboundStatus,
+)
+from shared.errors import ErrorKind, PermanentError, classify, describe
+from shared.ratelimit import KeyedBuckets
+from shared.runtime import BotRuntime, configure_logging
+from shared.sessions import SessionCipher, generate_key
+from shared.telegram import AccountConnection, AccountPool, ClientFactory, ConnectionPolicy
+from shared.timeouts import telegram_op
+
+logger = logging.getLogger("worker")
+
+#: Telegram's limits, checked before a message is sent so bad input fails at once with a clear reason.
+TEXT_LIMIT = 4096
+CAPTION_LIMIT = 1024
+FILE_LIMIT = 2 * 1024**3
+
+
+# --- 1. settings and Telegram clients ----------------------------------------------
+
+
+def utf16_len(text: str) -> int:
+    """Length as Telegram counts it: UTF-16 code units."""
+    return len(text.encode("utf-16-le")) // 2
+
+
+def sandbox_cipher(settings: WorkerSettings) -> SessionCipher:
+    """The session key in sandbox mode: SESSION_ENCRYPTION_KEY, else a key file in DATA_DIR.
+
+    Sandbox sessions are encrypted at rest like real ones, so the code path is
+    the production one; the key file is made once and kept.
+    """
+    if settings.session_encryption_key:
+        return SessionCipher(settings.session_encryption_key)
+    path = Path(settings.data_dir) / "sandbox-session.key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(generate_key())
+    return SessionCipher(path.read_text().strip())
+
+
+def make_cipher(settings: WorkerSettings) -> SessionCipher:
+    if settings.sandbox:
+        return sandbox_cipher(settings)
+    assert settings.session_encryption_key  # checked by WorkerSettings.validate
+    return SessionCipher(settings.session_encryption_key)
+
+
+def make_client_factory(settings: WorkerSettings, world: Any | None) -> ClientFactory:
+    """Clients with Telethon's own sleeping and retrying turned off: we decide."""
+    common = {"flood_sleep_threshold": 0, "raise_last_call_error": True}
+    if world is not None:
+        from shared.sandbox import SandboxClient
+
+        def sandbox_client(account: Account, session: str | None) -> TelegramClient:
+            return SandboxClient(world, phone=account.phone, session=session, request_retries=0, **common)
+
+        return sandbox_client
+
+    def real_client(account: Account, session: str | None) -> TelegramClient:
+        return TelegramClient(
+            StringSession(session or ""),
+            settings.telegram_api_id,
+            settings.telegram_api_hash,
+            request_retries=1,
+            connection_retries=2,
+            retry_delay=1,
+            **common,
+        )
+
+    return real_client
+
+
+async def seed_sandbox_accounts(db: Database, world: Any, cipher: SessionCipher) -> list[str]:
+    """Put the sandbox's demo accounts into ``telegram_accounts`` (once)."""
+    demo = world.seed_demo()
+    existing = {a.label for a in await db.list_accounts()}
+    labels = []
+    for peer in demo.accounts:
+        label = peer.username or str(peer.id)
+        labels.append(label)
+        if label not in existing:
+            session = cipher.encrypt(world.session_string(peer.phone))
+            await db.upsert_account(label, phone=peer.phone, session=session, status=AccountStatus.ACTIVE)
+    return labels
+
+
+def parse_peer(peer: str | int) -> str | int:
+    """What Telethon resolves: a numeric id as an int, a username or phone as text."""
+    text = str(peer).strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    return text
+
+
+def chat_kind(entity: Any) -> ChatKind:
+    if isinstance(entity, types.User):
+        return ChatKind.BOT if entity.bot else ChatKind.USER
+    if isinstance(entity, (types.Chat, types.ChatForbidden)):
+        return ChatKind.GROUP
+    if isinstance(entity, (types.Channel, types.ChannelForbidden)):
+        return ChatKind.SUPERGROUP if getattr(entity, "megagroup", False) else ChatKind.CHANNEL
+    return ChatKind.UNKNOWN
+
+
+def media_descriptor(message: types.Message) -> list[dict[str, Any]]:
+    """What an incoming message carries, without downloading it."""
+    media = message.media
+    if media is None:
+        return []
+    if isinstance(media, types.MessageMediaPhoto) and media.photo is not None:
+        return [{"type": "photo", "id": media.photo.id}]
+    if isinstance(media, types.MessageMediaDocument) and media.document is not None:
+        doc = media.document
+        return [{"type": "document", "id": doc.id, "mime_type": doc.mime_type, "size": doc.size}]
+    return [{"type": type(media).__name__}]
+
+
+def inbound_from(message: types.Message, chat: Any | None) -> InboundMessage:
+    title = getattr(chat, "title", None) or " ".join(
+        part for part in (getattr(chat, "first_name", None), getattr(chat, "last_name", None)) if part
+    )
+    reply = message.reply_to
+    return InboundMessage(
+        chat_id=utils.get_peer_id(message.peer_id),
+        telegram_message_id=message.id,
+        direction=Direction.OUTBOUND if message.out else Direction.INBOUND,
+        sender_id=message.sender_id,
+        text=message.message or None,
+        attachments=tuple(media_descriptor(message)),
+        reply_to=getattr(reply, "reply_to_msg_id", None),
+        sent_at=message.date,
+        chat_kind=chat_kind(chat) if chat is not None else None,
+        chat_title=title or None,
+        chat_username=getattr(chat, "username", None),
+    )
+
+
+class EntityCache:
+    """Resolved peers per account (an LRU), so a send costs no resolve round trip."""
+
+    def __init__(self, *, timeout: float, size: int = 10_000) -> None:
+        self.timeout = timeout
+        self.size = size
+        self._cache: OrderedDict[tuple[int, str], Any] = OrderedDict()
+
+    async def resolve(self, connection: AccountConnection, peer: str | int) -> Any:
+        key = (connection.id, str(peer))
+        cached = self._cache.get(key)
+        if cached is not None:
+            self._cache.move_to_end(key)
+            return cached
+        assert connection.client is not None
+        entity = await telegram_op(
+            connection.client.get_input_entity(parse_peer(peer)), self.timeout, "get_input_entity", detail=str(peer)
+        )
+        self._cache[key] = entity
+        if len(self._cache) > self.size:
+            self._cache.popitem(last=False)
+        return entity
+
+    def forget(self, account_id: int, peer: str | int) -> None:
+        self._cache.pop((account_id, str(peer)), None)
+
+
+# --- 2. sync: store what arrives, and what never arrived as an update ----------------
+
+
+class Sync:
+    """Inbound messages into the database, idempotently.
+
+    The ``NewMessage`` handler stores what Telegram pushes; because pushed
+    updates can silently stop (see docs on Telethon), the reconciler re-reads
+    recently active chats from their cursor with ``iter_messages(min_id=...)``.
+    The unique (account, chat, message id) key makes every path store a
+    message once.
+    """
+
+    def __init__(self, *, db: Database, runtime: BotRuntime, settings: WorkerSettings) -> None:
+        self.db = db
+        self.runtime = runtime
+        self.settings = settings
+        self.pool: AccountPool | None = None
+        self.handler_errors = 0
+        self.reconciled = 0
+        self._last_reconcile: dict[int, float] = {}
+
+    def attach(self, connection: AccountConnection) -> None:
+        """Register the handler on a freshly connected client."""
+        assert connection.client is not None
+
+        async def on_message(event: events.NewMessage.Event) -> None:
+            # Telethon only logs a handler's exception: catch, record and count our own.
+            try:
+                chat = await event.get_chat() if event.chat is None else event.chat
+                stored = await self.db.store_message(connection.id, inbound_from(event.message, chat))
+                if stored and not event.message.out:
+                    connection.received += 1
+                    self.runtime.stats.processed += 1
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.handler_errors += 1
+                self.runtime.stats.error(f"sync handler ({connection.label})", exc)
+                logger.warning(
+                    "could not store an incoming message; the reconciler will pick it up",
+                    extra={"account": connection.label, "error": describe(exc)},
+                )
+
+        connection.client.add_event_handler(on_message, events.NewMessage())
+
+    async def reconcile_account(self, connection: AccountConnection) -> int:
+        """Store every message after each active chat's cursor. Returns how many were new."""
+        if connection.client is None:
+            return 0
+        since = datetime.now(UTC) - timedelta(seconds=self.settings.reconcile_window)
+        chats = await self.db.recent_chats(connection.id, since=since, limit=50)
+        stored = 0
+        for chat in chats:
+            self.runtime.watchdog.ping("sync")
+            try:
+                entity = await telegram_op(
+                    connection.client.get_input_entity(chat.telegram_chat_id),
+                    self.settings.timeout_telegram_entity,
+                    "get_input_entity",
+                )
+                messages = await telegram_op(
+                    connection.client.get_messages(entity, min_id=chat.last_message_id, limit=100, wait_time=0),
+                    self.settings.timeout_telegram_send,
+                    "get_messages",
+                )
+            except Exception as exc:
+                if classify(exc).kind is ErrorKind.ACCOUNT_DEAD:
+                    await connection.handle_error(exc)
+                    return stored
+                logger.info("reconcile of chat %s skipped: %s", chat.telegram_chat_id, describe(exc))
+                continue
+            fresh = [m for m in messages if isinstance(m, types.Message) and m.id > chat.last_message_id]
+            if not fresh:
+                continue
+            peer_entity = await self._chat_entity(connection, chat.telegram_chat_id)
+            results = await self.db.store_messages(connection.id, [inbound_from(m, peer_entity) for m in fresh])
+            new = sum(1 for r in results if r.inserted)
+            if new:
+                logger.info("reconciler stored %d message(s) whose update never came", new, extra={"account": connection.label})
+                connection.received += new
+                self.runtime.stats.processed += new
+            stored += new
+        self.reconciled += stored
+        return stored
+
+    async def _chat_entity(self, connection: AccountConnection, chat_id: int) -> Any:
+        assert connection.client is not None
+        try:
+            return await telegram_op(connection.client.get_entity(chat_id), self.settings.timeout_telegram_entity, "get_entity")
+        except Exception:
+            return None
+
+    async def cycle(self) -> float:
+        """The sync loop: reconcile each connected account whose turn has come."""
+        assert self.pool is not None
+        now = time.monotonic()
+        for connection in self.pool.connected():
+            if now - self._last_reconcile.get(connection.id, 0.0) < self.settings.reconcile_interval:
+                continue
+            self._last_reconcile[connection.id] = now
+            await self.reconcile_account(connection)
+        return min(self.settings.reconcile_interval, 10.0)
+
+    def status(self) -> dict[str, Any]:
+        return {"handler_errors": self.handler_errors, "reconciled": self.reconciled}
+
+
+# --- 3. outbound: exactly once, in order per chat --------------------------------------
+
+
+class Outbound:
+    """Sends the queue. See the module docstring for why nothing goes out twice."""
+
+    def __init__(self, *, db: Database, runtime: BotRuntime, settings: WorkerSettings, owner: str) -> None:
+        self.db = db
+        self.runtime = runtime
+        self.settings = settings
+        self.owner = owner
+        self.pool: AccountPool | None = None
+        self.entities = EntityCache(timeout=settings.timeout_telegram_entity)
+        self.per_account = KeyedBuckets(rate=settings.send_rate_per_account, burst=settings.send_burst_per_account)
+        self.per_chat = KeyedBuckets(rate=settings.send_rate_per_chat, burst=settings.send_burst_per_chat)
+        self.sent = 0
+        self.failed = 0
+        self.dead = 0
+        self.lease_seconds = settings.timeout_telegram_send + settings.timeout_telegram_media + 30
+
+    # The loop ------------------------------------------------------------------------
+
+    async def cycle(self) -> float:
+        assert self.pool is not None
+        if self.runtime.shutdown.stopping:
+            return 1.0
+        accounts = [c.id for c in self.pool.connected() if self.per_account.held_until(c.id) is None]
+        rows = await self.db.claim_outbound(
+            accounts,
+            owner=self.owner,
+            limit=self.settings.outbound_batch_size,
+            lease_seconds=self.lease_seconds,
+            max_retries=self.settings.max_message_retries,
+        ) if accounts else []
+        if rows:
+            chats: dict[tuple[int, str], list[OutboundMessage]] = defaultdict(list)
+            for row in rows:
+                chats[(row.account_id, row.peer)].append(row)
+            await asyncio.gather(*(self._send_chat(group) for group in chats.values()))
+            if len(rows) >= self.settings.outbound_batch_size:
+                return 0.0
+        # Idle: sleep until an enqueue NOTIFYs us (or poll, at most 1 s apart without NOTIFY).
+        await self.db.wait_for_wakeup("outbound", self.settings.outbound_poll_interval)
+        return 0.0
+
+    async def _send_chat(self, rows: list[OutboundMessage]) -> None:
+        """Send one chat's rows in order; stop at the first that must wait."""
+        for index, row in enumerate(rows):
+            connection = self.pool.get(row.account_id) if self.pool else None
+            if connection is None or not connection.connected or self.runtime.shutdown.stopping:
+                await self._release(rows[index:])
+                return
+            proceed = await self._send_one(connection, row)
+            if not proceed:
+                await self._release(rows[index + 1 :])
+                return
+
+    async def _release_quietly(self, row: OutboundMessage) -> None:
+        task = asyncio.ensure_future(self.db.release_outbound([row.id], row.lease_token or ""))
+        try:
+            await asyncio.wait_for(asyncio.shield(task), 2.0)
+        except BaseException:  # cancelled again or the database is away: the lease lapses instead
+            logger.debug("could not release message %d at once; its lease will lapse", row.id)
+
+    async def _release(self, rows: Sequence[OutboundMessage]) -> None:
+        if rows:
+            await self.db.release_outbound([r.id for r in rows], rows[0].lease_token or "")
+
+    # One message ---------------------------------------------------------------------
+
+    async def _send_one(self, connection: AccountConnection, row: OutboundMessage) -> bool:
+        """Send ``row``; True when the next row of its chat may go now."""
+        self.runtime.watchdog.ping("outbound")  # progress, even within a long batch
+        token = row.lease_token or ""
+        chat_key = (row.account_id, row.peer)
+        wait = max(self.per_account.delay(row.account_id), self.per_chat.delay(chat_key))
+        if wait > 0:
+            if wait > 1.0:
+                await self.db.reschedule_outbound(row.id, token, at=datetime.now(UTC) + timedelta(seconds=wait), reason=None)
+                return False
+            await asyncio.sleep(wait)
+        self.per_account.take(row.account_id)
+        self.per_chat.take(chat_key)
+        async with self.runtime.shutdown.in_flight():
+            try:
+                self._validate(row)
+                telegram_id, chat_id = await self._deliver(connection, row)
+            except asyncio.CancelledError:
+                # A restart or shutdown cut the send: give the row back now rather than
+                # when its lease expires. The retry reuses its random_id, and a late
+                # answer to this attempt is fenced out by the lease token.
+                await self._release_quietly(row)
+                raise
+            except Exception as exc:
+                return await self._failed(connection, row, exc)
+            if await self.db.mark_sent(row.id, token, telegram_message_id=telegram_id, chat_id=chat_id):
+                self.sent += 1
+                connection.sent += 1
+                self.runtime.stats.processed += 1
+            else:
+                logger.warning("lease of message %d was lost before it was marked sent", row.id)
+        return True
+
+    def _validate(self, row: OutboundMessage) -> None:
+        """Bad input fails here, with a reason a person can act on, before any network call."""
+        text = row.text or ""
+        if not text.strip() and not row.attachments:
+            raise PermanentError("empty message: no text and no attachment")
+        if len(row.attachments) > 1:
+            raise PermanentError(f"{len(row.attachments)} attachments: send at most one attachment per message")
+        limit = CAPTION_LIMIT if row.attachments else TEXT_LIMIT
+        length = utf16_len(text)
+        if length > limit:
+            what = "caption" if row.attachments else "text"
+            raise PermanentError(f"{what} too long: {length} UTF-16 code units, Telegram accepts at most {limit}")
+        if row.attachments:
+            path = self._attachment_path(row.attachments[0])
+            if not path.is_file():
+                raise PermanentError(f"attachment not found: {row.attachments[0]}")
+            size = path.stat().st_size
+            if size > FILE_LIMIT:
+                raise PermanentError(f"attachment too large: {size} bytes, Telegram accepts at most {FILE_LIMIT}")
+            if size == 0:
+                raise PermanentError(f"attachment is empty: {row.attachments[0]}")
+
+    def _attachment_path(self, attachment: Any) -> Path:
+        name = attachment.get("path") if isinstance(attachment, dict) else str(attachment)
+        path = Path(str(name)).expanduser()
+        return path if path.is_absolute() else Path(self.settings.data_dir) / "attachments" / path
+
+    async def _deliver(self, connection: AccountConnection, row: OutboundMessage) -> tuple[int, int]:
+        """One raw request carrying the row's ``random_id``; returns (message id, chat id)."""
+        client = connection.client
+        assert client is not None
+        entity = await self.entities.resolve(connection, row.peer)
+        chat_id = utils.get_peer_id(entity)
+        reply_to = types.InputReplyToMessage(reply_to_msg_id=row.reply_to) if row.reply_to else None
+        request: Any
+        if row.attachments:
+            path = self._attachment_path(row.attachments[0])
+            _, media, _ = await telegram_op(
+                client._file_to_media(str(path)), self.settings.timeout_telegram_media, "upload_media", detail=path.name
+            )
+            request = functions.messages.SendMediaRequest(
+                peer=entity, media=media, message=row.text or "", random_id=row.random_id, reply_to=reply_to
+            )
+            timeout = self.settings.timeout_telegram_media
+        else:
+            request = functions.messages.SendMessageRequest(
+                peer=entity, message=row.text or "", random_id=row.random_id, reply_to=reply_to
+            )
+            timeout = self.settings.timeout_telegram_send
+        result = await telegram_op(client(request), timeout, "send_message", outcome_unknown=True, detail=str(row.id))
+        message = client._get_response_message(request, result, entity)
+        message_id = getattr(message, "id", None) or getattr(result, "id", None)
+        if not isinstance(message_id, int):
+            raise PermanentError(f"Telegram's answer carried no message id ({type(result).__name__})")
+        return message_id, chat_id
+
+    async def _failed(self, connection: AccountConnection, row: OutboundMessage, exc: BaseException) -> bool:
+        """Decide the row's fate from the classifier. True when the chat's next row may go."""
+        token = row.lease_token or ""
+        verdict = classify(exc)
+        kind = verdict.kind
+        if kind is ErrorKind.ALREADY_DONE:
+            # An earlier attempt whose answer was lost did arrive; Telegram dropped this copy.
+            message_id = await self._find_sent_id(connection, row)
+            logger.info("message %d was already delivered (duplicate random_id)", row.id)
+            await self.db.mark_sent(row.id, token, telegram_message_id=message_id, chat_id=row.chat_id)  # type: ignore[arg-type]
+            self.sent += 1
+            connection.sent += 1
+            self.runtime.stats.processed += 1
+            return True
+        if kind is ErrorKind.RATE_LIMITED:
+            seconds = verdict.retry_after or 30.0
+            self.per_chat.hold((row.account_id, row.peer), seconds)
+            connection.flood_wait_until = time.time() + seconds
+            self._forget_local_flood(connection)
+            await self.db.reschedule_outbound(row.id, token, at=datetime.now(UTC) + timedelta(seconds=seconds), reason=verdict.reason)
+            logger.warning("flood wait of %.0fs for a chat of %s; only that chat waits", seconds, connection.label)
+            return False
+        if kind is ErrorKind.ACCOUNT_DEAD:
+            await self.db.release_outbound([row.id], token)
+            await connection.handle_error(exc)
+            return False
+        if kind is ErrorKind.PERMANENT:
+            self.entities.forget(row.account_id, row.peer)
+            await self.db.mark_failed(row.id, token, verdict.reason, permanent=True)
+            self._count_failure(connection, row, verdict.reason)
+            return True  # this row is settled; the chat goes on
+        # Transient or unknown outcome: retry with the same random_id.
+        retry_at = None
+        if kind is ErrorKind.UNKNOWN_OUTCOME or isinstance(exc, ConnectionError):
+            retry_at = datetime.now(UTC) + timedelta(seconds=min(2.0, self.settings.retry_base_delay))
+        status = await self.db.mark_failed(
+            row.id,
+            token,
+            verdict.reason,
+            permanent=False,
+            retry_at=retry_at,
+            max_retries=self.settings.max_message_retries,
+            base_delay=self.settings.retry_base_delay,
+        )
+        self.runtime.stats.retried += 1
+        if status is OutboundStatus.DEAD:
+            self.dead += 1
+            self._count_failure(connection, row, verdict.reason, dead=True)
+            return True
+        await connection.handle_error(exc)
+        return False
+
+    async def _find_sent_id(self, connection: AccountConnection, row: OutboundMessage) -> int | None:
+        """Best effort: the id of our earlier copy, from the chat's latest messages."""
+        try:
+            entity = await self.entities.resolve(connection, row.peer)
+            assert connection.client is not None
+            recent = await telegram_op(connection.client.get_messages(entity, limit=20), self.settings.timeout_telegram_send, "get_messages")
+            for message in recent:
+                if getattr(message, "out", False) and (message.message or "") == (row.text or ""):
+                    return int(message.id)
+        except Exception as exc:
+            logger.debug("could not look up the earlier copy of message %d: %s", row.id, describe(exc))
+        return None
+
+    @staticmethod
+    def _forget_local_flood(connection: AccountConnection) -> None:
+        # After a FloodWaitError Telethon refuses every further request of that
+        # type locally, for all chats of the client. Telegram's limit may be
+        # per chat: we hold the chat ourselves and let other chats try.
+        flooded = getattr(connection.client, "_flood_waited_requests", None)
+        if isinstance(flooded, dict):
+            flooded.pop(functions.messages.SendMessageRequest.CONSTRUCTOR_ID, None)
+            flooded.pop(functions.messages.SendMediaRequest.CONSTRUCTOR_ID, None)
+
+    def _count_failure(self, connection: AccountConnection, row: OutboundMessage, reason: str, *, dead: bool = False) -> None:
+        self.failed += 1
+        connection.failed += 1
+        self.runtime.stats.failed += 1
+        self.runtime.stats.error(f"message {row.id}", reason)
+        log = logger.error if dead else logger.warning
+        log(
+            "message %d to %s %s: %s",
+            row.id,
+            row.peer,
+            "is dead after its retries" if dead else "failed",
+            reason,
+            extra={"message_id": row.id, "account": connection.label},
+        )
+        if dead:
+            from shared.alerts import AlertType
+
+            self.runtime.alerts.alert(
+                AlertType.MESSAGE_DEAD,
+                f"Message {row.id} from {connection.label} to {row.peer} is dead after {self.settings.max_message_retries} retries",
+                key=f"dead:{connection.label}",
+                details={"message_id": row.id, "error": reason},
+            )
+
+    def status(self) -> dict[str, Any]:
+        return {"sent": self.sent, "failed": self.failed, "dead": self.dead}
+
+
+# --- 4. history: page by page, the cursor saved after each page ---------------------------
+
+
+@dataclass
+class HistoryProgress:
+    job_id: int
+    account: str
+    chat_id: int
+    fetched: int
+    stored: int
+    target: int | None
+    done: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        percent = None
+        if self.target:
+            percent = round(min(100.0, 100.0 * self.fetched / self.target), 1)
+        elif self.done:
+            percent = 100.0
+        return {**self.__dict__, "percent": percent}
+
+
+class History:
+    """``history_sync_jobs``: fetch a chat's past, resumable at its cursor."""
+
+    PAGES_PER_CYCLE = 20
+
+    def __init__(self, *, db: Database, runtime: BotRuntime, settings: WorkerSettings, owner: str) -> None:
+        self.db = db
+        self.runtime = runtime
+        self.settings = settings
+        self.owner = owner
+        self.pool: AccountPool | None = None
+        self.progress: dict[int, HistoryProgress] = {}
+
+    async def cycle(self) -> float:
+        assert self.pool is not None
+        connected = {c.id: c for c in self.pool.connected()}
+        if not connected or self.runtime.shutdown.stopping:
+            return 5.0
+        jobs = await self.db.claim_history_jobs(list(connected), owner=self.owner, limit=1, lease_seconds=300)
+        for job in jobs:
+            await self._run(connected[job.account_id], job)
+        return 0.0 if jobs else 5.0
+
+    async def _run(self, connection: AccountConnection, job: Any) -> None:
+        token = job.lease_token or ""
+        progress = self.progress.setdefault(
+            job.id, HistoryProgress(job.id, connection.label, job.chat_id, job.fetched_count, job.stored_count, job.target_count)
+        )
+        cursor = job.cursor
+        try:
+            assert connection.client is not None
+            entity = await telegram_op(connection.client.get_input_entity(job.chat_id), self.settings.timeout_telegram_entity, "get_input_entity")
+            chat = await telegram_op(connection.client.get_entity(entity), self.settings.timeout_telegram_entity, "get_entity")
+            for _ in range(self.PAGES_PER_CYCLE):
+                self.runtime.watchdog.ping("history")
+                if self.runtime.shutdown.stopping:
+                    break
+                page = await telegram_op(
+                    connection.client.get_messages(entity, limit=self.settings.history_page_size, offset_id=cursor),
+                    self.settings.timeout_telegram_send,
+                    "get_messages",
+                )
+                messages = [m for m in page if isinstance(m, types.Message)]
+                if not messages:
+                    await self.db.complete_history_job(job.id, token)
+                    progress.done = True
+                    return
+                results = await self.db.store_messages(connection.id, [inbound_from(m, chat) for m in messages], advance_cursor=False)
+                new = sum(1 for r in results if r.inserted)
+                cursor = min(m.id for m in messages)
+                if not await self.db.save_history_cursor(job.id, token, cursor=cursor, fetched=len(messages), stored=new):
+                    logger.warning("history job %d: lease lost; another worker goes on", job.id)
+                    return
+                progress.fetched += len(messages)
+                progress.stored += new
+                if cursor <= 1 or (job.target_count and progress.fetched >= job.target_count):
+                    await self.db.complete_history_job(job.id, token)
+                    progress.done = True
+                    return
+            await self.db.release_history_job(job.id, token)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            verdict = classify(exc)
+            if verdict.kind is ErrorKind.ACCOUNT_DEAD:
+                await connection.handle_error(exc)
+            retry_at = datetime.now(UTC) + timedelta(seconds=verdict.retry_after) if verdict.retry_after else None
+            await self.db.fail_history_job(
+                job.id,
+                token,
+                verdict.reason,
+                permanent=verdict.kind is ErrorKind.PERMANENT,
+                retry_at=retry_at,
+                max_retries=self.settings.max_message_retries,
+                base_delay=self.settings.retry_base_delay,
+            )
+            self.runtime.stats.error(f"history job {job.id}", verdict.reason)
+
+    def status(self) -> list[dict[str, Any]]:
+        return [p.as_dict() for p in self.progress.values()]
+
+
+# --- 5. jobs: scheduled sends, edits, deletes, mark-read -----------------------------------
+
+
+class Jobs:
+    """``message_jobs`` at their run time. Each kind is idempotent."""
+
+    def __init__(self, *, db: Database, runtime: BotRuntime, settings: WorkerSettings, owner: str, entities: EntityCache) -> None:
+        self.db = db
+        self.runtime = runtime
+        self.settings = settings
+        self.owner = owner
+        self.entities = entities
+        self.pool: AccountPool | None = None
+        self.done = 0
+        self.failed = 0
+
+    async def cycle(self) -> float:
+        assert self.pool is not None
+        connected = {c.id: c for c in self.pool.connected()}
+        if not connected or self.runtime.shutdown.stopping:
+            return 2.0
+        jobs = await self.db.claim_message_jobs(list(connected), owner=self.owner, limit=20)
+        for job in jobs:
+            self.runtime.watchdog.ping("jobs")
+            await self._run(connected[job.account_id], job)
+        return 0.0 if jobs else 2.0
+
+    async def _run(self, connection: AccountConnection, job: MessageJob) -> None:
+        token = job.lease_token or ""
+        try:
+            result = await self._do(connection, job)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            verdict = classify(exc)
+            if verdict.kind is ErrorKind.ACCOUNT_DEAD:
+                await connection.handle_error(exc)
+            retry_at = datetime.now(UTC) + timedelta(seconds=verdict.retry_after) if verdict.retry_after else None
+            await self.db.fail_message_job(
+                job.id,
+                token,
+                verdict.reason,
+                permanent=verdict.kind in (ErrorKind.PERMANENT,),
+                retry_at=retry_at,
+                max_retries=self.settings.max_message_retries,
+                base_delay=self.settings.retry_base_delay,
+            )
+            self.failed += 1
+            self.runtime.stats.error(f"job {job.id} ({job.kind.value})", verdict.reason)
+            return
+        await self.db.complete_message_job(job.id, token, result=result)
+        self.done += 1
+
+    async def _do(self, connection: AccountConnection, job: MessageJob) -> Any:
+        payload = job.payload
+        if job.kind is MessageJobKind.SEND:
+            # Into the outbound queue, keyed by the job: running it twice queues one message.
+            enqueued = await self.db.enqueue_outbound(
+                job.account_id,
+                payload["peer"],
+                payload.get("text"),
+                attachments=payload.get("attachments") or (),
+                reply_to=payload.get("reply_to"),
+                dedupe_key=f"job:{job.id}",
+            )
+            return {"message_id": enqueued.id}
+        client = connection.client
+        assert client is not None
+        entity = await self.entities.resolve(connection, payload["peer"])
+        timeout = self.settings.timeout_telegram_send
+        if job.kind is MessageJobKind.EDIT:
+            try:
+                await telegram_op(
+                    client(functions.messages.EditMessageRequest(peer=entity, id=int(payload["message_id"]), message=payload["text"])),
+                    timeout,
+                    "edit_message",
+                )
+            except Exception as exc:
+                if type(exc).__name__ != "MessageNotModifiedError":  # already edited: done
+                    raise
+            return {"edited": payload["message_id"]}
+        if job.kind is MessageJobKind.DELETE:
+            ids = [int(i) for i in payload.get("message_ids") or [payload["message_id"]]]
+            await telegram_op(client.delete_messages(entity, ids, revoke=bool(payload.get("revoke", True))), timeout, "delete_messages")
+            return {"deleted": ids}
+        if job.kind is MessageJobKind.MARK_READ:
+            await telegram_op(client.send_read_acknowledge(entity, max_id=payload.get("max_id")), timeout, "mark_read")
+            return {"read": payload.get("max_id")}
+        raise PermanentError(f"unknown job kind {job.kind}")
+
+    def status(self) -> dict[str, Any]:
+        return {"done": self.done, "failed": self.failed}
+
+
+# --- 6. the process ---------------------------------------------------------------
+
+
+def owner_name(settings: WorkerSettings) -> str:
+    return f"{settings.worker_id}:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class Worker:
+    """The worker process: one database, one account pool, the loops.
+
+    Args:
+        settings: the worker's settings.
+        runtime: the kit (tests pass their own; ``main`` makes one).
+    """
+
+    def __init__(self, settings: WorkerSettings, *, runtime: BotRuntime | None = None) -> None:
+        self.settings = settings
+        self.runtime = runtime or BotRuntime(bot="worker", settings=settings)
+        self.ready = asyncio.Event()
+        self.db: Database | None = None
+        self.world: Any | None = None
+        self.pool: AccountPool | None = None
+        self.sync: Sync | None = None
+        self.outbound: Outbound | None = None
+        self.history: History | None = None
+        self.jobs: Jobs | None = None
+
+    async def run(self) -> None:
+        """Run until SIGTERM/SIGINT (or ``runtime.shutdown.request_stop()``), then drain and stop."""
+        settings, runtime = self.settings, self.runtime
+        async with runtime:
+            if settings.sandbox:
+                self._announce_sandbox()
+            db = self.db = await open_database(settings)
+            runtime.backend = db.backend.value
+            runtime.add_cleanup("database", db.close, timeout=10)
+            runtime.add_ready_check("database", db.ping)
+            cipher = make_cipher(settings)
+            if self.world is not None:
+                labels = await seed_sandbox_accounts(db, self.world, cipher)
+                logger.info("sandbox accounts: %s", ", ".join(labels))
+
+            owner = owner_name(settings)
+            sync = self.sync = Sync(db=db, runtime=runtime, settings=settings)
+            outbound = self.outbound = Outbound(db=db, runtime=runtime, settings=settings, owner=owner)
+            history = self.history = History(db=db, runtime=runtime, settings=settings, owner=owner)
+            jobs = self.jobs = Jobs(db=db, runtime=runtime, settings=settings, owner=owner, entities=outbound.entities)
+
+            async def on_connected(connection: AccountConnection) -> None:
+                sync.attach(connection)
+                assert connection.client is not None
+                try:
+                    await telegram_op(connection.client.catch_up(), settings.timeout_loop_cycle / 2, "catch_up")
+                except Exception as exc:
+                    logger.warning("catch_up failed for %s (%s); the reconciler covers it", connection.label, describe(exc))
+                await sync.reconcile_account(connection)
+
+            pool = self.pool = AccountPool(
+                db=db,
+                cipher=cipher,
+                client_factory=make_client_factory(settings, self.world),
+                owner=owner,
+                policy=ConnectionPolicy(
+                    lease_seconds=settings.account_lease_seconds,
+                    connect_timeout=settings.timeout_telegram_connect,
+                    call_timeout=settings.timeout_telegram_entity,
+                    backoff_max=settings.reconnect_backoff_max,
+                    alert_after=settings.reconnect_alert_after,
+                ),
+                on_connected=on_connected,
+                alerts=runtime.alerts,
+            )
+            sync.pool = outbound.pool = history.pool = jobs.pool = pool
+            runtime.add_cleanup("accounts", pool.close, timeout=settings.timeout_telegram_entity + 5)
+
+            async def accounts_cycle() -> float:
+                await pool.refresh()
+                pool.wake.clear()
+                return settings.account_check_interval
+
+            # Connecting an account (connect, catch_up, a reconciliation pass) may take
+            # longer than a plain cycle: the accounts loop gets that much more silence.
+            runtime.add_loop(
+                "accounts",
+                accounts_cycle,
+                interval=settings.account_check_interval,
+                wake=pool.wake,
+                max_silence=settings.watchdog_max_silence + settings.timeout_loop_cycle,
+            )
+            runtime.add_loop("sync", sync.cycle, interval=10.0)
+            runtime.add_loop("outbound", outbound.cycle, interval=settings.outbound_poll_interval)
+            runtime.add_loop("history", history.cycle, interval=5.0)
+            runtime.add_loop("jobs", jobs.cycle, interval=2.0)
+            runtime.add_section("accounts", self.accounts_status)
+            runtime.add_section("outbound", outbound.status)
+            runtime.add_section("sync", sync.status)
+            runtime.add_section("history_jobs", history.status)
+            runtime.add_section("jobs", jobs.status)
+            runtime.start_heartbeat(worker_id=settings.worker_id, store=db)
+            self.ready.set()
+            await runtime.run_until_stopped()
+
+    def _announce_sandbox(self) -> None:
+        from shared.sandbox import World, banner
+        from shared.sandbox import describe as describe_sandbox
+
+        directory = self.settings.sandbox_path
+        self.world = World.open(directory)
+        self.runtime.sandbox = True
+        self.runtime.add_section("sandbox_world", lambda: describe_sandbox(self.world))
+        for line in (
+            "*" * 78,
+            banner(directory),
+            "No TELEGRAM_API_ID/TELEGRAM_API_HASH set: the worker runs on the local sandbox.",
+            "Try:  python worker.py send --account demo_one --to alice 'hello'",
+            "Then: python -m shared.sandbox inbox alice",
+            "*" * 78,
+        ):
+            logger.warning("%s", line)
+
+    async def accounts_status(self) -> dict[str, Any]:
+        """Per account: connection, lease, queue depth, counts, flood wait, last error."""
+        assert self.db is not None and self.pool is not None
+        depth: dict[int, int] = {}
+        for count in await self.db.outbound_counts():
+            if count.status in (OutboundStatus.QUEUED, OutboundStatus.SENDING):
+                depth[count.account_id] = depth.get(count.account_id, 0) + count.count
+        status = self.pool.status()
+        for entry in status.values():
+            entry["queue_depth"] = depth.get(entry["id"], 0)
+        return status
+
+
+# --- 7. the command line ----------------------------------------------------------
+
+
+async def cli_accounts(settings: WorkerSettings, as_json: bool) -> int:
+    db = await open_database(settings)
+    try:
+        accounts = await db.list_accounts()
+    finally:
+        await db.close()
+    rows = [
+        {
+            "label": a.label,
+            "phone": (a.phone[:3] + "…" + a.phone[-2:]) if a.phone else None,
+            "status": a.status.value,
+            "has_session": a.has_session,
+            "lease_owner": a.lease_owner,
+            "lease_expires_at": a.lease_expires_at.isoformat() if a.lease_expires_at else None,
+            "last_error": a.last_error,
+        }
+        for a in accounts
+    ]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print("no accounts (python worker.py login adds one)")
+    else:
+        print(f"{'label':<20} {'status':<12} {'session':<8} {'phone':<10} lease / last error")
+        for r in rows:
+            lease = f"held by {r['lease_owner']}" if r["lease_owner"] else "-"
+            print(f"{r['label']:<20} {r['status']:<12} {'yes' if r['has_session'] else 'no':<8} {r['phone'] or '-':<10} {lease} {r['last_error'] or ''}")
+    return 0
+
+
+async def cli_send(settings: WorkerSettings, args: argparse.Namespace) -> int:
+    db = await open_database(settings)
+    try:
+        if settings.sandbox:
+            from shared.sandbox import World
+
+            await seed_sandbox_accounts(db, World.open(settings.sandbox_path), make_cipher(settings))
+        accounts = {a.label: a for a in await db.list_accounts()}
+        account = accounts.get(args.account)
+        if account is None:
+            print(f"no account labelled {args.account!r} (known: {', '.join(sorted(accounts)) or 'none'})", file=sys.stderr)
+            return 1
+        attachments = [str(Path(args.file).expanduser().resolve())] if args.file else []
+        enqueued = await db.enqueue_outbound(
+            account.id, args.to, args.text, attachments=attachments, reply_to=args.reply_to, dedupe_key=args.key
+        )
+    finally:
+        await db.close()
+    print(enqueued.id)
+    return 0
+
+
+async def cli_login(settings: WorkerSettings, args: argparse.Namespace) -> int:
+    """Interactive login: phone, code, 2FA password; stores the encrypted session."""
+    phone = args.phone or input("Phone number (international format, e.g. +15551234567): ").strip()
+    label = args.label or phone
+    world = None
+    if settings.sandbox:
+        from shared.sandbox import LOGIN_CODE, World
+
+        world = World.open(settings.sandbox_path)
+        world.seed_demo()
+        print(f"sandbox mode: the login code is {LOGIN_CODE}")
+    client = make_client_factory(settings, world)(
+        Account(0, label, phone, AccountStatus.ACTIVE, False, None, None, None, datetime.now(UTC), datetime.now(UTC)), None
+    )
+    await telegram_op(client.connect(), settings.timeout_telegram_connect, "connect")
+    try:
+        await client.start(phone=lambda: phone, code_callback=lambda: input("Login code: ").strip(), password=lambda: getpass.getpass("2FA password: "))
+        session = client.session.save()
+    finally:
+        await client.disconnect()
+    db = await open_database(settings)
+    try:
+        account = await db.upsert_account(label, phone=phone, session=make_cipher(settings).encrypt(session), status=AccountStatus.ACTIVE)
+    finally:
+        await db.close()
+    print(f"account {account.label} logged in; its session is stored encrypted")
+    return 0
+
+
+async def cli_rotate_key(settings: WorkerSettings) -> int:
+    """Re-encrypt every session under the newest key (SESSION_ENCRYPTION_KEY="new,old").
+
+    Each row is rewritten on its own: an interruption leaves some rows under
+    the old key, which the key list still opens, and running it again
+    finishes the job. Nothing is lost.
+    """
+    if not settings.session_encryption_key or "," not in settings.session_encryption_key:
+        print('set SESSION_ENCRYPTION_KEY="NEW_KEY,OLD_KEY" (newest first) to rotate', file=sys.stderr)
+        return 2
+    cipher = SessionCipher(settings.session_encryption_key)
+    db = await open_database(settings)
+    rotated = 0
+    try:
+        for account in await db.list_accounts():
+            stored = await db.get_account_session(account.id)
+            if stored and not cipher.is_current(stored):
+                await db.save_account_session(account.id, cipher.rotate(stored))
+                rotated += 1
+    finally:
+        await db.close()
+    print(f"{rotated} session(s) re-encrypted under the new key; drop the old key from SESSION_ENCRYPTION_KEY now")
+    return 0
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="worker.py", description="The Telegram account worker.")
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("run", help="run the worker (the default)")
+    login = sub.add_parser("login", help="log in an account and store its encrypted session")
+    login.add_argument("--label")
+    login.add_argument("--phone")
+    accounts = sub.add_parser("accounts", help="list accounts and their state (no secrets)")
+    accounts.add_argument("--json", action="store_true")
+    send = sub.add_parser("send", help="queue an outbound message and print its id")
+    send.add_argument("--account", required=True, help="the sending account's label")
+    send.add_argument("--to", required=True, help="username, phone or numeric chat id")
+    send.add_argument("text", nargs="?", default=None)
+    send.add_argument("--file", help="attach this file")
+    send.add_argument("--reply-to", type=int)
+    send.add_argument("--key", help="dedupe key: the same key never queues twice")
+    sub.add_parser("rotate-key", help="re-encrypt all sessions under the newest SESSION_ENCRYPTION_KEY")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    settings = load_or_exit(WorkerSettings)
+    command = args.command or "run"
+    # A command's own output is its answer on stdout; its logs go to stderr.
+    configure_logging(settings, stream=sys.stdout if command == "run" else sys.stderr)
+    if command == "run":
+        asyncio.run(Worker(settings).run())
+        return 0
+    if command == "accounts":
+        return asyncio.run(cli_accounts(settings, args.json))
+    if command == "send":
+        return asyncio.run(cli_send(settings, args))
+    if command == "login":
+        return asyncio.run(cli_login(settings, args))
+    if command == "rotate-key":
+        return asyncio.run(cli_rotate_key(settings))
+    return 2
+
 
 if __name__ == "__main__":
-    sys.stderr.write("worker.py is not built yet (issue 6); nothing was started.\n")
-    sys.exit(2)
+    sys.exit(main())

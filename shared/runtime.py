@@ -47,9 +47,9 @@ def code_version() -> str:
     return f"{shared.__version__}+{sha}" if sha else shared.__version__
 
 
-def configure_logging(settings: CommonSettings) -> None:
+def configure_logging(settings: CommonSettings, *, stream: Any = None) -> None:
     """Logging per LOG_LEVEL / LOG_FORMAT, with every configured secret redacted."""
-    setup_logging(level=settings.log_level, fmt=settings.log_format)
+    setup_logging(level=settings.log_level, fmt=settings.log_format, stream=stream)
     for secret in settings.secrets():
         register_secret(secret)
 
@@ -151,9 +151,9 @@ class BotRuntime:
         factory = periodic(
             self.watchdog, name, cycle, interval=interval, cycle_timeout=self.settings.timeout_loop_cycle, wake=wake
         )
-        # A cycle may legitimately take up to its timeout; silence must allow for it.
-        silence = max_silence or max(self.settings.watchdog_max_silence, self.settings.timeout_loop_cycle + interval)
-        self.watchdog.register(name, factory, max_silence=silence)
+        # A cycle that makes progress for longer than WATCHDOG_MAX_SILENCE must
+        # ping as it goes (``runtime.watchdog.ping(name)``); silence means stuck.
+        self.watchdog.register(name, factory, max_silence=max_silence)
 
     def add_task_loop(self, name: str, factory: Callable[[], Awaitable[None]], *, max_silence: float | None = None) -> None:
         """Watch a hand-written loop that pings ``runtime.watchdog`` itself."""
@@ -287,9 +287,9 @@ class BotRuntime:
                 await queue.close()
             except Exception:
                 logger.exception("could not close retry queue %s", queue.name)
-        await self.shutdown.run_cleanups()
         if self.heartbeat is not None:
-            await self.heartbeat.stop()
+            await self.heartbeat.stop()  # its last record says "stopped", while the store is still open
+        await self.shutdown.run_cleanups()
         closer = getattr(self.alerts, "close", None)
         if callable(closer):
             await closer(timeout=2.0)

@@ -1,0 +1,323 @@
+"""worker.py against real PostgreSQL and the Telegram sandbox, run in-process.
+
+The worker's own loops, leases and Telethon clients run unchanged; faults are
+set in the sandbox world as Telegram would show them. Cases that need a real
+process (kill -9, two replicas) live in test_worker_process.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from shared.alerts import AlertType
+from shared.config import WorkerSettings, load_settings
+from shared.runtime import BotRuntime
+from shared.sandbox import FaultKind, World
+from worker import Worker
+
+FAST = {
+    "PORT": "0",
+    "ACCOUNT_CHECK_INTERVAL": "0.2",
+    "ACCOUNT_LEASE_SECONDS": "5",
+    "OUTBOUND_POLL_INTERVAL": "0.2",
+    "RECONCILE_INTERVAL": "0.3",
+    "WATCHDOG_CHECK_INTERVAL": "0.2",
+    "WATCHDOG_MAX_SILENCE": "5",
+    "WATCHDOG_STARTUP_GRACE": "0",
+    "HEARTBEAT_INTERVAL": "0.2",
+    "RETRY_BASE_DELAY": "0.2",
+    "TIMEOUT_TELEGRAM_SEND": "5",  # above the 2 s Telethon sleeps on any 5xx (RANDOM_ID_DUPLICATE)
+    "TIMEOUT_TELEGRAM_ENTITY": "2",
+    "TIMEOUT_TELEGRAM_CONNECT": "3",
+    "RECONNECT_BACKOFF_MAX": "0.5",
+    "SEND_RATE_PER_ACCOUNT": "1000",
+    "SEND_BURST_PER_ACCOUNT": "1000",
+    "SEND_RATE_PER_CHAT": "1000",
+    "SEND_BURST_PER_CHAT": "1000",
+    "SHUTDOWN_GRACE": "3",
+}
+
+
+class RecordingAlerts:
+    """An alert sink that remembers what it was given (a real sink, not a mock of our code)."""
+
+    def __init__(self) -> None:
+        self.alerts: list[tuple[AlertType, str, str | None]] = []
+
+    def alert(self, type: AlertType, message: str, *, key: str | None = None, details: Any = None) -> bool:  # noqa: A002
+        self.alerts.append((type, message, key))
+        return True
+
+    def resolve(self, type: AlertType, *, key: str | None = None, message: str = "") -> bool:  # noqa: A002
+        return True
+
+
+async def wait_until(condition: Callable[[], Any], *, timeout: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {timeout}s")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+def worker_env(tmp_path: Path, database_url: str) -> dict[str, str]:
+    return {**FAST, "DATABASE_URL": database_url, "SANDBOX_DIR": str(tmp_path / "sandbox"), "DATA_DIR": str(tmp_path / "data")}
+
+
+@asynccontextmanager
+async def running_worker(env: dict[str, str], *, alerts: RecordingAlerts | None = None) -> AsyncIterator[Worker]:
+    settings = load_settings(WorkerSettings, env)
+    runtime = BotRuntime(bot="worker", settings=settings, host="127.0.0.1", alerts=alerts)
+    worker = Worker(settings, runtime=runtime)
+    task = asyncio.create_task(worker.run())
+    try:
+        await wait_until(lambda: worker.ready.is_set() or task.done(), what="worker ready")
+        if task.done():
+            task.result()
+        assert worker.pool is not None
+        await wait_until(lambda: len(worker.pool.connected()) == 2, what="both sandbox accounts connected")
+        yield worker
+    finally:
+        runtime.shutdown.request_stop("test over")
+        await asyncio.wait_for(task, 20)
+
+
+def world_of(env: dict[str, str]) -> World:
+    return World.open(Path(env["SANDBOX_DIR"]))
+
+
+async def account_ids(worker: Worker) -> dict[str, int]:
+    assert worker.db is not None
+    return {a.label: a.id for a in await worker.db.list_accounts()}
+
+
+async def outbound_rows(database_url: str) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return await conn.fetch(
+            "select id, peer, text, status, attempts, last_error, telegram_message_id from messages "
+            "where direction = 'outbound' and status is not null order by id"
+        )
+    finally:
+        await conn.close()
+
+
+def texts_received(world: World, peer: str) -> list[str]:
+    return [m.text for m in world.received(peer)]
+
+
+async def test_five_sequential_messages_all_arrive_within_seconds_in_order(worker_env: dict[str, str]) -> None:
+    async with running_worker(worker_env) as worker:
+        ids = await account_ids(worker)
+        world = world_of(worker_env)
+        started = time.monotonic()
+        for n in range(5):
+            await worker.db.enqueue_outbound(ids["demo_one"], "alice", f"seq {n}")  # type: ignore[union-attr]
+        await wait_until(lambda: len(texts_received(world, "alice")) >= 5, timeout=10, what="5 messages at alice")
+        assert time.monotonic() - started < 10
+        assert texts_received(world, "alice") == [f"seq {n}" for n in range(5)]
+
+
+async def test_delivered_but_the_answer_lost_gives_exactly_one_message(worker_env: dict[str, str], database_url: str) -> None:
+    world = world_of(worker_env)
+    world.seed_demo()
+    async with running_worker(worker_env) as worker:
+        ids = await account_ids(worker)
+        world.set_fault(FaultKind.ANSWER_LOST, method="SendMessage", peer="@bob", count=1, then="drop")
+        await worker.db.enqueue_outbound(ids["demo_one"], "bob", "only once please")  # type: ignore[union-attr]
+        await wait_until(
+            lambda: _status_of(database_url, "only once please", "sent"), timeout=20, what="the message marked sent"
+        )
+        assert texts_received(world, "bob") == ["only once please"]
+        rows = [r for r in await outbound_rows(database_url) if r["text"] == "only once please"]
+        assert rows[0]["attempts"] >= 2, "the lost answer forced a second attempt"
+
+
+async def _flooded(database_url: str, text: str) -> bool:
+    return any(r["text"] == text and r["status"] == "queued" and r["last_error"] for r in await outbound_rows(database_url))
+
+
+async def _status_of(database_url: str, text: str, status: str) -> bool:
+    return any(r["text"] == text and r["status"] == status for r in await outbound_rows(database_url))
+
+
+async def test_a_flood_wait_on_one_chat_does_not_delay_another(worker_env: dict[str, str], database_url: str) -> None:
+    world = world_of(worker_env)
+    world.seed_demo()
+    async with running_worker(worker_env) as worker:
+        ids = await account_ids(worker)
+        world.set_fault(FaultKind.FLOOD, method="SendMessage", peer="@alice", seconds=60, count=1)
+        await worker.db.enqueue_outbound(ids["demo_one"], "alice", "to the flooded chat")  # type: ignore[union-attr]
+        await wait_until(lambda: _flooded(database_url, "to the flooded chat"), what="flood wait hit")
+        started = time.monotonic()
+        await worker.db.enqueue_outbound(ids["demo_one"], "bob", "to a calm chat")  # type: ignore[union-attr]
+        await wait_until(lambda: "to a calm chat" in texts_received(world, "bob"), timeout=5, what="bob's message")
+        assert time.monotonic() - started < 5
+        assert "to the flooded chat" not in texts_received(world, "alice")
+        row = next(r for r in await outbound_rows(database_url) if r["text"] == "to the flooded chat")
+        assert row["status"] == "queued" and "wait" in (row["last_error"] or "").lower()
+        status = await worker.runtime.status()
+        assert status["accounts"]["demo_one"]["flood_wait_until"] is not None
+
+
+async def test_a_dead_session_on_one_account_does_not_disturb_the_others(worker_env: dict[str, str], database_url: str) -> None:
+    world = world_of(worker_env)
+    world.seed_demo()
+    alerts = RecordingAlerts()
+    async with running_worker(worker_env, alerts=alerts) as worker:
+        ids = await account_ids(worker)
+        world.logout("@demo_two", error="SESSION_REVOKED")
+        await worker.db.enqueue_outbound(ids["demo_two"], "alice", "from the revoked account")  # type: ignore[union-attr]
+        await worker.db.enqueue_outbound(ids["demo_one"], "alice", "from the healthy account")  # type: ignore[union-attr]
+        await wait_until(lambda: "from the healthy account" in texts_received(world, "alice"), what="healthy account's send")
+        await wait_until(
+            lambda: any(t is AlertType.ACCOUNT_NEEDS_LOGIN for t, _, _ in alerts.alerts), what="needs-login alert"
+        )
+        accounts = {a.label: a for a in await worker.db.list_accounts()}  # type: ignore[union-attr]
+        assert accounts["demo_two"].status.value == "needs_login"
+        assert accounts["demo_one"].status.value == "active"
+        assert "from the revoked account" not in texts_received(world, "alice")
+        row = next(r for r in await outbound_rows(database_url) if r["text"] == "from the revoked account")
+        assert row["status"] == "queued", "the message waits for a new login; nothing is lost"
+        assert sum(1 for t, _, _ in alerts.alerts if t is AlertType.ACCOUNT_NEEDS_LOGIN) == 1
+        await worker.db.enqueue_outbound(ids["demo_one"], "bob", "still going")  # type: ignore[union-attr]
+        await wait_until(lambda: "still going" in texts_received(world, "bob"), what="demo_one keeps sending")
+
+
+async def test_an_update_gap_is_closed_by_the_reconciler(worker_env: dict[str, str], database_url: str) -> None:
+    world = world_of(worker_env)
+    world.seed_demo()
+    async with running_worker(worker_env) as worker:
+        ids = await account_ids(worker)
+        pushed = world.send_incoming("@alice", "@demo_one", "pushed normally")
+        await wait_until(lambda: _inbound_ids(database_url, ids["demo_one"]), what="pushed message stored")
+        silent = world.send_incoming("@alice", "@demo_one", "never pushed", gap=True)
+        await wait_until(
+            lambda: _has_inbound(database_url, ids["demo_one"], "never pushed"), timeout=10, what="gap message stored"
+        )
+        texts = await _inbound_texts(database_url, ids["demo_one"])
+        assert texts.count("pushed normally") == 1 and texts.count("never pushed") == 1
+        assert silent.id > pushed.id
+
+
+async def _inbound_texts(database_url: str, account_id: int) -> list[str]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch("select text from messages where account_id = $1 and direction = 'inbound'", account_id)
+    finally:
+        await conn.close()
+    return [r["text"] for r in rows]
+
+
+async def _inbound_ids(database_url: str, account_id: int) -> bool:
+    return bool(await _inbound_texts(database_url, account_id))
+
+
+async def _has_inbound(database_url: str, account_id: int, text: str) -> bool:
+    return text in await _inbound_texts(database_url, account_id)
+
+
+async def test_bad_input_fails_only_that_message_with_a_readable_reason(
+    worker_env: dict[str, str], database_url: str, tmp_path: Path
+) -> None:
+    world = world_of(worker_env)
+    world.seed_demo()
+    world.block("@carol", "@demo_one")
+    huge = tmp_path / "huge.bin"
+    with huge.open("wb") as handle:  # sparse: 2 GiB + 1 byte on paper, nothing on disk
+        handle.truncate(2 * 1024**3 + 1)
+    async with running_worker(worker_env) as worker:
+        ids = await account_ids(worker)
+        one = ids["demo_one"]
+        db = worker.db
+        assert db is not None
+        await db.enqueue_outbound(one, "nobody_by_this_name", "to an unknown peer")
+        await db.enqueue_outbound(one, "carol", "to a user who blocked us")
+        await db.enqueue_outbound(one, "alice", "x" * 4097)
+        await db.enqueue_outbound(one, "alice", "   ")
+        await db.enqueue_outbound(one, "bob", "with a missing file", attachments=[str(tmp_path / "missing.jpg")])
+        await db.enqueue_outbound(one, "bob", "with a huge file", attachments=[str(huge)])
+        await db.enqueue_outbound(one, "alice", "the good one")
+        await wait_until(
+            lambda: _all_settled(database_url, 7), timeout=20, what="every message settled"
+        )
+        rows = {r["text"][:30]: r for r in await outbound_rows(database_url)}
+        reasons = {text: (row["status"], row["last_error"]) for text, row in rows.items()}
+        assert reasons["the good one"][0] == "sent"
+        assert "the good one" in texts_received(world, "alice")
+        expected = {
+            "to an unknown peer": "username",
+            "to a user who blocked us": "blocked",
+            "x" * 30: "too long",
+            "   ": "empty",
+            "with a missing file": "not found",
+            "with a huge file": "too large",
+        }
+        for text, fragment in expected.items():
+            status, error = reasons[text]
+            assert status == "failed", (text, status, error)
+            assert fragment in (error or "").lower(), (text, error)
+
+
+async def _all_settled(database_url: str, count: int) -> bool:
+    rows = await outbound_rows(database_url)
+    return len(rows) == count and all(r["status"] in ("sent", "failed", "dead") for r in rows)
+
+
+async def test_a_stuck_send_loop_is_restarted_and_the_heartbeat_keeps_beating(
+    worker_env: dict[str, str], database_url: str
+) -> None:
+    env = {**worker_env, "WATCHDOG_MAX_SILENCE": "1", "TIMEOUT_TELEGRAM_SEND": "600"}
+    world = world_of(env)
+    world.seed_demo()
+    async with running_worker(env) as worker:
+        ids = await account_ids(worker)
+        world.set_fault(FaultKind.HANG, method="SendMessage")
+        await worker.db.enqueue_outbound(ids["demo_one"], "alice", "stuck for now")  # type: ignore[union-attr]
+        watchdog = worker.runtime.watchdog
+        await wait_until(lambda: _heartbeat_at(database_url), what="a first heartbeat")
+        first_beat = await _heartbeat_at(database_url)
+        started = time.monotonic()
+        await wait_until(lambda: watchdog.get_status()["outbound"]["restarts"] >= 1, timeout=10, what="outbound restarted")
+        assert time.monotonic() - started < 1 + 0.2 + 2.0, "restarted within max silence + check interval (+ slack)"
+        assert watchdog.get_status()["outbound"]["last_restart_reason"] == "silent"
+        await wait_until(lambda: _heartbeat_after(database_url, first_beat), what="heartbeat while stuck")
+        world.clear_faults()
+        await wait_until(lambda: "stuck for now" in texts_received(world, "alice"), timeout=15, what="delivery after the hang")
+        assert texts_received(world, "alice").count("stuck for now") == 1
+
+
+async def _heartbeat_at(database_url: str) -> Any:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return await conn.fetchval("select last_heartbeat_at from worker_heartbeats where worker_id = 'telegram-main'")
+    finally:
+        await conn.close()
+
+
+async def _heartbeat_after(database_url: str, when: Any) -> bool:
+    now = await _heartbeat_at(database_url)
+    return now is not None and now > when
+
+
+async def test_the_status_shows_accounts_loops_and_the_sandbox(worker_env: dict[str, str]) -> None:
+    async with running_worker(worker_env) as worker:
+        status = await worker.runtime.status()
+        assert status["sandbox"] is True and status["backend"] == "postgres"
+        assert set(status["loops"]) == {"accounts", "sync", "outbound", "history", "jobs"}
+        assert status["accounts"]["demo_one"]["connected"] is True
+        assert status["accounts"]["demo_one"]["lease"] == "held"
