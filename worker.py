@@ -839,6 +839,10 @@ class Worker:
             jobs = self.jobs = Jobs(db=db, runtime=runtime, settings=settings, owner=owner, entities=outbound.entities)
 
             async def on_connected(connection: AccountConnection) -> None:
+                # Work a previous holder of this account had in hand comes back now (see the migration).
+                rows = await db.call("account_takeover", {"p_account_id": connection.id, "p_owner": owner})
+                if rows and any(rows[0].values()):
+                    logger.info("took over work of the previous holder of %s: %s", connection.label, dict(rows[0]))
                 sync.attach(connection)
                 assert connection.client is not None
                 try:

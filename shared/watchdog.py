@@ -136,11 +136,18 @@ class LoopWatchdog:
         if self._running:
             self._start_loop(loop)
 
-    def ping(self, name: str) -> None:
-        """Called by a loop on every cycle: "I am alive"."""
+    def ping(self, name: str, *, pause: float = 0.0) -> None:
+        """Called by a loop on every cycle: "I am alive".
+
+        Args:
+            pause: the loop is about to sleep this long on purpose; its
+                silence is counted from the end of the pause, so an idle
+                interval longer than ``max_silence`` is not mistaken for a hang.
+        """
         loop = self._loops.get(name)
         if loop is not None:
-            loop.last_ping = self._clock()
+            # A ping only ever extends: a ping from elsewhere must not cancel an announced pause.
+            loop.last_ping = max(loop.last_ping, self._clock() + max(0.0, pause))
             loop.pinged = True
             loop.cycles += 1
 
@@ -388,7 +395,7 @@ class LoopWatchdog:
             status[name] = {
                 "state": loop.state.value,
                 "alive": alive,
-                "last_ping_ago_s": round(now - loop.last_ping, 1) if loop.task is not None else None,
+                "last_ping_ago_s": round(max(0.0, now - loop.last_ping), 1) if loop.task is not None else None,
                 "max_silence_s": loop.max_silence,
                 "restarts": loop.restarts,
                 "restarts_in_window": len(loop.restart_times),
@@ -463,8 +470,8 @@ def periodic(
                     extra={"loop": name, "kind": verdict.kind.value, "consecutive_failures": failures},
                 )
                 pause = min(error_backoff_max, max(interval, exponential_delay(failures, base=1.0, cap=error_backoff_max)))
-            watchdog.ping(name)
             wait = interval if pause is None else pause
+            watchdog.ping(name, pause=max(0.0, wait))
             if wait <= 0:
                 await asyncio.sleep(0)
                 continue

@@ -454,3 +454,34 @@ async def test_periodic_cuts_a_hung_cycle_at_cycle_timeout(make_watchdog: Callab
     assert status["restarts"] == 0
     expected = str(OperationTimeout("t_periodic_hung.cycle", 0.05))
     assert status["last_error"] == f"OperationTimeout: {expected}"
+
+
+async def test_an_idle_pause_longer_than_max_silence_is_not_a_hang_but_a_stuck_cycle_is(
+    make_watchdog: Callable[..., LoopWatchdog],
+) -> None:
+    watchdog = make_watchdog()  # max silence 0.3 s
+    idle_cycles = 0
+    stuck = asyncio.Event()
+
+    async def idle() -> float:
+        nonlocal idle_cycles
+        idle_cycles += 1
+        return 1.0  # sleeps 1 s between cycles, on purpose
+
+    async def hangs() -> float:
+        stuck.set()
+        await asyncio.Event().wait()
+        return 0.0
+
+    watchdog.register("t_idle", periodic(watchdog, "t_idle", idle, interval=1.0, cycle_timeout=60.0))
+    watchdog.register("t_stuck", periodic(watchdog, "t_stuck", hangs, interval=0.01, cycle_timeout=60.0))
+    await watchdog.start()
+    await asyncio.wait_for(stuck.wait(), 5)
+    deadline = time.monotonic() + 5
+    while watchdog.get_status()["t_stuck"]["restarts"] == 0:
+        assert time.monotonic() < deadline, "the stuck cycle was never restarted"
+        await asyncio.sleep(0.01)
+    while idle_cycles < 2:  # a second idle cycle: at least one full pause has passed
+        assert time.monotonic() < deadline + 5
+        await asyncio.sleep(0.01)
+    assert watchdog.get_status()["t_idle"]["restarts"] == 0
