@@ -321,3 +321,73 @@ async def test_the_status_shows_accounts_loops_and_the_sandbox(worker_env: dict[
         assert set(status["loops"]) == {"accounts", "sync", "outbound", "history", "jobs"}
         assert status["accounts"]["demo_one"]["connected"] is True
         assert status["accounts"]["demo_one"]["lease"] == "held"
+
+
+async def test_message_jobs_send_later_edit_delete_and_mark_read(worker_env: dict[str, str], database_url: str) -> None:
+    from shared.db.records import JobStatus, MessageJobKind
+
+    world = world_of(worker_env)
+    world.seed_demo()
+    async with running_worker(worker_env) as worker:
+        db = worker.db
+        assert db is not None
+        ids = await account_ids(worker)
+        one = ids["demo_one"]
+        send = await db.create_message_job(one, MessageJobKind.SEND, {"peer": "bob", "text": "scheduled hello"})
+        await wait_until(lambda: "scheduled hello" in texts_received(world, "bob"), what="scheduled send")
+        sent = next(m for m in world.received("bob") if m.text == "scheduled hello")
+        edit = await db.create_message_job(
+            one, MessageJobKind.EDIT, {"peer": "bob", "message_id": sent.id, "text": "edited hello"}
+        )
+        incoming = world.send_incoming("@bob", "@demo_one", "please read me")
+        read = await db.create_message_job(one, MessageJobKind.MARK_READ, {"peer": "bob", "max_id": incoming.id})
+        delete = await db.create_message_job(one, MessageJobKind.DELETE, {"peer": "bob", "message_ids": [sent.id]})
+
+        async def all_done() -> bool:
+            jobs = [await db.get_message_job(j.id) for j in (send, edit, read, delete)]
+            return all(j is not None and j.status is JobStatus.DONE for j in jobs)
+
+        await wait_until(all_done, what="all four jobs done")
+        again = await db.create_message_job(one, MessageJobKind.SEND, {"peer": "bob", "text": "x"}, dedupe_key="once")
+        same = await db.create_message_job(one, MessageJobKind.SEND, {"peer": "bob", "text": "x"}, dedupe_key="once")
+        assert again.id == same.id, "a repeated dedupe key schedules one job"
+        rows = [r for r in await outbound_rows(database_url) if r["text"] == "scheduled hello"]
+        assert len(rows) == 1, "the scheduled send queued exactly one message"
+
+
+async def test_the_cli_sends_lists_and_logs_in_without_showing_secrets(tmp_path: Path, database_url: str) -> None:
+    import os
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "DATABASE_URL": database_url, "SANDBOX_DIR": str(tmp_path / "sb"), "DATA_DIR": str(tmp_path / "d")}
+
+    async def cli(*args: str, stdin: bytes = b"") -> tuple[int, str, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "worker.py", *args, cwd=root, env=env,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(stdin), 60)
+        return proc.returncode or 0, out.decode(), err.decode()
+
+    code, out, err = await cli("send", "--account", "demo_one", "--to", "alice", "hi from the CLI")
+    assert code == 0, err
+    assert out.strip().isdigit(), "send prints the queued message's id and nothing else"
+    code, out, _ = await cli("send", "--account", "nobody", "--to", "alice", "x")
+    assert code == 1
+    code, out, err = await cli("login", "--phone", "+15550101001", "--label", "alice_account", stdin=b"12345\n")
+    assert code == 0, err
+    code, out, err = await cli("accounts", "--json")
+    assert code == 0, err
+    import json
+
+    listed = {row["label"]: row for row in json.loads(out)}
+    assert {"demo_one", "demo_two", "alice_account"} <= set(listed)
+    assert listed["alice_account"]["has_session"] is True
+    assert "+15550101001" not in out, "phones are shown masked"
+    conn = await asyncpg.connect(database_url)
+    try:
+        stored = await conn.fetchval("select session_encrypted from telegram_accounts where label = 'alice_account'")
+    finally:
+        await conn.close()
+    assert stored and stored.startswith("gAAAA"), "the session is stored as a Fernet token"
