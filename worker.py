@@ -284,7 +284,8 @@ class Sync:
                     "get_input_entity",
                 )
                 messages = await telegram_op(
-                    connection.client.get_messages(entity, min_id=chat.last_message_id, limit=100, wait_time=0),
+                    # Oldest first from the cursor, so a busy chat is read in order, never skipped.
+                    connection.client.get_messages(entity, min_id=chat.last_message_id, limit=100, reverse=True, wait_time=0),
                     self.settings.timeout_telegram_send,
                     "get_messages",
                 )
@@ -840,9 +841,9 @@ class Worker:
 
             async def on_connected(connection: AccountConnection) -> None:
                 # Work a previous holder of this account had in hand comes back now (see the migration).
-                rows = await db.call("account_takeover", {"p_account_id": connection.id, "p_owner": owner})
-                if rows and any(rows[0].values()):
-                    logger.info("took over work of the previous holder of %s: %s", connection.label, dict(rows[0]))
+                taken = await db.take_over_account(connection.id, owner=owner)
+                if taken.outbound or taken.history_jobs or taken.message_jobs:
+                    logger.info("took over the previous holder's work for %s: %s", connection.label, taken)
                 sync.attach(connection)
                 assert connection.client is not None
                 try:

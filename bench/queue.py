@@ -1,0 +1,399 @@
+"""Benchmark: our outbound queue against procrastinate, on the same embedded PostgreSQL.
+
+    ./start.sh bench queue [--quick] [--json] [--claimers N]
+
+Two measurements, each run for both systems in the same process, on two
+databases of one embedded PostgreSQL (default settings, fsync on):
+
+* throughput: a backlog of messages drained by N concurrent claimers, in
+  alternating rounds (ours, procrastinate, ours, ...); the best round of each
+  counts, so load from elsewhere on the machine does not decide the ratio.
+  Ours: ``claim_outbound`` (a batch, FOR UPDATE SKIP LOCKED) then
+  ``mark_sent`` for each row. Procrastinate: ``fetch_job`` then
+  ``finish_job`` for each job (its worker's own calls), after ``defer``.
+* latency: enqueue-to-claim time at a fixed offered load (200 messages/s by
+  default), consumers waiting on LISTEN/NOTIFY (ours: a Subscription;
+  procrastinate: ``listen_for_jobs``), reported as p50 and p99.
+
+Prints a table; with ``--json`` the last line is one JSON object with
+``ours_per_s``, ``procrastinate_per_s``, ``ratio``, ``p50_ms``, ``p99_ms``
+(ours) and the same latencies for procrastinate. A benchmark, not a test:
+nothing here asserts on time.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run as `python bench/queue.py`, this file would shadow the standard library's
+# `queue` module (which asyncio's thread pool imports): drop bench/ from the path.
+_BENCH_DIR = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH_DIR]
+sys.path.insert(0, str(_BENCH_DIR.parent))
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Awaitable, Callable  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import Any  # noqa: E402
+
+import asyncpg  # noqa: E402
+
+from shared.breaker import CircuitBreaker  # noqa: E402
+from shared.db import PostgresDatabase, apply_migrations  # noqa: E402
+from shared.db.embedded import EmbeddedPostgres  # noqa: E402
+
+logger = logging.getLogger("bench.queue")
+
+
+@dataclass(frozen=True)
+class Plan:
+    messages: int
+    rounds: int
+    claimers: int
+    peers: int
+    batch: int
+    offered_per_s: float
+    seconds: float
+    consumers: int
+
+
+@dataclass
+class Result:
+    per_s: float
+    p50_ms: float
+    p99_ms: float
+    latency_samples: int
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100) by the nearest-rank method."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+async def _fixed_rate(count: int, rate: float, send: Callable[[int], Awaitable[None]]) -> None:
+    """Call ``send(i)`` at ``rate`` per second, on schedule (not after the previous one)."""
+    start = time.perf_counter()
+    pending: set[asyncio.Task[None]] = set()
+    for i in range(count):
+        delay = start + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        task = asyncio.create_task(send(i))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+    if pending:
+        await asyncio.gather(*pending)
+
+
+# --- ours ----------------------------------------------------------------------
+
+
+class Ours:
+    name = "ours"
+
+    def __init__(self, dsn: str, plan: Plan) -> None:
+        self.plan = plan
+        self.db = PostgresDatabase(dsn, timeout=30, max_size=plan.claimers + 6, breaker=CircuitBreaker("bench"))
+        self.account = 0
+
+    async def open(self) -> None:
+        await self.db.open()
+        self.account = (await self.db.upsert_account("bench")).id
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    async def preload(self, count: int) -> None:
+        semaphore = asyncio.Semaphore(8)
+
+        async def one(i: int) -> None:
+            async with semaphore:
+                await self.db.enqueue_outbound(self.account, f"peer{i % self.plan.peers}", f"{i}")
+
+        await asyncio.gather(*(one(i) for i in range(count)))
+
+    async def drain(self) -> float:
+        done = 0
+        total = self.plan.messages
+
+        async def claimer(n: int) -> None:
+            nonlocal done
+            while done < total:
+                rows = await self.db.claim_outbound([self.account], owner=f"claimer-{n}", limit=self.plan.batch)
+                if not rows:
+                    await asyncio.sleep(0.001)
+                    continue
+                for row in rows:
+                    await self.db.mark_sent(row.id, row.lease_token or "", telegram_message_id=row.id, chat_id=row.id)
+                    done += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(claimer(n) for n in range(self.plan.claimers)))
+        return total / (time.perf_counter() - started)
+
+    async def latency(self) -> list[float]:
+        count = int(self.plan.offered_per_s * self.plan.seconds)
+        enqueued_at: dict[int, float] = {}
+        latencies: list[float] = []
+        finished = asyncio.Event()
+
+        async def produce(i: int) -> None:
+            enqueued_at[i] = time.perf_counter()
+            await self.db.enqueue_outbound(self.account, f"peer{i % self.plan.peers}", f"{i}")
+
+        async def consume(n: int) -> None:
+            subscription = await self.db.subscribe("outbound")
+            try:
+                while not finished.is_set():
+                    rows = await self.db.claim_outbound([self.account], owner=f"consumer-{n}", limit=self.plan.batch)
+                    now = time.perf_counter()
+                    for row in rows:
+                        latencies.append(now - enqueued_at[int(row.text or 0)])
+                    for row in rows:
+                        await self.db.mark_sent(row.id, row.lease_token or "", telegram_message_id=row.id, chat_id=row.id)
+                    if len(latencies) >= count:
+                        finished.set()
+                    elif not rows:
+                        await subscription.wait(timeout=1.0)
+            finally:
+                subscription.close()
+
+        consumers = [asyncio.create_task(consume(n)) for n in range(self.plan.consumers)]
+        await asyncio.sleep(0.2)  # let the consumers LISTEN first
+        await _fixed_rate(count, self.plan.offered_per_s, produce)
+        await asyncio.wait_for(finished.wait(), timeout=60)
+        await asyncio.gather(*consumers)
+        return latencies
+
+
+# --- procrastinate -----------------------------------------------------------------
+
+
+class Procrastinate:
+    name = "procrastinate"
+
+    def __init__(self, dsn: str, plan: Plan) -> None:
+        from procrastinate import App, PsycopgConnector
+
+        self.plan = plan
+        self.app = App(connector=PsycopgConnector(conninfo=dsn, min_size=1, max_size=plan.claimers + 6))
+        self.worker_ids: list[int] = []
+
+    async def open(self) -> None:
+        await self.app.open_async()
+        await self.app.schema_manager.apply_schema_async()
+        manager = self.app.job_manager
+        self.worker_ids = [await manager.register_worker() for _ in range(max(self.plan.claimers, self.plan.consumers))]
+
+    async def close(self) -> None:
+        await self.app.close_async()
+
+    def _job(self, i: int) -> Any:
+        from procrastinate import jobs
+
+        return jobs.Job(id=None, queue="outbound", lock=None, queueing_lock=None, task_name="send", task_kwargs={"i": i})
+
+    async def preload(self, count: int) -> None:
+        manager = self.app.job_manager
+        for start in range(0, count, 500):
+            await manager.batch_defer_jobs_async([self._job(i) for i in range(start, min(count, start + 500))])
+
+    async def drain(self) -> float:
+        from procrastinate.jobs import Status
+
+        manager = self.app.job_manager
+        done = 0
+        total = self.plan.messages
+
+        async def claimer(n: int) -> None:
+            nonlocal done
+            while done < total:
+                job = await manager.fetch_job(queues=None, worker_id=self.worker_ids[n])
+                if job is None:
+                    await asyncio.sleep(0.001)
+                    continue
+                await manager.finish_job(job, status=Status.SUCCEEDED, delete_job=False)
+                done += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(claimer(n) for n in range(self.plan.claimers)))
+        return total / (time.perf_counter() - started)
+
+    async def latency(self) -> list[float]:
+        from procrastinate.jobs import Status
+
+        manager = self.app.job_manager
+        count = int(self.plan.offered_per_s * self.plan.seconds)
+        enqueued_at: dict[int, float] = {}
+        latencies: list[float] = []
+        finished = asyncio.Event()
+        wake = asyncio.Event()
+
+        async def on_notification(**_: Any) -> None:
+            wake.set()
+
+        listener = asyncio.create_task(manager.listen_for_jobs(on_notification=on_notification, queues=["outbound"]))
+
+        async def produce(i: int) -> None:
+            enqueued_at[i] = time.perf_counter()
+            await manager.defer_job_async(self._job(i))
+
+        async def consume(n: int) -> None:
+            while not finished.is_set():
+                wake.clear()
+                job = await manager.fetch_job(queues=["outbound"], worker_id=self.worker_ids[n])
+                if job is None:
+                    try:
+                        await asyncio.wait_for(wake.wait(), timeout=1.0)
+                    except TimeoutError:
+                        pass
+                    continue
+                latencies.append(time.perf_counter() - enqueued_at[int(job.task_kwargs["i"])])
+                await manager.finish_job(job, status=Status.SUCCEEDED, delete_job=False)
+                if len(latencies) >= count:
+                    finished.set()
+                    wake.set()
+
+        consumers = [asyncio.create_task(consume(n)) for n in range(self.plan.consumers)]
+        await asyncio.sleep(0.2)
+        await _fixed_rate(count, self.plan.offered_per_s, produce)
+        await asyncio.wait_for(finished.wait(), timeout=60)
+        await asyncio.gather(*consumers)
+        listener.cancel()
+        try:
+            await listener
+        except (asyncio.CancelledError, Exception):
+            pass
+        return latencies
+
+
+# --- driver --------------------------------------------------------------------------
+
+
+async def _compare(ours: Ours, theirs: Procrastinate, plan: Plan) -> tuple[Result, Result, list[float], list[float]]:
+    """Drain a backlog in alternating rounds (ours, theirs, ours, ...), so a noisy
+    neighbour on the machine hurts both alike; then the latency run of each."""
+    systems: list[Ours | Procrastinate] = [ours, theirs]
+    runs: dict[str, list[float]] = {ours.name: [], theirs.name: []}
+    for system in systems:
+        await system.open()
+    try:
+        for _ in range(plan.rounds):
+            for system in systems:
+                await system.preload(plan.messages)
+                runs[system.name].append(await system.drain())
+        results = []
+        for system in systems:
+            ms = [v * 1000 for v in await system.latency()]
+            results.append(
+                Result(
+                    per_s=max(runs[system.name]),
+                    p50_ms=percentile(ms, 50),
+                    p99_ms=percentile(ms, 99),
+                    latency_samples=len(ms),
+                )
+            )
+    finally:
+        for system in systems:
+            await system.close()
+    return results[0], results[1], runs[ours.name], runs[theirs.name]
+
+
+async def run(plan: Plan) -> dict[str, Any]:
+    root = Path(tempfile.mkdtemp(prefix="bench-queue-"))
+    server = EmbeddedPostgres(root / "data")
+    try:
+        admin_dsn = await server.start()
+        conn = await asyncpg.connect(admin_dsn)
+        try:
+            version = await conn.fetchval("show server_version")
+            for name in ("bench_ours", "bench_procrastinate"):
+                await conn.execute(f"drop database if exists {name}")
+                await conn.execute(f"create database {name}")
+        finally:
+            await conn.close()
+        await apply_migrations(server.dsn("bench_ours"))
+        ours, theirs, ours_runs, their_runs = await _compare(
+            Ours(server.dsn("bench_ours"), plan), Procrastinate(server.dsn("bench_procrastinate"), plan), plan
+        )
+    finally:
+        await server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    return {
+        "ours_per_s": round(ours.per_s, 1),
+        "procrastinate_per_s": round(theirs.per_s, 1),
+        "ratio": round(ours.per_s / theirs.per_s, 2) if theirs.per_s else None,
+        "p50_ms": round(ours.p50_ms, 2),
+        "p99_ms": round(ours.p99_ms, 2),
+        "procrastinate_p50_ms": round(theirs.p50_ms, 2),
+        "procrastinate_p99_ms": round(theirs.p99_ms, 2),
+        "ours_runs_per_s": [round(v, 1) for v in ours_runs],
+        "procrastinate_runs_per_s": [round(v, 1) for v in their_runs],
+        "latency_samples": ours.latency_samples,
+        "messages": plan.messages,
+        "rounds": plan.rounds,
+        "claimers": plan.claimers,
+        "consumers": plan.consumers,
+        "batch": plan.batch,
+        "offered_per_s": plan.offered_per_s,
+        "postgres": version,
+    }
+
+
+def render(result: dict[str, Any]) -> str:
+    lines = [
+        f"queue benchmark: embedded PostgreSQL {result['postgres']}, best of {result['rounds']} alternating rounds of "
+        f"{result['messages']} messages, {result['claimers']} claimers (ours: batches of {result['batch']}), "
+        f"latency at {result['offered_per_s']:g} msg/s with {result['consumers']} consumers each",
+        "",
+        f"{'':28}{'ours':>12}{'procrastinate':>16}",
+        f"{'claim+finish per second':28}{result['ours_per_s']:>12.0f}{result['procrastinate_per_s']:>16.0f}",
+        f"{'enqueue-to-claim p50 (ms)':28}{result['p50_ms']:>12.2f}{result['procrastinate_p50_ms']:>16.2f}",
+        f"{'enqueue-to-claim p99 (ms)':28}{result['p99_ms']:>12.2f}{result['procrastinate_p99_ms']:>16.2f}",
+        "",
+        f"throughput ratio (ours / procrastinate): {result['ratio']}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="./start.sh bench queue", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smaller run (seconds, not a minute)")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line")
+    parser.add_argument("--claimers", type=int, default=4, help="concurrent claimers (default 4)")
+    parser.add_argument("--consumers", type=int, default=2, help="consumers in the latency run, each system (default 2)")
+    parser.add_argument("--rate", type=float, default=200.0, help="offered load for the latency run (msg/s)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # procrastinate warns that its App lives in __main__; true here, and harmless.
+    logging.getLogger("procrastinate.blueprints").setLevel(logging.ERROR)
+    plan = Plan(
+        messages=1000 if args.quick else 3000,
+        rounds=2 if args.quick else 3,
+        claimers=args.claimers,
+        peers=200,
+        batch=20,
+        offered_per_s=args.rate,
+        seconds=3.0 if args.quick else 10.0,
+        consumers=args.consumers,
+    )
+    result = asyncio.run(run(plan))
+    print(render(result))
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

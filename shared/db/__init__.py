@@ -1,0 +1,205 @@
+"""The data layer: everything that must survive a crash, in PostgreSQL.
+
+``await open_database(settings)`` picks the backend:
+
+* ``DATABASE_URL`` set: PostgreSQL through asyncpg (:class:`PostgresDatabase`),
+  LISTEN/NOTIFY for wake-ups unless it is a transaction pooler (port 6543);
+  migrations applied at start only with ``DB_AUTO_MIGRATE=1``.
+* else ``SUPABASE_URL`` + ``SUPABASE_SERVICE_ROLE_KEY``: Supabase's HTTP API
+  (:class:`SupabaseDatabase`), polling at most 1 s apart; migrations are
+  applied with the Supabase CLI or ``python -m shared.db migrate`` against
+  the database's connection string.
+* neither: an embedded PostgreSQL with its data in ``DATA_DIR/postgres``,
+  migrated at every start, stopped on close.
+
+Every backend implements the same typed :class:`Database` on the same SQL
+functions (``supabase/migrations``). ``python -m shared.db migrate`` applies
+the migrations.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Protocol
+
+from shared.breaker import CircuitBreaker
+from shared.db.base import (
+    HISTORY_JOBS_CHANNEL,
+    MESSAGE_JOBS_CHANNEL,
+    OUTBOUND_CHANNEL,
+    Database,
+    Subscription,
+    utc_now,
+)
+from shared.db.embedded import EmbeddedPostgres
+from shared.db.errors import DatabaseOutcomeUnknown, DatabaseRejected, DatabaseUnavailable, MigrationError
+from shared.db.migrations import MIGRATIONS_DIR, MigrationReport, apply_migrations, discover, migration_status
+from shared.db.postgres import PostgresDatabase, database_breaker
+from shared.db.records import (
+    Account,
+    AccountStatus,
+    Backend,
+    Chat,
+    ChatKind,
+    Direction,
+    Enqueued,
+    Heartbeat,
+    HistoryJob,
+    InboundMessage,
+    IngestImage,
+    IngestRecorded,
+    IngestStatus,
+    JobStatus,
+    MessageJob,
+    MessageJobKind,
+    OutboundMessage,
+    OutboundStatus,
+    RecoveredTweet,
+    RequeueResult,
+    RetryItemStatus,
+    RetryRow,
+    StatusCount,
+    StoredMessage,
+    Takeover,
+    Tweet,
+    TweetInserted,
+    TweetStatus,
+)
+from shared.db.supabase_http import SupabaseDatabase
+
+logger = logging.getLogger(__name__)
+
+#: Where the embedded server keeps its data, under DATA_DIR.
+EMBEDDED_SUBDIR = "postgres"
+
+
+class DatabaseSettings(Protocol):
+    """The settings :func:`open_database` reads (``shared.config.CommonSettings`` has them)."""
+
+    data_dir: Path
+    database_url: str | None
+    supabase_url: str | None
+    supabase_service_role_key: str | None
+    db_auto_migrate: bool
+    timeout_db: float
+
+
+async def open_database(
+    settings: DatabaseSettings,
+    *,
+    breaker: CircuitBreaker | None = None,
+    migrate: bool | None = None,
+) -> Database:
+    """Open the configured backend (see the module docstring) and log which one.
+
+    Args:
+        settings: DATABASE_URL, SUPABASE_URL/SUPABASE_SERVICE_ROLE_KEY, DATA_DIR,
+            DB_AUTO_MIGRATE and TIMEOUT_DB.
+        breaker: the breaker for calls (default: the process-wide ``database``).
+        migrate: force (True) or skip (False) migrations at start; default:
+            always for the embedded server, DB_AUTO_MIGRATE elsewhere.
+
+    Raises:
+        ValueError: SUPABASE_URL without SUPABASE_SERVICE_ROLE_KEY.
+        MigrationError: migrating at start failed (the database is closed again).
+        OperationTimeout: the embedded server did not start in time.
+    """
+    timeout = float(settings.timeout_db)
+    db: Database
+    if settings.database_url:
+        postgres = PostgresDatabase(settings.database_url, timeout=timeout, breaker=breaker)
+        await postgres.open()
+        db = postgres
+        if migrate if migrate is not None else settings.db_auto_migrate:
+            await _migrate_or_close(postgres, postgres.dsn)
+    elif settings.supabase_url:
+        key = settings.supabase_service_role_key
+        if not key:
+            raise ValueError("SUPABASE_URL is set but SUPABASE_SERVICE_ROLE_KEY is not")
+        if migrate if migrate is not None else settings.db_auto_migrate:
+            logger.warning(
+                "DB_AUTO_MIGRATE is ignored over Supabase's HTTP API: apply supabase/migrations with "
+                "`supabase db push` or `DATABASE_URL=... python -m shared.db migrate`"
+            )
+        db = await SupabaseDatabase(settings.supabase_url, key, timeout=timeout, breaker=breaker).open()
+    else:
+        embedded = EmbeddedPostgres(Path(settings.data_dir) / EMBEDDED_SUBDIR)
+        dsn = await embedded.start()
+        postgres = PostgresDatabase(
+            dsn,
+            timeout=timeout,
+            backend=Backend.EMBEDDED,
+            breaker=breaker,
+            on_close=embedded.stop,
+            details=embedded.describe(),
+        )
+        await postgres.open()
+        db = postgres
+        if migrate is None or migrate:
+            await _migrate_or_close(postgres, dsn)
+    logger.info("database backend: %s", db.backend.value, extra={"database": db.describe()})
+    return db
+
+
+async def _migrate_or_close(db: PostgresDatabase, dsn: str) -> None:
+    try:
+        report = await apply_migrations(dsn, timeout=max(60.0, db.timeout))
+    except BaseException:
+        await db.close()
+        raise
+    if report.applied:
+        logger.info("migrations applied: %s", ", ".join(report.applied))
+
+
+__all__ = [
+    "Account",
+    "AccountStatus",
+    "Backend",
+    "Chat",
+    "ChatKind",
+    "Database",
+    "DatabaseOutcomeUnknown",
+    "DatabaseRejected",
+    "DatabaseSettings",
+    "DatabaseUnavailable",
+    "Direction",
+    "EmbeddedPostgres",
+    "Enqueued",
+    "HISTORY_JOBS_CHANNEL",
+    "Heartbeat",
+    "HistoryJob",
+    "InboundMessage",
+    "IngestImage",
+    "IngestRecorded",
+    "IngestStatus",
+    "JobStatus",
+    "MESSAGE_JOBS_CHANNEL",
+    "MIGRATIONS_DIR",
+    "MessageJob",
+    "MessageJobKind",
+    "MigrationError",
+    "MigrationReport",
+    "OUTBOUND_CHANNEL",
+    "OutboundMessage",
+    "OutboundStatus",
+    "PostgresDatabase",
+    "RecoveredTweet",
+    "RequeueResult",
+    "RetryItemStatus",
+    "RetryRow",
+    "StatusCount",
+    "StoredMessage",
+    "Subscription",
+    "SupabaseDatabase",
+    "Takeover",
+    "Tweet",
+    "TweetInserted",
+    "TweetStatus",
+    "apply_migrations",
+    "database_breaker",
+    "discover",
+    "migration_status",
+    "open_database",
+    "utc_now",
+]

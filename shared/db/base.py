@@ -1,0 +1,858 @@
+"""One typed interface over the SQL functions, on a single transport primitive.
+
+:class:`Database` implements every typed method once, on top of
+``call(function, args)``: run the SQL function of that name with named
+arguments and return its rows as dicts. The transports (asyncpg in
+:mod:`shared.db.postgres`, Supabase's HTTP API in :mod:`shared.db.supabase_http`)
+only implement ``call``, wake-ups and ``close``; the SQL lives in
+``supabase/migrations``. So both backends behave the same by construction.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import enum
+import logging
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from shared.db.records import (
+    Account,
+    AccountStatus,
+    Backend,
+    Chat,
+    ChatKind,
+    Enqueued,
+    Heartbeat,
+    HistoryJob,
+    InboundMessage,
+    IngestImage,
+    IngestRecorded,
+    IngestStatus,
+    JobStatus,
+    MessageJob,
+    MessageJobKind,
+    OutboundMessage,
+    OutboundStatus,
+    RecoveredTweet,
+    RequeueResult,
+    RetryRow,
+    RetryItemStatus,
+    StatusCount,
+    StoredMessage,
+    Takeover,
+    Tweet,
+    TweetInserted,
+    TweetStatus,
+    from_row,
+    parse_datetime,
+)
+
+if TYPE_CHECKING:
+    from shared.heartbeat import HeartbeatRecord
+
+logger = logging.getLogger(__name__)
+
+#: Channels the SQL functions notify on.
+OUTBOUND_CHANNEL = "outbound"
+HISTORY_JOBS_CHANNEL = "history_jobs"
+MESSAGE_JOBS_CHANNEL = "message_jobs"
+
+#: Longest wait between two looks at the queue when notifications are not available.
+DEFAULT_POLL_INTERVAL = 1.0
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with datetimes, UUIDs, enums, tuples and dataclasses made JSON-ready."""
+    if isinstance(value, datetime):
+        return _aware(value).isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "__dataclass_fields__"):
+        return json_safe(asdict(value))
+    return value
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+
+
+def _when(value: datetime | None) -> datetime | None:
+    return None if value is None else _aware(value)
+
+
+def _value(value: Any) -> Any:
+    return value.value if isinstance(value, enum.Enum) else value
+
+
+class Subscription:
+    """Wake-ups for one consumer of one notification channel.
+
+    Use: ``sub = await db.subscribe("outbound")`` once, then in the loop
+    ``work = await claim(); if not work: await sub.wait(30)``. A notification
+    that arrives while the consumer is busy is latched, so the next
+    :meth:`wait` returns at once and nothing is missed. While notifications
+    are not available (Supabase over HTTP, a transaction pooler, the LISTEN
+    connection being down) :meth:`wait` returns after at most
+    ``poll_interval`` seconds so the caller looks again.
+    """
+
+    def __init__(self, channel: str, *, poll_interval: float, live: Callable[[], bool], on_close: Callable[[Subscription], None] | None = None) -> None:
+        self.channel = channel
+        self.poll_interval = poll_interval
+        self._live = live
+        self._on_close = on_close
+        self._event = asyncio.Event()
+        self.closed = False
+
+    @property
+    def live(self) -> bool:
+        """True while notifications are being delivered (not polling)."""
+        return self._live()
+
+    def notify(self) -> None:
+        """Latch a wake-up (called by the transport)."""
+        self._event.set()
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait for a notification.
+
+        Returns:
+            True when woken by a notification (consumed by this call); False
+            after ``timeout``, or after the poll interval while notifications
+            are unavailable. Either way the caller should look for work.
+        """
+        if self._event.is_set():
+            self._event.clear()
+            return True
+        limit = timeout if self._live() else min(timeout, self.poll_interval)
+        try:
+            await asyncio.wait_for(self._event.wait(), timeout=max(0.0, limit))
+        except TimeoutError:
+            return False
+        self._event.clear()
+        return True
+
+    def close(self) -> None:
+        """Stop receiving wake-ups."""
+        if not self.closed:
+            self.closed = True
+            if self._on_close is not None:
+                self._on_close(self)
+
+
+class Database(abc.ABC):
+    """Everything the bots keep in PostgreSQL, behind one typed interface.
+
+    Subclasses implement :meth:`call`, :meth:`subscribe`, :meth:`close` and
+    :meth:`describe`. Every method may raise
+    :class:`shared.db.DatabaseUnavailable` (transient, nothing done),
+    :class:`shared.db.DatabaseOutcomeUnknown` (connection lost mid-call),
+    :class:`shared.db.DatabaseRejected` (permanent: bad arguments),
+    :class:`shared.timeouts.OperationTimeout` (past TIMEOUT_DB) or
+    :class:`shared.breaker.CircuitOpenError` (the ``database`` breaker is open).
+    """
+
+    backend: Backend
+
+    def __init__(self, *, poll_interval: float = DEFAULT_POLL_INTERVAL) -> None:
+        self.poll_interval = poll_interval
+        self._default_subscriptions: dict[str, Subscription] = {}
+
+    # --- transport ----------------------------------------------------------
+
+    @abc.abstractmethod
+    async def call(self, function: str, args: Mapping[str, Any], *, read_only: bool = False) -> list[dict[str, Any]]:
+        """Run SQL function ``function`` with named arguments; its rows as dicts.
+
+        A function returning a single value yields ``[{function: value}]``.
+        ``read_only`` calls cannot have an unknown outcome (and may be retried
+        by the transport after a dropped connection).
+        """
+
+    @abc.abstractmethod
+    async def subscribe(self, channel: str) -> Subscription:
+        """A :class:`Subscription` to ``channel``, listening before this returns."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release connections (and stop an embedded server this object started)."""
+
+    @abc.abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """Backend, target and health for logs and /status; never a password or key."""
+
+    async def wait_for_wakeup(self, channel: str, timeout: float) -> bool:
+        """Wait on a per-channel default :class:`Subscription` (one consumer per channel).
+
+        Returns True when woken by a notification, False after ``timeout`` or a poll interval.
+        """
+        sub = self._default_subscriptions.get(channel)
+        if sub is None or sub.closed:
+            sub = await self.subscribe(channel)
+            self._default_subscriptions[channel] = sub
+        return await sub.wait(timeout)
+
+    async def _scalar(self, function: str, args: Mapping[str, Any], *, read_only: bool = False) -> Any:
+        rows = await self.call(function, args, read_only=read_only)
+        if not rows:
+            return None
+        row = rows[0]
+        return row.get(function) if function in row else next(iter(row.values()), None)
+
+    async def ping(self) -> datetime:
+        """The database's clock; raises like any call when it is unreachable."""
+        value = await self._scalar("db_ping", {}, read_only=True)
+        parsed = parse_datetime(value)
+        assert parsed is not None
+        return parsed
+
+    async def __aenter__(self) -> Database:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- accounts ---------------------------------------------------------------
+
+    async def upsert_account(
+        self,
+        label: str,
+        *,
+        phone: str | None = None,
+        session: str | None = None,
+        status: AccountStatus | None = None,
+    ) -> Account:
+        """Create an account or update it by ``label``; None keeps a stored value.
+
+        ``session`` is the already encrypted session string; it is never returned by listings.
+        """
+        rows = await self.call(
+            "account_upsert",
+            {"p_label": label, "p_phone": phone, "p_session_encrypted": session, "p_status": _value(status)},
+        )
+        return from_row(Account, rows[0])
+
+    async def list_accounts(self, *, statuses: Iterable[AccountStatus] | None = None) -> list[Account]:
+        args = {"p_statuses": None if statuses is None else [_value(s) for s in statuses]}
+        return [from_row(Account, r) for r in await self.call("account_list", args, read_only=True)]
+
+    async def get_account_session(self, account_id: int) -> str | None:
+        """The encrypted session string of an account (None when it has none)."""
+        return await self._scalar("account_get_session", {"p_account_id": account_id}, read_only=True)
+
+    async def save_account_session(self, account_id: int, session: str | None) -> bool:
+        return bool(await self._scalar("account_save_session", {"p_account_id": account_id, "p_session_encrypted": session}))
+
+    async def set_account_status(self, account_id: int, status: AccountStatus, *, last_error: str | None = None) -> bool:
+        args = {"p_account_id": account_id, "p_status": _value(status), "p_last_error": last_error}
+        return bool(await self._scalar("account_set_status", args))
+
+    async def acquire_account_lease(self, account_id: int, *, owner: str, seconds: float) -> str | None:
+        """Take the account's lease for ``seconds``.
+
+        Returns:
+            The lease token, or None while another live owner holds it. The
+            same ``owner`` asking again keeps its token and extends the lease.
+        """
+        args = {"p_account_id": account_id, "p_owner": owner, "p_lease_seconds": float(seconds)}
+        token = await self._scalar("account_lease_acquire", args)
+        return None if token is None else str(token)
+
+    async def renew_account_lease(self, account_id: int, token: str, *, seconds: float) -> bool:
+        """Extend our lease; False means it was lost (stop using the account now)."""
+        args = {"p_account_id": account_id, "p_token": token, "p_lease_seconds": float(seconds)}
+        return bool(await self._scalar("account_lease_renew", args))
+
+    async def release_account_lease(self, account_id: int, token: str) -> bool:
+        return bool(await self._scalar("account_lease_release", {"p_account_id": account_id, "p_token": token}))
+
+    # --- chats and inbound messages ------------------------------------------------
+
+    async def upsert_chat(
+        self,
+        account_id: int,
+        telegram_chat_id: int,
+        *,
+        kind: ChatKind | None = None,
+        title: str | None = None,
+        username: str | None = None,
+    ) -> Chat:
+        args = {
+            "p_account_id": account_id,
+            "p_telegram_chat_id": telegram_chat_id,
+            "p_kind": _value(kind),
+            "p_title": title,
+            "p_username": username,
+        }
+        return from_row(Chat, (await self.call("chat_upsert", args))[0])
+
+    async def get_chat(self, account_id: int, telegram_chat_id: int) -> Chat | None:
+        args = {"p_account_id": account_id, "p_telegram_chat_id": telegram_chat_id}
+        rows = await self.call("chat_get", args, read_only=True)
+        return from_row(Chat, rows[0]) if rows else None
+
+    async def recent_chats(self, account_id: int, *, since: datetime | None = None, limit: int = 100) -> list[Chat]:
+        """Chats of an account with their cursors, most recently active first."""
+        args = {"p_account_id": account_id, "p_since": _when(since), "p_limit": limit}
+        return [from_row(Chat, r) for r in await self.call("chats_recent", args, read_only=True)]
+
+    async def store_messages(
+        self, account_id: int, messages: Sequence[InboundMessage], *, advance_cursor: bool = True
+    ) -> list[StoredMessage]:
+        """Store messages once each (by account, chat, Telegram id), upsert their
+        chats and move each chat's cursor up to the greatest id stored.
+
+        Returns one :class:`StoredMessage` per input, in order.
+        """
+        if not messages:
+            return []
+        payload = [
+            {
+                "chat_id": m.chat_id,
+                "telegram_message_id": m.telegram_message_id,
+                "direction": _value(m.direction),
+                "sender_id": m.sender_id,
+                "text": m.text,
+                "attachments": json_safe(list(m.attachments)),
+                "reply_to": m.reply_to,
+                "sent_at": json_safe(m.sent_at),
+                "chat_kind": _value(m.chat_kind),
+                "chat_title": m.chat_title,
+                "chat_username": m.chat_username,
+            }
+            for m in messages
+        ]
+        args = {"p_account_id": account_id, "p_messages": payload, "p_advance_cursor": advance_cursor}
+        return [from_row(StoredMessage, r) for r in await self.call("messages_store", args)]
+
+    async def store_message(self, account_id: int, message: InboundMessage, *, advance_cursor: bool = True) -> bool:
+        """Store one message; True when it was new."""
+        stored = await self.store_messages(account_id, [message], advance_cursor=advance_cursor)
+        return stored[0].inserted
+
+    # --- outbound queue ---------------------------------------------------------------
+
+    async def enqueue_outbound(
+        self,
+        account_id: int,
+        peer: str | int,
+        text: str | None = None,
+        *,
+        attachments: Sequence[Any] = (),
+        reply_to: int | None = None,
+        chat_id: int | None = None,
+        dedupe_key: str | None = None,
+        send_at: datetime | None = None,
+    ) -> Enqueued:
+        """Queue a message and wake the claimers (NOTIFY ``outbound``).
+
+        Args:
+            peer: the recipient as the user gave it (username, phone or
+                numeric id); rows of one (account, peer) go out in order.
+            attachments: storage keys or paths (JSON values).
+            chat_id: the resolved Telegram chat id, when known.
+            dedupe_key: makes a repeated enqueue return the first row instead
+                of queueing a duplicate (use it when the caller may retry).
+            send_at: not before this time.
+
+        Raises:
+            DatabaseRejected: no peer, or neither text nor attachments.
+        """
+        args = {
+            "p_account_id": account_id,
+            "p_peer": str(peer),
+            "p_text": text,
+            "p_attachments": json_safe(list(attachments)),
+            "p_reply_to": reply_to,
+            "p_chat_id": chat_id,
+            "p_dedupe_key": dedupe_key,
+            "p_send_at": _when(send_at),
+        }
+        return from_row(Enqueued, (await self.call("outbound_enqueue", args))[0])
+
+    async def claim_outbound(
+        self,
+        account_ids: Sequence[int],
+        *,
+        owner: str,
+        limit: int = 50,
+        lease_seconds: float = 60.0,
+        per_chat_limit: int = 10,
+        max_retries: int = 5,
+    ) -> list[OutboundMessage]:
+        """Claim due rows of these accounts (see ``outbound_claim`` in the migrations).
+
+        Rows come back in (account, peer, id) order, all with one fresh lease
+        token; within a chat they are consecutive from its oldest unfinished
+        row. Rows whose lease expired are claimed again (their ``attempts``
+        shows it; ``random_id`` is unchanged).
+        """
+        if not account_ids:
+            return []
+        args = {
+            "p_account_ids": list(account_ids),
+            "p_owner": owner,
+            "p_limit": limit,
+            "p_lease_seconds": float(lease_seconds),
+            "p_per_chat_limit": per_chat_limit,
+            "p_max_retries": max_retries,
+        }
+        return [from_row(OutboundMessage, r) for r in await self.call("outbound_claim", args)]
+
+    async def mark_sent(self, message_id: int, token: str, *, telegram_message_id: int, chat_id: int | None = None) -> bool:
+        """Record a send. False when the lease was lost to another claimer (do not report it as ours)."""
+        args = {
+            "p_id": message_id,
+            "p_token": token,
+            "p_telegram_message_id": telegram_message_id,
+            "p_chat_id": chat_id,
+        }
+        return bool(await self._scalar("outbound_mark_sent", args))
+
+    async def mark_failed(
+        self,
+        message_id: int,
+        token: str,
+        error: str,
+        *,
+        permanent: bool,
+        retry_at: datetime | None = None,
+        max_retries: int = 5,
+        base_delay: float = 60.0,
+        max_delay: float = 3600.0,
+    ) -> OutboundStatus | None:
+        """Record a failed attempt.
+
+        Returns:
+            FAILED for a permanent error; QUEUED with the next attempt at
+            ``retry_at`` or after ``base_delay * 2**(attempts-1)`` (capped);
+            DEAD once ``max_retries`` retries are used up; None when the
+            lease was lost.
+        """
+        args = {
+            "p_id": message_id,
+            "p_token": token,
+            "p_error": error,
+            "p_permanent": permanent,
+            "p_retry_at": _when(retry_at),
+            "p_max_retries": max_retries,
+            "p_base_delay": float(base_delay),
+            "p_max_delay": float(max_delay),
+        }
+        status = await self._scalar("outbound_mark_failed", args)
+        return None if status is None else OutboundStatus(status)
+
+    async def mark_dead(self, message_id: int, token: str, error: str) -> bool:
+        args = {"p_id": message_id, "p_token": token, "p_error": error}
+        return bool(await self._scalar("outbound_mark_dead", args))
+
+    async def release_outbound(self, message_ids: Sequence[int], token: str) -> int:
+        """Put claimed rows back without counting the attempt; how many went back."""
+        if not message_ids:
+            return 0
+        return int(await self._scalar("outbound_release", {"p_ids": list(message_ids), "p_token": token}) or 0)
+
+    async def reschedule_outbound(self, message_id: int, token: str, *, at: datetime, reason: str | None = None) -> bool:
+        """Back to the queue until ``at`` without counting the attempt (a flood wait)."""
+        args = {"p_id": message_id, "p_token": token, "p_at": _aware(at), "p_reason": reason}
+        return bool(await self._scalar("outbound_reschedule", args))
+
+    async def requeue_expired_outbound(self, *, max_retries: int = 5) -> RequeueResult:
+        """Take back rows whose worker died while sending (a sweeper; claims do it too)."""
+        rows = await self.call("outbound_requeue_expired", {"p_max_retries": max_retries})
+        return from_row(RequeueResult, rows[0])
+
+    async def take_over_account(self, account_id: int, *, owner: str) -> Takeover:
+        """Take back the work another holder of this account had in hand (call it
+        right after acquiring the account's lease): its sending outbound rows and
+        running jobs go back to the queue at once.
+
+        Safe because the lease says nobody else works for the account now; rows
+        keep their ``random_id`` and lose their lease token, so the old
+        holder's late marks are refused.
+        """
+        rows = await self.call("account_takeover", {"p_account_id": account_id, "p_owner": owner})
+        return from_row(Takeover, rows[0])
+
+    async def get_outbound(self, message_id: int) -> OutboundMessage | None:
+        rows = await self.call("outbound_get", {"p_id": message_id}, read_only=True)
+        return from_row(OutboundMessage, rows[0]) if rows else None
+
+    async def outbound_counts(self, account_id: int | None = None) -> list[StatusCount]:
+        """Outbound rows per account and status (for /status)."""
+        rows = await self.call("outbound_counts", {"p_account_id": account_id}, read_only=True)
+        return [from_row(StatusCount, r) for r in rows]
+
+    async def queue_depth(self, account_id: int) -> int:
+        """Rows of an account still to send (queued or being sent)."""
+        counts = await self.outbound_counts(account_id)
+        return sum(c.count for c in counts if c.status in (OutboundStatus.QUEUED, OutboundStatus.SENDING))
+
+    # --- heartbeats -----------------------------------------------------------------------
+
+    async def write_heartbeat(self, record: HeartbeatRecord) -> None:
+        """Upsert a worker's heartbeat (the ``shared.heartbeat.HeartbeatStore`` protocol)."""
+        args = {
+            "p_worker_id": record.worker_id,
+            "p_status": record.status,
+            "p_loops": json_safe(record.loops),
+            "p_version": record.version,
+            "p_host": record.host,
+            "p_pid": record.pid,
+        }
+        await self.call("worker_heartbeat_upsert", args)
+
+    async def list_heartbeats(self) -> list[Heartbeat]:
+        return [from_row(Heartbeat, r) for r in await self.call("worker_heartbeats_list", {}, read_only=True)]
+
+    # --- history sync jobs -------------------------------------------------------------------
+
+    async def create_history_job(
+        self, account_id: int, chat_id: int, *, target_count: int | None = None, run_at: datetime | None = None
+    ) -> HistoryJob:
+        """Ask for a chat's history; while one is open for the chat, that one is returned."""
+        args = {"p_account_id": account_id, "p_chat_id": chat_id, "p_target_count": target_count, "p_run_at": _when(run_at)}
+        return from_row(HistoryJob, (await self.call("history_job_create", args))[0])
+
+    async def claim_history_jobs(
+        self, account_ids: Sequence[int], *, owner: str, limit: int = 1, lease_seconds: float = 300.0, max_retries: int = 5
+    ) -> list[HistoryJob]:
+        if not account_ids:
+            return []
+        args = {
+            "p_account_ids": list(account_ids),
+            "p_owner": owner,
+            "p_limit": limit,
+            "p_lease_seconds": float(lease_seconds),
+            "p_max_retries": max_retries,
+        }
+        return [from_row(HistoryJob, r) for r in await self.call("history_job_claim", args)]
+
+    async def save_history_cursor(
+        self,
+        job_id: int,
+        token: str,
+        *,
+        cursor: int,
+        fetched: int = 0,
+        stored: int = 0,
+        lease_seconds: float = 300.0,
+    ) -> bool:
+        """Save a page's progress and extend the lease; False when the lease was lost."""
+        args = {
+            "p_id": job_id,
+            "p_token": token,
+            "p_cursor": cursor,
+            "p_fetched_delta": fetched,
+            "p_stored_delta": stored,
+            "p_lease_seconds": float(lease_seconds),
+        }
+        return bool(await self._scalar("history_job_save_cursor", args))
+
+    async def complete_history_job(self, job_id: int, token: str) -> bool:
+        return bool(await self._scalar("history_job_complete", {"p_id": job_id, "p_token": token}))
+
+    async def fail_history_job(
+        self,
+        job_id: int,
+        token: str,
+        error: str,
+        *,
+        permanent: bool,
+        retry_at: datetime | None = None,
+        max_retries: int = 5,
+        base_delay: float = 60.0,
+        max_delay: float = 3600.0,
+    ) -> JobStatus | None:
+        args = _fail_args(job_id, token, error, permanent, retry_at, max_retries, base_delay, max_delay)
+        status = await self._scalar("history_job_fail", args)
+        return None if status is None else JobStatus(status)
+
+    async def release_history_job(self, job_id: int, token: str) -> bool:
+        return bool(await self._scalar("history_job_release", {"p_id": job_id, "p_token": token}))
+
+    async def get_history_job(self, job_id: int) -> HistoryJob | None:
+        rows = await self.call("history_job_get", {"p_id": job_id}, read_only=True)
+        return from_row(HistoryJob, rows[0]) if rows else None
+
+    # --- message jobs ----------------------------------------------------------------------
+
+    async def create_message_job(
+        self,
+        account_id: int,
+        kind: MessageJobKind,
+        payload: Mapping[str, Any],
+        *,
+        run_at: datetime | None = None,
+        dedupe_key: str | None = None,
+    ) -> MessageJob:
+        """Schedule work; a repeated ``dedupe_key`` returns the first job."""
+        args = {
+            "p_account_id": account_id,
+            "p_kind": _value(kind),
+            "p_payload": json_safe(dict(payload)),
+            "p_run_at": _when(run_at),
+            "p_dedupe_key": dedupe_key,
+        }
+        return from_row(MessageJob, (await self.call("message_job_create", args))[0])
+
+    async def claim_message_jobs(
+        self, account_ids: Sequence[int], *, owner: str, limit: int = 10, lease_seconds: float = 120.0, max_retries: int = 5
+    ) -> list[MessageJob]:
+        if not account_ids:
+            return []
+        args = {
+            "p_account_ids": list(account_ids),
+            "p_owner": owner,
+            "p_limit": limit,
+            "p_lease_seconds": float(lease_seconds),
+            "p_max_retries": max_retries,
+        }
+        return [from_row(MessageJob, r) for r in await self.call("message_job_claim", args)]
+
+    async def complete_message_job(self, job_id: int, token: str, *, result: Any = None) -> bool:
+        args = {"p_id": job_id, "p_token": token, "p_result": json_safe(result)}
+        return bool(await self._scalar("message_job_complete", args))
+
+    async def fail_message_job(
+        self,
+        job_id: int,
+        token: str,
+        error: str,
+        *,
+        permanent: bool,
+        retry_at: datetime | None = None,
+        max_retries: int = 5,
+        base_delay: float = 60.0,
+        max_delay: float = 3600.0,
+    ) -> JobStatus | None:
+        args = _fail_args(job_id, token, error, permanent, retry_at, max_retries, base_delay, max_delay)
+        status = await self._scalar("message_job_fail", args)
+        return None if status is None else JobStatus(status)
+
+    async def release_message_jobs(self, job_ids: Sequence[int], token: str) -> int:
+        if not job_ids:
+            return 0
+        return int(await self._scalar("message_job_release", {"p_ids": list(job_ids), "p_token": token}) or 0)
+
+    async def get_message_job(self, job_id: int) -> MessageJob | None:
+        rows = await self.call("message_job_get", {"p_id": job_id}, read_only=True)
+        return from_row(MessageJob, rows[0]) if rows else None
+
+    # --- retry queue rows (see shared.db.retry_store for the RetryStore protocol) ------------
+
+    async def upsert_retry_item(
+        self,
+        bot: str,
+        *,
+        item_id: str,
+        kind: str,
+        payload: Mapping[str, Any],
+        attempts: int,
+        next_attempt_at: datetime,
+        last_error: str | None,
+        created_at: datetime | None = None,
+    ) -> RetryItemStatus:
+        args = {
+            "p_bot": bot,
+            "p_id": item_id,
+            "p_kind": kind,
+            "p_payload": json_safe(dict(payload)),
+            "p_attempts": attempts,
+            "p_next_attempt_at": _aware(next_attempt_at),
+            "p_last_error": last_error,
+            "p_created_at": _when(created_at),
+        }
+        return RetryItemStatus(await self._scalar("retry_item_upsert", args))
+
+    async def exhaust_retry_item(
+        self,
+        bot: str,
+        *,
+        item_id: str,
+        kind: str,
+        payload: Mapping[str, Any],
+        attempts: int,
+        last_error: str | None,
+        created_at: datetime | None = None,
+    ) -> None:
+        args = {
+            "p_bot": bot,
+            "p_id": item_id,
+            "p_kind": kind,
+            "p_payload": json_safe(dict(payload)),
+            "p_attempts": attempts,
+            "p_last_error": last_error,
+            "p_created_at": _when(created_at),
+        }
+        await self.call("retry_item_exhaust", args)
+
+    async def remove_retry_item(self, bot: str, item_id: str) -> bool:
+        return bool(await self._scalar("retry_item_remove", {"p_bot": bot, "p_id": item_id}))
+
+    async def pending_retry_items(self, bot: str, *, limit: int = 100) -> list[RetryRow]:
+        rows = await self.call("retry_items_pending", {"p_bot": bot, "p_limit": limit}, read_only=True)
+        return [from_row(RetryRow, r) for r in rows]
+
+    async def exhausted_retry_items(self, bot: str, *, limit: int = 100) -> list[RetryRow]:
+        rows = await self.call("retry_items_exhausted", {"p_bot": bot, "p_limit": limit}, read_only=True)
+        return [from_row(RetryRow, r) for r in rows]
+
+    async def count_retry_items(self, bot: str, statuses: Iterable[RetryItemStatus]) -> int:
+        args = {"p_bot": bot, "p_statuses": [_value(s) for s in statuses]}
+        return int(await self._scalar("retry_items_count", args, read_only=True) or 0)
+
+    # --- ingest ----------------------------------------------------------------------------
+
+    async def record_ingest_image(
+        self,
+        channel_id: int,
+        message_id: int,
+        *,
+        status: IngestStatus = IngestStatus.STORED,
+        storage_key: str | None = None,
+        sha256: str | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        size_bytes: int | None = None,
+        mime: str | None = None,
+        error: str | None = None,
+    ) -> IngestRecorded:
+        """Record an image once per (channel, message); a pending or failed record
+        may be replaced, a stored or skipped one is final (``applied`` False)."""
+        args = {
+            "p_channel_id": channel_id,
+            "p_message_id": message_id,
+            "p_status": _value(status),
+            "p_storage_key": storage_key,
+            "p_sha256": sha256,
+            "p_width": width,
+            "p_height": height,
+            "p_bytes": size_bytes,
+            "p_mime": mime,
+            "p_error": error,
+        }
+        row = (await self.call("ingest_image_record", args))[0]
+        return IngestRecorded(applied=bool(row["applied"]), image=from_row(IngestImage, row))
+
+    async def get_ingest_image(self, channel_id: int, message_id: int) -> IngestImage | None:
+        rows = await self.call("ingest_image_get", {"p_channel_id": channel_id, "p_message_id": message_id}, read_only=True)
+        return from_row(IngestImage, rows[0]) if rows else None
+
+    async def ingest_images_by_sha256(self, sha256: str) -> list[IngestImage]:
+        rows = await self.call("ingest_images_by_sha256", {"p_sha256": sha256}, read_only=True)
+        return [from_row(IngestImage, r) for r in rows]
+
+    async def get_ingest_cursor(self, channel_id: int) -> int:
+        return int(await self._scalar("ingest_cursor_get", {"p_channel_id": channel_id}, read_only=True) or 0)
+
+    async def advance_ingest_cursor(self, channel_id: int, message_id: int) -> int:
+        """Move the channel's cursor forward (never back); the cursor after the call."""
+        args = {"p_channel_id": channel_id, "p_message_id": message_id}
+        return int(await self._scalar("ingest_cursor_advance", args))
+
+    # --- Reply Guy tweets -------------------------------------------------------------------
+
+    async def insert_tweet(self, target_tweet_id: str, *, author: str | None = None, text: str | None = None) -> TweetInserted:
+        """Queue a discovered tweet once per target tweet id."""
+        args = {"p_target_tweet_id": target_tweet_id, "p_author": author, "p_tweet_text": text}
+        row = (await self.call("tweet_insert", args))[0]
+        return TweetInserted(created=bool(row["created"]), tweet=from_row(Tweet, row))
+
+    async def tweet_transition(
+        self,
+        tweet_id: str,
+        from_statuses: Iterable[TweetStatus],
+        to_status: TweetStatus,
+        *,
+        draft: str | None = None,
+        approval_message_id: int | None = None,
+        posted_tweet_id: str | None = None,
+        last_error: str | None = None,
+    ) -> bool:
+        """Move a tweet from one of ``from_statuses`` to ``to_status`` (setting the
+        given fields); False when it was elsewhere (someone moved it first)."""
+        fields = {
+            key: value
+            for key, value in (
+                ("draft", draft),
+                ("approval_message_id", approval_message_id),
+                ("posted_tweet_id", posted_tweet_id),
+                ("last_error", last_error),
+            )
+            if value is not None
+        }
+        args = {
+            "p_id": str(tweet_id),
+            "p_from": [_value(s) for s in from_statuses],
+            "p_to": _value(to_status),
+            "p_fields": fields,
+        }
+        return bool(await self._scalar("tweet_transition", args))
+
+    async def get_tweet(self, tweet_id: str) -> Tweet | None:
+        rows = await self.call("tweet_get", {"p_id": str(tweet_id)}, read_only=True)
+        return from_row(Tweet, rows[0]) if rows else None
+
+    async def list_tweets(self, *, statuses: Iterable[TweetStatus] | None = None, limit: int = 100) -> list[Tweet]:
+        args = {"p_statuses": None if statuses is None else [_value(s) for s in statuses], "p_limit": limit}
+        return [from_row(Tweet, r) for r in await self.call("tweets_list", args, read_only=True)]
+
+    async def tweet_counts(self) -> dict[TweetStatus, int]:
+        rows = await self.call("tweet_counts", {}, read_only=True)
+        return {TweetStatus(r["status"]): int(r["count"]) for r in rows}
+
+    async def recover_stale_tweets(self, *, minutes: float = 30.0, max_attempts: int = 5) -> list[RecoveredTweet]:
+        """Seed 001's crash recovery: tweets stuck in failed or posting longer than
+        ``minutes`` go back to approved while they have attempts left."""
+        rows = await self.call("tweet_recover_stale", {"p_minutes": float(minutes), "p_max_attempts": max_attempts})
+        return [from_row(RecoveredTweet, r) for r in rows]
+
+
+def _fail_args(
+    job_id: int,
+    token: str,
+    error: str,
+    permanent: bool,
+    retry_at: datetime | None,
+    max_retries: int,
+    base_delay: float,
+    max_delay: float,
+) -> dict[str, Any]:
+    return {
+        "p_id": job_id,
+        "p_token": token,
+        "p_error": error,
+        "p_permanent": permanent,
+        "p_retry_at": _when(retry_at),
+        "p_max_retries": max_retries,
+        "p_base_delay": float(base_delay),
+        "p_max_delay": float(max_delay),
+    }
+
+
+def utc_now() -> datetime:
+    """Now, aware and in UTC (for callers building ``retry_at`` / ``send_at``)."""
+    return datetime.now(timezone.utc)
+
+
+__all__ = [
+    "Database",
+    "Subscription",
+    "OUTBOUND_CHANNEL",
+    "HISTORY_JOBS_CHANNEL",
+    "MESSAGE_JOBS_CHANNEL",
+    "json_safe",
+    "utc_now",
+]

@@ -1,0 +1,73 @@
+"""Accounts, their leases (one live process per Telegram session) and worker heartbeats, on every backend."""
+
+from __future__ import annotations
+
+from shared.db import AccountStatus, Database
+from shared.heartbeat import HeartbeatRecord
+from tests.shared.db.polling import eventually
+
+
+async def test_one_account_is_held_by_one_live_process(backend_db: Database) -> None:
+    account = (await backend_db.upsert_account("main", phone="+15550001", session="enc:abc")).id
+    token = await backend_db.acquire_account_lease(account, owner="process-a", seconds=60)
+    assert token is not None
+    assert await backend_db.acquire_account_lease(account, owner="process-b", seconds=60) is None
+    assert await backend_db.renew_account_lease(account, token, seconds=60)
+    # The same process asking again keeps its token (its renewals keep working).
+    assert await backend_db.acquire_account_lease(account, owner="process-a", seconds=60) == token
+
+
+async def test_lapsed_lease_lets_another_process_take_over_and_the_old_holder_learns_on_renewal(backend_db: Database) -> None:
+    account = (await backend_db.upsert_account("main")).id
+    old = await backend_db.acquire_account_lease(account, owner="old-deploy", seconds=0.05)
+    assert old is not None
+    new = await eventually(lambda: backend_db.acquire_account_lease(account, owner="new-deploy", seconds=60))
+    assert new != old
+    assert await backend_db.renew_account_lease(account, old, seconds=60) is False
+    assert await backend_db.release_account_lease(account, old) is False, "a lost lease cannot release the new holder's"
+    assert await backend_db.renew_account_lease(account, new, seconds=60) is True
+
+
+async def test_released_lease_is_free_for_the_next_process_at_once(backend_db: Database) -> None:
+    account = (await backend_db.upsert_account("main")).id
+    token = await backend_db.acquire_account_lease(account, owner="old", seconds=600)
+    assert token is not None
+    assert await backend_db.release_account_lease(account, token)
+    assert await backend_db.acquire_account_lease(account, owner="new", seconds=600) is not None
+
+
+async def test_listings_never_carry_the_session_which_is_read_by_id(backend_db: Database) -> None:
+    created = await backend_db.upsert_account("main", phone="+15550001", session="enc:first")
+    assert created.has_session and created.status is AccountStatus.NEEDS_LOGIN
+    updated = await backend_db.upsert_account("main", status=AccountStatus.ACTIVE)
+    assert updated.id == created.id and updated.phone == "+15550001", "None keeps the stored value"
+    assert await backend_db.get_account_session(created.id) == "enc:first"
+    assert await backend_db.save_account_session(created.id, "enc:second")
+    assert await backend_db.get_account_session(created.id) == "enc:second"
+    listed = await backend_db.list_accounts()
+    assert [a.label for a in listed] == ["main"]
+    assert not hasattr(listed[0], "session")
+    assert await backend_db.list_accounts(statuses=[AccountStatus.DISABLED]) == []
+
+
+async def test_account_status_keeps_the_last_error(backend_db: Database) -> None:
+    account = (await backend_db.upsert_account("main", status=AccountStatus.ACTIVE)).id
+    assert await backend_db.set_account_status(account, AccountStatus.NEEDS_LOGIN, last_error="AuthKeyUnregisteredError")
+    (listed,) = await backend_db.list_accounts(statuses=[AccountStatus.NEEDS_LOGIN])
+    assert listed.last_error == "AuthKeyUnregisteredError"
+    assert await backend_db.set_account_status(10_000, AccountStatus.DISABLED) is False
+
+
+async def test_heartbeat_keeps_one_row_per_worker_with_its_loops(backend_db: Database) -> None:
+    first = HeartbeatRecord(worker_id="telegram-main", status="online", loops={"outbound": {"alive": True}}, version="1.0", host="h1", pid=10)
+    await backend_db.write_heartbeat(first)
+    (row,) = await backend_db.list_heartbeats()
+    second = HeartbeatRecord(worker_id="telegram-main", status="degraded", loops={"outbound": {"alive": False}}, version="1.0", host="h1", pid=10)
+    await backend_db.write_heartbeat(second)
+    (again,) = await backend_db.list_heartbeats()
+    assert again.status == "degraded" and again.loops == {"outbound": {"alive": False}}
+    assert again.last_heartbeat_at >= row.last_heartbeat_at
+    assert again.started_at == row.started_at, "same process: start time kept"
+    await backend_db.write_heartbeat(HeartbeatRecord(worker_id="telegram-main", status="online", loops={}, version="1.1", host="h2", pid=11))
+    (restarted,) = await backend_db.list_heartbeats()
+    assert restarted.started_at > row.started_at and restarted.pid == 11
