@@ -391,3 +391,43 @@ async def test_the_cli_sends_lists_and_logs_in_without_showing_secrets(tmp_path:
     finally:
         await conn.close()
     assert stored and stored.startswith("gAAAA"), "the session is stored as a Fernet token"
+
+
+async def test_rotate_key_re_encrypts_every_session_and_an_interrupted_run_loses_nothing(
+    tmp_path: Path, database_url: str
+) -> None:
+    import os
+    import sys
+
+    from shared.sessions import SessionCipher, generate_key
+
+    root = Path(__file__).resolve().parent.parent
+    old, new = generate_key(), generate_key()
+    base = {**os.environ, "DATABASE_URL": database_url, "SANDBOX_DIR": str(tmp_path / "sb"), "DATA_DIR": str(tmp_path / "d")}
+
+    async def cli(key: str, *args: str) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "worker.py", *args, cwd=root, env={**base, "SESSION_ENCRYPTION_KEY": key},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        return proc.returncode or 0, out.decode() + err.decode()
+
+    code, out = await cli(old, "send", "--account", "demo_one", "--to", "alice", "seeds the accounts")
+    assert code == 0, out
+    conn = await asyncpg.connect(database_url)
+    try:
+        # A first rotation that was interrupted after one account:
+        label, token = (await conn.fetch("select label, session_encrypted from telegram_accounts order by id limit 1"))[0]
+        both = SessionCipher(f"{new},{old}")
+        await conn.execute("update telegram_accounts set session_encrypted = $1 where label = $2", both.rotate(token), label)
+        code, out = await cli(f"{new},{old}", "rotate-key")
+        assert code == 0, out
+        assert "1 session(s) re-encrypted" in out
+        sessions = [r["session_encrypted"] for r in await conn.fetch("select session_encrypted from telegram_accounts")]
+    finally:
+        await conn.close()
+    only_new = SessionCipher(new)
+    assert len(sessions) == 2 and all(only_new.decrypt(s) for s in sessions)
+    code, out = await cli(old, "rotate-key")
+    assert code == 2 and "NEW_KEY,OLD_KEY" in out
