@@ -44,7 +44,9 @@ ensure_env() {
     want=$(cat requirements*.txt | "$PY" -c 'import hashlib,sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())')
     if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
         echo "start.sh: installing $reqs into .venv" >&2
-        "$PY" -m pip install --quiet --disable-pip-version-check -r "$reqs" || die "pip could not install $reqs"
+        # (pip configs with missing local index folders print a line per package: not ours to show)
+        "$PY" -m pip install --quiet --disable-pip-version-check -r "$reqs" \
+            2> >(grep -v "is ignored: it is neither a file nor a directory" >&2) || die "pip could not install $reqs"
         echo "$want" > "$stamp"
     fi
 }
