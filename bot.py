@@ -1,7 +1,1035 @@
-"""bot.py is not built yet (issue 8). It exits with code 2 so nothing mistakes it for a running bot."""
+"""bot.py: the Reply Guy. Finds tweets, drafts replies, asks a human, posts once.
 
+``BOT=bot ./start.sh`` runs it. The story, top to bottom:
+
+1. settings: what this run talks to (X, the AI API, the Telegram bot), or
+   local stand-ins of all three when no credentials are set;
+2. the bot (:class:`ReplyGuy`), one loop per step, each watched by the
+   watchdog and beating under the heartbeat id ``reply-guy``:
+
+   * **discover**: X recent search for REPLY_KEYWORDS and the recent tweets
+     of REPLY_TARGET_ACCOUNTS, from persisted ``since_id`` cursors; each tweet
+     is stored once in ``tweet_queue``;
+   * **draft**: a reply from the AI API that fits X's 280 weighted
+     characters (regenerated, then cut at a word boundary);
+   * **approve**: the draft goes to the operators' Telegram chat with
+     Approve / Reject / Regenerate buttons (or an answer with new text);
+   * **post**: approved replies go out through ``POST /2/tweets`` after a
+     random delay and within the daily cap, exactly once (below);
+   * **dlq**: failed drafts and posts are retried from ``retry_items`` (at
+     most MAX_MESSAGE_RETRIES attempts, then they stay as dead letters and
+     the operator is told once);
+
+3. crash recovery at start, ``health_check_all()`` and the status sections;
+4. wiring and ``main()``: ``python bot.py`` runs it, ``python bot.py health``
+   asks the running bot how it is (exit 0 healthy, 1 degraded, 2 error).
+
+Exactly-once posting, in short: the intent is recorded (status ``posting``,
+``attempts + 1``) *before* the POST; a tweet that ever had an intent
+(``attempts > 0``) is never posted again before our own timeline has been
+searched for a reply to it. See :meth:`ReplyGuy.post_one`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import enum
+import json
+import logging
+import random
 import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from telethon import TelegramClient
+from telethon.sessions import StringSession
+
+from shared.alerts import AlertType
+from shared.breaker import BreakerRegistry, CircuitBreaker, CircuitOpenError, CircuitState
+from shared.breaker import registry as breaker_registry
+from shared.config import BY_NAME, ReplyGuySettings, load_or_exit
+from shared.db import Database, Tweet, TweetStatus, open_database
+from shared.db.retry_store import DbRetryStore
+from shared.errors import ErrorKind, classify, describe
+from shared.retry_queue import JsonlRetryStore, RetryItem, RetryQueue
+from shared.runtime import BotRuntime, configure_logging
+from shared.timeouts import db_op
+
+from replyguy.ai import AIClient, Drafter, load_prompt
+from replyguy.approval import ApprovalDesk, Decision
+from replyguy.health import Health, overall
+from replyguy.http import RetryPolicy
+from replyguy.local_ai import SANDBOX_AI_KEY, SANDBOX_AI_MODEL, LocalAI
+from replyguy.local_x import SANDBOX_KEYWORDS, SANDBOX_TARGET_ACCOUNTS, SANDBOX_X_CREDENTIALS, LocalX
+from replyguy.state import LocalState
+from replyguy.xapi import DuplicateContentError, XClient, XCredentials
+
+logger = logging.getLogger("bot")
+
+# --- 1. settings -------------------------------------------------------------------------
+
+BOT = "bot"
+HEARTBEAT_ID = "reply-guy"
+
+BREAKERS: dict[str, dict[str, Any]] = {
+    "twitter_api": {"failure_threshold": 5, "recovery_timeout": 120.0, "half_open_max_calls": 3, "success_threshold": 3},
+    "ai_service": {"failure_threshold": 3, "recovery_timeout": 60.0, "half_open_max_calls": 2, "success_threshold": 2},
+    "database": {"failure_threshold": 3, "recovery_timeout": 30.0, "half_open_max_calls": 2, "success_threshold": 2},
+}
+"""The seed's breakers: failures in a row that open it, seconds it stays open, and the
+trial calls admitted when half-open, all of which must succeed to close it again."""
+
+STALE_MINUTES = 30.0
+"""Crash recovery: tweets stuck this long in ``failed`` or ``posting`` are put back."""
+
+MAX_POST_ATTEMPTS = 5
+"""Recorded posting intents after which recovery leaves a tweet alone."""
+
+SETTLE_MARGIN = 5.0
+"""Seconds, on top of TIMEOUT_HTTP, after which a ``posting`` intent cannot still be in flight."""
+
+MULTIPLE_FAILURES_AFTER = 3
+"""Consecutive failures of one step that raise a ``multiple_failures`` alert."""
+
+DEFAULT_X_API_BASE = BY_NAME["X_API_BASE"].default
+DEFAULT_AI_BASE_URL = BY_NAME["AI_BASE_URL"].default
+
+
+class Stage(str, enum.Enum):
+    """Steps whose failures go to the dead-letter queue (``retry_items.kind``)."""
+
+    DRAFT = "draft"
+    POST = "post"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What this run talks to, resolved from the settings.
+
+    ``x_base`` / ``ai_base`` None means "start the local stand-in";
+    ``operator_chat`` None and empty ``operator_ids`` mean "the sandbox's
+    demo operator chat and operator".
+    """
+
+    sandbox: bool
+    x_base: str | None
+    x_credentials: XCredentials
+    ai_base: str | None
+    ai_key: str
+    ai_model: str
+    keywords: tuple[str, ...]
+    accounts: tuple[str, ...]
+    operator_chat: str | None
+    operator_ids: tuple[int, ...]
+    bot_token: str | None
+    telegram_api_id: int | None
+    telegram_api_hash: str | None
+
+
+def plan_for(settings: ReplyGuySettings) -> Plan:
+    """Resolve the settings into a :class:`Plan`: local stand-ins, or the real services.
+
+    Outside sandbox mode every credential is present: ``ReplyGuySettings.validate``
+    checked them, TELEGRAM_API_ID/HASH included (MTProto needs them for bots too).
+    """
+    if settings.sandbox:
+        return Plan(
+            sandbox=True,
+            x_base=None if settings.x_api_base == DEFAULT_X_API_BASE else settings.x_api_base,
+            x_credentials=SANDBOX_X_CREDENTIALS,
+            ai_base=None if settings.ai_base_url == DEFAULT_AI_BASE_URL else settings.ai_base_url,
+            ai_key=SANDBOX_AI_KEY,
+            ai_model=settings.ai_model if settings.ai_base_url != DEFAULT_AI_BASE_URL else SANDBOX_AI_MODEL,
+            keywords=settings.reply_keywords or (() if settings.reply_target_accounts else SANDBOX_KEYWORDS),
+            accounts=settings.reply_target_accounts or (() if settings.reply_keywords else SANDBOX_TARGET_ACCOUNTS),
+            operator_chat=settings.operator_chat_id,
+            operator_ids=settings.operator_ids or (),
+            bot_token=None,
+            telegram_api_id=None,
+            telegram_api_hash=None,
+        )
+    assert settings.x_bearer_token and settings.x_consumer_key and settings.x_consumer_secret
+    assert settings.x_access_token and settings.x_access_token_secret and settings.ai_api_key
+    return Plan(
+        sandbox=False,
+        x_base=settings.x_api_base,
+        x_credentials=XCredentials(
+            bearer_token=settings.x_bearer_token,
+            consumer_key=settings.x_consumer_key,
+            consumer_secret=settings.x_consumer_secret,
+            access_token=settings.x_access_token,
+            access_token_secret=settings.x_access_token_secret,
+            user_id=settings.x_user_id,
+        ),
+        ai_base=settings.ai_base_url,
+        ai_key=settings.ai_api_key,
+        ai_model=settings.ai_model,
+        keywords=settings.reply_keywords or (),
+        accounts=settings.reply_target_accounts or (),
+        operator_chat=settings.operator_chat_id,
+        operator_ids=settings.operator_ids or (),
+        bot_token=settings.telegram_bot_token,
+        telegram_api_id=settings.telegram_api_id,
+        telegram_api_hash=settings.telegram_api_hash,
+    )
+
+
+def configure_breakers(registry: BreakerRegistry = breaker_registry, **kwargs: Any) -> dict[str, CircuitBreaker]:
+    """The three breakers, as the seed configures them (``kwargs``: e.g. a test clock).
+
+    The ``database`` breaker must exist before ``open_database`` (which takes
+    the process-wide one), or the data layer's defaults would win.
+    """
+    return {name: registry.get_or_create(name, **options, **kwargs) for name, options in BREAKERS.items()}
+
+
+def search_query(keywords: Sequence[str]) -> str:
+    """X search syntax for "any of these", without retweets and replies."""
+    terms = [f'"{k}"' if " " in k else k for k in keywords]
+    joined = " OR ".join(terms)
+    return f"({joined}) -is:retweet -is:reply" if len(terms) > 1 else f"{joined} -is:retweet -is:reply"
+
+
+def seconds_to_utc_midnight(wall: float) -> float:
+    now = datetime.fromtimestamp(wall, UTC)
+    tomorrow = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    return max(1.0, (tomorrow - now).total_seconds())
+
+
+# --- 2. the bot ---------------------------------------------------------------------------
+
+
+class ReplyGuy:
+    """The Reply Guy's steps, each one cycle of a watched loop.
+
+    Args:
+        settings: the bot's settings.
+        plan: what this run talks to.
+        runtime: the kit (alerts, watchdog, stats, shutdown).
+        db: tweets and dead letters.
+        x: the X API client.
+        drafter: the AI drafter.
+        desk: the operators' approval desk.
+        queue: the dead-letter queue (``retry_items`` of bot ``bot``).
+        state: discovery cursors and the day's post count.
+        clock: wall-clock seconds.
+        rng: chooses the random posting delays.
+        settle_after: seconds after which a ``posting`` intent is settled
+            (default TIMEOUT_HTTP + 5 s: no POST can still be in flight).
+        stale_minutes: crash recovery's threshold (seed 001: 30 minutes).
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: ReplyGuySettings,
+        plan: Plan,
+        runtime: BotRuntime,
+        db: Database,
+        x: XClient,
+        drafter: Drafter,
+        desk: ApprovalDesk,
+        queue: RetryQueue,
+        state: LocalState,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+        settle_after: float | None = None,
+        stale_minutes: float = STALE_MINUTES,
+    ) -> None:
+        self.settings = settings
+        self.plan = plan
+        self.runtime = runtime
+        self.db = db
+        self.x = x
+        self.drafter = drafter
+        self.ai = drafter.ai
+        self.desk = desk
+        self.queue = queue
+        self.state = state
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.settle_after = settings.timeout_http + SETTLE_MARGIN if settle_after is None else settle_after
+        self.stale_minutes = stale_minutes
+        self.wake = {name: asyncio.Event() for name in ("draft", "approve", "post", "dlq")}
+        self._not_before: dict[str, float] = {}
+        self._streaks: dict[str, int] = {}
+        self._unknown_accounts: set[str] = set()
+        self._cap_logged_for: str | None = None
+        desk.on_decision = self.on_decision
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    @property
+    def alerts(self) -> Any:
+        return self.runtime.alerts
+
+    def _ping(self, loop: str) -> None:
+        self.runtime.watchdog.ping(loop)
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock(), UTC)
+
+    def on_decision(self, decision: Decision, tweet_id: str) -> None:
+        """An operator decided: wake the step that acts next."""
+        self.wake["post" if decision is Decision.APPROVE else "draft"].set()
+
+    def _succeeded(self, step: str) -> None:
+        if self._streaks.get(step):
+            self._streaks[step] = 0
+            self.alerts.resolve(AlertType.MULTIPLE_FAILURES, key=f"step:{step}", message=f"{step} works again")
+
+    def _failed(self, step: str, exc: BaseException, *, tweet: Tweet | None = None) -> None:
+        verdict = classify(exc)
+        self.runtime.stats.failed += 1
+        self.runtime.stats.error(f"{step}" + (f" tweet {tweet.target_tweet_id}" if tweet else ""), verdict.reason)
+        count = self._streaks.get(step, 0) + 1
+        self._streaks[step] = count
+        if count == MULTIPLE_FAILURES_AFTER:
+            self.alerts.alert(
+                AlertType.MULTIPLE_FAILURES,
+                f"{count} failures in a row in the {step} step",
+                key=f"step:{step}",
+                details={"step": step, "last_error": verdict.reason},
+            )
+
+    def watched(self, step: str, cycle: Callable[[], Awaitable[float | None]]) -> Callable[[], Awaitable[float | None]]:
+        """``cycle`` with its failures counted toward ``multiple_failures``."""
+
+        async def run() -> float | None:
+            try:
+                result = await cycle()
+            except Exception as exc:
+                self._failed(step, exc)
+                raise
+            return result
+
+        return run
+
+    @staticmethod
+    def _waits(exc: BaseException) -> float | None:
+        """Seconds to wait when ``exc`` says "not now" (a rate limit, an open breaker), else None."""
+        verdict = classify(exc)
+        if verdict.kind is ErrorKind.RATE_LIMITED or isinstance(exc, CircuitOpenError):
+            return max(1.0, verdict.retry_after or 1.0)
+        return None
+
+    async def _dead_letter(self, stage: Stage, tweet: Tweet, exc: BaseException) -> None:
+        """A tweet that can never succeed as it is: keep it as a dead letter and tell the operator."""
+        reason = classify(exc).reason
+        item = RetryItem(
+            id=f"{stage.value}-{tweet.id}",
+            kind=stage.value,
+            payload={"tweet_id": tweet.id, "target_tweet_id": tweet.target_tweet_id},
+            attempts=1,
+            next_attempt_at=self._now(),
+            last_error=reason,
+            created_at=self._now(),
+        )
+        try:
+            await self.queue.store.mark_exhausted(item)
+        except Exception as store_exc:
+            logger.error("could not record dead letter for tweet %s: %s", tweet.target_tweet_id, describe(store_exc))
+        self.alerts.alert(
+            AlertType.TWEET_PROCESSING_FAILED,
+            f"tweet {tweet.target_tweet_id} failed for good in the {stage.value} step: {reason}",
+            key=f"tweet:{tweet.id}",
+            details={"tweet": tweet.target_tweet_id, "author": tweet.author or "", "stage": stage.value, "error": reason},
+        )
+
+    async def _to_dlq(self, stage: Stage, tweet: Tweet, exc: BaseException) -> None:
+        """A failed tweet (already in status ``failed``): retry later, or keep it dead if hopeless."""
+        verdict = classify(exc)
+        if verdict.kind is ErrorKind.PERMANENT:
+            await self._dead_letter(stage, tweet, exc)
+            return
+        await self.queue.put(
+            stage.value,
+            {"tweet_id": tweet.id, "target_tweet_id": tweet.target_tweet_id},
+            error=verdict.reason,
+            delay=verdict.retry_after,
+        )
+        self.runtime.stats.retried += 1
+        self.wake["dlq"].set()
+        logger.warning(
+            "tweet %s: %s failed (%s); queued for a retry",
+            tweet.target_tweet_id,
+            stage.value,
+            verdict.reason,
+            extra={"tweet": tweet.target_tweet_id, "stage": stage.value},
+        )
+
+    # --- 3a. crash recovery ----------------------------------------------------------------------
+
+    async def recover(self) -> dict[str, int]:
+        """Put back what a crash left stuck (seed 001's ``recover_stale_tweets``).
+
+        Tweets stuck for STALE_MINUTES in ``failed`` or ``posting`` come back
+        as ``approved`` from the SQL function; here each is sent back to
+        where it can safely continue: no draft yet: ``discovered``; never
+        approved by an operator: ``drafted`` (asked again); approved: stays
+        ``approved``, and the post step looks for an earlier reply before
+        posting (it had an intent). Dead letters stay dead. Younger
+        ``posting`` rows are settled by the post loop once no attempt can
+        still be in flight.
+        """
+        dead: set[str] = set()
+        exhausted_items = getattr(self.queue.store, "exhausted_items", None)
+        if callable(exhausted_items):
+            try:
+                dead = {str(i.payload.get("tweet_id")) for i in await exhausted_items(limit=1000)}
+            except TypeError:
+                dead = {str(i.payload.get("tweet_id")) for i in await exhausted_items()}
+        recovered = await self.db.recover_stale_tweets(minutes=self.stale_minutes, max_attempts=MAX_POST_ATTEMPTS)
+        counts = {"recovered": len(recovered), "to_discovered": 0, "to_drafted": 0, "approved": 0, "kept_dead": 0}
+        for item in recovered:
+            tweet = await self.db.get_tweet(item.id)
+            if tweet is None:
+                continue
+            if tweet.id in dead:
+                target, key = TweetStatus.FAILED, "kept_dead"
+            elif not tweet.draft:
+                target, key = TweetStatus.DISCOVERED, "to_discovered"
+            elif tweet.approved_at is None:
+                target, key = TweetStatus.DRAFTED, "to_drafted"
+            else:
+                counts["approved"] += 1
+                continue
+            if await self.db.tweet_transition(tweet.id, [TweetStatus.APPROVED], target):
+                counts[key] += 1
+        await self._seed_posted_today()
+        waiting = await self.queue.load()
+        logger.info(
+            "crash recovery: %d stale tweets put back (%s); %d dead-letter retries waiting",
+            counts["recovered"],
+            ", ".join(f"{k}={v}" for k, v in counts.items() if k != "recovered"),
+            waiting,
+            extra={"recovery": counts, "dlq_waiting": waiting},
+        )
+        return counts
+
+    async def _seed_posted_today(self) -> None:
+        """Today's count from the database, in case the local state file was lost (a redeploy)."""
+        midnight = self._now().replace(hour=0, minute=0, second=0, microsecond=0)
+        posted = await self.db.list_tweets(statuses=[TweetStatus.POSTED], limit=100_000)
+        self.state.at_least(sum(1 for t in posted if t.posted_at is not None and t.posted_at >= midnight))
+
+    # --- 3b. discover ------------------------------------------------------------------------------
+
+    def sources(self) -> list[tuple[str, str]]:
+        """(cursor key, what) per discovery source: one search, one timeline per account."""
+        found: list[tuple[str, str]] = []
+        if self.plan.keywords:
+            query = search_query(self.plan.keywords)
+            found.append((f"search:{query}", query))
+        found += [(f"account:{a.lstrip('@').lower()}", a.lstrip("@")) for a in self.plan.accounts]
+        return found
+
+    async def discover_cycle(self) -> float | None:
+        """Store new tweets from every source; a failing source does not stop the others."""
+        sources = self.sources()
+        failures: list[BaseException] = []
+        waits: list[float] = []
+        new = 0
+        for key, what in sources:
+            self._ping("discover")
+            try:
+                new += await self._discover(key, what)
+            except Exception as exc:
+                wait = self._waits(exc)
+                if wait is not None:
+                    waits.append(wait)
+                    continue
+                failures.append(exc)
+                logger.warning("discovery from %s failed: %s", key, describe(exc))
+        if new:
+            self.wake["draft"].set()
+            logger.info("discovered %d new tweet(s)", new)
+        if failures and len(failures) + len(waits) == len(sources):
+            raise failures[-1]
+        self._succeeded("discover")
+        if waits and len(waits) == len(sources):
+            return min(max(waits), self.settings.discover_interval)
+        return None
+
+    async def _discover(self, key: str, what: str) -> int:
+        since = self.state.cursor(key)
+        if key.startswith("search:"):
+            tweets = await self.x.search_recent(what, since_id=since)
+        else:
+            user = await self.x.user_by_username(what)
+            if user is None:
+                if what not in self._unknown_accounts:
+                    self._unknown_accounts.add(what)
+                    logger.warning("X knows no account @%s; REPLY_TARGET_ACCOUNTS names it", what)
+                return 0
+            tweets = await self.x.user_tweets(user.id, since_id=since, username=user.username)
+        me = await self.x.me()  # X_USER_ID, or one /2/users/me call: never answer ourselves
+        created = 0
+        for tweet in tweets:
+            if tweet.is_retweet or tweet.author_id == me:
+                continue
+            inserted = await self.db.insert_tweet(tweet.id, author=tweet.author, text=tweet.text)
+            created += int(inserted.created)
+        if tweets:
+            await self.state.advance(key, tweets[-1].id)
+        return created
+
+    # --- 3c. draft ----------------------------------------------------------------------------------
+
+    async def draft_cycle(self) -> float | None:
+        """Draft replies for discovered tweets, a few per cycle."""
+        if self.ai.http.breaker.state is CircuitState.OPEN:
+            return self._breaker_wait(self.ai.http.breaker)
+        batch = 5
+        tweets = await self.db.list_tweets(statuses=[TweetStatus.DISCOVERED], limit=batch)
+        for tweet in tweets:
+            self._ping("draft")
+            if self.runtime.shutdown.stopping:
+                return None
+            try:
+                async with self.runtime.shutdown.in_flight():
+                    await self.draft_one(tweet)
+            except Exception as exc:
+                wait = self._waits(exc)
+                if wait is not None:
+                    return wait  # not this tweet's fault: it stays discovered
+                self._failed("draft", exc, tweet=tweet)
+                if await self.db.tweet_transition(tweet.id, [TweetStatus.DISCOVERED], TweetStatus.FAILED, last_error=classify(exc).reason):
+                    await self._to_dlq(Stage.DRAFT, tweet, exc)
+                continue
+            self._succeeded("draft")
+        return 0.0 if len(tweets) == batch else None
+
+    async def draft_one(self, tweet: Tweet) -> bool:
+        """Draft a reply for a ``discovered`` tweet and move it to ``drafted``.
+
+        Raises:
+            Whatever the AI client raises (the tweet stays ``discovered``).
+        """
+        draft = await self.drafter.draft(text=tweet.tweet_text or "", author=tweet.author, previous=tweet.draft)
+        moved = await self.db.tweet_transition(tweet.id, [TweetStatus.DISCOVERED], TweetStatus.DRAFTED, draft=draft.text)
+        if moved:
+            logger.info(
+                "drafted a reply to %s (%d/280%s)",
+                tweet.target_tweet_id,
+                draft.weighted_length,
+                ", cut" if draft.trimmed else "",
+                extra={"tweet": tweet.target_tweet_id, "regenerations": draft.regenerations},
+            )
+            self.wake["approve"].set()
+        return moved
+
+    def _breaker_wait(self, breaker: CircuitBreaker) -> float:
+        retry_in = breaker.get_status().get("retry_in_s") or 1.0
+        return max(1.0, float(retry_in))
+
+    # --- 3d. approve --------------------------------------------------------------------------------
+
+    async def approve_cycle(self) -> float | None:
+        """Keep the bot connected and send every drafted tweet to the operators."""
+        await self.desk.ensure_connected()
+        batch = 10
+        tweets = await self.db.list_tweets(statuses=[TweetStatus.DRAFTED], limit=batch)
+        for tweet in tweets:
+            self._ping("approve")
+            try:
+                message_id = await self.desk.request(tweet)
+            except Exception as exc:
+                wait = self._waits(exc)
+                if wait is not None:
+                    return wait
+                raise
+            await self.db.tweet_transition(
+                tweet.id, [TweetStatus.DRAFTED], TweetStatus.PENDING_APPROVAL, approval_message_id=message_id
+            )
+            logger.info("draft for %s sent to the operators (message %d)", tweet.target_tweet_id, message_id,
+                        extra={"tweet": tweet.target_tweet_id})
+        self._succeeded("approve")
+        return 0.0 if len(tweets) == batch else None
+
+    # --- 3e. post ----------------------------------------------------------------------------------
+
+    def cap_reached(self) -> bool:
+        reached = self.state.posted_today() >= self.settings.post_daily_cap
+        day = self._now().strftime("%Y-%m-%d")
+        if reached and self._cap_logged_for != day:
+            self._cap_logged_for = day
+            logger.warning("daily cap of %d replies reached; posting again after midnight UTC", self.settings.post_daily_cap)
+        return reached
+
+    async def post_cycle(self) -> float | None:
+        """Settle old intents, then post the approved replies that are due."""
+        if self.runtime.shutdown.stopping:
+            return None
+        await self.settle_posting()
+        breaker = self.x.http.breaker
+        if breaker.state is CircuitState.OPEN:
+            return self._breaker_wait(breaker)
+        tweets = await self.db.list_tweets(statuses=[TweetStatus.APPROVED], limit=10)
+        now = self.clock()
+        next_due: float | None = None
+        for tweet in tweets:
+            self._ping("post")
+            if self.runtime.shutdown.stopping:
+                return None
+            if self.cap_reached():
+                return min(seconds_to_utc_midnight(now), 600.0)
+            due = self._not_before.setdefault(
+                tweet.id, now + self.rng.uniform(self.settings.post_delay_min, self.settings.post_delay_max)
+            )
+            if due > now:
+                next_due = due - now if next_due is None else min(next_due, due - now)
+                continue
+            try:
+                await self.post_one(tweet)
+            except Exception as exc:
+                wait = self._waits(exc)
+                if wait is not None:
+                    self._not_before[tweet.id] = self.clock() + wait
+                    return wait
+                self._failed("post", exc, tweet=tweet)
+                current = await self.db.get_tweet(tweet.id)
+                if current is not None and current.status is TweetStatus.FAILED:
+                    await self._to_dlq(Stage.POST, current, exc)
+                continue
+            finally:
+                if self._not_before.get(tweet.id, 0) <= self.clock():
+                    self._not_before.pop(tweet.id, None)
+            self._succeeded("post")
+        return next_due
+
+    async def post_one(self, tweet: Tweet) -> str | None:
+        """Post an ``approved`` tweet's draft exactly once; the reply's id (None: someone else took it).
+
+        Why "record intent, then look before posting again": X has no
+        idempotency key for ``POST /2/tweets``, so a crash (or a lost answer)
+        between X creating the reply and our database recording it leaves us
+        not knowing whether the reply exists. We cannot make the POST and the
+        database update one transaction, so we make the uncertainty visible
+        and resolve it by looking:
+
+        1. before the POST the row moves to ``posting`` and ``attempts + 1``
+           (the intent), in the database, so it survives a kill -9;
+        2. any tweet with ``attempts > 0`` had an earlier intent: before it is
+           posted again, our own timeline is searched for a reply to its
+           target, and a reply found is recorded instead of posting;
+        3. a POST whose outcome is unknown (timeout, 5xx, connection lost,
+           X calling it a duplicate) is looked up at once as well;
+        4. an intent left in ``posting`` (a crash) is only looked up after
+           TIMEOUT_HTTP + 5 s (:meth:`settle_posting`), when no process can
+           still have that POST in flight (during a redeploy the old process
+           may still be posting).
+
+        The cost is one timeline read per retry; the alternative, posting
+        again blindly, would reply twice. X also refuses an identical text
+        from the same account as a duplicate, a second safety net.
+
+        Raises:
+            Exception: the failure, after the tweet was settled: back to
+                ``approved`` when nothing was sent (rate limit, open breaker),
+                ``failed`` otherwise (for the dead-letter queue).
+        """
+        if tweet.attempts > 0:
+            existing = await self.x.find_reply(tweet.target_tweet_id)
+            if existing is not None:
+                logger.info("tweet %s already has our reply %s (an earlier attempt); not posting again",
+                            tweet.target_tweet_id, existing)
+                await self._mark_posted(tweet, existing, [TweetStatus.APPROVED])
+                return existing
+        async with self.runtime.shutdown.in_flight():
+            if not await self.db.tweet_transition(tweet.id, [TweetStatus.APPROVED], TweetStatus.POSTING):
+                return None
+            try:
+                reply_id = await self.x.post_reply(tweet.draft or "", tweet.target_tweet_id)
+            except Exception as exc:
+                return await self._post_failed(tweet, exc)
+            await self._mark_posted(tweet, reply_id, [TweetStatus.POSTING])
+            return reply_id
+
+    async def _post_failed(self, tweet: Tweet, exc: BaseException) -> str | None:
+        verdict = classify(exc)
+        if verdict.kind is ErrorKind.UNKNOWN_OUTCOME or isinstance(exc, DuplicateContentError):
+            try:
+                existing = await self.x.find_reply(tweet.target_tweet_id)
+            except Exception as lookup_exc:
+                logger.warning("could not look for the reply after an unknown outcome: %s", describe(lookup_exc))
+                existing = None
+            if existing is not None:
+                logger.info("the post of %s went through after all (%s)", tweet.target_tweet_id, existing)
+                await self._mark_posted(tweet, existing, [TweetStatus.POSTING])
+                return existing
+        if self._waits(exc) is not None:
+            # Refused before anything was sent: back in line, not a failure of the tweet.
+            await self.db.tweet_transition(tweet.id, [TweetStatus.POSTING], TweetStatus.APPROVED, last_error=verdict.reason)
+        else:
+            await self.db.tweet_transition(tweet.id, [TweetStatus.POSTING], TweetStatus.FAILED, last_error=verdict.reason)
+        raise exc
+
+    async def _mark_posted(self, tweet: Tweet, reply_id: str, from_statuses: list[TweetStatus]) -> None:
+        if await self.db.tweet_transition(tweet.id, from_statuses, TweetStatus.POSTED, posted_tweet_id=reply_id):
+            count = await self.state.count_post()
+            self.runtime.stats.processed += 1
+            logger.info(
+                "replied to %s with %s (%d of %d today)",
+                tweet.target_tweet_id,
+                reply_id,
+                count,
+                self.settings.post_daily_cap,
+                extra={"tweet": tweet.target_tweet_id, "reply": reply_id},
+            )
+
+    async def settle_posting(self) -> int:
+        """Resolve ``posting`` intents old enough that no POST can be in flight; how many."""
+        settled = 0
+        cutoff = self._now() - timedelta(seconds=self.settle_after)
+        for tweet in await self.db.list_tweets(statuses=[TweetStatus.POSTING], limit=20):
+            if tweet.updated_at > cutoff:
+                continue
+            self._ping("post")
+            existing = await self.x.find_reply(tweet.target_tweet_id)
+            if existing is not None:
+                logger.info("recovered the reply %s to %s left by an interrupted post", existing, tweet.target_tweet_id)
+                await self._mark_posted(tweet, existing, [TweetStatus.POSTING])
+            else:
+                logger.info("interrupted post of %s left no reply; it will be posted again", tweet.target_tweet_id)
+                await self.db.tweet_transition(
+                    tweet.id, [TweetStatus.POSTING], TweetStatus.APPROVED, last_error="interrupted before X had the reply"
+                )
+            settled += 1
+        return settled
+
+    # --- 3f. dead letters ---------------------------------------------------------------------------
+
+    async def dlq_cycle(self) -> float | None:
+        """Retry the dead-letter items that are due; the exhausted ones alert once."""
+        for item in await self.queue.due(limit=10):
+            self._ping("dlq")
+            if self.runtime.shutdown.stopping:
+                await self.queue.release(item)
+                continue
+            try:
+                await self._retry(item)
+            except Exception as exc:
+                verdict = classify(exc)
+                dead = await self.queue.failed(
+                    item,
+                    verdict.reason,
+                    permanent=verdict.kind is ErrorKind.PERMANENT,
+                    retry_after=verdict.retry_after if verdict.kind is ErrorKind.RATE_LIMITED else None,
+                )
+                if dead:
+                    self._exhausted(item, verdict.reason)
+                continue
+            await self.queue.succeeded(item)
+        self._succeeded("dlq")
+        pause = self.queue.next_due_in()
+        return None if pause is None else min(pause, 60.0)
+
+    def _exhausted(self, item: RetryItem, reason: str) -> None:
+        target = item.payload.get("target_tweet_id", "?")
+        self.runtime.stats.failed += 1
+        self.alerts.alert(
+            AlertType.TWEET_PROCESSING_FAILED,
+            f"gave up on tweet {target} after {item.attempts + 1} retries of its {item.kind} step: {reason}",
+            key=f"dead:{item.id}",
+            details={"tweet": target, "stage": item.kind, "attempts": item.attempts + 1, "error": reason},
+        )
+
+    async def _retry(self, item: RetryItem) -> None:
+        """One dead-letter retry. Returns when done (or moot); raises when it failed again."""
+        tweet = await self.db.get_tweet(str(item.payload.get("tweet_id")))
+        if tweet is None or tweet.status is not TweetStatus.FAILED:
+            return  # moved on meanwhile (recovered, or an operator acted)
+        if item.kind == Stage.DRAFT.value:
+            if not await self.db.tweet_transition(tweet.id, [TweetStatus.FAILED], TweetStatus.DISCOVERED):
+                return
+            try:
+                await self.draft_one(tweet)
+            except Exception as exc:
+                await self.db.tweet_transition(tweet.id, [TweetStatus.DISCOVERED], TweetStatus.FAILED, last_error=classify(exc).reason)
+                raise
+            return
+        if item.kind == Stage.POST.value:
+            if not await self.db.tweet_transition(tweet.id, [TweetStatus.FAILED], TweetStatus.APPROVED):
+                return
+            if self.cap_reached():
+                return  # the post loop takes it after midnight
+            fresh = await self.db.get_tweet(tweet.id)
+            if fresh is None:
+                return
+            try:
+                await self.post_one(fresh)
+            except Exception as exc:
+                if self._waits(exc) is not None:
+                    return  # back in ``approved``: the post loop takes it when allowed
+                raise
+            return
+        logger.error("dead-letter item %s has an unknown kind %r; dropping it", item.id, item.kind)
+
+    # --- 3g. health and status ------------------------------------------------------------------------
+
+    async def health_check_all(self) -> dict[str, Any]:
+        """Database, twitter, ai and telegram, each healthy | degraded | error, and overall."""
+        database: dict[str, Any]
+        db_breaker = breaker_registry.get("database")
+        try:
+            await db_op(self.db.ping(), min(self.settings.timeout_db, 3.0), "health_ping")
+            state = db_breaker.state.value if db_breaker else "closed"
+            status = Health.HEALTHY if state == "closed" else Health.DEGRADED
+            database = {"status": status.value, "connected": True, "circuit_breaker": state, "backend": self.db.backend.value}
+        except Exception as exc:
+            database = {"status": Health.ERROR.value, "connected": False, "error": describe(exc),
+                        "circuit_breaker": db_breaker.state.value if db_breaker else None}
+        components = {
+            "database": database,
+            "twitter": self.x.health(),
+            "ai": self.ai.health(),
+            "telegram": self.desk.health(),
+        }
+        return {**components, "overall": overall(components).value}
+
+    async def status(self) -> dict[str, Any]:
+        """The ``reply_guy`` section of /status."""
+        counts = await self.db.tweet_counts()
+        return {
+            "mode": "sandbox" if self.plan.sandbox else "live",
+            "x_api": self.x.base_url,
+            "ai_api": self.ai.url,
+            "keywords": list(self.plan.keywords),
+            "accounts": list(self.plan.accounts),
+            "tweets": {status.value: n for status, n in counts.items()},
+            "posted_today": self.state.posted_today(),
+            "daily_cap": self.settings.post_daily_cap,
+            "cursors": dict(self.state.cursors),
+            "approval": self.desk.status(),
+            "twitter": self.x.health(),
+            "ai": self.ai.health(),
+        }
+
+
+# --- 4. wiring and main() ----------------------------------------------------------------------------
+
+
+def _banner(*, x_url: str, ai_url: str, sandbox_dir: Path, operator_chat: Any) -> None:
+    from shared.sandbox import banner
+
+    lines = [
+        "*" * 78,
+        "*** REPLY GUY SANDBOX MODE: no X, AI or Telegram credentials are set. ***",
+        f"*** X API: local stand-in at {x_url} (nothing is posted to X). ***",
+        f"*** AI API: local stand-in at {ai_url} (no model is called). ***",
+        banner(sandbox_dir),
+        f"Drafts go to the sandbox chat {operator_chat!r}; press Approve with:",
+        f"  python -m shared.sandbox --dir {sandbox_dir} press operator --chat \"Demo Operators\" --button Approve --wait 5",
+        "*" * 78,
+    ]
+    for line in lines:
+        logger.warning("%s", line)
+
+
+class Wiring:
+    """Builds the Reply Guy's dependencies for a run and closes them afterwards."""
+
+    def __init__(self, settings: ReplyGuySettings, plan: Plan, runtime: BotRuntime) -> None:
+        self.settings = settings
+        self.plan = plan
+        self.runtime = runtime
+        self.local_x: LocalX | None = None
+        self.local_ai: LocalAI | None = None
+        self.world: Any = None
+
+    async def build(self) -> ReplyGuy:
+        settings, plan, runtime = self.settings, self.plan, self.runtime
+        breakers = configure_breakers()
+        db = await open_database(settings)
+        runtime.backend = db.backend.value
+        runtime.add_cleanup("database", db.close, timeout=10)
+        runtime.add_ready_check("database", db.ping)
+
+        x_url, ai_url = plan.x_base, plan.ai_base
+        if x_url is None:
+            self.local_x = await LocalX(state_path=settings.data_dir / "replyguy" / "local_x.json").start()
+            runtime.add_cleanup("local X API", self.local_x.stop)
+            x_url = self.local_x.base_url
+        if ai_url is None:
+            self.local_ai = await LocalAI().start()
+            runtime.add_cleanup("local AI API", self.local_ai.stop)
+            ai_url = f"{self.local_ai.base_url}/v1"
+
+        x = XClient(base_url=x_url, credentials=plan.x_credentials, timeout=settings.timeout_http,
+                    breaker=breakers["twitter_api"], alerts=runtime.alerts)
+        runtime.add_cleanup("X client", x.close)
+        ai = AIClient(base_url=ai_url, api_key=plan.ai_key, model=plan.ai_model, timeout=settings.timeout_http,
+                      breaker=breakers["ai_service"], alerts=runtime.alerts)
+        runtime.add_cleanup("AI client", ai.close)
+        drafter = Drafter(ai, system_prompt=load_prompt(settings.reply_prompt_file))
+
+        demo = await self._open_sandbox() if plan.sandbox else None
+        desk = self._desk(db, demo)
+        runtime.add_cleanup("Telegram bot", desk.close, timeout=settings.timeout_telegram_entity + 2)
+        await desk.start()
+
+        queue = RetryQueue(
+            name="dlq",
+            store=DbRetryStore(db, BOT),
+            fallback=JsonlRetryStore(settings.data_dir / "replyguy" / "dlq-fallback.jsonl"),
+            capacity=settings.retry_queue_capacity,
+            base_delay=settings.retry_base_delay,
+            max_retries=settings.max_message_retries,
+            store_timeout=settings.timeout_db,
+        )
+        runtime.add_queue(queue)
+        state = LocalState(settings.data_dir / "replyguy" / "state.json", clock=time.time)
+        await state.load()
+        if plan.sandbox:
+            _banner(x_url=x_url, ai_url=ai_url, sandbox_dir=self._sandbox_dir(), operator_chat=desk.chat)
+        return ReplyGuy(settings=settings, plan=plan, runtime=runtime, db=db, x=x, drafter=drafter, desk=desk,
+                        queue=queue, state=state)
+
+    def _sandbox_dir(self) -> Path:
+        return self.settings.sandbox_dir or self.settings.data_dir / "sandbox"
+
+    async def _open_sandbox(self) -> Any:
+        """The Telegram sandbox world with its demo peers (the operator chat, the operator, the bot)."""
+        from shared.sandbox import World
+        from shared.sandbox import describe as describe_sandbox
+
+        world = self.world = await asyncio.to_thread(World.open, self._sandbox_dir())
+        demo = await asyncio.to_thread(world.seed_demo)
+        self.runtime.sandbox = True
+        self.runtime.add_section("sandbox", lambda: describe_sandbox(world))
+        return demo
+
+    def _desk(self, db: Database, demo: Any) -> ApprovalDesk:
+        settings, plan = self.settings, self.plan
+        chat: str | int | None = plan.operator_chat
+        operators = plan.operator_ids
+        client: TelegramClient
+        if demo is not None:
+            from shared.sandbox import SandboxClient
+
+            chat = chat if chat is not None else -demo.operators.id
+            operators = operators or (demo.operator.id,)
+            client = SandboxClient(self.world, bot_token=demo.reply_bot.bot_token, flood_sleep_threshold=0,
+                                   raise_last_call_error=True, request_retries=0)
+        else:
+            assert plan.telegram_api_id is not None and plan.telegram_api_hash is not None
+            client = TelegramClient(StringSession(), plan.telegram_api_id, plan.telegram_api_hash,
+                                    flood_sleep_threshold=0, raise_last_call_error=True, request_retries=1)
+        assert chat is not None
+        desk = ApprovalDesk(
+            client=client,
+            db=db,
+            chat=chat,
+            operator_ids=operators,
+            send_timeout=settings.timeout_telegram_send,
+            entity_timeout=settings.timeout_telegram_entity,
+            bot_token=plan.bot_token,
+            on_error=lambda where, exc: self.runtime.stats.error(f"approval {where}", exc),
+        )
+        return desk
+
+
+async def serve(settings: ReplyGuySettings, plan: Plan, *, runtime: BotRuntime | None = None) -> None:
+    """Run the Reply Guy until SIGTERM/SIGINT, then drain and stop.
+
+    Raises:
+        Exception: wiring failed (after an ``initialization_failed`` alert).
+    """
+    runtime = runtime or BotRuntime(bot=BOT, settings=settings)
+    async with runtime:
+        try:
+            guy = await Wiring(settings, plan, runtime).build()
+            await guy.recover()
+        except Exception as exc:
+            runtime.alerts.alert(
+                AlertType.INITIALIZATION_FAILED,
+                f"the Reply Guy could not start: {describe(exc)}",
+                key="init",
+                details={"error": describe(exc)},
+            )
+            raise
+        # One call may retry 3 times, each under TIMEOUT_HTTP, between two pings: allow that much silence.
+        silence = settings.watchdog_max_silence + 4 * max(settings.timeout_http, settings.timeout_telegram_send) + 20
+        loops = (
+            ("discover", guy.discover_cycle, settings.discover_interval),
+            ("draft", guy.draft_cycle, 10.0),
+            ("approve", guy.approve_cycle, 10.0),
+            ("post", guy.post_cycle, 10.0),
+            ("dlq", guy.dlq_cycle, 30.0),
+        )
+        for name, cycle, interval in loops:
+            runtime.add_loop(name, guy.watched(name, cycle), interval=interval, wake=guy.wake.get(name), max_silence=silence)
+        runtime.add_section("reply_guy", guy.status)
+        runtime.set_detailed_health(guy.health_check_all)
+        runtime.start_heartbeat(worker_id=HEARTBEAT_ID, store=guy.db)
+        await runtime.run_until_stopped()
+
+
+async def cli_health(settings: ReplyGuySettings, args: argparse.Namespace) -> int:
+    """Ask the running bot's /health/detailed; exit 0 healthy, 1 degraded, 2 error or unreachable."""
+    url = (args.url or f"http://127.0.0.1:{args.port or settings.port}").rstrip("/")
+    headers = {"Authorization": f"Bearer {settings.status_token}"} if settings.status_token else {}
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=args.timeout)) as session:
+            async with session.get(f"{url}/health/detailed", headers=headers) as response:
+                code = response.status
+                text = await response.text()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        print(f"error: the Reply Guy is not answering at {url} ({describe(exc)})")
+        return Health.ERROR.exit_code
+    if code == 401:
+        print("error: /health/detailed refused the token; set STATUS_TOKEN to the bot's")
+        return Health.ERROR.exit_code
+    try:
+        data = json.loads(text)
+        state = Health(data["overall"])
+    except (ValueError, KeyError, TypeError):
+        print(f"error: unexpected answer from {url}/health/detailed ({code})")
+        return Health.ERROR.exit_code
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        print(f"overall: {state.value}")
+        for name in ("database", "twitter", "ai", "telegram"):
+            part = data.get(name) or {}
+            extra = part.get("last_error") or part.get("error") or ""
+            print(f"  {name:<9} {part.get('status', '?'):<9} {extra}".rstrip())
+    return state.exit_code
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bot.py", description="The Reply Guy: tweets in, approved replies out.")
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("run", help="run the bot (the default)")
+    health = sub.add_parser("health", help="ask the running bot how it is: exit 0 healthy, 1 degraded, 2 error")
+    health.add_argument("--url", help="the bot's status server (default http://127.0.0.1:$PORT)")
+    health.add_argument("--port", type=int, help="the bot's status port (default $PORT)")
+    health.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the answer")
+    health.add_argument("--json", action="store_true", help="print the whole answer as JSON")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    settings = load_or_exit(ReplyGuySettings)
+    command = args.command or "run"
+    configure_logging(settings, stream=sys.stdout if command == "run" else sys.stderr)
+    if command == "health":
+        return asyncio.run(cli_health(settings, args))
+    try:
+        asyncio.run(serve(settings, plan_for(settings)))
+    except Exception as exc:
+        logger.critical("the Reply Guy stopped: %s", describe(exc))
+        return 1
+    return 0
+
 
 if __name__ == "__main__":
-    sys.stderr.write("bot.py is not built yet (issue 8); nothing was started.\n")
-    sys.exit(2)
+    sys.exit(main())

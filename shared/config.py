@@ -212,8 +212,8 @@ SETTINGS: list[Setting] = [
     Setting("SUPABASE_SERVICE_ROLE_KEY", _text, None, "a Supabase service role key", "Key for SUPABASE_URL.", secret=True),
     Setting("DB_AUTO_MIGRATE", _bool, False, "0 or 1", "Apply migrations at start (always on for the embedded database)."),
     # Telegram user accounts (worker, ingest)
-    Setting("TELEGRAM_API_ID", _int(1), None, "a whole number from my.telegram.org", "Telegram API id; unset means sandbox mode (no real Telegram).", TELEGRAM),
-    Setting("TELEGRAM_API_HASH", _text, None, "the API hash from my.telegram.org", "Telegram API hash, with TELEGRAM_API_ID.", TELEGRAM, secret=True),
+    Setting("TELEGRAM_API_ID", _int(1), None, "a whole number from my.telegram.org", "Telegram API id (bots need one too); unset means sandbox mode (no real Telegram).", TELEGRAM | {"bot"}),
+    Setting("TELEGRAM_API_HASH", _text, None, "the API hash from my.telegram.org", "Telegram API hash, with TELEGRAM_API_ID.", TELEGRAM | {"bot"}, secret=True),
     Setting("SESSION_ENCRYPTION_KEY", _text, None, "a Fernet key (python -m shared.sessions new-key)", "Encrypts Telegram sessions at rest; several comma-separated, newest first, during a rotation. Required outside sandbox mode.", TELEGRAM, secret=True),
     Setting("TIMEOUT_TELEGRAM_CONNECT", _float(0, exclusive=True), 30.0, "a number of seconds > 0", "Deadline of connecting one account.", TELEGRAM),
     Setting("ACCOUNT_LEASE_SECONDS", _float(1), 90.0, "a number of seconds >= 1", "An account's lease; renewed every third of it, lapses after a kill.", TELEGRAM),
@@ -451,6 +451,8 @@ class ReplyGuySettings(CommonSettings):
     ai_model: str
     reply_prompt_file: Path | None
     telegram_bot_token: str | None
+    telegram_api_id: int | None
+    telegram_api_hash: str | None
     operator_chat_id: str | None
     operator_ids: tuple[int, ...] | None
     post_delay_min: float
@@ -470,7 +472,7 @@ class ReplyGuySettings(CommonSettings):
             return
         for name in (
             "X_BEARER_TOKEN", "X_CONSUMER_KEY", "X_CONSUMER_SECRET", "X_ACCESS_TOKEN", "X_ACCESS_TOKEN_SECRET",
-            "AI_API_KEY", "TELEGRAM_BOT_TOKEN", "OPERATOR_CHAT_ID", "OPERATOR_IDS",
+            "AI_API_KEY", "TELEGRAM_BOT_TOKEN", "TELEGRAM_API_ID", "TELEGRAM_API_HASH", "OPERATOR_CHAT_ID", "OPERATOR_IDS",
         ):
             if not getattr(self, name.lower()):
                 raise ConfigError(name, BY_NAME[name].expected + " (set every credential, or none for the local stand-ins)", None)

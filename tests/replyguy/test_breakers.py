@@ -1,0 +1,142 @@
+"""The three breakers open and close as the seed configures them, on real calls.
+
+twitter_api: 5 failures, 120 s open, 3 trial calls; ai_service: 3, 60 s, 2;
+database: 3, 30 s, 2. Time is a clock the test moves; the calls are real
+requests to the stand-ins and real database calls.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from bot import configure_breakers
+from replyguy.ai import AIClient
+from replyguy.http import RetryPolicy
+from replyguy.local_ai import SANDBOX_AI_KEY, LocalAI
+from replyguy.local_x import SANDBOX_X_CREDENTIALS, LocalX
+from replyguy.xapi import XClient
+from shared.breaker import BreakerRegistry, CircuitOpenError, CircuitState
+from shared.db import DatabaseUnavailable, PostgresDatabase
+from shared.errors import TransientError
+
+ONE_ATTEMPT = RetryPolicy(max_retries=0, base_delay=0.0, max_delay=0.0)
+"""One request per call, so the test counts failures exactly."""
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+async def test_twitter_api_opens_after_5_failures_and_closes_after_120_s_and_3_good_trials(local_x: LocalX) -> None:
+    clock = FakeClock()
+    breaker = configure_breakers(BreakerRegistry(), clock=clock)["twitter_api"]
+    client = XClient(base_url=local_x.base_url, credentials=SANDBOX_X_CREDENTIALS, timeout=1, breaker=breaker, retry=ONE_ATTEMPT)
+    local_x.faults.add("status", endpoint="search", status=502)
+    try:
+        for _ in range(4):
+            with pytest.raises(TransientError):
+                await client.search_recent("bot")
+        assert breaker.state is CircuitState.CLOSED
+        with pytest.raises(TransientError):
+            await client.search_recent("bot")
+        assert breaker.state is CircuitState.OPEN
+
+        with pytest.raises(CircuitOpenError):
+            await client.search_recent("bot")
+        assert local_x.hits["search"] == 5  # refused without a request
+
+        clock.advance(119)
+        assert breaker.state is CircuitState.OPEN
+        clock.advance(1)
+        assert breaker.state is CircuitState.HALF_OPEN
+        local_x.faults.clear()
+        await client.search_recent("bot")
+        await client.search_recent("bot")
+        assert breaker.state is CircuitState.HALF_OPEN
+        await client.search_recent("bot")
+        assert breaker.state is CircuitState.CLOSED
+    finally:
+        await client.close()
+
+
+async def test_a_failed_trial_opens_the_twitter_breaker_again(local_x: LocalX) -> None:
+    clock = FakeClock()
+    breaker = configure_breakers(BreakerRegistry(), clock=clock)["twitter_api"]
+    client = XClient(base_url=local_x.base_url, credentials=SANDBOX_X_CREDENTIALS, timeout=1, breaker=breaker, retry=ONE_ATTEMPT)
+    local_x.faults.add("status", endpoint="search", status=500)
+    try:
+        for _ in range(5):
+            with pytest.raises(TransientError):
+                await client.search_recent("bot")
+        clock.advance(120)
+        with pytest.raises(TransientError):
+            await client.search_recent("bot")
+        assert breaker.state is CircuitState.OPEN
+        assert breaker.get_status()["retry_in_s"] == 120.0
+    finally:
+        await client.close()
+
+
+async def test_ai_service_opens_after_3_failures_and_closes_after_60_s_and_2_good_trials(local_ai: LocalAI) -> None:
+    clock = FakeClock()
+    breaker = configure_breakers(BreakerRegistry(), clock=clock)["ai_service"]
+    client = AIClient(base_url=local_ai.base_url, api_key=SANDBOX_AI_KEY, model="m", timeout=1, breaker=breaker, retry=ONE_ATTEMPT)
+    messages = [{"role": "user", "content": '"""a tweet about bots"""'}]
+    local_ai.faults.add("status", status=503)
+    try:
+        for _ in range(3):
+            with pytest.raises(TransientError):
+                await client.complete(messages)
+        assert breaker.state is CircuitState.OPEN
+        with pytest.raises(CircuitOpenError):
+            await client.complete(messages)
+        assert local_ai.hits["chat"] == 3
+
+        clock.advance(60)
+        local_ai.faults.clear()
+        await client.complete(messages)
+        assert breaker.state is CircuitState.HALF_OPEN
+        await client.complete(messages)
+        assert breaker.state is CircuitState.CLOSED
+    finally:
+        await client.close()
+
+
+async def test_database_opens_after_3_failures_and_closes_after_30_s_and_2_good_trials(database_url: str) -> None:
+    clock = FakeClock()
+    breaker = configure_breakers(BreakerRegistry(), clock=clock)["database"]
+    down = await PostgresDatabase("postgresql://postgres@127.0.0.1:1/none", timeout=2, breaker=breaker).open()
+    up = await PostgresDatabase(database_url, timeout=5, breaker=breaker).open()
+    try:
+        for _ in range(3):
+            with pytest.raises(DatabaseUnavailable):
+                await down.ping()
+        assert breaker.state is CircuitState.OPEN
+        with pytest.raises(CircuitOpenError):
+            await up.ping()  # the service is refused as a whole while open
+
+        clock.advance(30)
+        await up.ping()
+        assert breaker.state is CircuitState.HALF_OPEN
+        await up.ping()
+        assert breaker.state is CircuitState.CLOSED
+    finally:
+        await down.close()
+        await up.close()
+
+
+def test_the_breakers_are_configured_as_the_seed_says() -> None:
+    status = {name: b.get_status() for name, b in configure_breakers(BreakerRegistry()).items()}
+
+    assert {n: (s["failure_threshold"], s["recovery_timeout_s"], s["half_open_max_calls"]) for n, s in status.items()} == {
+        "twitter_api": (5, 120.0, 3),
+        "ai_service": (3, 60.0, 2),
+        "database": (3, 30.0, 2),
+    }
