@@ -67,7 +67,7 @@ from replyguy.health import Health, overall
 from replyguy.http import RetryPolicy
 from replyguy.local_ai import SANDBOX_AI_KEY, SANDBOX_AI_MODEL, LocalAI
 from replyguy.local_x import SANDBOX_KEYWORDS, SANDBOX_TARGET_ACCOUNTS, SANDBOX_X_CREDENTIALS, LocalX
-from replyguy.state import LocalState
+from replyguy.state import ReplyState
 from replyguy.xapi import DuplicateContentError, XClient, XCredentials
 
 logger = logging.getLogger("bot")
@@ -236,7 +236,7 @@ class ReplyGuy:
         drafter: Drafter,
         desk: ApprovalDesk,
         queue: RetryQueue,
-        state: LocalState,
+        state: ReplyState,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         settle_after: float | None = None,
@@ -402,7 +402,7 @@ class ReplyGuy:
                 continue
             if await self.db.tweet_transition(tweet.id, [TweetStatus.APPROVED], target):
                 counts[key] += 1
-        await self._seed_posted_today()
+        await self.state.load()  # cursors, and today's posts as the database counts them after recovery
         waiting = await self.queue.load()
         logger.info(
             "crash recovery: %d stale tweets put back (%s); %d dead-letter retries waiting",
@@ -412,12 +412,6 @@ class ReplyGuy:
             extra={"recovery": counts, "dlq_waiting": waiting},
         )
         return counts
-
-    async def _seed_posted_today(self) -> None:
-        """Today's count from the database, in case the local state file was lost (a redeploy)."""
-        midnight = self._now().replace(hour=0, minute=0, second=0, microsecond=0)
-        posted = await self.db.list_tweets(statuses=[TweetStatus.POSTED], limit=100_000)
-        self.state.at_least(sum(1 for t in posted if t.posted_at is not None and t.posted_at >= midnight))
 
     # --- 3b. discover ------------------------------------------------------------------------------
 
@@ -885,8 +879,7 @@ class Wiring:
             store_timeout=settings.timeout_db,
         )
         runtime.add_queue(queue)
-        state = LocalState(settings.data_dir / "replyguy" / "state.json", clock=time.time)
-        await state.load()
+        state = ReplyState(db, clock=time.time)
         if plan.sandbox:
             _banner(x_url=x_url, ai_url=ai_url, sandbox_dir=self._sandbox_dir(), operator_chat=desk.chat)
         return ReplyGuy(settings=settings, plan=plan, runtime=runtime, db=db, x=x, drafter=drafter, desk=desk,

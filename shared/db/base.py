@@ -819,6 +819,19 @@ class Database(abc.ABC):
         rows = await self.call("tweet_recover_stale", {"p_minutes": float(minutes), "p_max_attempts": max_attempts})
         return [from_row(RecoveredTweet, r) for r in rows]
 
+    async def reply_cursors(self) -> dict[str, str]:
+        """The Reply Guy's ``since_id`` per discovery source."""
+        rows = await self.call("reply_cursors_list", {}, read_only=True)
+        return {str(r["source"]): str(r["since_id"]) for r in rows}
+
+    async def advance_reply_cursor(self, source: str, since_id: str) -> str:
+        """Move a source's cursor forward (never back); the cursor now stored."""
+        return str(await self._scalar("reply_cursor_advance", {"p_source": source, "p_since_id": since_id}))
+
+    async def count_tweets_posted_since(self, since: datetime) -> int:
+        """Replies posted since ``since`` (the daily cap)."""
+        return int(await self._scalar("tweets_posted_since", {"p_since": _aware(since)}, read_only=True) or 0)
+
 
 def _fail_args(
     job_id: int,

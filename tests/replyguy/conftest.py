@@ -22,7 +22,7 @@ from replyguy.approval import ApprovalDesk
 from replyguy.http import RetryPolicy
 from replyguy.local_ai import SANDBOX_AI_KEY, LocalAI
 from replyguy.local_x import SANDBOX_X_CREDENTIALS, LocalX
-from replyguy.state import LocalState
+from replyguy.state import ReplyState
 from replyguy.xapi import XClient
 from shared.alerts import LogAlertSink
 from shared.breaker import BreakerRegistry, CircuitBreaker
@@ -155,7 +155,7 @@ async def rig_factory(
         closers.append(desk.close)
         queue = RetryQueue(name="dlq", store=DbRetryStore(database, "bot"), base_delay=settings.retry_base_delay,
                            max_retries=settings.max_message_retries, store_timeout=5)
-        state = LocalState(settings.data_dir / "replyguy" / "state.json", clock=time.time)
+        state = ReplyState(database, clock=time.time)
         await state.load()
         guy = ReplyGuy(settings=settings, plan=plan, runtime=runtime, db=database, x=x,
                        drafter=Drafter(ai, system_prompt=load_prompt(None), max_regenerations=max_regenerations),

@@ -55,3 +55,25 @@ async def test_tweets_stuck_in_failed_or_posting_are_recovered_while_attempts_re
     # Out of attempts: left alone.
     assert await backend_db.tweet_transition(stuck.id, [TweetStatus.APPROVED], TweetStatus.POSTING)
     assert await backend_db.recover_stale_tweets(minutes=0, max_attempts=2) == []
+
+
+async def test_reply_cursors_only_move_forward_and_posts_are_counted_since_a_time(backend_db: Database) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    assert await backend_db.reply_cursors() == {}
+    assert await backend_db.advance_reply_cursor("search:bot", "1790000000000000009") == "1790000000000000009"
+    assert await backend_db.advance_reply_cursor("search:bot", "1790000000000000008") == "1790000000000000009"
+    assert await backend_db.advance_reply_cursor("search:bot", "17900000000000000010") == "17900000000000000010"
+    assert await backend_db.reply_cursors() == {"search:bot": "17900000000000000010"}
+    tweet = (await backend_db.insert_tweet("t-count")).tweet
+    for before, after in (
+        (TweetStatus.DISCOVERED, TweetStatus.DRAFTED),
+        (TweetStatus.DRAFTED, TweetStatus.PENDING_APPROVAL),
+        (TweetStatus.PENDING_APPROVAL, TweetStatus.APPROVED),
+        (TweetStatus.APPROVED, TweetStatus.POSTING),
+    ):
+        assert await backend_db.tweet_transition(tweet.id, [before], after)
+    assert await backend_db.tweet_transition(tweet.id, [TweetStatus.POSTING], TweetStatus.POSTED, posted_tweet_id="1")
+    hour_ago = datetime.now(UTC) - timedelta(hours=1)
+    assert await backend_db.count_tweets_posted_since(hour_ago) == 1
+    assert await backend_db.count_tweets_posted_since(datetime.now(UTC) + timedelta(hours=1)) == 0
