@@ -596,6 +596,30 @@ class Outbound:
 # --- 4. history: page by page, the cursor saved after each page ---------------------------
 
 
+async def fail_job(
+    fail: Any, job_id: int, token: str, exc: BaseException, connection: AccountConnection, settings: WorkerSettings
+) -> str:
+    """Record a failed history or message job as the classifier says; returns the reason.
+
+    A dead session also stops its account; a rate limit retries after the wait
+    Telegram asked for; other transient errors back off from RETRY_BASE_DELAY.
+    """
+    verdict = classify(exc)
+    if verdict.kind is ErrorKind.ACCOUNT_DEAD:
+        await connection.handle_error(exc)
+    retry_at = datetime.now(UTC) + timedelta(seconds=verdict.retry_after) if verdict.retry_after else None
+    await fail(
+        job_id,
+        token,
+        verdict.reason,
+        permanent=verdict.kind is ErrorKind.PERMANENT,
+        retry_at=retry_at,
+        max_retries=settings.max_message_retries,
+        base_delay=settings.retry_base_delay,
+    )
+    return verdict.reason
+
+
 @dataclass
 class HistoryProgress:
     job_id: int
@@ -678,20 +702,8 @@ class History:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            verdict = classify(exc)
-            if verdict.kind is ErrorKind.ACCOUNT_DEAD:
-                await connection.handle_error(exc)
-            retry_at = datetime.now(UTC) + timedelta(seconds=verdict.retry_after) if verdict.retry_after else None
-            await self.db.fail_history_job(
-                job.id,
-                token,
-                verdict.reason,
-                permanent=verdict.kind is ErrorKind.PERMANENT,
-                retry_at=retry_at,
-                max_retries=self.settings.max_message_retries,
-                base_delay=self.settings.retry_base_delay,
-            )
-            self.runtime.stats.error(f"history job {job.id}", verdict.reason)
+            reason = await fail_job(self.db.fail_history_job, job.id, token, exc, connection, self.settings)
+            self.runtime.stats.error(f"history job {job.id}", reason)
 
     def status(self) -> list[dict[str, Any]]:
         return [p.as_dict() for p in self.progress.values()]
@@ -731,21 +743,9 @@ class Jobs:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            verdict = classify(exc)
-            if verdict.kind is ErrorKind.ACCOUNT_DEAD:
-                await connection.handle_error(exc)
-            retry_at = datetime.now(UTC) + timedelta(seconds=verdict.retry_after) if verdict.retry_after else None
-            await self.db.fail_message_job(
-                job.id,
-                token,
-                verdict.reason,
-                permanent=verdict.kind in (ErrorKind.PERMANENT,),
-                retry_at=retry_at,
-                max_retries=self.settings.max_message_retries,
-                base_delay=self.settings.retry_base_delay,
-            )
+            reason = await fail_job(self.db.fail_message_job, job.id, token, exc, connection, self.settings)
             self.failed += 1
-            self.runtime.stats.error(f"job {job.id} ({job.kind.value})", verdict.reason)
+            self.runtime.stats.error(f"job {job.id} ({job.kind.value})", reason)
             return
         await self.db.complete_message_job(job.id, token, result=result)
         self.done += 1
