@@ -26,7 +26,7 @@ import aiohttp
 
 from shared.alerts import AlertSink, AlertType
 from shared.breaker import CircuitBreaker
-from shared.errors import ErrorKind, RateLimitedError, UnknownOutcomeError, classify, describe
+from shared.errors import ErrorKind, RateLimitedError, TransientError, UnknownOutcomeError, classify, describe
 from shared.retry import retry_async
 from shared.timeouts import bounded
 
@@ -35,6 +35,25 @@ from replyguy.health import Health, breaker_health, worst
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+#: The largest answer read from the X or AI API; a bigger one is refused, not held in memory.
+MAX_ANSWER_BYTES = 2 * 1024 * 1024
+
+
+async def read_capped(response: aiohttp.ClientResponse, what: str) -> bytes:
+    """The body, or TransientError when it is larger than :data:`MAX_ANSWER_BYTES`."""
+    declared = response.content_length
+    if declared is not None and declared > MAX_ANSWER_BYTES:
+        raise TransientError(f"{what}: answer too large ({declared} bytes)")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > MAX_ANSWER_BYTES:
+            raise TransientError(f"{what}: answer too large (over {MAX_ANSWER_BYTES} bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 @dataclass(frozen=True)
@@ -59,9 +78,12 @@ class HttpResult:
         """The body as JSON.
 
         Raises:
-            ValueError: the body is not JSON.
+            ValueError: the body is not JSON (nesting too deep for the parser included).
         """
-        return json.loads(self.body.decode("utf-8"))
+        try:
+            return json.loads(self.body.decode("utf-8"))
+        except RecursionError:
+            raise ValueError("JSON nested too deeply") from None
 
     def error_detail(self) -> str:
         """The service's own words about an error, shortened."""
@@ -172,7 +194,7 @@ class HttpService:
                 async with self._session_now().request(
                     method, url, params=params, json=json_body, headers=dict(headers), allow_redirects=False
                 ) as response:
-                    body = await response.read()
+                    body = await read_capped(response, f"{self.name} {endpoint}")
                     return HttpResult(response.status, {k.lower(): v for k, v in response.headers.items()}, body)
             except aiohttp.ClientConnectorError:
                 raise  # never connected: nothing was sent

@@ -93,18 +93,25 @@ _TWEET_FIELDS = "author_id,created_at,conversation_id,referenced_tweets,in_reply
 
 def _tweets_from(payload: Any) -> list[XTweet]:
     """Tweets of a v2 answer, oldest first, with usernames from ``includes.users``."""
+    shape_error = TransientError("X answered with an unexpected JSON shape")
     if not isinstance(payload, dict):
-        raise TransientError("X answered with an unexpected JSON shape")
-    users = {
-        str(u.get("id")): str(u.get("username"))
-        for u in (payload.get("includes") or {}).get("users") or []
-        if isinstance(u, dict)
-    }
+        raise shape_error
+    includes = payload.get("includes") or {}
+    data = payload.get("data") or []
+    if not isinstance(includes, dict) or not isinstance(data, list):
+        raise shape_error
+    listed_users = includes.get("users") or []
+    if not isinstance(listed_users, list):
+        raise shape_error
+    users = {str(u.get("id")): str(u.get("username")) for u in listed_users if isinstance(u, dict)}
     tweets: list[XTweet] = []
-    for item in payload.get("data") or []:
-        if not isinstance(item, dict) or "id" not in item:
+    for item in data:
+        # A tweet without a usable id cannot be answered: skip it rather than invent one.
+        if not isinstance(item, dict) or not isinstance(item.get("id"), (str, int)) or isinstance(item.get("id"), bool):
             continue
         refs = item.get("referenced_tweets") or []
+        if not isinstance(refs, list):
+            raise shape_error
         replied = next((str(r.get("id")) for r in refs if isinstance(r, dict) and r.get("type") == "replied_to"), None)
         retweet = any(isinstance(r, dict) and r.get("type") == "retweeted" for r in refs)
         author_id = str(item["author_id"]) if item.get("author_id") is not None else None

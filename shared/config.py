@@ -123,6 +123,18 @@ def _int_csv(raw: str) -> tuple[int, ...]:
     return tuple(int(item) for item in _csv(raw))
 
 
+def _fernet_keys(raw: str) -> str:
+    """One Fernet key, or several comma-separated (newest first): each must open."""
+    from shared.sessions import SessionCipher, SessionKeyError
+
+    value = raw.strip()
+    try:
+        SessionCipher(value)
+    except SessionKeyError:
+        raise ValueError from None
+    return value
+
+
 def _path(raw: str) -> Path:
     value = raw.strip()
     if not value:
@@ -214,7 +226,7 @@ SETTINGS: list[Setting] = [
     # Telegram user accounts (worker, ingest)
     Setting("TELEGRAM_API_ID", _int(1), None, "a whole number from my.telegram.org", "Telegram API id (bots need one too); unset means sandbox mode (no real Telegram).", TELEGRAM | {"bot"}),
     Setting("TELEGRAM_API_HASH", _text, None, "the API hash from my.telegram.org", "Telegram API hash, with TELEGRAM_API_ID.", TELEGRAM | {"bot"}, secret=True),
-    Setting("SESSION_ENCRYPTION_KEY", _text, None, "a Fernet key (python -m shared.sessions new-key)", "Encrypts Telegram sessions at rest; several comma-separated, newest first, during a rotation. Required outside sandbox mode.", TELEGRAM, secret=True),
+    Setting("SESSION_ENCRYPTION_KEY", _fernet_keys, None, "a Fernet key (python -m shared.sessions new-key)", "Encrypts Telegram sessions at rest; several comma-separated, newest first, during a rotation. Required outside sandbox mode.", TELEGRAM, secret=True),
     Setting("TIMEOUT_TELEGRAM_CONNECT", _float(0, exclusive=True), 30.0, "a number of seconds > 0", "Deadline of connecting one account.", TELEGRAM),
     Setting("ACCOUNT_LEASE_SECONDS", _float(1), 90.0, "a number of seconds >= 1", "An account's lease; renewed every third of it, lapses after a kill.", TELEGRAM),
     Setting("ACCOUNT_CHECK_INTERVAL", _float(0, exclusive=True), 30.0, "a number of seconds > 0", "How often each account's lease and connection are checked.", TELEGRAM),

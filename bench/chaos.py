@@ -1,0 +1,755 @@
+"""Chaos suite: real worker.py processes deliver a backlog while everything goes wrong.
+
+    ./start.sh bench chaos [--quick] [--json] [--keep]
+
+1000 messages (``--quick``: 200) from 20 sandbox accounts (``--quick``: 5)
+into many chats go through real ``worker.py`` processes while, in turn:
+kill -9 of the worker (three times; ``--quick``: once), SIGTERM, a restart of
+PostgreSQL (``pg_ctl restart``), PostgreSQL unreachable for 20 s (a TCP
+proxy that stalls every connection), Telegram hanging for 30 s, Telegram
+dropping connections, flood waits on 10 % of sends, "delivered but the
+answer lost" on 5 % of sends, and two replicas running at once.
+``--quick`` shortens the outages to a few seconds.
+
+The sandbox world is the ground truth: every chat's received messages are
+compared with what was queued for it. Printed: sent, duplicated, lost (queued,
+never received and not dead), dead by reason, order violations, messages left
+queued, dead-but-delivered, and the time to drain after the last fault. With
+``--json`` the last line is one JSON object with at least ``sent``,
+``duplicated``, ``lost`` and ``dead``. Exit status 0 when nothing was
+duplicated, lost, reordered or left queued; 1 otherwise.
+
+The ingest part is not covered yet.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+_BENCH_DIR = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH_DIR]
+sys.path.insert(0, str(ROOT))
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import contextlib  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import random  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+from collections import Counter, defaultdict  # noqa: E402
+from collections.abc import Awaitable, Callable  # noqa: E402
+from dataclasses import asdict, dataclass, field  # noqa: E402
+from typing import Any  # noqa: E402
+
+import asyncpg  # noqa: E402
+
+from bench._chaos_faults import ChaosPostgres, PgProxy  # noqa: E402
+from shared.db.records import AccountStatus  # noqa: E402
+from shared.sandbox import FaultKind, World  # noqa: E402
+from shared.sessions import SessionCipher, generate_key  # noqa: E402
+
+logger = logging.getLogger("bench.chaos")
+
+
+# --- the plan ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How big the run is and how long each fault lasts (seconds)."""
+
+    accounts: int
+    recipients: int
+    per_chat: int
+    kills: int
+    pg_outage: float
+    telegram_hang: float
+    drop_window: float
+    flood_seconds: int
+    flood_share: float = 0.10
+    answer_lost_share: float = 0.05
+    progress_share: float = 0.2
+    progress_timeout: float = 20.0
+    send_latency_ms: float = 50.0
+    send_jitter_ms: float = 100.0
+    seed: int = 10
+    drain_timeout: float = 300.0
+    timeout_send: float = 4.0
+    poison_chats: int = 2
+
+    @property
+    def chats(self) -> int:
+        return self.accounts * self.recipients + self.poison_chats
+
+    @property
+    def messages(self) -> int:
+        return self.chats * self.per_chat
+
+
+FULL = Plan(accounts=20, recipients=10, per_chat=5, kills=3, pg_outage=20.0, telegram_hang=30.0, drop_window=5.0, flood_seconds=3)
+QUICK = Plan(
+    accounts=5,
+    recipients=8,
+    per_chat=5,
+    kills=1,
+    pg_outage=4.0,
+    telegram_hang=4.0,
+    drop_window=1.5,
+    flood_seconds=1,
+    progress_share=0.1,
+    progress_timeout=5.0,
+    drain_timeout=90.0,
+    timeout_send=3.0,
+    poison_chats=1,
+)
+
+
+def worker_env(plan: Plan) -> dict[str, str]:
+    """Settings for the workers: short leases, fast polling, retries that outlast the outages.
+
+    A send whose outcome is unknown is retried after 0.5 s (at most one
+    attempt per TIMEOUT_TELEGRAM_SEND + 0.5 s while Telegram hangs); other
+    transient failures back off 0.5 * 2^n s. MAX_MESSAGE_RETRIES = 14 keeps
+    a chat's head alive through the longest outage with room to spare.
+    """
+    return {
+        "PORT": "0",
+        "LOG_LEVEL": "INFO",
+        "ACCOUNT_LEASE_SECONDS": "3",
+        "ACCOUNT_CHECK_INTERVAL": "0.5",
+        "OUTBOUND_POLL_INTERVAL": "0.3",
+        "OUTBOUND_BATCH_SIZE": "100",
+        "RECONCILE_INTERVAL": "30",
+        "WATCHDOG_CHECK_INTERVAL": "1",
+        "WATCHDOG_MAX_SILENCE": "30",
+        "WATCHDOG_STARTUP_GRACE": "5",
+        "HEARTBEAT_INTERVAL": "1",
+        "RETRY_BASE_DELAY": "0.5",
+        "MAX_MESSAGE_RETRIES": "14",
+        "TIMEOUT_TELEGRAM_SEND": f"{plan.timeout_send:g}",
+        "TIMEOUT_TELEGRAM_ENTITY": "3",
+        "TIMEOUT_TELEGRAM_CONNECT": "4",
+        "TIMEOUT_TELEGRAM_MEDIA": "5",
+        "TIMEOUT_DB": "3",
+        "RECONNECT_BACKOFF_MAX": "1",
+        "SEND_RATE_PER_ACCOUNT": "1000",
+        "SEND_BURST_PER_ACCOUNT": "1000",
+        "SEND_RATE_PER_CHAT": "1000",
+        "SEND_BURST_PER_CHAT": "1000",
+        "SHUTDOWN_GRACE": "4",
+    }
+
+
+# --- the worker processes ------------------------------------------------------------------
+
+
+class WorkerProcess:
+    """One ``python worker.py`` with its output in a log file."""
+
+    def __init__(self, name: str, env: dict[str, str], log: Path) -> None:
+        self.name = name
+        self.env = env
+        self.log = log
+        self.proc: asyncio.subprocess.Process | None = None
+        self.expected_exit = False
+
+    async def start(self) -> WorkerProcess:
+        handle = self.log.open("ab")
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "worker.py", cwd=ROOT, env={**os.environ, **self.env}, stdout=handle, stderr=handle
+            )
+        finally:
+            handle.close()
+        logger.info("started %s (pid %d)", self.name, self.proc.pid)
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def kill9(self) -> None:
+        assert self.proc is not None
+        self.expected_exit = True
+        if self.proc.returncode is None:
+            self.proc.kill()
+        await asyncio.wait_for(self.proc.wait(), 30)
+        logger.info("kill -9 %s (pid %d)", self.name, self.proc.pid)
+
+    async def terminate(self, timeout: float) -> int | None:
+        """SIGTERM and wait; the exit code, or None when it had to be killed."""
+        assert self.proc is not None
+        self.expected_exit = True
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return await asyncio.wait_for(self.proc.wait(), timeout)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+            return None
+
+    def tail(self, chars: int = 2000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+#: A recipient that does not exist: its messages must fail, each with a reason, and hold up no other chat.
+POISON_RECIPIENT = "chaos_nobody_here"
+
+
+@dataclass
+class Chat:
+    account: str
+    recipient: str
+    texts: list[str] = field(default_factory=list)
+
+    @property
+    def poison(self) -> bool:
+        return self.recipient == POISON_RECIPIENT
+
+
+@dataclass
+class PhaseRecord:
+    name: str
+    started: float
+    seconds: float = 0.0
+    note: str = ""
+
+
+class Chaos:
+    """One chaos run: a database behind a proxy, a sandbox world, worker processes, faults."""
+
+    def __init__(self, plan: Plan, *, run_dir: Path) -> None:
+        self.plan = plan
+        self.run_dir = run_dir
+        self.world: World | None = None
+        self.pg = ChaosPostgres(run_dir / "pg")
+        self.proxy: PgProxy | None = None
+        self.direct_dsn = ""
+        self.proxied_dsn = ""
+        self.env: dict[str, str] = {}
+        self.workers: list[WorkerProcess] = []
+        self.started_workers = 0
+        self.unexpected_exits: list[str] = []
+        self.sigterm_codes: list[int | None] = []
+        self.chats: list[Chat] = []
+        self.account_ids: dict[str, int] = {}
+        self.account_peer_ids: dict[int, str] = {}
+        self.waves: list[list[tuple[Chat, str]]] = []
+        self.enqueued = 0
+        self.phases: list[PhaseRecord] = []
+        self.fault_ids: list[int] = []
+        self.latency_rule: int | None = None
+        self.t0 = time.monotonic()
+
+    # set-up --------------------------------------------------------------------------
+
+    async def setup(self) -> None:
+        plan = self.plan
+        await self.pg.start()
+        name = f"chaos_{uuid.uuid4().hex[:8]}"
+        self.direct_dsn = await self.pg.create_database(name)
+        assert self.pg.socket_path is not None
+        self.proxy = PgProxy(unix_path=self.pg.socket_path)
+        port = await self.proxy.start()
+        self.proxied_dsn = f"postgresql://postgres@127.0.0.1:{port}/{name}"
+
+        world = self.world = World(self.run_dir / "sandbox")
+        key = generate_key()
+        cipher = SessionCipher(key)
+        accounts = [f"chaos_acct_{n:02d}" for n in range(plan.accounts)]
+        recipients = [f"chaos_rcpt_{n:02d}" for n in range(plan.recipients)]
+        conn = await asyncpg.connect(self.direct_dsn, timeout=10)
+        try:
+            for n, label in enumerate(accounts):
+                phone = f"+1555030{n:04d}"
+                peer = await asyncio.to_thread(world.create_user, label, phone=phone)
+                self.account_peer_ids[peer.id] = label
+                session = cipher.encrypt(await asyncio.to_thread(world.session_string, phone))
+                self.account_ids[label] = await conn.fetchval(
+                    "select id from account_upsert(p_label => $1, p_phone => $2, p_session_encrypted => $3, p_status => $4)",
+                    label,
+                    phone,
+                    session,
+                    AccountStatus.ACTIVE.value,
+                )
+            for n, label in enumerate(recipients):
+                await asyncio.to_thread(world.create_user, label, phone=f"+1555040{n:04d}")
+        finally:
+            await conn.close()
+
+        self.chats = [Chat(a, r) for a in accounts for r in recipients]
+        self.chats += [Chat(accounts[n % len(accounts)], POISON_RECIPIENT) for n in range(plan.poison_chats)]
+        # Each chat's messages are spread over the waves (in order, a seeded random
+        # pick), so a chat lives through several faults and some waves carry several
+        # consecutive messages of one chat.
+        rng = random.Random(plan.seed)
+        phases = len(self.schedule())
+        self.waves = [[] for _ in range(phases)]
+        for chat in self.chats:
+            for seq, wave in enumerate(sorted(rng.randrange(phases) for _ in range(plan.per_chat))):
+                text = f"{chat.account}>{chat.recipient} #{seq:03d}"
+                chat.texts.append(text)
+                self.waves[wave].append((chat, text))
+        for wave in self.waves:
+            rng.shuffle(wave)
+            wave.sort(key=lambda item: item[0].texts.index(item[1]))  # a chat's messages stay in order
+
+        self.env = {
+            **worker_env(plan),
+            "DATABASE_URL": self.proxied_dsn,
+            "SANDBOX_DIR": str(world.directory),
+            "SESSION_ENCRYPTION_KEY": key,
+        }
+
+    # helpers ----------------------------------------------------------------------------
+
+    async def start_worker(self) -> WorkerProcess:
+        self.started_workers += 1
+        name = f"worker-{self.started_workers}"
+        env = {**self.env, "DATA_DIR": str(self.run_dir / name), "WORKER_ID": f"chaos-{self.started_workers}"}
+        proc = await WorkerProcess(name, env, self.run_dir / f"{name}.log").start()
+        self.workers.append(proc)
+        return proc
+
+    def live_workers(self) -> list[WorkerProcess]:
+        return [w for w in self.workers if w.alive]
+
+    async def check_workers(self) -> None:
+        """A worker that died on its own is a finding; replace it (as Railway would)."""
+        for worker in self.workers:
+            if not worker.alive and not worker.expected_exit:
+                worker.expected_exit = True
+                code = worker.proc.returncode if worker.proc else None
+                self.unexpected_exits.append(f"{worker.name} exited with {code}")
+                logger.error("%s exited on its own (%s); its log ends:\n%s", worker.name, code, worker.tail())
+                await self.start_worker()
+
+    async def enqueue_wave(self) -> int:
+        if not self.waves:
+            return 0
+        wave = self.waves.pop(0)
+        conn = await asyncpg.connect(self.direct_dsn, timeout=10)
+        try:
+            await conn.executemany(
+                "select outbound_enqueue(p_account_id => $1, p_peer => $2, p_text => $3, p_dedupe_key => $3)",
+                [(self.account_ids[chat.account], chat.recipient, text) for chat, text in wave],
+            )
+        finally:
+            await conn.close()
+        self.enqueued += len(wave)
+        return len(wave)
+
+    def _delivered_count(self) -> int:
+        assert self.world is not None
+        return sum(len(self.world.received(chat)) for chat in {c.recipient for c in self.chats if not c.poison})
+
+    async def delivered(self) -> int:
+        return await asyncio.to_thread(self._delivered_count)
+
+    async def wait_for(self, condition: Callable[[], Awaitable[bool]], *, timeout: float, what: str) -> bool:
+        """Poll ``condition`` until true or ``timeout``; False (and a log line) on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if await condition():
+                return True
+            await self.check_workers()
+            if time.monotonic() > deadline:
+                logger.warning("%s: not reached within %.0fs, going on", what, timeout)
+                return False
+            await asyncio.sleep(0.1)
+
+    async def wave_with_progress(self) -> None:
+        """Queue the next wave and wait until part of it went out (so the fault hits sends in flight)."""
+        before = await self.delivered()
+        size = await self.enqueue_wave()
+        target = before + max(1, int(size * self.plan.progress_share))
+
+        async def progressed() -> bool:
+            return await self.delivered() >= target
+
+        await self.wait_for(progressed, timeout=self.plan.progress_timeout, what="wave progress")
+
+    async def accounts_leased(self) -> bool:
+        conn = await asyncpg.connect(self.direct_dsn, timeout=5)
+        try:
+            n = await conn.fetchval(
+                "select count(*) from telegram_accounts where label like 'chaos_acct_%' "
+                "and lease_owner is not null and lease_expires_at > now()"
+            )
+        finally:
+            await conn.close()
+        return int(n) == self.plan.accounts
+
+    async def pending(self) -> int:
+        conn = await asyncpg.connect(self.direct_dsn, timeout=5)
+        try:
+            return int(
+                await conn.fetchval("select count(*) from messages where direction = 'outbound' and status in ('queued', 'sending')")
+            )
+        finally:
+            await conn.close()
+
+    def fault(self, kind: FaultKind, **kwargs: Any) -> int:
+        """Add a fault rule ahead of the background latency (the sandbox applies the oldest matching rule)."""
+        assert self.world is not None
+        if self.latency_rule is not None:
+            self.world.clear_faults(self.latency_rule)
+        rule = self.world.set_fault(kind, **kwargs)
+        self.fault_ids.append(rule.id)
+        self.latency_rule = self.world.set_fault(
+            FaultKind.LATENCY, method="SendMessage", ms=self.plan.send_latency_ms, jitter_ms=self.plan.send_jitter_ms
+        ).id
+        return rule.id
+
+    # the faults ---------------------------------------------------------------------------
+
+    def schedule(self) -> list[tuple[str, Callable[[], Awaitable[str]]]]:
+        plan = self.plan
+        kills = [(f"kill -9 #{n + 1}", self.kill9) for n in range(plan.kills)]
+        steps: list[tuple[str, Callable[[], Awaitable[str]]]] = [
+            kills[0],
+            (f"flood waits on {plan.flood_share:.0%} of sends", self.flood),
+            ("SIGTERM", self.sigterm),
+            (f"Telegram hanging {plan.telegram_hang:g}s", self.telegram_hang),
+            (f"Telegram dropping connections {plan.drop_window:g}s", self.telegram_drops),
+            (f"answer lost on {plan.answer_lost_share:.0%} of sends", self.answer_lost),
+        ]
+        if len(kills) > 1:
+            steps.append(kills[1])
+        steps += [
+            ("PostgreSQL restart", self.pg_restart),
+            (f"PostgreSQL unreachable {plan.pg_outage:g}s", self.pg_unreachable),
+            ("two replicas", self.two_replicas),
+        ]
+        steps += kills[2:]
+        return steps
+
+    async def kill9(self) -> str:
+        await self.wave_with_progress()
+        victim = self.live_workers()[-1]
+        await victim.kill9()
+        await self.start_worker()
+        return f"killed {victim.name}"
+
+    async def flood(self) -> str:
+        count = max(1, math.ceil(self.plan.messages * self.plan.flood_share))
+        self.fault(FaultKind.FLOOD, method="SendMessage", count=count, seconds=self.plan.flood_seconds)
+        await self.wave_with_progress()
+        return f"the next {count} sends answer FLOOD_WAIT_{self.plan.flood_seconds}"
+
+    async def sigterm(self) -> str:
+        await self.wave_with_progress()
+        victim = self.live_workers()[0]
+        code = await victim.terminate(timeout=float(self.env["SHUTDOWN_GRACE"]) + 20)
+        self.sigterm_codes.append(code)
+        await self.start_worker()
+        return f"{victim.name} exited with {code}"
+
+    async def pg_restart(self) -> str:
+        await self.wave_with_progress()
+        started = time.monotonic()
+        await self.pg.restart()
+        return f"pg_ctl restart took {time.monotonic() - started:.1f}s"
+
+    async def pg_unreachable(self) -> str:
+        assert self.proxy is not None
+        await self.wave_with_progress()
+        self.proxy.cut()
+        try:
+            await self._sleep_watching(self.plan.pg_outage)
+        finally:
+            self.proxy.restore()
+        return "every connection stalled, new ones unanswered"
+
+    async def telegram_hang(self) -> str:
+        assert self.world is not None
+        await self.wave_with_progress()
+        rule = self.fault(FaultKind.HANG)
+        try:
+            await self._sleep_watching(self.plan.telegram_hang)
+        finally:
+            await asyncio.to_thread(self.world.clear_faults, rule)
+        return "every request unanswered"
+
+    async def telegram_drops(self) -> str:
+        assert self.world is not None
+        await self.wave_with_progress()
+        rule = self.fault(FaultKind.DROP)
+        try:
+            await self._sleep_watching(self.plan.drop_window)
+        finally:
+            await asyncio.to_thread(self.world.clear_faults, rule)
+        return "every request drops its connection"
+
+    async def answer_lost(self) -> str:
+        count = max(2, math.ceil(self.plan.messages * self.plan.answer_lost_share))
+        self.fault(FaultKind.ANSWER_LOST, method="SendMessage", count=count // 2, then="drop")
+        self.fault(FaultKind.ANSWER_LOST, method="SendMessage", count=count - count // 2, then="hang")
+        await self.wave_with_progress()
+        return f"the next {count} sends are stored, then the answer is lost (half drop, half hang)"
+
+    async def two_replicas(self) -> str:
+        await self.start_worker()
+        await self.wave_with_progress()
+        return f"{len(self.live_workers())} workers running"
+
+    async def _sleep_watching(self, seconds: float) -> None:
+        """The fault lasts ``seconds``; meanwhile notice workers that die."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            await asyncio.sleep(min(0.5, left))
+            await self.check_workers()
+
+    # the run --------------------------------------------------------------------------------
+
+    async def run(self) -> dict[str, Any]:
+        await self.setup()
+        assert self.world is not None
+        # Every send takes a little while, so a fault always finds sends in flight.
+        self.latency_rule = self.world.set_fault(
+            FaultKind.LATENCY, method="SendMessage", ms=self.plan.send_latency_ms, jitter_ms=self.plan.send_jitter_ms
+        ).id
+        await self.start_worker()
+
+        async def leased() -> bool:
+            return await self.accounts_leased()
+
+        if not await self.wait_for(leased, timeout=60, what="all accounts leased"):
+            raise RuntimeError(f"the worker never leased its accounts; its log ends:\n{self.workers[0].tail()}")
+        for name, step in self.schedule():
+            record = PhaseRecord(name=name, started=time.monotonic() - self.t0)
+            logger.info("fault: %s", name)
+            record.note = await step()
+            record.seconds = time.monotonic() - self.t0 - record.started
+            self.phases.append(record)
+            await self.check_workers()
+        while self.waves:
+            await self.enqueue_wave()
+
+        assert self.world is not None
+        # Faults not used up by now are part of the story no longer: the end is a clean drain.
+        remaining_faults = await asyncio.to_thread(self.world.faults)
+        await asyncio.to_thread(self.world.clear_faults)
+        drain_started = time.monotonic()
+
+        async def drained() -> bool:
+            return await self.pending() == 0
+
+        drained_ok = await self.wait_for(drained, timeout=self.plan.drain_timeout, what="queue drained")
+        drain_seconds = time.monotonic() - drain_started
+        for worker in self.live_workers():
+            code = await worker.terminate(timeout=float(self.env["SHUTDOWN_GRACE"]) + 20)
+            self.sigterm_codes.append(code)
+        result = await self.verdict()
+        result.update(
+            drain_seconds=round(drain_seconds, 1),
+            drained=drained_ok,
+            total_seconds=round(time.monotonic() - self.t0, 1),
+            unexpected_exits=self.unexpected_exits,
+            sigterm_exit_codes=self.sigterm_codes,
+            workers_started=self.started_workers,
+            fault_hits=fault_hits(remaining_faults),
+            phases=[asdict(p) for p in self.phases],
+        )
+        return result
+
+    async def verdict(self) -> dict[str, Any]:
+        """Compare the world with the queue: duplicates, losses, order, the dead and their reasons."""
+        assert self.world is not None
+        conn = await asyncpg.connect(self.direct_dsn, timeout=10)
+        try:
+            rows = await conn.fetch(
+                "select m.id, a.label, m.peer, m.text, m.status, m.last_error, m.attempts from messages m "
+                "join telegram_accounts a on a.id = m.account_id "
+                "where m.direction = 'outbound' and m.status is not null order by m.id"
+            )
+        finally:
+            await conn.close()
+        by_text = {r["text"]: r for r in rows}
+        received: dict[tuple[str, str], list[str]] = defaultdict(list)
+        for recipient in sorted({c.recipient for c in self.chats if not c.poison}):
+            for message in await asyncio.to_thread(self.world.received, recipient):
+                label = self.account_peer_ids.get(message.sender_id or 0)
+                if label is not None:
+                    received[(label, recipient)].append(message.text or "")
+
+        sent = duplicated = lost = order_violations = unexpected = 0
+        dead_by_reason: Counter[str] = Counter()
+        dead_but_delivered = marked_sent_not_received = failures_without_reason = poison_not_failed = 0
+        examples: dict[str, list[str]] = defaultdict(list)
+        for chat in self.chats:
+            got = received.get((chat.account, chat.recipient), [])
+            expected = set(chat.texts)
+            counts = Counter(got)
+            for text, n in counts.items():
+                if text not in expected:
+                    unexpected += n
+                elif n > 1:
+                    duplicated += n - 1
+                    examples["duplicated"].append(text)
+            position = {t: i for i, t in enumerate(chat.texts)}
+            firsts = [position[t] for t in dict.fromkeys(got) if t in position]
+            violations = sum(1 for a, b in zip(firsts, firsts[1:], strict=False) if b < a)
+            order_violations += violations
+            if violations:
+                examples["out_of_order"].append(f"{chat.account}>{chat.recipient}")
+            for text in chat.texts:
+                row = by_text.get(text)
+                status = row["status"] if row is not None else None
+                if text in counts:
+                    sent += 1
+                    if status in ("dead", "failed"):
+                        dead_but_delivered += 1
+                    continue
+                if chat.poison and status != "failed":
+                    poison_not_failed += 1
+                if status in ("dead", "failed"):
+                    reason = (row["last_error"] or "").strip() if row is not None else ""
+                    if not reason:
+                        failures_without_reason += 1
+                    dead_by_reason[f"{status}: {reason[:120] or '(no reason)'}"] += 1
+                else:
+                    lost += 1
+                    examples["lost"].append(f"{text} ({status})")
+                    if status == "sent":
+                        marked_sent_not_received += 1
+        left_queued = sum(1 for r in rows if r["status"] in ("queued", "sending"))
+        dead_total = sum(dead_by_reason.values())
+        ok = (
+            duplicated == 0
+            and lost == 0
+            and left_queued == 0
+            and order_violations == 0
+            and unexpected == 0
+            and failures_without_reason == 0
+        )
+        return {
+            "ok": ok,
+            "enqueued": self.enqueued,
+            "sent": sent,
+            "duplicated": duplicated,
+            "lost": lost,
+            "dead": dead_total,
+            "dead_by_reason": dict(dead_by_reason.most_common()),
+            "left_queued": left_queued,
+            "order_violations": order_violations,
+            "unexpected_messages": unexpected,
+            "dead_but_delivered": dead_but_delivered,
+            "marked_sent_not_received": marked_sent_not_received,
+            "failures_without_reason": failures_without_reason,
+            "poison_messages": sum(len(c.texts) for c in self.chats if c.poison),
+            "poison_not_failed": poison_not_failed,
+            "max_attempts": max((r["attempts"] for r in rows), default=0),
+            "examples": {k: v[:5] for k, v in examples.items()},
+        }
+
+    async def close(self) -> None:
+        for worker in self.workers:
+            if worker.alive:
+                with contextlib.suppress(Exception):
+                    await worker.kill9()
+        if self.proxy is not None:
+            await self.proxy.stop()
+        if self.world is not None:
+            self.world.close()
+        await self.pg.close()
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+def fault_hits(rules: list[dict[str, Any]]) -> dict[str, int]:
+    """Hits per kind of fault rule (the background latency is not a fault)."""
+    hits: Counter[str] = Counter()
+    for rule in rules:
+        if rule["kind"] == FaultKind.LATENCY.value:
+            continue
+        name = f"{rule['kind']}:{rule['method']}" + (f":{rule['then']}" if rule["kind"] == FaultKind.ANSWER_LOST.value else "")
+        hits[name] += int(rule["hits"] or 0)
+    return dict(hits)
+
+
+def report(result: dict[str, Any], plan: Plan) -> str:
+    lines = [
+        f"chaos: {plan.messages} messages, {plan.accounts} accounts x {plan.recipients} recipients"
+        f" + {plan.poison_chats} chat(s) to a user that does not exist, "
+        f"{result.get('workers_started', 0)} worker processes started",
+        "",
+        f"{'phase':<44} {'at':>7} {'took':>7}  note",
+    ]
+    for phase in result.get("phases", []):
+        lines.append(f"{phase['name']:<44} {phase['started']:>6.1f}s {phase['seconds']:>6.1f}s  {phase['note']}")
+    lines += [
+        "",
+        f"sent (received exactly)  {result['sent']}",
+        f"duplicated               {result['duplicated']}",
+        f"lost                     {result['lost']}",
+        f"dead / failed            {result['dead']}",
+    ]
+    for reason, n in result["dead_by_reason"].items():
+        lines.append(f"    {n:>5}  {reason}")
+    lines += [
+        f"left queued              {result['left_queued']}",
+        f"order violations         {result['order_violations']}",
+        f"dead but delivered       {result['dead_but_delivered']}",
+        f"poison not failed        {result['poison_not_failed']} of {result['poison_messages']} (to a user that does not exist)",
+        f"sent but not received    {result['marked_sent_not_received']}",
+        f"unexpected exits         {len(result.get('unexpected_exits', []))} {result.get('unexpected_exits') or ''}",
+        f"SIGTERM exit codes       {result.get('sigterm_exit_codes')}",
+        f"fault hits               {result.get('fault_hits')}",
+        f"time to drain            {result.get('drain_seconds')}s (after the last fault)",
+        f"total                    {result.get('total_seconds')}s",
+        f"verdict                  {'OK' if result['ok'] else 'FAILED'}",
+    ]
+    if result.get("examples"):
+        lines.append(f"examples                 {result['examples']}")
+    return "\n".join(lines)
+
+
+async def amain(plan: Plan, *, keep: bool) -> dict[str, Any]:
+    run_dir = Path(tempfile.mkdtemp(prefix="chaos-"))
+    chaos = Chaos(plan, run_dir=run_dir)
+    try:
+        return await chaos.run()
+    except BaseException:
+        for worker in chaos.workers:
+            logger.error("%s log tail:\n%s", worker.name, worker.tail(3000))
+        raise
+    finally:
+        await chaos.close()
+        if keep:
+            logger.warning("run directory kept: %s", run_dir)
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="./start.sh bench chaos", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="200 messages, 5 accounts, outages of seconds (the CI form)")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line")
+    parser.add_argument("--keep", action="store_true", help="keep the run directory (worker logs, world, database)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    plan = QUICK if args.quick else FULL
+    result = asyncio.run(amain(plan, keep=args.keep))
+    print(report(result, plan))
+    if args.json:
+        print(json.dumps(result, default=str))
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
