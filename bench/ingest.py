@@ -1,0 +1,235 @@
+"""Benchmark: ingest's image processing against a naive Pillow pipeline, on large JPEGs.
+
+    ./start.sh bench ingest [--quick] [--json] [--max-dimension N] [--repeat N]
+
+The benchmark generates large JPEGs (8K and bigger) in a temporary directory,
+then runs each pipeline over the whole set in a process of its own and
+reports that process's peak RSS (``ru_maxrss``) and images per second:
+
+* ``ours``: :func:`shared.images.process_image` (lazy open, JPEG ``draft()``
+  at the coarsest scale that keeps MAX_IMAGE_DIMENSION, then ``thumbnail``,
+  re-encode);
+* ``naive``: ``Image.open(path).load()``, then ``resize`` to fit the same
+  limit (the same bicubic filter) and the same JPEG encode;
+* ``ours+gc``: ours with ``gc.collect()`` after every image, to see whether
+  the seed's "gc.collect() every 10 messages" buys anything.
+
+Prints a table; with ``--json`` the last line is one JSON object with
+``rss_ratio`` (ours/naive peak RSS), ``speed_ratio`` (ours/naive images per
+second) and the raw numbers. A benchmark, not a test: nothing here asserts.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run as `python bench/ingest.py`, this directory would come first on sys.path and
+# shadow the repository's ingest.py: put the repository root first instead.
+_BENCH_DIR = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH_DIR]
+sys.path.insert(0, str(_BENCH_DIR.parent))
+
+import argparse  # noqa: E402
+import gc  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import resource  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import Any  # noqa: E402
+
+from bench._common import machine, machine_line  # noqa: E402
+
+logger = logging.getLogger("bench.ingest")
+
+FULL_SIZES = [(8192, 6144), (12000, 9000), (16000, 12000), (16384, 16384)]
+QUICK_SIZES = [(8192, 6144), (12000, 9000), (16000, 12000)]
+VARIANTS = ("ours", "naive", "ours+gc")
+
+
+@dataclass
+class Run:
+    variant: str
+    images: int
+    seconds: float
+    peak_rss_kb: int
+    baseline_rss_kb: int
+    sizes_out: list[tuple[int, int]]
+
+    @property
+    def per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else float("inf")
+
+    @property
+    def peak_mb(self) -> float:
+        return self.peak_rss_kb / 1024
+
+
+# --- the child: one pipeline over the files, in its own process --------------------------
+
+
+def peak_rss_kb() -> int:
+    """This process's peak RSS in KB: ``VmHWM`` on Linux (``ru_maxrss`` there would also count
+    what the parent held when it forked), ``ru_maxrss`` elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    scale = 1024 if sys.platform == "darwin" else 1  # macOS reports bytes
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // scale
+
+
+def _naive(path: Path, max_dimension: int) -> tuple[int, int]:
+    from PIL import Image
+
+    from shared.images import fit_within
+
+    Image.MAX_IMAGE_PIXELS = None  # naive: no bomb limit (Pillow's default would refuse the biggest image)
+    image = Image.open(path)
+    image.load()
+    size = fit_within(image.width, image.height, max_dimension)
+    if size != image.size:
+        image = image.resize(size, Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=90)
+    return image.size
+
+
+def _ours(path: Path, max_dimension: int) -> tuple[int, int]:
+    from shared.images import ImagePolicy, process_image
+
+    result = process_image(path, policy=ImagePolicy(max_dimension=max_dimension))
+    return result.width, result.height
+
+
+def child(variant: str, files: list[Path], max_dimension: int, repeat: int) -> dict[str, Any]:
+    import PIL.Image  # noqa: F401 - imported before the baseline is taken, for both variants alike
+
+    import shared.images  # noqa: F401
+
+    baseline = peak_rss_kb()
+    work = _naive if variant == "naive" else _ours
+    sizes: list[tuple[int, int]] = []
+    started = time.perf_counter()
+    for _ in range(repeat):
+        for path in files:
+            sizes.append(work(path, max_dimension))
+            if variant == "ours+gc":
+                gc.collect()
+    seconds = time.perf_counter() - started
+    return {
+        "variant": variant,
+        "images": len(sizes),
+        "seconds": seconds,
+        "peak_rss_kb": peak_rss_kb(),
+        "baseline_rss_kb": baseline,
+        "sizes_out": sizes,
+    }
+
+
+# --- the parent: make the images, run each variant, compare ---------------------------------
+
+
+def generate(directory: Path, sizes: list[tuple[int, int]]) -> list[Path]:
+    """Large JPEGs with detail (gradients and shapes), so decoding and encoding do real work."""
+    from PIL import Image, ImageDraw
+
+    files = []
+    for number, (width, height) in enumerate(sizes):
+        path = directory / f"large-{width}x{height}.jpg"
+        tile = Image.linear_gradient("L").resize((512, 512)).convert("RGB")
+        image = tile.resize((width, height), Image.Resampling.NEAREST)
+        draw = ImageDraw.Draw(image)
+        step = max(64, width // 40)
+        for index, x in enumerate(range(0, width, step)):
+            draw.rectangle((x, (index * 97) % height, x + step // 2, height), fill=((index * 37 + number * 50) % 256, 90, 160))
+        image.save(path, "JPEG", quality=85)
+        del image, draw
+        files.append(path)
+        logger.info("generated %s (%.1f MB)", path.name, path.stat().st_size / 1e6)
+    return files
+
+
+def run_variant(variant: str, files: list[Path], max_dimension: int, repeat: int) -> Run:
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", variant, "--max-dimension", str(max_dimension), "--repeat", str(repeat),
+         *map(str, files)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"variant {variant} failed:\n{done.stderr[-3000:]}")
+    data = json.loads(done.stdout.strip().splitlines()[-1])
+    return Run(
+        variant=data["variant"],
+        images=data["images"],
+        seconds=data["seconds"],
+        peak_rss_kb=data["peak_rss_kb"],
+        baseline_rss_kb=data["baseline_rss_kb"],
+        sizes_out=[tuple(s) for s in data["sizes_out"]],
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="./start.sh bench ingest", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="three images up to 16000x12000 instead of four up to 16384x16384")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line")
+    parser.add_argument("--max-dimension", type=int, default=8192, help="MAX_IMAGE_DIMENSION (default 8192)")
+    parser.add_argument("--repeat", type=int, default=1, help="passes over the set per variant")
+    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("files", nargs="*", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child:
+        sys.stdout.write(json.dumps(child(args.child, args.files, args.max_dimension, args.repeat)) + "\n")
+        return 0
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    sizes = QUICK_SIZES if args.quick else FULL_SIZES
+    directory = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
+    try:
+        files = generate(directory, sizes)
+        runs = {variant: run_variant(variant, files, args.max_dimension, args.repeat) for variant in VARIANTS}
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+    ours, naive, with_gc = runs["ours"], runs["naive"], runs["ours+gc"]
+    where = machine()
+    print(machine_line(where))
+    print(f"{len(files)} JPEGs ({', '.join(f'{w}x{h}' for w, h in sizes)}), MAX_IMAGE_DIMENSION={args.max_dimension}, "
+          f"{args.repeat} pass(es), each variant in its own process")
+    print(f"{'variant':<10} {'images/s':>9} {'seconds':>8} {'peak RSS MB':>12} {'baseline MB':>12}  output sizes")
+    for run in runs.values():
+        outs = ", ".join(f"{w}x{h}" for w, h in run.sizes_out[: len(files)])
+        print(f"{run.variant:<10} {run.per_s:>9.2f} {run.seconds:>8.2f} {run.peak_mb:>12.1f} {run.baseline_rss_kb / 1024:>12.1f}  {outs}")
+    result = {
+        "rss_ratio": round(ours.peak_rss_kb / naive.peak_rss_kb, 4),
+        "speed_ratio": round(ours.per_s / naive.per_s, 4),
+        "ours_peak_rss_mb": round(ours.peak_mb, 1),
+        "naive_peak_rss_mb": round(naive.peak_mb, 1),
+        "ours_images_per_s": round(ours.per_s, 3),
+        "naive_images_per_s": round(naive.per_s, 3),
+        "gc_peak_rss_mb": round(with_gc.peak_mb, 1),
+        "gc_rss_ratio": round(with_gc.peak_rss_kb / ours.peak_rss_kb, 4),
+        "gc_speed_ratio": round(with_gc.per_s / ours.per_s, 4),
+        "images": len(files) * args.repeat,
+        "sizes": [f"{w}x{h}" for w, h in sizes],
+        "max_dimension": args.max_dimension,
+        "machine": where,
+    }
+    print(f"ours/naive: peak RSS x{result['rss_ratio']:.2f}, speed x{result['speed_ratio']:.2f}; "
+          f"gc.collect() after every image: peak RSS x{result['gc_rss_ratio']:.2f}, speed x{result['gc_speed_ratio']:.2f} of ours")
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
