@@ -11,7 +11,16 @@ Endpoints:
   ``version``, ``uptime_seconds``, ``time``).
 * ``GET /health/detailed``: the optional detailed-health provider's dict.
 * ``GET /metrics``: Prometheus text format of the default registry.
-* ``GET /``: a self-refreshing HTML page that renders ``/status`` for a person.
+* ``GET /``: the operator page: plain HTML and script, no build step, that
+  fetches ``/status`` every 5 s and shows it for a person: an overall verdict
+  (red only for trouble: a failing loop, an open breaker, an account that
+  needs a login, critical resources), the sandbox banner, the last error with
+  its age, each loop with its last ping and restarts, accounts or channels
+  with their state and queue depth, retry queues, breakers, history-sync
+  progress bars, CPU/memory/disk bars, then every other section. Ages are
+  computed against the server's clock. Known sections get chosen columns;
+  any other section is rendered generically, so a bot's new section shows up
+  without touching the page.
 
 With a token configured, ``/status``, ``/health/detailed``, ``/metrics`` and
 ``/`` need it, as ``Authorization: Bearer <token>`` or ``?token=<token>``
@@ -99,7 +108,7 @@ class StatusServer:
         self._requested_port = int(port)
         self._port: int | None = None
         self._token = token or None
-        self._token_bytes = self._token.encode("utf-8") if self._token else b""
+        self._token_bytes = _utf8(self._token) if self._token else b""
         register_secret(self._token)
         self._status = status
         self._liveness = liveness
@@ -212,8 +221,8 @@ class StatusServer:
         from_header = header[7:].strip() if header[:7].lower() == "bearer " else ""
         from_query = request.query.get("token", "")
         # Both compared every time, in constant time, so timing says nothing about either.
-        header_ok = hmac.compare_digest(from_header.encode("utf-8"), self._token_bytes)
-        query_ok = hmac.compare_digest(from_query.encode("utf-8"), self._token_bytes)
+        header_ok = hmac.compare_digest(_utf8(from_header), self._token_bytes)
+        query_ok = hmac.compare_digest(_utf8(from_query), self._token_bytes)
         return header_ok or query_ok
 
     def _unauthorized(self) -> web.Response:
@@ -329,6 +338,16 @@ class StatusServer:
         return response
 
 
+def _utf8(text: str) -> bytes:
+    """``text`` as bytes for a comparison; never raises.
+
+    aiohttp hands header bytes that are not UTF-8 over as lone surrogates
+    (``surrogateescape``); a plain ``encode()`` would raise on them and turn a
+    wrong token into a 500 instead of a 401.
+    """
+    return text.encode("utf-8", errors="surrogatepass")
+
+
 def _html_escape(text: str) -> str:
     return (text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
             .replace('"', "&quot;").replace("'", "&#x27;"))
@@ -337,7 +356,7 @@ def _html_escape(text: str) -> str:
 # The operator page: plain HTML + vanilla JS, no build step. It reads the token
 # from its own URL (?token=...) and sends it as a Bearer header; the server never
 # writes the token into the page. All data goes in through textContent.
-_PAGE = """<!doctype html>
+_PAGE = r"""<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
@@ -345,30 +364,48 @@ _PAGE = """<!doctype html>
 <meta name="referrer" content="no-referrer">
 <title>{{TITLE}} status</title>
 <style nonce="{{NONCE}}">
-  :root { --bg:#0f1115; --panel:#171a21; --text:#e6e6e6; --muted:#8a93a6; --ok:#2ecc71; --warn:#f1c40f; --bad:#e74c3c; --line:#262b36; }
-  * { box-sizing: border-box; }
-  body { margin:0; font:14px/1.4 system-ui, -apple-system, Segoe UI, Roboto, sans-serif; background:var(--bg); color:var(--text); }
-  header { display:flex; flex-wrap:wrap; gap:16px; align-items:baseline; padding:12px 16px; border-bottom:1px solid var(--line); }
-  header h1 { font-size:18px; margin:0; }
-  header .meta { color:var(--muted); }
+  :root { --bg:#13161b; --panel:#1a1e25; --text:#d8dce3; --muted:#8a93a2; --faint:#5d6573; --line:#272d37;
+          --ok:#7dbb92; --warn:#d9ab4f; --bad:#f0695c; --accent:#6f9fd6; }
+  * { box-sizing:border-box; }
+  html, body { margin:0; background:var(--bg); color:var(--text); }
+  body { font:13px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
+  header { display:flex; flex-wrap:wrap; gap:6px 18px; align-items:baseline; padding:10px 16px 9px; border-bottom:1px solid var(--line); }
+  header h1 { font-size:17px; font-weight:650; margin:0; letter-spacing:.01em; }
+  header .meta { color:var(--muted); font-size:12px; }
   #conn { margin-left:auto; }
-  main { padding:12px 16px; display:grid; gap:12px; grid-template-columns:repeat(auto-fit, minmax(420px, 1fr)); }
-  section { background:var(--panel); border:1px solid var(--line); border-radius:6px; padding:10px 12px; overflow:auto; }
-  section h2 { font-size:14px; margin:0 0 8px; text-transform:uppercase; letter-spacing:.05em; color:var(--muted); }
-  table { border-collapse:collapse; width:100%; }
-  th, td { text-align:left; padding:3px 8px 3px 0; border-bottom:1px solid var(--line); vertical-align:top; }
+  .pill { display:inline-block; padding:1px 9px; border-radius:9px; font-size:12px; font-weight:600; border:1px solid currentColor; }
+  .pill.ok { color:var(--ok); } .pill.warn { color:var(--warn); } .pill.bad { color:var(--bad); }
+  .banner { padding:7px 16px; font-weight:600; font-size:13px; }
+  .banner.sandbox { background:#1f3047; color:#cfe0f5; border-bottom:1px solid #2f4a6b; }
+  .banner.error { background:#4a1f1f; color:#ffd6d0; }
+  .hidden { display:none !important; }
+  main { padding:12px 16px 24px; display:flex; flex-wrap:wrap; gap:12px; align-items:flex-start; }
+  section { flex:1 1 380px; min-width:0; background:var(--panel); border:1px solid var(--line); border-radius:6px; padding:8px 12px 10px; overflow-x:auto; }
+  section.wide { flex-basis:100%; }
+  section.stat { flex:0 1 auto; min-width:120px; }
+  section.stat .value { font-size:20px; font-variant-numeric:tabular-nums; }
+  section h2 { font-size:11px; font-weight:650; margin:0 0 6px; text-transform:uppercase; letter-spacing:.07em; color:var(--muted); }
+  table { border-collapse:collapse; font-size:12.5px; }
+  table.kv { width:100%; }
+  table.grid { min-width:50%; }
+  th, td { text-align:left; padding:3px 20px 3px 0; border-bottom:1px solid var(--line); vertical-align:top; white-space:nowrap; }
+  th.num { text-align:right; }
+  tr:last-child > td, tr:last-child > th { border-bottom:none; }
   th { color:var(--muted); font-weight:600; }
-  td.num { font-variant-numeric: tabular-nums; }
-  .ok { color:var(--ok); } .warn { color:var(--warn); } .bad { color:var(--bad); font-weight:600; }
-  .banner { padding:12px 16px; font-weight:700; text-align:center; }
-  .banner.sandbox { background:#8e44ad; color:#fff; font-size:18px; letter-spacing:.08em; }
-  .banner.error { background:#5c1d1d; color:#ffd7d7; }
-  .hidden { display:none; }
-  .bar { position:relative; height:14px; min-width:140px; background:#262b36; border-radius:7px; overflow:hidden; }
-  .bar > span { position:absolute; left:0; top:0; bottom:0; background:var(--ok); }
-  .bar > em { position:relative; font-style:normal; font-size:11px; padding-left:6px; }
-  pre { margin:0; white-space:pre-wrap; word-break:break-word; color:var(--muted); }
-  .age { color:var(--muted); font-size:12px; }
+  th.row { color:var(--text); font-weight:600; }
+  td.num { font-variant-numeric:tabular-nums; text-align:right; }
+  td.text { white-space:normal; min-width:160px; max-width:520px; word-break:break-word; }
+  .ok { color:var(--ok); } .warn { color:var(--warn); } .bad { color:var(--bad); font-weight:650; }
+  .err { color:#e49a92; } .muted { color:var(--faint); }
+  .sub { display:block; color:var(--faint); font-size:11px; }
+  .bar { position:relative; height:14px; width:160px; background:#272d37; border-radius:3px; overflow:hidden; }
+  .bar > span { position:absolute; left:0; top:0; bottom:0; background:var(--accent); opacity:.75; }
+  .bar > span.warn { background:var(--warn); } .bar > span.bad { background:var(--bad); } .bar > span.ok { background:var(--ok); }
+  .bar > em { position:relative; font-style:normal; font-size:11px; padding-left:6px; color:#fff; line-height:14px; }
+  .lasterror .message { font-size:14px; white-space:pre-wrap; word-break:break-word; }
+  .lasterror .when { color:var(--muted); font-size:12px; margin-top:2px; }
+  pre { margin:0; white-space:pre-wrap; word-break:break-word; color:var(--muted); font-size:12px; }
+  .none { color:var(--faint); font-style:italic; }
 </style>
 </head>
 <body>
@@ -376,7 +413,9 @@ _PAGE = """<!doctype html>
 <div id="fetch-error" class="banner error hidden"></div>
 <header>
   <h1 id="bot">{{TITLE}}</h1>
+  <span id="overall" class="pill hidden"></span>
   <span class="meta" id="version"></span>
+  <span class="meta" id="backend"></span>
   <span class="meta" id="uptime"></span>
   <span class="meta" id="time"></span>
   <span class="meta" id="conn">loading...</span>
@@ -389,11 +428,37 @@ _PAGE = """<!doctype html>
   var params = new URLSearchParams(window.location.search);
   var token = params.get("token") || "";
   var lastOk = 0;
-  var HEADER_KEYS = ["bot", "version", "uptime_seconds", "time", "sandbox"];
-  var ORDER = ["last_error", "loops", "accounts", "channels", "queues", "breakers", "history_jobs", "counters", "alerts"];
+  var skewMs = 0;  // browser clock minus server clock, from /status's "time"
+  var HEADER_KEYS = ["bot", "version", "uptime_seconds", "time", "sandbox", "backend", "stopping"];
+  var ORDER = ["last_error", "loops", "accounts", "channels", "queues", "breakers", "history_jobs", "resources",
+               "counters", "outbound", "sync", "jobs", "heartbeat", "alerts", "watchdog", "sandbox_world"];
   var BAD = ["failing", "failed", "open", "dead", "error", "needs_login", "stopped", "crashed", "exhausted", "down", "unhealthy"];
-  var WARN = ["half_open", "degraded", "restarting", "retrying", "stale", "rate_limited", "waiting", "paused", "starting", "flood_wait"];
-  var GOOD = ["ok", "running", "closed", "healthy", "connected", "ready", "idle", "done", "active", "alive"];
+  var WARN = ["half_open", "degraded", "restarting", "retrying", "stale", "rate_limited", "waiting", "paused", "starting",
+              "flood_wait", "backoff", "connecting", "pending"];
+  var GOOD = ["ok", "running", "closed", "healthy", "connected", "ready", "idle", "done", "active", "alive", "online", "sent"];
+  // Per section: the columns worth a glance, in order; then the rest minus HIDE.
+  var COLUMNS = {
+    loops: ["state", "last_ping", "last_ping_ago_s", "restarts", "cycles", "cycle_errors", "last_error", "last_error_at", "last_restart_reason"],
+    accounts: ["state", "connected", "lease", "queue_depth", "sent", "failed", "received", "reconnects", "connected_since",
+               "flood_wait_until", "last_error", "last_error_at"],
+    channels: ["state", "last_message_id", "stored", "skipped", "failed", "last_error", "last_error_at"],
+    breakers: ["state", "consecutive_failures", "failures", "retry_in_s", "times_opened", "rejected_calls", "last_error", "last_error_at"],
+    history_jobs: ["job_id", "account", "channel", "chat_id", "fetched", "stored", "target", "done", "percent"]
+  };
+  var HIDE = {
+    loops: ["alive", "max_silence_s", "restarts_in_window", "abandoned"],
+    accounts: ["id"],
+    breakers: ["name", "failure_threshold", "recovery_timeout_s", "half_open_max_calls", "success_threshold",
+               "total_successes", "total_failures", "last_change_at"]
+  };
+  var NAME_LABEL = { loops: "loop", accounts: "account", channels: "channel", breakers: "breaker", queues: "queue" };
+  var LABELS = { last_ping_ago_s: "last ping", retry_in_s: "retry in", queue_depth: "queue depth", connected_since: "connected since",
+                 flood_wait_until: "flood wait until", last_error_at: "last error at", last_ok_at: "last ok", uptime_seconds: "uptime" };
+  var HEADS = { last_ping: "last ping", consecutive_failures: "failures", queue_depth: "queue", cycle_errors: "errors",
+                last_restart_reason: "restart reason", connected_since: "since", flood_wait_until: "flood wait",
+                times_opened: "opened", rejected_calls: "rejected", last_error_at: "error at", chat_id: "chat", job_id: "job" };
+  var EMPTY = { history_jobs: "no history sync jobs", queues: "no retry queues", accounts: "no accounts", channels: "no channels" };
+  var WIDE = ["loops", "accounts", "channels", "breakers", "history_jobs"];
 
   function el(tag, cls, text) {
     var node = document.createElement(tag);
@@ -401,21 +466,35 @@ _PAGE = """<!doctype html>
     if (text !== undefined && text !== null) { node.textContent = String(text); }
     return node;
   }
+  function byId(id) { return document.getElementById(id); }
   function isObj(v) { return v !== null && typeof v === "object" && !Array.isArray(v); }
-  function title(key) { return String(key).replace(/_/g, " "); }
+  function isScalar(v) { return v === null || v === undefined || typeof v !== "object"; }
+  function head(key) { return HEADS[key] || title(key); }
+  function title(key) {
+    if (LABELS[key]) { return LABELS[key]; }
+    return String(key).replace(/_ago_s$/, "").replace(/_s$/, "").replace(/_/g, " ");
+  }
   function fmtDuration(sec) {
-    sec = Math.max(0, Math.round(sec));
+    sec = Math.max(0, sec);
+    if (sec < 10 && sec !== Math.round(sec)) { return (Math.round(sec * 10) / 10) + "s"; }
+    sec = Math.round(sec);
     var d = Math.floor(sec / 86400), h = Math.floor(sec % 86400 / 3600), m = Math.floor(sec % 3600 / 60), s = sec % 60;
     if (d) { return d + "d " + h + "h"; }
     if (h) { return h + "h " + m + "m"; }
     if (m) { return m + "m " + s + "s"; }
     return s + "s";
   }
+  function now() { return Date.now() - skewMs; }
+  function fmtAgo(d) {
+    var diff = (now() - d.getTime()) / 1000;
+    return diff >= -1 ? fmtDuration(diff) + " ago" : "in " + fmtDuration(-diff);
+  }
+  function fmtAbs(d) { return d.toISOString().replace("T", " ").replace(/\.\d+Z$/, "Z"); }
   function asDate(key, v) {
-    if (typeof v === "string" && /^\\d{4}-\\d{2}-\\d{2}T\\d{2}:\\d{2}/.test(v)) {
+    if (typeof v === "string" && /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}/.test(v)) {
       var d = new Date(v); return isNaN(d.getTime()) ? null : d;
     }
-    if (typeof v === "number" && /(_at|_time|time|ping|seen|heartbeat)$/.test(key) && v > 1e9 && v < 1e11) {
+    if (typeof v === "number" && /(_at|_time|^time|ping|seen|heartbeat|_since|_until)$/.test(key) && v > 1e9 && v < 1e11) {
       return new Date(v * 1000);
     }
     return null;
@@ -431,53 +510,98 @@ _PAGE = """<!doctype html>
   function percentOf(row) {
     if (!isObj(row)) { return null; }
     if (typeof row.percent === "number") { return row.percent; }
-    var done = row.done !== undefined ? row.done : row.processed;
-    if (typeof done === "number" && typeof row.total === "number" && row.total > 0) { return 100 * done / row.total; }
+    var done = row.done !== undefined && typeof row.done === "number" ? row.done : (row.fetched !== undefined ? row.fetched : row.processed);
+    var total = typeof row.total === "number" ? row.total : row.target;
+    if (typeof done === "number" && typeof total === "number" && total > 0) { return 100 * done / total; }
+    if (row.done === true) { return 100; }
     return null;
   }
-  function bar(pct) {
+  function bar(pct, fillClass) {
     var wrap = el("div", "bar");
-    var fill = el("span");
+    var fill = el("span", fillClass || null);
     var p = Math.max(0, Math.min(100, pct));
     fill.style.width = p.toFixed(1) + "%";
     wrap.appendChild(fill);
     wrap.appendChild(el("em", null, p.toFixed(1) + "%"));
     return wrap;
   }
+  function inline(obj) {
+    var keys = Object.keys(obj);
+    if (!keys.length) { return null; }
+    if (!keys.every(function (k) { return isScalar(obj[k]); })) { return null; }
+    return keys.map(function (k) { return title(k) + " " + (obj[k] === null ? "-" : String(obj[k])); }).join(", ");
+  }
   function cell(key, v) {
     var td = el("td");
     if (key === "percent" && typeof v === "number") { td.appendChild(bar(v)); return td; }
+    if (/_ago_s$/.test(key) && typeof v === "number") { td.textContent = fmtDuration(v) + " ago"; return td; }
     var d = asDate(key, v);
     if (d) {
-      td.appendChild(el("span", null, fmtDuration((Date.now() - d.getTime()) / 1000) + " ago"));
-      td.appendChild(el("div", "age", d.toISOString().replace("T", " ").replace(/\\.\\d+Z$/, "Z")));
+      td.textContent = fmtAgo(d);
+      td.title = fmtAbs(d);
       return td;
     }
-    if (v === null || v === undefined) { td.textContent = "-"; return td; }
-    if (typeof v === "number") { td.className = "num"; td.textContent = String(Math.round(v * 1000) / 1000); return td; }
-    if (typeof v === "boolean") { td.textContent = v ? "yes" : "no"; return td; }
-    if (typeof v === "object") { td.appendChild(el("pre", null, JSON.stringify(v, null, 1))); return td; }
+    if (v === null || v === undefined || v === "") { td.className = "muted"; td.textContent = "-"; return td; }
+    if (typeof v === "number") {
+      td.className = "num";
+      td.textContent = /_s$/.test(key) ? fmtDuration(v) : String(Math.round(v * 1000) / 1000);
+      return td;
+    }
+    if (typeof v === "boolean") {
+      td.textContent = v ? "yes" : "no";
+      if (key === "connected" || key === "alive" || key === "healthy" || key === "monitor_alive") { td.className = v ? "ok" : "bad"; }
+      return td;
+    }
+    if (Array.isArray(v)) {
+      if (!v.length) { td.className = "muted"; td.textContent = "-"; return td; }
+      if (v.every(isScalar)) { td.className = "text"; td.textContent = v.map(String).join(", "); return td; }
+    }
+    if (typeof v === "object") {
+      var flat = isObj(v) ? inline(v) : null;
+      if (isObj(v) && !Object.keys(v).length) { td.className = "muted"; td.textContent = "-"; return td; }
+      if (flat !== null) { td.className = "text"; td.textContent = flat; return td; }
+      td.appendChild(el("pre", null, JSON.stringify(v, null, 1)));
+      return td;
+    }
     td.textContent = String(v);
     var c = stateClass(v);
     if (c) { td.className = c; }
+    else if (/(^|_)(error|reason)$/.test(key)) { td.className = "text err"; }
+    else if (String(v).length > 40) { td.className = "text"; }
     return td;
   }
-  function table(rows, nameKey) {
-    var cols = [];
-    rows.forEach(function (r) { Object.keys(r.data).forEach(function (k) { if (cols.indexOf(k) < 0) { cols.push(k); } }); });
+  function columnsFor(section, rows) {
+    var seen = [];
+    rows.forEach(function (r) { Object.keys(r.data).forEach(function (k) { if (seen.indexOf(k) < 0) { seen.push(k); } }); });
+    var hide = HIDE[section] || [];
+    var preferred = COLUMNS[section] || [];
+    var cols = preferred.filter(function (k) { return seen.indexOf(k) >= 0; });
+    seen.forEach(function (k) { if (cols.indexOf(k) < 0 && hide.indexOf(k) < 0) { cols.push(k); } });
+    // A column that says nothing for any row is left out (no "-" columns).
+    return cols.filter(function (k) {
+      return k === "state" || rows.some(function (r) { var v = r.data[k]; return v !== null && v !== undefined && v !== ""; });
+    });
+  }
+  function table(section, rows, nameKey) {
+    var cols = columnsFor(section, rows);
     var withPct = rows.some(function (r) { return percentOf(r.data) !== null; });
     if (withPct && cols.indexOf("percent") < 0) { cols.push("percent"); }
-    var t = el("table"), head = el("tr");
-    if (nameKey) { head.appendChild(el("th", null, nameKey)); }
-    cols.forEach(function (c) { head.appendChild(el("th", null, c === "percent" ? "progress" : title(c))); });
-    t.appendChild(head);
+    var t = el("table", "grid"), headRow = el("tr");
+    if (nameKey) { headRow.appendChild(el("th", null, nameKey)); }
+    cols.forEach(function (c) {
+      var numeric = rows.some(function (r) { return typeof r.data[c] === "number"; }) &&
+        rows.every(function (r) { var v = r.data[c]; return v === null || v === undefined || typeof v === "number"; }) &&
+        c !== "percent" && !/(_at|_since|_until|ping|_ago_s|_id)$/.test(c);
+      headRow.appendChild(el("th", numeric ? "num" : null, c === "percent" ? "progress" : head(c)));
+    });
+    t.appendChild(headRow);
     rows.forEach(function (r) {
       var tr = el("tr");
-      if (nameKey) { tr.appendChild(el("td", null, r.name)); }
+      if (nameKey) { tr.appendChild(el("th", "row", r.name)); }
       cols.forEach(function (c) {
         if (c === "percent" && withPct) {
           var pct = percentOf(r.data), td = el("td");
-          if (pct !== null) { td.appendChild(bar(pct)); } else { td.textContent = "-"; }
+          if (pct !== null) { td.appendChild(bar(pct)); } else { td.className = "muted"; td.textContent = "-"; }
           tr.appendChild(td);
         } else {
           tr.appendChild(cell(c, r.data[c]));
@@ -488,7 +612,7 @@ _PAGE = """<!doctype html>
     return t;
   }
   function kvTable(obj) {
-    var t = el("table");
+    var t = el("table", "kv");
     Object.keys(obj).forEach(function (k) {
       var tr = el("tr");
       tr.appendChild(el("th", null, title(k)));
@@ -497,49 +621,130 @@ _PAGE = """<!doctype html>
     });
     return t;
   }
-  function render(value) {
+  function none(section) { return el("div", "none", EMPTY[section] || "(none)"); }
+  function render(section, value) {
     if (Array.isArray(value)) {
-      if (value.length && value.every(isObj)) {
-        return table(value.map(function (r, i) { return { name: String(r.name || r.id || i), data: r }; }), null);
+      if (!value.length) { return none(section); }
+      if (value.every(isObj)) {
+        return table(section, value.map(function (r, i) { return { name: String(r.name || r.id || i), data: r }; }), null);
       }
-      return el("pre", null, value.length ? value.map(String).join("\\n") : "(none)");
+      return el("pre", null, value.map(String).join("\n"));
     }
     if (isObj(value)) {
       var keys = Object.keys(value);
-      if (!keys.length) { return el("pre", null, "(none)"); }
+      if (!keys.length) { return none(section); }
       if (keys.every(function (k) { return isObj(value[k]); })) {
-        return table(keys.map(function (k) { return { name: k, data: value[k] }; }), "name");
+        return table(section, keys.map(function (k) { return { name: k, data: value[k] }; }), NAME_LABEL[section] || "name");
       }
       return kvTable(value);
     }
-    return el("pre", null, value === null || value === undefined ? "-" : String(value));
+    return el("div", "value", value === null || value === undefined ? "-" : String(value));
+  }
+  function renderLastError(value) {
+    var box = el("div", "lasterror");
+    if (!isObj(value)) { box.appendChild(el("div", "message err", String(value))); return box; }
+    var message = value.message || value.error || null;
+    if (!message) { box.appendChild(el("div", "none", "no errors since the start")); return box; }
+    box.appendChild(el("div", "message err", message));
+    var at = value.at !== undefined ? value.at : (value.time !== undefined ? value.time : value.last_error_at);
+    var d = asDate("last_error_at", at);
+    if (d) { box.appendChild(el("div", "when", fmtAgo(d) + " (" + fmtAbs(d) + ")")); }
+    return box;
+  }
+  function renderResources(value) {
+    if (!isObj(value) || value.error) { return render("resources", value); }
+    var warn = typeof value.warn_percent === "number" ? value.warn_percent : 70;
+    var crit = typeof value.critical_percent === "number" ? value.critical_percent : 90;
+    var t = el("table", "kv");
+    ["cpu", "memory", "disk"].forEach(function (name) {
+      var pct = value[name + "_percent"];
+      if (typeof pct !== "number") { return; }
+      var tr = el("tr"), td = el("td");
+      tr.appendChild(el("th", null, name));
+      td.appendChild(bar(pct, pct >= crit ? "bad" : pct >= warn ? "warn" : "ok"));
+      tr.appendChild(td);
+      t.appendChild(tr);
+    });
+    var foot = el("tr");
+    foot.appendChild(el("th", null, "status"));
+    foot.appendChild(cell("status", value.status));
+    t.appendChild(foot);
+    var limits = el("tr");
+    limits.appendChild(el("th", null, "thresholds"));
+    limits.appendChild(el("td", "muted", "warn " + warn + "%, critical " + crit + "%"));
+    t.appendChild(limits);
+    return t;
   }
   function section(key, value) {
     var s = el("section");
     s.id = "section-" + key;
+    var scalar = isScalar(value);
+    if (scalar) { s.className = "stat"; }
+    else if (WIDE.indexOf(key) >= 0) { s.className = "wide"; }
     s.appendChild(el("h2", null, title(key)));
-    s.appendChild(render(value));
+    if (key === "last_error") { s.className = "wide"; s.appendChild(renderLastError(value)); }
+    else if (key === "resources") { s.appendChild(renderResources(value)); }
+    else { s.appendChild(render(key, value)); }
     return s;
   }
+  function rowsOf(v) {
+    if (Array.isArray(v)) { return v.filter(isObj).map(function (r, i) { return { name: String(r.name || r.label || r.id || i), data: r }; }); }
+    if (isObj(v)) { return Object.keys(v).filter(function (k) { return isObj(v[k]); }).map(function (k) { return { name: k, data: v[k] }; }); }
+    return [];
+  }
+  function overall(data) {
+    var bad = [], warn = [];
+    [["loops", "loop"], ["breakers", "breaker"], ["accounts", "account"], ["channels", "channel"]].forEach(function (pair) {
+      rowsOf(data[pair[0]]).forEach(function (r) {
+        var c = stateClass(r.data.state);
+        if (c === "bad") { bad.push(pair[1] + " " + r.name + " " + r.data.state); }
+        else if (c === "warn") { warn.push(pair[1] + " " + r.name + " " + r.data.state); }
+      });
+    });
+    if (isObj(data.resources) && data.resources.status) {
+      var rc = stateClass(data.resources.status);
+      if (rc === "bad") { bad.push("resources critical"); } else if (rc === "warn") { warn.push("resources high"); }
+    }
+    if (isObj(data.watchdog) && data.watchdog.healthy === false && !bad.length) { bad.push("watchdog unhealthy"); }
+    if (isObj(data.heartbeat) && data.heartbeat.consecutive_failures > 0) { warn.push("heartbeat failing"); }
+    if (data.stopping === true) { warn.push("stopping"); }
+    if (bad.length) { return { cls: "bad", text: "trouble: " + bad.concat(warn).join(", ") }; }
+    if (warn.length) { return { cls: "warn", text: "degraded: " + warn.join(", ") }; }
+    return { cls: "ok", text: "all healthy" };
+  }
   function update(data) {
-    document.getElementById("bot").textContent = data.bot || "bot";
+    var serverTime = typeof data.time === "string" ? Date.parse(data.time) : NaN;
+    skewMs = isNaN(serverTime) ? 0 : Date.now() - serverTime;
+    byId("bot").textContent = data.bot || "bot";
     document.title = (data.bot || "bot") + " status";
-    document.getElementById("version").textContent = data.version ? "version " + data.version : "";
-    document.getElementById("uptime").textContent = typeof data.uptime_seconds === "number" ? "up " + fmtDuration(data.uptime_seconds) : "";
-    document.getElementById("time").textContent = data.time ? "as of " + data.time : "";
-    document.getElementById("sandbox").classList.toggle("hidden", data.sandbox !== true);
+    byId("version").textContent = data.version ? "version " + data.version : "";
+    byId("uptime").textContent = typeof data.uptime_seconds === "number" ? "up " + fmtDuration(data.uptime_seconds) : "";
+    byId("time").textContent = data.time ? "as of " + data.time : "";
+    var backend = byId("backend");
+    if (backend) { backend.textContent = data.backend ? "database " + data.backend : ""; }
+    var sandbox = byId("sandbox");
+    var world = isObj(data.sandbox_world) ? data.sandbox_world : null;
+    sandbox.textContent = "SANDBOX MODE: not talking to real Telegram" +
+      (world && world.directory ? " \u00b7 messages stay in the local world at " + world.directory : "");
+    sandbox.classList.toggle("hidden", data.sandbox !== true);
+    var pill = byId("overall");
+    if (pill) {
+      var o = overall(data);
+      pill.textContent = o.text;
+      pill.className = "pill " + o.cls;
+    }
     var keys = Object.keys(data).filter(function (k) { return HEADER_KEYS.indexOf(k) < 0; });
     keys.sort(function (a, b) {
       var ia = ORDER.indexOf(a), ib = ORDER.indexOf(b);
       return (ia < 0 ? 99 : ia) - (ib < 0 ? 99 : ib) || (a < b ? -1 : a > b ? 1 : 0);
     });
-    var main = document.getElementById("sections");
+    var main = byId("sections");
     var fresh = document.createDocumentFragment();
     keys.forEach(function (k) { fresh.appendChild(section(k, data[k])); });
     main.replaceChildren(fresh);
   }
   function showError(text) {
-    var box = document.getElementById("fetch-error");
+    var box = byId("fetch-error");
     box.textContent = text;
     box.classList.toggle("hidden", !text);
   }
@@ -561,7 +766,7 @@ _PAGE = """<!doctype html>
       })
       .then(function () {
         clearTimeout(timer);
-        document.getElementById("conn").textContent = lastOk ? "updated " + new Date(lastOk).toLocaleTimeString() : "no data yet";
+        byId("conn").textContent = lastOk ? "updated " + new Date(lastOk).toLocaleTimeString() + ", every " + (REFRESH_MS / 1000) + "s" : "no data yet";
         setTimeout(refresh, REFRESH_MS);
       });
   }

@@ -344,7 +344,7 @@ class El {
   find(pred, out = []) { if (pred(this)) { out.push(this); } this.children.forEach((c) => c.find(pred, out)); return out; }
 }
 const ids = {};
-["sandbox", "fetch-error", "bot", "version", "uptime", "time", "conn", "sections"].forEach((id) => {
+["sandbox", "fetch-error", "bot", "version", "uptime", "time", "conn", "sections", "overall", "backend"].forEach((id) => {
   ids[id] = new El("div"); ids[id].id = id; if (id === "sandbox" || id === "fetch-error") { ids[id].className = "banner hidden"; } });
 globalThis.document = {
   title: "", getElementById: (id) => ids[id], createElement: (tag) => new El(tag),
@@ -361,9 +361,13 @@ setImmediate(() => setImmediate(() => {
   const sections = ids["sections"].children.map((s) => ({ id: s.id, text: s.textContent }));
   const bars = ids["sections"].find((e) => e.className === "bar").map((b) => b.textContent);
   const bad = ids["sections"].find((e) => e.className === "bad").map((b) => b.textContent);
+  const fills = ids["sections"].find((e) => e.className === "bar").map((b) => b.children[0].className || "");
+  const heads = ids["sections"].children.map((s) => ({ id: s.id, cls: s.className,
+    heads: s.find((e) => e.tagName === "th").map((e) => e.textContent) }));
   console.log(JSON.stringify({ requests, sections, bars, bad, title: globalThis.document.title,
     sandboxHidden: ids["sandbox"].classList.contains("hidden"), error: ids["fetch-error"].textContent,
-    uptime: ids["uptime"].textContent }));
+    uptime: ids["uptime"].textContent, overall: { text: ids["overall"].textContent, cls: ids["overall"].className },
+    sandboxText: ids["sandbox"].textContent, backend: ids["backend"].textContent, fills, heads }));
 }));
 """
 
@@ -399,3 +403,109 @@ async def test_page_script_renders_every_status_section(make_server: ServerFacto
     assert result["bars"] == ["42.5%", "25.0%"]
     assert {"failing", "open", "needs_login"} <= set(result["bad"])
     assert {"processed", "failed", "retried"} <= set(sections)
+
+
+async def run_page_script(page: str, status: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
+    """Run the page's script in node against ``status`` (the fake DOM of ``_NODE_HARNESS``) and return what it shows."""
+    script = re.search(r"<script nonce=\"[^\"]+\">(.*?)</script>", page, re.S)
+    assert script is not None
+    (tmp_path / "page.js").write_text(script.group(1))
+    (tmp_path / "status.json").write_text(json.dumps(status))
+    (tmp_path / "harness.js").write_text(_NODE_HARNESS)
+    proc = await asyncio.create_subprocess_exec(
+        "node", str(tmp_path / "harness.js"), str(tmp_path / "page.js"), str(tmp_path / "status.json"),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(60):
+        out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    return json.loads(out.decode().strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed; the browser test covers the page")
+async def test_page_script_sums_up_trouble_and_measures_ages_on_the_server_clock(
+    make_server: ServerFactory, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    server = await make_server()
+    _, page, _ = await get(http, f"{server.url}/")
+    server_now = 1577836800.0  # 2020-01-01T00:00:00Z: years behind the clock node runs on
+    status = {
+        "bot": "worker", "version": "1.0", "uptime_seconds": 65, "time": "2020-01-01T00:00:00+00:00",
+        "sandbox": True, "backend": "embedded", "stopping": False,
+        "sandbox_world": {"mode": "sandbox", "directory": "/data/sandbox"},
+        "last_error": {"message": "db timeout", "at": server_now - 10},
+        "loops": {
+            "sender": {"state": "running", "alive": True, "last_ping_ago_s": 1.5, "max_silence_s": 60.0, "restarts": 0,
+                       "last_error": None, "last_error_at": None},
+            "poller": {"state": "failing", "alive": True, "last_ping_ago_s": 300.0, "max_silence_s": 60.0, "restarts": 6,
+                       "last_error": "boom", "last_error_at": server_now - 120},
+        },
+        "breakers": {"db": {"name": "db", "state": "open", "consecutive_failures": 5, "failure_threshold": 5, "retry_in_s": 30.0}},
+        "accounts": {"spare": {"id": 2, "state": "needs_login", "connected": False, "queue_depth": 4,
+                               "flood_wait_until": server_now + 90}},
+        "resources": {"status": "degraded", "cpu_percent": 75.0, "memory_percent": 20.0, "disk_percent": 91.0,
+                      "warn_percent": 70.0, "critical_percent": 90.0},
+    }
+    result = await run_page_script(page, status, tmp_path)
+
+    assert result["overall"]["cls"] == "pill bad"
+    assert result["overall"]["text"] == (
+        "trouble: loop poller failing, breaker db open, account spare needs_login, resources high"
+    )
+    assert result["backend"] == "database embedded"
+    assert result["sandboxText"].endswith("local world at /data/sandbox") and result["sandboxHidden"] is False
+    sections = {s["id"].removeprefix("section-"): s["text"] for s in result["sections"]}
+    assert "10s ago" in sections["last_error"], "the age is measured on the server's clock, not the browser's"
+    assert "1.5s ago" in sections["loops"] and "5m 0s ago" in sections["loops"] and "2m 0s ago" in sections["loops"]
+    assert "in 1m 30s" in sections["accounts"], "a flood wait ends in the future"
+    heads = {h["id"].removeprefix("section-"): h for h in result["heads"]}
+    assert heads["loops"]["heads"][:4] == ["loop", "state", "last ping", "restarts"]
+    assert "max silence" not in heads["loops"]["heads"], "noise columns are left out"
+    assert "last error" in heads["loops"]["heads"], "a column with a value in any row is kept"
+    assert "flood wait" in heads["accounts"]["heads"] and "queue" in heads["accounts"]["heads"] and "id" not in heads["accounts"]["heads"]
+    assert "failure threshold" not in heads["breakers"]["heads"]
+    assert heads["loops"]["cls"] == "wide" and heads["last_error"]["cls"] == "wide"
+    assert result["fills"] == ["warn", "ok", "bad"], "cpu high, memory fine, disk critical"
+    assert {"failing", "open", "needs_login", "no"} <= set(result["bad"])
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed; the browser test covers the page")
+async def test_page_script_says_all_healthy_and_shows_no_red_when_nothing_is_wrong(
+    make_server: ServerFactory, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    server = await make_server()
+    _, page, _ = await get(http, f"{server.url}/")
+    status = {
+        "bot": "ingest", "time": "2030-06-01T12:00:00+00:00", "sandbox": False,
+        "last_error": {"message": None, "at": None},
+        "loops": {"poll": {"state": "running", "last_ping_ago_s": 0.0, "restarts": 0}},
+        "breakers": {"r2": {"state": "closed", "consecutive_failures": 0}},
+        "channels": {"@photos": {"state": "active", "last_message_id": 120, "stored": 40}},
+        "queues": {},
+        "history_jobs": [],
+    }
+    result = await run_page_script(page, status, tmp_path)
+    assert result["overall"] == {"text": "all healthy", "cls": "pill ok"}
+    assert result["bad"] == [] and result["sandboxHidden"] is True
+    sections = {s["id"].removeprefix("section-"): s["text"] for s in result["sections"]}
+    assert list(sections)[:3] == ["last_error", "loops", "channels"]
+    assert "no errors since the start" in sections["last_error"]
+    assert "no retry queues" in sections["queues"] and "no history sync jobs" in sections["history_jobs"]
+
+
+async def test_a_bearer_that_is_not_utf8_is_refused_with_401_and_not_a_500(make_server: ServerFactory) -> None:
+    server = await make_server(token=TOKEN)
+    request = (
+        b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+        b"Authorization: Bearer \xe9\xff" + TOKEN.encode() + b"\r\n\r\n"
+    )
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", server.port), 10)
+    try:
+        writer.write(request)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    status_line = answer.split(b"\r\n", 1)[0]
+    assert status_line.startswith(b"HTTP/1.1 401"), status_line
+    assert b"unauthorized" in answer and TOKEN.encode() not in answer

@@ -1,0 +1,365 @@
+"""The operator page at ``GET /`` rendered by a real browser (headless Chromium).
+
+A real worker runs in sandbox mode in-process (real PostgreSQL, the Telegram
+sandbox); Chromium loads ``/?token=...``, runs the page's script, which
+fetches ``/status``, and the test reads what a person would see in the DOM it
+dumps. Chromium is Debian's ``chromium``: when it is not on PATH and we are
+root, it is installed once per session with apt-get; otherwise the tests are
+skipped with the reason.
+
+``STATUS_PAGE_SCREENSHOT=/path/page.png`` also saves a screenshot of the page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shared.breaker import registry as breakers
+from shared.errors import TransientError
+from shared.health import ResourceSample, ResourceThresholds, resources_status
+from shared.sandbox import FaultKind, World
+from shared.status_server import StatusServer
+from tests.test_worker import FAST, account_ids, running_worker, wait_until
+
+TOKEN = "page-token-5d1c7e9a3f"
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+INSTALL_TIMEOUT = 300.0
+RENDER_TIMEOUT = 60.0
+
+# Installing Chromium on first use may take minutes: more than the suite's 120 s per test.
+pytestmark = pytest.mark.timeout(INSTALL_TIMEOUT + 120)
+
+
+# --- the browser --------------------------------------------------------------------------------
+
+
+def find_browser() -> str | None:
+    for name in BROWSERS:
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _apt(args: list[str], deadline: float) -> subprocess.CompletedProcess[str]:
+    """Run apt-get non-interactively, within what is left of the install budget."""
+    left = deadline - time.monotonic()
+    if left <= 5:
+        raise subprocess.TimeoutExpired(["apt-get", *args], 0)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    lock_wait = str(int(min(120, left / 2)))
+    return subprocess.run(
+        ["apt-get", "-o", f"DPkg::Lock::Timeout={lock_wait}", *args],
+        capture_output=True, text=True, timeout=left, env=env, check=False,
+    )
+
+
+def _last_line(result: subprocess.CompletedProcess[str]) -> str:
+    lines = (result.stderr or result.stdout or "").strip().splitlines()
+    return lines[-1] if lines else f"exit code {result.returncode}"
+
+
+def install_browser() -> str:
+    """Try ``apt-get install chromium`` (after ``apt-get update`` when needed) within INSTALL_TIMEOUT.
+
+    Returns:
+        "" when it worked, else why not (the skip reason).
+    """
+    if shutil.which("apt-get") is None:
+        return "chromium is not installed and there is no apt-get to install it"
+    if os.geteuid() != 0:
+        return "chromium is not installed and installing it needs root (apt-get install chromium)"
+    deadline = time.monotonic() + INSTALL_TIMEOUT
+    install = ["install", "-y", "--no-install-recommends", "chromium"]
+    try:
+        result = _apt(install, deadline)
+        if result.returncode != 0:
+            update = _apt(["update"], deadline)
+            if update.returncode != 0:
+                return f"chromium is not installed and apt-get update failed: {_last_line(update)}"
+            result = _apt(install, deadline)
+    except subprocess.TimeoutExpired:
+        return f"chromium is not installed and apt-get could not install it within {INSTALL_TIMEOUT:.0f}s"
+    except OSError as exc:
+        return f"chromium is not installed and apt-get could not run: {exc}"
+    if result.returncode != 0:
+        return f"chromium is not installed and apt-get install chromium failed: {_last_line(result)}"
+    return ""
+
+
+@pytest.fixture(scope="session")
+def browser() -> str:
+    """Path of a headless-capable Chromium, installed once per session when possible, else a skip."""
+    found = find_browser()
+    if found is None:
+        reason = install_browser()
+        found = find_browser()
+        if found is None:
+            pytest.skip(reason or "chromium is still not on PATH after apt-get install")
+    return found
+
+
+async def render(browser: str, url: str, profile: Path, *, screenshot: Path | None = None) -> str:
+    """Load ``url`` in headless Chromium, let its scripts run (5 s of virtual time), return the DOM."""
+    args = [
+        browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--disable-dev-shm-usage", "--hide-scrollbars", "--mute-audio",
+        f"--user-data-dir={profile}", "--virtual-time-budget=5000",
+    ]
+    args += [f"--screenshot={screenshot}", "--window-size=1280,1600"] if screenshot else ["--dump-dom"]
+    profile.mkdir(parents=True, exist_ok=True)
+    proc = await asyncio.create_subprocess_exec(
+        *args, url,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env={**os.environ, "HOME": str(profile)},
+    )
+    try:
+        async with asyncio.timeout(RENDER_TIMEOUT):
+            out, err = await proc.communicate()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise AssertionError(f"chromium did not finish within {RENDER_TIMEOUT:.0f}s") from None
+    assert proc.returncode == 0, err.decode(errors="replace")[-2000:]
+    return out.decode("utf-8", errors="replace")
+
+
+# --- reading the DOM like a person ------------------------------------------------------------------
+
+_VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+
+
+@dataclass
+class Node:
+    tag: str
+    attrs: dict[str, str]
+    children: list[Node | str] = field(default_factory=list)
+
+    @property
+    def classes(self) -> set[str]:
+        return set(self.attrs.get("class", "").split())
+
+    @property
+    def text(self) -> str:
+        """The visible text, whitespace collapsed (script and style left out)."""
+        parts: list[str] = []
+        for child in self.children:
+            if isinstance(child, str):
+                parts.append(child)
+            elif child.tag not in ("script", "style"):
+                parts.append(child.text)
+        return re.sub(r"\s+", " ", " ".join(parts)).strip()
+
+    def iter(self) -> Iterator[Node]:
+        yield self
+        for child in self.children:
+            if isinstance(child, Node):
+                yield from child.iter()
+
+    def find(self, *, tag: str | None = None, cls: str | None = None, id: str | None = None) -> list[Node]:  # noqa: A002
+        return [
+            n for n in self.iter()
+            if (tag is None or n.tag == tag) and (cls is None or cls in n.classes) and (id is None or n.attrs.get("id") == id)
+        ]
+
+    def by_id(self, id: str) -> Node:  # noqa: A002
+        found = self.find(id=id)
+        assert found, f"no element with id {id!r}"
+        return found[0]
+
+    def rows(self) -> dict[str, str]:
+        """Each table row's text keyed by its first cell."""
+        result: dict[str, str] = {}
+        for tr in self.find(tag="tr"):
+            cells = [c for c in tr.children if isinstance(c, Node)]
+            if cells:
+                result[cells[0].text] = tr.text
+        return result
+
+
+class _TreeBuilder(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.root = Node("#document", {})
+        self.stack = [self.root]
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        node = Node(tag, {k: v or "" for k, v in attrs})
+        self.stack[-1].children.append(node)
+        if tag not in _VOID:
+            self.stack.append(node)
+
+    def handle_endtag(self, tag: str) -> None:
+        for i in range(len(self.stack) - 1, 0, -1):
+            if self.stack[i].tag == tag:
+                del self.stack[i:]
+                return
+
+    def handle_data(self, data: str) -> None:
+        self.stack[-1].children.append(data)
+
+
+def parse(dom: str) -> Node:
+    builder = _TreeBuilder()
+    builder.feed(dom)
+    builder.close()
+    return builder.root
+
+
+def visible(node: Node) -> bool:
+    return "hidden" not in node.classes
+
+
+# --- the tests -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def page_env(tmp_path: Path, database_url: str) -> dict[str, str]:
+    return {
+        **FAST,
+        "DATABASE_URL": database_url,
+        "SANDBOX_DIR": str(tmp_path / "sandbox"),
+        "DATA_DIR": str(tmp_path / "data"),
+        "STATUS_TOKEN": TOKEN,
+        "HISTORY_PAGE_SIZE": "10",
+        "RECONCILE_INTERVAL": "3600",
+    }
+
+
+@pytest.fixture
+def open_breaker() -> Iterator[str]:
+    """A breaker of the process registry, opened by a real failure (closed again after the test)."""
+    name = "status_page_api"
+    breaker = breakers.get_or_create(name, failure_threshold=1, recovery_timeout=3600.0)
+    breaker.record_failure(TransientError("upstream answered 503"))
+    try:
+        yield name
+    finally:
+        breaker.reset()
+
+
+async def test_operator_page_shows_loops_accounts_queues_breakers_history_errors_and_the_sandbox(
+    browser: str, page_env: dict[str, str], tmp_path: Path, open_breaker: str
+) -> None:
+    world = World.open(Path(page_env["SANDBOX_DIR"]))
+    world.seed_demo()
+    for n in range(60):
+        world.send_incoming("@alice", "@demo_one", f"old {n:02d}", gap=True)
+    world.set_fault(FaultKind.LATENCY, method="GetHistory", ms=50)
+
+    async with running_worker(page_env) as worker:
+        runtime = worker.runtime
+        db = worker.db
+        assert db is not None
+        # Fixed numbers: the machine's own load (Chromium rendering, other tests) must not decide what is red.
+        def sample(path: Path) -> ResourceSample:
+            return ResourceSample(cpu_percent=23.0, memory_percent=41.0, disk_percent=76.0, disk_path=str(path))
+
+        runtime.add_section(
+            "resources",
+            lambda: resources_status(Path(page_env["DATA_DIR"]), thresholds=ResourceThresholds(), sampler=sample),
+        )
+        ids = await account_ids(worker)
+        later = datetime.now(UTC) + timedelta(hours=1)
+        for n in range(3):
+            await db.enqueue_outbound(ids["demo_one"], "bob", f"scheduled {n}", send_at=later)
+        await db.enqueue_outbound(ids["demo_two"], "@nobody_by_this_name", "to nobody")
+        await db.create_history_job(ids["demo_one"], world.peer("@alice").id, target_count=60)
+
+        assert worker.history is not None
+        history = worker.history
+        await wait_until(lambda: any(p.fetched >= 10 for p in history.progress.values()), what="history job under way")
+        await wait_until(lambda: runtime.stats.last_error is not None, what="the failed send recorded")
+        last_error = runtime.stats.last_error
+        assert last_error is not None
+
+        url = f"{runtime.status_server.url}/?token={TOKEN}"
+        dom = await render(browser, url, tmp_path / "profile")
+        if os.environ.get("STATUS_PAGE_SCREENSHOT"):
+            await render(browser, url, tmp_path / "profile-shot", screenshot=Path(os.environ["STATUS_PAGE_SCREENSHOT"]))
+
+    page = parse(dom)
+    assert TOKEN not in dom, "the page never writes the token into itself"
+    assert page.by_id("bot").text == "worker"
+    assert not visible(page.by_id("fetch-error")), page.by_id("fetch-error").text
+
+    banner = page.by_id("sandbox")
+    assert visible(banner) and banner.text.startswith("SANDBOX MODE: not talking to real Telegram")
+    assert page_env["SANDBOX_DIR"] in banner.text
+
+    overall = page.by_id("overall")
+    assert "bad" in overall.classes
+    assert overall.text == f"trouble: breaker {open_breaker} open, resources high", overall.text
+
+    loops = page.by_id("section-loops")
+    header = loops.find(tag="tr")[0].text
+    assert "last ping" in header and "restarts" in header
+    rows = loops.rows()
+    for name in ("accounts", "sync", "outbound", "history", "jobs"):
+        assert name in rows, f"loop {name} missing: {rows}"
+        assert "running" in rows[name] and re.search(r"\d+(\.\d)?s ago", rows[name]), rows[name]
+
+    accounts = page.by_id("section-accounts")
+    header = accounts.find(tag="tr")[0].text
+    assert "connected" in header and "queue" in header
+    rows = accounts.rows()
+    assert set(rows) >= {"demo_one", "demo_two"}
+    table = [[c.text for c in tr.children if isinstance(c, Node)] for tr in accounts.find(tag="tr")]
+    demo_one = dict(zip(table[0], next(row for row in table if row[0] == "demo_one"), strict=True))
+    assert demo_one["state"] == "connected" and demo_one["connected"] == "yes" and demo_one["queue"] == "3"
+
+    breaker_rows = page.by_id("section-breakers").rows()
+    assert "closed" in breaker_rows["database"]
+    assert "open" in breaker_rows[open_breaker] and "upstream answered 503" in breaker_rows[open_breaker]
+    assert any(cell.text == "open" for cell in page.by_id("section-breakers").find(cls="bad")), "an open breaker is red"
+
+    bars = page.by_id("section-history_jobs").find(cls="bar")
+    assert len(bars) == 1 and re.fullmatch(r"\d{1,3}\.\d%", bars[0].text), [b.text for b in bars]
+    assert float(bars[0].text.rstrip("%")) >= 100 * 10 / 60 - 0.1
+
+    error = page.by_id("section-last_error")
+    assert html.unescape(last_error) in error.text and " ago (" in error.text
+
+    resources = page.by_id("section-resources")
+    rows = resources.rows()
+    assert rows["cpu"] == "cpu 23.0%" and rows["memory"] == "memory 41.0%" and rows["disk"] == "disk 76.0%"
+    fills = [bar.find(tag="span")[0].attrs.get("class") for bar in resources.find(cls="bar")]
+    assert fills == ["ok", "ok", "warn"], "disk above the warning threshold is amber, not red"
+
+    for section in ("heartbeat", "alerts", "counters", "sandbox_world"):
+        assert page.find(id=f"section-{section}"), f"section {section} missing"
+    red = [n.text for n in page.find(cls="bad") if n is not overall]
+    assert red == ["open"], f"red only for trouble: {red}"
+
+
+async def test_operator_page_says_when_the_status_cannot_be_fetched(browser: str, tmp_path: Path) -> None:
+    def broken() -> dict[str, Any]:
+        raise RuntimeError("status provider broke")
+
+    server = StatusServer(bot="ingest", version="9.9.9", port=0, host="127.0.0.1", token=TOKEN, status=broken)
+    await server.start()
+    try:
+        dom = await render(browser, f"{server.url}/?token={TOKEN}", tmp_path / "profile")
+        wrong = await render(browser, f"{server.url}/?token=nope", tmp_path / "profile2")
+    finally:
+        await server.stop()
+    page = parse(dom)
+    problem = page.by_id("fetch-error")
+    assert visible(problem) and "Could not refresh: /status answered 500" in problem.text
+    assert page.by_id("bot").text == "ingest"
+    assert "status provider broke" not in dom, "the page shows no internals"
+    assert "unauthorized" in parse(wrong).text, "a wrong token gets the 401 answer, not the page"
