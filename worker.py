@@ -36,14 +36,14 @@ import sys
 import time
 import uuid
 from collections import OrderedDict, defaultdict
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from telethon import TelegramClient, events, functions, types, utils
-from telethon.sessions import StringSession
+from telethon import events, functions, types, utils
 
 from shared.config import WorkerSettings, load_or_exit
 from shared.db import Database, open_database
@@ -59,10 +59,12 @@ from shared.db.records import (
     OutboundStatus,
 )
 from shared.errors import ErrorKind, PermanentError, classify, describe
+from shared.health import run_checks
 from shared.ratelimit import KeyedBuckets
 from shared.runtime import BotRuntime, configure_logging
-from shared.sessions import SessionCipher, generate_key
-from shared.telegram import AccountConnection, AccountPool, ClientFactory, ConnectionPolicy
+from shared.sessions import SessionCipher
+from shared.storage import Storage, open_storage
+from shared.telegram import AccountConnection, AccountPool, ConnectionPolicy, client_factory, session_cipher
 from shared.timeouts import telegram_op
 
 logger = logging.getLogger("worker")
@@ -81,53 +83,24 @@ def utf16_len(text: str) -> int:
     return len(text.encode("utf-16-le")) // 2
 
 
-def sandbox_cipher(settings: WorkerSettings) -> SessionCipher:
-    """The session key in sandbox mode: SESSION_ENCRYPTION_KEY, else a key file in DATA_DIR.
-
-    Sandbox sessions are encrypted at rest like real ones, so the code path is
-    the production one; the key file is made once and kept.
-    """
-    if settings.session_encryption_key:
-        return SessionCipher(settings.session_encryption_key)
-    path = Path(settings.data_dir) / "sandbox-session.key"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(generate_key())
-    return SessionCipher(path.read_text().strip())
+def storage_key(attachment: Any) -> str | None:
+    """The storage key of an attachment given as ``{"key": ...}`` or ``"storage:KEY"``; None for a path."""
+    if isinstance(attachment, dict) and attachment.get("key"):
+        return str(attachment["key"])
+    if isinstance(attachment, str) and attachment.startswith("storage:"):
+        return attachment.removeprefix("storage:")
+    return None
 
 
-def make_cipher(settings: WorkerSettings) -> SessionCipher:
-    if settings.sandbox:
-        return sandbox_cipher(settings)
-    assert settings.session_encryption_key  # checked by WorkerSettings.validate
-    return SessionCipher(settings.session_encryption_key)
-
-
-def make_client_factory(settings: WorkerSettings, world: Any | None) -> ClientFactory:
-    """Clients with Telethon's own sleeping and retrying turned off: we decide."""
-    common = {"flood_sleep_threshold": 0, "raise_last_call_error": True}
-    if world is not None:
-        from shared.sandbox import SandboxClient
-
-        def sandbox_client(account: Account, session: str | None) -> TelegramClient:
-            return SandboxClient(world, phone=account.phone, session=session, request_retries=0, **common)
-
-        return sandbox_client
-
-    def real_client(account: Account, session: str | None) -> TelegramClient:
-        return TelegramClient(
-            StringSession(session or ""),
-            settings.telegram_api_id,
-            settings.telegram_api_hash,
-            request_retries=1,
-            connection_retries=2,
-            retry_delay=1,
-            **common,
-        )
-
-    return real_client
+def check_attachment(path: Path, attachment: Any) -> None:
+    """Refuse, with a reason, a file Telegram would refuse."""
+    if not path.is_file():
+        raise PermanentError(f"attachment not found: {attachment}")
+    size = path.stat().st_size
+    if size > FILE_LIMIT:
+        raise PermanentError(f"attachment too large: {size} bytes, Telegram accepts at most {FILE_LIMIT}")
+    if size == 0:
+        raise PermanentError(f"attachment is empty: {attachment}")
 
 
 async def seed_sandbox_accounts(db: Database, world: Any, cipher: SessionCipher) -> list[str]:
@@ -337,11 +310,14 @@ class Sync:
 class Outbound:
     """Sends the queue. See the module docstring for why nothing goes out twice."""
 
-    def __init__(self, *, db: Database, runtime: BotRuntime, settings: WorkerSettings, owner: str) -> None:
+    def __init__(
+        self, *, db: Database, runtime: BotRuntime, settings: WorkerSettings, owner: str, storage: Storage | None = None
+    ) -> None:
         self.db = db
         self.runtime = runtime
         self.settings = settings
         self.owner = owner
+        self.storage = storage
         self.pool: AccountPool | None = None
         self.entities = EntityCache(timeout=settings.timeout_telegram_entity)
         self.per_account = KeyedBuckets(rate=settings.send_rate_per_account, burst=settings.send_burst_per_account)
@@ -446,20 +422,32 @@ class Outbound:
         if length > limit:
             what = "caption" if row.attachments else "text"
             raise PermanentError(f"{what} too long: {length} UTF-16 code units, Telegram accepts at most {limit}")
-        if row.attachments:
-            path = self._attachment_path(row.attachments[0])
-            if not path.is_file():
-                raise PermanentError(f"attachment not found: {row.attachments[0]}")
-            size = path.stat().st_size
-            if size > FILE_LIMIT:
-                raise PermanentError(f"attachment too large: {size} bytes, Telegram accepts at most {FILE_LIMIT}")
-            if size == 0:
-                raise PermanentError(f"attachment is empty: {row.attachments[0]}")
+        if row.attachments and storage_key(row.attachments[0]) is None:
+            check_attachment(self._attachment_path(row.attachments[0]), row.attachments[0])
 
     def _attachment_path(self, attachment: Any) -> Path:
         name = attachment.get("path") if isinstance(attachment, dict) else str(attachment)
         path = Path(str(name)).expanduser()
         return path if path.is_absolute() else Path(self.settings.data_dir) / "attachments" / path
+
+    @asynccontextmanager
+    async def _attachment_file(self, row: OutboundMessage) -> AsyncIterator[Path]:
+        """The attachment as a local file: a path as given, or a storage object fetched to a temporary file."""
+        attachment = row.attachments[0]
+        key = storage_key(attachment)
+        if key is None:
+            yield self._attachment_path(attachment)
+            return
+        if self.storage is None:
+            raise PermanentError(f"attachment {key!r} is a storage key but no storage is configured")
+        tmp = Path(self.settings.data_dir) / "tmp" / f"outbound-{row.id}-{Path(key).name}"
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            await self.storage.download_to(key, tmp)
+            check_attachment(tmp, attachment)
+            yield tmp
+        finally:
+            tmp.unlink(missing_ok=True)
 
     async def _deliver(self, connection: AccountConnection, row: OutboundMessage) -> tuple[int, int]:
         """One raw request carrying the row's ``random_id``; returns (message id, chat id)."""
@@ -470,10 +458,10 @@ class Outbound:
         reply_to = types.InputReplyToMessage(reply_to_msg_id=row.reply_to) if row.reply_to else None
         request: Any
         if row.attachments:
-            path = self._attachment_path(row.attachments[0])
-            _, media, _ = await telegram_op(
-                client._file_to_media(str(path)), self.settings.timeout_telegram_media, "upload_media", detail=path.name
-            )
+            async with self._attachment_file(row) as path:
+                _, media, _ = await telegram_op(
+                    client._file_to_media(str(path)), self.settings.timeout_telegram_media, "upload_media", detail=path.name
+                )
             request = functions.messages.SendMediaRequest(
                 peer=entity, media=media, message=row.text or "", random_id=row.random_id, reply_to=reply_to
             )
@@ -828,14 +816,16 @@ class Worker:
             runtime.backend = db.backend.value
             runtime.add_cleanup("database", db.close, timeout=10)
             runtime.add_ready_check("database", db.ping)
-            cipher = make_cipher(settings)
+            runtime.set_detailed_health(lambda: run_checks(settings, database=db, timeout=4))
+            cipher = session_cipher(settings)
             if self.world is not None:
                 labels = await seed_sandbox_accounts(db, self.world, cipher)
                 logger.info("sandbox accounts: %s", ", ".join(labels))
 
             owner = owner_name(settings)
             sync = self.sync = Sync(db=db, runtime=runtime, settings=settings)
-            outbound = self.outbound = Outbound(db=db, runtime=runtime, settings=settings, owner=owner)
+            storage = await open_storage(settings)
+            outbound = self.outbound = Outbound(db=db, runtime=runtime, settings=settings, owner=owner, storage=storage)
             history = self.history = History(db=db, runtime=runtime, settings=settings, owner=owner)
             jobs = self.jobs = Jobs(db=db, runtime=runtime, settings=settings, owner=owner, entities=outbound.entities)
 
@@ -855,7 +845,7 @@ class Worker:
             pool = self.pool = AccountPool(
                 db=db,
                 cipher=cipher,
-                client_factory=make_client_factory(settings, self.world),
+                client_factory=client_factory(settings, self.world),
                 owner=owner,
                 policy=ConnectionPolicy(
                     lease_seconds=settings.account_lease_seconds,
@@ -967,13 +957,15 @@ async def cli_send(settings: WorkerSettings, args: argparse.Namespace) -> int:
         if settings.sandbox:
             from shared.sandbox import World
 
-            await seed_sandbox_accounts(db, World.open(settings.sandbox_path), make_cipher(settings))
+            await seed_sandbox_accounts(db, World.open(settings.sandbox_path), session_cipher(settings))
         accounts = {a.label: a for a in await db.list_accounts()}
         account = accounts.get(args.account)
         if account is None:
             print(f"no account labelled {args.account!r} (known: {', '.join(sorted(accounts)) or 'none'})", file=sys.stderr)
             return 1
-        attachments = [str(Path(args.file).expanduser().resolve())] if args.file else []
+        attachments: list[Any] = [str(Path(args.file).expanduser().resolve())] if args.file else []
+        if args.storage_key:
+            attachments.append({"key": args.storage_key})
         enqueued = await db.enqueue_outbound(
             account.id, args.to, args.text, attachments=attachments, reply_to=args.reply_to, dedupe_key=args.key
         )
@@ -994,7 +986,7 @@ async def cli_login(settings: WorkerSettings, args: argparse.Namespace) -> int:
         world = World.open(settings.sandbox_path)
         world.seed_demo()
         print(f"sandbox mode: the login code is {LOGIN_CODE}")
-    client = make_client_factory(settings, world)(
+    client = client_factory(settings, world)(
         Account(0, label, phone, AccountStatus.ACTIVE, False, None, None, None, datetime.now(UTC), datetime.now(UTC)), None
     )
     await telegram_op(client.connect(), settings.timeout_telegram_connect, "connect")
@@ -1005,7 +997,7 @@ async def cli_login(settings: WorkerSettings, args: argparse.Namespace) -> int:
         await client.disconnect()
     db = await open_database(settings)
     try:
-        account = await db.upsert_account(label, phone=phone, session=make_cipher(settings).encrypt(session), status=AccountStatus.ACTIVE)
+        account = await db.upsert_account(label, phone=phone, session=session_cipher(settings).encrypt(session), status=AccountStatus.ACTIVE)
     finally:
         await db.close()
     print(f"account {account.label} logged in; its session is stored encrypted")
@@ -1050,7 +1042,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     send.add_argument("--account", required=True, help="the sending account's label")
     send.add_argument("--to", required=True, help="username, phone or numeric chat id")
     send.add_argument("text", nargs="?", default=None)
-    send.add_argument("--file", help="attach this file")
+    send.add_argument("--file", help="attach this local file")
+    send.add_argument("--storage-key", help="attach this object from storage (R2, or DATA_DIR/objects)")
     send.add_argument("--reply-to", type=int)
     send.add_argument("--key", help="dedupe key: the same key never queues twice")
     sub.add_parser("rotate-key", help="re-encrypt all sessions under the newest SESSION_ENCRYPTION_KEY")

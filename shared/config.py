@@ -73,6 +73,13 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
 
+def _percent(raw: str) -> float:
+    value = _float(0, exclusive=True)(raw)
+    if value > 100:
+        raise ValueError
+    return value
+
+
 def _bool(raw: str) -> bool:
     value = raw.strip().lower()
     if value in _TRUE:
@@ -210,7 +217,9 @@ SETTINGS: list[Setting] = [
     Setting("DATA_DIR", _path, Path("./.data"), "a directory path", "Local state: embedded PostgreSQL, sandbox world, spill files."),
     Setting("SANDBOX_DIR", _path, None, "a directory path", "Telegram sandbox world (default <DATA_DIR>/sandbox), used when no Telegram credentials are set."),
     Setting("SHUTDOWN_GRACE", _float(0), 30.0, "a number of seconds >= 0", "Time in-flight work gets to finish after SIGTERM.", PROCESS),
-    Setting("STATUS_TOKEN", _text, None, "a non-empty token", "When set, /status, /metrics and / require it (Bearer or ?token=).", secret=True),
+    Setting("STATUS_TOKEN", _text, None, "a non-empty token", "When set, every path but /health and /ready requires it (Bearer or ?token=).", secret=True),
+    Setting("RESOURCE_WARN_PERCENT", _percent, 70.0, "a percentage above 0 and at most 100", "CPU, memory or disk use at or above this is degraded (health CLI, /status, /health/detailed)."),
+    Setting("RESOURCE_CRITICAL_PERCENT", _percent, 90.0, "a percentage above 0 and at most 100", "CPU, memory or disk use at or above this is an error."),
     Setting("LOG_LEVEL", _log_level, "INFO", "one of DEBUG, INFO, WARNING, ERROR, CRITICAL", "Log verbosity.", PROCESS),
     Setting("LOG_FORMAT", _choice("text", "json"), "text", "text or json", "json writes one JSON object per line (Railway).", PROCESS),
     # Alerts
@@ -240,7 +249,7 @@ SETTINGS: list[Setting] = [
     Setting("SEND_BURST_PER_ACCOUNT", _int(1), 20, "a whole number >= 1", "Sends an account may make at once after a quiet spell.", frozenset({"worker"})),
     Setting("SEND_RATE_PER_CHAT", _float(0, exclusive=True), 1.0, "messages per second > 0", "Sustained sends into one chat.", frozenset({"worker"})),
     Setting("SEND_BURST_PER_CHAT", _int(1), 5, "a whole number >= 1", "Sends into one chat at once after a quiet spell.", frozenset({"worker"})),
-    Setting("RECONCILE_INTERVAL", _float(0, exclusive=True), 60.0, "a number of seconds > 0", "How often recently active chats are re-read for messages whose update never came.", frozenset({"worker"})),
+    Setting("RECONCILE_INTERVAL", _float(0, exclusive=True), 60.0, "a number of seconds > 0", "How often chats (worker) or channels (ingest) are re-read for messages whose update never came.", frozenset({"worker", "ingest"})),
     Setting("RECONCILE_WINDOW", _float(0, exclusive=True), 86400.0, "a number of seconds > 0", "Chats active within this window are reconciled.", frozenset({"worker"})),
     Setting("HISTORY_PAGE_SIZE", _int(1, 100), 100, "a whole number 1-100", "Messages fetched per history page.", frozenset({"worker"})),
     # ingest.py
@@ -319,6 +328,8 @@ class CommonSettings:
     sandbox_dir: Path | None
     shutdown_grace: float
     status_token: str | None
+    resource_warn_percent: float
+    resource_critical_percent: float
     log_level: str
     log_format: str
     alert_bot_token: str | None
@@ -329,6 +340,14 @@ class CommonSettings:
     supabase_url: str | None
     supabase_service_role_key: str | None
     db_auto_migrate: bool
+
+    def validate(self) -> None:
+        if self.resource_critical_percent < self.resource_warn_percent:
+            raise ConfigError(
+                "RESOURCE_CRITICAL_PERCENT",
+                f"at least RESOURCE_WARN_PERCENT ({self.resource_warn_percent:g})",
+                f"{self.resource_critical_percent:g}",
+            )
 
     @property
     def supabase_key(self) -> str | None:
@@ -374,6 +393,7 @@ class TelegramSettings(CommonSettings):
         return self.sandbox_dir or self.data_dir / "sandbox"
 
     def validate(self) -> None:
+        CommonSettings.validate(self)
         if (self.telegram_api_id is None) != (self.telegram_api_hash is None):
             missing = "TELEGRAM_API_HASH" if self.telegram_api_hash is None else "TELEGRAM_API_ID"
             raise ConfigError(missing, BY_NAME[missing].expected + " (set both, or neither for sandbox mode)", None)
@@ -436,6 +456,7 @@ class IngestSettings(TelegramSettings, StorageSettings):
     ingest_oversize: str
     ingest_keep_exif: bool
     ingest_gc_interval: float
+    reconcile_interval: float
 
     def validate(self) -> None:
         TelegramSettings.validate(self)
@@ -478,6 +499,7 @@ class ReplyGuySettings(CommonSettings):
         return not (self.x_bearer_token or self.ai_api_key or self.telegram_bot_token)
 
     def validate(self) -> None:
+        CommonSettings.validate(self)
         if self.post_delay_max < self.post_delay_min:
             raise ConfigError("POST_DELAY_MAX", f"at least POST_DELAY_MIN ({self.post_delay_min:g})", str(self.post_delay_max))
         if self.sandbox:

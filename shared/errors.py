@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from shared.logs import redact
+
 
 class ErrorKind(str, enum.Enum):
     """What an error means for the work that raised it."""
@@ -261,6 +263,9 @@ def _short(exc: BaseException, limit: int = 300) -> str:
         text = str(exc).strip().replace("\n", " ")
     except Exception:  # a broken __str__ must not make classify() raise
         text = f"<unprintable {type(exc).__name__}>"
+    # Redact before cutting: a cut secret (a 353-character session string) no
+    # longer looks like one, and these texts end up in /status and the logs.
+    text = redact(text)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 

@@ -120,7 +120,7 @@ class BotRuntime:
         self.shutdown = GracefulShutdown(grace=settings.shutdown_grace)
         self.heartbeat: GlobalHeartbeat | None = None
         self.queues: dict[str, RetryQueue] = {}
-        self._sections: dict[str, Callable[[], Any]] = {}
+        self._sections: dict[str, Callable[[], Any]] = {"resources": self._resources}
         self._ready_checks: dict[str, Callable[[], Awaitable[Any]]] = {}
         self._detailed: Callable[[], Awaitable[dict[str, Any]]] | None = None
         self.status_server = StatusServer(
@@ -198,7 +198,7 @@ class BotRuntime:
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         results: dict[str, Any] = {}
         ok = True
-        for name, check in self._ready_checks.items():
+        for name, check in list(self._ready_checks.items()):
             try:
                 await asyncio.wait_for(check(), 5)
                 results[name] = "ok"
@@ -206,6 +206,11 @@ class BotRuntime:
                 ok = False
                 results[name] = describe(exc) if not isinstance(exc, TimeoutError) else "timed out"
         return ok, results
+
+    async def _resources(self) -> dict[str, Any]:
+        from shared.health import ResourceThresholds, resources_status
+
+        return await resources_status(self.settings.data_dir, thresholds=ResourceThresholds.resolve(self.settings))
 
     async def _detailed_health(self) -> dict[str, Any]:
         if self._detailed is not None:
@@ -230,7 +235,7 @@ class BotRuntime:
         status_of_alerts = getattr(self.alerts, "get_status", None)
         if callable(status_of_alerts):
             data["alerts"] = status_of_alerts()
-        for name, provider in self._sections.items():
+        for name, provider in list(self._sections.items()):
             try:
                 value = provider()
                 data[name] = await value if asyncio.iscoroutine(value) else value

@@ -28,9 +28,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import os
+from pathlib import Path
+
+from shared.config import TelegramSettings
 from shared.errors import ErrorKind, classify, describe
 from shared.retry import exponential_delay
-from shared.sessions import SessionCipher, SessionKeyError
+from shared.sessions import SessionCipher, SessionKeyError, generate_key
 from shared.timeouts import telegram_op
 
 if TYPE_CHECKING:
@@ -44,6 +48,66 @@ logger = logging.getLogger(__name__)
 
 ClientFactory = Callable[["Account", str | None], "TelegramClient"]
 """Builds a client for an account from its decrypted session string (None: no session)."""
+
+
+#: In sandbox mode without SESSION_ENCRYPTION_KEY, the key lives in this file under DATA_DIR.
+SANDBOX_KEY_FILE = "sandbox-session.key"
+
+
+def session_cipher(settings: TelegramSettings) -> SessionCipher:
+    """SESSION_ENCRYPTION_KEY; in sandbox mode without it, a key file in DATA_DIR made once.
+
+    Sandbox sessions are encrypted at rest like real ones, so the code path is
+    the production one; every bot of one DATA_DIR shares the key file.
+    """
+    if settings.session_encryption_key:
+        return SessionCipher(settings.session_encryption_key)
+    if not settings.sandbox:  # pragma: no cover - TelegramSettings.validate refuses this
+        raise SessionKeyError("SESSION_ENCRYPTION_KEY is required outside sandbox mode")
+    path = Path(settings.data_dir) / SANDBOX_KEY_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process made it first
+            pass
+        else:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(generate_key())
+    return SessionCipher(path.read_text().strip())
+
+
+def client_factory(settings: TelegramSettings, world: Any | None) -> ClientFactory:
+    """Clients with Telethon's own sleeping turned off (``flood_sleep_threshold=0``): our loops decide.
+
+    ``world`` is the sandbox world in sandbox mode, else None for real Telegram.
+    Real clients keep one request retry, which Telethon needs to follow a
+    datacenter migration.
+    """
+    from telethon import TelegramClient
+    from telethon.sessions import StringSession
+
+    common: dict[str, Any] = {"flood_sleep_threshold": 0, "raise_last_call_error": True}
+    if world is not None:
+        from shared.sandbox import SandboxClient
+
+        def sandbox_client(account: Account, session: str | None) -> TelegramClient:
+            return SandboxClient(world, phone=account.phone, session=session, request_retries=0, **common)
+
+        return sandbox_client
+
+    def real_client(account: Account, session: str | None) -> TelegramClient:
+        return TelegramClient(
+            StringSession(session or ""),
+            settings.telegram_api_id,
+            settings.telegram_api_hash,
+            request_retries=1,
+            connection_retries=2,
+            retry_delay=1,
+            **common,
+        )
+
+    return real_client
 
 
 class ConnectionState(str, enum.Enum):

@@ -431,3 +431,34 @@ async def test_rotate_key_re_encrypts_every_session_and_an_interrupted_run_loses
     assert len(sessions) == 2 and all(only_new.decrypt(s) for s in sessions)
     code, out = await cli(old, "rotate-key")
     assert code == 2 and "NEW_KEY,OLD_KEY" in out
+
+
+async def test_attachments_from_storage_are_sent_and_a_missing_object_fails_with_its_key(
+    worker_env: dict[str, str], database_url: str
+) -> None:
+    import io
+
+    from PIL import Image
+
+    from shared.storage import open_storage
+
+    world = world_of(worker_env)
+    world.seed_demo()
+    picture = io.BytesIO()
+    Image.new("RGB", (64, 48), "teal").save(picture, "JPEG")
+    async with running_worker(worker_env) as worker:
+        storage = await open_storage(worker.settings)
+        await storage.put("outbound/teal.jpg", picture.getvalue(), content_type="image/jpeg")
+        ids = await account_ids(worker)
+        db = worker.db
+        assert db is not None
+        await db.enqueue_outbound(ids["demo_one"], "alice", "a picture", attachments=[{"key": "outbound/teal.jpg"}])
+        await db.enqueue_outbound(ids["demo_one"], "alice", "a lost picture", attachments=["storage:outbound/gone.jpg"])
+        await wait_until(lambda: _all_settled(database_url, 2), what="both settled")
+        rows = {r["text"]: r for r in await outbound_rows(database_url)}
+        assert rows["a picture"]["status"] == "sent"
+        received = [m for m in world.received("alice") if m.text == "a picture"]
+        assert len(received) == 1 and received[0].media is not None
+        assert rows["a lost picture"]["status"] == "failed"
+        assert "outbound/gone.jpg" in rows["a lost picture"]["last_error"]
+        assert not list((Path(worker_env["DATA_DIR"]) / "tmp").glob("*")), "temporary files are removed"
