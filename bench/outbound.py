@@ -1,0 +1,318 @@
+"""Benchmark: outbound enqueue-to-delivered latency of worker.py, next to seed 004's polling loop.
+
+    ./start.sh bench outbound [--quick] [--json] [--seconds S] [--rates 50,200,1000] [--accounts 20]
+
+What runs: ``python worker.py`` as a child process on an embedded
+PostgreSQL (default settings, fsync on) and the Telegram sandbox with no
+added latency, serving 20 sandbox accounts that write to 10 recipients
+each. SEND_RATE_PER_ACCOUNT/CHAT and their bursts are raised to 100000 for
+this run (the defaults, 20/s per account and 1/s per chat, would make the
+token buckets the subject of the measurement); everything else is the
+default configuration.
+
+This process offers each load (50, 200 and 1000 messages/s spread over the
+accounts, 30 s each; 200/s for 2 s with --quick) by calling ``outbound_enqueue`` on schedule, then waits
+until every message is delivered. Latency is ``messages.sent_at -
+messages.created_at`` (both stamped by PostgreSQL's clock: the enqueue's
+transaction and the mark-sent after the sandbox accepted the message);
+throughput is delivered messages over the time from the first enqueue to
+the last delivery.
+
+The baseline, in the same run on the same database and world, after the
+worker has stopped: seed 004's design (bench/baselines/seed004.py), one loop
+that every 2 s selects the queued rows and sends them one at a time with
+``client.send_message``. The baseline gets a deadline (load + 30 s, + 5 s
+with --quick); rows still queued then count with their age at the deadline,
+a lower bound (marked with ``>=`` in the table).
+
+Read it as: p50/p99/max per load, ours next to the baseline; ``per_s`` is
+what was delivered per second (at most the offered load). Figures depend on
+the machine and on its other load (the load average is printed). A
+benchmark, not a test: nothing here asserts on time.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# bench/ first on sys.path would let bench/queue.py shadow the standard library's queue.
+_BENCH_DIR = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH_DIR]
+sys.path.insert(0, str(_BENCH_DIR.parent))
+
+import asyncio  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import time  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
+from typing import Any  # noqa: E402
+
+import asyncpg  # noqa: E402
+
+from bench._common import (  # noqa: E402
+    UNLIMITED_SENDS,
+    Accounts,
+    BenchDatabase,
+    WorkerProcess,
+    emit,
+    fixed_rate,
+    leased_accounts,
+    machine,
+    machine_line,
+    make_accounts,
+    parser,
+    percentile,
+    progress,
+    rounded,
+    wait_until,
+    worker_env,
+)
+from bench.baselines.seed004 import Seed004Outbound  # noqa: E402
+
+logger = logging.getLogger("bench.outbound")
+
+
+@dataclass
+class LoadResult:
+    """One offered load on one system."""
+
+    system: str
+    offered_per_s: float
+    achieved_offer_per_s: float
+    messages: int
+    delivered: int
+    p50_ms: float | None
+    p99_ms: float | None
+    max_ms: float | None
+    per_s: float | None
+    lower_bound: bool
+
+
+async def measure(dsn: str, tag: str, *, deadline_age: bool) -> tuple[int, int, list[float], float | None]:
+    """(messages, delivered, latencies in ms, delivered per second) of the rows tagged ``tag``.
+
+    With ``deadline_age`` the rows not delivered count with their age now (a lower bound).
+    """
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        rows = await conn.fetch(
+            "select status = 'sent' as sent, extract(epoch from coalesce(sent_at, clock_timestamp()) - created_at) * 1000 as ms, "
+            "created_at, sent_at from messages where text like $1",
+            f"{tag}:%",
+        )
+    finally:
+        await conn.close()
+    delivered = [r for r in rows if r["sent"]]
+    latencies = [float(r["ms"]) for r in (rows if deadline_age else delivered)]
+    per_s = None
+    if delivered:
+        span = (max(r["sent_at"] for r in delivered) - min(r["created_at"] for r in rows)).total_seconds()
+        per_s = len(delivered) / span if span > 0 else None
+    return len(rows), len(delivered), latencies, per_s
+
+
+async def delivered_count(dsn: str, tag: str) -> int:
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        return int(await conn.fetchval("select count(*) from messages where text like $1 and status = 'sent'", f"{tag}:%"))
+    finally:
+        await conn.close()
+
+
+async def offer(pool: asyncpg.Pool, accounts: Accounts, tag: str, rate: float, seconds: float) -> tuple[int, float]:
+    """Enqueue ``rate * seconds`` messages on schedule, round-robin over accounts and recipients."""
+    count = max(1, int(rate * seconds))
+    n_accounts = len(accounts.ids)
+
+    async def one(i: int) -> None:
+        account = accounts.ids[i % n_accounts]
+        peer = accounts.recipients[(i // n_accounts) % len(accounts.recipients)]
+        await pool.execute(
+            "select 1 from outbound_enqueue(p_account_id => $1, p_peer => $2, p_text => $3)", account, peer, f"{tag}:{i}"
+        )
+
+    achieved = await fixed_rate(count, rate, one)
+    return count, achieved
+
+
+async def run_load(
+    system: str, dsn: str, pool: asyncpg.Pool, accounts: Accounts, rate: float, seconds: float, *, drain: float,
+    check: Any = None, lower_bound_ok: bool = False,
+) -> LoadResult:
+    tag = f"{system}-{rate:g}"
+    progress(f"{system}: {rate:g} messages/s for {seconds:g} s")
+    count, achieved = await offer(pool, accounts, tag, rate, seconds)
+    timed_out = False
+    try:
+        await wait_until(
+            lambda: _all_delivered(dsn, tag, count), timeout=drain, what=f"{tag} delivered", interval=0.2, check=check
+        )
+    except TimeoutError:
+        if not lower_bound_ok:
+            raise
+        timed_out = True
+    messages, delivered, latencies, per_s = await measure(dsn, tag, deadline_age=timed_out)
+    return LoadResult(
+        system=system,
+        offered_per_s=rate,
+        achieved_offer_per_s=round(achieved, 1),
+        messages=messages,
+        delivered=delivered,
+        p50_ms=rounded(percentile(latencies, 50)),
+        p99_ms=rounded(percentile(latencies, 99)),
+        max_ms=rounded(max(latencies) if latencies else None),
+        per_s=rounded(per_s),
+        lower_bound=timed_out,
+    )
+
+
+async def _all_delivered(dsn: str, tag: str, count: int) -> bool:
+    return await delivered_count(dsn, tag) >= count
+
+
+async def run(*, rates: list[float], seconds: float, n_accounts: int, baseline_grace: float) -> dict[str, Any]:
+    info = machine()
+    async with BenchDatabase("bench-outbound-") as bench_db:
+        dsn = await bench_db.create("bench_outbound")
+        accounts = await make_accounts(dsn, bench_db.root / "sandbox", n_accounts, recipients=10)
+        env = worker_env(dsn=dsn, accounts=accounts, data_dir=bench_db.root / "worker-data", extra=UNLIMITED_SENDS)
+        pool = await asyncpg.create_pool(dsn, min_size=4, max_size=16)
+        ours: list[LoadResult] = []
+        theirs: list[LoadResult] = []
+        try:
+            worker = await WorkerProcess(env, bench_db.root / "worker.log").start()
+            try:
+                progress(f"worker.py starting with {n_accounts} sandbox accounts")
+                await wait_until(lambda: _leased(dsn, n_accounts), timeout=90, what="accounts leased", check=worker.check_alive)
+                # Warm up: every chat once (entity cache, connections), not measured.
+                await offer(pool, accounts, "warm", n_accounts * len(accounts.recipients), 1.0)
+                await wait_until(
+                    lambda: _all_delivered(dsn, "warm", n_accounts * len(accounts.recipients)),
+                    timeout=90, what="warm-up delivered", interval=0.2, check=worker.check_alive,
+                )
+                for rate in rates:
+                    ours.append(
+                        await run_load("ours", dsn, pool, accounts, rate, seconds, drain=seconds + 120, check=worker.check_alive)
+                    )
+            finally:
+                await worker.stop()
+            progress("baseline (seed 004): connecting its clients")
+            world = accounts.world
+            sessions = await asyncio.to_thread(
+                lambda: {aid: world.session_string(label) for aid, label in zip(accounts.ids, accounts.labels, strict=True)}
+            )
+            baseline = Seed004Outbound(dsn, accounts.world_dir, sessions)
+            await baseline.start()
+            loop = asyncio.create_task(baseline.run())
+            try:
+                for rate in rates:
+                    theirs.append(
+                        await run_load(
+                            "baseline", dsn, pool, accounts, rate, seconds, drain=seconds + baseline_grace, lower_bound_ok=True
+                        )
+                    )
+                    # Rows the baseline did not reach stay queued; take them out of the next load's way.
+                    await pool.execute("update messages set status = 'failed' where status = 'queued' and text like 'baseline-%'")
+            finally:
+                await baseline.stop()
+                loop.cancel()
+                try:
+                    await loop
+                except (asyncio.CancelledError, Exception):
+                    pass
+        finally:
+            await pool.close()
+    headline_rate = 200.0 if 200.0 in rates else rates[0]
+    ours_h = next(r for r in ours if r.offered_per_s == headline_rate)
+    theirs_h = next(r for r in theirs if r.offered_per_s == headline_rate)
+    speedup = (theirs_h.p50_ms / ours_h.p50_ms) if ours_h.p50_ms and theirs_h.p50_ms else None
+    return {
+        "benchmark": "outbound",
+        "headline_rate": headline_rate,
+        "p50_ms": ours_h.p50_ms,
+        "p99_ms": ours_h.p99_ms,
+        "max_ms": ours_h.max_ms,
+        "per_s": ours_h.per_s,
+        "baseline_p50_ms": theirs_h.p50_ms,
+        "baseline_p99_ms": theirs_h.p99_ms,
+        "baseline_per_s": theirs_h.per_s,
+        "p50_speedup": rounded(speedup, 1),
+        "aim": "p99 <= 100 ms at 200/s; p50 >= 20x better than the baseline",
+        "loads": [asdict(r) for r in ours + theirs],
+        "seconds_per_load": seconds,
+        "accounts": n_accounts,
+        "recipients_per_account": 10,
+        "settings": {**UNLIMITED_SENDS, "other": "defaults"},
+        "postgres": bench_db.version,
+        "machine": info,
+        "load_average_after": [round(v, 2) for v in os.getloadavg()],
+    }
+
+
+async def _leased(dsn: str, n: int) -> bool:
+    return await leased_accounts(dsn) >= n
+
+
+def _ms(value: float | None, lower: bool) -> str:
+    if value is None:
+        return "-"
+    return f"{'>=' if lower else ''}{value:.1f}"
+
+
+def render(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    lines = [
+        f"outbound benchmark: worker.py, {result['accounts']} sandbox accounts x {result['recipients_per_account']} recipients, "
+        f"embedded PostgreSQL {result['postgres']}, no added latency, {result['seconds_per_load']:g} s per load",
+        "settings raised for the load test: SEND_RATE_PER_ACCOUNT/CHAT and bursts = 100000 (others default)",
+        f"machine: {machine_line(m)}; load average after: {' '.join(f'{v:.2f}' for v in result['load_average_after'])}",
+        "",
+        f"{'offered/s':>9} | {'ours p50':>9} {'p99':>8} {'max':>8} {'per_s':>7} | "
+        f"{'seed004 p50':>12} {'p99':>9} {'max':>9} {'per_s':>7} | {'p50 x':>6}",
+    ]
+    loads = result["loads"]
+    for ours in (r for r in loads if r["system"] == "ours"):
+        base = next((r for r in loads if r["system"] == "baseline" and r["offered_per_s"] == ours["offered_per_s"]), None)
+        lb = bool(base and base["lower_bound"])
+        factor = (base["p50_ms"] / ours["p50_ms"]) if base and base["p50_ms"] and ours["p50_ms"] else None
+        lines.append(
+            f"{ours['offered_per_s']:>9g} | {_ms(ours['p50_ms'], False):>9} {_ms(ours['p99_ms'], False):>8} "
+            f"{_ms(ours['max_ms'], False):>8} {ours['per_s'] or 0:>7.0f} | "
+            f"{_ms(base and base['p50_ms'], lb):>12} {_ms(base and base['p99_ms'], lb):>9} {_ms(base and base['max_ms'], lb):>9} "
+            f"{(base and base['per_s']) or 0:>7.0f} | {('%.0f' % factor) if factor else '-':>6}"
+        )
+    for r in loads:
+        if r["achieved_offer_per_s"] < 0.95 * r["offered_per_s"]:
+            lines.append(f"note: {r['system']} at {r['offered_per_s']:g}/s: the enqueuer reached only {r['achieved_offer_per_s']:g}/s")
+        if r["delivered"] < r["messages"]:
+            lines.append(f"note: {r['system']} at {r['offered_per_s']:g}/s: {r['messages'] - r['delivered']} of {r['messages']} "
+                         "not delivered by the deadline (latencies are lower bounds)")
+    lines += [
+        "",
+        f"at {result['headline_rate']:g}/s: p99 {result['p99_ms']} ms (aim <= 100), p50 {result['p50_speedup']}x better than "
+        "seed 004's loop (aim >= 20)",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args_parser = parser("outbound", __doc__)
+    args_parser.add_argument("--seconds", type=float, default=None, help="seconds per offered load (default 30, 2 with --quick)")
+    args_parser.add_argument("--rates", default=None, help="offered loads, messages/s (default 50,200,1000; 200 with --quick)")
+    args_parser.add_argument("--accounts", type=int, default=20, help="sandbox accounts (default 20)")
+    args = args_parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    rates = [float(r) for r in (args.rates or ("200" if args.quick else "50,200,1000")).split(",")]
+    seconds = args.seconds if args.seconds is not None else (2.0 if args.quick else 30.0)
+    started = time.monotonic()
+    result = asyncio.run(
+        run(rates=rates, seconds=seconds, n_accounts=args.accounts, baseline_grace=5.0 if args.quick else 30.0)
+    )
+    result["wall_seconds"] = round(time.monotonic() - started, 1)
+    emit(render(result), result, as_json=args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,426 @@
+"""Benchmark: time from an injected fault to healthy again, next to the bound the configuration promises.
+
+    ./start.sh bench recovery [--quick] [--json] [--outage S]
+
+Each case runs ``python worker.py`` (sandbox mode, 2 sandbox accounts) on an
+embedded PostgreSQL, warms it up (one message per account delivered), then
+injects one fault and at the same moment enqueues one message. "Healthy
+again" is the moment that message is delivered (``status = 'sent'``) and
+the worker's ``/health`` answers 200. The clock starts when the fault is
+injected.
+
+Cases and the bound each is compared with (all from the settings passed to
+the worker, printed with the table):
+
+* hung send: the sandbox never answers one SendMessage. Bound:
+  TIMEOUT_TELEGRAM_SEND + the unknown-outcome retry delay
+  (min(2 s, RETRY_BASE_DELAY)) + OUTBOUND_POLL_INTERVAL.
+* stuck loop: the same hang, but TIMEOUT_TELEGRAM_SEND (60 s) is longer
+  than the watchdog's patience, so the outbound loop is silent and must be
+  restarted. Bound: WATCHDOG_MAX_SILENCE + WATCHDOG_CHECK_INTERVAL + the
+  watchdog's first restart delay (1 s, LoopWatchdog's default) +
+  OUTBOUND_POLL_INTERVAL.
+* dropped connection: the sandbox drops the connection on one SendMessage.
+  Bound: min(2 s, RETRY_BASE_DELAY) + RECONNECT_BACKOFF_MAX +
+  ACCOUNT_CHECK_INTERVAL + OUTBOUND_POLL_INTERVAL.
+* database outage: the worker reaches PostgreSQL through a TCP relay in
+  this process; the relay resets every connection and refuses new ones for
+  the outage (30 s; 5 s with ``--outage 5``). Bound: outage + the database
+  breaker's recovery_timeout (30 s, shared/db/postgres.py) + the cap of a
+  loop's pause after failed cycles (30 s, shared/watchdog.periodic) +
+  OUTBOUND_POLL_INTERVAL: while the breaker is open every outbound cycle
+  fails at once and the loop's pause grows 1, 2, 4 ... 30 s, so the first
+  cycle after the database is back may come up to 30 s late. Both 30 s are
+  constants, not settings; the table also says how much of the time came
+  after the database was back.
+* kill -9 under the supervisor: ``python supervisor.py -- python worker.py``;
+  the worker child is SIGKILLed. Bound: RESTART_BACKOFF_BASE + start time
+  (measured in this run: supervisor start to the first child serving its
+  accounts) + ACCOUNT_LEASE_SECONDS (the dead child's lease must lapse) +
+  ACCOUNT_CHECK_INTERVAL + OUTBOUND_POLL_INTERVAL.
+
+Read it as: ``ratio`` = measured / promised; at or under 1.2 the
+configuration keeps its promise. ``--quick`` runs only the first three
+cases. A benchmark, not a test: nothing here asserts on time.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# bench/ first on sys.path would let bench/queue.py shadow the standard library's queue.
+_BENCH_DIR = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH_DIR]
+sys.path.insert(0, str(_BENCH_DIR.parent))
+
+import asyncio  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Awaitable, Callable  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
+from typing import Any  # noqa: E402
+
+import aiohttp  # noqa: E402
+import asyncpg  # noqa: E402
+import psutil  # noqa: E402
+
+from bench._common import (  # noqa: E402
+    UNLIMITED_SENDS,
+    Accounts,
+    BenchDatabase,
+    TcpProxy,
+    WorkerProcess,
+    emit,
+    free_port,
+    leased_accounts,
+    machine,
+    machine_line,
+    make_accounts,
+    parser,
+    progress,
+    rounded,
+    wait_until,
+    worker_env,
+)
+
+logger = logging.getLogger("bench.recovery")
+
+#: The worker's configuration in every case (each case adds its own on top).
+BASE: dict[str, str] = {
+    **UNLIMITED_SENDS,
+    "ACCOUNT_CHECK_INTERVAL": "1",
+    "ACCOUNT_LEASE_SECONDS": "5",
+    "OUTBOUND_POLL_INTERVAL": "0.5",
+    "WATCHDOG_CHECK_INTERVAL": "0.5",
+    "WATCHDOG_MAX_SILENCE": "3",
+    "HEARTBEAT_INTERVAL": "1",
+    "RETRY_BASE_DELAY": "0.5",
+    "TIMEOUT_TELEGRAM_SEND": "2",
+    "TIMEOUT_TELEGRAM_ENTITY": "2",
+    "TIMEOUT_TELEGRAM_CONNECT": "3",
+    "TIMEOUT_DB": "2",
+    "RECONNECT_BACKOFF_MAX": "1",
+    "RECONCILE_INTERVAL": "3600",
+    "SHUTDOWN_GRACE": "3",
+}
+
+WATCHDOG_FIRST_RESTART_DELAY = 1.0
+"""LoopWatchdog's backoff_base: the delay before a loop's first restart (not a setting)."""
+
+DATABASE_BREAKER_RECOVERY = 30.0
+"""recovery_timeout of the process-wide ``database`` breaker (shared/db/postgres.py; not a setting)."""
+
+LOOP_ERROR_BACKOFF_MAX = 30.0
+"""Cap of a loop's pause after consecutive failed cycles (shared/watchdog.periodic; not a setting)."""
+
+
+@dataclass
+class CaseResult:
+    case: str
+    measured_s: float | None
+    promised_s: float
+    ratio: float | None
+    bound: str
+    error: str | None = None
+    note: str | None = None
+
+
+def f(env: dict[str, str], name: str) -> float:
+    return float(env[name])
+
+
+class Harness:
+    """One database and sandbox world shared by the cases; a fresh worker per case."""
+
+    def __init__(self, bench_db: BenchDatabase, db_name: str, dsn: str, accounts: Accounts, port: int) -> None:
+        self.bench_db = bench_db
+        self.db_name = db_name
+        self.dsn = dsn
+        self.accounts = accounts
+        self.port = port
+        self.counter = 0
+
+    def env(self, extra: dict[str, str], *, dsn: str | None = None) -> dict[str, str]:
+        return worker_env(
+            dsn=dsn or self.dsn,
+            accounts=self.accounts,
+            data_dir=self.bench_db.root / "worker-data",
+            extra={**BASE, "PORT": str(self.port), **extra},
+        )
+
+    async def healthy(self) -> bool:
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as session:
+                async with session.get(f"http://127.0.0.1:{self.port}/health") as response:
+                    return response.status == 200
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return False
+
+    async def enqueue(self, text: str, account: int | None = None) -> int:
+        conn = await asyncpg.connect(self.dsn, timeout=10)
+        try:
+            return int(
+                await conn.fetchval(
+                    "select id from outbound_enqueue(p_account_id => $1, p_peer => $2, p_text => $3)",
+                    account if account is not None else self.accounts.ids[0],
+                    self.accounts.recipients[0],
+                    text,
+                )
+            )
+        finally:
+            await conn.close()
+
+    async def sent(self, message_id: int) -> bool:
+        conn = await asyncpg.connect(self.dsn, timeout=10)
+        try:
+            return await conn.fetchval("select status from messages where id = $1", message_id) == "sent"
+        finally:
+            await conn.close()
+
+    async def ready(self, check: Callable[[], None], *, timeout: float = 60) -> None:
+        """Accounts leased, /health 200 and one message per account delivered (warm entity cache)."""
+        n = len(self.accounts.ids)
+        await wait_until(lambda: _at_least(leased_accounts(self.dsn), n), timeout=timeout, what="accounts leased", check=check)
+        await wait_until(self.healthy, timeout=timeout, what="/health 200", check=check)
+        ids = [await self.enqueue(f"warm {self.counter} {a}", a) for a in self.accounts.ids]
+        self.counter += 1
+        await wait_until(lambda: _all(self.sent(i) for i in ids), timeout=timeout, what="warm-up delivered", check=check)
+
+    async def recovered(self, message_id: int, *, timeout: float, check: Callable[[], None] | None = None) -> float:
+        """The monotonic time at which ``message_id`` is delivered and /health answers 200."""
+        return await wait_until(
+            lambda: _both(self.sent(message_id), self.healthy()), timeout=timeout, what="healthy again", interval=0.05, check=check
+        )
+
+
+async def _at_least(value: Awaitable[int], n: int) -> bool:
+    return await value >= n
+
+
+async def _all(checks: Any) -> bool:
+    for check in checks:
+        if not await check:
+            return False
+    return True
+
+
+async def _both(a: Awaitable[bool], b: Awaitable[bool]) -> bool:
+    if not await a:
+        b.close()  # type: ignore[attr-defined]
+        return False
+    return await b
+
+
+def result(case: str, started: float, ended: float | None, promised: float, bound: str, error: str | None = None) -> CaseResult:
+    measured = None if ended is None else ended - started
+    return CaseResult(
+        case=case,
+        measured_s=rounded(measured, 2),
+        promised_s=round(promised, 2),
+        ratio=rounded(measured / promised, 2) if measured is not None else None,
+        bound=bound,
+        error=error,
+    )
+
+
+# --- the cases ------------------------------------------------------------------------
+
+
+async def telegram_cases(h: Harness, *, stuck: bool) -> list[CaseResult]:
+    """Hung send and dropped connection (one worker), or the stuck loop (a worker with a long send deadline)."""
+    from shared.sandbox import FaultKind
+
+    world = h.accounts.world
+    extra = {"TIMEOUT_TELEGRAM_SEND": "60"} if stuck else {}
+    env = h.env(extra)
+    worker = await WorkerProcess(env, h.bench_db.root / f"worker-{'stuck' if stuck else 'telegram'}.log").start()
+    results: list[CaseResult] = []
+    try:
+        await h.ready(worker.check_alive)
+        if stuck:
+            cases = [("stuck loop", FaultKind.HANG)]
+        else:
+            cases = [("hung send", FaultKind.HANG), ("dropped connection", FaultKind.DROP)]
+        for name, kind in cases:
+            progress(f"case: {name}")
+            if name == "hung send":
+                promised = f(env, "TIMEOUT_TELEGRAM_SEND") + min(2.0, f(env, "RETRY_BASE_DELAY")) + f(env, "OUTBOUND_POLL_INTERVAL")
+                bound = "TIMEOUT_TELEGRAM_SEND + min(2, RETRY_BASE_DELAY) + OUTBOUND_POLL_INTERVAL"
+            elif name == "stuck loop":
+                promised = (
+                    f(env, "WATCHDOG_MAX_SILENCE") + f(env, "WATCHDOG_CHECK_INTERVAL") + WATCHDOG_FIRST_RESTART_DELAY
+                    + f(env, "OUTBOUND_POLL_INTERVAL")
+                )
+                bound = "WATCHDOG_MAX_SILENCE + WATCHDOG_CHECK_INTERVAL + 1 s restart delay + OUTBOUND_POLL_INTERVAL"
+            else:
+                promised = (
+                    min(2.0, f(env, "RETRY_BASE_DELAY")) + f(env, "RECONNECT_BACKOFF_MAX") + f(env, "ACCOUNT_CHECK_INTERVAL")
+                    + f(env, "OUTBOUND_POLL_INTERVAL")
+                )
+                bound = "min(2, RETRY_BASE_DELAY) + RECONNECT_BACKOFF_MAX + ACCOUNT_CHECK_INTERVAL + OUTBOUND_POLL_INTERVAL"
+            await asyncio.to_thread(world.set_fault, kind, method="SendMessage", count=1)
+            started = time.monotonic()
+            message = await h.enqueue(f"{name} {h.counter}")
+            h.counter += 1
+            try:
+                ended = await h.recovered(message, timeout=promised * 3 + 10, check=worker.check_alive)
+                results.append(result(name, started, ended, promised, bound))
+            except (TimeoutError, RuntimeError) as exc:
+                results.append(result(name, started, None, promised, bound, error=str(exc).splitlines()[0]))
+            await asyncio.to_thread(world.clear_faults)
+    finally:
+        await worker.stop()
+    return results
+
+
+async def database_outage(h: Harness, outage: float) -> CaseResult:
+    progress(f"case: database outage ({outage:g} s)")
+    proxy = await TcpProxy(h.bench_db.socket_path, free_port()).start()
+    env = h.env({}, dsn=h.bench_db.tcp_dsn(h.db_name, proxy.port))
+    promised = outage + DATABASE_BREAKER_RECOVERY + LOOP_ERROR_BACKOFF_MAX + f(env, "OUTBOUND_POLL_INTERVAL")
+    bound = (
+        f"outage ({outage:g} s) + database breaker recovery_timeout (30 s) + loop error backoff cap (30 s) "
+        "+ OUTBOUND_POLL_INTERVAL"
+    )
+    worker = await WorkerProcess(env, h.bench_db.root / "worker-outage.log").start()
+    try:
+        await h.ready(worker.check_alive)
+        await proxy.cut()
+        started = time.monotonic()
+        message = await h.enqueue(f"database outage {h.counter}")
+        h.counter += 1
+        await asyncio.sleep(outage)  # the outage itself: nothing is awaited here
+        await proxy.restore()
+        restored = time.monotonic()
+        try:
+            ended = await h.recovered(message, timeout=promised * 2 + 10, check=worker.check_alive)
+            outcome = result("database outage", started, ended, promised, bound)
+            outcome.note = f"{ended - restored:.1f} s of it after the database was back"
+            return outcome
+        except (TimeoutError, RuntimeError) as exc:
+            return result("database outage", started, None, promised, bound, error=str(exc).splitlines()[0])
+    finally:
+        await worker.stop()
+        await proxy.close()
+
+
+async def kill_9_supervised(h: Harness) -> CaseResult:
+    progress("case: kill -9 under the supervisor")
+    env = h.env(
+        {
+            "HEALTH_FAIL_AFTER": "10",
+            "HEALTH_CHECK_INTERVAL": "1",
+            "HEALTH_STARTUP_GRACE": "30",
+            "RESTART_BACKOFF_BASE": "1",
+            "RESTART_BACKOFF_MAX": "10",
+            "MAX_RESTARTS": "10",
+            "BOT": "worker",
+        }
+    )
+    supervisor = WorkerProcess(
+        env, h.bench_db.root / "supervisor.log", argv=[sys.executable, "supervisor.py", "--", sys.executable, "worker.py"]
+    )
+    spawned = time.monotonic()
+    await supervisor.start()
+    try:
+        n = len(h.accounts.ids)
+        ready_at = await wait_until(
+            lambda: _at_least(leased_accounts(h.dsn), n), timeout=60, what="accounts leased", check=supervisor.check_alive
+        )
+        start_time = ready_at - spawned
+        await h.ready(supervisor.check_alive)
+        promised = (
+            f(env, "RESTART_BACKOFF_BASE") + start_time + f(env, "ACCOUNT_LEASE_SECONDS") + f(env, "ACCOUNT_CHECK_INTERVAL")
+            + f(env, "OUTBOUND_POLL_INTERVAL")
+        )
+        bound = (
+            f"RESTART_BACKOFF_BASE + start time ({start_time:.1f} s, measured) + ACCOUNT_LEASE_SECONDS + "
+            "ACCOUNT_CHECK_INTERVAL + OUTBOUND_POLL_INTERVAL"
+        )
+        children = psutil.Process(supervisor.pid).children()
+        if not children:
+            return result("kill -9 (supervised)", 0.0, None, promised, bound, error="the supervisor has no child")
+        os.kill(children[0].pid, signal.SIGKILL)
+        started = time.monotonic()
+        message = await h.enqueue(f"after kill {h.counter}")
+        h.counter += 1
+        try:
+            ended = await h.recovered(message, timeout=promised * 2 + 10, check=supervisor.check_alive)
+            return result("kill -9 (supervised)", started, ended, promised, bound)
+        except (TimeoutError, RuntimeError) as exc:
+            return result("kill -9 (supervised)", started, None, promised, bound, error=str(exc).splitlines()[0])
+    finally:
+        await supervisor.stop(timeout=20)
+        for child in psutil.Process().children(recursive=True):  # a worker the supervisor left behind
+            if child.pid != supervisor.pid and "worker.py" in " ".join(child.cmdline()):
+                child.kill()
+
+
+async def run(*, quick: bool, outage: float) -> dict[str, Any]:
+    info = machine()
+    async with BenchDatabase("bench-recovery-") as bench_db:
+        dsn = await bench_db.create("bench_recovery")
+        accounts = await make_accounts(dsn, bench_db.root / "sandbox", 2, recipients=1)
+        h = Harness(bench_db, "bench_recovery", dsn, accounts, free_port())
+        cases = await telegram_cases(h, stuck=False)
+        cases += await telegram_cases(h, stuck=True)
+        if not quick:
+            cases.append(await database_outage(h, outage))
+            cases.append(await kill_9_supervised(h))
+        version = bench_db.version
+    worst = max((c.ratio for c in cases if c.ratio is not None), default=None)
+    return {
+        "benchmark": "recovery",
+        "cases": [asdict(c) for c in cases],
+        "worst_ratio": worst,
+        "all_within_1_2": all(c.ratio is not None and c.ratio <= 1.2 for c in cases),
+        "settings": BASE,
+        "outage_s": outage if not quick else None,
+        "quick": quick,
+        "postgres": version,
+        "machine": info,
+        "load_average_after": [round(v, 2) for v in os.getloadavg()],
+    }
+
+
+def render(result: dict[str, Any]) -> str:
+    lines = [
+        "recovery benchmark: worker.py in sandbox mode, 2 accounts, embedded PostgreSQL "
+        f"{result['postgres']}; healthy again = the message enqueued at the fault delivered and /health 200",
+        f"machine: {machine_line(result['machine'])}; load average after: "
+        f"{' '.join(f'{v:.2f}' for v in result['load_average_after'])}",
+        "settings: " + ", ".join(f"{k}={v}" for k, v in result["settings"].items() if not k.startswith("SEND_")),
+        "",
+        f"{'case':<22} {'measured s':>10} {'promised s':>10} {'ratio':>6}  bound",
+    ]
+    for c in result["cases"]:
+        measured = f"{c['measured_s']:.2f}" if c["measured_s"] is not None else "FAILED"
+        ratio = f"{c['ratio']:.2f}" if c["ratio"] is not None else "-"
+        lines.append(f"{c['case']:<22} {measured:>10} {c['promised_s']:>10.2f} {ratio:>6}  {c['bound']}")
+        if c["error"]:
+            lines.append(f"{'':<22} error: {c['error']}")
+        if c.get("note"):
+            lines.append(f"{'':<22} ({c['note']})")
+    lines += ["", f"worst measured/promised: {result['worst_ratio']} (aim <= 1.2)"]
+    if result["quick"]:
+        lines.append("--quick: database outage and kill -9 under the supervisor not run")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args_parser = parser("recovery", __doc__)
+    args_parser.add_argument("--outage", type=float, default=30.0, help="database outage length in seconds (default 30)")
+    args = args_parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    started = time.monotonic()
+    outcome = asyncio.run(run(quick=args.quick, outage=args.outage))
+    outcome["wall_seconds"] = round(time.monotonic() - started, 1)
+    emit(render(outcome), outcome, as_json=args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

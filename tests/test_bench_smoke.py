@@ -1,0 +1,85 @@
+"""The issue-10 benchmarks run end to end: each ``--quick --json`` ends with one JSON object.
+
+Only the shape of the output is checked, never a figure: benchmarks measure,
+and speed on a shared 2-core machine is not a test's business. The three
+benchmarks start together (each with its own embedded PostgreSQL, sandbox
+world and worker process) so the whole file takes about as long as the
+slowest of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: Benchmark -> the fields its JSON line must carry.
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "outbound": ("p50_ms", "p99_ms", "per_s", "baseline_p50_ms", "loads", "machine"),
+    "recovery": ("cases", "worst_ratio", "machine"),
+    "footprint": ("cases", "rss_mb", "cpu_percent", "machine"),
+}
+
+RUN_TIMEOUT = 110.0
+"""Seconds one quick benchmark may take (they usually need 15-30 s each)."""
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(RUN_TIMEOUT + 10)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, subprocess.Popen[str]]]:
+    """Every benchmark started at once with ``--quick --json``; killed if still running at the end."""
+    logs = tmp_path_factory.mktemp("bench-smoke")
+    env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "SUPABASE_URL", "TELEGRAM_API_ID"}}
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, f"bench/{name}.py", "--quick", "--json"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=(logs / f"{name}.err").open("w"),
+            text=True,
+        )
+        for name in REQUIRED
+    }
+    try:
+        yield procs
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def last_json_line(proc: subprocess.Popen[str], name: str) -> dict[str, Any]:
+    try:
+        out, _ = proc.communicate(timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        pytest.fail(f"bench {name} --quick did not finish within {RUN_TIMEOUT:g} s:\n{out[-2000:]}")
+    assert proc.returncode == 0, f"bench {name} exited with {proc.returncode}:\n{out[-3000:]}"
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert lines, f"bench {name} printed nothing"
+    result = json.loads(lines[-1])
+    assert isinstance(result, dict), f"bench {name}: the last line is not a JSON object"
+    assert len(lines) > 1, f"bench {name}: no table before the JSON line"
+    return result
+
+
+@pytest.mark.parametrize("name", list(REQUIRED))
+def test_quick_json_run_ends_with_an_object_carrying_the_required_fields(
+    runs: dict[str, subprocess.Popen[str]], name: str
+) -> None:
+    result = last_json_line(runs[name], name)
+    missing = [field for field in REQUIRED[name] if field not in result]
+    assert not missing, f"bench {name}: JSON lacks {missing}"
+    assert {"date", "commit", "load_average"} <= set(result["machine"]), "where the figures come from"
