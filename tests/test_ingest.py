@@ -19,6 +19,8 @@ from typing import Any
 
 import asyncpg
 import pytest
+
+from tests.helpers import wait_until as shared_wait_until
 from PIL import Image
 from telethon.tl import types
 
@@ -64,16 +66,7 @@ def png(seed: int, size: tuple[int, int] = (24, 16)) -> bytes:
 
 
 async def wait_until(condition: Callable[[], Any], *, timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout}s")
-        await asyncio.sleep(0.05)
+    await shared_wait_until(condition, timeout=timeout, what=what, poll=0.05)
 
 
 async def images(database_url: str) -> list[IngestImage]:

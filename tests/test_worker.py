@@ -21,6 +21,7 @@ from shared.alerts import AlertType
 from shared.config import WorkerSettings, load_settings
 from shared.runtime import BotRuntime
 from shared.sandbox import FaultKind, World
+from tests.helpers import wait_until
 from worker import Worker
 
 FAST = {
@@ -58,19 +59,6 @@ class RecordingAlerts:
 
     def resolve(self, type: AlertType, *, key: str | None = None, message: str = "") -> bool:  # noqa: A002
         return True
-
-
-async def wait_until(condition: Callable[[], Any], *, timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout}s")
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture

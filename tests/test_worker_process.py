@@ -20,6 +20,7 @@ import asyncpg
 import pytest
 
 from shared.sandbox import FaultKind, World
+from tests.helpers import wait_until as shared_wait_until
 from tests.test_worker import FAST
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,21 +62,22 @@ class WorkerProcess:
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
+    def death(self) -> str | None:
+        """Why this process is gone (its exit code and last output), or None while it runs."""
+        if self.proc is not None and self.proc.returncode is not None:
+            return f"the worker exited with {self.proc.returncode}\n{self.output()[-3000:]}"
+        return None
+
 
 async def wait_until(condition: Callable[[], Any], *, timeout: float, what: str, proc: WorkerProcess | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if proc is not None and proc.proc is not None and proc.proc.returncode is not None:
-            raise AssertionError(f"{what}: the worker exited with {proc.proc.returncode}\n{proc.output()[-3000:]}")
-        if time.monotonic() > deadline:
-            tail = proc.output()[-3000:] if proc else ""
-            raise AssertionError(f"{what} not met within {timeout}s\n{tail}")
-        await asyncio.sleep(0.05)
+    await shared_wait_until(
+        condition,
+        timeout=timeout,
+        what=what,
+        poll=0.05,
+        gone=proc.death if proc else None,
+        context=(lambda: proc.output()[-3000:]) if proc else None,
+    )
 
 
 @pytest.fixture

@@ -21,6 +21,8 @@ from typing import Any
 
 import asyncpg
 import pytest
+
+from tests.helpers import wait_until as shared_wait_until
 from PIL import Image
 
 from shared.sandbox import FaultKind, World
@@ -114,18 +116,19 @@ class IngestProcess:
 async def wait_until(
     condition: Callable[[], Any], *, timeout: float = 40.0, what: str, proc: IngestProcess | None = None
 ) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
+    def gone() -> str | None:
         if proc is not None and proc.proc is not None and proc.proc.returncode is not None:
-            raise AssertionError(f"{what}: ingest exited with {proc.proc.returncode}\n{proc.output()[-3000:]}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout}s\n{proc.output()[-3000:] if proc else ''}")
-        await asyncio.sleep(0.1)
+            return f"ingest exited with {proc.proc.returncode}\n{proc.output()[-3000:]}"
+        return None
+
+    await shared_wait_until(
+        condition,
+        timeout=timeout,
+        what=what,
+        poll=0.1,
+        gone=gone,
+        context=(lambda: proc.output()[-3000:]) if proc else None,
+    )
 
 
 async def fetch(database_url: str, query: str) -> list[asyncpg.Record]:
@@ -187,6 +190,7 @@ async def _at_least(database_url: str, n: int) -> bool:
     return await stored_count(database_url) >= n
 
 
+@pytest.mark.timeout(360)
 async def test_sigterm_finishes_in_flight_images_and_500_posts_made_while_down_are_all_caught_up(
     env: dict[str, str], database_url: str, s3_server: S3Server, s3_bucket: str, tmp_path: Path
 ) -> None:
@@ -208,7 +212,14 @@ async def test_sigterm_finishes_in_flight_images_and_500_posts_made_while_down_a
 
         while_down = post_pngs(world, range(1000, 1500), gap=True)
         second = await IngestProcess(env, tmp_path / "second.log").start()
-        await wait_until(lambda: _at_least(database_url, 512), timeout=90, what="all 512 stored", proc=second)
+        try:
+            # A correctness deadline, not a speed bound: ~15 s alone, far more on a loaded 2-core machine.
+            await wait_until(lambda: _at_least(database_url, 512), timeout=240, what="all 512 stored", proc=second)
+        except AssertionError as exc:  # say which images are missing, not just how many
+            got = {r["message_id"]: r["status"] for r in await fetch(database_url, "select message_id, status from ingest_images")}
+            missing = [m for m in before + while_down if m not in got]
+            not_stored = {m: s for m, s in got.items() if s != "stored"}
+            raise AssertionError(f"{len(got)} rows; missing {missing[:50]}; not stored {not_stored}\n{exc}") from exc
         rows = await fetch(database_url, "select message_id, status from ingest_images order by message_id")
         assert [r["message_id"] for r in rows] == before + while_down
         status = second.status()
