@@ -1,0 +1,647 @@
+"""Chaos suite, ingest part: real ingest.py processes store a channel's images while things break.
+
+    ./start.sh bench chaos_ingest [--quick] [--json] [--keep]
+
+300 images (``--quick``: 60) are posted to the sandbox's @demo_photos channel
+in waves, among them one decompression bomb and one corrupt JPEG, while real
+``ingest.py`` processes store them in an S3 bucket (moto's S3 server on
+127.0.0.1 standing in for Cloudflare R2) and record them in ``ingest_images``
+(an embedded PostgreSQL). During the waves, in turn: kill -9 of ingest
+mid-batch (twice; ``--quick``: once), R2 unreachable mid-batch (the S3
+server stopped, connections refused, for 10 s; ``--quick``: 3 s, then
+started again on the same port with its data) and SIGTERM mid-batch.
+Downloads are slowed a little (a sandbox latency rule on GetFile) so every
+fault finds images in flight.
+
+The ground truth is the list of posted messages. Counted: posted, stored,
+duplicated (more than one row for a message, or an object key shared by rows
+of different images), missing (a posted message with no final row: none,
+or still pending), not stored (an ordinary image that ended skipped or
+failed), rows without their object in the bucket, orphans (objects under
+``ingest/`` with no row: allowed, the 24 h sweep removes them, but
+reported), skips and failures by reason, and hostile images refused without
+a reason. With ``--json`` the last line is one JSON object with at least
+``posted``, ``stored``, ``duplicated``, ``missing``, ``rows_without_object``,
+``orphans`` and ``failed_by_reason``. Exit status 0 when nothing is
+duplicated, missing, not stored or without its object; 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+_BENCH_DIR = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH_DIR]
+sys.path.insert(0, str(ROOT))
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import contextlib  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import urllib.request  # noqa: E402
+import uuid  # noqa: E402
+from collections import Counter, defaultdict  # noqa: E402
+from collections.abc import Awaitable, Callable  # noqa: E402
+from dataclasses import asdict, dataclass, field  # noqa: E402
+from typing import Any  # noqa: E402
+
+import asyncpg  # noqa: E402
+import boto3  # noqa: E402
+from moto.server import ThreadedMotoServer  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from bench._chaos_faults import ChaosPostgres  # noqa: E402
+from shared.sandbox import FaultKind, ImageKind, World  # noqa: E402
+
+logger = logging.getLogger("bench.chaos_ingest")
+
+CHANNEL = "@demo_photos"
+OBJECT_PREFIX = "ingest/"
+ACCESS_KEY = "chaos-access-key"
+SECRET_KEY = "chaos-secret-key"
+REGION = "us-east-1"
+
+
+# --- the plan ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How many images, how many faults, how long the R2 outage lasts (seconds)."""
+
+    images: int
+    kills: int
+    r2_outage: float
+    download_latency_ms: float = 120.0
+    download_jitter_ms: float = 80.0
+    progress_share: float = 0.25
+    progress_timeout: float = 20.0
+    drain_timeout: float = 240.0
+    shutdown_grace: float = 5.0
+
+    @property
+    def waves(self) -> int:
+        return self.kills + 3  # kills, R2 outage, SIGTERM, and a last quiet wave
+
+
+FULL = Plan(images=300, kills=2, r2_outage=10.0)
+QUICK = Plan(images=60, kills=1, r2_outage=3.0, progress_timeout=10.0, drain_timeout=90.0)
+
+#: Hostile posts and the final statuses that are a correct answer to them (always with a reason).
+HOSTILE: dict[ImageKind, frozenset[str]] = {
+    ImageKind.BOMB: frozenset({"skipped", "failed"}),
+    ImageKind.CORRUPT: frozenset({"skipped", "failed"}),
+}
+
+
+def ingest_env(plan: Plan) -> dict[str, str]:
+    """Settings for ingest: short lease, retries that outlast the R2 outage by far.
+
+    Transient failures wait 0.5 * 2^n s in the durable retry queue; with
+    MAX_MESSAGE_RETRIES = 10 an image survives minutes of R2 being down.
+    """
+    return {
+        "PORT": "0",
+        "LOG_LEVEL": "INFO",
+        "ACCOUNT_LEASE_SECONDS": "3",
+        "ACCOUNT_CHECK_INTERVAL": "0.3",
+        "WATCHDOG_CHECK_INTERVAL": "0.5",
+        "WATCHDOG_MAX_SILENCE": "30",
+        "WATCHDOG_STARTUP_GRACE": "5",
+        "HEARTBEAT_INTERVAL": "0.5",
+        "RETRY_BASE_DELAY": "0.5",
+        "MAX_MESSAGE_RETRIES": "10",
+        "RECONCILE_INTERVAL": "2",
+        "TIMEOUT_TELEGRAM_ENTITY": "5",
+        "TIMEOUT_TELEGRAM_CONNECT": "5",
+        "TIMEOUT_TELEGRAM_MEDIA": "10",
+        "TIMEOUT_STORAGE": "3",
+        "TIMEOUT_DB": "5",
+        "RECONNECT_BACKOFF_MAX": "0.5",
+        "SHUTDOWN_GRACE": f"{plan.shutdown_grace:g}",
+        "INGEST_GC_INTERVAL": "0",
+    }
+
+
+# --- R2 that can go away ---------------------------------------------------------------
+
+
+class S3Stand:
+    """moto's S3 server on 127.0.0.1 that can be stopped (connections refused) and started again, data kept."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self._server: ThreadedMotoServer | None = None
+
+    def start(self) -> None:
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        server.start()
+        self.port = server.get_host_and_port()[1]
+        self._server = server
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.stop()
+        inner = getattr(server, "_server", None)
+        if inner is not None:
+            inner.server_close()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self) -> Any:
+        return boto3.client(
+            "s3", endpoint_url=self.url, aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY, region_name=REGION
+        )
+
+    def env(self, bucket: str) -> dict[str, str]:
+        return {"R2_ENDPOINT": self.url, "R2_BUCKET": bucket, "R2_ACCESS_KEY_ID": ACCESS_KEY, "R2_SECRET_ACCESS_KEY": SECRET_KEY}
+
+    def keys(self, bucket: str, prefix: str) -> set[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return {item["Key"] for page in pages for item in page.get("Contents", [])}
+
+
+# --- the ingest processes ------------------------------------------------------------------
+
+
+class IngestProcess:
+    """One ``python ingest.py`` with its output in a log file."""
+
+    def __init__(self, name: str, env: dict[str, str], log: Path) -> None:
+        self.name = name
+        self.env = env
+        self.log = log
+        self.proc: asyncio.subprocess.Process | None = None
+        self.expected_exit = False
+
+    async def start(self) -> IngestProcess:
+        handle = self.log.open("ab")
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "ingest.py", cwd=ROOT, env={**os.environ, **self.env}, stdout=handle, stderr=handle
+            )
+        finally:
+            handle.close()
+        logger.info("started %s (pid %d)", self.name, self.proc.pid)
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def kill9(self) -> None:
+        assert self.proc is not None
+        self.expected_exit = True
+        if self.proc.returncode is None:
+            self.proc.kill()
+        await asyncio.wait_for(self.proc.wait(), 30)
+        logger.info("kill -9 %s (pid %d)", self.name, self.proc.pid)
+
+    async def terminate(self, timeout: float) -> int | None:
+        """SIGTERM and wait; the exit code, or None when it had to be killed."""
+        assert self.proc is not None
+        self.expected_exit = True
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return await asyncio.wait_for(self.proc.wait(), timeout)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+            return None
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def tail(self, chars: int = 2000) -> str:
+        return self.output()[-chars:]
+
+    def port(self) -> int | None:
+        found = re.findall(r"status server on port (\d+)", self.output())
+        return int(found[-1]) if found else None
+
+    def connected(self) -> bool:
+        port = self.port()
+        if port is None:
+            return False
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=3) as response:
+                status = json.loads(response.read())
+        except (OSError, ValueError):
+            return False
+        return bool(status.get("ingest", {}).get("connected"))
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Post:
+    message_id: int
+    kind: str  # "png", "jpeg", or a hostile ImageKind value
+    hostile: bool = False
+
+
+@dataclass
+class PhaseRecord:
+    name: str
+    started: float
+    seconds: float = 0.0
+    note: str = ""
+
+
+def unique_image(n: int) -> tuple[bytes, str, str]:
+    """A small image no other post has (so every image is its own object): bytes, MIME type, file name."""
+    fmt, mime, ext = ("PNG", "image/png", "png") if n % 2 == 0 else ("JPEG", "image/jpeg", "jpg")
+    buffer = io.BytesIO()
+    Image.new("RGB", (32 + n % 7, 20 + n % 5), (n % 256, (n * 7) % 256, (n // 256) % 256)).save(buffer, fmt)
+    return buffer.getvalue(), mime, f"chaos_{n:04d}.{ext}"
+
+
+class IngestChaos:
+    """One run: an embedded PostgreSQL, an S3 server, a sandbox world, ingest processes, faults."""
+
+    def __init__(self, plan: Plan, *, run_dir: Path) -> None:
+        self.plan = plan
+        self.run_dir = run_dir
+        self.pg = ChaosPostgres(run_dir / "pg")
+        self.s3 = S3Stand()
+        self.bucket = f"chaos-{uuid.uuid4().hex[:10]}"
+        self.world: World | None = None
+        self.dsn = ""
+        self.env: dict[str, str] = {}
+        self.procs: list[IngestProcess] = []
+        self.started = 0
+        self.unexpected_exits: list[str] = []
+        self.sigterm_codes: list[int | None] = []
+        self.waves: list[list[tuple[int, ImageKind | None]]] = []
+        self.posts: list[Post] = []
+        self.phases: list[PhaseRecord] = []
+        self.t0 = time.monotonic()
+
+    # set-up --------------------------------------------------------------------------
+
+    async def setup(self) -> None:
+        await self.pg.start()
+        self.dsn = await self.pg.create_database(f"chaos_ingest_{uuid.uuid4().hex[:8]}")
+        await asyncio.to_thread(self.s3.start)
+        await asyncio.to_thread(lambda: self.s3.client().create_bucket(Bucket=self.bucket))
+        self.world = World(self.run_dir / "sandbox")
+        await asyncio.to_thread(self.world.seed_demo)
+        # The images, spread over the waves; the hostile ones in the middle waves.
+        items: list[tuple[int, ImageKind | None]] = [(n, None) for n in range(self.plan.images - len(HOSTILE))]
+        per_wave = max(1, len(items) // self.plan.waves)
+        self.waves = [items[i * per_wave : (i + 1) * per_wave] for i in range(self.plan.waves)]
+        self.waves[-1] += items[self.plan.waves * per_wave :]
+        for i, kind in enumerate(HOSTILE):
+            wave = self.waves[min(len(self.waves) - 1, 1 + i)]
+            wave.insert(len(wave) // 2, (-1, kind))
+        self.env = {
+            **ingest_env(self.plan),
+            **self.s3.env(self.bucket),
+            "DATABASE_URL": self.dsn,
+            "SANDBOX_DIR": str(self.world.directory),
+            "DATA_DIR": str(self.run_dir / "data"),
+        }
+
+    # helpers ----------------------------------------------------------------------------
+
+    async def start_ingest(self) -> IngestProcess:
+        self.started += 1
+        name = f"ingest-{self.started}"
+        proc = await IngestProcess(name, self.env, self.run_dir / f"{name}.log").start()
+        self.procs.append(proc)
+        return proc
+
+    def live(self) -> list[IngestProcess]:
+        return [p for p in self.procs if p.alive]
+
+    async def check_procs(self) -> None:
+        """An ingest that died on its own is a finding; replace it (as Railway would)."""
+        for proc in self.procs:
+            if not proc.alive and not proc.expected_exit:
+                proc.expected_exit = True
+                code = proc.proc.returncode if proc.proc else None
+                self.unexpected_exits.append(f"{proc.name} exited with {code}")
+                logger.error("%s exited on its own (%s); its log ends:\n%s", proc.name, code, proc.tail())
+                await self.start_ingest()
+
+    async def wait_for(self, condition: Callable[[], Awaitable[bool]], *, timeout: float, what: str) -> bool:
+        """Poll ``condition`` until true or ``timeout``; False (and a log line) on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if await condition():
+                return True
+            await self.check_procs()
+            if time.monotonic() > deadline:
+                logger.warning("%s: not reached within %.0fs, going on", what, timeout)
+                return False
+            await asyncio.sleep(0.1)
+
+    async def final_rows(self) -> int:
+        conn = await asyncpg.connect(self.dsn, timeout=10)
+        try:
+            return int(await conn.fetchval("select count(*) from ingest_images where status <> 'pending'"))
+        finally:
+            await conn.close()
+
+    def _post_wave(self, wave: list[tuple[int, ImageKind | None]]) -> list[Post]:
+        assert self.world is not None
+        posts = []
+        for n, kind in wave:
+            if kind is None:
+                data, mime, name = unique_image(n)
+                message = self.world.post_to_channel(CHANNEL, data, as_document=True, mime_type=mime, file_name=name)
+                posts.append(Post(message.id, mime.split("/")[1]))
+            else:
+                message = self.world.post_to_channel(CHANNEL, kind)
+                posts.append(Post(message.id, kind.value, hostile=True))
+        return posts
+
+    async def wave_with_progress(self) -> int:
+        """Post the next wave and wait until part of it is recorded (so the fault hits a batch in flight)."""
+        if not self.waves:
+            return 0
+        before = await self.final_rows()
+        posts = await asyncio.to_thread(self._post_wave, self.waves.pop(0))
+        self.posts += posts
+        target = before + max(1, int(len(posts) * self.plan.progress_share))
+
+        async def progressed() -> bool:
+            return await self.final_rows() >= target
+
+        await self.wait_for(progressed, timeout=self.plan.progress_timeout, what="wave progress")
+        return len(posts)
+
+    async def _sleep_watching(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            await asyncio.sleep(min(0.5, left))
+            await self.check_procs()
+
+    # the faults ------------------------------------------------------------------------------
+
+    def schedule(self) -> list[tuple[str, Callable[[], Awaitable[str]]]]:
+        """The faults in order; the R2 outage comes last, since the ``r2`` breaker then stays open
+        for its fixed 60 s and a kill or SIGTERM after it would find no batch in flight."""
+        steps: list[tuple[str, Callable[[], Awaitable[str]]]] = [("kill -9 mid-batch", self.kill9)]
+        steps.append(("SIGTERM mid-batch", self.sigterm))
+        steps += [("kill -9 mid-batch", self.kill9) for _ in range(self.plan.kills - 1)]
+        steps.append((f"R2 unreachable {self.plan.r2_outage:g}s mid-batch", self.r2_outage))
+        return steps
+
+    async def kill9(self) -> str:
+        n = await self.wave_with_progress()
+        victim = self.live()[-1]
+        await victim.kill9()
+        await self.start_ingest()
+        return f"{n} posted; killed {victim.name}"
+
+    async def r2_outage(self) -> str:
+        n = await self.wave_with_progress()
+        await asyncio.to_thread(self.s3.stop)
+        try:
+            await self._sleep_watching(self.plan.r2_outage)
+        finally:
+            await asyncio.to_thread(self.s3.start)
+        return f"{n} posted; S3 server stopped (connections refused), then back on port {self.s3.port}"
+
+    async def sigterm(self) -> str:
+        n = await self.wave_with_progress()
+        victim = self.live()[0]
+        code = await victim.terminate(timeout=self.plan.shutdown_grace + 20)
+        self.sigterm_codes.append(code)
+        await self.start_ingest()
+        return f"{n} posted; {victim.name} exited with {code}"
+
+    # the run --------------------------------------------------------------------------------
+
+    async def run(self) -> dict[str, Any]:
+        await self.setup()
+        assert self.world is not None
+        first = await self.start_ingest()
+
+        async def connected() -> bool:
+            return await asyncio.to_thread(first.connected)
+
+        if not await self.wait_for(connected, timeout=60, what="ingest connected"):
+            raise RuntimeError(f"ingest never connected; its log ends:\n{first.tail(3000)}")
+        # Every download takes a little while, so a fault always finds images in flight.
+        self.world.set_fault(
+            FaultKind.LATENCY, method="GetFile", ms=self.plan.download_latency_ms, jitter_ms=self.plan.download_jitter_ms
+        )
+        for name, step in self.schedule():
+            record = PhaseRecord(name=name, started=time.monotonic() - self.t0)
+            logger.info("fault: %s", name)
+            record.note = await step()
+            record.seconds = time.monotonic() - self.t0 - record.started
+            self.phases.append(record)
+            await self.check_procs()
+        while self.waves:
+            self.posts += await asyncio.to_thread(self._post_wave, self.waves.pop(0))
+
+        await asyncio.to_thread(self.world.clear_faults)
+        drain_started = time.monotonic()
+        total = len(self.posts)
+
+        async def drained() -> bool:
+            return await self.final_rows() >= total
+
+        drained_ok = await self.wait_for(drained, timeout=self.plan.drain_timeout, what="every post recorded")
+        drain_seconds = time.monotonic() - drain_started
+        for proc in self.live():
+            self.sigterm_codes.append(await proc.terminate(timeout=self.plan.shutdown_grace + 20))
+        result = await self.verdict()
+        result.update(
+            drain_seconds=round(drain_seconds, 1),
+            drained=drained_ok,
+            total_seconds=round(time.monotonic() - self.t0, 1),
+            unexpected_exits=self.unexpected_exits,
+            sigterm_exit_codes=self.sigterm_codes,
+            processes_started=self.started,
+            phases=[asdict(p) for p in self.phases],
+        )
+        return result
+
+    async def verdict(self) -> dict[str, Any]:
+        """Compare the posts with the rows and the bucket."""
+        conn = await asyncpg.connect(self.dsn, timeout=10)
+        try:
+            rows = await conn.fetch("select message_id, status, storage_key, sha256, error from ingest_images order by id")
+        finally:
+            await conn.close()
+        keys = await asyncio.to_thread(self.s3.keys, self.bucket, OBJECT_PREFIX)
+
+        by_message: dict[int, list[asyncpg.Record]] = defaultdict(list)
+        for row in rows:
+            by_message[int(row["message_id"])].append(row)
+        posted_ids = {p.message_id for p in self.posts}
+        examples: dict[str, list[str]] = defaultdict(list)
+        duplicated = sum(len(rs) - 1 for rs in by_message.values() if len(rs) > 1)
+        unexpected_rows = sum(len(rs) for m, rs in by_message.items() if m not in posted_ids)
+        # One object shared by rows of different images would mean two images were taken for one.
+        key_owners: dict[str, set[str]] = defaultdict(set)
+        for row in rows:
+            if row["status"] == "stored" and row["storage_key"]:
+                key_owners[row["storage_key"]].add(row["sha256"] or "")
+        shared_keys = sum(1 for owners in key_owners.values() if len(owners) > 1)
+
+        stored = missing = not_stored = hostile_without_reason = hostile_wrong = 0
+        failed_by_reason: Counter[str] = Counter()
+        for post in self.posts:
+            found = by_message.get(post.message_id, [])
+            row = found[0] if found else None
+            status = row["status"] if row is not None else None
+            if status in (None, "pending"):
+                missing += 1
+                examples["missing"].append(f"{post.message_id} ({post.kind}, {status})")
+                continue
+            if status == "stored":
+                stored += 1
+                if post.hostile:
+                    hostile_wrong += 1
+                    examples["hostile_stored"].append(f"{post.message_id} ({post.kind})")
+                continue
+            reason = (row["error"] or "").strip() if row is not None else ""
+            failed_by_reason[f"{status}: {reason[:120] or '(no reason)'}"] += 1
+            if post.hostile:
+                if not reason:
+                    hostile_without_reason += 1
+                if status not in HOSTILE[ImageKind(post.kind)]:
+                    hostile_wrong += 1
+            else:
+                not_stored += 1
+                examples["not_stored"].append(f"{post.message_id} ({post.kind}): {status} {reason[:80]}")
+        stored_keys = {r["storage_key"] for r in rows if r["status"] == "stored" and r["storage_key"]}
+        rows_without_object = sum(1 for r in rows if r["status"] == "stored" and r["storage_key"] not in keys)
+        orphans = len(keys - stored_keys)
+        ok = (
+            duplicated == 0
+            and shared_keys == 0
+            and missing == 0
+            and not_stored == 0
+            and rows_without_object == 0
+            and unexpected_rows == 0
+            and hostile_without_reason == 0
+            and hostile_wrong == 0
+        )
+        return {
+            "ok": ok,
+            "posted": len(self.posts),
+            "hostile_posted": sum(1 for p in self.posts if p.hostile),
+            "stored": stored,
+            "duplicated": duplicated,
+            "shared_object_keys": shared_keys,
+            "missing": missing,
+            "not_stored": not_stored,
+            "rows_without_object": rows_without_object,
+            "orphans": orphans,
+            "objects": len(keys),
+            "rows": len(rows),
+            "unexpected_rows": unexpected_rows,
+            "failed_by_reason": dict(failed_by_reason.most_common()),
+            "hostile_without_reason": hostile_without_reason,
+            "hostile_wrong_status": hostile_wrong,
+            "examples": {k: v[:5] for k, v in examples.items()},
+        }
+
+    async def close(self) -> None:
+        for proc in self.procs:
+            if proc.alive:
+                with contextlib.suppress(Exception):
+                    await proc.kill9()
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(self.s3.stop)
+        if self.world is not None:
+            self.world.close()
+        await self.pg.close()
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+def report(result: dict[str, Any], plan: Plan) -> str:
+    lines = [
+        f"chaos ingest: {result['posted']} images posted ({result['hostile_posted']} hostile) to {CHANNEL}, "
+        f"{result.get('processes_started', 0)} ingest processes started",
+        "",
+        f"{'phase':<36} {'at':>7} {'took':>7}  note",
+    ]
+    for phase in result.get("phases", []):
+        lines.append(f"{phase['name']:<36} {phase['started']:>6.1f}s {phase['seconds']:>6.1f}s  {phase['note']}")
+    lines += [
+        "",
+        f"posted                   {result['posted']}",
+        f"stored                   {result['stored']}",
+        f"duplicated               {result['duplicated']} (+ {result['shared_object_keys']} object keys shared by different images)",
+        f"missing                  {result['missing']}",
+        f"ordinary, not stored     {result['not_stored']}",
+        f"rows without object      {result['rows_without_object']}",
+        f"orphans (no row)         {result['orphans']} of {result['objects']} objects (the 24 h sweep removes them)",
+        f"skipped / failed         {sum(result['failed_by_reason'].values())}",
+    ]
+    for reason, n in result["failed_by_reason"].items():
+        lines.append(f"    {n:>5}  {reason}")
+    lines += [
+        f"hostile without reason   {result['hostile_without_reason']}",
+        f"hostile wrong status     {result['hostile_wrong_status']}",
+        f"unexpected exits         {len(result.get('unexpected_exits', []))} {result.get('unexpected_exits') or ''}",
+        f"SIGTERM exit codes       {result.get('sigterm_exit_codes')}",
+        f"time to drain            {result.get('drain_seconds')}s (after the last fault)",
+        f"total                    {result.get('total_seconds')}s",
+        f"verdict                  {'OK' if result['ok'] else 'FAILED'}",
+    ]
+    if result.get("examples"):
+        lines.append(f"examples                 {result['examples']}")
+    return "\n".join(lines)
+
+
+async def amain(plan: Plan, *, keep: bool) -> dict[str, Any]:
+    run_dir = Path(tempfile.mkdtemp(prefix="chaos-ingest-"))
+    chaos = IngestChaos(plan, run_dir=run_dir)
+    try:
+        return await chaos.run()
+    except BaseException:
+        for proc in chaos.procs:
+            logger.error("%s log tail:\n%s", proc.name, proc.tail(3000))
+        raise
+    finally:
+        await chaos.close()
+        if keep:
+            logger.warning("run directory kept: %s", run_dir)
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="./start.sh bench chaos_ingest", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="60 images, one kill -9, a 3 s R2 outage (the CI form)")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line")
+    parser.add_argument("--keep", action="store_true", help="keep the run directory (ingest logs, world, database)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    plan = QUICK if args.quick else FULL
+    result = asyncio.run(amain(plan, keep=args.keep))
+    print(report(result, plan), flush=True)
+    if args.json:
+        print(json.dumps(result, default=str), flush=True)
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
