@@ -15,7 +15,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
+import signal
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +30,63 @@ from shared.db import apply_migrations
 from shared.db.embedded import EmbeddedPostgres
 
 logger = logging.getLogger("bench.chaos.faults")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class ChaosProcess:
+    """One bot process (``python <script>``) with its output in a log file, to start and kill."""
+
+    script = ""
+
+    def __init__(self, name: str, env: dict[str, str], log: Path) -> None:
+        self.name = name
+        self.env = env
+        self.log = log
+        self.proc: asyncio.subprocess.Process | None = None
+        self.expected_exit = False
+
+    async def start(self) -> ChaosProcess:
+        handle = self.log.open("ab")
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, self.script, cwd=ROOT, env={**os.environ, **self.env}, stdout=handle, stderr=handle
+            )
+        finally:
+            handle.close()
+        logger.info("started %s (pid %d)", self.name, self.proc.pid)
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def kill9(self) -> None:
+        assert self.proc is not None
+        self.expected_exit = True
+        if self.proc.returncode is None:
+            self.proc.kill()
+        await asyncio.wait_for(self.proc.wait(), 30)
+        logger.info("kill -9 %s (pid %d)", self.name, self.proc.pid)
+
+    async def terminate(self, timeout: float) -> int | None:
+        """SIGTERM and wait; the exit code, or None when it had to be killed."""
+        assert self.proc is not None
+        self.expected_exit = True
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return await asyncio.wait_for(self.proc.wait(), timeout)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+            return None
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def tail(self, chars: int = 2000) -> str:
+        return self.output()[-chars:]
 
 PIPE_CHUNK = 64 * 1024
 

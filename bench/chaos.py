@@ -38,10 +38,8 @@ import contextlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
-import os  # noqa: E402
 import random  # noqa: E402
 import shutil  # noqa: E402
-import signal  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
@@ -52,7 +50,7 @@ from typing import Any  # noqa: E402
 
 import asyncpg  # noqa: E402
 
-from bench._chaos_faults import ChaosPostgres, PgProxy  # noqa: E402
+from bench._chaos_faults import ChaosPostgres, ChaosProcess, PgProxy  # noqa: E402
 from shared.db.records import AccountStatus  # noqa: E402
 from shared.sandbox import FaultKind, World  # noqa: E402
 from shared.sessions import SessionCipher, generate_key  # noqa: E402
@@ -152,54 +150,10 @@ def worker_env(plan: Plan) -> dict[str, str]:
 # --- the worker processes ------------------------------------------------------------------
 
 
-class WorkerProcess:
+class WorkerProcess(ChaosProcess):
     """One ``python worker.py`` with its output in a log file."""
 
-    def __init__(self, name: str, env: dict[str, str], log: Path) -> None:
-        self.name = name
-        self.env = env
-        self.log = log
-        self.proc: asyncio.subprocess.Process | None = None
-        self.expected_exit = False
-
-    async def start(self) -> WorkerProcess:
-        handle = self.log.open("ab")
-        try:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "worker.py", cwd=ROOT, env={**os.environ, **self.env}, stdout=handle, stderr=handle
-            )
-        finally:
-            handle.close()
-        logger.info("started %s (pid %d)", self.name, self.proc.pid)
-        return self
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None
-
-    async def kill9(self) -> None:
-        assert self.proc is not None
-        self.expected_exit = True
-        if self.proc.returncode is None:
-            self.proc.kill()
-        await asyncio.wait_for(self.proc.wait(), 30)
-        logger.info("kill -9 %s (pid %d)", self.name, self.proc.pid)
-
-    async def terminate(self, timeout: float) -> int | None:
-        """SIGTERM and wait; the exit code, or None when it had to be killed."""
-        assert self.proc is not None
-        self.expected_exit = True
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return await asyncio.wait_for(self.proc.wait(), timeout)
-        except TimeoutError:
-            self.proc.kill()
-            await self.proc.wait()
-            return None
-
-    def tail(self, chars: int = 2000) -> str:
-        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+    script = "worker.py"
 
 
 # --- the run ------------------------------------------------------------------------------------

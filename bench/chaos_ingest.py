@@ -42,10 +42,8 @@ import contextlib  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
-import os  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
-import signal  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 import urllib.request  # noqa: E402
@@ -60,7 +58,7 @@ import boto3  # noqa: E402
 from moto.server import ThreadedMotoServer  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from bench._chaos_faults import ChaosPostgres  # noqa: E402
+from bench._chaos_faults import ChaosPostgres, ChaosProcess  # noqa: E402
 from shared.sandbox import FaultKind, ImageKind, World  # noqa: E402
 
 logger = logging.getLogger("bench.chaos_ingest")
@@ -178,57 +176,10 @@ class S3Stand:
 # --- the ingest processes ------------------------------------------------------------------
 
 
-class IngestProcess:
+class IngestProcess(ChaosProcess):
     """One ``python ingest.py`` with its output in a log file."""
 
-    def __init__(self, name: str, env: dict[str, str], log: Path) -> None:
-        self.name = name
-        self.env = env
-        self.log = log
-        self.proc: asyncio.subprocess.Process | None = None
-        self.expected_exit = False
-
-    async def start(self) -> IngestProcess:
-        handle = self.log.open("ab")
-        try:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "ingest.py", cwd=ROOT, env={**os.environ, **self.env}, stdout=handle, stderr=handle
-            )
-        finally:
-            handle.close()
-        logger.info("started %s (pid %d)", self.name, self.proc.pid)
-        return self
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None
-
-    async def kill9(self) -> None:
-        assert self.proc is not None
-        self.expected_exit = True
-        if self.proc.returncode is None:
-            self.proc.kill()
-        await asyncio.wait_for(self.proc.wait(), 30)
-        logger.info("kill -9 %s (pid %d)", self.name, self.proc.pid)
-
-    async def terminate(self, timeout: float) -> int | None:
-        """SIGTERM and wait; the exit code, or None when it had to be killed."""
-        assert self.proc is not None
-        self.expected_exit = True
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return await asyncio.wait_for(self.proc.wait(), timeout)
-        except TimeoutError:
-            self.proc.kill()
-            await self.proc.wait()
-            return None
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def tail(self, chars: int = 2000) -> str:
-        return self.output()[-chars:]
+    script = "ingest.py"
 
     def port(self) -> int | None:
         found = re.findall(r"status server on port (\d+)", self.output())
