@@ -204,7 +204,9 @@ class ChannelState:
     """One watched channel: its entity on the current client and its cursor.
 
     ``cursor`` is the greatest message id up to which every message was
-    handled (recorded or queued); it only moves forward.
+    handled (recorded or queued); it only moves forward. It is None until it
+    has been loaded, or, for a channel never read, until the first run has
+    saved where it starts.
     """
 
     ref: str
@@ -212,6 +214,7 @@ class ChannelState:
     title: str | None = None
     entity: Any = None
     cursor: int | None = None
+    cursor_loaded: bool = False
     last_message_id: int = 0
     last_read_at: float | None = None
     error: str | None = None
@@ -629,17 +632,17 @@ class Ingestor:
 
     async def _read_channel(self, client: TelegramClient, channel: ChannelState, deadline: float) -> str:
         assert channel.id is not None
-        if channel.cursor is None:
+        if not channel.cursor_loaded:
             channel.cursor = await self.db.get_ingest_cursor(channel.id)
-        if channel.cursor == 0:
-            messages = await self._first_run(client, channel)
-            if messages is None:
-                return "done"
-        else:
-            messages = await self._history(client, channel.entity, min_id=channel.cursor, limit=PAGE_SIZE)
+            channel.cursor_loaded = True
+        if channel.cursor is None:
+            await self._first_run(client, channel)
+        cursor = channel.cursor
+        assert cursor is not None
+        messages = await self._history(client, channel.entity, min_id=cursor, limit=PAGE_SIZE)
         channel.last_read_at = time.time()
         channel.error = None
-        messages = sorted((m for m in messages if m.id > (channel.cursor or 0)), key=lambda m: m.id)
+        messages = sorted((m for m in messages if m.id > cursor), key=lambda m: m.id)
         for start in range(0, len(messages), self.concurrency):
             if self.shutdown.stopping or self._clock() > deadline:
                 return "more"
@@ -670,22 +673,34 @@ class Ingestor:
                 describe(exc),
             )
 
-    async def _first_run(self, client: TelegramClient, channel: ChannelState) -> list[Any] | None:
-        """A channel never read before: the last INGEST_BACKFILL_LIMIT messages, or none (start from now)."""
-        assert channel.id is not None
-        if self.backfill_limit > 0:
-            latest_first = await self._history(client, channel.entity, limit=self.backfill_limit)
-            logger.info("first run on %s: reading back %d message(s)", channel.ref, len(latest_first))
-            return latest_first
-        latest = await self._history(client, channel.entity, limit=1)
-        if latest:
-            await self._advance(channel, latest[0].id)
-            logger.info("first run on %s: starting after message %d (INGEST_BACKFILL_LIMIT=0)", channel.ref, channel.cursor)
-        return None
+    async def _first_run(self, client: TelegramClient, channel: ChannelState) -> None:
+        """A channel never read before: choose and save where reading starts, before handling anything.
 
-    async def _history(self, client: TelegramClient, entity: Any, *, limit: int, min_id: int = 0) -> list[Any]:
+        The start is just before the oldest of the last INGEST_BACKFILL_LIMIT
+        messages (the channel's beginning when it has fewer), or after the
+        latest message when the limit is 0. It is saved first, and a failure
+        to save raises, so a stop at any point after it resumes from there:
+        what is posted while ingest is down is caught up however much it is.
+        """
+        assert channel.id is not None
+        latest_first = await self._history(client, channel.entity, limit=max(1, self.backfill_limit))
+        if self.backfill_limit <= 0:
+            start = latest_first[0].id if latest_first else 0
+            how = f"starting after message {start} (INGEST_BACKFILL_LIMIT=0)"
+        elif len(latest_first) < self.backfill_limit:
+            start = 0
+            how = f"reading back all {len(latest_first)} message(s)"
+        else:
+            start = min(m.id for m in latest_first) - 1
+            how = f"reading back the last {len(latest_first)} message(s), after message {start}"
+        channel.cursor = await self.db.advance_ingest_cursor(channel.id, start)
+        logger.info("first run on %s: %s", channel.ref, how)
+
+    async def _history(self, client: TelegramClient, entity: Any, *, limit: int, min_id: int | None = None) -> list[Any]:
+        """Messages after ``min_id``, oldest first; without it, the latest ``limit``, newest first."""
+
         async def collect() -> list[Any]:
-            if min_id:
+            if min_id is not None:
                 return [m async for m in client.iter_messages(entity, min_id=min_id, reverse=True, limit=limit, wait_time=0)]
             return [m async for m in client.iter_messages(entity, limit=limit, wait_time=0)]
 

@@ -313,6 +313,28 @@ async def test_first_run_reads_back_only_the_backfill_limit_and_later_catches_up
     assert [r.message_id for r in await h.rows()] == [m.id for m in before[-2:] + during]
 
 
+async def test_a_first_run_stopped_before_it_handled_anything_resumes_from_its_saved_start(h: Harness) -> None:
+    before = [h.post_png(n) for n in range(4)]
+    limited = {"INGEST_BACKFILL_LIMIT": "2", "SHUTDOWN_GRACE": "0.5", "TIMEOUT_TELEGRAM_MEDIA": "60"}
+    h.world.set_fault(FaultKind.HANG, method="GetFile")  # stuck on the first download, so no message is handled
+    async with h.running(env=limited):
+        await wait_until(lambda: h.world.faults()[0]["hits"] >= 1, what="the first download in flight")
+    assert await h.rows() == []
+    conn = await asyncpg.connect(h.database_url)
+    try:
+        saved = await conn.fetchval("select last_message_id from ingest_cursors")
+    finally:
+        await conn.close()
+    assert saved == before[-2].id - 1  # the start of the first run, saved before its first message
+    h.world.clear_faults()
+
+    # More than INGEST_BACKFILL_LIMIT posted while it is down: none of it is taken for a new first run.
+    during = [h.post_png(90 + n, gap=True) for n in range(5)]
+    async with h.running(env=limited):
+        await wait_until(lambda: h.count(7), what="the backfill window and everything posted while down stored")
+    assert [r.message_id for r in await h.rows()] == [m.id for m in before[-2:] + during]
+
+
 async def test_updates_that_never_arrive_are_found_by_the_periodic_reader(h: Harness) -> None:
     async with h.running(reconcile_interval=0.3):
         silent = h.post_png(5, gap=True)

@@ -754,8 +754,10 @@ class Database(abc.ABC):
         rows = await self.call("ingest_images_by_sha256", {"p_sha256": sha256}, read_only=True)
         return [from_row(IngestImage, r) for r in rows]
 
-    async def get_ingest_cursor(self, channel_id: int) -> int:
-        return int(await self._scalar("ingest_cursor_get", {"p_channel_id": channel_id}, read_only=True) or 0)
+    async def get_ingest_cursor(self, channel_id: int) -> int | None:
+        """The channel's cursor, or None when ingest has never chosen where the channel starts."""
+        value = await self._scalar("ingest_cursor_get", {"p_channel_id": channel_id}, read_only=True)
+        return None if value is None else int(value)
 
     async def advance_ingest_cursor(self, channel_id: int, message_id: int) -> int:
         """Move the channel's cursor forward (never back); the cursor after the call."""

@@ -190,12 +190,6 @@ async def _at_least(database_url: str, n: int) -> bool:
     return await stored_count(database_url) >= n
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known bug (intermittent): when ingest is stopped before it has written a channel's cursor, the next "
-    "process treats the channel as a first run and backfills only INGEST_BACKFILL_LIMIT messages, skipping the "
-    "older ones that were posted while it was down (seen: 104 rows of 512, messages 5..54+ missing)",
-)
 @pytest.mark.timeout(360)
 async def test_sigterm_finishes_in_flight_images_and_500_posts_made_while_down_are_all_caught_up(
     env: dict[str, str], database_url: str, s3_server: S3Server, s3_bucket: str, tmp_path: Path

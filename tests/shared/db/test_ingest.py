@@ -25,8 +25,10 @@ async def test_failed_image_is_replaced_by_a_later_success(backend_db: Database)
 
 
 async def test_channel_cursor_only_moves_forward(backend_db: Database) -> None:
-    assert await backend_db.get_ingest_cursor(-1001) == 0
+    assert await backend_db.get_ingest_cursor(-1001) is None
     assert await backend_db.advance_ingest_cursor(-1001, 50) == 50
     assert await backend_db.advance_ingest_cursor(-1001, 40) == 50
     assert await backend_db.get_ingest_cursor(-1001) == 50
+    assert await backend_db.get_ingest_cursor(-1002) is None
+    assert await backend_db.advance_ingest_cursor(-1002, 0) == 0
     assert await backend_db.get_ingest_cursor(-1002) == 0
