@@ -232,6 +232,7 @@ SETTINGS: list[Setting] = [
     Setting("SUPABASE_URL", _url("http", "https"), None, "an https:// URL", "Supabase project URL, used over HTTP when DATABASE_URL is not set."),
     Setting("SUPABASE_SERVICE_ROLE_KEY", _text, None, "a Supabase service role key", "Key for SUPABASE_URL.", secret=True),
     Setting("DB_AUTO_MIGRATE", _bool, False, "0 or 1", "Apply migrations at start (always on for the embedded database)."),
+    Setting("DB_BREAKER_RECOVERY", _float(0, exclusive=True), 30.0, "a number of seconds > 0", "Seconds the database breaker stays open after failed calls in a row before it lets a probe through; loops resume when it does. Lower it to recover faster from short outages."),
     # Telegram user accounts (worker, ingest)
     Setting("TELEGRAM_API_ID", _int(1), None, "a whole number from my.telegram.org", "Telegram API id (bots need one too); unset means sandbox mode (no real Telegram).", TELEGRAM | {"bot"}),
     Setting("TELEGRAM_API_HASH", _text, None, "the API hash from my.telegram.org", "Telegram API hash, with TELEGRAM_API_ID.", TELEGRAM | {"bot"}, secret=True),
@@ -265,6 +266,7 @@ SETTINGS: list[Setting] = [
     Setting("R2_ACCESS_KEY_ID", _text, None, "an access key id", "R2 access key id.", frozenset({"ingest", "worker"}), secret=True),
     Setting("R2_SECRET_ACCESS_KEY", _text, None, "a secret access key", "R2 secret access key.", frozenset({"ingest", "worker"}), secret=True),
     Setting("TIMEOUT_STORAGE", _float(0, exclusive=True), 30.0, "a number of seconds > 0", "Deadline of one storage call.", frozenset({"ingest", "worker"})),
+    Setting("STORAGE_BREAKER_RECOVERY", _float(0, exclusive=True), 60.0, "a number of seconds > 0", "Seconds the storage (r2) breaker stays open after 5 failed calls in a row before it lets a probe through.", frozenset({"ingest", "worker"})),
     # bot.py (Reply Guy)
     Setting("X_API_BASE", _url("http", "https"), "https://api.twitter.com", "an http(s) URL", "X API v2 base URL.", frozenset({"bot"})),
     Setting("X_BEARER_TOKEN", _text, None, "an X API bearer token", "App token for searching tweets.", frozenset({"bot"}), secret=True),
@@ -340,6 +342,7 @@ class CommonSettings:
     supabase_url: str | None
     supabase_service_role_key: str | None
     db_auto_migrate: bool
+    db_breaker_recovery: float
 
     def validate(self) -> None:
         if self.resource_critical_percent < self.resource_warn_percent:
@@ -411,6 +414,7 @@ class StorageSettings:
     r2_access_key_id: str | None
     r2_secret_access_key: str | None
     timeout_storage: float
+    storage_breaker_recovery: float
 
     @property
     def r2_configured(self) -> bool:

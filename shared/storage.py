@@ -364,7 +364,10 @@ class Storage:
         backend: :class:`S3Backend` or :class:`LocalBackend` (or any :class:`StorageBackend`).
         timeout: deadline of one call in seconds (TIMEOUT_STORAGE).
         breaker: the circuit breaker; default the process-wide ``r2`` breaker
-            (5 failures, 60 s) for S3 and ``local_storage`` for the directory.
+            (5 failures, open ``breaker_recovery`` seconds) for S3 and
+            ``local_storage`` for the directory.
+        breaker_recovery: seconds the default breaker stays open
+            (STORAGE_BREAKER_RECOVERY).
         clock: wall-clock seconds, for ages in :meth:`list`.
 
     Every method may raise :class:`shared.timeouts.OperationTimeout` (past the
@@ -379,13 +382,15 @@ class Storage:
         *,
         timeout: float = 30.0,
         breaker: CircuitBreaker | None = None,
+        breaker_recovery: float = 60.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.backend = backend
         self.timeout = timeout
         if breaker is None:
             name = "local_storage" if backend.kind == "local" else "r2"
-            breaker = registry.get_or_create(name, failure_threshold=5, recovery_timeout=60.0)
+            breaker = registry.get_or_create(name, failure_threshold=5, recovery_timeout=breaker_recovery)
+            breaker.recovery_timeout = breaker_recovery
         self.breaker = breaker
         self._clock = clock
 
@@ -452,6 +457,7 @@ class StorageSettings(Protocol):
     r2_access_key_id: str | None
     r2_secret_access_key: str | None
     timeout_storage: float
+    storage_breaker_recovery: float
 
 
 async def open_storage(
@@ -481,7 +487,9 @@ async def open_storage(
     else:
         root = Path(settings.data_dir) / LOCAL_SUBDIR
         backend = await asyncio.to_thread(LocalBackend, root)
-    storage = Storage(backend, timeout=settings.timeout_storage, breaker=breaker)
+    storage = Storage(
+        backend, timeout=settings.timeout_storage, breaker=breaker, breaker_recovery=settings.storage_breaker_recovery
+    )
     logger.info("object storage: %s", backend.kind, extra={"storage": backend.describe()})
     return storage
 

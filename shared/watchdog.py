@@ -438,8 +438,11 @@ def periodic(
         error_backoff_max: cap of the pause after consecutive failed cycles.
 
     A failed cycle is logged, classified, counted and recorded in the
-    watchdog; the loop goes on after a growing pause. Only cancellation (a
-    restart or shutdown) ends it.
+    watchdog; the loop goes on after a growing pause, or, when the error says
+    how long to wait (an open breaker's next probe, a rate limit), after
+    exactly that long (capped at ``error_backoff_max``), so a loop stopped by
+    the ``database`` breaker resumes the moment the breaker lets a probe
+    through. Only cancellation (a restart or shutdown) ends it.
     """
 
     async def run() -> None:
@@ -460,16 +463,28 @@ def periodic(
                 verdict = classify(exc)
                 LOOP_CYCLE_ERRORS.labels(name, verdict.kind.value).inc()
                 watchdog.record_error(name, exc)
-                log = logger.warning if failures < 3 else logger.error
-                log(
-                    "loop %s cycle failed (%s): %s",
-                    name,
-                    verdict.kind.value,
-                    verdict.reason,
-                    exc_info=failures >= 3,
-                    extra={"loop": name, "kind": verdict.kind.value, "consecutive_failures": failures},
-                )
-                pause = min(error_backoff_max, max(interval, exponential_delay(failures, base=1.0, cap=error_backoff_max)))
+                if verdict.retry_after is not None:
+                    # A breaker that is open, or a service that said when: wait exactly that
+                    # long (at least a moment, at most the cap), not a blind growing pause.
+                    pause = min(error_backoff_max, max(verdict.retry_after, min(interval, 1.0)))
+                    logger.warning(
+                        "loop %s waits %.1fs: %s",
+                        name,
+                        pause,
+                        verdict.reason,
+                        extra={"loop": name, "kind": verdict.kind.value, "consecutive_failures": failures},
+                    )
+                else:
+                    log = logger.warning if failures < 3 else logger.error
+                    log(
+                        "loop %s cycle failed (%s): %s",
+                        name,
+                        verdict.kind.value,
+                        verdict.reason,
+                        exc_info=failures >= 3,
+                        extra={"loop": name, "kind": verdict.kind.value, "consecutive_failures": failures},
+                    )
+                    pause = min(error_backoff_max, max(interval, exponential_delay(failures, base=1.0, cap=error_backoff_max)))
             wait = interval if pause is None else pause
             watchdog.ping(name, pause=max(0.0, wait))
             if wait <= 0:

@@ -83,6 +83,7 @@ class DatabaseSettings(Protocol):
     supabase_service_role_key: str | None
     db_auto_migrate: bool
     timeout_db: float
+    db_breaker_recovery: float
 
 
 async def open_database(
@@ -96,7 +97,8 @@ async def open_database(
     Args:
         settings: DATABASE_URL, SUPABASE_URL/SUPABASE_SERVICE_ROLE_KEY, DATA_DIR,
             DB_AUTO_MIGRATE and TIMEOUT_DB.
-        breaker: the breaker for calls (default: the process-wide ``database``).
+        breaker: the breaker for calls (default: the process-wide ``database``,
+            open for DB_BREAKER_RECOVERY seconds after failures in a row).
         migrate: force (True) or skip (False) migrations at start; default:
             always for the embedded server, DB_AUTO_MIGRATE elsewhere.
 
@@ -106,6 +108,8 @@ async def open_database(
         OperationTimeout: the embedded server did not start in time.
     """
     timeout = float(settings.timeout_db)
+    if breaker is None:
+        breaker = database_breaker(recovery_timeout=float(settings.db_breaker_recovery))
     db: Database
     if settings.database_url:
         postgres = PostgresDatabase(settings.database_url, timeout=timeout, breaker=breaker)

@@ -50,9 +50,17 @@ _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]*$")
 _CONNECTION_LOST_STATES = ("08", "57P01", "57P02", "57P03")
 
 
-def database_breaker() -> CircuitBreaker:
-    """The process-wide ``database`` breaker (shown in /status)."""
-    return registry.get_or_create("database", failure_threshold=5, recovery_timeout=30.0)
+def database_breaker(*, recovery_timeout: float | None = None) -> CircuitBreaker:
+    """The process-wide ``database`` breaker (shown in /status).
+
+    Created on first use with 5 failures in a row and 30 s open (a bot may
+    create it first with its own numbers); ``recovery_timeout``
+    (DB_BREAKER_RECOVERY) replaces how long it stays open.
+    """
+    breaker = registry.get_or_create("database", failure_threshold=5, recovery_timeout=30.0)
+    if recovery_timeout is not None:
+        breaker.recovery_timeout = recovery_timeout
+    return breaker
 
 
 def parse_dsn(dsn: str) -> tuple[str, bool]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.breaker import CircuitBreaker, CircuitOpenError, CircuitState
+from shared.breaker import CircuitBreaker, CircuitOpenError, CircuitState, registry
 from shared.config import IngestSettings, load_settings
 from shared.storage import InvalidKey, LocalBackend, ObjectNotFound, S3Backend, Storage, open_storage
 from shared.timeouts import OperationTimeout
@@ -189,3 +189,16 @@ async def test_open_storage_is_local_without_r2_settings_and_s3_with_them(
     await remote.put("ingest/ok.jpg", b"ok", content_type="image/jpeg")
     assert s3_server.keys(s3_bucket) == {"ingest/ok.jpg"}
     assert remote.describe()["backend"] == "s3"
+
+
+async def test_storage_breaker_recovery_sets_how_long_the_r2_breaker_stays_open(
+    tmp_path: Path, s3_server: S3Server, s3_bucket: str
+) -> None:
+    r2 = registry.get_or_create("r2", failure_threshold=5, recovery_timeout=60.0)
+    before = r2.recovery_timeout
+    env = {"DATA_DIR": str(tmp_path), "STORAGE_BREAKER_RECOVERY": "4", **s3_server.env(s3_bucket)}
+    try:
+        storage = await open_storage(load_settings(IngestSettings, env))
+        assert storage.breaker is r2 and r2.recovery_timeout == 4.0
+    finally:
+        r2.recovery_timeout = before

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
+from shared.breaker import CircuitOpenError
 from shared.timeouts import OperationTimeout
 from shared.watchdog import LoopState, LoopWatchdog, periodic
 
@@ -392,6 +393,27 @@ async def test_periodic_catches_a_failing_cycle_records_it_and_keeps_going(
     assert REGISTRY.get_sample_value(
         "bot_loop_cycle_errors_total", {"loop": "t_periodic_errors", "kind": "permanent"}
     ) == 2
+
+
+async def test_periodic_resumes_when_an_open_breaker_lets_a_probe_through_not_after_a_blind_backoff(
+    make_watchdog: Callable[..., LoopWatchdog], caplog: pytest.LogCaptureFixture
+) -> None:
+    calls = 0
+    second = asyncio.Event()
+
+    async def cycle() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise CircuitOpenError("database", retry_after=0.3)
+        second.set()
+
+    caplog.set_level(logging.WARNING, logger="shared.watchdog")
+    # Without the breaker's hint the pause after a failed cycle would be the 60 s interval.
+    await run_periodic(make_watchdog, "t_periodic_breaker", cycle, interval=60.0, error_backoff_max=60.0)
+    await asyncio.wait_for(second.wait(), 10)
+    assert calls == 2
+    assert "loop t_periodic_breaker waits 1.0s: circuit breaker 'database' is open" in caplog.text
 
 
 async def test_periodic_wakes_early_on_its_event(make_watchdog: Callable[..., LoopWatchdog]) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from shared.config import CommonSettings, load_settings
-from shared.db import Backend, DatabaseRejected, PostgresDatabase, SupabaseDatabase, open_database
+from shared.db import Backend, DatabaseRejected, PostgresDatabase, SupabaseDatabase, database_breaker, open_database
 from tests.fixtures.postgres import PgServer, fresh_breaker
 from tests.fixtures.postgrest import PostgrestEndpoint
 
@@ -50,3 +50,19 @@ async def test_supabase_url_and_key_open_the_http_backend(postgrest: PostgrestEn
 async def test_supabase_url_without_its_key_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="SUPABASE_SERVICE_ROLE_KEY"):
         await open_database(_settings(tmp_path, SUPABASE_URL="https://example.supabase.co"))
+
+
+async def test_db_breaker_recovery_sets_how_long_the_process_wide_database_breaker_stays_open(
+    embedded_pg: PgServer, tmp_path: Path
+) -> None:
+    breaker = database_breaker()
+    before = breaker.recovery_timeout
+    url = await embedded_pg.create_database()
+    try:
+        db = await open_database(_settings(tmp_path, DATABASE_URL=url, DB_BREAKER_RECOVERY="7"))
+        try:
+            assert db.breaker is breaker and breaker.recovery_timeout == 7.0
+        finally:
+            await db.close()
+    finally:
+        breaker.recovery_timeout = before
