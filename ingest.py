@@ -76,6 +76,8 @@ logger = logging.getLogger("ingest")
 OBJECT_PREFIX = "ingest/"
 #: An object without a row is an orphan only after this long (a row follows its upload within seconds).
 ORPHAN_MIN_AGE = 24 * 3600.0
+#: Object keys the orphan sweep checks against the rows per database call.
+SWEEP_BATCH = 500
 #: Messages handled at once (downloads and uploads overlap; Pillow work is limited separately).
 CONCURRENCY = 4
 #: Images decoded at once: decoding is CPU and memory bound.
@@ -812,34 +814,47 @@ class Ingestor:
     # --- the orphan sweep -------------------------------------------------------------------
 
     async def sweep_orphans(
-        self, *, older_than: float = ORPHAN_MIN_AGE, dry_run: bool = False, deadline: float | None = None
+        self,
+        *,
+        older_than: float = ORPHAN_MIN_AGE,
+        dry_run: bool = False,
+        deadline: float | None = None,
+        batch_size: int = SWEEP_BATCH,
     ) -> SweepReport:
-        """Delete stored objects older than ``older_than`` seconds that no stored row points at.
+        """Delete stored objects older than ``older_than`` seconds that no row points at.
 
-        An object without a row is what a crash between upload and row leaves;
-        its content hash is looked up, so an image shared by several messages
-        stays while any of them has a row.
+        An object without a row is what a crash between upload and row leaves.
+        The keys are checked ``batch_size`` at a time, one database call per
+        batch; an image shared by several messages is one object and stays
+        while any of them has a row. Past ``deadline`` (monotonic seconds) no
+        new batch or deletion starts and the report says ``complete=False``.
         """
         objects = await self.storage.list(OBJECT_PREFIX, older_than=older_than)
+        ours = [info for info in objects if sha256_of_key(info.key) is not None]
         orphans: list[ObjectInfo] = []
         deleted = 0
         complete = True
-        for info in objects:
+        step = max(1, batch_size)
+        for start in range(0, len(ours), step):
             if deadline is not None and self._clock() > deadline:
                 complete = False
                 break
-            sha = sha256_of_key(info.key)
-            if sha is None:
-                continue
-            rows = await self.db.ingest_images_by_sha256(sha)
-            if any(row.storage_key == info.key for row in rows):
-                continue
-            orphans.append(info)
-            if dry_run:
-                continue
-            await self.storage.delete(info.key)
-            deleted += 1
-            logger.info("deleted orphan object %s (%d bytes, no row)", info.key, info.size, extra={"key": info.key})
+            batch = ours[start : start + step]
+            referenced = await self.db.ingest_stored_keys([info.key for info in batch])
+            for info in batch:
+                if info.key in referenced:
+                    continue
+                if not dry_run and deadline is not None and self._clock() > deadline:
+                    complete = False
+                    break
+                orphans.append(info)
+                if dry_run:
+                    continue
+                await self.storage.delete(info.key)
+                deleted += 1
+                logger.info("deleted orphan object %s (%d bytes, no row)", info.key, info.size, extra={"key": info.key})
+            if not complete:
+                break
         if orphans:
             logger.info(
                 "orphan sweep: %d of %d object(s) had no row; %s",

@@ -6,11 +6,16 @@ the bytes to store. What it guarantees:
 * **Lazy.** ``Image.open`` reads only the header. The size, the format and the
   EXIF orientation are known before a single pixel is decoded, so what must be
   refused is refused before it costs memory.
-* **Bombs refused.** :func:`configure_pillow` sets ``Image.MAX_IMAGE_PIXELS``
-  from the maximum dimension so that Pillow raises ``DecompressionBombError``
-  for any header above ``(2 * max_dimension)**2`` pixels; that error (and our
-  own check of the same limit) becomes :class:`ImageRejected` with reason
-  ``decompression_bomb``.
+* **Bombs refused, per call.** Right after ``Image.open`` (the header only),
+  the pixel count ``width * height`` is checked against the policy's own
+  header limit, ``(2 * max_dimension)**2``: above it the image is refused
+  with reason ``decompression_bomb`` before anything is decoded. Pillow's
+  process-wide ``Image.MAX_IMAGE_PIXELS`` is only a safety net behind that
+  check: it is never lowered, only raised to the largest header limit a
+  policy in this process has used (see :func:`_pillow_allows`), so policies
+  with different limits in one process never change each other's answer.
+  Pillow's own ``DecompressionBombError`` (from that net, or from a GIF frame
+  or TIFF tile found while loading) is the same ``decompression_bomb``.
 * **Bounded decoding.** Decoded pixels never exceed ``max_dimension**2`` (the
   *decode budget*). A JPEG larger than that is decoded at 1/2, 1/4 or 1/8
   scale through ``draft()`` (libjpeg's DCT scaling: the full-size image never
@@ -177,32 +182,40 @@ class ProcessedImage:
         return len(self.data)
 
 
-_configure_lock = threading.Lock()
-_configured_for: int | None = None
+_pillow_lock = threading.Lock()
+_warning_silenced = False
 
 
-def configure_pillow(max_dimension: int) -> None:
-    """Set Pillow's process-wide bomb limit from the maximum dimension (idempotent).
+def _pillow_allows(header_limit: int) -> None:
+    """Make sure Pillow's process-wide bomb limit lets ``header_limit`` pixels through.
 
-    ``Image.MAX_IMAGE_PIXELS`` becomes half the header limit, because Pillow
-    raises ``DecompressionBombError`` above *twice* that value: so the error
-    fires exactly above ``(2 * max_dimension) ** 2`` pixels. Pillow's mere
-    warning below that is silenced: our decode budget decides those images.
+    Pillow raises ``DecompressionBombError`` above *twice*
+    ``Image.MAX_IMAGE_PIXELS``; the value is raised to half ``header_limit``
+    when it is lower, and never lowered (None, no limit, stays None). Our own
+    check in :func:`_open` is the per-call limit; this only keeps Pillow's net
+    from refusing what a policy accepts. Pillow's mere warning between the
+    two values is silenced: our decode budget decides those images.
     """
-    global _configured_for
-    with _configure_lock:
-        if _configured_for == max_dimension:
-            return
-        Image.MAX_IMAGE_PIXELS = ImagePolicy(max_dimension=max_dimension).header_limit // 2
-        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-        _configured_for = max_dimension
+    global _warning_silenced
+    with _pillow_lock:
+        current = Image.MAX_IMAGE_PIXELS
+        if current is not None and 2 * current < header_limit:
+            Image.MAX_IMAGE_PIXELS = -(-header_limit // 2)
+        if not _warning_silenced:
+            warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+            _warning_silenced = True
 
 
-def _open(source: bytes | Path) -> Image.Image:
-    """Open lazily (header only), mapping Pillow's refusals to :class:`ImageRejected`."""
+def _open(source: bytes | Path, *, header_limit: int) -> Image.Image:
+    """Open lazily (header only) and refuse a header above ``header_limit`` pixels.
+
+    Pillow's refusals become :class:`ImageRejected`; the returned image has
+    passed the bomb check of this call (nothing is decoded yet).
+    """
+    _pillow_allows(header_limit)
     fp: io.BytesIO | Path = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else Path(source)
     try:
-        return Image.open(fp, formats=ALLOWED_FORMATS)
+        image = Image.open(fp, formats=ALLOWED_FORMATS)
     except FileNotFoundError:
         raise
     except Image.DecompressionBombError as exc:
@@ -211,6 +224,15 @@ def _open(source: bytes | Path) -> Image.Image:
         raise ImageRejected(RejectReason.NOT_AN_IMAGE, f"not one of {', '.join(ALLOWED_FORMATS)}") from None
     except _DECODE_ERRORS as exc:
         raise ImageRejected(RejectReason.CORRUPT, f"unreadable header ({type(exc).__name__}: {exc})") from None
+    width, height = image.size
+    if width * height > header_limit:
+        image.close()
+        raise ImageRejected(
+            RejectReason.DECOMPRESSION_BOMB,
+            f"{width}x{height} ({width * height} pixels) is more than the {header_limit} pixels allowed "
+            "(2 x MAX_IMAGE_DIMENSION squared): a decompression bomb",
+        )
+    return image
 
 
 def _orientation(image: Image.Image) -> int:
@@ -227,8 +249,7 @@ def probe(source: bytes | Path, *, max_dimension: int = 8192) -> ImageInfo:
     Raises:
         ImageRejected: not an image, a decompression bomb, or an unreadable header.
     """
-    configure_pillow(max_dimension)
-    with _open(source) as image:
+    with _open(source, header_limit=ImagePolicy(max_dimension=max_dimension).header_limit) as image:
         return ImageInfo(
             format=str(image.format), width=image.width, height=image.height, mode=image.mode, orientation=_orientation(image)
         )
@@ -326,16 +347,11 @@ def process_image(source: bytes | Path, *, policy: ImagePolicy) -> ProcessedImag
         ImageRejected: with the reason (see :class:`RejectReason`); ``CORRUPT``
             is a failure, the others are deliberate skips.
     """
-    configure_pillow(policy.max_dimension)
-    with _open(source) as image:
+    with _open(source, header_limit=policy.header_limit) as image:
         source_format = str(image.format)
         width, height = image.size
         if width <= 0 or height <= 0:
             raise ImageRejected(RejectReason.CORRUPT, f"impossible size {width}x{height}")
-        if width * height > policy.header_limit:
-            raise ImageRejected(
-                RejectReason.DECOMPRESSION_BOMB, f"{width}x{height} is more than {policy.header_limit} pixels"
-            )
         oversize = max(width, height) > policy.max_dimension
         if oversize and policy.oversize is OversizePolicy.SKIP:
             raise ImageRejected(
@@ -394,7 +410,6 @@ __all__ = [
     "ProcessedImage",
     "RejectReason",
     "choose_draft_scale",
-    "configure_pillow",
     "fit_within",
     "probe",
     "process_image",

@@ -24,15 +24,19 @@ from tests.helpers import wait_until as shared_wait_until
 from PIL import Image
 from telethon.tl import types
 
-from ingest import IngestBot, media_of, object_key, sha256_of_key
+from ingest import IngestBot, Ingestor, media_of, object_key, sha256_of_key
 from shared.alerts import AlertType
 from shared.breaker import CircuitBreaker, CircuitState
 from shared.config import IngestSettings, load_settings
-from shared.db import PostgresDatabase
+from shared.db import PostgresDatabase, SupabaseDatabase
 from shared.db.records import IngestImage, IngestStatus, from_row
-from shared.runtime import BotRuntime
+from shared.images import ImagePolicy
+from shared.retry_queue import JsonlRetryStore, RetryQueue
+from shared.runtime import BotRuntime, Stats
+from shared.shutdown import GracefulShutdown
 from shared.sandbox import FaultKind, ImageKind, World
 from shared.storage import LocalBackend, S3Backend, Storage
+from tests.fixtures.postgrest import PostgrestEndpoint
 from tests.ingest.s3_server import ACCESS_KEY, SECRET_KEY, S3Server, s3_bucket, s3_outage, s3_server  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -431,3 +435,36 @@ async def test_gc_dry_run_lists_old_orphans_and_the_real_run_deletes_only_them(
     assert not (objects / keys["orphan"]).exists()
     assert all((objects / keys[name]).exists() for name in ("kept", "young"))
     assert (objects / "attachments/not-ours.png").exists()
+
+
+async def test_gc_checks_keys_in_batches_and_keeps_every_object_a_row_points_at(
+    tmp_path: Path, supabase_database: SupabaseDatabase, postgrest: PostgrestEndpoint
+) -> None:
+    """Seven old objects, batches of three: three database calls (none per object) over the Supabase
+    HTTP backend; the objects with a row in any batch stay, the others are the orphans."""
+    objects = tmp_path / "objects"
+    local = Storage(LocalBackend(objects), timeout=5.0, breaker=CircuitBreaker("gc-batch-test"))
+    keys = sorted(f"ingest/{sha[:2]}/{sha}.png" for sha in (hashlib.sha256(bytes([n])).hexdigest() for n in range(7)))
+    day_ago = time.time() - 25 * 3600
+    for key in keys:
+        await local.put(key, b"png", content_type="image/png")
+        os.utime(objects / key, (day_ago, day_ago))
+    kept = {keys[0], keys[3], keys[6]}  # one in each batch of the sorted listing
+    for message_id, key in enumerate(sorted(kept), start=1):
+        await supabase_database.record_ingest_image(-100123, message_id, storage_key=key)
+    ingestor = Ingestor(
+        db=supabase_database, storage=local, queue=RetryQueue(name="gc-batch", store=JsonlRetryStore(tmp_path / "retry.jsonl")),
+        stats=Stats(), shutdown=GracefulShutdown(), policy=ImagePolicy(), channels=(), max_bytes=1 << 20, backfill_limit=0,
+        media_timeout=5.0, entity_timeout=5.0, history_timeout=5.0, cycle_budget=30.0, tmp_dir=tmp_path / "tmp",
+    )
+    orphans = sorted(set(keys) - kept)
+
+    dry = await ingestor.sweep_orphans(dry_run=True, batch_size=3)
+    real = await ingestor.sweep_orphans(batch_size=3)
+
+    calls = [r.function for r in postgrest.requests if r.function.startswith("ingest_")]
+    assert calls.count("ingest_stored_keys") == 6, "ceil(7 / 3) calls per sweep, two sweeps"
+    assert "ingest_images_by_sha256" not in calls
+    assert [o.key for o in dry.orphans] == orphans and dry.deleted == 0 and dry.scanned == 7 and dry.complete
+    assert [o.key for o in real.orphans] == orphans and real.deleted == 4 and real.complete
+    assert sorted(p.relative_to(objects).as_posix() for p in objects.rglob("*.png")) == sorted(kept)

@@ -754,6 +754,11 @@ class Database(abc.ABC):
         rows = await self.call("ingest_images_by_sha256", {"p_sha256": sha256}, read_only=True)
         return [from_row(IngestImage, r) for r in rows]
 
+    async def ingest_stored_keys(self, keys: Sequence[str]) -> set[str]:
+        """The storage keys among ``keys`` that some ingest row points at (one call for the whole batch)."""
+        rows = await self.call("ingest_stored_keys", {"p_keys": list(keys)}, read_only=True)
+        return {str(next(iter(r.values()))) for r in rows}
+
     async def get_ingest_cursor(self, channel_id: int) -> int | None:
         """The channel's cursor, or None when ingest has never chosen where the channel starts."""
         value = await self._scalar("ingest_cursor_get", {"p_channel_id": channel_id}, read_only=True)

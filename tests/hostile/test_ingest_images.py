@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import os
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,17 +22,6 @@ from shared.errors import ErrorKind, classify
 from shared.images import ImagePolicy, ImageRejected, OversizePolicy, RejectReason, process_image
 
 POLICY = ImagePolicy(max_dimension=8192)
-
-
-@pytest.fixture(autouse=True)
-def pillow_limits_restored() -> Iterator[None]:
-    """Pillow's bomb limit is process-wide; a test that configures it for a small
-    maximum must not leave it so for the tests that follow."""
-    import shared.images as images
-
-    saved = (Image.MAX_IMAGE_PIXELS, images._configured_for)
-    yield
-    Image.MAX_IMAGE_PIXELS, images._configured_for = saved
 
 
 def encoded(kind: str, size: tuple[int, int] = (64, 48), **options: object) -> bytes:

@@ -107,13 +107,72 @@ def test_a_non_jpeg_above_the_decode_budget_is_refused_before_decoding() -> None
     assert rejected.value.reason is RejectReason.TOO_MANY_PIXELS
 
 
-def test_a_decompression_bomb_is_refused_by_pillow_from_its_header() -> None:
+def test_a_decompression_bomb_is_refused_from_its_header() -> None:
     with pytest.raises(ImageRejected) as rejected:
         process_image(generate(ImageKind.BOMB), policy=ImagePolicy())
 
     assert rejected.value.reason is RejectReason.DECOMPRESSION_BOMB
-    assert "400000000 pixels" in rejected.value.detail  # Pillow's own DecompressionBombError message
-    assert Image.MAX_IMAGE_PIXELS == (2 * 8192) ** 2 // 2
+    assert "400000000 pixels" in rejected.value.detail  # the header's pixel count, in Pillow's words or ours
+
+
+def test_a_header_above_the_policys_limit_is_refused_by_our_own_check_before_decoding() -> None:
+    data = encode(pattern((40, 40)), "PNG")  # 1600 pixels: header limit of max_dimension 16 is 32*32 = 1024
+
+    with pytest.raises(ImageRejected) as rejected:
+        process_image(data, policy=ImagePolicy(max_dimension=16))
+    with pytest.raises(ImageRejected) as probed:
+        probe(data, max_dimension=16)
+
+    assert rejected.value.reason is RejectReason.DECOMPRESSION_BOMB and not rejected.value.reason.is_failure
+    assert "40x40 (1600 pixels) is more than the 1024 pixels allowed" in rejected.value.detail
+    assert probed.value.reason is RejectReason.DECOMPRESSION_BOMB
+
+
+def test_policies_with_different_limits_in_one_process_do_not_affect_each_other() -> None:
+    """Pillow's process-wide limit is never lowered by a small policy, and each call judges by its own."""
+    small, large = ImagePolicy(max_dimension=16), ImagePolicy(max_dimension=64)  # header limits 1024 and 16384
+    data = encode(pattern((40, 40)), "PNG")  # 1600 pixels: a bomb for the small policy, fine for the large one
+    before = Image.MAX_IMAGE_PIXELS
+
+    for _ in range(2):
+        assert process_image(data, policy=large).width == 40
+        assert probe(data, max_dimension=64).width == 40
+        with pytest.raises(ImageRejected) as rejected:
+            process_image(data, policy=small)
+        assert rejected.value.reason is RejectReason.DECOMPRESSION_BOMB
+
+    assert Image.MAX_IMAGE_PIXELS == before, "the small policy left Pillow's process-wide limit alone"
+    with Image.open(io.BytesIO(data)) as plain:
+        plain.load()  # Pillow used directly in the same process is not held to a policy's limit
+
+
+def test_a_header_the_policy_allows_is_judged_by_the_policy_not_by_pillows_default_limit() -> None:
+    """In a fresh process (Pillow's default limit refuses above 178956970 pixels): a 16000x12000 PNG
+    header (192 M pixels) is within the default policy's 268 M, so our rules judge it (too_many_pixels
+    for a PNG), and an explicitly generous policy raises Pillow's net without lowering it later."""
+    code = (
+        "import io, json, zlib\n"
+        "from PIL import Image\n"
+        "from shared.images import ImagePolicy, ImageRejected, process_image\n"
+        "def chunk(kind, data):\n"
+        "    return len(data).to_bytes(4, 'big') + kind + data + zlib.crc32(kind + data).to_bytes(4, 'big')\n"
+        "ihdr = (16000).to_bytes(4, 'big') + (12000).to_bytes(4, 'big') + bytes([8, 0, 0, 0, 0])\n"
+        "png = b'\\x89PNG\\r\\n\\x1a\\n' + chunk(b'IHDR', ihdr) + chunk(b'IDAT', zlib.compress(b'\\x00' * 16001)) + chunk(b'IEND', b'')\n"
+        "default = Image.MAX_IMAGE_PIXELS\n"
+        "reasons = []\n"
+        "for policy in (ImagePolicy(), ImagePolicy(max_dimension=16)):\n"
+        "    try:\n"
+        "        process_image(png, policy=policy)\n"
+        "    except ImageRejected as exc:\n"
+        "        reasons.append(exc.reason.value)\n"
+        "print(json.dumps({'default': default, 'after': Image.MAX_IMAGE_PIXELS, 'reasons': reasons}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+
+    assert 2 * report["default"] < 16000 * 12000, "Pillow's default alone would call this header a bomb"
+    assert report["reasons"] == ["too_many_pixels", "decompression_bomb"]
+    assert report["after"] == (2 * 8192) ** 2 // 2, "raised for the default policy, not lowered by the small one"
 
 
 def test_the_20000x20000_bomb_is_refused_with_memory_bounded() -> None:
