@@ -332,7 +332,7 @@ class ReplyGuy:
             created_at=self._now(),
         )
         try:
-            await self.queue.store.mark_exhausted(item)
+            await self.queue.dead_letter(item)
         except Exception as store_exc:
             logger.error("could not record dead letter for tweet %s: %s", tweet.target_tweet_id, describe(store_exc))
         self.alerts.alert(
@@ -369,43 +369,33 @@ class ReplyGuy:
     async def recover(self) -> dict[str, int]:
         """Put back what a crash left stuck (seed 001's ``recover_stale_tweets``).
 
-        Tweets stuck for STALE_MINUTES in ``failed`` or ``posting`` come back
-        as ``approved`` from the SQL function; here each is sent back to
-        where it can safely continue: no draft yet: ``discovered``; never
-        approved by an operator: ``drafted`` (asked again); approved: stays
-        ``approved``, and the post step looks for an earlier reply before
-        posting (it had an intent). Dead letters stay dead. Younger
-        ``posting`` rows are settled by the post loop once no attempt can
-        still be in flight.
+        Tweets stuck for STALE_MINUTES in ``failed`` or ``posting`` are sent
+        back, by one SQL statement, to where they can safely continue (so a
+        crash during recovery leaves no tweet anywhere unsafe): no draft yet:
+        ``discovered``; never approved by an operator: ``drafted`` (asked
+        again); approved: ``approved``, and the post step looks for an earlier
+        reply before posting (it had an intent). Dead letters of this bot stay
+        ``failed``. Younger ``posting`` rows are settled by the post loop once
+        no attempt can still be in flight.
+
+        Returns:
+            How many stale tweets were found (``recovered``) and where they
+            went: ``to_discovered``, ``to_drafted``, ``approved``, ``kept_dead``.
         """
-        dead: set[str] = set()
-        exhausted_items = getattr(self.queue.store, "exhausted_items", None)
-        if callable(exhausted_items):
-            try:
-                dead = {str(i.payload.get("tweet_id")) for i in await exhausted_items(limit=1000)}
-            except TypeError:
-                dead = {str(i.payload.get("tweet_id")) for i in await exhausted_items()}
-        recovered = await self.db.recover_stale_tweets(minutes=self.stale_minutes, max_attempts=MAX_POST_ATTEMPTS)
-        counts = {"recovered": len(recovered), "to_discovered": 0, "to_drafted": 0, "approved": 0, "kept_dead": 0}
+        recovered = await self.db.recover_stale_tweets(minutes=self.stale_minutes, max_attempts=MAX_POST_ATTEMPTS, bot=BOT)
+        key_for = {
+            TweetStatus.DISCOVERED: "to_discovered",
+            TweetStatus.DRAFTED: "to_drafted",
+            TweetStatus.APPROVED: "approved",
+            TweetStatus.FAILED: "kept_dead",
+        }
+        counts = {"recovered": len(recovered), **dict.fromkeys(key_for.values(), 0)}
         for item in recovered:
-            tweet = await self.db.get_tweet(item.id)
-            if tweet is None:
-                continue
-            if tweet.id in dead:
-                target, key = TweetStatus.FAILED, "kept_dead"
-            elif not tweet.draft:
-                target, key = TweetStatus.DISCOVERED, "to_discovered"
-            elif tweet.approved_at is None:
-                target, key = TweetStatus.DRAFTED, "to_drafted"
-            else:
-                counts["approved"] += 1
-                continue
-            if await self.db.tweet_transition(tweet.id, [TweetStatus.APPROVED], target):
-                counts[key] += 1
+            counts[key_for[item.status]] += 1
         await self.state.load()  # cursors, and today's posts as the database counts them after recovery
         waiting = await self.queue.load()
         logger.info(
-            "crash recovery: %d stale tweets put back (%s); %d dead-letter retries waiting",
+            "crash recovery: %d stale tweets found (%s); %d dead-letter retries waiting",
             counts["recovered"],
             ", ".join(f"{k}={v}" for k, v in counts.items() if k != "recovered"),
             waiting,

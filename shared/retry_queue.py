@@ -2,7 +2,8 @@
 
 Failed work goes in with its error; it comes out again when due (first after
 ``base_delay``, doubling, at most ``max_retries`` retries), in time order.
-Exhausted items go to the dead-letter store with their last error.
+Exhausted items go to the dead-letter store with their last error; work that
+can never succeed goes there at once with :meth:`RetryQueue.dead_letter`.
 
 Durability: every change is written through to a :class:`RetryStore` (the
 ``retry_items`` table once a database is configured, a JSON-lines file under
@@ -20,6 +21,7 @@ import asyncio
 import heapq
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -86,46 +88,74 @@ class JsonlRetryStore:
     """A :class:`RetryStore` in one JSON-lines file: an append-only log of changes.
 
     Each line is ``{"op": "upsert" | "remove" | "exhausted", ...}``; the state is
-    the replay of the log, and the file is compacted when it grows. File I/O
-    runs in a thread so the event loop never waits on the disk.
+    the replay of the log. The replay happens once, at the first call; after
+    that the state is an index in memory, updated by each write once its line
+    is appended and flushed, so loads and counts never read the file again.
+    The file is compacted (rewritten from the index to a temporary file,
+    fsynced, renamed over the log) once it holds COMPACT_AFTER lines and more
+    than twice as many lines as live items. File I/O runs in a thread so the
+    event loop never waits on the disk.
+
+    One instance per file and process: writes that another process makes to
+    the file after this instance's first call are not seen (a restart, that
+    is a new instance, replays them).
     """
+
+    COMPACT_AFTER = 5000
+    """Lines in the log before compaction is considered."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._lock = asyncio.Lock()
-        self._appends_since_compact = 0
+        self._loaded = False
+        self._pending: dict[str, RetryItem] = {}
+        self._exhausted: dict[str, RetryItem] = {}
+        self._lines = 0  # lines in the file, readable or not
 
-    def _replay(self) -> tuple[dict[str, RetryItem], dict[str, RetryItem]]:
+    @staticmethod
+    def _apply(record: dict[str, Any], pending: dict[str, RetryItem], exhausted: dict[str, RetryItem]) -> None:
+        """Apply one log record to an index.
+
+        Raises:
+            ValueError, KeyError, TypeError: the record is malformed (the index is unchanged).
+        """
+        op = record["op"]
+        if op == "remove":
+            pending.pop(str(record["id"]), None)
+            return
+        item = RetryItem.from_json(record["item"])
+        if op == "upsert":
+            pending[item.id] = item
+        elif op == "exhausted":
+            pending.pop(item.id, None)
+            exhausted[item.id] = item
+
+    def _load(self) -> None:
+        """Replay the file into the index (once, at the first call)."""
         pending: dict[str, RetryItem] = {}
         exhausted: dict[str, RetryItem] = {}
-        if not self.path.exists():
-            return pending, exhausted
-        with self.path.open("r", encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    record = json.loads(line)
-                    op = record["op"]
-                    if op == "remove":
-                        pending.pop(record["id"], None)
+        lines = 0
+        if self.path.exists():
+            with self.path.open("r", encoding="utf-8") as handle:
+                for number, line in enumerate(handle, 1):
+                    line = line.strip()
+                    if not line:
                         continue
-                    item = RetryItem.from_json(record["item"])
-                except (ValueError, KeyError, TypeError):
-                    # A torn last line after a crash; everything before it stands.
-                    logger.warning("skipping unreadable line %d of %s", number, self.path)
-                    continue
-                if op == "upsert":
-                    pending[item.id] = item
-                elif op == "exhausted":
-                    pending.pop(item.id, None)
-                    exhausted[item.id] = item
-        return pending, exhausted
+                    lines += 1
+                    try:
+                        self._apply(json.loads(line), pending, exhausted)
+                    except (ValueError, KeyError, TypeError):
+                        # A torn last line after a crash; everything before it stands.
+                        logger.warning("skipping unreadable line %d of %s", number, self.path)
+        self._pending, self._exhausted, self._lines = pending, exhausted, lines
+        self._loaded = True
 
     def _append(self, record: dict[str, Any]) -> None:
+        if not self._loaded:
+            self._load()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = (json.dumps(record, separators=(",", ":")) + "\n").encode("utf-8")
+        text = json.dumps(record, separators=(",", ":"))
+        line = (text + "\n").encode("utf-8")
         with self.path.open("a+b") as handle:
             size = handle.seek(0, 2)
             if size:
@@ -135,24 +165,34 @@ class JsonlRetryStore:
                     line = b"\n" + line
             handle.write(line)
             handle.flush()
-        self._appends_since_compact += 1
-        if self._appends_since_compact >= 5000:
+        self._lines += 1
+        # The index takes the record as written (as a replay would read it), not the caller's object.
+        self._apply(json.loads(text), self._pending, self._exhausted)
+        if self._lines >= self.COMPACT_AFTER and self._lines > 2 * (len(self._pending) + len(self._exhausted)):
             self._compact()
 
     def _compact(self) -> None:
-        pending, exhausted = self._replay()
         tmp = self.path.with_suffix(self.path.suffix + ".tmp")
         with tmp.open("w", encoding="utf-8") as handle:
-            for item in exhausted.values():
-                handle.write(json.dumps({"op": "exhausted", "item": item.to_json()}) + "\n")
-            for item in pending.values():
-                handle.write(json.dumps({"op": "upsert", "item": item.to_json()}) + "\n")
+            for item in self._exhausted.values():
+                handle.write(json.dumps({"op": "exhausted", "item": item.to_json()}, separators=(",", ":")) + "\n")
+            for item in self._pending.values():
+                handle.write(json.dumps({"op": "upsert", "item": item.to_json()}, separators=(",", ":")) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
         tmp.replace(self.path)
-        self._appends_since_compact = 0
+        self._lines = len(self._exhausted) + len(self._pending)
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         async with self._lock:
             return await asyncio.to_thread(fn, *args)
+
+    async def _read(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` on the index, replaying the file first if this is the first call."""
+        async with self._lock:
+            if not self._loaded:
+                await asyncio.to_thread(self._load)
+            return fn()
 
     async def upsert(self, item: RetryItem) -> None:
         await self._run(self._append, {"op": "upsert", "item": item.to_json()})
@@ -164,20 +204,22 @@ class JsonlRetryStore:
         await self._run(self._append, {"op": "exhausted", "item": item.to_json()})
 
     async def load_pending(self, *, limit: int) -> list[RetryItem]:
-        pending, _ = await self._run(self._replay)
-        return sorted(pending.values(), key=lambda i: i.next_attempt_at)[:limit]
+        """Items still to retry, soonest ``next_attempt_at`` first (copies: the index stays as written)."""
+        soonest = await self._read(lambda: heapq.nsmallest(limit, self._pending.values(), key=lambda i: i.next_attempt_at))
+        return [_copy(item) for item in soonest]
 
     async def count_pending(self) -> int:
-        pending, _ = await self._run(self._replay)
-        return len(pending)
+        return int(await self._read(lambda: len(self._pending)))
 
     async def count_exhausted(self) -> int:
-        _, exhausted = await self._run(self._replay)
-        return len(exhausted)
+        return int(await self._read(lambda: len(self._exhausted)))
 
     async def exhausted_items(self) -> list[RetryItem]:
-        _, exhausted = await self._run(self._replay)
-        return list(exhausted.values())
+        return [_copy(item) for item in await self._read(lambda: list(self._exhausted.values()))]
+
+
+def _copy(item: RetryItem) -> RetryItem:
+    return replace(item, payload=dict(item.payload))
 
 
 @dataclass(order=True)
@@ -403,6 +445,30 @@ class RetryQueue:
             self._event("retried")
             self._changed.set()
             return False
+
+    async def dead_letter(self, item: RetryItem) -> None:
+        """Record work that can never succeed as a dead letter at once, without queueing it.
+
+        For work that failed permanently before it was ever queued (an item
+        already in the queue is settled with ``failed(..., permanent=True)``).
+        The item is written as exhausted (to the fallback when the store
+        fails) and counted like an item exhausted by :meth:`failed`. Durable
+        when this returns.
+
+        Raises:
+            ValueError: an item with this id is in the queue's memory.
+            Exception: when both the store and the fallback failed.
+        """
+        async with self._lock:
+            if item.id in self._in_memory or item.id in self._checked_out:
+                raise ValueError(f"retry item {item.id} is queued; settle it with failed(..., permanent=True)")
+            await self._write("mark_exhausted", item)
+            self._dead += 1
+            self._event("exhausted")
+            logger.warning(
+                "retry item dead on arrival",
+                extra={"queue": self.name, "item": item.id, "kind": item.kind, "attempts": item.attempts, "error": item.last_error},
+            )
 
     async def release(self, item: RetryItem) -> None:
         """Give back a checked-out item untouched (e.g. at shutdown)."""

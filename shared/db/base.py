@@ -820,10 +820,17 @@ class Database(abc.ABC):
         rows = await self.call("tweet_counts", {}, read_only=True)
         return {TweetStatus(r["status"]): int(r["count"]) for r in rows}
 
-    async def recover_stale_tweets(self, *, minutes: float = 30.0, max_attempts: int = 5) -> list[RecoveredTweet]:
-        """Seed 001's crash recovery: tweets stuck in failed or posting longer than
-        ``minutes`` go back to approved while they have attempts left."""
-        rows = await self.call("tweet_recover_stale", {"p_minutes": float(minutes), "p_max_attempts": max_attempts})
+    async def recover_stale_tweets(
+        self, *, minutes: float = 30.0, max_attempts: int = 5, bot: str | None = None
+    ) -> list[RecoveredTweet]:
+        """Seed 001's crash recovery, in one statement: each tweet stuck in failed or
+        posting longer than ``minutes`` with fewer than ``max_attempts`` posting
+        intents goes where it can safely continue: a dead letter (an exhausted
+        retry item of ``bot``, any bot when None, whose payload names the tweet)
+        stays ``failed``; no draft: ``discovered``; never approved by an operator:
+        ``drafted``; approved: ``approved``. Returns each with both statuses."""
+        args = {"p_minutes": float(minutes), "p_max_attempts": max_attempts, "p_bot": bot}
+        rows = await self.call("tweet_recover_stale", args)
         return [from_row(RecoveredTweet, r) for r in rows]
 
     async def reply_cursors(self) -> dict[str, str]:

@@ -375,8 +375,11 @@ class TweetInserted:
 
 @dataclasses.dataclass(frozen=True)
 class RecoveredTweet:
+    """A stale tweet crash recovery found: where it was and where it is now."""
+
     id: str
     previous_status: TweetStatus
+    status: TweetStatus
 
 
 # --- row mapping ----------------------------------------------------------------

@@ -214,6 +214,7 @@ async def test_a_permanent_post_error_is_a_dead_letter_at_once(rig_factory: RigF
     assert (await current(rig, tweet)).status is TweetStatus.FAILED
     [dead] = await rig.db.exhausted_retry_items("bot")
     assert dead.kind == "post" and "400" in (dead.last_error or "")
+    assert rig.queue.get_status()["dead"] == 1, "the queue counts it at once, not only after a restart"
     assert f"tweet_processing_failed:tweet:{tweet.id}" in active_alerts(rig.sink)
 
 
@@ -272,6 +273,20 @@ async def test_recovery_puts_stuck_tweets_back_where_they_can_safely_continue(ri
     assert (await current(rig, unapproved)).status is TweetStatus.DRAFTED  # the operator is asked again
     assert (await current(rig, posting)).status is TweetStatus.APPROVED  # posted only after a lookup
     assert (await current(rig, dead)).status is TweetStatus.FAILED
+
+
+async def test_a_tweet_the_bot_dead_lettered_stays_failed_through_recovery(rig_factory: RigFactory) -> None:
+    rig = await rig_factory(stale_minutes=0)
+    tweet = await approved_tweet(rig, target="999")  # X knows no such tweet: 400, a dead letter at once
+    await rig.guy.post_cycle()
+    failed = await current(rig, tweet)
+    assert failed.status is TweetStatus.FAILED
+
+    counts = await rig.guy.recover()
+
+    assert counts == {"recovered": 1, "to_discovered": 0, "to_drafted": 0, "approved": 0, "kept_dead": 1}
+    assert await current(rig, tweet) == failed
+    assert rig.local_x.hits["post"] == 1
 
 
 async def test_the_daily_cap_stops_posting_until_midnight(rig_factory: RigFactory) -> None:

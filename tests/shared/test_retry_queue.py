@@ -11,9 +11,12 @@ import asyncio
 import json
 import logging
 import sys
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 
 from shared.retry_queue import JsonlRetryStore, RetryItem, RetryQueue
 
@@ -271,3 +274,97 @@ async def test_wait_changed_wakes_when_an_item_is_queued(tmp_path: Path) -> None
     await asyncio.sleep(0)
     await queue.put("send", {}, error="e")
     await asyncio.wait_for(waiter, 5)
+
+
+def _exhausted_events(queue: RetryQueue) -> float:
+    return REGISTRY.get_sample_value("bot_retry_queue_events_total", {"queue": queue.name, "event": "exhausted"}) or 0.0
+
+
+def _doomed(item_id: str) -> RetryItem:
+    now = datetime.fromtimestamp(START, UTC)
+    return RetryItem(id=item_id, kind="post", payload={"tweet_id": "t1"}, attempts=1, next_attempt_at=now,
+                     last_error="PermanentError: 400", created_at=now)
+
+
+@pytest.mark.parametrize("primary", ["working", "broken"])
+async def test_dead_letter_records_an_item_exhausted_at_once_and_counts_it(tmp_path: Path, primary: str) -> None:
+    clock = FakeClock()
+    primary_path = tmp_path / "primary.jsonl"
+    if primary == "broken":
+        primary_path.mkdir()  # every write to the primary fails: the fallback file takes the dead letter
+    fallback = JsonlRetryStore(tmp_path / "fallback.jsonl")
+    queue = RetryQueue(name=f"t_doa_{primary}", store=JsonlRetryStore(primary_path), fallback=fallback,
+                       clock=clock, base_delay=10)
+    events_before = _exhausted_events(queue)
+
+    await queue.dead_letter(_doomed("post-t1"))
+
+    status = queue.get_status()
+    assert (status["dead"], status["exhausted"], status["size"], status["queued"]) == (1, 1, 0, 0)
+    assert _exhausted_events(queue) == events_before + 1
+    clock.advance(10_000)
+    assert await queue.due() == [], "a dead letter is never retried"
+    written_to = fallback if primary == "broken" else JsonlRetryStore(primary_path)
+    assert [(i.id, i.last_error) for i in await written_to.exhausted_items()] == [("post-t1", "PermanentError: 400")]
+    assert await written_to.count_pending() == 0
+    if primary == "working":
+        restarted = RetryQueue(name="t_doa_restarted", store=JsonlRetryStore(primary_path), clock=clock)
+        assert await restarted.load() == 0 and restarted.get_status()["dead"] == 1
+
+
+async def test_dead_letter_refuses_an_item_the_queue_holds(tmp_path: Path) -> None:
+    queue = make_queue(tmp_path / "held.jsonl", FakeClock())
+    queued = await queue.put("send", {}, error="e")
+    with pytest.raises(ValueError, match="failed"):
+        await queue.dead_letter(queued)
+    assert queue.get_status()["dead"] == 0 and len(queue) == 1
+
+
+async def test_a_second_store_on_the_same_file_sees_what_the_first_wrote(tmp_path: Path) -> None:
+    path = tmp_path / "restart.jsonl"
+    first = JsonlRetryStore(path)
+    now = datetime.fromtimestamp(START, UTC)
+    items = [RetryItem(id=f"i{n}", kind="send", payload={"n": n}, attempts=0, next_attempt_at=now + timedelta(seconds=n),
+                       last_error="e", created_at=now) for n in range(4)]
+    for item in items:
+        await first.upsert(item)
+    await first.remove("i1")
+    await first.mark_exhausted(replace(items[2], attempts=3, last_error="gave up"))
+    assert (await first.count_pending(), await first.count_exhausted()) == (2, 1)
+
+    second = JsonlRetryStore(path)  # a new process after a restart
+    assert [i.id for i in await second.load_pending(limit=10)] == ["i0", "i3"]
+    assert await second.load_pending(limit=10) == await first.load_pending(limit=10)
+    (dead,) = await second.exhausted_items()
+    assert (dead.id, dead.attempts, dead.last_error) == ("i2", 3, "gave up")
+    assert (await second.count_pending(), await second.count_exhausted()) == (2, 1)
+
+
+async def test_the_file_store_reads_its_file_once_then_answers_from_memory(tmp_path: Path) -> None:
+    path = tmp_path / "once.jsonl"
+    store = JsonlRetryStore(path)
+    queue = RetryQueue(name="t_once", store=store, clock=FakeClock(), base_delay=10)
+    await queue.put("send", {"n": 1}, error="e")
+    assert await store.count_pending() == 1
+    path.write_text("")  # were the file read again, the store would now be empty
+    assert await store.count_pending() == 1 and len(await store.load_pending(limit=10)) == 1
+
+
+async def test_compaction_keeps_the_state_and_shrinks_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "compact.jsonl"
+    store = JsonlRetryStore(path)
+    store.COMPACT_AFTER = 20
+    now = datetime.fromtimestamp(START, UTC)
+    for n in range(30):
+        item = RetryItem(id=f"i{n}", kind="send", payload={}, attempts=0, next_attempt_at=now, last_error="e", created_at=now)
+        await store.upsert(item)
+        if n % 3:
+            await store.remove(item.id)
+    await store.mark_exhausted(replace(item, attempts=5))
+
+    lines = [line for line in path.read_text().splitlines() if line]
+    assert len(lines) < 30 + 20 + 1, "compacted at least once"
+    assert not path.with_suffix(".jsonl.tmp").exists()
+    reopened = JsonlRetryStore(path)
+    assert sorted(i.id for i in await reopened.load_pending(limit=100)) == sorted(f"i{n}" for n in range(0, 30, 3))
+    assert [i.id for i in await reopened.exhausted_items()] == ["i29"]

@@ -43,3 +43,17 @@ async def test_retry_queue_spills_into_the_table_and_a_new_process_finds_everyth
     assert await restarted.load() == 5
     due = await restarted.due(limit=10)
     assert sorted(item.payload["n"] for item in due) == [0, 1, 2, 3, 4]
+
+
+async def test_a_dead_letter_on_arrival_is_an_exhausted_row_and_the_queue_counts_it_at_once(backend_db: Database) -> None:
+    queue = RetryQueue(name="reply_guy", store=DbRetryStore(backend_db, "reply_guy"), base_delay=60, clock=lambda: T0.timestamp())
+    await queue.load()
+
+    await queue.dead_letter(_item("post-t1", attempts=1, error="X 400"))
+
+    assert (queue.get_status()["dead"], len(queue)) == (1, 0)
+    (row,) = await backend_db.exhausted_retry_items("reply_guy")
+    assert (row.id, row.kind, row.attempts, row.last_error) == ("post-t1", "post_tweet", 1, "X 400")
+    assert await DbRetryStore(backend_db, "reply_guy").count_pending() == 0
+    restarted = RetryQueue(name="reply_guy", store=DbRetryStore(backend_db, "reply_guy"))
+    assert await restarted.load() == 0 and restarted.get_status()["dead"] == 1

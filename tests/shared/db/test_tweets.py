@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 
-from shared.db import Database, DatabaseRejected, TweetStatus
+from shared.db import Database, DatabaseRejected, Tweet, TweetStatus
 
 
 async def test_tweet_is_queued_once_per_target(backend_db: Database) -> None:
@@ -37,24 +39,91 @@ async def test_unknown_transition_field_is_rejected(backend_db: Database) -> Non
         await backend_db.call("tweet_transition", {"p_id": tweet.id, "p_from": ["discovered"], "p_to": "drafted", "p_fields": {"status": "posted"}})
 
 
-async def test_tweets_stuck_in_failed_or_posting_are_recovered_while_attempts_remain(backend_db: Database) -> None:
-    stuck = (await backend_db.insert_tweet("t3")).tweet
-    for to in (TweetStatus.DRAFTED, TweetStatus.APPROVED, TweetStatus.POSTING):
-        assert await backend_db.tweet_transition(stuck.id, [TweetStatus.DISCOVERED, TweetStatus.DRAFTED, TweetStatus.APPROVED], to)
-    failed = (await backend_db.insert_tweet("t4")).tweet
-    assert await backend_db.tweet_transition(failed.id, [TweetStatus.DISCOVERED], TweetStatus.FAILED, last_error="API 503")
-    fresh = (await backend_db.insert_tweet("t5")).tweet
+async def _tweet_in(db: Database, target: str, path: list[TweetStatus], *, draft: str | None = None, error: str | None = None) -> Tweet:
+    """A new tweet moved along ``path`` (the draft, if any, set on the first step, the error on the last)."""
+    tweet = (await db.insert_tweet(target)).tweet
+    at = TweetStatus.DISCOVERED
+    for number, to in enumerate(path):
+        first, last = number == 0, number == len(path) - 1
+        assert await db.tweet_transition(tweet.id, [at], to, draft=draft if first else None, last_error=error if last else None)
+        at = to
+    moved = await db.get_tweet(tweet.id)
+    assert moved is not None
+    return moved
+
+
+APPROVED_THEN = [TweetStatus.PENDING_APPROVAL, TweetStatus.APPROVED]
+
+
+async def test_recovery_sends_each_stale_tweet_straight_to_where_it_can_safely_continue(backend_db: Database) -> None:
+    no_draft = await _tweet_in(backend_db, "t3", [TweetStatus.FAILED], error="API 503")
+    unapproved = await _tweet_in(backend_db, "t4", [TweetStatus.FAILED], draft="a draft", error="AI 500")
+    unapproved_posting = await _tweet_in(backend_db, "t5", [TweetStatus.DRAFTED, TweetStatus.POSTING], draft="a draft")
+    approved_posting = await _tweet_in(backend_db, "t6", [*APPROVED_THEN, TweetStatus.POSTING], draft="a reply")
+    approved_failed = await _tweet_in(backend_db, "t7", [*APPROVED_THEN, TweetStatus.POSTING, TweetStatus.FAILED], draft="a reply")
+    fresh = await _tweet_in(backend_db, "t8", [])
 
     assert await backend_db.recover_stale_tweets(minutes=30) == [], "nothing has been stuck for 30 minutes"
     recovered = await backend_db.recover_stale_tweets(minutes=0)
-    assert {(r.id, r.previous_status) for r in recovered} == {(stuck.id, TweetStatus.POSTING), (failed.id, TweetStatus.FAILED)}
-    again = await backend_db.get_tweet(failed.id)
-    assert again is not None and again.status is TweetStatus.APPROVED and again.last_error and "API 503" in again.last_error
+
+    assert {(r.id, r.previous_status, r.status) for r in recovered} == {
+        (no_draft.id, TweetStatus.FAILED, TweetStatus.DISCOVERED),
+        (unapproved.id, TweetStatus.FAILED, TweetStatus.DRAFTED),
+        (unapproved_posting.id, TweetStatus.POSTING, TweetStatus.DRAFTED),
+        (approved_posting.id, TweetStatus.POSTING, TweetStatus.APPROVED),
+        (approved_failed.id, TweetStatus.FAILED, TweetStatus.APPROVED),
+    }
+    for item in recovered:
+        now = await backend_db.get_tweet(item.id)
+        assert now is not None and now.status is item.status, "the result is what the table holds"
+    # Nothing an operator did not approve is ever approved, not even for a moment.
+    assert {t.id for t in await backend_db.list_tweets(statuses=[TweetStatus.APPROVED])} == {approved_posting.id, approved_failed.id}
+    again = await backend_db.get_tweet(no_draft.id)
+    assert again is not None and again.last_error and "recovered after" in again.last_error and "API 503" in again.last_error
     untouched = await backend_db.get_tweet(fresh.id)
     assert untouched is not None and untouched.status is TweetStatus.DISCOVERED
-    # Out of attempts: left alone.
-    assert await backend_db.tweet_transition(stuck.id, [TweetStatus.APPROVED], TweetStatus.POSTING)
+
+
+async def test_recovery_leaves_tweets_alone_once_out_of_posting_attempts(backend_db: Database) -> None:
+    tired = await _tweet_in(backend_db, "t9", [*APPROVED_THEN, TweetStatus.POSTING, TweetStatus.APPROVED, TweetStatus.POSTING], draft="r")
+    assert tired.attempts == 2
+
     assert await backend_db.recover_stale_tweets(minutes=0, max_attempts=2) == []
+    assert [(r.id, r.status) for r in await backend_db.recover_stale_tweets(minutes=0, max_attempts=3)] == [(tired.id, TweetStatus.APPROVED)]
+
+
+async def test_recovery_keeps_the_bots_dead_letters_failed_and_untouched(backend_db: Database) -> None:
+    dead = await _tweet_in(backend_db, "t10", [*APPROVED_THEN, TweetStatus.POSTING, TweetStatus.FAILED], draft="r", error="X 400")
+    await backend_db.exhaust_retry_item("bot", item_id=f"post-{dead.id}", kind="post", payload={"tweet_id": dead.id},
+                                        attempts=1, last_error="X 400")
+    dead_posting = await _tweet_in(backend_db, "t11", [*APPROVED_THEN, TweetStatus.POSTING], draft="r")
+    await backend_db.exhaust_retry_item("bot", item_id="any-id", kind="post", payload={"tweet_id": dead_posting.id},
+                                        attempts=3, last_error="X 500")
+    still_retrying = await _tweet_in(backend_db, "t12", [*APPROVED_THEN, TweetStatus.POSTING, TweetStatus.FAILED], draft="r")
+    await backend_db.upsert_retry_item("bot", item_id="pending-id", kind="post", payload={"tweet_id": still_retrying.id},
+                                       attempts=1, next_attempt_at=datetime.now(UTC), last_error="X 500")
+    other_bots = await _tweet_in(backend_db, "t13", [TweetStatus.FAILED], draft="r")
+    await backend_db.exhaust_retry_item("worker", item_id="w", kind="send", payload={"tweet_id": other_bots.id},
+                                        attempts=5, last_error="gone")
+
+    recovered = await backend_db.recover_stale_tweets(minutes=0, bot="bot")
+
+    assert {(r.id, r.previous_status, r.status) for r in recovered} == {
+        (dead.id, TweetStatus.FAILED, TweetStatus.FAILED),
+        (dead_posting.id, TweetStatus.POSTING, TweetStatus.FAILED),
+        (still_retrying.id, TweetStatus.FAILED, TweetStatus.APPROVED),  # a pending retry is no dead letter
+        (other_bots.id, TweetStatus.FAILED, TweetStatus.DRAFTED),  # another bot's dead letter is not ours
+    }
+    assert await backend_db.get_tweet(dead.id) == dead, "the dead letter's row is not written at all"
+    was_posting = await backend_db.get_tweet(dead_posting.id)
+    assert was_posting is not None and was_posting.status is TweetStatus.FAILED
+    # Without a bot, any bot's dead letter counts.
+    orphan = await _tweet_in(backend_db, "t14", [TweetStatus.FAILED], draft="r")
+    await backend_db.exhaust_retry_item("worker", item_id="w2", kind="send", payload={"tweet_id": orphan.id},
+                                        attempts=5, last_error="gone")
+    assert [(r.id, r.status) for r in await backend_db.recover_stale_tweets(minutes=0) if r.id == orphan.id] == [
+        (orphan.id, TweetStatus.FAILED)
+    ]
 
 
 async def test_reply_cursors_only_move_forward_and_posts_are_counted_since_a_time(backend_db: Database) -> None:
