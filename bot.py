@@ -54,11 +54,11 @@ from shared.alerts import AlertType
 from shared.breaker import BreakerRegistry, CircuitBreaker, CircuitOpenError, CircuitState
 from shared.breaker import registry as breaker_registry
 from shared.config import BY_NAME, ReplyGuySettings, load_or_exit
-from shared.db import Database, Tweet, TweetStatus, open_database
+from shared.db import Database, Tweet, TweetStatus
 from shared.db.retry_store import DbRetryStore
 from shared.errors import ErrorKind, classify, describe
 from shared.retry_queue import JsonlRetryStore, RetryItem, RetryQueue
-from shared.runtime import BotRuntime, configure_logging
+from shared.runtime import BotRuntime, StartupAborted, StartupFailed, configure_logging, run_bot
 from shared.timeouts import db_op
 
 from replyguy.ai import AIClient, Drafter, load_prompt
@@ -831,10 +831,7 @@ class Wiring:
     async def build(self) -> ReplyGuy:
         settings, plan, runtime = self.settings, self.plan, self.runtime
         breakers = configure_breakers()
-        db = await open_database(settings)
-        runtime.backend = db.backend.value
-        runtime.add_cleanup("database", db.close, timeout=10)
-        runtime.add_ready_check("database", db.ping)
+        db = await runtime.open_database(settings)  # waits while the database is away
 
         x_url, ai_url = plan.x_base, plan.ai_base
         if x_url is None:
@@ -929,7 +926,9 @@ async def serve(settings: ReplyGuySettings, plan: Plan, *, runtime: BotRuntime |
     async with runtime:
         try:
             guy = await Wiring(settings, plan, runtime).build()
-            await guy.recover()
+            await runtime.until_started("crash recovery", guy.recover, fix="check the database")
+        except (StartupFailed, StartupAborted):
+            raise  # said and alerted by the runtime
         except Exception as exc:
             runtime.alerts.alert(
                 AlertType.INITIALIZATION_FAILED,
@@ -1006,12 +1005,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings, stream=sys.stdout if command == "run" else sys.stderr)
     if command == "health":
         return asyncio.run(cli_health(settings, args))
-    try:
-        asyncio.run(serve(settings, plan_for(settings)))
-    except Exception as exc:
-        logger.critical("the Reply Guy stopped: %s", describe(exc))
-        return 1
-    return 0
+    return run_bot(serve(settings, plan_for(settings)))
 
 
 if __name__ == "__main__":

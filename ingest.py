@@ -63,7 +63,7 @@ from shared.db.retry_store import DbRetryStore
 from shared.errors import ErrorKind, PermanentError, classify, describe
 from shared.images import ImagePolicy, ImageRejected, OversizePolicy, ProcessedImage, process_image
 from shared.retry_queue import JsonlRetryStore, RetryItem, RetryQueue
-from shared.runtime import BotRuntime, Stats, configure_logging
+from shared.runtime import BotRuntime, Stats, configure_logging, run_bot
 from shared.sessions import SessionCipher
 from shared.shutdown import GracefulShutdown
 from shared.storage import ObjectInfo, Storage, open_storage
@@ -1088,16 +1088,7 @@ class IngestBot:
             self._register_status()
             if settings.sandbox:
                 await self._announce_sandbox()
-            try:
-                db, storage = await self._open()
-            except Exception as exc:
-                runtime.alerts.alert(
-                    AlertType.INITIALIZATION_FAILED,
-                    f"ingest could not start: {describe(exc)}",
-                    key="ingest:start",
-                    details={"fix": "check DATABASE_URL / SUPABASE_URL and the R2_* settings"},
-                )
-                raise
+            db, storage = await self._open()  # waits while the database is away; a bad setting stops here
             tmp_dir = Path(settings.data_dir) / "tmp" / "ingest"
             await asyncio.to_thread(shutil.rmtree, tmp_dir, True)  # leftovers of a killed process
             queue = RetryQueue(
@@ -1199,11 +1190,12 @@ class IngestBot:
     async def _open(self) -> tuple[Database, Storage]:
         settings, runtime = self.settings, self.runtime
         if self.db is None:
-            self.db = await open_database(settings)
-            runtime.add_cleanup("database", self.db.close, timeout=10)
+            self.db = await runtime.open_database(settings)
         runtime.backend = self.db.backend.value
         if self.storage is None:
-            self.storage = await open_storage(settings, breaker=self.storage_breaker)
+            self.storage = await runtime.until_started(
+                "storage", lambda: open_storage(settings, breaker=self.storage_breaker), fix="check the R2_* settings"
+            )
         return self.db, self.storage
 
     async def _announce_sandbox(self) -> None:
@@ -1291,11 +1283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(
             cli_gc(settings, dry_run=args.dry_run, older_than_hours=args.older_than_hours, as_json=args.json)
         )
-    try:
-        asyncio.run(IngestBot(settings, reconcile_interval=settings.reconcile_interval).run())
-    except Exception:  # already logged (and alerted) with its traceback by the runtime
-        return 1
-    return 0
+    return run_bot(IngestBot(settings, reconcile_interval=settings.reconcile_interval).run())
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ from shared.db.records import (
 from shared.errors import ErrorKind, PermanentError, classify, describe
 from shared.health import run_checks
 from shared.ratelimit import KeyedBuckets
-from shared.runtime import BotRuntime, configure_logging
+from shared.runtime import BotRuntime, configure_logging, run_bot
 from shared.sessions import SessionCipher
 from shared.storage import Storage, open_storage
 from shared.telegram import AccountConnection, AccountPool, ConnectionPolicy, client_factory, session_cipher
@@ -812,14 +812,14 @@ class Worker:
         async with runtime:
             if settings.sandbox:
                 self._announce_sandbox()
-            db = self.db = await open_database(settings)
-            runtime.backend = db.backend.value
-            runtime.add_cleanup("database", db.close, timeout=10)
-            runtime.add_ready_check("database", db.ping)
+            db = self.db = await runtime.open_database(settings)  # waits while the database is away
             runtime.set_detailed_health(lambda: run_checks(settings, database=db, timeout=4))
             cipher = session_cipher(settings)
             if self.world is not None:
-                labels = await seed_sandbox_accounts(db, self.world, cipher)
+                world = self.world
+                labels = await runtime.until_started(
+                    "the sandbox accounts", lambda: seed_sandbox_accounts(db, world, cipher), fix="check the database"
+                )
                 logger.info("sandbox accounts: %s", ", ".join(labels))
 
             owner = owner_name(settings)
@@ -1057,8 +1057,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A command's own output is its answer on stdout; its logs go to stderr.
     configure_logging(settings, stream=sys.stdout if command == "run" else sys.stderr)
     if command == "run":
-        asyncio.run(Worker(settings).run())
-        return 0
+        return run_bot(Worker(settings).run())
     if command == "accounts":
         return asyncio.run(cli_accounts(settings, args.json))
     if command == "send":

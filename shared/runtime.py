@@ -21,24 +21,59 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import shared
-from shared.alerts import AlertSink, build_alert_sink
+from shared.alerts import AlertSink, AlertType, build_alert_sink
 from shared.breaker import registry as breakers
 from shared.config import CommonSettings
-from shared.errors import describe
+from shared.db import Database, DatabaseSettings, open_database
+from shared.errors import ErrorKind, classify, describe
 from shared.heartbeat import GlobalHeartbeat, HeartbeatStore
 from shared.logs import register_secret, setup_logging
+from shared.retry import exponential_delay
 from shared.retry_queue import RetryQueue
 from shared.shutdown import GracefulShutdown
 from shared.status_server import StatusServer
 from shared.watchdog import LoopWatchdog, periodic
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+STARTUP_RETRY_MAX = 30.0
+"""Cap of the pause between two attempts of a start-up step that failed for a passing reason."""
+
+STARTUP_ALERT_AFTER = 5
+"""Failed attempts of one start-up step (about a minute) before the operator is alerted."""
+
+
+class StartupFailed(Exception):
+    """A start-up step failed for a reason waiting cannot fix; ``str()`` is the one line to show."""
+
+
+class StartupAborted(Exception):
+    """The process was asked to stop while it was still waiting for a start-up step."""
+
+
+def run_bot(main: Coroutine[Any, Any, None]) -> int:
+    """Run a bot's ``run()`` to the end; its exit code.
+
+    0 after a stop (including one that came while still starting); 1 when a
+    start-up step failed for good (logged by :class:`BotRuntime` as one line,
+    and alerted) or an unexpected error ended the bot (logged by it with the
+    traceback): either way it is already said, so nothing more is printed.
+    """
+    try:
+        asyncio.run(main)
+    except StartupAborted:
+        return 0
+    except Exception:
+        return 1
+    return 0
 
 
 def code_version() -> str:
@@ -91,6 +126,7 @@ class BotRuntime:
         alerts: an alert sink; built from ALERT_* settings when omitted.
         version: shown in /status and the heartbeat.
         host: interface of the status server.
+        startup_retry_base: first pause of :meth:`until_started` (tests make it short).
     """
 
     def __init__(
@@ -101,8 +137,10 @@ class BotRuntime:
         alerts: AlertSink | None = None,
         version: str | None = None,
         host: str = "0.0.0.0",
+        startup_retry_base: float = 1.0,
     ) -> None:
         self.bot = bot
+        self.startup_retry_base = startup_retry_base
         self.settings = settings
         self.version = version or code_version()
         self.alerts = alerts if alerts is not None else build_alert_sink(settings, bot)
@@ -135,6 +173,7 @@ class BotRuntime:
             detailed_health=self._detailed_health,
         )
         self._started = False
+        self._starting: dict[str, Any] | None = None
 
     # --- wiring ---------------------------------------------------------------
 
@@ -223,6 +262,7 @@ class BotRuntime:
             "sandbox": self.sandbox,
             "backend": self.backend,
             "stopping": self.shutdown.stopping,
+            "starting": self._starting,
             "counters": self.stats.as_dict(),
             "last_error": {"message": self.stats.last_error, "at": self.stats.last_error_at},
             "watchdog": self.watchdog.summary(),
@@ -243,6 +283,106 @@ class BotRuntime:
                 data[name] = {"error": describe(exc)}
         return data
 
+    # --- start-up ---------------------------------------------------------------
+
+    async def until_started(self, what: str, step: Callable[[], Awaitable[T]], *, fix: str) -> T:
+        """Run a start-up step (open the database, log in ...) until it succeeds.
+
+        A deploy often starts while a dependency is briefly away (a database
+        restart, a Supabase maintenance window). Exiting would spend one of
+        Railway's restarts (``restartPolicyMaxRetries``) per attempt, so a
+        passing failure (transient, timeout, unknown outcome, rate limit) is
+        retried here instead: one log line per attempt, a pause of
+        ``startup_retry_base`` (1 s) doubling to :data:`STARTUP_RETRY_MAX`, ``/status`` showing what is
+        awaited, and an ``initialization_failed`` alert after
+        :data:`STARTUP_ALERT_AFTER` attempts (resolved once it succeeds). The
+        status server answers meanwhile: ``/health`` is alive, ``/ready`` not.
+
+        Args:
+            what: what the step brings up ("the database"), for logs and alerts.
+            step: the step; it must be safe to call again after a failure.
+            fix: what the operator should check, for the alert and the last line.
+
+        Raises:
+            StartupFailed: a failure retrying cannot fix (bad credentials, a
+                rejected migration, a wrong setting), after the alert.
+            StartupAborted: SIGTERM/SIGINT arrived while waiting.
+        """
+        attempt = 0
+        alerted = False
+        key = f"{self.bot}:start:{what}"
+        while True:
+            attempt += 1
+            try:
+                result = await step()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                verdict = classify(exc)
+                if verdict.kind not in (ErrorKind.TRANSIENT, ErrorKind.UNKNOWN_OUTCOME, ErrorKind.RATE_LIMITED):
+                    self._starting = None
+                    self.alerts.alert(
+                        AlertType.INITIALIZATION_FAILED,
+                        f"{self.bot} could not start: {what}: {verdict.reason}",
+                        key=key,
+                        details={"fix": fix},
+                    )
+                    raise StartupFailed(f"{self.bot} could not start: {what}: {verdict.reason} ({fix})") from exc
+                delay = max(verdict.retry_after or 0.0, exponential_delay(attempt, base=self.startup_retry_base, cap=STARTUP_RETRY_MAX))
+                delay = min(delay, max(STARTUP_RETRY_MAX, verdict.retry_after or 0.0))
+                self._starting = {"waiting_for": what, "attempts": attempt, "last_error": verdict.reason, "fix": fix}
+                logger.warning(
+                    "waiting for %s (attempt %d): %s; trying again in %.0fs",
+                    what,
+                    attempt,
+                    verdict.reason,
+                    delay,
+                    extra={"waiting_for": what, "attempt": attempt, "kind": verdict.kind.value},
+                )
+                if attempt == STARTUP_ALERT_AFTER:
+                    alerted = True
+                    self.alerts.alert(
+                        AlertType.INITIALIZATION_FAILED,
+                        f"{self.bot} is still waiting for {what} after {attempt} attempts: {verdict.reason}",
+                        key=key,
+                        details={"fix": fix},
+                    )
+                if await self.shutdown.sleep(delay):
+                    self._starting = None
+                    raise StartupAborted(f"stopped while waiting for {what}") from exc
+                continue
+            self._starting = None
+            if attempt > 1:
+                logger.info("%s is up after %d attempts", what, attempt)
+            if alerted:
+                self.alerts.resolve(AlertType.INITIALIZATION_FAILED, key=key, message=f"{self.bot}: {what} is up")
+            return result
+
+    async def open_database(self, settings: DatabaseSettings) -> Database:
+        """The configured database, once it answers: what every bot does first.
+
+        Opens it (:func:`shared.db.open_database`) and pings it under
+        :meth:`until_started`, so a deploy that starts while the database is
+        away waits for it instead of exiting; then registers it: ``backend``
+        in ``/status``, a ``/ready`` check, and closing it at stop.
+        """
+        db: Database | None = None
+
+        async def step() -> Database:
+            nonlocal db
+            if db is None:
+                db = await open_database(settings)
+                self.add_cleanup("database", db.close, timeout=10)
+            await db.ping()
+            return db
+
+        opened = await self.until_started(
+            "the database", step, fix="check DATABASE_URL or SUPABASE_URL/SUPABASE_SERVICE_ROLE_KEY and that it is reachable"
+        )
+        self.backend = opened.backend.value
+        self.add_ready_check("database", opened.ping)
+        return opened
+
     # --- lifecycle --------------------------------------------------------------
 
     async def __aenter__(self) -> BotRuntime:
@@ -252,7 +392,9 @@ class BotRuntime:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if exc is not None and not isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt)):
+        if isinstance(exc, StartupFailed):
+            logger.critical("%s", exc)  # one line: the cause and what to check, no traceback
+        elif exc is not None and not isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt, StartupAborted)):
             logger.critical("%s stopped by an unexpected error: %s", self.bot, describe(exc), exc_info=exc)
         await self.stop()
 

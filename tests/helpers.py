@@ -1,4 +1,4 @@
-"""Helpers several test modules share: waiting on a condition with a deadline."""
+"""Helpers several test modules share: waiting on a condition with a deadline, an alert sink that records."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
+
+from shared.alerts import AlertType
 
 
 async def wait_until(
@@ -43,3 +45,19 @@ async def wait_until(
             detail = "\n" + context() if context is not None else ""
             raise AssertionError(f"{what} not met within {timeout}s{detail}")
         await asyncio.sleep(poll)
+
+
+class RecordingAlerts:
+    """An alert sink that remembers what it was given (the AlertSink protocol, nothing of ours replaced)."""
+
+    def __init__(self) -> None:
+        self.alerts: list[tuple[AlertType, str, str | None]] = []
+        self.resolved: list[tuple[AlertType, str | None]] = []
+
+    def alert(self, type: AlertType, message: str, *, key: str | None = None, details: Any = None) -> bool:  # noqa: A002
+        self.alerts.append((type, message, key))
+        return True
+
+    def resolve(self, type: AlertType, *, key: str | None = None, message: str = "") -> bool:  # noqa: A002
+        self.resolved.append((type, key))
+        return True

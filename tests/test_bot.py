@@ -17,6 +17,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import pytest
@@ -324,11 +325,15 @@ async def test_live_mode_needs_telegram_api_credentials_for_the_bot(tmp_path: Pa
 
 
 @pytest.mark.slow
-async def test_a_start_that_fails_alerts_initialization_failed_and_exits_1(tmp_path: Path, local_x: LocalX) -> None:
-    env = base_env(tmp_path, {"X_API_BASE": local_x.base_url, "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/none",
-                              "TIMEOUT_DB": "2"})
+async def test_a_start_that_fails_alerts_initialization_failed_and_exits_1_with_one_line(
+    tmp_path: Path, local_x: LocalX, database_url: str
+) -> None:
+    # A database that refuses (not one that is merely away: the bot waits for that one).
+    missing = urlunsplit(urlsplit(database_url)._replace(path="/no_such_database"))
+    env = base_env(tmp_path, {"X_API_BASE": local_x.base_url, "DATABASE_URL": missing, "TIMEOUT_DB": "2"})
 
     code, out = await run_cli(sys.executable, str(BOT_PY), env=env, timeout=90)
 
     assert code == 1, out
-    assert "initialization_failed" in out and "could not start" in out
+    assert "initialization_failed" in out and "bot could not start: the database" in out
+    assert "Traceback" not in out

@@ -20,6 +20,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from tests.helpers import RecordingAlerts
 from tests.helpers import wait_until as shared_wait_until
 from PIL import Image
 from telethon.tl import types
@@ -268,20 +269,6 @@ async def test_an_r2_outage_opens_the_breaker_and_every_queued_image_is_stored_o
     assert all(r.status is IngestStatus.STORED for r in rows)
     assert s3_outage.keys(bucket) == {r.storage_key for r in rows}
     assert len({r.storage_key for r in rows}) == 7
-
-
-class RecordingAlerts:
-    """An alert sink that remembers what it was given (the AlertSink protocol, nothing of ours replaced)."""
-
-    def __init__(self) -> None:
-        self.alerts: list[tuple[AlertType, str, str | None]] = []
-
-    def alert(self, type: AlertType, message: str, *, key: str | None = None, details: Any = None) -> bool:  # noqa: A002
-        self.alerts.append((type, message, key))
-        return True
-
-    def resolve(self, type: AlertType, *, key: str | None = None, message: str = "") -> bool:  # noqa: A002
-        return True
 
 
 async def test_an_item_that_keeps_failing_is_recorded_as_failed_and_the_operator_is_alerted(

@@ -21,7 +21,7 @@ from shared.alerts import AlertType
 from shared.config import WorkerSettings, load_settings
 from shared.runtime import BotRuntime
 from shared.sandbox import FaultKind, World
-from tests.helpers import wait_until
+from tests.helpers import RecordingAlerts, wait_until
 from worker import Worker
 
 FAST = {
@@ -45,20 +45,6 @@ FAST = {
     "SEND_BURST_PER_CHAT": "1000",
     "SHUTDOWN_GRACE": "3",
 }
-
-
-class RecordingAlerts:
-    """An alert sink that remembers what it was given (a real sink, not a mock of our code)."""
-
-    def __init__(self) -> None:
-        self.alerts: list[tuple[AlertType, str, str | None]] = []
-
-    def alert(self, type: AlertType, message: str, *, key: str | None = None, details: Any = None) -> bool:  # noqa: A002
-        self.alerts.append((type, message, key))
-        return True
-
-    def resolve(self, type: AlertType, *, key: str | None = None, message: str = "") -> bool:  # noqa: A002
-        return True
 
 
 @pytest.fixture

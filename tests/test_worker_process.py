@@ -15,6 +15,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -289,3 +290,43 @@ async def test_a_20_second_network_outage_is_survived_and_everything_delivered_a
         assert texts == sorted(texts), "in order"
     finally:
         await proc.reap()
+
+
+async def test_a_worker_started_while_its_database_is_away_waits_for_it_then_serves(
+    env: dict[str, str], database_url: str, tmp_path: Path
+) -> None:
+    # The database "appears" when its socket does: a symlink to the real server's socket, made later.
+    url = urlsplit(database_url)
+    query = parse_qs(url.query)
+    real_socket = Path(query["host"][0]) / f".s.PGSQL.{query.get('port', ['5432'])[0]}"
+    assert real_socket.exists(), f"the test database is expected on a unix socket: {database_url}"
+    away = tmp_path / "away"
+    away.mkdir()
+    later_url = urlunsplit(url._replace(query=urlencode({"host": str(away), "port": "5432"})))
+    proc = await WorkerProcess({**env, "DATABASE_URL": later_url}, tmp_path / "away.log").start()
+    try:
+        await wait_until(lambda: "waiting for the database (attempt 2)" in proc.output(), timeout=30, what="waiting", proc=proc)
+        (away / ".s.PGSQL.5432").symlink_to(real_socket)
+        await wait_until(lambda: accounts_connected(database_url), timeout=60, what="accounts leased once it is back", proc=proc)
+        assert "the database is up after" in proc.output()
+        assert await proc.stop() == 0
+    finally:
+        await proc.reap()
+    assert "Traceback" not in proc.output()
+
+
+async def test_a_database_that_refuses_the_worker_stops_start_up_with_one_line_and_exit_1(
+    env: dict[str, str], database_url: str, tmp_path: Path
+) -> None:
+    url = urlsplit(database_url)
+    missing = urlunsplit(url._replace(path="/no_such_database"))
+    proc = await WorkerProcess({**env, "DATABASE_URL": missing}, tmp_path / "refused.log").start()
+    try:
+        assert proc.proc is not None
+        assert await asyncio.wait_for(proc.proc.wait(), 60) == 1
+    finally:
+        await proc.reap()
+    output = proc.output()
+    assert "Traceback" not in output
+    [line] = [line for line in output.splitlines() if "CRITICAL" in line]
+    assert 'worker could not start: the database: database rejected the call (3D000: database "no_such_database" does not exist)' in line

@@ -9,9 +9,12 @@ from collections.abc import Callable
 import aiohttp
 import pytest
 
+from shared.alerts import AlertType
 from shared.config import CommonSettings, load_settings
+from shared.errors import PermanentError
 from shared.heartbeat import HeartbeatRecord
-from shared.runtime import BotRuntime
+from shared.runtime import STARTUP_ALERT_AFTER, BotRuntime, StartupAborted, StartupFailed
+from tests.helpers import RecordingAlerts
 
 
 def make_settings(**overrides: str) -> CommonSettings:
@@ -140,3 +143,66 @@ def test_bad_port_is_a_config_error(value: str) -> None:
 
     with pytest.raises(ConfigError, match="PORT"):
         make_settings(PORT=value)
+
+
+async def test_a_start_up_step_that_fails_for_a_passing_reason_is_retried_and_the_alert_resolved() -> None:
+    alerts = RecordingAlerts()
+    runtime = BotRuntime(bot="worker", settings=make_settings(), host="127.0.0.1", alerts=alerts, startup_retry_base=0.01)
+    attempts = 0
+    seen_while_waiting: list[dict[str, object] | None] = []
+
+    async def step() -> str:
+        nonlocal attempts
+        attempts += 1
+        if attempts <= STARTUP_ALERT_AFTER:
+            seen_while_waiting.append((await runtime.status())["starting"])
+            raise ConnectionRefusedError(111, "Connect call failed")
+        return "open"
+
+    async with runtime:
+        assert await runtime.until_started("the database", step, fix="check DATABASE_URL") == "open"
+        after = (await runtime.status())["starting"]
+
+    assert attempts == STARTUP_ALERT_AFTER + 1
+    assert seen_while_waiting[1] is not None and seen_while_waiting[1]["waiting_for"] == "the database"
+    assert after is None
+    [(kind, message, key)] = alerts.alerts  # one alert after STARTUP_ALERT_AFTER attempts, not one per attempt
+    assert kind is AlertType.INITIALIZATION_FAILED and "still waiting for the database" in message
+    assert alerts.resolved == [(AlertType.INITIALIZATION_FAILED, key)]
+
+
+async def test_a_start_up_step_that_cannot_succeed_stops_start_up_with_one_line_and_an_alert() -> None:
+    alerts = RecordingAlerts()
+    runtime = BotRuntime(bot="worker", settings=make_settings(), host="127.0.0.1", alerts=alerts, startup_retry_base=0.01)
+    attempts = 0
+
+    async def step() -> None:
+        nonlocal attempts
+        attempts += 1
+        raise PermanentError("password authentication failed")
+
+    with pytest.raises(StartupFailed) as failed:
+        async with runtime:
+            await runtime.until_started("the database", step, fix="check DATABASE_URL")
+
+    assert attempts == 1
+    assert str(failed.value) == "worker could not start: the database: password authentication failed (check DATABASE_URL)"
+    assert [a[0] for a in alerts.alerts] == [AlertType.INITIALIZATION_FAILED]
+
+
+async def test_a_stop_while_waiting_for_a_start_up_step_ends_the_wait() -> None:
+    runtime = BotRuntime(
+        bot="worker", settings=make_settings(), host="127.0.0.1", alerts=RecordingAlerts(), startup_retry_base=60.0
+    )
+    failing = asyncio.Event()
+
+    async def step() -> None:
+        failing.set()
+        raise ConnectionRefusedError(111, "Connect call failed")
+
+    async with runtime:
+        waiting = asyncio.create_task(runtime.until_started("the database", step, fix="check DATABASE_URL"))
+        await asyncio.wait_for(failing.wait(), 5)
+        runtime.shutdown.request_stop("test")
+        with pytest.raises(StartupAborted):
+            await asyncio.wait_for(waiting, 5)  # far less than the 30 s or more pause it was in
