@@ -856,8 +856,11 @@ class Worker:
                 ),
                 on_connected=on_connected,
                 alerts=runtime.alerts,
+                labels=set(settings.worker_accounts) if settings.worker_accounts else None,
             )
             sync.pool = outbound.pool = history.pool = jobs.pool = pool
+            if settings.worker_accounts:
+                await self._check_worker_accounts(db, settings.worker_accounts)
             runtime.add_cleanup("accounts", pool.close, timeout=settings.timeout_telegram_entity + 5)
 
             async def accounts_cycle() -> float:
@@ -886,6 +889,21 @@ class Worker:
             runtime.start_heartbeat(worker_id=settings.worker_id, store=db)
             self.ready.set()
             await runtime.run_until_stopped()
+
+    async def _check_worker_accounts(self, db: Database, labels: Sequence[str]) -> None:
+        """WORKER_ACCOUNTS: say which accounts this worker serves, and which named ones do not exist (yet)."""
+        try:
+            known = {a.label for a in await db.list_accounts()}
+        except Exception as exc:
+            logger.warning("could not check WORKER_ACCOUNTS (%s); the accounts loop will", describe(exc))
+            return
+        missing = [label for label in labels if label not in known]
+        logger.info("serving the accounts named by WORKER_ACCOUNTS: %s", ", ".join(labels))
+        if missing:
+            logger.warning(
+                "WORKER_ACCOUNTS names %s, not in telegram_accounts (yet): added later, they are picked up",
+                ", ".join(missing),
+            )
 
     def _announce_sandbox(self) -> None:
         from shared.sandbox import World, banner

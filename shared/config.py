@@ -244,6 +244,7 @@ SETTINGS: list[Setting] = [
     Setting("RECONNECT_ALERT_AFTER", _int(1), 10, "a whole number >= 1", "Failed reconnects of one account before the operator is alerted.", TELEGRAM),
     # worker.py
     Setting("WORKER_ID", _text, "telegram-main", "a name", "The worker's heartbeat id.", frozenset({"worker"})),
+    Setting("WORKER_ACCOUNTS", _csv, None, "comma-separated account labels", "The telegram_accounts rows this worker serves (default: every active one). Leave ingest's INGEST_ACCOUNT out when both share a database.", frozenset({"worker"})),
     Setting("OUTBOUND_BATCH_SIZE", _int(1, 10000), 100, "a whole number 1-10000", "Outbound messages claimed per round trip.", frozenset({"worker"})),
     Setting("OUTBOUND_POLL_INTERVAL", _float(0, exclusive=True), 1.0, "a number of seconds > 0", "Longest wait between two claims when no NOTIFY arrives.", frozenset({"worker"})),
     Setting("SEND_RATE_PER_ACCOUNT", _float(0, exclusive=True), 20.0, "messages per second > 0", "Sustained sends per account.", frozenset({"worker"})),
@@ -442,6 +443,7 @@ class WorkerSettings(TelegramSettings, StorageSettings):
     reconcile_interval: float
     reconcile_window: float
     history_page_size: int
+    worker_accounts: tuple[str, ...] | None
 
     def validate(self) -> None:
         TelegramSettings.validate(self)

@@ -53,7 +53,9 @@ def worker_env(tmp_path: Path, database_url: str) -> dict[str, str]:
 
 
 @asynccontextmanager
-async def running_worker(env: dict[str, str], *, alerts: RecordingAlerts | None = None) -> AsyncIterator[Worker]:
+async def running_worker(
+    env: dict[str, str], *, alerts: RecordingAlerts | None = None, accounts: int = 2
+) -> AsyncIterator[Worker]:
     settings = load_settings(WorkerSettings, env)
     runtime = BotRuntime(bot="worker", settings=settings, host="127.0.0.1", alerts=alerts)
     worker = Worker(settings, runtime=runtime)
@@ -63,7 +65,7 @@ async def running_worker(env: dict[str, str], *, alerts: RecordingAlerts | None 
         if task.done():
             task.result()
         assert worker.pool is not None
-        await wait_until(lambda: len(worker.pool.connected()) == 2, what="both sandbox accounts connected")
+        await wait_until(lambda: len(worker.pool.connected()) == accounts, what=f"{accounts} sandbox account(s) connected")
         yield worker
     finally:
         runtime.shutdown.request_stop("test over")
@@ -104,6 +106,27 @@ async def test_five_sequential_messages_all_arrive_within_seconds_in_order(worke
         await wait_until(lambda: len(texts_received(world, "alice")) >= 5, timeout=10, what="5 messages at alice")
         assert time.monotonic() - started < 10
         assert texts_received(world, "alice") == [f"seq {n}" for n in range(5)]
+
+
+async def test_worker_accounts_limits_the_worker_to_the_accounts_it_names(
+    worker_env: dict[str, str], database_url: str
+) -> None:
+    world = world_of(worker_env)
+    async with running_worker({**worker_env, "WORKER_ACCOUNTS": "demo_one"}, accounts=1) as worker:
+        ids = await account_ids(worker)
+        await worker.db.enqueue_outbound(ids["demo_two"], "alice", "for the other process")  # type: ignore[union-attr]
+        await worker.db.enqueue_outbound(ids["demo_one"], "alice", "ours")  # type: ignore[union-attr]
+        await wait_until(lambda: _status_of(database_url, "ours", "sent"), what="our account's message sent")
+        assert [c.label for c in worker.pool.connected()] == ["demo_one"]  # type: ignore[union-attr]
+        conn = await asyncpg.connect(database_url)
+        try:
+            leases = dict(await conn.fetch("select label, lease_owner from telegram_accounts order by label"))
+        finally:
+            await conn.close()
+
+    assert leases["demo_one"] is not None and leases["demo_two"] is None  # left for another process to lease
+    assert texts_received(world, "alice") == ["ours"]
+    assert await _status_of(database_url, "for the other process", "queued")
 
 
 async def test_delivered_but_the_answer_lost_gives_exactly_one_message(worker_env: dict[str, str], database_url: str) -> None:
