@@ -382,6 +382,9 @@ class ReplyGuy:
             How many stale tweets were found (``recovered``) and where they
             went: ``to_discovered``, ``to_drafted``, ``approved``, ``kept_dead``.
         """
+        # The queue first: dead letters written to the fallback file while the database was
+        # down move into the database, where the recovery statement looks for them.
+        waiting = await self.queue.load()
         recovered = await self.db.recover_stale_tweets(minutes=self.stale_minutes, max_attempts=MAX_POST_ATTEMPTS, bot=BOT)
         key_for = {
             TweetStatus.DISCOVERED: "to_discovered",
@@ -393,7 +396,6 @@ class ReplyGuy:
         for item in recovered:
             counts[key_for[item.status]] += 1
         await self.state.load()  # cursors, and today's posts as the database counts them after recovery
-        waiting = await self.queue.load()
         logger.info(
             "crash recovery: %d stale tweets found (%s); %d dead-letter retries waiting",
             counts["recovered"],

@@ -120,8 +120,9 @@ class JsonlRetryStore:
             ValueError, KeyError, TypeError: the record is malformed (the index is unchanged).
         """
         op = record["op"]
-        if op == "remove":
+        if op == "remove":  # forget the item, waiting or dead
             pending.pop(str(record["id"]), None)
+            exhausted.pop(str(record["id"]), None)
             return
         item = RetryItem.from_json(record["item"])
         if op == "upsert":
@@ -334,6 +335,7 @@ class RetryQueue:
                         break
                 if moved:
                     logger.info("moved %d retry items from the fallback file into the store", moved)
+                await self._move_dead_letters_home()
             items = await self.store.load_pending(limit=self.capacity)
             for item in items:
                 self._push_memory(item)
@@ -341,11 +343,32 @@ class RetryQueue:
             if self.fallback is not None and self.fallback is not self.store:
                 self._total += await self.fallback.count_pending()
             self._dead = await self.store.count_exhausted()
+            if self.fallback is not None and self.fallback is not self.store:
+                self._dead += await self.fallback.count_exhausted()
             RETRY_QUEUE_SIZE.labels(self.name).set(self._total)
             if self._total:
                 logger.info("retry queue %s: %d items waiting", self.name, self._total, extra={"queue": self.name})
             self._changed.set()
             return self._total
+
+    async def _move_dead_letters_home(self) -> None:
+        """Dead letters written to the fallback file (the store was down) go to the store, where
+        everything that reads dead letters (the Reply Guy's recovery, the status counts) looks."""
+        exhausted_items = getattr(self.fallback, "exhausted_items", None)
+        if self.fallback is None or not callable(exhausted_items):
+            return
+        stranded = await exhausted_items()
+        moved = 0
+        for item in stranded:
+            try:
+                await asyncio.wait_for(self.store.mark_exhausted(item), self.store_timeout)
+                await self.fallback.remove(item.id)
+                moved += 1
+            except Exception:
+                logger.warning("primary retry store still failing; %d dead letters stay in the fallback file", len(stranded) - moved)
+                break
+        if moved:
+            logger.info("moved %d dead letters from the fallback file into the store", moved)
 
     async def put(self, kind: str, payload: dict[str, Any], *, error: str, delay: float | None = None) -> RetryItem:
         """Queue work that just failed once. Durable when this returns.

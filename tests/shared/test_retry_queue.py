@@ -312,6 +312,23 @@ async def test_dead_letter_records_an_item_exhausted_at_once_and_counts_it(tmp_p
         assert await restarted.load() == 0 and restarted.get_status()["dead"] == 1
 
 
+async def test_dead_letters_written_to_the_fallback_move_to_the_store_at_load(tmp_path: Path) -> None:
+    clock = FakeClock()
+    primary_path = tmp_path / "primary.jsonl"
+    primary_path.mkdir()  # the database is down when the dead letter is written
+    fallback = JsonlRetryStore(tmp_path / "fallback.jsonl")
+    queue = RetryQueue(name="t_dead_home", store=JsonlRetryStore(primary_path), fallback=fallback, clock=clock)
+    await queue.dead_letter(_doomed("post-t9"))
+    assert await fallback.count_exhausted() == 1
+
+    primary_path.rmdir()  # it is back: the next start moves the dead letter where readers look
+    restarted = RetryQueue(name="t_dead_home_2", store=JsonlRetryStore(primary_path), fallback=fallback, clock=clock)
+    assert await restarted.load() == 0
+    assert restarted.get_status()["dead"] == 1
+    assert await fallback.count_exhausted() == 0
+    assert [i.id for i in await JsonlRetryStore(primary_path).exhausted_items()] == ["post-t9"]
+
+
 async def test_dead_letter_refuses_an_item_the_queue_holds(tmp_path: Path) -> None:
     queue = make_queue(tmp_path / "held.jsonl", FakeClock())
     queued = await queue.put("send", {}, error="e")
