@@ -993,6 +993,37 @@ async def cli_send(settings: WorkerSettings, args: argparse.Namespace) -> int:
     return 0
 
 
+async def cli_requeue(settings: WorkerSettings, args: argparse.Namespace) -> int:
+    """Put failed or dead outbound messages back in the queue, after the cause is fixed."""
+    if not (args.ids or args.account or args.all):
+        print("name message ids, --account LABEL or --all (try --dry-run first)", file=sys.stderr)
+        return 2
+    db = await open_database(settings)
+    try:
+        account_id = None
+        if args.account:
+            accounts = {a.label: a for a in await db.list_accounts()}
+            if args.account not in accounts:
+                print(f"no account labelled {args.account!r} (known: {', '.join(sorted(accounts)) or 'none'})", file=sys.stderr)
+                return 1
+            account_id = accounts[args.account].id
+        statuses = [OutboundStatus(s) for s in args.status] if args.status else [OutboundStatus.FAILED, OutboundStatus.DEAD]
+        rows = await db.requeue_outbound(ids=args.ids or None, account_id=account_id, statuses=statuses, dry_run=args.dry_run)
+    finally:
+        await db.close()
+    if args.json:
+        print(json.dumps([
+            {"id": r.id, "account_id": r.account_id, "peer": r.peer, "was": r.previous_status.value, "last_error": r.last_error}
+            for r in rows
+        ], indent=2))
+        return 0
+    verb = "would requeue" if args.dry_run else "requeued"
+    for r in rows:
+        print(f"{verb} {r.id} to {r.peer} (was {r.previous_status.value}: {r.last_error or 'no error recorded'})")
+    print(f"{len(rows)} message(s) {verb.replace('would requeue', 'would be requeued')}")
+    return 0
+
+
 async def cli_login(settings: WorkerSettings, args: argparse.Namespace) -> int:
     """Interactive login: phone, code, 2FA password; stores the encrypted session."""
     phone = args.phone or input("Phone number (international format, e.g. +15551234567): ").strip()
@@ -1065,6 +1096,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     send.add_argument("--reply-to", type=int)
     send.add_argument("--key", help="dedupe key: the same key never queues twice")
     sub.add_parser("rotate-key", help="re-encrypt all sessions under the newest SESSION_ENCRYPTION_KEY")
+    requeue = sub.add_parser("requeue", help="put failed or dead outbound messages back in the queue")
+    requeue.add_argument("ids", nargs="*", type=int, help="message ids (default: every one the other options pick)")
+    requeue.add_argument("--account", help="only this account's messages")
+    requeue.add_argument("--all", action="store_true", help="every failed or dead message (no ids or account needed)")
+    requeue.add_argument("--status", action="append", choices=["failed", "dead"], help="only this status (repeatable)")
+    requeue.add_argument("--dry-run", action="store_true", help="list what would be requeued, change nothing")
+    requeue.add_argument("--json", action="store_true")
     return parser.parse_args(argv)
 
 
@@ -1084,6 +1122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(cli_login(settings, args))
     if command == "rotate-key":
         return asyncio.run(cli_rotate_key(settings))
+    if command == "requeue":
+        return asyncio.run(cli_requeue(settings, args))
     return 2
 
 

@@ -8,8 +8,10 @@ process (kill -9, two replicas) live in test_worker_process.py.
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -270,6 +272,42 @@ async def test_bad_input_fails_only_that_message_with_a_readable_reason(
             assert fragment in (error or "").lower(), (text, error)
 
 
+async def test_a_failed_message_requeued_by_the_operator_after_the_fix_is_delivered_once(
+    worker_env: dict[str, str], database_url: str, tmp_path: Path
+) -> None:
+    world = world_of(worker_env)
+    world.seed_demo()
+    photo = tmp_path / "later.jpg"
+    async with running_worker(worker_env) as worker:
+        ids = await account_ids(worker)
+        assert worker.db is not None
+        queued = await worker.db.enqueue_outbound(ids["demo_one"], "bob", "the photo", attachments=[str(photo)])
+        await wait_until(lambda: _status_of(database_url, "the photo", "failed"), what="failed: the file is missing")
+
+        photo.write_bytes(b"\xff\xd8\xff\xe0 not much of a jpeg, but a file")  # the operator fixes the cause
+        code, out, err = await worker_cli(worker_env, "requeue", "--account", "demo_one", "--dry-run")
+        assert code == 0, err
+        assert f"would requeue {queued.id} to bob (was failed: " in out and "1 message(s) would be requeued" in out
+        code, out, err = await worker_cli(worker_env, "requeue", str(queued.id))
+        assert code == 0, err
+        assert f"requeued {queued.id} to bob" in out
+        await wait_until(lambda: _status_of(database_url, "the photo", "sent"), what="sent after the requeue")
+
+    assert texts_received(world, "bob").count("the photo") == 1
+    code, _, err = await worker_cli(worker_env, "requeue")
+    assert code == 2 and "--all" in err  # never everything by accident
+
+
+async def worker_cli(env: dict[str, str], *args: str, stdin: bytes = b"") -> tuple[int, str, str]:
+    """``python worker.py ARGS`` against the test's database and sandbox."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "worker.py", *args, cwd=Path(__file__).resolve().parent.parent, env={**os.environ, **env},
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(stdin), 60)
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
 async def _all_settled(database_url: str, count: int) -> bool:
     rows = await outbound_rows(database_url)
     return len(rows) == count and all(r["status"] in ("sent", "failed", "dead") for r in rows)
@@ -353,19 +391,10 @@ async def test_message_jobs_send_later_edit_delete_and_mark_read(worker_env: dic
 
 
 async def test_the_cli_sends_lists_and_logs_in_without_showing_secrets(tmp_path: Path, database_url: str) -> None:
-    import os
-    import sys
+    env = {"DATABASE_URL": database_url, "SANDBOX_DIR": str(tmp_path / "sb"), "DATA_DIR": str(tmp_path / "d")}
 
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "DATABASE_URL": database_url, "SANDBOX_DIR": str(tmp_path / "sb"), "DATA_DIR": str(tmp_path / "d")}
-
-    async def cli(*args: str, stdin: bytes = b"") -> tuple[int, str, str]:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "worker.py", *args, cwd=root, env=env,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await asyncio.wait_for(proc.communicate(stdin), 60)
-        return proc.returncode or 0, out.decode(), err.decode()
+    def cli(*args: str, stdin: bytes = b"") -> Awaitable[tuple[int, str, str]]:
+        return worker_cli(env, *args, stdin=stdin)
 
     code, out, err = await cli("send", "--account", "demo_one", "--to", "alice", "hi from the CLI")
     assert code == 0, err
@@ -393,22 +422,14 @@ async def test_the_cli_sends_lists_and_logs_in_without_showing_secrets(tmp_path:
 async def test_rotate_key_re_encrypts_every_session_and_an_interrupted_run_loses_nothing(
     tmp_path: Path, database_url: str
 ) -> None:
-    import os
-    import sys
-
     from shared.sessions import SessionCipher, generate_key
 
-    root = Path(__file__).resolve().parent.parent
     old, new = generate_key(), generate_key()
-    base = {**os.environ, "DATABASE_URL": database_url, "SANDBOX_DIR": str(tmp_path / "sb"), "DATA_DIR": str(tmp_path / "d")}
+    base = {"DATABASE_URL": database_url, "SANDBOX_DIR": str(tmp_path / "sb"), "DATA_DIR": str(tmp_path / "d")}
 
     async def cli(key: str, *args: str) -> tuple[int, str]:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "worker.py", *args, cwd=root, env={**base, "SESSION_ENCRYPTION_KEY": key},
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await asyncio.wait_for(proc.communicate(), 60)
-        return proc.returncode or 0, out.decode() + err.decode()
+        code, out, err = await worker_cli({**base, "SESSION_ENCRYPTION_KEY": key}, *args)
+        return code, out + err
 
     code, out = await cli(old, "send", "--account", "demo_one", "--to", "alice", "seeds the accounts")
     assert code == 0, out

@@ -39,6 +39,7 @@ from shared.db.records import (
     OutboundMessage,
     OutboundStatus,
     RecoveredTweet,
+    Requeued,
     RequeueResult,
     RetryRow,
     RetryItemStatus,
@@ -493,6 +494,29 @@ class Database(abc.ABC):
         """Outbound rows per account and status (for /status)."""
         rows = await self.call("outbound_counts", {"p_account_id": account_id}, read_only=True)
         return [from_row(StatusCount, r) for r in rows]
+
+    async def requeue_outbound(
+        self,
+        *,
+        ids: Sequence[int] | None = None,
+        account_id: int | None = None,
+        statuses: Sequence[OutboundStatus] = (OutboundStatus.FAILED, OutboundStatus.DEAD),
+        dry_run: bool = False,
+    ) -> list[Requeued]:
+        """Put failed or dead outbound messages back in the queue (the operator's ``requeue``).
+
+        Each keeps its random_id (a resend of something that did arrive is a
+        duplicate Telegram recognises) and starts its attempts again. ``ids``
+        and ``account_id`` narrow the choice; ``dry_run`` only lists it.
+        """
+        args = {
+            "p_ids": list(ids) if ids is not None else None,
+            "p_account_id": account_id,
+            "p_statuses": [s.value for s in statuses],
+            "p_dry_run": dry_run,
+        }
+        rows = await self.call("outbound_requeue", args)
+        return [from_row(Requeued, r) for r in rows]
 
     async def queue_depth(self, account_id: int) -> int:
         """Rows of an account still to send (queued or being sent)."""

@@ -235,6 +235,17 @@ class RequeueResult:
 
 
 @dataclasses.dataclass(frozen=True)
+class Requeued:
+    """An outbound message an operator put back in the queue (or would, in a dry run)."""
+
+    id: int
+    account_id: int
+    peer: str
+    previous_status: OutboundStatus
+    last_error: str | None
+
+
+@dataclasses.dataclass(frozen=True)
 class Takeover:
     """What taking over an account handed back to the queue."""
 

@@ -132,6 +132,40 @@ async def test_permanent_error_fails_the_row_at_once_with_its_reason(backend_db:
     assert await backend_db.claim_outbound([account], owner="w") == []
 
 
+async def test_an_operator_requeues_failed_and_dead_rows_which_keep_their_random_id(backend_db: Database) -> None:
+    account = await _account(backend_db)
+    other = await _account(backend_db, "other")
+    failed = await backend_db.enqueue_outbound(account, "ghost", "to a chat joined since")
+    row = await _claim_one(backend_db, account)
+    assert row.lease_token and row.id == failed.id
+    await backend_db.mark_failed(row.id, row.lease_token, "invalid chat", permanent=True)
+    elsewhere = await backend_db.enqueue_outbound(other, "ghost", "another account's")
+    row = await _claim_one(backend_db, other)
+    assert row.lease_token
+    await backend_db.mark_failed(row.id, row.lease_token, "invalid chat", permanent=True)
+    sent = await backend_db.enqueue_outbound(account, "alice", "delivered")
+    row = await _claim_one(backend_db, account)
+    assert row.lease_token
+    await backend_db.mark_sent(row.id, row.lease_token, telegram_message_id=7)
+    before = await backend_db.get_outbound(failed.id)
+    assert before is not None
+
+    listed = await backend_db.requeue_outbound(account_id=account, dry_run=True)
+    assert [(r.id, r.previous_status, r.last_error) for r in listed] == [(failed.id, OutboundStatus.FAILED, "invalid chat")]
+    untouched = await backend_db.get_outbound(failed.id)
+    assert untouched is not None and untouched.status is OutboundStatus.FAILED  # a dry run changes nothing
+
+    requeued = await backend_db.requeue_outbound(account_id=account)
+    assert [r.id for r in requeued] == [failed.id]  # not the sent row, not the other account's
+    again = await _claim_one(backend_db, account)
+    assert again.id == failed.id and again.random_id == before.random_id and again.attempts == 1
+    assert again.last_error == "requeued by an operator; was failed: invalid chat"
+    still = await backend_db.get_outbound(elsewhere.id)
+    assert still is not None and still.status is OutboundStatus.FAILED
+    assert [r.id for r in await backend_db.requeue_outbound(ids=[elsewhere.id, sent.id])] == [elsewhere.id]
+    assert await backend_db.requeue_outbound(ids=[sent.id]) == []
+
+
 async def test_rows_of_one_chat_go_out_in_enqueue_order(backend_db: Database) -> None:
     account = await _account(backend_db)
     a = [(await backend_db.enqueue_outbound(account, "alice", f"a{i}")).id for i in range(3)]
