@@ -14,7 +14,8 @@ Endpoints:
 * ``GET /``: the operator page: plain HTML and script, no build step, that
   fetches ``/status`` every 5 s and shows it for a person: an overall verdict
   (red only for trouble: a failing loop, an open breaker, an account that
-  needs a login, critical resources), the sandbox banner, the last error with
+  needs a login, critical resources, start-up waiting for the database), the
+  sandbox banner, a banner while start-up waits, the last error with
   its age, each loop with its last ping and restarts, accounts or channels
   with their state and queue depth, retry queues, breakers, history-sync
   progress bars, CPU/memory/disk bars, then every other section. Ages are
@@ -411,6 +412,7 @@ _PAGE = r"""<!doctype html>
 <body>
 <div id="sandbox" class="banner sandbox hidden">SANDBOX MODE: not talking to real Telegram</div>
 <div id="fetch-error" class="banner error hidden"></div>
+<div id="starting" class="banner error hidden"></div>
 <header>
   <h1 id="bot">{{TITLE}}</h1>
   <span id="overall" class="pill hidden"></span>
@@ -429,7 +431,7 @@ _PAGE = r"""<!doctype html>
   var token = params.get("token") || "";
   var lastOk = 0;
   var skewMs = 0;  // browser clock minus server clock, from /status's "time"
-  var HEADER_KEYS = ["bot", "version", "uptime_seconds", "time", "sandbox", "backend", "stopping"];
+  var HEADER_KEYS = ["bot", "version", "uptime_seconds", "time", "sandbox", "backend", "stopping", "starting"];
   var ORDER = ["last_error", "loops", "accounts", "channels", "queues", "breakers", "history_jobs", "resources",
                "counters", "outbound", "sync", "jobs", "heartbeat", "alerts", "watchdog", "sandbox_world"];
   var BAD = ["failing", "failed", "open", "dead", "error", "needs_login", "stopped", "crashed", "exhausted", "down", "unhealthy"];
@@ -708,6 +710,7 @@ _PAGE = r"""<!doctype html>
     if (isObj(data.watchdog) && data.watchdog.healthy === false && !bad.length) { bad.push("watchdog unhealthy"); }
     if (isObj(data.heartbeat) && data.heartbeat.consecutive_failures > 0) { warn.push("heartbeat failing"); }
     if (data.stopping === true) { warn.push("stopping"); }
+    if (isObj(data.starting)) { bad.push("waiting for " + data.starting.waiting_for); }
     if (bad.length) { return { cls: "bad", text: "trouble: " + bad.concat(warn).join(", ") }; }
     if (warn.length) { return { cls: "warn", text: "degraded: " + warn.join(", ") }; }
     return { cls: "ok", text: "all healthy" };
@@ -727,6 +730,11 @@ _PAGE = r"""<!doctype html>
     sandbox.textContent = "SANDBOX MODE: not talking to real Telegram" +
       (world && world.directory ? " \u00b7 messages stay in the local world at " + world.directory : "");
     sandbox.classList.toggle("hidden", data.sandbox !== true);
+    var starting = byId("starting");
+    var waiting = isObj(data.starting) ? data.starting : null;
+    starting.textContent = waiting ? "STARTING: waiting for " + waiting.waiting_for + " (attempt " + waiting.attempts +
+      "): " + waiting.last_error + (waiting.fix ? " \u00b7 " + waiting.fix : "") : "";
+    starting.classList.toggle("hidden", !waiting);
     var pill = byId("overall");
     if (pill) {
       var o = overall(data);

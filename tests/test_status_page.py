@@ -363,3 +363,23 @@ async def test_operator_page_says_when_the_status_cannot_be_fetched(browser: str
     assert page.by_id("bot").text == "ingest"
     assert "status provider broke" not in dom, "the page shows no internals"
     assert "unauthorized" in parse(wrong).text, "a wrong token gets the 401 answer, not the page"
+
+
+async def test_operator_page_says_what_start_up_is_waiting_for(browser: str, tmp_path: Path) -> None:
+    def starting() -> dict[str, Any]:
+        waiting = {"waiting_for": "the database", "attempts": 3, "last_error": "cannot connect to the database: refused",
+                   "fix": "check DATABASE_URL"}
+        return {"bot": "worker", "version": "9.9.9", "starting": waiting, "loops": {}}
+
+    server = StatusServer(bot="worker", version="9.9.9", port=0, host="127.0.0.1", token=TOKEN, status=starting)
+    await server.start()
+    try:
+        page = parse(await render(browser, f"{server.url}/?token={TOKEN}", tmp_path / "profile"))
+    finally:
+        await server.stop()
+    banner = page.by_id("starting")
+    assert visible(banner)
+    assert banner.text == (
+        "STARTING: waiting for the database (attempt 3): cannot connect to the database: refused \u00b7 check DATABASE_URL"
+    )
+    assert page.by_id("overall").text == "trouble: waiting for the database"
