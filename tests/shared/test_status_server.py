@@ -344,8 +344,9 @@ class El {
   find(pred, out = []) { if (pred(this)) { out.push(this); } this.children.forEach((c) => c.find(pred, out)); return out; }
 }
 const ids = {};
-["sandbox", "fetch-error", "bot", "version", "uptime", "time", "conn", "sections", "overall", "backend"].forEach((id) => {
-  ids[id] = new El("div"); ids[id].id = id; if (id === "sandbox" || id === "fetch-error") { ids[id].className = "banner hidden"; } });
+["sandbox", "fetch-error", "starting", "bot", "version", "uptime", "time", "conn", "sections", "overall", "backend"].forEach((id) => {
+  ids[id] = new El("div"); ids[id].id = id;
+  if (id === "sandbox" || id === "fetch-error" || id === "starting") { ids[id].className = "banner hidden"; } });
 globalThis.document = {
   title: "", getElementById: (id) => ids[id], createElement: (tag) => new El(tag),
   createDocumentFragment: () => { const f = new El("#fragment"); f.isFragment = true; return f; },
@@ -366,6 +367,7 @@ setImmediate(() => setImmediate(() => {
     heads: s.find((e) => e.tagName === "th").map((e) => e.textContent) }));
   console.log(JSON.stringify({ requests, sections, bars, bad, title: globalThis.document.title,
     sandboxHidden: ids["sandbox"].classList.contains("hidden"), error: ids["fetch-error"].textContent,
+    startingHidden: ids["starting"].classList.contains("hidden"),
     uptime: ids["uptime"].textContent, overall: { text: ids["overall"].textContent, cls: ids["overall"].className },
     sandboxText: ids["sandbox"].textContent, backend: ids["backend"].textContent, fills, heads }));
 }));
@@ -486,7 +488,7 @@ async def test_page_script_says_all_healthy_and_shows_no_red_when_nothing_is_wro
     }
     result = await run_page_script(page, status, tmp_path)
     assert result["overall"] == {"text": "all healthy", "cls": "pill ok"}
-    assert result["bad"] == [] and result["sandboxHidden"] is True
+    assert result["bad"] == [] and result["sandboxHidden"] is True and result["startingHidden"] is True
     sections = {s["id"].removeprefix("section-"): s["text"] for s in result["sections"]}
     assert list(sections)[:3] == ["last_error", "loops", "channels"]
     assert "no errors since the start" in sections["last_error"]
