@@ -18,6 +18,9 @@ What is here:
   with its output in a file; SIGTERM, kill -9, RSS/CPU via psutil.
 * :class:`TcpProxy`: a TCP port on 127.0.0.1 relaying to the embedded
   server's unix socket, which can be cut (a database outage) and restored.
+* :class:`S3Server`: moto's S3 server on 127.0.0.1 standing in for Cloudflare
+  R2, which can be stopped (connections refused) and started again, data kept.
+  The tests' S3 fixtures (``tests/ingest/s3_server.py``) use it too.
 """
 
 from __future__ import annotations
@@ -35,13 +38,17 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Self
 
 import asyncpg
+
+if TYPE_CHECKING:
+    from moto.server import ThreadedMotoServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,11 +80,13 @@ UNLIMITED_SENDS: dict[str, str] = {
 # --- command line -------------------------------------------------------------
 
 
-def parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
-    """An argument parser with the common ``--quick`` and ``--json`` flags."""
+def parser(
+    prog: str, doc: str | None, *, quick_help: str = "a short run (seconds per case) for smoke tests"
+) -> argparse.ArgumentParser:
+    """An argument parser with the common ``--quick`` and ``--json`` flags (``quick_help`` says what quick means here)."""
     first = (doc or "").strip().split("\n\n")[0]
     result = argparse.ArgumentParser(prog=f"./start.sh bench {prog}", description=first)
-    result.add_argument("--quick", action="store_true", help="a short run (seconds per case) for smoke tests")
+    result.add_argument("--quick", action="store_true", help=quick_help)
     result.add_argument("--json", action="store_true", help="end with one JSON object on the last line")
     return result
 
@@ -485,3 +494,78 @@ def worker_env(
         "SESSION_ENCRYPTION_KEY": accounts.key,
         **(extra or {}),
     }
+
+
+# --- R2 that can go away -----------------------------------------------------------
+
+
+class S3Server:
+    """moto's S3 server on 127.0.0.1 that can be stopped and started again on its port (its data lives in the process).
+
+    Args:
+        access_key: the access key id clients use (moto accepts any).
+        secret_key: the secret access key clients use.
+        region: the region clients name.
+    """
+
+    def __init__(self, *, access_key: str, secret_key: str, region: str = "us-east-1") -> None:
+        self.access_key = access_key
+        self.secret_key = secret_key
+        self.region = region
+        self.port = 0
+        self._server: ThreadedMotoServer | None = None
+
+    def start(self) -> Self:
+        """Serve on the port it had before (an ephemeral one the first time)."""
+        from moto.server import ThreadedMotoServer  # a dev/bench requirement: imported only when used
+
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        server.start()
+        self.port = server.get_host_and_port()[1]
+        self._server = server
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and close the listening socket: new connections are refused."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.stop()
+        inner = getattr(server, "_server", None)
+        if inner is not None:
+            inner.server_close()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self) -> Any:
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name=self.region,
+        )
+
+    def create_bucket(self, prefix: str = "ingest") -> str:
+        """A new bucket named ``<prefix>-<12 hex digits>``; its name."""
+        name = f"{prefix}-{uuid.uuid4().hex[:12]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def env(self, bucket: str) -> dict[str, str]:
+        """The R2_* settings pointing at this server."""
+        return {
+            "R2_ENDPOINT": self.url,
+            "R2_BUCKET": bucket,
+            "R2_ACCESS_KEY_ID": self.access_key,
+            "R2_SECRET_ACCESS_KEY": self.secret_key,
+        }
+
+    def keys(self, bucket: str, prefix: str = "") -> set[str]:
+        """The object keys in ``bucket`` under ``prefix``."""
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return {item["Key"] for page in pages for item in page.get("Contents", [])}

@@ -32,30 +32,22 @@ _BENCH_DIR = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH_DIR]
 sys.path.insert(0, str(ROOT))
 
-import argparse  # noqa: E402
 import asyncio  # noqa: E402
-import contextlib  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
 import math  # noqa: E402
 import random  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
 from collections import Counter, defaultdict  # noqa: E402
-from collections.abc import Awaitable, Callable  # noqa: E402
-from dataclasses import asdict, dataclass, field  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
 from typing import Any  # noqa: E402
 
 import asyncpg  # noqa: E402
 
-from bench._chaos_faults import ChaosPostgres, ChaosProcess, PgProxy  # noqa: E402
+from bench._chaos_faults import ChaosProcess, PgProxy  # noqa: E402
+from bench._chaos_run import ChaosRun, Step, chaos_main, closing_lines, phase_table, process_lines, reason_lines  # noqa: E402
 from shared.db.records import AccountStatus  # noqa: E402
 from shared.sandbox import FaultKind, World  # noqa: E402
 from shared.sessions import SessionCipher, generate_key  # noqa: E402
-
-logger = logging.getLogger("bench.chaos")
 
 
 # --- the plan ---------------------------------------------------------------------------
@@ -174,39 +166,25 @@ class Chat:
         return self.recipient == POISON_RECIPIENT
 
 
-@dataclass
-class PhaseRecord:
-    name: str
-    started: float
-    seconds: float = 0.0
-    note: str = ""
-
-
-class Chaos:
+class Chaos(ChaosRun[Plan, WorkerProcess]):
     """One chaos run: a database behind a proxy, a sandbox world, worker processes, faults."""
 
+    name = "chaos"
+    process_kind = "worker"
+
     def __init__(self, plan: Plan, *, run_dir: Path) -> None:
-        self.plan = plan
-        self.run_dir = run_dir
-        self.world: World | None = None
-        self.pg = ChaosPostgres(run_dir / "pg")
+        super().__init__(plan, run_dir=run_dir)
         self.proxy: PgProxy | None = None
         self.direct_dsn = ""
         self.proxied_dsn = ""
         self.env: dict[str, str] = {}
-        self.workers: list[WorkerProcess] = []
-        self.started_workers = 0
-        self.unexpected_exits: list[str] = []
-        self.sigterm_codes: list[int | None] = []
         self.chats: list[Chat] = []
         self.account_ids: dict[str, int] = {}
         self.account_peer_ids: dict[int, str] = {}
         self.waves: list[list[tuple[Chat, str]]] = []
         self.enqueued = 0
-        self.phases: list[PhaseRecord] = []
         self.fault_ids: list[int] = []
         self.latency_rule: int | None = None
-        self.t0 = time.monotonic()
 
     # set-up --------------------------------------------------------------------------
 
@@ -270,26 +248,10 @@ class Chaos:
 
     # helpers ----------------------------------------------------------------------------
 
-    async def start_worker(self) -> WorkerProcess:
-        self.started_workers += 1
-        name = f"worker-{self.started_workers}"
-        env = {**self.env, "DATA_DIR": str(self.run_dir / name), "WORKER_ID": f"chaos-{self.started_workers}"}
-        proc = await WorkerProcess(name, env, self.run_dir / f"{name}.log").start()
-        self.workers.append(proc)
-        return proc
-
-    def live_workers(self) -> list[WorkerProcess]:
-        return [w for w in self.workers if w.alive]
-
-    async def check_workers(self) -> None:
-        """A worker that died on its own is a finding; replace it (as Railway would)."""
-        for worker in self.workers:
-            if not worker.alive and not worker.expected_exit:
-                worker.expected_exit = True
-                code = worker.proc.returncode if worker.proc else None
-                self.unexpected_exits.append(f"{worker.name} exited with {code}")
-                logger.error("%s exited on its own (%s); its log ends:\n%s", worker.name, code, worker.tail())
-                await self.start_worker()
+    def new_process(self, number: int) -> WorkerProcess:
+        name = f"worker-{number}"
+        env = {**self.env, "DATA_DIR": str(self.run_dir / name), "WORKER_ID": f"chaos-{number}"}
+        return WorkerProcess(name, env, self.run_dir / f"{name}.log")
 
     async def enqueue_wave(self) -> int:
         if not self.waves:
@@ -312,18 +274,6 @@ class Chaos:
 
     async def delivered(self) -> int:
         return await asyncio.to_thread(self._delivered_count)
-
-    async def wait_for(self, condition: Callable[[], Awaitable[bool]], *, timeout: float, what: str) -> bool:
-        """Poll ``condition`` until true or ``timeout``; False (and a log line) on timeout."""
-        deadline = time.monotonic() + timeout
-        while True:
-            if await condition():
-                return True
-            await self.check_workers()
-            if time.monotonic() > deadline:
-                logger.warning("%s: not reached within %.0fs, going on", what, timeout)
-                return False
-            await asyncio.sleep(0.1)
 
     async def wave_with_progress(self) -> None:
         """Queue the next wave and wait until part of it went out (so the fault hits sends in flight)."""
@@ -370,10 +320,10 @@ class Chaos:
 
     # the faults ---------------------------------------------------------------------------
 
-    def schedule(self) -> list[tuple[str, Callable[[], Awaitable[str]]]]:
+    def schedule(self) -> list[Step]:
         plan = self.plan
         kills = [(f"kill -9 #{n + 1}", self.kill9) for n in range(plan.kills)]
-        steps: list[tuple[str, Callable[[], Awaitable[str]]]] = [
+        steps: list[Step] = [
             kills[0],
             (f"flood waits on {plan.flood_share:.0%} of sends", self.flood),
             ("SIGTERM", self.sigterm),
@@ -393,9 +343,9 @@ class Chaos:
 
     async def kill9(self) -> str:
         await self.wave_with_progress()
-        victim = self.live_workers()[-1]
+        victim = self.live()[-1]
         await victim.kill9()
-        await self.start_worker()
+        await self.start_process()
         return f"killed {victim.name}"
 
     async def flood(self) -> str:
@@ -406,10 +356,10 @@ class Chaos:
 
     async def sigterm(self) -> str:
         await self.wave_with_progress()
-        victim = self.live_workers()[0]
+        victim = self.live()[0]
         code = await victim.terminate(timeout=float(self.env["SHUTDOWN_GRACE"]) + 20)
         self.sigterm_codes.append(code)
-        await self.start_worker()
+        await self.start_process()
         return f"{victim.name} exited with {code}"
 
     async def pg_restart(self) -> str:
@@ -423,7 +373,7 @@ class Chaos:
         await self.wave_with_progress()
         self.proxy.cut()
         try:
-            await self._sleep_watching(self.plan.pg_outage)
+            await self.sleep_watching(self.plan.pg_outage)
         finally:
             self.proxy.restore()
         return "every connection stalled, new ones unanswered"
@@ -433,7 +383,7 @@ class Chaos:
         await self.wave_with_progress()
         rule = self.fault(FaultKind.HANG)
         try:
-            await self._sleep_watching(self.plan.telegram_hang)
+            await self.sleep_watching(self.plan.telegram_hang)
         finally:
             await asyncio.to_thread(self.world.clear_faults, rule)
         return "every request unanswered"
@@ -443,7 +393,7 @@ class Chaos:
         await self.wave_with_progress()
         rule = self.fault(FaultKind.DROP)
         try:
-            await self._sleep_watching(self.plan.drop_window)
+            await self.sleep_watching(self.plan.drop_window)
         finally:
             await asyncio.to_thread(self.world.clear_faults, rule)
         return "every request drops its connection"
@@ -456,16 +406,9 @@ class Chaos:
         return f"the next {count} sends are stored, then the answer is lost (half drop, half hang)"
 
     async def two_replicas(self) -> str:
-        await self.start_worker()
+        await self.start_process()
         await self.wave_with_progress()
-        return f"{len(self.live_workers())} workers running"
-
-    async def _sleep_watching(self, seconds: float) -> None:
-        """The fault lasts ``seconds``; meanwhile notice workers that die."""
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            await asyncio.sleep(min(0.5, left))
-            await self.check_workers()
+        return f"{len(self.live())} workers running"
 
     # the run --------------------------------------------------------------------------------
 
@@ -476,20 +419,14 @@ class Chaos:
         self.latency_rule = self.world.set_fault(
             FaultKind.LATENCY, method="SendMessage", ms=self.plan.send_latency_ms, jitter_ms=self.plan.send_jitter_ms
         ).id
-        await self.start_worker()
+        await self.start_process()
 
         async def leased() -> bool:
             return await self.accounts_leased()
 
         if not await self.wait_for(leased, timeout=60, what="all accounts leased"):
-            raise RuntimeError(f"the worker never leased its accounts; its log ends:\n{self.workers[0].tail()}")
-        for name, step in self.schedule():
-            record = PhaseRecord(name=name, started=time.monotonic() - self.t0)
-            logger.info("fault: %s", name)
-            record.note = await step()
-            record.seconds = time.monotonic() - self.t0 - record.started
-            self.phases.append(record)
-            await self.check_workers()
+            raise RuntimeError(f"the worker never leased its accounts; its log ends:\n{self.procs[0].tail()}")
+        await self.run_schedule()
         while self.waves:
             await self.enqueue_wave()
 
@@ -497,28 +434,18 @@ class Chaos:
         # Faults not used up by now are part of the story no longer: the end is a clean drain.
         remaining_faults = await asyncio.to_thread(self.world.faults)
         await asyncio.to_thread(self.world.clear_faults)
-        drain_started = time.monotonic()
 
         async def drained() -> bool:
             return await self.pending() == 0
 
-        drained_ok = await self.wait_for(drained, timeout=self.plan.drain_timeout, what="queue drained")
-        drain_seconds = time.monotonic() - drain_started
-        for worker in self.live_workers():
-            code = await worker.terminate(timeout=float(self.env["SHUTDOWN_GRACE"]) + 20)
-            self.sigterm_codes.append(code)
-        result = await self.verdict()
-        result.update(
-            drain_seconds=round(drain_seconds, 1),
-            drained=drained_ok,
-            total_seconds=round(time.monotonic() - self.t0, 1),
-            unexpected_exits=self.unexpected_exits,
-            sigterm_exit_codes=self.sigterm_codes,
-            workers_started=self.started_workers,
+        return await self.finish(
+            drained,
+            timeout=self.plan.drain_timeout,
+            what="queue drained",
+            grace=float(self.env["SHUTDOWN_GRACE"]),
+            started_key="workers_started",
             fault_hits=fault_hits(remaining_faults),
-            phases=[asdict(p) for p in self.phases],
         )
-        return result
 
     async def verdict(self) -> dict[str, Any]:
         """Compare the world with the queue: duplicates, losses, order, the dead and their reasons."""
@@ -611,15 +538,10 @@ class Chaos:
         }
 
     async def close(self) -> None:
-        for worker in self.workers:
-            if worker.alive:
-                with contextlib.suppress(Exception):
-                    await worker.kill9()
+        await self.kill_all()
         if self.proxy is not None:
             await self.proxy.stop()
-        if self.world is not None:
-            self.world.close()
-        await self.pg.close()
+        await super().close()
 
 
 # --- the command line ---------------------------------------------------------------------------
@@ -641,68 +563,27 @@ def report(result: dict[str, Any], plan: Plan) -> str:
         f"chaos: {plan.messages} messages, {plan.accounts} accounts x {plan.recipients} recipients"
         f" + {plan.poison_chats} chat(s) to a user that does not exist, "
         f"{result.get('workers_started', 0)} worker processes started",
-        "",
-        f"{'phase':<44} {'at':>7} {'took':>7}  note",
-    ]
-    for phase in result.get("phases", []):
-        lines.append(f"{phase['name']:<44} {phase['started']:>6.1f}s {phase['seconds']:>6.1f}s  {phase['note']}")
-    lines += [
-        "",
+        *phase_table(result, width=44),
         f"sent (received exactly)  {result['sent']}",
         f"duplicated               {result['duplicated']}",
         f"lost                     {result['lost']}",
         f"dead / failed            {result['dead']}",
-    ]
-    for reason, n in result["dead_by_reason"].items():
-        lines.append(f"    {n:>5}  {reason}")
-    lines += [
+        *reason_lines(result["dead_by_reason"]),
         f"left queued              {result['left_queued']}",
         f"order violations         {result['order_violations']}",
         f"dead but delivered       {result['dead_but_delivered']}",
         f"poison not failed        {result['poison_not_failed']} of {result['poison_messages']} (to a user that does not exist)",
         f"sent but not received    {result['marked_sent_not_received']}",
-        f"unexpected exits         {len(result.get('unexpected_exits', []))} {result.get('unexpected_exits') or ''}",
-        f"SIGTERM exit codes       {result.get('sigterm_exit_codes')}",
+        *process_lines(result),
         f"fault hits               {result.get('fault_hits')}",
-        f"time to drain            {result.get('drain_seconds')}s (after the last fault)",
-        f"total                    {result.get('total_seconds')}s",
-        f"verdict                  {'OK' if result['ok'] else 'FAILED'}",
+        *closing_lines(result),
     ]
-    if result.get("examples"):
-        lines.append(f"examples                 {result['examples']}")
     return "\n".join(lines)
 
 
-async def amain(plan: Plan, *, keep: bool) -> dict[str, Any]:
-    run_dir = Path(tempfile.mkdtemp(prefix="chaos-"))
-    chaos = Chaos(plan, run_dir=run_dir)
-    try:
-        return await chaos.run()
-    except BaseException:
-        for worker in chaos.workers:
-            logger.error("%s log tail:\n%s", worker.name, worker.tail(3000))
-        raise
-    finally:
-        await chaos.close()
-        if keep:
-            logger.warning("run directory kept: %s", run_dir)
-        else:
-            shutil.rmtree(run_dir, ignore_errors=True)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="./start.sh bench chaos", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="200 messages, 5 accounts, outages of seconds (the CI form)")
-    parser.add_argument("--json", action="store_true", help="end with one JSON line")
-    parser.add_argument("--keep", action="store_true", help="keep the run directory (worker logs, world, database)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    plan = QUICK if args.quick else FULL
-    result = asyncio.run(amain(plan, keep=args.keep))
-    print(report(result, plan))
-    if args.json:
-        print(json.dumps(result, default=str))
-    return 0 if result["ok"] else 1
+    quick_help = "200 messages, 5 accounts, outages of seconds (the CI form)"
+    return chaos_main(argv, Chaos, doc=__doc__, plans=(FULL, QUICK), quick_help=quick_help, report=report)
 
 
 if __name__ == "__main__":

@@ -36,38 +36,30 @@ _BENCH_DIR = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH_DIR]
 sys.path.insert(0, str(ROOT))
 
-import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import contextlib  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
-import logging  # noqa: E402
 import re  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
 import urllib.request  # noqa: E402
 import uuid  # noqa: E402
 from collections import Counter, defaultdict  # noqa: E402
-from collections.abc import Awaitable, Callable  # noqa: E402
-from dataclasses import asdict, dataclass, field  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from typing import Any  # noqa: E402
 
 import asyncpg  # noqa: E402
-import boto3  # noqa: E402
-from moto.server import ThreadedMotoServer  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from bench._chaos_faults import ChaosPostgres, ChaosProcess  # noqa: E402
+from bench._chaos_faults import ChaosProcess  # noqa: E402
+from bench._chaos_run import ChaosRun, Step, chaos_main, closing_lines, phase_table, process_lines, reason_lines  # noqa: E402
+from bench._common import S3Server  # noqa: E402
 from shared.sandbox import FaultKind, ImageKind, World  # noqa: E402
 
-logger = logging.getLogger("bench.chaos_ingest")
 
 CHANNEL = "@demo_photos"
 OBJECT_PREFIX = "ingest/"
 ACCESS_KEY = "chaos-access-key"
 SECRET_KEY = "chaos-secret-key"
-REGION = "us-east-1"
 
 
 # --- the plan ---------------------------------------------------------------------------
@@ -131,48 +123,6 @@ def ingest_env(plan: Plan) -> dict[str, str]:
     }
 
 
-# --- R2 that can go away ---------------------------------------------------------------
-
-
-class S3Stand:
-    """moto's S3 server on 127.0.0.1 that can be stopped (connections refused) and started again, data kept."""
-
-    def __init__(self) -> None:
-        self.port = 0
-        self._server: ThreadedMotoServer | None = None
-
-    def start(self) -> None:
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        server.start()
-        self.port = server.get_host_and_port()[1]
-        self._server = server
-
-    def stop(self) -> None:
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.stop()
-        inner = getattr(server, "_server", None)
-        if inner is not None:
-            inner.server_close()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def client(self) -> Any:
-        return boto3.client(
-            "s3", endpoint_url=self.url, aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY, region_name=REGION
-        )
-
-    def env(self, bucket: str) -> dict[str, str]:
-        return {"R2_ENDPOINT": self.url, "R2_BUCKET": bucket, "R2_ACCESS_KEY_ID": ACCESS_KEY, "R2_SECRET_ACCESS_KEY": SECRET_KEY}
-
-    def keys(self, bucket: str, prefix: str) -> set[str]:
-        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-        return {item["Key"] for page in pages for item in page.get("Contents", [])}
-
-
 # --- the ingest processes ------------------------------------------------------------------
 
 
@@ -207,14 +157,6 @@ class Post:
     hostile: bool = False
 
 
-@dataclass
-class PhaseRecord:
-    name: str
-    started: float
-    seconds: float = 0.0
-    note: str = ""
-
-
 def unique_image(n: int) -> tuple[bytes, str, str]:
     """A small image no other post has (so every image is its own object): bytes, MIME type, file name."""
     fmt, mime, ext = ("PNG", "image/png", "png") if n % 2 == 0 else ("JPEG", "image/jpeg", "jpg")
@@ -223,26 +165,20 @@ def unique_image(n: int) -> tuple[bytes, str, str]:
     return buffer.getvalue(), mime, f"chaos_{n:04d}.{ext}"
 
 
-class IngestChaos:
+class IngestChaos(ChaosRun[Plan, IngestProcess]):
     """One run: an embedded PostgreSQL, an S3 server, a sandbox world, ingest processes, faults."""
 
+    name = "chaos_ingest"
+    process_kind = "ingest"
+
     def __init__(self, plan: Plan, *, run_dir: Path) -> None:
-        self.plan = plan
-        self.run_dir = run_dir
-        self.pg = ChaosPostgres(run_dir / "pg")
-        self.s3 = S3Stand()
-        self.bucket = f"chaos-{uuid.uuid4().hex[:10]}"
-        self.world: World | None = None
+        super().__init__(plan, run_dir=run_dir)
+        self.s3 = S3Server(access_key=ACCESS_KEY, secret_key=SECRET_KEY)
+        self.bucket = ""
         self.dsn = ""
         self.env: dict[str, str] = {}
-        self.procs: list[IngestProcess] = []
-        self.started = 0
-        self.unexpected_exits: list[str] = []
-        self.sigterm_codes: list[int | None] = []
         self.waves: list[list[tuple[int, ImageKind | None]]] = []
         self.posts: list[Post] = []
-        self.phases: list[PhaseRecord] = []
-        self.t0 = time.monotonic()
 
     # set-up --------------------------------------------------------------------------
 
@@ -250,7 +186,7 @@ class IngestChaos:
         await self.pg.start()
         self.dsn = await self.pg.create_database(f"chaos_ingest_{uuid.uuid4().hex[:8]}")
         await asyncio.to_thread(self.s3.start)
-        await asyncio.to_thread(lambda: self.s3.client().create_bucket(Bucket=self.bucket))
+        self.bucket = await asyncio.to_thread(self.s3.create_bucket, "chaos")
         self.world = World(self.run_dir / "sandbox")
         await asyncio.to_thread(self.world.seed_demo)
         # The images, spread over the waves; the hostile ones in the middle waves.
@@ -271,37 +207,9 @@ class IngestChaos:
 
     # helpers ----------------------------------------------------------------------------
 
-    async def start_ingest(self) -> IngestProcess:
-        self.started += 1
-        name = f"ingest-{self.started}"
-        proc = await IngestProcess(name, self.env, self.run_dir / f"{name}.log").start()
-        self.procs.append(proc)
-        return proc
-
-    def live(self) -> list[IngestProcess]:
-        return [p for p in self.procs if p.alive]
-
-    async def check_procs(self) -> None:
-        """An ingest that died on its own is a finding; replace it (as Railway would)."""
-        for proc in self.procs:
-            if not proc.alive and not proc.expected_exit:
-                proc.expected_exit = True
-                code = proc.proc.returncode if proc.proc else None
-                self.unexpected_exits.append(f"{proc.name} exited with {code}")
-                logger.error("%s exited on its own (%s); its log ends:\n%s", proc.name, code, proc.tail())
-                await self.start_ingest()
-
-    async def wait_for(self, condition: Callable[[], Awaitable[bool]], *, timeout: float, what: str) -> bool:
-        """Poll ``condition`` until true or ``timeout``; False (and a log line) on timeout."""
-        deadline = time.monotonic() + timeout
-        while True:
-            if await condition():
-                return True
-            await self.check_procs()
-            if time.monotonic() > deadline:
-                logger.warning("%s: not reached within %.0fs, going on", what, timeout)
-                return False
-            await asyncio.sleep(0.1)
+    def new_process(self, number: int) -> IngestProcess:
+        name = f"ingest-{number}"
+        return IngestProcess(name, self.env, self.run_dir / f"{name}.log")
 
     async def final_rows(self) -> int:
         conn = await asyncpg.connect(self.dsn, timeout=10)
@@ -338,18 +246,12 @@ class IngestChaos:
         await self.wait_for(progressed, timeout=self.plan.progress_timeout, what="wave progress")
         return len(posts)
 
-    async def _sleep_watching(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            await asyncio.sleep(min(0.5, left))
-            await self.check_procs()
-
     # the faults ------------------------------------------------------------------------------
 
-    def schedule(self) -> list[tuple[str, Callable[[], Awaitable[str]]]]:
+    def schedule(self) -> list[Step]:
         """The faults in order; the R2 outage comes last, since the ``r2`` breaker then stays open
         for its fixed 60 s and a kill or SIGTERM after it would find no batch in flight."""
-        steps: list[tuple[str, Callable[[], Awaitable[str]]]] = [("kill -9 mid-batch", self.kill9)]
+        steps: list[Step] = [("kill -9 mid-batch", self.kill9)]
         steps.append(("SIGTERM mid-batch", self.sigterm))
         steps += [("kill -9 mid-batch", self.kill9) for _ in range(self.plan.kills - 1)]
         steps.append((f"R2 unreachable {self.plan.r2_outage:g}s mid-batch", self.r2_outage))
@@ -359,14 +261,14 @@ class IngestChaos:
         n = await self.wave_with_progress()
         victim = self.live()[-1]
         await victim.kill9()
-        await self.start_ingest()
+        await self.start_process()
         return f"{n} posted; killed {victim.name}"
 
     async def r2_outage(self) -> str:
         n = await self.wave_with_progress()
         await asyncio.to_thread(self.s3.stop)
         try:
-            await self._sleep_watching(self.plan.r2_outage)
+            await self.sleep_watching(self.plan.r2_outage)
         finally:
             await asyncio.to_thread(self.s3.start)
         return f"{n} posted; S3 server stopped (connections refused), then back on port {self.s3.port}"
@@ -376,7 +278,7 @@ class IngestChaos:
         victim = self.live()[0]
         code = await victim.terminate(timeout=self.plan.shutdown_grace + 20)
         self.sigterm_codes.append(code)
-        await self.start_ingest()
+        await self.start_process()
         return f"{n} posted; {victim.name} exited with {code}"
 
     # the run --------------------------------------------------------------------------------
@@ -384,7 +286,7 @@ class IngestChaos:
     async def run(self) -> dict[str, Any]:
         await self.setup()
         assert self.world is not None
-        first = await self.start_ingest()
+        first = await self.start_process()
 
         async def connected() -> bool:
             return await asyncio.to_thread(first.connected)
@@ -395,38 +297,23 @@ class IngestChaos:
         self.world.set_fault(
             FaultKind.LATENCY, method="GetFile", ms=self.plan.download_latency_ms, jitter_ms=self.plan.download_jitter_ms
         )
-        for name, step in self.schedule():
-            record = PhaseRecord(name=name, started=time.monotonic() - self.t0)
-            logger.info("fault: %s", name)
-            record.note = await step()
-            record.seconds = time.monotonic() - self.t0 - record.started
-            self.phases.append(record)
-            await self.check_procs()
+        await self.run_schedule()
         while self.waves:
             self.posts += await asyncio.to_thread(self._post_wave, self.waves.pop(0))
 
         await asyncio.to_thread(self.world.clear_faults)
-        drain_started = time.monotonic()
         total = len(self.posts)
 
         async def drained() -> bool:
             return await self.final_rows() >= total
 
-        drained_ok = await self.wait_for(drained, timeout=self.plan.drain_timeout, what="every post recorded")
-        drain_seconds = time.monotonic() - drain_started
-        for proc in self.live():
-            self.sigterm_codes.append(await proc.terminate(timeout=self.plan.shutdown_grace + 20))
-        result = await self.verdict()
-        result.update(
-            drain_seconds=round(drain_seconds, 1),
-            drained=drained_ok,
-            total_seconds=round(time.monotonic() - self.t0, 1),
-            unexpected_exits=self.unexpected_exits,
-            sigterm_exit_codes=self.sigterm_codes,
-            processes_started=self.started,
-            phases=[asdict(p) for p in self.phases],
+        return await self.finish(
+            drained,
+            timeout=self.plan.drain_timeout,
+            what="every post recorded",
+            grace=self.plan.shutdown_grace,
+            started_key="processes_started",
         )
-        return result
 
     async def verdict(self) -> dict[str, Any]:
         """Compare the posts with the rows and the bucket."""
@@ -511,15 +398,10 @@ class IngestChaos:
         }
 
     async def close(self) -> None:
-        for proc in self.procs:
-            if proc.alive:
-                with contextlib.suppress(Exception):
-                    await proc.kill9()
+        await self.kill_all()
         with contextlib.suppress(Exception):
             await asyncio.to_thread(self.s3.stop)
-        if self.world is not None:
-            self.world.close()
-        await self.pg.close()
+        await super().close()
 
 
 # --- the command line ---------------------------------------------------------------------------
@@ -529,13 +411,7 @@ def report(result: dict[str, Any], plan: Plan) -> str:
     lines = [
         f"chaos ingest: {result['posted']} images posted ({result['hostile_posted']} hostile) to {CHANNEL}, "
         f"{result.get('processes_started', 0)} ingest processes started",
-        "",
-        f"{'phase':<36} {'at':>7} {'took':>7}  note",
-    ]
-    for phase in result.get("phases", []):
-        lines.append(f"{phase['name']:<36} {phase['started']:>6.1f}s {phase['seconds']:>6.1f}s  {phase['note']}")
-    lines += [
-        "",
+        *phase_table(result, width=36),
         f"posted                   {result['posted']}",
         f"stored                   {result['stored']}",
         f"duplicated               {result['duplicated']} (+ {result['shared_object_keys']} object keys shared by different images)",
@@ -544,54 +420,20 @@ def report(result: dict[str, Any], plan: Plan) -> str:
         f"rows without object      {result['rows_without_object']}",
         f"orphans (no row)         {result['orphans']} of {result['objects']} objects (the 24 h sweep removes them)",
         f"skipped / failed         {sum(result['failed_by_reason'].values())}",
-    ]
-    for reason, n in result["failed_by_reason"].items():
-        lines.append(f"    {n:>5}  {reason}")
-    lines += [
+        *reason_lines(result["failed_by_reason"]),
         f"hostile without reason   {result['hostile_without_reason']}",
         f"hostile wrong status     {result['hostile_wrong_status']}",
-        f"unexpected exits         {len(result.get('unexpected_exits', []))} {result.get('unexpected_exits') or ''}",
-        f"SIGTERM exit codes       {result.get('sigterm_exit_codes')}",
-        f"time to drain            {result.get('drain_seconds')}s (after the last fault)",
-        f"total                    {result.get('total_seconds')}s",
-        f"verdict                  {'OK' if result['ok'] else 'FAILED'}",
+        *process_lines(result),
+        *closing_lines(result),
     ]
-    if result.get("examples"):
-        lines.append(f"examples                 {result['examples']}")
     return "\n".join(lines)
 
 
-async def amain(plan: Plan, *, keep: bool) -> dict[str, Any]:
-    run_dir = Path(tempfile.mkdtemp(prefix="chaos-ingest-"))
-    chaos = IngestChaos(plan, run_dir=run_dir)
-    try:
-        return await chaos.run()
-    except BaseException:
-        for proc in chaos.procs:
-            logger.error("%s log tail:\n%s", proc.name, proc.tail(3000))
-        raise
-    finally:
-        await chaos.close()
-        if keep:
-            logger.warning("run directory kept: %s", run_dir)
-        else:
-            shutil.rmtree(run_dir, ignore_errors=True)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="./start.sh bench chaos_ingest", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="60 images, one kill -9, a 3 s R2 outage (the CI form)")
-    parser.add_argument("--json", action="store_true", help="end with one JSON line")
-    parser.add_argument("--keep", action="store_true", help="keep the run directory (ingest logs, world, database)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    plan = QUICK if args.quick else FULL
-    result = asyncio.run(amain(plan, keep=args.keep))
-    print(report(result, plan), flush=True)
-    if args.json:
-        print(json.dumps(result, default=str), flush=True)
-    return 0 if result["ok"] else 1
+    quick_help = "60 images, one kill -9, a 3 s R2 outage (the CI form)"
+    return chaos_main(
+        argv, IngestChaos, doc=__doc__, plans=(FULL, QUICK), quick_help=quick_help, report=report, quiet_loggers=("werkzeug",)
+    )
 
 
 if __name__ == "__main__":

@@ -12,13 +12,11 @@ or register this module as a plugin:
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Iterator
-from typing import Any
 
-import boto3
 import pytest
-from moto.server import ThreadedMotoServer
+
+from bench._common import S3Server as _S3Server
 
 ACCESS_KEY = "test-access-key"
 SECRET_KEY = "test-secret-key"
@@ -27,56 +25,11 @@ REGION = "us-east-1"
 logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
 
-class S3Server:
-    """A moto S3 server that can be stopped and started again on its port (its data lives in the process)."""
+class S3Server(_S3Server):
+    """``bench._common.S3Server`` with the tests' credentials (:data:`ACCESS_KEY`, :data:`SECRET_KEY`)."""
 
     def __init__(self) -> None:
-        self.port = 0
-        self._server: ThreadedMotoServer | None = None
-
-    def start(self) -> S3Server:
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        server.start()
-        self.port = server.get_host_and_port()[1]
-        self._server = server
-        return self
-
-    def stop(self) -> None:
-        """Stop serving and close the listening socket: new connections are refused."""
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.stop()
-        inner = getattr(server, "_server", None)
-        if inner is not None:
-            inner.server_close()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def client(self) -> Any:
-        return boto3.client(
-            "s3", endpoint_url=self.url, aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY, region_name=REGION
-        )
-
-    def create_bucket(self) -> str:
-        name = f"ingest-{uuid.uuid4().hex[:12]}"
-        self.client().create_bucket(Bucket=name)
-        return name
-
-    def env(self, bucket: str) -> dict[str, str]:
-        """The R2_* settings pointing at this server."""
-        return {
-            "R2_ENDPOINT": self.url,
-            "R2_BUCKET": bucket,
-            "R2_ACCESS_KEY_ID": ACCESS_KEY,
-            "R2_SECRET_ACCESS_KEY": SECRET_KEY,
-        }
-
-    def keys(self, bucket: str, prefix: str = "") -> set[str]:
-        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-        return {item["Key"] for page in pages for item in page.get("Contents", [])}
+        super().__init__(access_key=ACCESS_KEY, secret_key=SECRET_KEY, region=REGION)
 
 
 @pytest.fixture(scope="session")
