@@ -16,15 +16,14 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 import pytest
-
-from tests.helpers import RecordingAlerts
-from tests.helpers import wait_until as shared_wait_until
 from PIL import Image
 from telethon.tl import types
 
+from bench._common import TcpProxy, free_port
 from ingest import IngestBot, Ingestor, media_of, object_key, sha256_of_key
 from shared.alerts import AlertType
 from shared.breaker import CircuitBreaker, CircuitState
@@ -34,10 +33,12 @@ from shared.db.records import IngestImage, IngestStatus, from_row
 from shared.images import ImagePolicy
 from shared.retry_queue import JsonlRetryStore, RetryQueue
 from shared.runtime import BotRuntime, Stats
-from shared.shutdown import GracefulShutdown
 from shared.sandbox import FaultKind, ImageKind, World
+from shared.shutdown import GracefulShutdown
 from shared.storage import LocalBackend, S3Backend, Storage
 from tests.fixtures.postgrest import PostgrestEndpoint
+from tests.helpers import RecordingAlerts
+from tests.helpers import wait_until as shared_wait_until
 from tests.ingest.s3_server import ACCESS_KEY, SECRET_KEY, S3Server, s3_bucket, s3_outage, s3_server  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,12 +127,18 @@ class Harness:
 
     @asynccontextmanager
     async def running(
-        self, *, env: dict[str, str] | None = None, storage: Storage | None = None, alerts: Any = None, **options: Any
+        self,
+        *,
+        env: dict[str, str] | None = None,
+        storage: Storage | None = None,
+        alerts: Any = None,
+        db: PostgresDatabase | None = None,
+        **options: Any,
     ) -> AsyncIterator[IngestBot]:
         settings = load_settings(IngestSettings, {**self.env, **(env or {})})
         runtime = BotRuntime(bot="ingest", settings=settings, host="127.0.0.1", alerts=alerts)
         storage = storage or s3_storage(self.s3, self.bucket)
-        bot = IngestBot(settings, runtime=runtime, db=self.db, storage=storage, world=self.world, **options)
+        bot = IngestBot(settings, runtime=runtime, db=db or self.db, storage=storage, world=self.world, **options)
         task = asyncio.create_task(bot.run())
         try:
             await wait_until(lambda: bot.ready.is_set() or task.done(), what="ingest ready")
@@ -269,6 +276,40 @@ async def test_an_r2_outage_opens_the_breaker_and_every_queued_image_is_stored_o
     assert all(r.status is IngestStatus.STORED for r in rows)
     assert s3_outage.keys(bucket) == {r.storage_key for r in rows}
     assert len({r.storage_key for r in rows}) == 7
+
+
+async def test_a_database_outage_mid_stream_loses_and_duplicates_no_image(h: Harness) -> None:
+    # Ingest reaches PostgreSQL through a relay the test can cut (connections reset, new ones refused).
+    url = urlsplit(h.database_url)
+    query = parse_qs(url.query)
+    socket_path = Path(query["host"][0]) / f".s.PGSQL.{query.get('port', ['5432'])[0]}"
+    proxy = await TcpProxy(socket_path, free_port()).start()
+    user = url.username or "postgres"
+    relayed = PostgresDatabase(
+        f"postgresql://{user}@127.0.0.1:{proxy.port}{url.path}",
+        timeout=2.0,
+        breaker=CircuitBreaker("database", failure_threshold=5, recovery_timeout=1.0),
+        poll_interval=0.2,
+    )
+    await relayed.open()
+    try:
+        async with h.running(db=relayed, reconcile_interval=0.3) as bot:
+            before = [h.post_png(n) for n in range(3)]
+            await wait_until(lambda: h.count(3), what="the first three stored")
+            await proxy.cut()
+            during = [h.post_png(100 + n) for n in range(5)]
+            await wait_until(lambda: relayed.breaker.state is not CircuitState.CLOSED, what="the database breaker open")
+            await proxy.restore()
+            await wait_until(lambda: h.count(8), timeout=60, what="every image stored once the database is back")
+            channel = bot.ingestor.status()["channels"][CHANNEL]  # type: ignore[union-attr]
+    finally:
+        await relayed.close()
+        await proxy.close()
+
+    rows = await h.rows()
+    assert [r.message_id for r in rows] == [m.id for m in before + during]  # one row each, none twice
+    assert {r.storage_key for r in rows} <= h.s3.keys(h.bucket)  # no row without its object
+    assert channel["cursor"] == during[-1].id
 
 
 async def test_an_item_that_keeps_failing_is_recorded_as_failed_and_the_operator_is_alerted(
