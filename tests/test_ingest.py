@@ -278,6 +278,19 @@ async def test_an_r2_outage_opens_the_breaker_and_every_queued_image_is_stored_o
     assert len({r.storage_key for r in rows}) == 7
 
 
+async def test_a_download_telegram_never_answers_times_out_and_the_image_is_stored_on_retry(h: Harness) -> None:
+    h.world.set_fault(FaultKind.HANG, method="GetFile", count=1)  # the first download request never gets an answer
+    async with h.running(env={"TIMEOUT_TELEGRAM_MEDIA": "1"}) as bot:
+        posted = h.post_png(7)
+        await wait_until(lambda: h.count(1), what="stored by the retry after the timeout")
+        retried, last_error = bot.runtime.stats.retried, bot.runtime.stats.last_error
+
+    (row,) = await h.rows()
+    assert row.message_id == posted.id and row.status is IngestStatus.STORED
+    assert h.world.faults()[0]["hits"] == 1
+    assert retried == 1 and last_error is not None and "timed out" in last_error
+
+
 async def test_a_database_outage_mid_stream_loses_and_duplicates_no_image(h: Harness) -> None:
     # Ingest reaches PostgreSQL through a relay the test can cut (connections reset, new ones refused).
     url = urlsplit(h.database_url)
