@@ -1,4 +1,4 @@
-"""ingest.py as a real process: kill -9 mid-batch, SIGTERM with images in flight, 500 posts while down.
+"""ingest.py as a real process: kill -9 mid-batch, SIGTERM with images in flight, 500 posts while down, two replicas.
 
 The process talks to moto's S3 server in this test process (real HTTP), a
 fresh database on the embedded PostgreSQL and the sandbox world on disk.
@@ -21,11 +21,10 @@ from typing import Any
 
 import asyncpg
 import pytest
-
-from tests.helpers import wait_until as shared_wait_until
 from PIL import Image
 
 from shared.sandbox import FaultKind, World
+from tests.helpers import wait_until as shared_wait_until
 from tests.ingest.s3_server import S3Server, s3_bucket, s3_server  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -227,6 +226,40 @@ async def test_sigterm_finishes_in_flight_images_and_500_posts_made_while_down_a
         assert channel["cursor"] == while_down[-1] and channel["lag"] == 0
         assert status["counters"]["processed"] == 512 - stored_before
         assert status["ingest"]["queue_size"] == 0
+        assert await second.stop() == 0
+    finally:
+        await first.reap()
+        if second is not None:
+            await second.reap()
+
+
+async def test_two_replicas_read_one_at_a_time_and_the_second_takes_over_a_killed_first_without_duplicates(
+    env: dict[str, str], database_url: str, s3_server: S3Server, s3_bucket: str, tmp_path: Path
+) -> None:
+    # Railway's overlapping deploy: the new replica starts while the old one still runs.
+    world = World.open(Path(env["SANDBOX_DIR"]))
+    world.seed_demo()
+    first = await IngestProcess(env, tmp_path / "first.log").start()
+    second: IngestProcess | None = None
+    try:
+        await first.wait_connected()
+        second = await IngestProcess({**env, "DATA_DIR": str(tmp_path / "data-2")}, tmp_path / "second.log").start()
+        replica = second
+        await wait_until(lambda: replica.port() is not None, what="second status server up", proc=second)
+        await wait_until(lambda: "is held by another process" in replica.output(),
+                         what="the second replica sees the account leased", proc=second)
+        assert not second.status()["ingest"].get("connected"), "one reader at a time: the account's lease"
+
+        world.set_fault(FaultKind.LATENCY, method="GetFile", ms=200)
+        posted = post_pngs(world, range(30))
+        await wait_until(lambda: _at_least(database_url, 3), what="a few stored by the first", proc=first)
+        await first.kill9()
+        world.clear_faults()
+        await wait_until(lambda: _at_least(database_url, 30), timeout=90, what="all 30 stored by the second", proc=second)
+        rows = await fetch(database_url, "select message_id, storage_key, status from ingest_images order by message_id")
+        assert [r["message_id"] for r in rows] == posted  # one row per message, none twice
+        keys = s3_server.keys(s3_bucket, "ingest/")
+        assert all(r["status"] == "stored" and r["storage_key"] in keys for r in rows)
         assert await second.stop() == 0
     finally:
         await first.reap()
