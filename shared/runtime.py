@@ -47,8 +47,8 @@ T = TypeVar("T")
 STARTUP_RETRY_MAX = 30.0
 """Cap of the pause between two attempts of a start-up step that failed for a passing reason."""
 
-STARTUP_ALERT_AFTER = 5
-"""Failed attempts of one start-up step (about a minute) before the operator is alerted."""
+STARTUP_ALERT_AFTER = 7
+"""Failed attempts of one start-up step before the operator is alerted (with 1 s doubling to 30 s: 30 to 60 s)."""
 
 
 class StartupFailed(Exception):
