@@ -234,12 +234,39 @@ def default_thresholds() -> ResourceThresholds:
 
 @dataclass(frozen=True)
 class ResourceSample:
-    """CPU, memory and disk use in percent, and the path whose disk was measured."""
+    """CPU, memory and disk use in percent, the path whose disk was measured,
+    and what temporary files under ``DATA_DIR/tmp`` hold (seed 002 watches them:
+    a download or attachment left by a killed process stays there)."""
 
     cpu_percent: float
     memory_percent: float
     disk_percent: float
     disk_path: str
+    temp_bytes: int = 0
+    temp_files: int = 0
+
+
+TEMP_SUBDIR = "tmp"
+"""Where bots put temporary files, under DATA_DIR."""
+
+TEMP_WARN_BYTES = 500 * 1024 * 1024
+"""Temporary files above this total make the resources degraded (seed 002: 500 MB)."""
+
+
+def temp_usage(data_dir: Path) -> tuple[int, int]:
+    """Bytes and number of files under ``DATA_DIR/tmp`` (blocking; files vanishing meanwhile are skipped)."""
+    total = count = 0
+    root = Path(data_dir) / TEMP_SUBDIR
+    if not root.is_dir():
+        return 0, 0
+    for path in root.rglob("*"):
+        try:
+            if path.is_file():
+                total += path.stat().st_size
+                count += 1
+        except OSError:
+            continue
+    return total, count
 
 
 ResourceSampler = Callable[[Path], ResourceSample]
@@ -268,11 +295,14 @@ class PsutilSampler:
 
     def __call__(self, path: Path) -> ResourceSample:
         disk_path = _existing(path)
+        temp_bytes, temp_files = temp_usage(path)
         return ResourceSample(
             cpu_percent=float(psutil.cpu_percent(interval=self.cpu_interval)),
             memory_percent=float(psutil.virtual_memory().percent),
             disk_percent=float(psutil.disk_usage(str(disk_path)).percent),
             disk_path=str(disk_path),
+            temp_bytes=temp_bytes,
+            temp_files=temp_files,
         )
 
 
@@ -283,18 +313,26 @@ def judge_resources(sample: ResourceSample, thresholds: ResourceThresholds) -> t
     """Status, one-line detail and the numbers of a sample against the thresholds."""
     parts = {"cpu": sample.cpu_percent, "memory": sample.memory_percent, "disk": sample.disk_percent}
     verdicts = {name: thresholds.judge(value) for name, value in parts.items()}
-    status = HealthStatus.worst(verdicts.values())
+    temp_verdict = HealthStatus.DEGRADED if sample.temp_bytes > TEMP_WARN_BYTES else HealthStatus.HEALTHY
+    status = HealthStatus.worst([*verdicts.values(), temp_verdict])
     words = []
     for name, value in parts.items():
         mark = "" if verdicts[name] is HealthStatus.HEALTHY else f" ({'critical' if verdicts[name] is HealthStatus.ERROR else 'high'})"
         words.append(f"{name} {value:.0f}%{mark}")
     detail = ", ".join(words) + f" (warn {thresholds.warn_percent:g}%, critical {thresholds.critical_percent:g}%)"
+    if temp_verdict is not HealthStatus.HEALTHY:
+        detail += (
+            f"; temporary files {sample.temp_bytes / 1024**2:.0f} MB in {sample.temp_files} file(s) (high,"
+            f" warn {TEMP_WARN_BYTES // 1024**2} MB)"
+        )
     data: dict[str, Any] = {
         "status": status.value,
         "cpu_percent": round(sample.cpu_percent, 1),
         "memory_percent": round(sample.memory_percent, 1),
         "disk_percent": round(sample.disk_percent, 1),
         "disk_path": sample.disk_path,
+        "temp_bytes": sample.temp_bytes,
+        "temp_files": sample.temp_files,
         "warn_percent": thresholds.warn_percent,
         "critical_percent": thresholds.critical_percent,
     }

@@ -23,6 +23,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -32,6 +33,7 @@ from shared.breaker import registry as breakers
 from shared.config import CommonSettings
 from shared.db import Database, DatabaseSettings, open_database
 from shared.errors import ErrorKind, classify, describe
+from shared.health import TEMP_SUBDIR
 from shared.heartbeat import GlobalHeartbeat, HeartbeatStore
 from shared.logs import register_secret, setup_logging
 from shared.retry import exponential_delay
@@ -49,6 +51,29 @@ STARTUP_RETRY_MAX = 30.0
 
 STARTUP_ALERT_AFTER = 7
 """Failed attempts of one start-up step before the operator is alerted (with 1 s doubling to 30 s: 30 to 60 s)."""
+
+
+TEMP_MAX_AGE = 3600.0
+"""Temporary files under DATA_DIR/tmp older than this (seconds) are a killed process's leftovers:
+a download or attachment in use lives at most TIMEOUT_TELEGRAM_MEDIA."""
+
+
+def sweep_temp_files(root: Path, *, older_than: float = TEMP_MAX_AGE) -> tuple[int, int]:
+    """Remove files under ``root`` not modified for ``older_than`` seconds (blocking); (files, bytes) removed."""
+    if not root.is_dir():
+        return 0, 0
+    cutoff = time.time() - older_than
+    files = size = 0
+    for path in root.rglob("*"):
+        try:
+            info = path.stat()
+            if path.is_file() and info.st_mtime < cutoff:
+                path.unlink()
+                files += 1
+                size += info.st_size
+        except OSError:  # gone meanwhile, or not ours to remove: the health check still shows it
+            continue
+    return files, size
 
 
 class StartupFailed(Exception):
@@ -409,6 +434,9 @@ class BotRuntime:
         except (NotImplementedError, RuntimeError):  # not the main thread (tests)
             logger.debug("signal handlers not installed")
         await self.status_server.start()
+        files, size = await asyncio.to_thread(sweep_temp_files, Path(self.settings.data_dir) / TEMP_SUBDIR)
+        if files:
+            logger.info("removed %d temporary file(s) (%d bytes) left by an earlier process", files, size)
         logger.info(
             "%s %s started; status server on port %d",
             self.bot,

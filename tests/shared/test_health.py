@@ -22,6 +22,7 @@ from shared.health import (
     CHECK_NAMES,
     HealthChecker,
     HealthStatus,
+    PsutilSampler,
     ResourceSample,
     ResourceThresholds,
     render_table,
@@ -304,6 +305,21 @@ async def test_resources_are_judged_against_warning_and_critical_thresholds(
     assert result.status is expected and words in result.detail
     assert result.data["warn_percent"] == 70 and result.data["critical_percent"] == 90
     assert sampler.paths == [tmp_path / "data"]
+
+
+async def test_temporary_files_over_500_mb_make_the_resources_degraded(tmp_path: Path) -> None:
+    lenient = ResourceThresholds(100.0, 100.0)  # the machine's own load must not decide this test
+    left_over = tmp_path / "data" / "tmp" / "ingest"
+    left_over.mkdir(parents=True)
+    (left_over / "small.part").write_bytes(b"x" * 1000)
+    quiet = await resources_status(tmp_path / "data", thresholds=lenient, sampler=PsutilSampler(cpu_interval=None))
+    assert quiet["status"] == "healthy" and (quiet["temp_files"], quiet["temp_bytes"]) == (1, 1000)
+
+    with (left_over / "download-of-a-killed-process.part").open("wb") as handle:
+        handle.truncate(600 * 1024 * 1024)  # sparse: 600 MB on paper, nothing on disk
+    full = await resources_status(tmp_path / "data", thresholds=lenient, sampler=PsutilSampler(cpu_interval=None))
+    assert full["status"] == "degraded" and full["temp_files"] == 2
+    assert "temporary files 600 MB in 2 file(s) (high, warn 500 MB)" in full["detail"]
 
 
 def test_thresholds_come_from_the_environment_and_bad_values_name_the_variable() -> None:

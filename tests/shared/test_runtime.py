@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -206,3 +208,19 @@ async def test_a_stop_while_waiting_for_a_start_up_step_ends_the_wait() -> None:
         runtime.shutdown.request_stop("test")
         with pytest.raises(StartupAborted):
             await asyncio.wait_for(waiting, 5)  # far less than the 30 s or more pause it was in
+
+
+async def test_start_removes_temporary_files_a_killed_process_left_and_keeps_fresh_ones(tmp_path: Path) -> None:
+    tmp = tmp_path / "tmp"
+    (tmp / "ingest").mkdir(parents=True)
+    stale, fresh = tmp / "ingest" / "download-1.part", tmp / "outbound-7-photo.jpg"
+    stale.write_bytes(b"x" * 10)
+    fresh.write_bytes(b"y" * 10)
+    two_hours_ago = time.time() - 7200
+    os.utime(stale, (two_hours_ago, two_hours_ago))
+
+    runtime = BotRuntime(bot="worker", settings=make_settings(DATA_DIR=str(tmp_path)), host="127.0.0.1", alerts=RecordingAlerts())
+    async with runtime:
+        pass
+
+    assert not stale.exists() and fresh.exists()
