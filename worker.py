@@ -574,7 +574,7 @@ class Outbound:
                 AlertType.MESSAGE_DEAD,
                 f"Message {row.id} from {connection.label} to {row.peer} is dead after {self.settings.max_message_retries} retries",
                 key=f"dead:{connection.label}",
-                details={"message_id": row.id, "error": reason},
+                details={"message_id": row.id, "error": reason, "fix": f"once the cause is fixed: python worker.py requeue {row.id}"},
             )
 
     def status(self) -> dict[str, Any]:
