@@ -4,6 +4,8 @@ Run it as ``python supervisor.py`` (``SUPERVISED=1 ./start.sh`` does exactly
 that); it starts ``python $BOT.py`` as a child and then:
 
 * a child that exits with 0 ends the supervisor with 0 (nothing to restart);
+* a child that exits with 2, a bad setting (its ``CONFIG ERROR`` line says
+  which), ends the supervisor with 2 and one alert: a restart cannot fix it;
 * a child that exits non-zero, is killed by a signal, or whose ``/health``
   (on ``http://127.0.0.1:$PORT``) has not answered for HEALTH_FAIL_AFTER
   seconds is stopped (SIGTERM, then SIGKILL after the grace) and started
@@ -60,6 +62,9 @@ ROOT = Path(__file__).resolve().parent
 
 HEALTH_PATH = "/health"
 """Path probed on the child's status server (also Railway's healthcheckPath)."""
+
+CONFIG_ERROR_EXIT = 2
+"""The bots' exit code for a bad setting (``shared.config.load_or_exit``): never restarted."""
 
 BOTS: tuple[str, ...] = ("worker", "ingest", "bot")
 
@@ -424,6 +429,21 @@ class Supervisor:
             if result.reason is ExitReason.EXITED and result.returncode == 0:
                 logger.info("child finished cleanly; nothing to restart")
                 return 0
+            if result.reason is ExitReason.EXITED and result.returncode == CONFIG_ERROR_EXIT:
+                logger.error(
+                    "the child stopped on a bad setting (exit %d, its CONFIG ERROR line is above); "
+                    "restarting cannot fix that: exiting %d",
+                    CONFIG_ERROR_EXIT,
+                    CONFIG_ERROR_EXIT,
+                )
+                self._alerts.alert(
+                    AlertType.SUPERVISOR_GAVE_UP,
+                    f"supervisor gave up: the child {result.describe()}, a bad setting (see its CONFIG ERROR line); "
+                    "fix the variable and deploy again",
+                    key=f"{self.settings.bot}:config_error",
+                    details=self._details(result, 0),
+                )
+                return CONFIG_ERROR_EXIT
             restarts = self._history.record()
             s = self.settings
             if restarts > s.max_restarts:

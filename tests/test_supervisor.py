@@ -282,6 +282,22 @@ async def test_child_that_never_answers_is_stopped_after_startup_grace_and_resta
     assert "sending SIGKILL" not in run.text
 
 
+async def test_child_that_stops_on_a_bad_setting_is_not_restarted_and_the_supervisor_exits_2(
+    launch: Launch, bot_api: FakeBotApi
+) -> None:
+    run = await launch(
+        "crash:2",
+        env={"ALERT_BOT_TOKEN": ALERT_TOKEN, "ALERT_CHAT_ID": ALERT_CHAT, "ALERT_API_BASE": bot_api.base},
+    )
+
+    await run.expect(r"child pid=\d+ exited with code 2")
+    await run.expect(r"the child stopped on a bad setting \(exit 2, its CONFIG ERROR line is above\); restarting cannot fix that")
+    assert await run.finish() == 2
+    assert run.count(r"child: run=") == 1 and run.count(r"restart \d+ of") == 0
+    [alert] = [m["text"] for m in bot_api.messages]
+    assert "supervisor_gave_up" in alert and "a bad setting" in alert
+
+
 async def test_cleanly_exiting_child_ends_supervisor_with_exit_0_without_restart(launch: Launch) -> None:
     run = await launch("clean")
 
