@@ -11,9 +11,11 @@ the bytes to store. What it guarantees:
   header limit, ``(2 * max_dimension)**2``: above it the image is refused
   with reason ``decompression_bomb`` before anything is decoded. Pillow's
   process-wide ``Image.MAX_IMAGE_PIXELS`` is only a safety net behind that
-  check: it is never lowered, only raised to the largest header limit a
-  policy in this process has used (see :func:`_pillow_allows`), so policies
-  with different limits in one process never change each other's answer.
+  check: it is never lowered, only raised so that Pillow refuses nothing
+  below twice the largest header limit a policy in this process has used
+  (see :func:`_pillow_allows`), so policies with different limits in one
+  process never change each other's answer, and the reason a bomb is
+  refused with is ours, with its size.
   Pillow's own ``DecompressionBombError`` (from that net, or from a GIF frame
   or TIFF tile found while loading) is the same ``decompression_bomb``.
 * **Bounded decoding.** Decoded pixels never exceed ``max_dimension**2`` (the
@@ -187,20 +189,22 @@ _warning_silenced = False
 
 
 def _pillow_allows(header_limit: int) -> None:
-    """Make sure Pillow's process-wide bomb limit lets ``header_limit`` pixels through.
+    """Make sure Pillow's process-wide bomb limit stays behind ours for ``header_limit``.
 
     Pillow raises ``DecompressionBombError`` above *twice*
-    ``Image.MAX_IMAGE_PIXELS``; the value is raised to half ``header_limit``
-    when it is lower, and never lowered (None, no limit, stays None). Our own
-    check in :func:`_open` is the per-call limit; this only keeps Pillow's net
-    from refusing what a policy accepts. Pillow's mere warning between the
-    two values is silenced: our decode budget decides those images.
+    ``Image.MAX_IMAGE_PIXELS``; the value is raised to ``header_limit`` when
+    it is lower (so Pillow refuses only above twice our limit), and never
+    lowered (None, no limit, stays None). Our own check in :func:`_open` is
+    the per-call limit, and it speaks first, with the image's size in its
+    reason; Pillow's net only guards what opens images without a policy.
+    Pillow's mere warning below its limit is silenced: our checks and decode
+    budget decide those images.
     """
     global _warning_silenced
     with _pillow_lock:
         current = Image.MAX_IMAGE_PIXELS
-        if current is not None and 2 * current < header_limit:
-            Image.MAX_IMAGE_PIXELS = -(-header_limit // 2)
+        if current is not None and current < header_limit:
+            Image.MAX_IMAGE_PIXELS = header_limit
         if not _warning_silenced:
             warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
             _warning_silenced = True
