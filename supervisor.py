@@ -38,7 +38,6 @@ import collections
 import contextlib
 import enum
 import logging
-import math
 import os
 import shlex
 import signal

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import re
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
