@@ -24,7 +24,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -323,19 +323,12 @@ class RetryQueue:
         """
         async with self._lock:
             if self.fallback is not None and self.fallback is not self.store:
-                stranded = await self.fallback.load_pending(limit=1_000_000)
-                moved = 0
-                for item in stranded:
-                    try:
-                        await asyncio.wait_for(self.store.upsert(item), self.store_timeout)
-                        await self.fallback.remove(item.id)
-                        moved += 1
-                    except Exception:
-                        logger.warning("primary retry store still failing; %d items stay in the fallback file", len(stranded) - moved)
-                        break
-                if moved:
-                    logger.info("moved %d retry items from the fallback file into the store", moved)
-                await self._move_dead_letters_home()
+                await self._move_home(await self.fallback.load_pending(limit=1_000_000), self.store.upsert, "retry items")
+                # Dead letters written there too: the store is where everything that reads
+                # them (the Reply Guy's recovery, the status counts) looks.
+                exhausted_items = getattr(self.fallback, "exhausted_items", None)
+                if callable(exhausted_items):
+                    await self._move_home(await exhausted_items(), self.store.mark_exhausted, "dead letters")
             items = await self.store.load_pending(limit=self.capacity)
             for item in items:
                 self._push_memory(item)
@@ -351,24 +344,22 @@ class RetryQueue:
             self._changed.set()
             return self._total
 
-    async def _move_dead_letters_home(self) -> None:
-        """Dead letters written to the fallback file (the store was down) go to the store, where
-        everything that reads dead letters (the Reply Guy's recovery, the status counts) looks."""
-        exhausted_items = getattr(self.fallback, "exhausted_items", None)
-        if self.fallback is None or not callable(exhausted_items):
-            return
-        stranded = await exhausted_items()
+    async def _move_home(
+        self, stranded: list[RetryItem], write: Callable[[RetryItem], Awaitable[None]], what: str
+    ) -> None:
+        """Write items the fallback file holds into the store, removing each from the file once it is there."""
+        assert self.fallback is not None
         moved = 0
         for item in stranded:
             try:
-                await asyncio.wait_for(self.store.mark_exhausted(item), self.store_timeout)
+                await asyncio.wait_for(write(item), self.store_timeout)
                 await self.fallback.remove(item.id)
                 moved += 1
             except Exception:
-                logger.warning("primary retry store still failing; %d dead letters stay in the fallback file", len(stranded) - moved)
+                logger.warning("primary retry store still failing; %d %s stay in the fallback file", len(stranded) - moved, what)
                 break
         if moved:
-            logger.info("moved %d dead letters from the fallback file into the store", moved)
+            logger.info("moved %d %s from the fallback file into the store", moved, what)
 
     async def put(self, kind: str, payload: dict[str, Any], *, error: str, delay: float | None = None) -> RetryItem:
         """Queue work that just failed once. Durable when this returns.
