@@ -28,6 +28,7 @@ from shared.health import (
     render_table,
     resources_status,
     run_checks,
+    temp_usage,
 )
 from shared.heartbeat import HeartbeatRecord
 from tests.ingest.s3_server import S3Server, s3_bucket, s3_server  # noqa: F401 - fixtures
@@ -308,18 +309,26 @@ async def test_resources_are_judged_against_warning_and_critical_thresholds(
 
 
 async def test_temporary_files_over_500_mb_make_the_resources_degraded(tmp_path: Path) -> None:
-    lenient = ResourceThresholds(100.0, 100.0)  # the machine's own load must not decide this test
-    left_over = tmp_path / "data" / "tmp" / "ingest"
+    data_dir = tmp_path / "data"
+    left_over = data_dir / "tmp" / "ingest"
     left_over.mkdir(parents=True)
     (left_over / "small.part").write_bytes(b"x" * 1000)
-    quiet = await resources_status(tmp_path / "data", thresholds=lenient, sampler=PsutilSampler(cpu_interval=None))
+
+    def calm_machine(path: Path) -> ResourceSample:
+        """CPU, memory and disk fixed (the machine's load must not decide this test); temporary files measured."""
+        temp_bytes, temp_files = temp_usage(path)
+        return ResourceSample(10.0, 20.0, 30.0, str(path), temp_bytes, temp_files)
+
+    quiet = await resources_status(data_dir, thresholds=ResourceThresholds(), sampler=calm_machine)
     assert quiet["status"] == "healthy" and (quiet["temp_files"], quiet["temp_bytes"]) == (1, 1000)
 
     with (left_over / "download-of-a-killed-process.part").open("wb") as handle:
         handle.truncate(600 * 1024 * 1024)  # sparse: 600 MB on paper, nothing on disk
-    full = await resources_status(tmp_path / "data", thresholds=lenient, sampler=PsutilSampler(cpu_interval=None))
+    full = await resources_status(data_dir, thresholds=ResourceThresholds(), sampler=calm_machine)
     assert full["status"] == "degraded" and full["temp_files"] == 2
     assert "temporary files 600 MB in 2 file(s) (high, warn 500 MB)" in full["detail"]
+    measured = PsutilSampler(cpu_interval=None)(data_dir)  # the real sampler measures the same
+    assert (measured.temp_files, measured.temp_bytes) == (2, 600 * 1024 * 1024 + 1000)
 
 
 def test_thresholds_come_from_the_environment_and_bad_values_name_the_variable() -> None:
