@@ -336,52 +336,51 @@ class BotRuntime:
         attempt = 0
         alerted = False
         key = f"{self.bot}:start:{what}"
-        while True:
-            attempt += 1
-            try:
-                result = await step()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                verdict = classify(exc)
-                if verdict.kind not in (ErrorKind.TRANSIENT, ErrorKind.UNKNOWN_OUTCOME, ErrorKind.RATE_LIMITED):
-                    self._starting = None
-                    self.alerts.alert(
-                        AlertType.INITIALIZATION_FAILED,
-                        f"{self.bot} could not start: {what}: {verdict.reason}",
-                        key=key,
-                        details={"fix": fix},
+        try:
+            while True:
+                attempt += 1
+                try:
+                    result = await step()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    verdict = classify(exc)
+                    if verdict.kind not in (ErrorKind.TRANSIENT, ErrorKind.UNKNOWN_OUTCOME, ErrorKind.RATE_LIMITED):
+                        self.alerts.alert(
+                            AlertType.INITIALIZATION_FAILED,
+                            f"{self.bot} could not start: {what}: {verdict.reason}",
+                            key=key,
+                            details={"fix": fix},
+                        )
+                        raise StartupFailed(f"{self.bot} could not start: {what}: {verdict.reason} ({fix})") from exc
+                    delay = max(verdict.retry_after or 0.0, exponential_delay(attempt, base=self.startup_retry_base, cap=STARTUP_RETRY_MAX))
+                    self._starting = {"waiting_for": what, "attempts": attempt, "last_error": verdict.reason, "fix": fix}
+                    logger.warning(
+                        "waiting for %s (attempt %d): %s; trying again in %.0fs",
+                        what,
+                        attempt,
+                        verdict.reason,
+                        delay,
+                        extra={"waiting_for": what, "attempt": attempt, "kind": verdict.kind.value},
                     )
-                    raise StartupFailed(f"{self.bot} could not start: {what}: {verdict.reason} ({fix})") from exc
-                delay = max(verdict.retry_after or 0.0, exponential_delay(attempt, base=self.startup_retry_base, cap=STARTUP_RETRY_MAX))
-                delay = min(delay, max(STARTUP_RETRY_MAX, verdict.retry_after or 0.0))
-                self._starting = {"waiting_for": what, "attempts": attempt, "last_error": verdict.reason, "fix": fix}
-                logger.warning(
-                    "waiting for %s (attempt %d): %s; trying again in %.0fs",
-                    what,
-                    attempt,
-                    verdict.reason,
-                    delay,
-                    extra={"waiting_for": what, "attempt": attempt, "kind": verdict.kind.value},
-                )
-                if attempt == STARTUP_ALERT_AFTER:
-                    alerted = True
-                    self.alerts.alert(
-                        AlertType.INITIALIZATION_FAILED,
-                        f"{self.bot} is still waiting for {what} after {attempt} attempts: {verdict.reason}",
-                        key=key,
-                        details={"fix": fix},
-                    )
-                if await self.shutdown.sleep(delay):
-                    self._starting = None
-                    raise StartupAborted(f"stopped while waiting for {what}") from exc
-                continue
-            self._starting = None
-            if attempt > 1:
-                logger.info("%s is up after %d attempts", what, attempt)
-            if alerted:
-                self.alerts.resolve(AlertType.INITIALIZATION_FAILED, key=key, message=f"{self.bot}: {what} is up")
-            return result
+                    if attempt == STARTUP_ALERT_AFTER:
+                        alerted = True
+                        self.alerts.alert(
+                            AlertType.INITIALIZATION_FAILED,
+                            f"{self.bot} is still waiting for {what} after {attempt} attempts: {verdict.reason}",
+                            key=key,
+                            details={"fix": fix},
+                        )
+                    if await self.shutdown.sleep(delay):
+                        raise StartupAborted(f"stopped while waiting for {what}") from exc
+                    continue
+                if attempt > 1:
+                    logger.info("%s is up after %d attempts", what, attempt)
+                if alerted:
+                    self.alerts.resolve(AlertType.INITIALIZATION_FAILED, key=key, message=f"{self.bot}: {what} is up")
+                return result
+        finally:
+            self._starting = None  # however it ends, start-up is no longer waiting for this step
 
     async def open_database(self, settings: DatabaseSettings) -> Database:
         """The configured database, once it answers: what every bot does first.
