@@ -61,6 +61,7 @@ from shared.db import Database, open_database
 from shared.db.records import Account, AccountStatus, IngestStatus
 from shared.db.retry_store import DbRetryStore
 from shared.errors import ErrorKind, PermanentError, classify, describe
+from shared.health import TEMP_SUBDIR
 from shared.images import ImagePolicy, ImageRejected, OversizePolicy, ProcessedImage, process_image
 from shared.retry_queue import JsonlRetryStore, RetryItem, RetryQueue
 from shared.runtime import BotRuntime, Stats, configure_logging, run_bot
@@ -1089,7 +1090,7 @@ class IngestBot:
             if settings.sandbox:
                 await self._announce_sandbox()
             db, storage = await self._open()  # waits while the database is away; a bad setting stops here
-            tmp_dir = Path(settings.data_dir) / "tmp" / "ingest"
+            tmp_dir = Path(settings.data_dir) / TEMP_SUBDIR / "ingest"
             await asyncio.to_thread(shutil.rmtree, tmp_dir, True)  # leftovers of a killed process
             queue = RetryQueue(
                 name="ingest",
@@ -1239,7 +1240,7 @@ async def cli_gc(settings: IngestSettings, *, dry_run: bool, older_than_hours: f
             entity_timeout=settings.timeout_telegram_entity,
             history_timeout=settings.timeout_db,
             cycle_budget=settings.timeout_loop_cycle,
-            tmp_dir=Path(settings.data_dir) / "tmp" / "ingest",
+            tmp_dir=Path(settings.data_dir) / TEMP_SUBDIR / "ingest",
         )
         report = await ingestor.sweep_orphans(older_than=older_than_hours * 3600.0, dry_run=dry_run)
     finally:

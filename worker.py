@@ -59,7 +59,7 @@ from shared.db.records import (
     OutboundStatus,
 )
 from shared.errors import ErrorKind, PermanentError, classify, describe
-from shared.health import run_checks
+from shared.health import TEMP_SUBDIR, run_checks
 from shared.ratelimit import KeyedBuckets
 from shared.runtime import BotRuntime, configure_logging, run_bot
 from shared.sessions import SessionCipher
@@ -440,7 +440,7 @@ class Outbound:
             return
         if self.storage is None:
             raise PermanentError(f"attachment {key!r} is a storage key but no storage is configured")
-        tmp = Path(self.settings.data_dir) / "tmp" / f"outbound-{row.id}-{Path(key).name}"
+        tmp = Path(self.settings.data_dir) / TEMP_SUBDIR / f"outbound-{row.id}-{Path(key).name}"
         tmp.parent.mkdir(parents=True, exist_ok=True)
         try:
             await self.storage.download_to(key, tmp)

@@ -39,10 +39,12 @@ import enum
 import functools
 import json
 import logging
+import os
+import stat
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -253,20 +255,24 @@ TEMP_WARN_BYTES = 500 * 1024 * 1024
 """Temporary files above this total make the resources degraded (seed 002: 500 MB)."""
 
 
-def temp_usage(data_dir: Path) -> tuple[int, int]:
-    """Bytes and number of files under ``DATA_DIR/tmp`` (blocking; files vanishing meanwhile are skipped)."""
-    total = count = 0
+def temp_files(data_dir: Path) -> Iterator[tuple[Path, os.stat_result]]:
+    """Each file under ``DATA_DIR/tmp`` with its stat (blocking; files vanishing meanwhile are skipped)."""
     root = Path(data_dir) / TEMP_SUBDIR
     if not root.is_dir():
-        return 0, 0
+        return
     for path in root.rglob("*"):
         try:
-            if path.is_file():
-                total += path.stat().st_size
-                count += 1
+            info = path.stat()
         except OSError:
             continue
-    return total, count
+        if stat.S_ISREG(info.st_mode):
+            yield path, info
+
+
+def temp_usage(data_dir: Path) -> tuple[int, int]:
+    """Bytes and number of files under ``DATA_DIR/tmp`` (blocking)."""
+    sizes = [info.st_size for _, info in temp_files(data_dir)]
+    return sum(sizes), len(sizes)
 
 
 ResourceSampler = Callable[[Path], ResourceSample]

@@ -33,7 +33,7 @@ from shared.breaker import registry as breakers
 from shared.config import CommonSettings
 from shared.db import Database, DatabaseSettings, open_database
 from shared.errors import ErrorKind, classify, describe
-from shared.health import TEMP_SUBDIR
+from shared.health import temp_files
 from shared.heartbeat import GlobalHeartbeat, HeartbeatStore
 from shared.logs import register_secret, setup_logging
 from shared.retry import exponential_delay
@@ -58,21 +58,18 @@ TEMP_MAX_AGE = 3600.0
 a download or attachment in use lives at most TIMEOUT_TELEGRAM_MEDIA."""
 
 
-def sweep_temp_files(root: Path, *, older_than: float = TEMP_MAX_AGE) -> tuple[int, int]:
-    """Remove files under ``root`` not modified for ``older_than`` seconds (blocking); (files, bytes) removed."""
-    if not root.is_dir():
-        return 0, 0
+def sweep_temp_files(data_dir: Path, *, older_than: float = TEMP_MAX_AGE) -> tuple[int, int]:
+    """Remove files under ``DATA_DIR/tmp`` not modified for ``older_than`` seconds (blocking); (files, bytes) removed."""
     cutoff = time.time() - older_than
     files = size = 0
-    for path in root.rglob("*"):
-        try:
-            info = path.stat()
-            if path.is_file() and info.st_mtime < cutoff:
+    for path, info in temp_files(data_dir):
+        if info.st_mtime < cutoff:
+            try:
                 path.unlink()
-                files += 1
-                size += info.st_size
-        except OSError:  # gone meanwhile, or not ours to remove: the health check still shows it
-            continue
+            except OSError:  # gone meanwhile, or not ours to remove: the health check still shows it
+                continue
+            files += 1
+            size += info.st_size
     return files, size
 
 
@@ -433,7 +430,7 @@ class BotRuntime:
         except (NotImplementedError, RuntimeError):  # not the main thread (tests)
             logger.debug("signal handlers not installed")
         await self.status_server.start()
-        files, size = await asyncio.to_thread(sweep_temp_files, Path(self.settings.data_dir) / TEMP_SUBDIR)
+        files, size = await asyncio.to_thread(sweep_temp_files, Path(self.settings.data_dir))
         if files:
             logger.info("removed %d temporary file(s) (%d bytes) left by an earlier process", files, size)
         logger.info(
