@@ -318,6 +318,13 @@ class BreakerRegistry:
                 self._breakers[name] = breaker
             return breaker
 
+    def get_or_create_with_recovery(self, name: str, recovery_timeout: float, **kwargs: Any) -> CircuitBreaker:
+        """:meth:`get_or_create`, then open ``recovery_timeout`` seconds from now on (a setting wins over
+        whoever created the breaker first)."""
+        breaker = self.get_or_create(name, recovery_timeout=recovery_timeout, **kwargs)
+        breaker.recovery_timeout = recovery_timeout
+        return breaker
+
     def get(self, name: str) -> CircuitBreaker | None:
         return self._breakers.get(name)
 

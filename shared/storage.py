@@ -389,8 +389,7 @@ class Storage:
         self.timeout = timeout
         if breaker is None:
             name = "local_storage" if backend.kind == "local" else "r2"
-            breaker = registry.get_or_create(name, failure_threshold=5, recovery_timeout=breaker_recovery)
-            breaker.recovery_timeout = breaker_recovery
+            breaker = registry.get_or_create_with_recovery(name, breaker_recovery, failure_threshold=5)
         self.breaker = breaker
         self._clock = clock
 

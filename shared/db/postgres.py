@@ -57,10 +57,9 @@ def database_breaker(*, recovery_timeout: float | None = None) -> CircuitBreaker
     create it first with its own numbers); ``recovery_timeout``
     (DB_BREAKER_RECOVERY) replaces how long it stays open.
     """
-    breaker = registry.get_or_create("database", failure_threshold=5, recovery_timeout=30.0)
-    if recovery_timeout is not None:
-        breaker.recovery_timeout = recovery_timeout
-    return breaker
+    if recovery_timeout is None:
+        return registry.get_or_create("database", failure_threshold=5, recovery_timeout=30.0)
+    return registry.get_or_create_with_recovery("database", recovery_timeout, failure_threshold=5)
 
 
 def parse_dsn(dsn: str) -> tuple[str, bool]:
