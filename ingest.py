@@ -217,7 +217,6 @@ class ChannelState:
     title: str | None = None
     entity: Any = None
     cursor: int | None = None
-    cursor_loaded: bool = False
     last_message_id: int = 0
     last_read_at: float | None = None
     error: str | None = None
@@ -635,9 +634,8 @@ class Ingestor:
 
     async def _read_channel(self, client: TelegramClient, channel: ChannelState, deadline: float) -> str:
         assert channel.id is not None
-        if not channel.cursor_loaded:
+        if channel.cursor is None:  # not loaded yet, or a channel never read: its first run saves a start
             channel.cursor = await self.db.get_ingest_cursor(channel.id)
-            channel.cursor_loaded = True
         if channel.cursor is None:
             await self._first_run(client, channel)
         cursor = channel.cursor
