@@ -969,6 +969,15 @@ async def cli_accounts(settings: WorkerSettings, as_json: bool) -> int:
     return 0
 
 
+async def account_by_label(db: Database, label: str) -> Account | None:
+    """The account labelled ``label``, or None after saying on stderr which labels exist."""
+    accounts = {a.label: a for a in await db.list_accounts()}
+    if label not in accounts:
+        print(f"no account labelled {label!r} (known: {', '.join(sorted(accounts)) or 'none'})", file=sys.stderr)
+        return None
+    return accounts[label]
+
+
 async def cli_send(settings: WorkerSettings, args: argparse.Namespace) -> int:
     db = await open_database(settings)
     try:
@@ -976,10 +985,8 @@ async def cli_send(settings: WorkerSettings, args: argparse.Namespace) -> int:
             from shared.sandbox import World
 
             await seed_sandbox_accounts(db, World.open(settings.sandbox_path), session_cipher(settings))
-        accounts = {a.label: a for a in await db.list_accounts()}
-        account = accounts.get(args.account)
+        account = await account_by_label(db, args.account)
         if account is None:
-            print(f"no account labelled {args.account!r} (known: {', '.join(sorted(accounts)) or 'none'})", file=sys.stderr)
             return 1
         attachments: list[Any] = [str(Path(args.file).expanduser().resolve())] if args.file else []
         if args.storage_key:
@@ -1002,11 +1009,10 @@ async def cli_requeue(settings: WorkerSettings, args: argparse.Namespace) -> int
     try:
         account_id = None
         if args.account:
-            accounts = {a.label: a for a in await db.list_accounts()}
-            if args.account not in accounts:
-                print(f"no account labelled {args.account!r} (known: {', '.join(sorted(accounts)) or 'none'})", file=sys.stderr)
+            account = await account_by_label(db, args.account)
+            if account is None:
                 return 1
-            account_id = accounts[args.account].id
+            account_id = account.id
         statuses = [OutboundStatus(s) for s in args.status] if args.status else [OutboundStatus.FAILED, OutboundStatus.DEAD]
         rows = await db.requeue_outbound(ids=args.ids or None, account_id=account_id, statuses=statuses, dry_run=args.dry_run)
     finally:
@@ -1017,10 +1023,10 @@ async def cli_requeue(settings: WorkerSettings, args: argparse.Namespace) -> int
             for r in rows
         ], indent=2))
         return 0
-    verb = "would requeue" if args.dry_run else "requeued"
+    verb, outcome = ("would requeue", "would be requeued") if args.dry_run else ("requeued", "requeued")
     for r in rows:
         print(f"{verb} {r.id} to {r.peer} (was {r.previous_status.value}: {r.last_error or 'no error recorded'})")
-    print(f"{len(rows)} message(s) {verb.replace('would requeue', 'would be requeued')}")
+    print(f"{len(rows)} message(s) {outcome}")
     return 0
 
 
