@@ -22,19 +22,10 @@ begin
         raise exception 'only failed or dead messages can be requeued, not %', p_statuses
             using errcode = '22023';
     end if;
-    if p_dry_run then
-        return query
-        select m.id, m.account_id, m.peer, m.status, m.last_error
-        from messages m
-        where m.direction = 'outbound' and m.status = any (p_statuses)
-          and (p_ids is null or m.id = any (p_ids))
-          and (p_account_id is null or m.account_id = p_account_id)
-        order by m.id;
-        return;
-    end if;
+    -- One selection for both modes; the update leaves a dry run's rows as they are.
     return query
     with chosen as (
-        select m.id, m.status, m.last_error
+        select m.id, m.account_id, m.peer, m.status, m.last_error
         from messages m
         where m.direction = 'outbound' and m.status = any (p_statuses)
           and (p_ids is null or m.id = any (p_ids))
@@ -52,11 +43,10 @@ begin
             last_error = 'requeued by an operator; was ' || c.status || coalesce(': ' || c.last_error, ''),
             updated_at = now()
         from chosen c
-        where m.id = c.id
-        returning m.id, m.account_id, m.peer, c.status, c.last_error
+        where m.id = c.id and not p_dry_run
     )
-    select * from moved order by 1;
-    if found then
+    select c.id, c.account_id, c.peer, c.status, c.last_error from chosen c order by c.id;
+    if found and not p_dry_run then
         perform pg_notify('outbound', '');
     end if;
 end
