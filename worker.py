@@ -65,11 +65,14 @@ from shared.runtime import BotRuntime, configure_logging, run_bot
 from shared.sessions import SessionCipher
 from shared.storage import Storage, open_storage
 from shared.telegram import AccountConnection, AccountPool, ConnectionPolicy, client_factory, session_cipher
-from shared.timeouts import telegram_op
+from shared.timeouts import OperationTimeout, telegram_op
 
 logger = logging.getLogger("worker")
 
 #: Telegram's limits, checked before a message is sent so bad input fails at once with a clear reason.
+#: How long a cycle waits for its claimed batch before it claims again (chats go on in the background).
+CHAT_PATIENCE = 1.0
+
 TEXT_LIMIT = 4096
 CAPTION_LIMIT = 1024
 FILE_LIMIT = 2 * 1024**3
@@ -326,6 +329,11 @@ class Outbound:
         self.failed = 0
         self.dead = 0
         self.lease_seconds = settings.timeout_telegram_send + settings.timeout_telegram_media + 30
+        self._in_hand: dict[asyncio.Task[None], list[OutboundMessage]] = {}
+        self._finished = asyncio.Event()
+        self._late_error: BaseException | None = None
+        self._take_back_due = False
+        self._send_started: dict[asyncio.Task[Any], float] = {}
 
     # The loop ------------------------------------------------------------------------
 
@@ -333,6 +341,22 @@ class Outbound:
         assert self.pool is not None
         if self.runtime.shutdown.stopping:
             return 1.0
+        try:
+            return await self._claim_and_send()
+        except asyncio.CancelledError:
+            await self._cut()
+            raise
+        except Exception:
+            # A database failure may have left claimed rows whose release could not reach it.
+            self._take_back_due = True
+            raise
+
+    async def _claim_and_send(self) -> float:
+        assert self.pool is not None
+        self._raise_late_error()
+        self._cut_stuck_sends()
+        if self._take_back_due:
+            await self._take_back_own_rows()
         accounts = [c.id for c in self.pool.connected() if self.per_account.held_until(c.id) is None]
         rows = await self.db.claim_outbound(
             accounts,
@@ -345,31 +369,117 @@ class Outbound:
             chats: dict[tuple[int, str], list[OutboundMessage]] = defaultdict(list)
             for row in rows:
                 chats[(row.account_id, row.peer)].append(row)
-            await asyncio.gather(*(self._send_chat(group) for group in chats.values()))
+            # Each chat in a task of its own; the cycle waits for the batch only so long, so one
+            # slow chat (a hung lookup) never holds the other chats' next messages. The claim
+            # never hands out a chat's later rows while an earlier one is still being sent.
+            await asyncio.wait([self._start_chat(group) for group in chats.values()], timeout=CHAT_PATIENCE)
+            self._raise_late_error()
             if len(rows) >= self.settings.outbound_batch_size:
                 return 0.0
-        # Idle: sleep until an enqueue NOTIFYs us (or poll, at most 1 s apart without NOTIFY).
-        await self.db.wait_for_wakeup("outbound", self.settings.outbound_poll_interval)
+        await self._idle()
         return 0.0
+
+    async def _idle(self) -> None:
+        """Sleep until an enqueue NOTIFYs us, a chat in hand finishes, or the poll interval passes."""
+        wakeup = asyncio.ensure_future(self.db.wait_for_wakeup("outbound", self.settings.outbound_poll_interval))
+        if not self._in_hand:
+            await wakeup
+            return
+        self._finished.clear()
+        finished = asyncio.ensure_future(self._finished.wait())
+        try:
+            await asyncio.wait({wakeup, finished}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in (wakeup, finished):
+                waiter.cancel()
+
+    def _start_chat(self, rows: list[OutboundMessage]) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._send_chat(rows), name=f"outbound-chat-{rows[0].account_id}")
+        self._in_hand[task] = rows
+        task.add_done_callback(self._chat_done)
+        return task
+
+    def _chat_done(self, task: asyncio.Task[None]) -> None:
+        self._in_hand.pop(task, None)
+        self._send_started.pop(task, None)
+        self._finished.set()
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self._take_back_due = True
+            if self._late_error is None:
+                self._late_error = exc
+
+    def _cut_stuck_sends(self) -> None:
+        """A send silent past WATCHDOG_MAX_SILENCE is cut, as the watchdog cut the whole loop when
+        chats were sent inside the cycle: its row goes back and is tried again with its random_id."""
+        now = time.monotonic()
+        for task, since in list(self._send_started.items()):
+            if task in self._in_hand and not task.done() and now - since > self.settings.watchdog_max_silence:
+                logger.warning("a send was silent for %.0fs; cutting it (its message is tried again)", now - since)
+                self._send_started.pop(task, None)
+                task.cancel()
+
+    def _raise_late_error(self) -> None:
+        """A chat that failed after its cycle moved on reports through the next cycle (the watchdog backs off)."""
+        exc, self._late_error = self._late_error, None
+        if exc is not None:
+            raise exc
+
+    async def _cut(self) -> None:
+        """The loop was cancelled (shutdown, restart): cut the chats in hand; each gives its rows back."""
+        tasks = list(self._in_hand)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5.0)
+
+    async def _take_back_own_rows(self) -> None:
+        """After a failure, take back at once the rows we claimed and no longer have in hand (fenced by the
+        account lease in SQL), instead of letting them wait out their message lease."""
+        assert self.pool is not None
+        keep = sorted({r.lease_token for rows in self._in_hand.values() for r in rows if r.lease_token})
+        total = 0
+        for connection in list(self.pool.connections.values()):
+            if connection.lease_token:
+                total += await self.db.take_back_own_outbound(
+                    connection.id, owner=self.owner, account_token=connection.lease_token, keep_tokens=keep
+                )
+        self._take_back_due = False
+        if total:
+            logger.info("took back %d claimed message(s) a failure had left behind", total)
 
     async def _send_chat(self, rows: list[OutboundMessage]) -> None:
         """Send one chat's rows in order; stop at the first that must wait."""
-        for index, row in enumerate(rows):
-            connection = self.pool.get(row.account_id) if self.pool else None
-            if connection is None or not connection.connected or self.runtime.shutdown.stopping:
-                await self._release(rows[index:])
-                return
-            proceed = await self._send_one(connection, row)
-            if not proceed:
-                await self._release(rows[index + 1 :])
-                return
+        index = 0
+        try:
+            for index, row in enumerate(rows):
+                connection = self.pool.get(row.account_id) if self.pool else None
+                if connection is None or not connection.connected or self.runtime.shutdown.stopping:
+                    await self._release(rows[index:])
+                    return
+                proceed = await self._send_one(connection, row)
+                if not proceed:
+                    await self._release(rows[index + 1 :])
+                    return
+        except asyncio.CancelledError:
+            # Cut mid-batch: the rows not yet tried go back now (_send_one gave back its own row).
+            await self._release_quietly(rows[index + 1 :])
+            raise
+        except Exception:
+            # The database failed mid-batch: give back what is left, or the take-back will.
+            await self._release_quietly(rows[index:])
+            raise
 
-    async def _release_quietly(self, row: OutboundMessage) -> None:
-        task = asyncio.ensure_future(self.db.release_outbound([row.id], row.lease_token or ""))
+    async def _release_quietly(self, rows: Sequence[OutboundMessage]) -> None:
+        if not rows:
+            return
+        task = asyncio.ensure_future(self.db.release_outbound([r.id for r in rows], rows[0].lease_token or ""))
         try:
             await asyncio.wait_for(asyncio.shield(task), 2.0)
-        except BaseException:  # cancelled again or the database is away: the lease lapses instead
-            logger.debug("could not release message %d at once; its lease will lapse", row.id)
+        except BaseException:  # cancelled again or the database is away: the take-back or the lease does it
+            logger.debug("could not release %d message(s) at once; they are taken back later", len(rows))
 
     async def _release(self, rows: Sequence[OutboundMessage]) -> None:
         if rows:
@@ -380,6 +490,9 @@ class Outbound:
     async def _send_one(self, connection: AccountConnection, row: OutboundMessage) -> bool:
         """Send ``row``; True when the next row of its chat may go now."""
         self.runtime.watchdog.ping("outbound")  # progress, even within a long batch
+        task = asyncio.current_task()
+        if task is not None:
+            self._send_started[task] = time.monotonic()
         token = row.lease_token or ""
         chat_key = (row.account_id, row.peer)
         wait = max(self.per_account.delay(row.account_id), self.per_chat.delay(chat_key))
@@ -398,7 +511,7 @@ class Outbound:
                 # A restart or shutdown cut the send: give the row back now rather than
                 # when its lease expires. The retry reuses its random_id, and a late
                 # answer to this attempt is fenced out by the lease token.
-                await self._release_quietly(row)
+                await self._release_quietly([row])
                 raise
             except Exception as exc:
                 return await self._failed(connection, row, exc)
@@ -511,7 +624,9 @@ class Outbound:
             return True  # this row is settled; the chat goes on
         # Transient or unknown outcome: retry with the same random_id.
         retry_at = None
-        if kind is ErrorKind.UNKNOWN_OUTCOME or isinstance(exc, ConnectionError):
+        if kind is ErrorKind.UNKNOWN_OUTCOME or isinstance(exc, (ConnectionError, OperationTimeout)):
+            # Telegram did not answer in time (a send, or the recipient's lookup before it) or the
+            # connection broke: try again soon, as the connection checks bring it back within seconds.
             retry_at = datetime.now(UTC) + timedelta(seconds=min(2.0, self.settings.retry_base_delay))
         status = await self.db.mark_failed(
             row.id,

@@ -86,8 +86,15 @@ class AIClient:
         self.api_key = api_key
         self.model = model
         self.http = HttpService("ai", timeout=timeout, breaker=breaker, retry=retry, alerts=alerts, clock=clock, session=session)
+        self.models_url = base_url.rstrip("/") + "/models"
+        breaker.set_probe(self.probe)
+
+    async def probe(self) -> None:
+        """``GET /models``, the cheapest authenticated call of an OpenAI-style API: the open breaker's probe."""
+        await self.http.probe(self.models_url, {"Authorization": f"Bearer {self.api_key}"})
 
     async def close(self) -> None:
+        self.http.breaker.clear_probe(self.probe)
         await self.http.close()
 
     async def complete(self, messages: list[dict[str, str]], *, temperature: float = 0.8, max_tokens: int = 300) -> str:

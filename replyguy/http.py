@@ -235,6 +235,21 @@ class HttpService:
         self.last_call_failed = False
         return result
 
+    async def probe(self, url: str, headers: Mapping[str, str]) -> None:
+        """One GET past the breaker and without retries: the open breaker's probe.
+
+        Any answer but a server error means the service is back (a 401 or a
+        429 is the service answering; real calls will hear it themselves).
+
+        Raises:
+            TransientError: a 5xx, 408 or 425.
+            OperationTimeout: no answer within the deadline.
+            aiohttp.ClientError: no connection.
+        """
+        result = await self.send("probe", "GET", url, headers=headers)
+        if result.status >= 500 or result.status in (408, 425):
+            raise TransientError(f"{self.name} probe answered {result.status}")
+
     def _failed(self, endpoint: str, exc: BaseException) -> None:
         verdict = classify(exc)
         if verdict.kind is ErrorKind.PERMANENT:

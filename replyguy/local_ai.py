@@ -67,9 +67,24 @@ class LocalAI(StandInServer):
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/chat/completions", self._chat)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/models", self._models)
 
     def state(self) -> dict[str, Any]:
         return {"requests": len(self.requests)}
+
+    async def _models(self, request: web.Request) -> web.Response:
+        """The model list (what a client's health probe reads); faults of endpoint ``models`` or ``*`` apply."""
+        self.hits["models"] += 1
+        fault = self.faults.take("models")
+        if fault is not None:
+            if fault.kind is FaultKind.STATUS:
+                return web.json_response({"error": {"message": "stand-in fault", "type": "server_error"}}, status=fault.status)
+            if fault.kind is FaultKind.HANG:
+                return await self.hang()
+        if request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            return web.json_response({"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}}, status=401)
+        return web.json_response({"object": "list", "data": [{"id": "stand-in", "object": "model", "owned_by": "local"}]})
 
     async def _chat(self, request: web.Request) -> web.Response:
         self.hits["chat"] += 1

@@ -162,8 +162,15 @@ class XClient:
         )
         self._me: str | None = credentials.user_id
         self._user_ids: dict[str, XUser] = {}
+        breaker.set_probe(self.probe)
+
+    async def probe(self) -> None:
+        """``GET /2/users/me``, the cheapest authenticated call: the open breaker's probe."""
+        url = f"{self.base_url}/2/users/me"
+        await self.http.probe(url, self._oauth1("GET", url))
 
     async def close(self) -> None:
+        self.http.breaker.clear_probe(self.probe)
         await self.http.close()
 
     # --- auth ----------------------------------------------------------------------

@@ -7,6 +7,16 @@ CLOSED lets calls through and counts consecutive failures; at
 ``half_open_max_calls`` trial calls: ``success_threshold`` successes close
 it, one failure opens it again.
 
+A breaker may also be given a *probe*: a cheap call of the service's own (the
+database's ``select 1``, a HEAD of the bucket, an authenticated GET). While
+the circuit is open, the probe runs every ``probe_interval`` seconds in the
+background (BREAKER_PROBE_INTERVAL, default 2 s) and ``success_threshold``
+probes in a row close the circuit, so work resumes within seconds of the
+service's return instead of after the full recovery timeout. Real calls are
+still refused while it is open: only the probe touches the failing service,
+once per interval. The recovery timeout stays as the fallback (a probe that
+cannot tell, e.g. one the credentials may not make).
+
 Why our own code and not a library: pybreaker is synchronous (its async
 support needs Tornado) and has no half-open call limit; purgatory is async
 but has neither a half-open call limit nor a success threshold, and neither
@@ -60,6 +70,18 @@ class CircuitOpenError(TransientError):
         super().__init__(f"circuit breaker '{breaker}' is open; next probe in {self.retry_after:.1f}s")
 
 
+#: Seconds between probes of an open circuit (BREAKER_PROBE_INTERVAL).
+DEFAULT_PROBE_INTERVAL = 2.0
+
+#: The longest a probe may take before it counts as failed.
+PROBE_TIMEOUT = 10.0
+
+#: After a successful probe the confirming ones follow this much sooner (at most).
+CONFIRM_PROBE_GAP = 0.5
+
+Probe = Callable[[], Awaitable[Any]]
+
+
 def _counts_by_default(exc: BaseException) -> bool:
     return classify(exc).kind in (ErrorKind.TRANSIENT, ErrorKind.UNKNOWN_OUTCOME)
 
@@ -80,6 +102,9 @@ class CircuitBreaker:
             wait on one chat says nothing about the whole service.
         clock: monotonic seconds; injectable for tests.
         alerts: where "circuit_breaker_open" and its resolution go.
+        probe: a cheap call of the service, run in the background while the
+            circuit is open (see :meth:`set_probe`).
+        probe_interval: seconds between probes.
     """
 
     def __init__(
@@ -93,6 +118,8 @@ class CircuitBreaker:
         counts: Callable[[BaseException], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
         alerts: AlertSink | None = None,
+        probe: Probe | None = None,
+        probe_interval: float = DEFAULT_PROBE_INTERVAL,
     ) -> None:
         if failure_threshold < 1 or half_open_max_calls < 1 or success_threshold < 1 or recovery_timeout < 0:
             raise ValueError("breaker thresholds must be >= 1 and the recovery timeout >= 0")
@@ -117,6 +144,11 @@ class CircuitBreaker:
         self._last_error: str | None = None
         self._last_error_at: float | None = None
         self._last_change_at = time.time()
+        self._probe: Probe | None = probe
+        self.probe_interval = probe_interval
+        self._probe_task: asyncio.Task[None] | None = None
+        self._next_probe_at: float | None = None
+        self._probes_run = 0
         BREAKER_STATE.labels(name).set(0)
 
     # --- state ------------------------------------------------------------
@@ -145,6 +177,7 @@ class CircuitBreaker:
             self._trial_successes = 0
         if to is CircuitState.CLOSED:
             self._failures = 0
+            self._next_probe_at = None
         BREAKER_STATE.labels(self.name).set(_STATE_VALUE[to])
         BREAKER_TRANSITIONS.labels(self.name, to.value).inc()
         log = logger.warning if to is CircuitState.OPEN else logger.info
@@ -156,6 +189,8 @@ class CircuitBreaker:
             extra={"breaker": self.name, "from": previous.value, "to": to.value, "last_error": self._last_error},
         )
         self._notify(previous, to)
+        if to is CircuitState.OPEN:
+            self._start_probing()
 
     def _notify(self, previous: CircuitState, to: CircuitState) -> None:
         if self.alerts is None:
@@ -181,7 +216,7 @@ class CircuitBreaker:
             self._maybe_half_open()
             if self._state is CircuitState.OPEN:
                 self._rejected += 1
-                raise CircuitOpenError(self.name, self.recovery_timeout - (self._clock() - self._opened_at))
+                raise CircuitOpenError(self.name, self._retry_in())
             if self._state is CircuitState.HALF_OPEN:
                 if self._trials_admitted >= self.half_open_max_calls:
                     self._rejected += 1
@@ -269,6 +304,98 @@ class CircuitBreaker:
 
         return sync_wrapper
 
+    # --- probing ----------------------------------------------------------
+
+    def set_probe(self, probe: Probe | None, *, interval: float | None = None) -> None:
+        """Probe the service with ``probe()`` while the circuit is open (None: stop probing).
+
+        ``probe`` must bypass this breaker (it is called while the breaker
+        refuses calls) and have its own deadline; :data:`PROBE_TIMEOUT`
+        bounds it as well. An answer that says nothing about the service's
+        health (a permanent error such as a refused permission) counts as a
+        success: the service answered.
+        """
+        self._probe = probe
+        if interval is not None:
+            self.probe_interval = interval
+        if probe is None:
+            self._stop_probing()
+        elif self._state is CircuitState.OPEN:
+            self._start_probing()
+
+    def clear_probe(self, probe: Probe) -> None:
+        """Stop probing with ``probe`` (a closing owner), unless another owner set its own since."""
+        if self._probe == probe:
+            self.set_probe(None)
+
+    def _retry_in(self) -> float:
+        """Seconds until the open circuit may admit a call: the next probe's result, or the recovery timeout."""
+        fallback = max(0.0, self.recovery_timeout - (self._clock() - self._opened_at))
+        if self._next_probe_at is None:
+            return fallback
+        # A little after the probe, so a caller waking then finds the circuit already closed.
+        return min(fallback, max(0.0, self._next_probe_at - self._clock()) + 0.1)
+
+    def _start_probing(self) -> None:
+        if self._probe is None or self.probe_interval <= 0:
+            return
+        task = self._probe_task
+        if task is not None and not task.done():
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # opened from a thread: the recovery timeout applies
+            return
+        self._next_probe_at = self._clock() + self.probe_interval
+        self._probe_task = loop.create_task(self._probe_until_closed(), name=f"breaker-probe-{self.name}")
+
+    def _stop_probing(self) -> None:
+        task, self._probe_task = self._probe_task, None
+        self._next_probe_at = None
+        if task is not None and not task.done():
+            try:
+                task.cancel()
+            except RuntimeError:  # its loop is already closed
+                pass
+
+    async def _probe_until_closed(self) -> None:
+        successes = 0
+        gap = self.probe_interval
+        while True:
+            with self._lock:
+                if self._state is CircuitState.CLOSED or self._probe is None:
+                    self._next_probe_at = None
+                    return
+                self._next_probe_at = self._clock() + gap
+            await asyncio.sleep(gap)
+            probe = self._probe
+            if probe is None:
+                continue
+            self._probes_run += 1
+            try:
+                await asyncio.wait_for(probe(), PROBE_TIMEOUT)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self._counts(exc) or isinstance(exc, TimeoutError):
+                    successes = 0
+                    gap = self.probe_interval
+                    with self._lock:
+                        self._last_error = f"probe: {type(exc).__name__}: {exc}"[:300]
+                        if self._state is CircuitState.HALF_OPEN:
+                            self._transition(CircuitState.OPEN)
+                    logger.debug("breaker %s: probe failed: %s", self.name, exc)
+                    continue
+            successes += 1
+            gap = min(CONFIRM_PROBE_GAP, self.probe_interval)
+            if successes >= self.success_threshold:
+                with self._lock:
+                    if self._state is not CircuitState.CLOSED:
+                        logger.info("circuit breaker %s: %d probe(s) succeeded", self.name, successes)
+                        self._transition(CircuitState.CLOSED)
+                self._next_probe_at = None
+                return
+
     def reset(self) -> None:
         """Close the circuit and forget the failure count (an operator's action)."""
         with self._lock:
@@ -280,7 +407,7 @@ class CircuitBreaker:
             self._maybe_half_open()
             retry_in = None
             if self._state is CircuitState.OPEN:
-                retry_in = round(max(0.0, self.recovery_timeout - (self._clock() - self._opened_at)), 1)
+                retry_in = round(self._retry_in(), 1)
             return {
                 "name": self.name,
                 "state": self._state.value,
@@ -289,6 +416,8 @@ class CircuitBreaker:
                 "recovery_timeout_s": self.recovery_timeout,
                 "half_open_max_calls": self.half_open_max_calls,
                 "success_threshold": self.success_threshold,
+                "probe_interval_s": self.probe_interval if self._probe is not None else None,
+                "probes_run": self._probes_run,
                 "retry_in_s": retry_in,
                 "times_opened": self._times_opened,
                 "total_failures": self._total_failures,
@@ -306,6 +435,7 @@ class BreakerRegistry:
     def __init__(self) -> None:
         self._breakers: dict[str, CircuitBreaker] = {}
         self._alerts: AlertSink | None = None
+        self._probe_interval = DEFAULT_PROBE_INTERVAL
         self._lock = threading.Lock()
 
     def get_or_create(self, name: str, **kwargs: Any) -> CircuitBreaker:
@@ -314,6 +444,7 @@ class BreakerRegistry:
             breaker = self._breakers.get(name)
             if breaker is None:
                 kwargs.setdefault("alerts", self._alerts)
+                kwargs.setdefault("probe_interval", self._probe_interval)
                 breaker = CircuitBreaker(name, **kwargs)
                 self._breakers[name] = breaker
             return breaker
@@ -334,6 +465,13 @@ class BreakerRegistry:
             self._alerts = sink
             for breaker in self._breakers.values():
                 breaker.alerts = sink
+
+    def set_probe_interval(self, seconds: float) -> None:
+        """Probe open circuits every ``seconds`` (BREAKER_PROBE_INTERVAL), for every breaker present and future."""
+        with self._lock:
+            self._probe_interval = seconds
+            for breaker in self._breakers.values():
+                breaker.probe_interval = seconds
 
     def status(self) -> dict[str, dict[str, Any]]:
         return {name: breaker.get_status() for name, breaker in sorted(self._breakers.items())}

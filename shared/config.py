@@ -233,6 +233,7 @@ SETTINGS: list[Setting] = [
     Setting("SUPABASE_SERVICE_ROLE_KEY", _text, None, "a Supabase service role key", "Key for SUPABASE_URL.", secret=True),
     Setting("DB_AUTO_MIGRATE", _bool, False, "0 or 1", "Apply migrations at start (always on for the embedded database)."),
     Setting("DB_BREAKER_RECOVERY", _float(0, exclusive=True), 30.0, "a number of seconds > 0", "Seconds the database breaker stays open after failed calls in a row before it lets a probe through; loops resume when it does. Lower it to recover faster from short outages."),
+    Setting("BREAKER_PROBE_INTERVAL", _float(0, exclusive=True), 2.0, "a number of seconds > 0", "While a circuit breaker is open, a cheap call of the service's own (select 1, a HEAD of the bucket, an authenticated GET, Telegram's connection check) probes it this often; probes that succeed close the breaker at once instead of after its recovery timeout."),
     # Telegram user accounts (worker, ingest)
     Setting("TELEGRAM_API_ID", _int(1), None, "a whole number from my.telegram.org", "Telegram API id (bots need one too); unset means sandbox mode (no real Telegram).", TELEGRAM | {"bot"}),
     Setting("TELEGRAM_API_HASH", _text, None, "the API hash from my.telegram.org", "Telegram API hash, with TELEGRAM_API_ID.", TELEGRAM | {"bot"}, secret=True),
@@ -344,6 +345,7 @@ class CommonSettings:
     supabase_service_role_key: str | None
     db_auto_migrate: bool
     db_breaker_recovery: float
+    breaker_probe_interval: float
 
     def validate(self) -> None:
         if self.resource_critical_percent < self.resource_warn_percent:

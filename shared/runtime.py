@@ -425,6 +425,7 @@ class BotRuntime:
         if callable(starter):
             await starter()
         breakers.set_alerts(self.alerts)
+        breakers.set_probe_interval(float(getattr(self.settings, "breaker_probe_interval", 2.0)))
         try:
             self.shutdown.install()
         except (NotImplementedError, RuntimeError):  # not the main thread (tests)

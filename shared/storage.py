@@ -101,6 +101,7 @@ class StorageBackend(Protocol):
     def exists(self, key: str) -> bool: ...
     def delete(self, key: str) -> None: ...
     def list(self, prefix: str) -> list[ObjectInfo]: ...
+    def check(self) -> None: ...
     def describe(self) -> dict[str, Any]: ...
 
 
@@ -210,6 +211,11 @@ class LocalBackend:
                     continue
                 found.append(ObjectInfo(key, stat.st_size, datetime.fromtimestamp(stat.st_mtime, UTC)))
         return sorted(found, key=lambda info: info.key)
+
+    def check(self) -> None:
+        """Raise OSError unless the directory is there (the breaker's probe)."""
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"storage directory {self.root} is missing")
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.kind, "root": str(self.root)}
@@ -334,6 +340,10 @@ class S3Backend:
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=check_key(key))
 
+    def check(self) -> None:
+        """A HEAD of the bucket: the cheapest authenticated call (the breaker's probe)."""
+        self.client.head_bucket(Bucket=self.bucket)
+
     def list(self, prefix: str) -> list[ObjectInfo]:
         found: list[ObjectInfo] = []
         paginator = self.client.get_paginator("list_objects_v2")
@@ -392,6 +402,11 @@ class Storage:
             breaker = registry.get_or_create_with_recovery(name, breaker_recovery, failure_threshold=5)
         self.breaker = breaker
         self._clock = clock
+        breaker.set_probe(self.probe)
+
+    async def probe(self) -> None:
+        """The backend's :meth:`StorageBackend.check` past the breaker, under the deadline."""
+        await bounded(asyncio.to_thread(self.backend.check), self.timeout, "storage.probe")
 
     async def _call(self, op: str, fn: Callable[..., T], *args: Any, outcome_unknown: bool = False, detail: str = "") -> T:
         async def run() -> T:

@@ -480,3 +480,41 @@ async def test_attachments_from_storage_are_sent_and_a_missing_object_fails_with
         assert rows["a lost picture"]["status"] == "failed"
         assert "outbound/gone.jpg" in rows["a lost picture"]["last_error"]
         assert not list((Path(worker_env["DATA_DIR"]) / "tmp").glob("*")), "temporary files are removed"
+
+
+def _fault_hits(world: World, fault_id: int) -> int:
+    return next((int(f["hits"] or 0) for f in world.faults() if f["id"] == fault_id), 0)
+
+
+async def test_a_timed_out_recipient_lookup_is_retried_as_soon_as_a_timed_out_send(
+    worker_env: dict[str, str], database_url: str
+) -> None:
+    env = {**worker_env, "RETRY_BASE_DELAY": "60", "TIMEOUT_TELEGRAM_ENTITY": "1"}
+    world = world_of(env)
+    world.seed_demo()
+    async with running_worker(env) as worker:
+        ids = await account_ids(worker)
+        fault = world.set_fault(FaultKind.HANG, method="ResolveUsername", count=1)
+        started = time.monotonic()
+        await worker.db.enqueue_outbound(ids["demo_one"], "alice", "after a slow lookup")  # type: ignore[union-attr]
+        await wait_until(lambda: _fault_hits(world, fault.id) >= 1, timeout=10, what="the lookup hung")
+        await wait_until(lambda: "after a slow lookup" in texts_received(world, "alice"), timeout=15, what="delivery")
+        # The lookup's deadline (1 s) + the short retry (2 s) + a poll, far below RETRY_BASE_DELAY (60 s).
+        assert time.monotonic() - started < 15
+        assert texts_received(world, "alice").count("after a slow lookup") == 1
+
+
+async def test_one_chats_hung_lookup_never_delays_another_chat(worker_env: dict[str, str], database_url: str) -> None:
+    env = {**worker_env, "TIMEOUT_TELEGRAM_ENTITY": "30"}
+    world = world_of(env)
+    world.seed_demo()
+    async with running_worker(env) as worker:
+        ids = await account_ids(worker)
+        fault = world.set_fault(FaultKind.HANG, method="ResolveUsername", count=1)
+        await worker.db.enqueue_outbound(ids["demo_one"], "alice", "stuck behind its lookup")  # type: ignore[union-attr]
+        await wait_until(lambda: _fault_hits(world, fault.id) >= 1, timeout=10, what="alice's lookup hung")
+        started = time.monotonic()
+        await worker.db.enqueue_outbound(ids["demo_one"], "bob", "not held by alice")  # type: ignore[union-attr]
+        await wait_until(lambda: "not held by alice" in texts_received(world, "bob"), timeout=10, what="bob's message")
+        assert time.monotonic() - started < 10, "bob's message went while alice's lookup (30 s deadline) still hung"
+        assert "stuck behind its lookup" not in texts_received(world, "alice")

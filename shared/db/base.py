@@ -464,6 +464,19 @@ class Database(abc.ABC):
             return 0
         return int(await self._scalar("outbound_release", {"p_ids": list(message_ids), "p_token": token}) or 0)
 
+    async def take_back_own_outbound(
+        self, account_id: int, *, owner: str, account_token: str, keep_tokens: Sequence[str] = ()
+    ) -> int:
+        """Put back the rows ``owner`` claimed for this account and no longer has in hand
+        (those of a cycle an outage cut); how many went back.
+
+        Fenced by the account lease: nothing happens unless ``account_token``
+        is the account's current lease and ``owner`` holds it. Rows claimed
+        under ``keep_tokens`` (batches still being sent) stay as they are.
+        """
+        args = {"p_account_id": account_id, "p_owner": owner, "p_account_token": account_token, "p_keep_tokens": list(keep_tokens)}
+        return int(await self._scalar("outbound_take_back_own", args) or 0)
+
     async def reschedule_outbound(self, message_id: int, token: str, *, at: datetime, reason: str | None = None) -> bool:
         """Back to the queue until ``at`` without counting the attempt (a flood wait)."""
         args = {"p_id": message_id, "p_token": token, "p_at": _aware(at), "p_reason": reason}

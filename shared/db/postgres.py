@@ -239,7 +239,12 @@ class PostgresDatabase(Database):
                 statement_cache_size=0 if self.transaction_pooler else 100,
                 max_inactive_connection_lifetime=60.0,
             )
+        self._breaker.set_probe(self.probe)
         return self
+
+    async def probe(self) -> None:
+        """``db_ping`` past the breaker: how the open breaker learns that the database is back."""
+        await self._run("db_ping", self._statement("db_ping", ()), [], True)
 
     # --- the primitive -----------------------------------------------------
 
@@ -343,6 +348,7 @@ class PostgresDatabase(Database):
         if self._closed:
             return
         self._closed = True
+        self._breaker.clear_probe(self.probe)
         for sub in self._default_subscriptions.values():
             sub.close()
         await self._listener.stop()

@@ -125,7 +125,12 @@ class SupabaseDatabase(Database):
                 persist_session=False,
             )
             self._client = await acreate_client(self.url, self._key, options=options)
+        self._breaker.set_probe(self.probe)
         return self
+
+    async def probe(self) -> None:
+        """``db_ping`` past the breaker: how the open breaker learns that the database is back."""
+        await self._run("db_ping", {}, True)
 
     async def call(self, function: str, args: Mapping[str, Any], *, read_only: bool = False) -> list[dict[str, Any]]:
         """See :meth:`Database.call`.
@@ -175,6 +180,7 @@ class SupabaseDatabase(Database):
         if self._closed:
             return
         self._closed = True
+        self._breaker.clear_probe(self.probe)
         if self._http is not None and self._own_http:
             try:
                 await bounded(self._http.aclose(), self.timeout, "db.http_close")

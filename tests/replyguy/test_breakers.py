@@ -18,6 +18,7 @@ from replyguy.xapi import XClient
 from shared.breaker import BreakerRegistry, CircuitOpenError, CircuitState
 from shared.db import DatabaseUnavailable, PostgresDatabase
 from shared.errors import TransientError
+from tests.helpers import wait_until
 
 ONE_ATTEMPT = RetryPolicy(max_retries=0, base_delay=0.0, max_delay=0.0)
 """One request per call, so the test counts failures exactly."""
@@ -79,7 +80,10 @@ async def test_a_failed_trial_opens_the_twitter_breaker_again(local_x: LocalX) -
         with pytest.raises(TransientError):
             await client.search_recent("bot")
         assert breaker.state is CircuitState.OPEN
-        assert breaker.get_status()["retry_in_s"] == 120.0
+        status = breaker.get_status()
+        assert status["recovery_timeout_s"] == 120.0
+        # Callers are told to come back after the next probe of GET /2/users/me, not after the full 120 s.
+        assert status["retry_in_s"] <= status["probe_interval_s"] + 0.1
     finally:
         await client.close()
 
@@ -140,3 +144,42 @@ def test_the_breakers_are_configured_as_the_seed_says() -> None:
         "ai_service": (3, 60.0, 2),
         "database": (3, 30.0, 2),
     }
+
+
+async def test_after_an_x_outage_the_probe_of_users_me_closes_the_breaker_without_waiting_120_s(local_x: LocalX) -> None:
+    registry = BreakerRegistry()
+    registry.set_probe_interval(0.1)
+    breaker = configure_breakers(registry)["twitter_api"]
+    client = XClient(base_url=local_x.base_url, credentials=SANDBOX_X_CREDENTIALS, timeout=1, breaker=breaker, retry=ONE_ATTEMPT)
+    try:
+        local_x.faults.add("status", endpoint="*", status=503)
+        for _ in range(5):
+            with pytest.raises(TransientError):
+                await client.search_recent("bot")
+        assert breaker.state is CircuitState.OPEN
+        await wait_until(lambda: local_x.hits["me"] >= 2, timeout=5, what="probes of /2/users/me")
+        searches = local_x.hits["search"]
+        local_x.faults.clear()
+        await wait_until(lambda: breaker.state is CircuitState.CLOSED, timeout=5, what="closed by 3 good probes")
+        assert local_x.hits["search"] == searches, "only the probe touched X while the breaker was open"
+        assert await client.search_recent("bot") is not None
+    finally:
+        await client.close()
+
+
+async def test_the_ai_breaker_probes_get_models(local_ai: LocalAI) -> None:
+    registry = BreakerRegistry()
+    registry.set_probe_interval(0.1)
+    breaker = configure_breakers(registry)["ai_service"]
+    client = AIClient(base_url=local_ai.base_url, api_key=SANDBOX_AI_KEY, model="m", timeout=1, breaker=breaker, retry=ONE_ATTEMPT)
+    try:
+        local_ai.faults.add("status", endpoint="*", status=503)
+        for _ in range(3):
+            with pytest.raises(TransientError):
+                await client.complete([{"role": "user", "content": "hi"}])
+        assert breaker.state is CircuitState.OPEN
+        await wait_until(lambda: local_ai.hits["models"] >= 1, timeout=5, what="a probe of /models")
+        local_ai.faults.clear()
+        await wait_until(lambda: breaker.state is CircuitState.CLOSED, timeout=5, what="closed by good probes")
+    finally:
+        await client.close()

@@ -11,6 +11,7 @@ from prometheus_client import REGISTRY
 
 from shared.breaker import BreakerRegistry, CircuitBreaker, CircuitOpenError, CircuitState, registry
 from shared.errors import ErrorKind, PermanentError, TransientError, classify
+from tests.helpers import wait_until
 
 
 class FakeClock:
@@ -353,3 +354,75 @@ async def test_registry_returns_one_breaker_per_name_and_reports_every_status() 
     shared_breaker = registry.get_or_create("t_process_wide")
     assert registry.get("t_process_wide") is shared_breaker
     assert registry.status()["t_process_wide"]["state"] == "closed"
+
+
+class Service:
+    """A dependency that is down until the test brings it back; counts the calls it gets."""
+
+    def __init__(self) -> None:
+        self.up = False
+        self.calls = 0
+        self.probes = 0
+        self.error: Exception = TransientError("service down")
+
+    async def work(self) -> str:
+        self.calls += 1
+        if not self.up:
+            raise self.error
+        return "ok"
+
+    async def probe(self) -> None:
+        self.probes += 1
+        if not self.up:
+            raise self.error
+
+
+async def test_an_open_breaker_probes_and_closes_as_soon_as_the_service_is_back() -> None:
+    service = Service()
+    breaker = CircuitBreaker("probed", failure_threshold=2, recovery_timeout=3600.0, success_threshold=2, probe_interval=0.05)
+    breaker.set_probe(service.probe)
+    for _ in range(2):
+        with pytest.raises(TransientError):
+            await breaker.call(service.work)
+    assert breaker.state is CircuitState.OPEN
+    await wait_until(lambda: service.probes >= 3, timeout=5, what="three probes")
+    with pytest.raises(CircuitOpenError) as refused:
+        await breaker.call(service.work)
+    assert refused.value.retry_after <= 0.05 + 0.1 + 1e-6, "callers wait for the next probe, not the recovery timeout"
+    assert service.calls == 2, "while open, only the probe touches the service"
+
+    service.up = True
+    await wait_until(lambda: breaker.state is CircuitState.CLOSED, timeout=5, what="closed by the probes")
+    assert await breaker.call(service.work) == "ok"
+    assert breaker.get_status()["probe_interval_s"] == 0.05
+
+
+async def test_a_probe_answered_with_a_permanent_error_still_says_the_service_is_up() -> None:
+    service = Service()
+    breaker = CircuitBreaker("probed-permanent", failure_threshold=1, recovery_timeout=3600.0, success_threshold=1,
+                             half_open_max_calls=1, probe_interval=0.05)
+    breaker.set_probe(service.probe)
+    with pytest.raises(TransientError):
+        await breaker.call(service.work)
+    service.error = PermanentError("403: the key may not HEAD the bucket")
+    await wait_until(lambda: breaker.state is CircuitState.CLOSED, timeout=5, what="closed by the probes")
+
+
+async def test_without_a_probe_the_recovery_timeout_applies_and_clearing_stops_probing() -> None:
+    service = Service()
+    breaker = CircuitBreaker("unprobed", failure_threshold=1, recovery_timeout=3600.0, probe_interval=0.05)
+    breaker.set_probe(service.probe)
+    breaker.clear_probe(service.probe)
+    with pytest.raises(TransientError):
+        await breaker.call(service.work)
+    service.up = True
+    assert breaker._probe_task is None and breaker.get_status()["probe_interval_s"] is None
+    assert service.probes == 0 and breaker.state is CircuitState.OPEN
+
+
+async def test_the_registry_applies_the_probe_interval_to_every_breaker() -> None:
+    reg = BreakerRegistry()
+    first = reg.get_or_create("first")
+    reg.set_probe_interval(0.5)
+    second = reg.get_or_create("second")
+    assert first.probe_interval == second.probe_interval == 0.5

@@ -277,6 +277,31 @@ async def test_new_lease_holder_takes_back_the_rows_its_predecessor_was_sending(
     assert again.id == queued.id and again.random_id == queued.random_id
 
 
+async def test_the_lease_holder_takes_back_its_own_rows_left_by_a_cut_cycle_at_once(backend_db: Database) -> None:
+    account = await _account(backend_db)
+    token = await backend_db.acquire_account_lease(account, owner="worker-a", seconds=600)
+    assert token
+    await backend_db.enqueue_outbound(account, "alice", "cut")
+    await backend_db.enqueue_outbound(account, "bob", "in hand")
+    cut = await backend_db.claim_outbound([account], owner="worker-a", lease_seconds=600, limit=1)
+    in_hand = await backend_db.claim_outbound([account], owner="worker-a", lease_seconds=600, limit=1)
+    assert len(cut) == len(in_hand) == 1
+
+    # Another process, or a stale account token, may not touch them: the account lease fences the call.
+    assert await backend_db.take_back_own_outbound(account, owner="worker-b", account_token=token) == 0
+    stale = "00000000-0000-0000-0000-000000000000"
+    assert await backend_db.take_back_own_outbound(account, owner="worker-a", account_token=stale) == 0
+
+    taken = await backend_db.take_back_own_outbound(
+        account, owner="worker-a", account_token=token, keep_tokens=[in_hand[0].lease_token or ""]
+    )
+    assert taken == 1, "only the cut batch comes back; the batch still in hand keeps its lease"
+    assert await backend_db.mark_sent(cut[0].id, cut[0].lease_token or "", telegram_message_id=1, chat_id=2) is False
+    again = await _claim_one(backend_db, account, owner="worker-a")
+    assert again.id == cut[0].id and again.random_id == cut[0].random_id
+    assert again.attempts == 1, "the cut attempt is not counted"
+
+
 async def test_counts_and_queue_depth_per_account(backend_db: Database) -> None:
     one = await _account(backend_db, "one")
     two = await _account(backend_db, "two")

@@ -185,3 +185,30 @@ def test_describe_shows_where_but_never_the_password() -> None:
         "user": "bot",
     }
     assert describe_dsn("postgresql://postgres:@/postgres?host=/tmp/pg")["host"] == "/tmp/pg"
+
+
+async def test_the_open_breaker_probes_with_db_ping_and_closes_as_soon_as_the_database_is_back(
+    embedded_pg: PgServer, database_url: str
+) -> None:
+    assert embedded_pg.embedded is not None
+    breaker = CircuitBreaker("database-probed", failure_threshold=2, recovery_timeout=3600, probe_interval=0.2)
+    db = await PostgresDatabase(database_url, timeout=2, breaker=breaker).open()
+    try:
+        await db.ping()
+        await embedded_pg.embedded.stop()
+        try:
+            for _ in range(2):
+                with pytest.raises(TransientError):
+                    await db.ping()
+            assert breaker.state.value == "open"
+            with pytest.raises(CircuitOpenError) as refused:
+                await db.ping()
+            assert refused.value.retry_after < 1, "callers wait for the next probe, not the hour-long recovery timeout"
+        finally:
+            await embedded_pg.embedded.start()
+        await eventually(lambda: _true(breaker.state.value == "closed"), timeout=20)
+        await db.ping()
+        assert breaker.get_status()["probes_run"] >= 2
+    finally:
+        await db.close()
+    assert breaker._probe_task is None or breaker._probe_task.done()
