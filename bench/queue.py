@@ -1,4 +1,4 @@
-"""Benchmark: our outbound queue against procrastinate, on the same embedded PostgreSQL.
+"""Benchmark: our outbound queue against procrastinate and pgqueuer, on the same embedded PostgreSQL.
 
     ./start.sh bench queue [--quick] [--json] [--claimers N]
 
@@ -11,13 +11,20 @@ databases of one embedded PostgreSQL (default settings, fsync on):
   Ours: ``claim_outbound`` (a batch, FOR UPDATE SKIP LOCKED) then
   ``mark_sent`` for each row. Procrastinate: ``fetch_job`` then
   ``finish_job`` for each job (its worker's own calls), after ``defer``.
+  pgqueuer (built for throughput): one ``QueueManager`` per claimer, each
+  on its own connection, ``run(batch_size=<batch>, mode=drain)``: batched
+  dequeue and its buffered completion (``log_jobs`` per batch), as its
+  documentation recommends.
 * latency: enqueue-to-claim time at a fixed offered load (200 messages/s by
   default), consumers waiting on LISTEN/NOTIFY (ours: a Subscription;
-  procrastinate: ``listen_for_jobs``), reported as p50 and p99.
+  procrastinate: ``listen_for_jobs``; pgqueuer: its QueueManager's
+  listener), reported as p50 and p99.
 
 Prints a table; with ``--json`` the last line is one JSON object with
 ``ours_per_s``, ``procrastinate_per_s``, ``ratio``, ``p50_ms``, ``p99_ms``
-(ours) and the same latencies for procrastinate. A benchmark, not a test:
+(ours) and the same latencies for procrastinate; ``pgqueuer_per_s``,
+``ratio_pgqueuer`` (ours / pgqueuer), ``pgqueuer_p50_ms``,
+``pgqueuer_p99_ms``; ``settings`` says how each system is used. A benchmark, not a test:
 nothing here asserts on time.
 """
 
@@ -278,14 +285,113 @@ class Procrastinate:
         return latencies
 
 
+# --- pgqueuer -------------------------------------------------------------------------
+
+#: How pgqueuer is run, as its documentation recommends for throughput: one QueueManager per
+#: consumer on its own connection (its LISTEN/NOTIFY wake-up), ``run(batch_size=...)`` so each
+#: dequeue takes a batch, and its default completion buffer (one ``log_jobs`` per batch).
+PGQUEUER_SETTINGS = "QueueManager per consumer (own asyncpg connection, LISTEN/NOTIFY), run(batch_size={batch}), default durability and completion buffer"
+
+
+class Pgqueuer:
+    name = "pgqueuer"
+
+    def __init__(self, dsn: str, plan: Plan) -> None:
+        self.dsn = dsn
+        self.plan = plan
+        self.conns: list[asyncpg.Connection] = []
+        self.admin: asyncpg.Connection | None = None
+
+    async def open(self) -> None:
+        from pgqueuer import AsyncpgDriver, Queries
+
+        self.admin = await asyncpg.connect(self.dsn)
+        await Queries(AsyncpgDriver(self.admin)).install()
+
+    async def close(self) -> None:
+        for conn in self.conns:
+            await conn.close()
+        self.conns = []
+        if self.admin is not None:
+            await self.admin.close()
+
+    def _queries(self, conn: asyncpg.Connection) -> Any:
+        from pgqueuer import AsyncpgDriver, Queries
+
+        return Queries(AsyncpgDriver(conn))
+
+    async def preload(self, count: int) -> None:
+        assert self.admin is not None
+        queries = self._queries(self.admin)
+        for start in range(0, count, 500):
+            n = min(count, start + 500) - start
+            await queries.enqueue(["send"] * n, [str(i).encode() for i in range(start, start + n)], [0] * n)
+
+    async def _managers(self, n: int, on_job: Callable[[Any], Awaitable[None]]) -> list[Any]:
+        from pgqueuer import QueueManager
+
+        for conn in self.conns:
+            await conn.close()
+        self.conns = [await asyncpg.connect(self.dsn) for _ in range(n)]
+        managers = []
+        for conn in self.conns:
+            qm = QueueManager(self._queries(conn))
+
+            @qm.entrypoint("send")
+            async def send(job: Any) -> None:
+                await on_job(job)
+
+            managers.append(qm)
+        return managers
+
+    async def drain(self) -> float:
+        from pgqueuer.types import QueueExecutionMode
+
+        async def nothing(job: Any) -> None:
+            return None
+
+        managers = await self._managers(self.plan.claimers, nothing)
+        started = time.perf_counter()
+        await asyncio.gather(*(qm.run(batch_size=self.plan.batch, mode=QueueExecutionMode.drain) for qm in managers))
+        return self.plan.messages / (time.perf_counter() - started)
+
+    async def latency(self) -> list[float]:
+        assert self.admin is not None
+        count = int(self.plan.offered_per_s * self.plan.seconds)
+        enqueued_at: dict[int, float] = {}
+        latencies: list[float] = []
+        finished = asyncio.Event()
+        managers: list[Any] = []
+
+        async def on_job(job: Any) -> None:
+            latencies.append(time.perf_counter() - enqueued_at[int(job.payload or b"0")])
+            if len(latencies) >= count and not finished.is_set():
+                finished.set()
+                for qm in managers:
+                    qm.shutdown.set()
+
+        managers += await self._managers(self.plan.consumers, on_job)
+        producer = self._queries(self.admin)
+
+        async def produce(i: int) -> None:
+            enqueued_at[i] = time.perf_counter()
+            await producer.enqueue("send", str(i).encode())
+
+        runs = [asyncio.create_task(qm.run(batch_size=self.plan.batch)) for qm in managers]
+        await asyncio.sleep(0.5)  # let the managers LISTEN first
+        await _fixed_rate(count, self.plan.offered_per_s, produce)
+        await asyncio.wait_for(finished.wait(), timeout=60)
+        await asyncio.wait_for(asyncio.gather(*runs, return_exceptions=True), timeout=60)
+        return latencies
+
+
 # --- driver --------------------------------------------------------------------------
 
 
-async def _compare(ours: Ours, theirs: Procrastinate, plan: Plan) -> tuple[Result, Result, list[float], list[float]]:
-    """Drain a backlog in alternating rounds (ours, theirs, ours, ...), so a noisy
-    neighbour on the machine hurts both alike; then the latency run of each."""
-    systems: list[Ours | Procrastinate] = [ours, theirs]
-    runs: dict[str, list[float]] = {ours.name: [], theirs.name: []}
+async def _compare(systems: list[Any], plan: Plan) -> tuple[list[Result], dict[str, list[float]]]:
+    """Drain a backlog in alternating rounds (ours, procrastinate, pgqueuer, ours, ...), so a noisy
+    neighbour on the machine hurts all alike; then the latency run of each."""
+    runs: dict[str, list[float]] = {system.name: [] for system in systems}
     for system in systems:
         await system.open()
     try:
@@ -307,7 +413,7 @@ async def _compare(ours: Ours, theirs: Procrastinate, plan: Plan) -> tuple[Resul
     finally:
         for system in systems:
             await system.close()
-    return results[0], results[1], runs[ours.name], runs[theirs.name]
+    return results, runs
 
 
 async def run(plan: Plan) -> dict[str, Any]:
@@ -318,15 +424,21 @@ async def run(plan: Plan) -> dict[str, Any]:
         conn = await asyncpg.connect(admin_dsn)
         try:
             version = await conn.fetchval("show server_version")
-            for name in ("bench_ours", "bench_procrastinate"):
+            for name in ("bench_ours", "bench_procrastinate", "bench_pgqueuer"):
                 await conn.execute(f"drop database if exists {name}")
                 await conn.execute(f"create database {name}")
         finally:
             await conn.close()
         await apply_migrations(server.dsn("bench_ours"))
-        ours, theirs, ours_runs, their_runs = await _compare(
-            Ours(server.dsn("bench_ours"), plan), Procrastinate(server.dsn("bench_procrastinate"), plan), plan
+        (ours, theirs, pgq), runs = await _compare(
+            [
+                Ours(server.dsn("bench_ours"), plan),
+                Procrastinate(server.dsn("bench_procrastinate"), plan),
+                Pgqueuer(server.dsn("bench_pgqueuer"), plan),
+            ],
+            plan,
         )
+        ours_runs, their_runs = runs["ours"], runs["procrastinate"]
     finally:
         await server.stop()
         shutil.rmtree(root, ignore_errors=True)
@@ -338,6 +450,18 @@ async def run(plan: Plan) -> dict[str, Any]:
         "p99_ms": round(ours.p99_ms, 2),
         "procrastinate_p50_ms": round(theirs.p50_ms, 2),
         "procrastinate_p99_ms": round(theirs.p99_ms, 2),
+        "pgqueuer_per_s": round(pgq.per_s, 1),
+        "ratio_pgqueuer": round(ours.per_s / pgq.per_s, 2) if pgq.per_s else None,
+        "pgqueuer_p50_ms": round(pgq.p50_ms, 2),
+        "pgqueuer_p99_ms": round(pgq.p99_ms, 2),
+        "pgqueuer_runs_per_s": [round(v, 1) for v in runs["pgqueuer"]],
+        "pgqueuer_version": _version("pgqueuer"),
+        "procrastinate_version": _version("procrastinate"),
+        "settings": {
+            "ours": f"claim_outbound(limit={plan.batch}) then mark_sent per row; LISTEN/NOTIFY Subscription",
+            "procrastinate": "fetch_job then finish_job per job (its worker's calls); listen_for_jobs",
+            "pgqueuer": PGQUEUER_SETTINGS.format(batch=plan.batch),
+        },
         "ours_runs_per_s": [round(v, 1) for v in ours_runs],
         "procrastinate_runs_per_s": [round(v, 1) for v in their_runs],
         "latency_samples": ours.latency_samples,
@@ -351,18 +475,33 @@ async def run(plan: Plan) -> dict[str, Any]:
     }
 
 
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "?"
+
+
 def render(result: dict[str, Any]) -> str:
     lines = [
         f"queue benchmark: embedded PostgreSQL {result['postgres']}, best of {result['rounds']} alternating rounds of "
         f"{result['messages']} messages, {result['claimers']} claimers (ours: batches of {result['batch']}), "
         f"latency at {result['offered_per_s']:g} msg/s with {result['consumers']} consumers each",
         "",
-        f"{'':28}{'ours':>12}{'procrastinate':>16}",
-        f"{'claim+finish per second':28}{result['ours_per_s']:>12.0f}{result['procrastinate_per_s']:>16.0f}",
-        f"{'enqueue-to-claim p50 (ms)':28}{result['p50_ms']:>12.2f}{result['procrastinate_p50_ms']:>16.2f}",
-        f"{'enqueue-to-claim p99 (ms)':28}{result['p99_ms']:>12.2f}{result['procrastinate_p99_ms']:>16.2f}",
+        f"{'':28}{'ours':>12}{'procrastinate':>16}{'pgqueuer':>12}",
+        f"{'claim+finish per second':28}{result['ours_per_s']:>12.0f}{result['procrastinate_per_s']:>16.0f}"
+        f"{result['pgqueuer_per_s']:>12.0f}",
+        f"{'enqueue-to-claim p50 (ms)':28}{result['p50_ms']:>12.2f}{result['procrastinate_p50_ms']:>16.2f}"
+        f"{result['pgqueuer_p50_ms']:>12.2f}",
+        f"{'enqueue-to-claim p99 (ms)':28}{result['p99_ms']:>12.2f}{result['procrastinate_p99_ms']:>16.2f}"
+        f"{result['pgqueuer_p99_ms']:>12.2f}",
         "",
-        f"throughput ratio (ours / procrastinate): {result['ratio']}",
+        f"throughput ratio (ours / procrastinate): {result['ratio']}; (ours / pgqueuer): {result['ratio_pgqueuer']} (aim >= 1.5)",
+        f"versions: procrastinate {result['procrastinate_version']}, pgqueuer {result['pgqueuer_version']}",
+        "settings:",
+        *(f"  {name}: {how}" for name, how in result["settings"].items()),
     ]
     return "\n".join(lines)
 

@@ -41,6 +41,24 @@ the worker, printed with the table):
 Read it as: ``ratio`` = measured / promised; at or under 1.2 the
 configuration keeps its promise. ``--quick`` runs only the first three
 cases. A benchmark, not a test: nothing here asserts on time.
+
+``--defaults`` measures something else: what an outage costs an operator who
+keeps every default setting (only the fault lengths are set). Each case puts
+work in hand when the dependency fails (sends slowed to 1 s by the sandbox,
+so rows are claimed and in flight; messages enqueued to several chats during
+the outage) and reports ``after_return_s``: seconds from the dependency's
+return until every one of those messages is delivered and /health answers
+200. Aim: at most 5 s each.
+
+* database reset (30 s): the relay resets every connection and refuses new
+  ones for the outage.
+* database hung (30 s): the relay stalls every connection (nothing is
+  answered, nothing is closed) for the outage, then resets them: a failover.
+* Telegram outage (20 s): the sandbox never answers any request, lookups of
+  new recipients included.
+
+``--quick`` with ``--defaults`` shortens the outages to 8 s (database) and
+6 s (Telegram).
 """
 
 from __future__ import annotations
@@ -381,6 +399,186 @@ async def run(*, quick: bool, outage: float) -> dict[str, Any]:
     }
 
 
+# --- --defaults: the cost of an outage with the default settings ----------------------
+
+
+@dataclass
+class AfterReturn:
+    case: str
+    outage_s: float
+    after_return_s: float | None
+    messages: int
+    error: str | None = None
+
+
+async def _all_sent(dsn: str, ids: list[int]) -> bool:
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        return int(await conn.fetchval("select count(*) from messages where id = any($1::bigint[]) and status = 'sent'", ids)) == len(ids)
+    finally:
+        await conn.close()
+
+
+async def _any_sending(dsn: str, ids: list[int]) -> bool:
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        return bool(await conn.fetchval("select count(*) from messages where id = any($1::bigint[]) and status = 'sending'", ids))
+    finally:
+        await conn.close()
+
+
+async def _enqueue_spread(h: Harness, label: str, per_account: int) -> list[int]:
+    """``per_account`` messages per account, each to another recipient (several chats)."""
+    conn = await asyncpg.connect(h.dsn, timeout=10)
+    try:
+        ids = []
+        for account in h.accounts.ids:
+            for n in range(per_account):
+                peer = h.accounts.recipients[n % len(h.accounts.recipients)]
+                ids.append(int(await conn.fetchval(
+                    "select id from outbound_enqueue(p_account_id => $1, p_peer => $2, p_text => $3)",
+                    account, peer, f"{label} {h.counter} {account} {n}",
+                )))
+        h.counter += 1
+        return ids
+    finally:
+        await conn.close()
+
+
+def defaults_env(h: Harness, *, dsn: str | None = None) -> dict[str, str]:
+    """Every setting at its default: only what the sandbox process needs."""
+    return worker_env(
+        dsn=dsn or h.dsn, accounts=h.accounts, data_dir=h.bench_db.root / "worker-data", extra={"PORT": str(h.port), "SANDBOX": "1"}
+    )
+
+
+async def defaults_database(h: Harness, kind: str, outage: float) -> AfterReturn:
+    from bench._chaos_faults import PgProxy
+    from shared.sandbox import FaultKind
+
+    name = f"database {kind} ({outage:g} s)"
+    progress(f"--defaults case: {name}")
+    world = h.accounts.world
+    if kind == "reset":
+        reset_proxy = await TcpProxy(h.bench_db.socket_path, free_port()).start()
+        port = reset_proxy.port
+    else:
+        hung_proxy = PgProxy(unix_path=h.bench_db.socket_path)
+        port = await hung_proxy.start()
+    env = defaults_env(h, dsn=h.bench_db.tcp_dsn(h.db_name, port))
+    worker = await WorkerProcess(env, h.bench_db.root / f"worker-defaults-db-{kind}.log").start()
+    ids: list[int] = []
+    try:
+        await h.ready(worker.check_alive, timeout=120)
+        # Work in hand at the fault: sends take 1 s, so rows are claimed and in flight when it strikes.
+        await asyncio.to_thread(world.set_fault, FaultKind.LATENCY, method="SendMessage", ms=1000)
+        ids = await _enqueue_spread(h, f"db-{kind}", 4)
+        await wait_until(lambda: _any_sending(h.dsn, ids), timeout=60, what="rows in flight", check=worker.check_alive)
+        if kind == "reset":
+            await reset_proxy.cut()
+        else:
+            hung_proxy.cut()
+        ids += await _enqueue_spread(h, f"during db-{kind}", 2)
+        await asyncio.sleep(outage)  # the outage itself
+        await asyncio.to_thread(world.clear_faults)
+        if kind == "reset":
+            await reset_proxy.restore()
+        else:
+            hung_proxy.restore()
+        restored = time.monotonic()
+        try:
+            ended = await wait_until(
+                lambda: _both(_all_sent(h.dsn, ids), h.healthy()), timeout=300, what="all delivered", interval=0.1, check=worker.check_alive
+            )
+            return AfterReturn(name, outage, round(ended - restored, 2), len(ids))
+        except (TimeoutError, RuntimeError) as exc:
+            return AfterReturn(name, outage, None, len(ids), error=str(exc).splitlines()[0])
+    finally:
+        await asyncio.to_thread(world.clear_faults)
+        await worker.stop()
+        if kind == "reset":
+            await reset_proxy.close()
+        else:
+            await hung_proxy.stop()
+
+
+async def defaults_telegram(h: Harness, outage: float) -> AfterReturn:
+    from shared.sandbox import FaultKind
+
+    name = f"Telegram outage ({outage:g} s)"
+    progress(f"--defaults case: {name}")
+    world = h.accounts.world
+    worker = await WorkerProcess(defaults_env(h), h.bench_db.root / "worker-defaults-telegram.log").start()
+    ids: list[int] = []
+    try:
+        await h.ready(worker.check_alive, timeout=120)
+        await asyncio.to_thread(world.set_fault, FaultKind.HANG, method="*")
+        ids = await _enqueue_spread(h, "telegram", 4)  # new recipients: their lookups hang too
+        await asyncio.sleep(outage / 2)
+        ids += await _enqueue_spread(h, "telegram later", 2)
+        await asyncio.sleep(outage / 2)
+        await asyncio.to_thread(world.clear_faults)
+        restored = time.monotonic()
+        try:
+            ended = await wait_until(
+                lambda: _both(_all_sent(h.dsn, ids), h.healthy()), timeout=300, what="all delivered", interval=0.1, check=worker.check_alive
+            )
+            return AfterReturn(name, outage, round(ended - restored, 2), len(ids))
+        except (TimeoutError, RuntimeError) as exc:
+            return AfterReturn(name, outage, None, len(ids), error=str(exc).splitlines()[0])
+    finally:
+        await asyncio.to_thread(world.clear_faults)
+        await worker.stop()
+
+
+async def run_defaults(*, quick: bool, db_outage: float, telegram_outage: float) -> dict[str, Any]:
+    info = machine()
+    async with BenchDatabase("bench-recovery-defaults-") as bench_db:
+        dsn = await bench_db.create("bench_recovery")
+        accounts = await make_accounts(dsn, bench_db.root / "sandbox", 2, recipients=4)
+        h = Harness(bench_db, "bench_recovery", dsn, accounts, free_port())
+        cases = [
+            await defaults_database(h, "reset", db_outage),
+            await defaults_database(h, "hung", db_outage),
+            await defaults_telegram(h, telegram_outage),
+        ]
+        version = bench_db.version
+    measured = [c.after_return_s for c in cases if c.after_return_s is not None]
+    failed = any(c.after_return_s is None for c in cases)
+    return {
+        "benchmark": "recovery",
+        "mode": "defaults",
+        "cases": [asdict(c) for c in cases],
+        "after_return_s": {c.case: c.after_return_s for c in cases},
+        "worst_after_return_s": None if failed or not measured else max(measured),
+        "aim_after_return_s": 5.0,
+        "settings": "defaults (only the fault lengths set)",
+        "quick": quick,
+        "postgres": version,
+        "machine": info,
+        "load_average_after": [round(v, 2) for v in os.getloadavg()],
+    }
+
+
+def render_defaults(result: dict[str, Any]) -> str:
+    lines = [
+        "recovery with the default settings: worker.py in sandbox mode, 2 accounts, embedded PostgreSQL "
+        f"{result['postgres']}; after return = the dependency back -> every message in hand delivered and /health 200",
+        f"machine: {machine_line(result['machine'])}; load average after: "
+        f"{' '.join(f'{v:.2f}' for v in result['load_average_after'])}",
+        "settings: every default (only the fault lengths set)",
+        "",
+        f"{'case':<30} {'messages':>8} {'after return s':>15}",
+    ]
+    for c in result["cases"]:
+        value = f"{c['after_return_s']:.2f}" if c["after_return_s"] is not None else "FAILED"
+        lines.append(f"{c['case']:<30} {c['messages']:>8} {value:>15}")
+        if c["error"]:
+            lines.append(f"{'':<30} error: {c['error']}")
+    lines += ["", f"worst after return: {result['worst_after_return_s']} s (aim <= {result['aim_after_return_s']:g})"]
+    return "\n".join(lines)
+
+
 def render(result: dict[str, Any]) -> str:
     lines = [
         "recovery benchmark: worker.py in sandbox mode, 2 accounts, embedded PostgreSQL "
@@ -407,10 +605,20 @@ def render(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args_parser = parser("recovery", __doc__)
-    args_parser.add_argument("--outage", type=float, default=30.0, help="database outage length in seconds (default 30)")
+    args_parser.add_argument("--outage", type=float, default=None, help="database outage length in seconds (default 30; 8 with --defaults --quick)")
+    args_parser.add_argument("--defaults", action="store_true", help="the cost of outages with every default setting (after_return_s per case)")
+    args_parser.add_argument("--telegram-outage", type=float, default=None, help="with --defaults: Telegram outage length (default 20; 6 with --quick)")
     args = args_parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     started = time.monotonic()
+    if args.defaults:
+        db_outage = args.outage if args.outage is not None else (8.0 if args.quick else 30.0)
+        tg_outage = args.telegram_outage if args.telegram_outage is not None else (6.0 if args.quick else 20.0)
+        outcome = asyncio.run(run_defaults(quick=args.quick, db_outage=db_outage, telegram_outage=tg_outage))
+        outcome["wall_seconds"] = round(time.monotonic() - started, 1)
+        emit(render_defaults(outcome), outcome, as_json=args.json)
+        return 0
+    args.outage = 30.0 if args.outage is None else args.outage
     outcome = asyncio.run(run(quick=args.quick, outage=args.outage))
     outcome["wall_seconds"] = round(time.monotonic() - started, 1)
     emit(render(outcome), outcome, as_json=args.json)
