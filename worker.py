@@ -73,6 +73,9 @@ logger = logging.getLogger("worker")
 #: How long a cycle waits for its claimed batch before it claims again (chats go on in the background).
 CHAT_PATIENCE = 1.0
 
+#: A send (or lookup) pending this long is suspect: the account's connection check decides whether it is lost.
+STUCK_SEND_AFTER = 5.0
+
 TEXT_LIMIT = 4096
 CAPTION_LIMIT = 1024
 FILE_LIMIT = 2 * 1024**3
@@ -334,6 +337,7 @@ class Outbound:
         self._late_error: BaseException | None = None
         self._take_back_due = False
         self._send_started: dict[asyncio.Task[Any], float] = {}
+        self._pinged_at: dict[int, float] = {}
 
     # The loop ------------------------------------------------------------------------
 
@@ -354,7 +358,7 @@ class Outbound:
     async def _claim_and_send(self) -> float:
         assert self.pool is not None
         self._raise_late_error()
-        self._cut_stuck_sends()
+        await self._cut_stuck_sends()
         if self._take_back_due:
             await self._take_back_own_rows()
         accounts = [c.id for c in self.pool.connected() if self.per_account.held_until(c.id) is None]
@@ -411,15 +415,42 @@ class Outbound:
             if self._late_error is None:
                 self._late_error = exc
 
-    def _cut_stuck_sends(self) -> None:
-        """A send silent past WATCHDOG_MAX_SILENCE is cut, as the watchdog cut the whole loop when
-        chats were sent inside the cycle: its row goes back and is tried again with its random_id."""
+    async def _cut_stuck_sends(self) -> None:
+        """Cut a send (or its recipient's lookup) that Telegram will never answer; its row goes back
+        and is tried again at once with its random_id (a copy that did arrive is dropped by Telegram).
+
+        Two signs: the send has been silent past WATCHDOG_MAX_SILENCE (as the watchdog cut the whole
+        loop when chats were sent inside the cycle), or it has waited longer than STUCK_SEND_AFTER
+        while the account's connection check (a ping, at most every BREAKER_PROBE_INTERVAL) is
+        answered: after an outage Telegram answers new requests but never the ones it lost.
+        """
         now = time.monotonic()
+        suspects: dict[int, list[asyncio.Task[Any]]] = defaultdict(list)
         for task, since in list(self._send_started.items()):
-            if task in self._in_hand and not task.done() and now - since > self.settings.watchdog_max_silence:
-                logger.warning("a send was silent for %.0fs; cutting it (its message is tried again)", now - since)
-                self._send_started.pop(task, None)
-                task.cancel()
+            rows = self._in_hand.get(task)
+            if rows is None or task.done():
+                continue
+            if now - since > self.settings.watchdog_max_silence:
+                self._cut_send(task, now - since, "silent")
+            elif now - since > STUCK_SEND_AFTER:
+                suspects[rows[0].account_id].append(task)
+        async def check(account_id: int, tasks: list[asyncio.Task[Any]]) -> None:
+            connection = self.pool.get(account_id) if self.pool else None
+            if connection is None or now - self._pinged_at.get(account_id, 0.0) < self.settings.breaker_probe_interval:
+                return
+            self._pinged_at[account_id] = now
+            if await connection.answers(min(2.0, self.settings.timeout_telegram_send)):
+                for task in tasks:
+                    if not task.done():
+                        self._cut_send(task, now - self._send_started.get(task, now), "unanswered while Telegram answers")
+
+        if suspects:
+            await asyncio.gather(*(check(account_id, tasks) for account_id, tasks in suspects.items()))
+
+    def _cut_send(self, task: asyncio.Task[Any], waited: float, why: str) -> None:
+        logger.warning("a send waited %.0fs (%s); cutting it, its message is tried again", waited, why)
+        self._send_started.pop(task, None)
+        task.cancel()
 
     def _raise_late_error(self) -> None:
         """A chat that failed after its cycle moved on reports through the next cycle (the watchdog backs off)."""

@@ -405,6 +405,24 @@ class AccountConnection:
         await self._drop_client()
         await self._release_lease()
 
+    async def answers(self, timeout: float) -> bool:
+        """The connection check as a probe: does Telegram answer a ping on this connection within ``timeout``?
+
+        Cheap (no side effect, no flood limit); used to tell a request that was
+        lost in an outage (Telegram answers again, the request never will) from
+        one that is merely slow.
+        """
+        from telethon import functions
+
+        client = self.client
+        if client is None or not self.connected:
+            return False
+        try:
+            await telegram_op(client(functions.PingRequest(ping_id=int.from_bytes(os.urandom(7), "big"))), timeout, "ping")
+        except Exception:  # noqa: BLE001 - any failure means "not answering"
+            return False
+        return True
+
     def status(self) -> dict[str, Any]:
         return {
             "id": self.id,

@@ -518,3 +518,21 @@ async def test_one_chats_hung_lookup_never_delays_another_chat(worker_env: dict[
         await wait_until(lambda: "not held by alice" in texts_received(world, "bob"), timeout=10, what="bob's message")
         assert time.monotonic() - started < 10, "bob's message went while alice's lookup (30 s deadline) still hung"
         assert "stuck behind its lookup" not in texts_received(world, "alice")
+
+
+async def test_a_send_telegram_lost_is_cut_as_soon_as_the_connection_check_is_answered(
+    worker_env: dict[str, str], database_url: str
+) -> None:
+    env = {**worker_env, "TIMEOUT_TELEGRAM_SEND": "600", "WATCHDOG_MAX_SILENCE": "600", "BREAKER_PROBE_INTERVAL": "0.5"}
+    world = world_of(env)
+    world.seed_demo()
+    async with running_worker(env) as worker:
+        ids = await account_ids(worker)
+        fault = world.set_fault(FaultKind.HANG, method="SendMessage", count=1)
+        started = time.monotonic()
+        await worker.db.enqueue_outbound(ids["demo_one"], "alice", "lost in the outage")  # type: ignore[union-attr]
+        await wait_until(lambda: _fault_hits(world, fault.id) >= 1, timeout=10, what="the send hung")
+        await wait_until(lambda: "lost in the outage" in texts_received(world, "alice"), timeout=20, what="delivery")
+        # STUCK_SEND_AFTER (5 s) + a ping answered + the retry, far below the 600 s send deadline.
+        assert time.monotonic() - started < 20
+        assert texts_received(world, "alice").count("lost in the outage") == 1
