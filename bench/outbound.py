@@ -25,6 +25,20 @@ that every 2 s selects the queued rows and sends them one at a time with
 with --quick); rows still queued then count with their age at the deadline,
 a lower bound (marked with ``>=`` in the table).
 
+``--realistic`` asks another question: how close does the worker get to
+what Telegram allows? The sandbox answers every request after 150 +- 50 ms
+(its latency fault), the send limits are the defaults (20/s per account
+with a burst of 20, 1/s per chat with a burst of 5) and the sandbox's own
+flood limits are set to the same numbers, so a worker that overshoots gets
+real FLOOD_WAIT answers. 20 accounts x 10 chats allow at most 200
+messages/s, spread evenly; the offered loads are 50 %, 100 % and 150 % of
+that (100, 200, 300/s; 30 s each, 5 s with --quick). Per load: delivered/s
+(first enqueue to last delivery), ``efficiency`` = delivered/s / min(offered,
+200), p50/p99 enqueue-to-sent, ``flood_waits`` (FLOOD_WAIT answers the
+sandbox gave) and at 150 % the backlog (queued + sending, sampled every
+second) and the rate it drained at once the offer stopped. The 100 % figures
+are repeated at the top level of the JSON.
+
 Read it as: p50/p99/max per load, ours next to the baseline; ``per_s`` is
 what was delivered per second (at most the offered load). Figures depend on
 the machine and on its other load (the load average is printed). A
@@ -250,6 +264,172 @@ async def run(*, rates: list[float], seconds: float, n_accounts: int, baseline_g
     }
 
 
+# --- --realistic: against Telegram's own limits ------------------------------------------
+
+#: The default send limits (shared/config.py), mirrored by the sandbox's flood limits.
+DEFAULT_LIMITS = {"per_account_rate": 20.0, "per_account_burst": 20, "per_chat_rate": 1.0, "per_chat_burst": 5}
+LATENCY_MS, JITTER_MS = 100.0, 100.0  # 100..200 ms: 150 +- 50 ms on every request
+
+
+async def backlog(dsn: str, tag: str) -> int:
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        return int(await conn.fetchval(
+            "select count(*) from messages where text like $1 and status in ('queued', 'sending')", f"{tag}:%"
+        ))
+    finally:
+        await conn.close()
+
+
+async def run_realistic_load(
+    dsn: str, pool: asyncpg.Pool, accounts: Accounts, percent: float, cap: float, seconds: float, *, check: Any
+) -> dict[str, Any]:
+    rate = cap * percent / 100
+    tag = f"real-{percent:g}"
+    progress(f"realistic: {percent:g} % = {rate:g} messages/s for {seconds:g} s")
+    world = accounts.world
+    floods_before = await asyncio.to_thread(world.flood_waits)
+    samples: list[tuple[float, int]] = []
+    started = time.monotonic()
+    sampling = True
+
+    async def sample() -> None:
+        while sampling:
+            samples.append((round(time.monotonic() - started, 1), await backlog(dsn, tag)))
+            await asyncio.sleep(1.0)
+
+    sampler = asyncio.create_task(sample())
+    try:
+        count, achieved = await offer(pool, accounts, tag, rate, seconds)
+        offer_ended = time.monotonic() - started
+        left_at_end = await backlog(dsn, tag)
+        drain_started = time.monotonic()
+        await wait_until(lambda: _all_delivered(dsn, tag, count), timeout=seconds * 3 + 120, what=f"{tag} delivered",
+                         interval=0.2, check=check)
+        drain_s = time.monotonic() - drain_started
+    finally:
+        sampling = False
+        await sampler
+    messages, delivered, latencies, per_s = await measure(dsn, tag, deadline_age=False)
+    floods = await asyncio.to_thread(world.flood_waits) - floods_before
+    bound = min(rate, cap)
+    result: dict[str, Any] = {
+        "percent": percent,
+        "offered_per_s": rate,
+        "achieved_offer_per_s": round(achieved, 1),
+        "limit_bound_per_s": bound,
+        "messages": messages,
+        "delivered": delivered,
+        "delivered_per_s": rounded(per_s),
+        "efficiency": rounded(per_s / bound, 3) if per_s else None,
+        "p50_ms": rounded(percentile(latencies, 50)),
+        "p99_ms": rounded(percentile(latencies, 99)),
+        "flood_waits": floods,
+    }
+    peak = max((n for _, n in samples), default=0)
+    result["backlog"] = {
+        "peak": peak,
+        "at_offer_end": left_at_end,
+        "offer_ended_s": round(offer_ended, 1),
+        "drain_s": round(drain_s, 1),
+        "drain_per_s": rounded(left_at_end / drain_s) if drain_s > 0 and left_at_end else None,
+        "samples": samples,
+    }
+    return result
+
+
+async def run_realistic(*, seconds: float, n_accounts: int, chats: int, percents: list[float]) -> dict[str, Any]:
+    from shared.sandbox import FaultKind
+
+    info = machine()
+    cap = n_accounts * min(DEFAULT_LIMITS["per_account_rate"], chats * DEFAULT_LIMITS["per_chat_rate"])
+    async with BenchDatabase("bench-outbound-real-") as bench_db:
+        dsn = await bench_db.create("bench_outbound")
+        accounts = await make_accounts(dsn, bench_db.root / "sandbox", n_accounts, recipients=chats)
+        world = accounts.world
+        env = worker_env(dsn=dsn, accounts=accounts, data_dir=bench_db.root / "worker-data", extra={"SANDBOX": "1"})
+        pool = await asyncpg.create_pool(dsn, min_size=4, max_size=16)
+        loads: list[dict[str, Any]] = []
+        try:
+            worker = await WorkerProcess(env, bench_db.root / "worker.log").start()
+            try:
+                progress(f"worker.py starting with {n_accounts} sandbox accounts x {chats} chats, default limits")
+                await wait_until(lambda: _leased(dsn, n_accounts), timeout=120, what="accounts leased", check=worker.check_alive)
+                await offer(pool, accounts, "warm", n_accounts * chats, float(n_accounts * chats))
+                await wait_until(lambda: _all_delivered(dsn, "warm", n_accounts * chats), timeout=120,
+                                 what="warm-up delivered", interval=0.2, check=worker.check_alive)
+                await asyncio.to_thread(world.set_fault, FaultKind.LATENCY, method="*", ms=LATENCY_MS, jitter_ms=JITTER_MS)
+                await asyncio.to_thread(
+                    world.set_flood_limit, "account",
+                    rate=DEFAULT_LIMITS["per_account_rate"], burst=DEFAULT_LIMITS["per_account_burst"],
+                )
+                await asyncio.to_thread(
+                    world.set_flood_limit, "chat", rate=DEFAULT_LIMITS["per_chat_rate"], burst=DEFAULT_LIMITS["per_chat_burst"]
+                )
+                for percent in percents:
+                    loads.append(await run_realistic_load(dsn, pool, accounts, percent, cap, seconds, check=worker.check_alive))
+            finally:
+                await asyncio.to_thread(world.clear_faults)
+                await asyncio.to_thread(world.clear_flood_limits)
+                await worker.stop()
+        finally:
+            await pool.close()
+        version = bench_db.version
+    full = next((r for r in loads if r["percent"] == 100.0), loads[0])
+    return {
+        "benchmark": "outbound",
+        "mode": "realistic",
+        "limit_bound_per_s": cap,
+        "efficiency": full["efficiency"],
+        "delivered_per_s": full["delivered_per_s"],
+        "p50_ms": full["p50_ms"],
+        "p99_ms": full["p99_ms"],
+        "flood_waits": full["flood_waits"],
+        "aim": "efficiency >= 0.95 with 0 FloodWaits at 100 %",
+        "loads": loads,
+        "seconds_per_load": seconds,
+        "accounts": n_accounts,
+        "chats_per_account": chats,
+        "settings": {
+            "sandbox_latency": f"{LATENCY_MS + JITTER_MS / 2:g} +- {JITTER_MS / 2:g} ms on every request",
+            "send_limits": "defaults: SEND_RATE_PER_ACCOUNT=20, SEND_BURST_PER_ACCOUNT=20, SEND_RATE_PER_CHAT=1, SEND_BURST_PER_CHAT=5",
+            "sandbox_flood_limits": "the same numbers (account 20/s burst 20, chat 1/s burst 5)",
+            "other": "defaults",
+        },
+        "postgres": version,
+        "machine": info,
+        "load_average_after": [round(v, 2) for v in os.getloadavg()],
+    }
+
+
+def render_realistic(result: dict[str, Any]) -> str:
+    lines = [
+        f"outbound against Telegram's limits: worker.py, {result['accounts']} sandbox accounts x "
+        f"{result['chats_per_account']} chats, embedded PostgreSQL {result['postgres']}, {result['seconds_per_load']:g} s per load",
+        f"sandbox: {result['settings']['sandbox_latency']}; flood limits: {result['settings']['sandbox_flood_limits']}",
+        f"worker: {result['settings']['send_limits']}; everything else default",
+        f"limit-bound maximum: {result['limit_bound_per_s']:g} messages/s",
+        f"machine: {machine_line(result['machine'])}; load average after: {' '.join(f'{v:.2f}' for v in result['load_average_after'])}",
+        "",
+        f"{'load':>5} {'offered/s':>9} {'delivered/s':>11} {'efficiency':>10} {'p50 ms':>8} {'p99 ms':>9} {'FloodWaits':>10}",
+    ]
+    for r in result["loads"]:
+        eff = f"{r['efficiency']:.3f}" if r["efficiency"] is not None else "-"
+        lines.append(
+            f"{r['percent']:>4g}% {r['offered_per_s']:>9g} {r['delivered_per_s'] or 0:>11.1f} {eff:>10} "
+            f"{_ms(r['p50_ms'], False):>8} {_ms(r['p99_ms'], False):>9} {r['flood_waits']:>10}"
+        )
+    over = next((r for r in result["loads"] if r["percent"] > 100), None)
+    if over is not None:
+        b = over["backlog"]
+        lines.append(
+            f"backlog at {over['percent']:g} %: peak {b['peak']}, {b['at_offer_end']} left when the offer stopped at "
+            f"{b['offer_ended_s']:g} s, drained in {b['drain_s']:g} s ({b['drain_per_s']} messages/s)"
+        )
+    lines += ["", f"at 100 %: efficiency {result['efficiency']}, {result['flood_waits']} FloodWaits (aim >= 0.95 with 0)"]
+    return "\n".join(lines)
+
+
 async def _leased(dsn: str, n: int) -> bool:
     return await leased_accounts(dsn) >= n
 
@@ -301,8 +481,19 @@ def main(argv: list[str] | None = None) -> int:
     args_parser.add_argument("--seconds", type=float, default=None, help="seconds per offered load (default 30, 2 with --quick)")
     args_parser.add_argument("--rates", default=None, help="offered loads, messages/s (default 50,200,1000; 200 with --quick)")
     args_parser.add_argument("--accounts", type=int, default=20, help="sandbox accounts (default 20)")
+    args_parser.add_argument("--realistic", action="store_true",
+                             help="150 +- 50 ms per request, default limits, sandbox flood limits: efficiency and FloodWaits")
     args = args_parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.realistic:
+        started = time.monotonic()
+        result = asyncio.run(run_realistic(
+            seconds=args.seconds if args.seconds is not None else (5.0 if args.quick else 30.0),
+            n_accounts=args.accounts, chats=10, percents=[50.0, 100.0, 150.0],
+        ))
+        result["wall_seconds"] = round(time.monotonic() - started, 1)
+        emit(render_realistic(result), result, as_json=args.json)
+        return 0
     rates = [float(r) for r in (args.rates or ("200" if args.quick else "50,200,1000")).split(",")]
     seconds = args.seconds if args.seconds is not None else (2.0 if args.quick else 30.0)
     started = time.monotonic()

@@ -83,3 +83,76 @@ def test_quick_json_run_ends_with_an_object_carrying_the_required_fields(
     missing = [field for field in REQUIRED[name] if field not in result]
     assert not missing, f"bench {name}: JSON lacks {missing}"
     assert {"date", "commit", "load_average"} <= set(result["machine"]), "where the figures come from"
+
+
+#: Runs of the comparisons against peers, against Telegram's limits and with the default settings
+#: (issue 20), each a little smaller than --quick where an option allows, started together after the
+#: first group: benchmark id -> (arguments after bench/, the fields its JSON line must carry).
+MORE: dict[str, tuple[list[str], tuple[str, ...]]] = {
+    "queue": (["queue.py", "--quick", "--json"], ("pgqueuer_per_s", "ratio_pgqueuer", "pgqueuer_p99_ms", "settings")),
+    "recovery-defaults": (
+        ["recovery.py", "--defaults", "--quick", "--json", "--outage", "4", "--telegram-outage", "4"],
+        ("cases", "after_return_s", "worst_after_return_s", "machine"),
+    ),
+    "outbound-realistic": (
+        ["outbound.py", "--realistic", "--quick", "--json", "--seconds", "3", "--accounts", "4"],
+        ("efficiency", "flood_waits", "p99_ms", "loads", "machine"),
+    ),
+}
+
+MORE_TIMEOUT = 300.0
+"""Seconds the second group may take (three benchmarks at once on two shared cores)."""
+
+
+@pytest.fixture(scope="module")
+def more_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, subprocess.Popen[str]]]:
+    logs = tmp_path_factory.mktemp("bench-smoke-more")
+    env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "SUPABASE_URL", "TELEGRAM_API_ID"}}
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, f"bench/{args[0]}", *args[1:]],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=(logs / f"{name}.err").open("w"), text=True,
+        )
+        for name, (args, _) in MORE.items()
+    }
+    try:
+        yield procs
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def _number_or_none(value: Any) -> bool:
+    return value is None or isinstance(value, (int, float))
+
+
+@pytest.mark.timeout(MORE_TIMEOUT + 10)
+@pytest.mark.parametrize("name", list(MORE))
+def test_peer_limit_and_default_recovery_runs_carry_their_fields(more_runs: dict[str, subprocess.Popen[str]], name: str) -> None:
+    proc = more_runs[name]
+    try:
+        out, _ = proc.communicate(timeout=MORE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        pytest.fail(f"bench {name} did not finish within {MORE_TIMEOUT:g} s:\n{out[-2000:]}")
+    assert proc.returncode == 0, f"bench {name} exited with {proc.returncode}:\n{out[-3000:]}"
+    lines = [line for line in out.splitlines() if line.strip()]
+    result = json.loads(lines[-1])
+    missing = [field for field in MORE[name][1] if field not in result]
+    assert not missing, f"bench {name}: JSON lacks {missing}"
+    if name == "queue":
+        assert all(_number_or_none(result[f]) for f in ("pgqueuer_per_s", "ratio_pgqueuer", "pgqueuer_p99_ms"))
+        assert set(result["settings"]) == {"ours", "procrastinate", "pgqueuer"}, "each system's settings are stated"
+    elif name == "recovery-defaults":
+        assert _number_or_none(result["worst_after_return_s"])
+        assert result["cases"] and all("after_return_s" in c and _number_or_none(c["after_return_s"]) for c in result["cases"])
+        assert set(result["after_return_s"]) == {c["case"] for c in result["cases"]}
+    else:
+        assert _number_or_none(result["efficiency"]) and isinstance(result["flood_waits"], int)
+        assert [load["percent"] for load in result["loads"]] == [50.0, 100.0, 150.0]
+        for load in result["loads"]:
+            assert {"efficiency", "flood_waits", "p50_ms", "p99_ms", "delivered_per_s", "backlog"} <= set(load)
+        assert {"peak", "drain_per_s", "samples"} <= set(result["loads"][-1]["backlog"])

@@ -519,6 +519,8 @@ class World:
         except RpcFailure as failure:
             store.conn.execute("ROLLBACK TO request")
             store.conn.execute("RELEASE request")
+            if failure.message.startswith("FLOOD_WAIT_"):
+                store.bump("flood_waits")
             return None, Outcome(error=(failure.code, failure.message), fault=fault, account_id=caller.account_id)
         except Exception as exc:  # noqa: BLE001 - isolate a sandbox bug to its request
             logger.exception("sandbox: internal error answering %s", type(request).__name__)
@@ -685,6 +687,11 @@ class World:
                 (scope, account_id, float(rate), float(burst)),
             )
             return int(cursor.lastrowid or 0)
+
+    def flood_waits(self) -> int:
+        """How many FLOOD_WAIT answers the flood limits gave so far (fault rules not counted)."""
+        with self._read() as store:
+            return int(store.meta("flood_waits", "0") or 0)
 
     def clear_flood_limits(self) -> None:
         """Remove every flood limit and empty the buckets."""
