@@ -313,6 +313,58 @@ class Sync:
 # --- 3. outbound: exactly once, in order per chat --------------------------------------
 
 
+class SentMarks:
+    """Marks of sent messages, written together: one statement (one commit) for every send that
+    finished while the previous write was under way, with no added wait (group commit).
+
+    A mark still comes after its send, as before; a crash between the two leaves the row to be
+    sent again with its random_id, which Telegram drops as a duplicate. If a batch fails, its
+    marks are written one by one, so one bad row never fails the others.
+    """
+
+    def __init__(self, db: Database, *, max_batch: int = 100) -> None:
+        self.db = db
+        self.max_batch = max_batch
+        self._pending: list[tuple[tuple[int, str, int, int | None], asyncio.Future[bool]]] = []
+        self._writer: asyncio.Task[None] | None = None
+        self.writes = 0
+
+    async def mark(self, message_id: int, token: str, *, telegram_message_id: int, chat_id: int | None) -> bool:
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pending.append(((message_id, token, telegram_message_id, chat_id), future))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_all(), name="outbound-marks")
+        return await asyncio.shield(future)
+
+    async def _write_all(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+            self.writes += 1
+            try:
+                results = await self.db.mark_sent_many([marks for marks, _ in batch])
+            except Exception as exc:
+                if len(batch) == 1:
+                    _settle(batch[0][1], exc)
+                    continue
+                for (message_id, token, telegram_id, chat_id), future in batch:
+                    try:
+                        _settle(future, await self.db.mark_sent(message_id, token, telegram_message_id=telegram_id, chat_id=chat_id))
+                    except Exception as one:
+                        _settle(future, one)
+                continue
+            for (_, future), result in zip(batch, results, strict=True):
+                _settle(future, result)
+
+
+def _settle(future: asyncio.Future[bool], outcome: bool | BaseException) -> None:
+    if future.done():
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
 class Outbound:
     """Sends the queue. See the module docstring for why nothing goes out twice."""
 
@@ -332,6 +384,7 @@ class Outbound:
         self.failed = 0
         self.dead = 0
         self.lease_seconds = settings.timeout_telegram_send + settings.timeout_telegram_media + 30
+        self.marks = SentMarks(db)
         self._in_hand: dict[asyncio.Task[None], list[OutboundMessage]] = {}
         self._finished = asyncio.Event()
         self._late_error: BaseException | None = None
@@ -546,7 +599,7 @@ class Outbound:
                 raise
             except Exception as exc:
                 return await self._failed(connection, row, exc)
-            if await self.db.mark_sent(row.id, token, telegram_message_id=telegram_id, chat_id=chat_id):
+            if await self.marks.mark(row.id, token, telegram_message_id=telegram_id, chat_id=chat_id):
                 self.sent += 1
                 connection.sent += 1
                 self.runtime.stats.processed += 1

@@ -366,6 +366,10 @@ async def run_realistic(*, seconds: float, n_accounts: int, chats: int, percents
                 await asyncio.to_thread(
                     world.set_flood_limit, "chat", rate=DEFAULT_LIMITS["per_chat_rate"], burst=DEFAULT_LIMITS["per_chat_burst"]
                 )
+                # Warm-up with the latency and limits in place (not measured): one message per chat.
+                await offer(pool, accounts, "warm-latency", n_accounts * chats, cap / 2)
+                await wait_until(lambda: _all_delivered(dsn, "warm-latency", n_accounts * chats), timeout=120,
+                                 what="second warm-up delivered", interval=0.2, check=worker.check_alive)
                 for percent in percents:
                     loads.append(await run_realistic_load(dsn, pool, accounts, percent, cap, seconds, check=worker.check_alive))
             finally:

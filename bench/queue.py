@@ -8,8 +8,10 @@ databases of one embedded PostgreSQL (default settings, fsync on):
 * throughput: a backlog of messages drained by N concurrent claimers, in
   alternating rounds (ours, procrastinate, ours, ...); the best round of each
   counts, so load from elsewhere on the machine does not decide the ratio.
-  Ours: ``claim_outbound`` (a batch, FOR UPDATE SKIP LOCKED) then
-  ``mark_sent`` for each row. Procrastinate: ``fetch_job`` then
+  Ours: ``claim_outbound`` (a batch, FOR UPDATE SKIP LOCKED), then the
+  rows are "sent" together and their marks written as the worker writes
+  them (``SentMarks``: the marks of sends that finish together go in one
+  ``outbound_mark_sent_many`` statement). Procrastinate: ``fetch_job`` then
   ``finish_job`` for each job (its worker's own calls), after ``defer``.
   pgqueuer (built for throughput): one ``QueueManager`` per claimer, each
   on its own connection, ``run(batch_size=<batch>, mode=drain)``: batched
@@ -115,8 +117,14 @@ class Ours:
         self.account = 0
 
     async def open(self) -> None:
+        from worker import SentMarks
+
         await self.db.open()
         self.account = (await self.db.upsert_account("bench")).id
+        self.marks = SentMarks(self.db)
+
+    async def _mark(self, row: Any) -> None:
+        await self.marks.mark(row.id, row.lease_token or "", telegram_message_id=row.id, chat_id=row.id)
 
     async def close(self) -> None:
         await self.db.close()
@@ -141,9 +149,9 @@ class Ours:
                 if not rows:
                     await asyncio.sleep(0.001)
                     continue
-                for row in rows:
-                    await self.db.mark_sent(row.id, row.lease_token or "", telegram_message_id=row.id, chat_id=row.id)
-                    done += 1
+                # Sent together, as the worker's chat tasks do; their marks share one write (SentMarks).
+                await asyncio.gather(*(self._mark(row) for row in rows))
+                done += len(rows)
 
         started = time.perf_counter()
         await asyncio.gather(*(claimer(n) for n in range(self.plan.claimers)))
@@ -167,8 +175,7 @@ class Ours:
                     now = time.perf_counter()
                     for row in rows:
                         latencies.append(now - enqueued_at[int(row.text or 0)])
-                    for row in rows:
-                        await self.db.mark_sent(row.id, row.lease_token or "", telegram_message_id=row.id, chat_id=row.id)
+                    await asyncio.gather(*(self._mark(row) for row in rows))
                     if len(latencies) >= count:
                         finished.set()
                     elif not rows:
@@ -458,7 +465,8 @@ async def run(plan: Plan) -> dict[str, Any]:
         "pgqueuer_version": _version("pgqueuer"),
         "procrastinate_version": _version("procrastinate"),
         "settings": {
-            "ours": f"claim_outbound(limit={plan.batch}) then mark_sent per row; LISTEN/NOTIFY Subscription",
+            "ours": f"claim_outbound(limit={plan.batch}), the batch's marks written together (worker.SentMarks: "
+            "outbound_mark_sent_many); LISTEN/NOTIFY Subscription",
             "procrastinate": "fetch_job then finish_job per job (its worker's calls); listen_for_jobs",
             "pgqueuer": PGQUEUER_SETTINGS.format(batch=plan.batch),
         },

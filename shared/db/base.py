@@ -421,6 +421,21 @@ class Database(abc.ABC):
         }
         return bool(await self._scalar("outbound_mark_sent", args))
 
+    async def mark_sent_many(self, marks: Sequence[tuple[int, str, int, int | None]]) -> list[bool]:
+        """Record several sends in one statement (one commit): ``(message_id, token,
+        telegram_message_id, chat_id)`` each; per mark, what :meth:`mark_sent` would return."""
+        if not marks:
+            return []
+        args = {
+            "p_ids": [m[0] for m in marks],
+            "p_tokens": [m[1] for m in marks],
+            "p_telegram_message_ids": [m[2] for m in marks],
+            "p_chat_ids": [m[3] for m in marks],
+        }
+        rows = await self.call("outbound_mark_sent_many", args)
+        marked = {int(r["id"]): bool(r["marked"]) for r in rows}
+        return [marked.get(m[0], False) for m in marks]
+
     async def mark_failed(
         self,
         message_id: int,

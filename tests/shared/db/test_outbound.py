@@ -329,3 +329,17 @@ async def test_enqueue_wakes_a_waiting_claimer_through_notify(database: Postgres
         await other.close()
     assert await asyncio.wait_for(waiter, timeout=10) is True
     assert len(await database.claim_outbound([account], owner="w")) == 1
+
+
+async def test_marks_of_sends_that_finished_together_are_written_in_one_statement(backend_db: Database) -> None:
+    account = await _account(backend_db)
+    for n in range(3):
+        await backend_db.enqueue_outbound(account, f"peer{n}", f"m{n}")
+    rows = await backend_db.claim_outbound([account], owner="worker-a")
+    assert len(rows) == 3
+    marks = [(r.id, r.lease_token or "", 100 + r.id, 200 + r.id) for r in rows]
+    marks[1] = (rows[1].id, "00000000-0000-0000-0000-000000000000", 1, 2)  # a fenced-off mark
+    assert await backend_db.mark_sent_many(marks) == [True, False, True]
+    assert await backend_db.mark_sent_many([marks[0]]) == [True], "repeating a mark changes nothing"
+    assert (await backend_db.get_outbound(rows[0].id)).status is OutboundStatus.SENT  # type: ignore[union-attr]
+    assert (await backend_db.get_outbound(rows[1].id)).status is OutboundStatus.SENDING  # type: ignore[union-attr]
