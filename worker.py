@@ -69,13 +69,13 @@ from shared.timeouts import OperationTimeout, telegram_op
 
 logger = logging.getLogger("worker")
 
-#: Telegram's limits, checked before a message is sent so bad input fails at once with a clear reason.
 #: How long a cycle waits for its claimed batch before it claims again (chats go on in the background).
 CHAT_PATIENCE = 1.0
 
 #: A send (or lookup) pending this long is suspect: the account's connection check decides whether it is lost.
 STUCK_SEND_AFTER = 5.0
 
+#: Telegram's limits, checked before a message is sent so bad input fails at once with a clear reason.
 TEXT_LIMIT = 4096
 CAPTION_LIMIT = 1024
 FILE_LIMIT = 2 * 1024**3
@@ -414,6 +414,7 @@ class Outbound:
         await self._cut_stuck_sends()
         if self._take_back_due:
             await self._take_back_own_rows()
+        self._finished.clear()  # a chat finishing from here on wakes the idle wait below
         accounts = [c.id for c in self.pool.connected() if self.per_account.held_until(c.id) is None]
         rows = await self.db.claim_outbound(
             accounts,
@@ -442,7 +443,6 @@ class Outbound:
         if not self._in_hand:
             await wakeup
             return
-        self._finished.clear()
         finished = asyncio.ensure_future(self._finished.wait())
         try:
             await asyncio.wait({wakeup, finished}, return_when=asyncio.FIRST_COMPLETED)

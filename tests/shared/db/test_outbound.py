@@ -343,3 +343,18 @@ async def test_marks_of_sends_that_finished_together_are_written_in_one_statemen
     assert await backend_db.mark_sent_many([marks[0]]) == [True], "repeating a mark changes nothing"
     assert (await backend_db.get_outbound(rows[0].id)).status is OutboundStatus.SENT  # type: ignore[union-attr]
     assert (await backend_db.get_outbound(rows[1].id)).status is OutboundStatus.SENDING  # type: ignore[union-attr]
+
+
+async def test_rows_waiting_behind_a_flood_waited_head_never_starve_other_chats(backend_db: Database) -> None:
+    account = await _account(backend_db)
+    head = await backend_db.enqueue_outbound(account, "alice", "a0")
+    for n in range(1, 5):
+        await backend_db.enqueue_outbound(account, "alice", f"a{n}")
+    other = await backend_db.enqueue_outbound(account, "bob", "b0")
+    claimed = await _claim_one(backend_db, account, limit=1)
+    assert claimed.id == head.id
+    # Telegram asked alice's chat to wait: its head goes back to the queue for a minute.
+    assert await backend_db.reschedule_outbound(head.id, claimed.lease_token or "", at=utc_now() + timedelta(seconds=60))
+    # The window of candidates (limit * 4 = 4 rows) would hold only alice's waiting rows.
+    nxt = await _claim_one(backend_db, account, limit=1)
+    assert nxt.id == other.id, "bob's message is claimed although alice's rows wait behind her head"
