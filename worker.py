@@ -579,7 +579,9 @@ class Outbound:
             self._send_started[task] = time.monotonic()
         token = row.lease_token or ""
         chat_key = (row.account_id, row.peer)
-        wait = max(self.per_account.delay(row.account_id), self.per_chat.delay(chat_key))
+        # A token or two in reserve: Telegram counts on its own clock, and network jitter must not
+        # make a send that our bucket allows arrive early enough to provoke a FloodWait.
+        wait = max(self.per_account.delay(row.account_id, reserve=2.0), self.per_chat.delay(chat_key, reserve=1.0))
         if wait > 0:
             if wait > 1.0:
                 await self.db.reschedule_outbound(row.id, token, at=datetime.now(UTC) + timedelta(seconds=wait), reason=None)

@@ -72,14 +72,20 @@ class KeyedBuckets:
         for key in [k for k, b in self._buckets.items() if b.delay(now, b.burst) == 0.0]:
             del self._buckets[key]
 
-    def delay(self, key: object) -> float:
-        """Seconds before ``key`` may send (penalty or empty bucket)."""
+    def delay(self, key: object, *, reserve: float = 0.0) -> float:
+        """Seconds before ``key`` may send (penalty or empty bucket).
+
+        ``reserve``: tokens to leave in the bucket (at most burst - 1), so a
+        server counting the same limit on its own clock, where requests arrive
+        with network jitter, never finds its bucket empty. The rate is unchanged.
+        """
         now = self._clock()
         held = self._held_until.get(key, 0.0) - now
         if held > 0:
             return held
         self._held_until.pop(key, None)
-        return self._bucket(key, now).delay(now)
+        bucket = self._bucket(key, now)
+        return bucket.delay(now, 1.0 + max(0.0, min(reserve, bucket.burst - 1.0)))
 
     def take(self, key: object) -> None:
         """Spend one token of ``key`` (call after :meth:`delay` returned 0)."""
