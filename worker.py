@@ -430,7 +430,8 @@ class Outbound:
             # Each chat in a task of its own; the cycle waits for the batch only so long, so one
             # slow chat (a hung lookup) never holds the other chats' next messages. The claim
             # never hands out a chat's later rows while an earlier one is still being sent.
-            await asyncio.wait([self._start_chat(group) for group in chats.values()], timeout=CHAT_PATIENCE)
+            patience = min(CHAT_PATIENCE, self.settings.watchdog_max_silence / 4)  # the loop never looks silent
+            await asyncio.wait([self._start_chat(group) for group in chats.values()], timeout=patience)
             self._raise_late_error()
             if len(rows) >= self.settings.outbound_batch_size:
                 return 0.0

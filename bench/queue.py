@@ -45,6 +45,7 @@ import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import os  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -480,6 +481,7 @@ async def run(plan: Plan) -> dict[str, Any]:
         "batch": plan.batch,
         "offered_per_s": plan.offered_per_s,
         "postgres": version,
+        "load_average_after": [round(v, 2) for v in os.getloadavg()],
     }
 
 
@@ -507,6 +509,7 @@ def render(result: dict[str, Any]) -> str:
         f"{result['pgqueuer_p99_ms']:>12.2f}",
         "",
         f"throughput ratio (ours / procrastinate): {result['ratio']}; (ours / pgqueuer): {result['ratio_pgqueuer']} (aim >= 1.5)",
+        f"load average after: {' '.join(f'{v:.2f}' for v in result['load_average_after'])}",
         f"versions: procrastinate {result['procrastinate_version']}, pgqueuer {result['pgqueuer_version']}",
         "settings:",
         *(f"  {name}: {how}" for name, how in result["settings"].items()),

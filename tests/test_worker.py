@@ -313,7 +313,7 @@ async def _all_settled(database_url: str, count: int) -> bool:
     return len(rows) == count and all(r["status"] in ("sent", "failed", "dead") for r in rows)
 
 
-async def test_a_stuck_send_loop_is_restarted_and_the_heartbeat_keeps_beating(
+async def test_a_send_stuck_past_the_watchdogs_patience_is_cut_and_the_loop_and_heartbeat_go_on(
     worker_env: dict[str, str], database_url: str
 ) -> None:
     env = {**worker_env, "WATCHDOG_MAX_SILENCE": "1", "TIMEOUT_TELEGRAM_SEND": "600"}
@@ -326,10 +326,10 @@ async def test_a_stuck_send_loop_is_restarted_and_the_heartbeat_keeps_beating(
         watchdog = worker.runtime.watchdog
         await wait_until(lambda: _heartbeat_at(database_url), what="a first heartbeat")
         first_beat = await _heartbeat_at(database_url)
-        started = time.monotonic()
-        await wait_until(lambda: watchdog.get_status()["outbound"]["restarts"] >= 1, timeout=10, what="outbound restarted")
-        assert time.monotonic() - started < 1 + 0.2 + 2.0, "restarted within max silence + check interval (+ slack)"
-        assert watchdog.get_status()["outbound"]["last_restart_reason"] == "silent"
+        # The send runs in a chat task of its own: the loop keeps cycling (and claiming for other
+        # chats) while it hangs, and cuts it once it is silent past WATCHDOG_MAX_SILENCE.
+        cycles = watchdog.get_status()["outbound"]["cycles"]
+        await wait_until(lambda: watchdog.get_status()["outbound"]["cycles"] >= cycles + 3, timeout=10, what="outbound cycling")
         await wait_until(lambda: _heartbeat_after(database_url, first_beat), what="heartbeat while stuck")
         world.clear_faults()
         await wait_until(lambda: "stuck for now" in texts_received(world, "alice"), timeout=15, what="delivery after the hang")
