@@ -355,7 +355,7 @@ async def run_realistic(*, seconds: float, n_accounts: int, chats: int, percents
             try:
                 progress(f"worker.py starting with {n_accounts} sandbox accounts x {chats} chats, default limits")
                 await wait_until(lambda: _leased(dsn, n_accounts), timeout=120, what="accounts leased", check=worker.check_alive)
-                await offer(pool, accounts, "warm", n_accounts * chats, float(n_accounts * chats))
+                await offer(pool, accounts, "warm", float(n_accounts * chats), 1.0)  # one message per chat
                 await wait_until(lambda: _all_delivered(dsn, "warm", n_accounts * chats), timeout=120,
                                  what="warm-up delivered", interval=0.2, check=worker.check_alive)
                 await asyncio.to_thread(world.set_fault, FaultKind.LATENCY, method="*", ms=LATENCY_MS, jitter_ms=JITTER_MS)
@@ -367,7 +367,7 @@ async def run_realistic(*, seconds: float, n_accounts: int, chats: int, percents
                     world.set_flood_limit, "chat", rate=DEFAULT_LIMITS["per_chat_rate"], burst=DEFAULT_LIMITS["per_chat_burst"]
                 )
                 # Warm-up with the latency and limits in place (not measured): one message per chat.
-                await offer(pool, accounts, "warm-latency", n_accounts * chats, cap / 2)
+                await offer(pool, accounts, "warm-latency", cap / 2, n_accounts * chats / (cap / 2))
                 await wait_until(lambda: _all_delivered(dsn, "warm-latency", n_accounts * chats), timeout=120,
                                  what="second warm-up delivered", interval=0.2, check=worker.check_alive)
                 for percent in percents:
