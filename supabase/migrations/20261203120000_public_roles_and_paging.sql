@@ -115,9 +115,11 @@ as $$
     select * from chats c
     where c.account_id = p_account_id and (p_since is null or c.last_message_at >= p_since)
       and (p_after_id is null
-           or coalesce(c.last_message_at, '-infinity') < coalesce(p_after_at, '-infinity')
-           or (coalesce(c.last_message_at, '-infinity') = coalesce(p_after_at, '-infinity') and c.id > p_after_id))
-    order by coalesce(c.last_message_at, '-infinity') desc, c.id
+           or (p_after_at is not null
+               and (c.last_message_at < p_after_at or c.last_message_at is null
+                    or (c.last_message_at = p_after_at and c.id > p_after_id)))
+           or (p_after_at is null and c.last_message_at is null and c.id > p_after_id))
+    order by c.last_message_at desc nulls last, c.id
     limit p_limit;
 $$;
 
