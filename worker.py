@@ -346,7 +346,7 @@ class Outbound:
             for row in rows:
                 chats[(row.account_id, row.peer)].append(row)
             await asyncio.gather(*(self._send_chat(group) for group in chats.values()))
-            if len(rows) >= self.settings.outbound_batch_size:
+            if len(rows) >= self.db.batch_limit(self.settings.outbound_batch_size):
                 return 0.0
         # Idle: sleep until an enqueue NOTIFYs us (or poll, at most 1 s apart without NOTIFY).
         await self.db.wait_for_wakeup("outbound", self.settings.outbound_poll_interval)

@@ -171,6 +171,9 @@ class Database(abc.ABC):
     """
 
     backend: Backend
+    #: True when the transport answers at most a fixed number of rows per call
+    #: and drops the rest silently (Supabase's API: its "Max rows").
+    rows_capped: bool = False
 
     def __init__(self, *, poll_interval: float = DEFAULT_POLL_INTERVAL, page_size: int = DEFAULT_PAGE_SIZE) -> None:
         self.poll_interval = poll_interval
@@ -244,9 +247,14 @@ class Database(abc.ABC):
             position = after(page[-1])
         return rows
 
-    def _batch(self, limit: int) -> int:
-        """A claim's size: rows claimed but cut from the answer would wait out their lease unseen."""
-        return max(1, min(limit, self.page_size))
+    def batch_limit(self, limit: int) -> int:
+        """The most rows one claim of ``limit`` returns on this backend.
+
+        Where answers are capped (:attr:`rows_capped`), a claim asks for at
+        most ``page_size``: a row claimed but cut from the answer would wait
+        out its lease unseen.
+        """
+        return max(1, min(limit, self.page_size)) if self.rows_capped else limit
 
     async def ping(self) -> datetime:
         """The database's clock; raises like any call when it is unreachable."""
@@ -464,7 +472,7 @@ class Database(abc.ABC):
         args = {
             "p_account_ids": list(account_ids),
             "p_owner": owner,
-            "p_limit": self._batch(limit),
+            "p_limit": self.batch_limit(limit),
             "p_lease_seconds": float(lease_seconds),
             "p_per_chat_limit": per_chat_limit,
             "p_max_retries": max_retries,
@@ -624,7 +632,7 @@ class Database(abc.ABC):
         args = {
             "p_account_ids": list(account_ids),
             "p_owner": owner,
-            "p_limit": self._batch(limit),
+            "p_limit": self.batch_limit(limit),
             "p_lease_seconds": float(lease_seconds),
             "p_max_retries": max_retries,
         }
@@ -706,7 +714,7 @@ class Database(abc.ABC):
         args = {
             "p_account_ids": list(account_ids),
             "p_owner": owner,
-            "p_limit": self._batch(limit),
+            "p_limit": self.batch_limit(limit),
             "p_lease_seconds": float(lease_seconds),
             "p_max_retries": max_retries,
         }

@@ -217,9 +217,10 @@ async def test_a_claim_never_asks_for_more_rows_than_an_answer_can_hold(backend_
     for n in range(5):
         await db.enqueue_outbound(account, f"peer{n}", "hello")
     claimed = await db.claim_outbound([account], owner="w", limit=50)
-    assert len(claimed) == 2
+    expected = 2 if db.rows_capped else 5  # asyncpg answers every row
+    assert len(claimed) == min(db.batch_limit(50), 5) == expected
     counts = {c.status: c.count for c in await db.outbound_counts(account)}
-    assert counts == {OutboundStatus.SENDING: 2, OutboundStatus.QUEUED: 3}  # nothing claimed unseen
+    assert (counts.get(OutboundStatus.SENDING), counts.get(OutboundStatus.QUEUED, 0)) == (expected, 5 - expected)  # none claimed unseen
 
 
 @pytest.mark.parametrize("advance", [True, False])
