@@ -52,10 +52,15 @@ order by 1
 """
 
 
+@pytest.fixture(params=["embedded_pg", "local_pg"], ids=["embedded", "pg15"])
+def server(request: pytest.FixtureRequest) -> PgServer:
+    return request.getfixturevalue(request.param)
+
+
 @pytest.fixture
-async def conn(embedded_pg: PgServer) -> AsyncIterator[asyncpg.Connection]:
+async def conn(server: PgServer) -> AsyncIterator[asyncpg.Connection]:
     """A connection to a database set up like Supabase's, then migrated."""
-    dsn = await embedded_pg.create_database(migrated=False)
+    dsn = await server.create_database(migrated=False)
     connection = await asyncpg.connect(dsn)
     try:
         await connection.execute(_SUPABASE_SETUP)
@@ -63,8 +68,8 @@ async def conn(embedded_pg: PgServer) -> AsyncIterator[asyncpg.Connection]:
         yield connection
     finally:
         await connection.close()
-        if embedded_pg.drop_after_test:
-            await embedded_pg.drop_database(dsn)
+        if server.drop_after_test:
+            await server.drop_database(dsn)
 
 
 async def _denied(conn: asyncpg.Connection, role: str, statement: str) -> bool:
