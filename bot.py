@@ -53,7 +53,7 @@ from telethon.sessions import StringSession
 from shared.alerts import AlertType
 from shared.breaker import BreakerRegistry, CircuitBreaker, CircuitOpenError, CircuitState
 from shared.breaker import registry as breaker_registry
-from shared.config import BY_NAME, ReplyGuySettings, load_or_exit
+from shared.config import BY_NAME, ReplyGuySettings, load_or_exit, refuse_implicit_sandbox_or_exit
 from shared.db import Database, Tweet, TweetStatus
 from shared.db.retry_store import DbRetryStore
 from shared.errors import ErrorKind, classify, describe
@@ -1003,6 +1003,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     settings = load_or_exit(ReplyGuySettings)
     command = args.command or "run"
+    if command == "run":
+        refuse_implicit_sandbox_or_exit(settings, "TELEGRAM_API_ID")
     configure_logging(settings, stream=sys.stdout if command == "run" else sys.stderr)
     if command == "health":
         return asyncio.run(cli_health(settings, args))

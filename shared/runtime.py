@@ -257,6 +257,11 @@ class BotRuntime:
         return bool(summary.get("healthy", True)), summary
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Ready when start-up is over and every dependency check answers; never while waiting for one."""
+        if self._starting is not None:
+            return False, {"starting": self._starting}
+        if not self._started:
+            return False, {"starting": "the bot is still starting"}
         results: dict[str, Any] = {}
         ok = True
         for name, check in list(self._ready_checks.items()):

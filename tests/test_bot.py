@@ -41,6 +41,7 @@ def base_env(tmp_path: Path, extra: Mapping[str, str] | None = None) -> dict[str
         "DATA_DIR": str(tmp_path / "data"),
         "SANDBOX_DIR": str(tmp_path / "sandbox"),
         "PORT": "0",
+        "SANDBOX": "1",
         "DISCOVER_INTERVAL": "1",
         "HEARTBEAT_INTERVAL": "1",
         "SHUTDOWN_GRACE": "5",

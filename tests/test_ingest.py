@@ -46,6 +46,7 @@ CHANNEL = "@demo_photos"
 
 FAST = {
     "PORT": "0",
+    "SANDBOX": "1",
     "ACCOUNT_CHECK_INTERVAL": "0.2",
     "ACCOUNT_LEASE_SECONDS": "5",
     "WATCHDOG_CHECK_INTERVAL": "0.2",
@@ -458,7 +459,7 @@ async def test_gc_dry_run_lists_old_orphans_and_the_real_run_deletes_only_them(
     os.utime(objects / "attachments/not-ours.png", (day_ago, day_ago))
     await database.record_ingest_image(-100123, 1, storage_key=keys["kept"], sha256=kept_sha)
 
-    env = {**os.environ, "DATABASE_URL": database_url, "DATA_DIR": str(tmp_path / "data"), "SANDBOX_DIR": str(tmp_path / "sb")}
+    env = {**os.environ, "SANDBOX": "1", "DATABASE_URL": database_url, "DATA_DIR": str(tmp_path / "data"), "SANDBOX_DIR": str(tmp_path / "sb")}
 
     def gc(*args: str) -> dict[str, Any]:
         done = subprocess.run(
