@@ -57,13 +57,14 @@ from shared.config import BY_NAME, ReplyGuySettings, load_or_exit, refuse_implic
 from shared.db import Database, Tweet, TweetStatus
 from shared.db.retry_store import DbRetryStore
 from shared.errors import ErrorKind, classify, describe
+from shared.health import report_of
 from shared.retry_queue import JsonlRetryStore, RetryItem, RetryQueue
 from shared.runtime import BotRuntime, StartupAborted, StartupFailed, configure_logging, run_bot
 from shared.timeouts import db_op
 
 from replyguy.ai import AIClient, Drafter, load_prompt
 from replyguy.approval import ApprovalDesk, Decision
-from replyguy.health import Health, overall
+from replyguy.health import Health
 from replyguy.local_ai import SANDBOX_AI_KEY, SANDBOX_AI_MODEL, LocalAI
 from replyguy.local_x import SANDBOX_KEYWORDS, SANDBOX_TARGET_ACCOUNTS, SANDBOX_X_CREDENTIALS, LocalX
 from replyguy.state import ReplyState
@@ -760,7 +761,7 @@ class ReplyGuy:
     # --- 3g. health and status ------------------------------------------------------------------------
 
     async def health_check_all(self) -> dict[str, Any]:
-        """Database, twitter, ai and telegram, each healthy | degraded | error, and overall."""
+        """Database, twitter, ai and telegram, each healthy | degraded | error, and overall (one shape for every bot)."""
         database: dict[str, Any]
         db_breaker = breaker_registry.get("database")
         try:
@@ -771,13 +772,12 @@ class ReplyGuy:
         except Exception as exc:
             database = {"status": Health.ERROR.value, "connected": False, "error": describe(exc),
                         "circuit_breaker": db_breaker.state.value if db_breaker else None}
-        components = {
+        return report_of({
             "database": database,
             "twitter": self.x.health(),
             "ai": self.ai.health(),
             "telegram": self.desk.health(),
-        }
-        return {**components, "overall": overall(components).value}
+        })
 
     async def status(self) -> dict[str, Any]:
         """The ``reply_guy`` section of /status."""
@@ -980,10 +980,9 @@ async def cli_health(settings: ReplyGuySettings, args: argparse.Namespace) -> in
         print(json.dumps(data, indent=2, sort_keys=True))
     else:
         print(f"overall: {state.value}")
-        for name in ("database", "twitter", "ai", "telegram"):
-            part = data.get(name) or {}
-            extra = part.get("last_error") or part.get("error") or ""
-            print(f"  {name:<9} {part.get('status', '?'):<9} {extra}".rstrip())
+        for name, part in (data.get("checks") or {}).items():
+            detail = part.get("detail", "") if part.get("status") != "healthy" else ""
+            print(f"  {name:<9} {part.get('status', '?'):<9} {detail}".rstrip())
     return state.exit_code
 
 

@@ -49,9 +49,4 @@ def breaker_health(breaker: CircuitBreaker) -> Health:
     return Health.HEALTHY
 
 
-def overall(components: dict[str, dict[str, Any]]) -> Health:
-    """The worst ``status`` among the components of :func:`bot.ReplyGuy.health_check_all`."""
-    return worst(Health(c.get("status", Health.ERROR.value)) for c in components.values())
-
-
-__all__ = ["Health", "breaker_health", "overall", "worst"]
+__all__ = ["Health", "breaker_health", "worst"]

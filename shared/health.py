@@ -127,9 +127,15 @@ class CheckResult:
     detail: str
     seconds: float
     data: dict[str, Any] = field(default_factory=dict)
+    checked_at: float = field(default_factory=time.time)
 
     def as_dict(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"status": self.status.value, "detail": self.detail, "seconds": round(self.seconds, 3)}
+        body: dict[str, Any] = {
+            "status": self.status.value,
+            "detail": self.detail,
+            "seconds": round(self.seconds, 3),
+            "checked_at": _iso(self.checked_at),
+        }
         if self.data:
             body["data"] = self.data
         return body
@@ -153,9 +159,33 @@ class HealthReport:
     def as_dict(self) -> dict[str, Any]:
         return {
             "overall": self.overall.value,
-            "checked_at": dt.datetime.fromtimestamp(self.checked_at, tz=dt.timezone.utc).isoformat(timespec="seconds"),
+            "checked_at": _iso(self.checked_at),
             "checks": {name: result.as_dict() for name, result in self.checks.items()},
         }
+
+
+def _iso(timestamp: float) -> str:
+    return dt.datetime.fromtimestamp(timestamp, tz=dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def report_of(components: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Components a bot judged itself (``{"status": ..., facts...}``) in the one ``/health/detailed`` shape.
+
+    Every bot answers ``{"overall", "checked_at", "checks": {dependency:
+    {"status", "detail", "seconds", "checked_at", "data"}}}``, whether its
+    verdicts come from :func:`run_checks` or from its own clients' state.
+    """
+    now = time.time()
+    results: dict[str, CheckResult] = {}
+    for name, component in components.items():
+        status = HealthStatus(component.get("status", HealthStatus.ERROR.value))
+        facts = {k: v for k, v in component.items() if k not in ("status", "detail")}
+        detail = component.get("detail") or component.get("error") or component.get("last_error") or {
+            HealthStatus.HEALTHY: "ok", HealthStatus.DEGRADED: "degraded", HealthStatus.ERROR: "failing",
+        }[status]
+        results[name] = CheckResult(name, status, redact(str(detail)), float(component.get("seconds", 0.0)),
+                                    _redacted_data(facts), now)
+    return HealthReport(results, now).as_dict()
 
 
 # --- resources -----------------------------------------------------------------------------
