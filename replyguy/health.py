@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
-from typing import Any
 
 from shared.breaker import CircuitBreaker, CircuitState
 

@@ -41,7 +41,6 @@ def base_env(tmp_path: Path, extra: Mapping[str, str] | None = None) -> dict[str
         "DATA_DIR": str(tmp_path / "data"),
         "SANDBOX_DIR": str(tmp_path / "sandbox"),
         "PORT": "0",
-        "SANDBOX": "1",
         "DISCOVER_INTERVAL": "1",
         "HEARTBEAT_INTERVAL": "1",
         "SHUTDOWN_GRACE": "5",
@@ -49,6 +48,8 @@ def base_env(tmp_path: Path, extra: Mapping[str, str] | None = None) -> dict[str
         "RETRY_BASE_DELAY": "1",
     }
     env.update(extra or {})
+    if "DATABASE_URL" in env:
+        env["SANDBOX"] = "1"  # the local stand-ins on a configured database are asked for explicitly
     return env
 
 
