@@ -222,7 +222,7 @@ class ReplyGuy:
         rng: chooses the random posting delays.
         settle_after: seconds after which a ``posting`` intent is settled
             (default TIMEOUT_HTTP + 5 s: no POST can still be in flight).
-        stale_minutes: crash recovery's threshold (seed 001: 30 minutes).
+        stale_minutes: crash recovery's threshold (30 minutes by default).
     """
 
     def __init__(
@@ -367,7 +367,7 @@ class ReplyGuy:
     # --- 3a. crash recovery ----------------------------------------------------------------------
 
     async def recover(self) -> dict[str, int]:
-        """Put back what a crash left stuck (seed 001's ``recover_stale_tweets``).
+        """Put back what a crash left stuck (tweets left in ``posting`` or ``failed``).
 
         Tweets stuck for STALE_MINUTES in ``failed`` or ``posting`` are sent
         back, by one SQL statement, to where they can safely continue (so a

@@ -193,7 +193,7 @@ class Setting:
 
 
 SETTINGS: list[Setting] = [
-    # Timeouts (seed 004)
+    # Timeouts: the deadlines of every network await
     Setting("TIMEOUT_TELEGRAM_SEND", _float(0, exclusive=True), 30.0, "a number of seconds > 0", "Deadline of one Telegram send."),
     Setting("TIMEOUT_TELEGRAM_ENTITY", _float(0, exclusive=True), 15.0, "a number of seconds > 0", "Deadline of resolving a chat or user."),
     Setting("TIMEOUT_TELEGRAM_MEDIA", _float(0, exclusive=True), 60.0, "a number of seconds > 0", "Deadline of one media upload or download."),

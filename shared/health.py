@@ -267,7 +267,7 @@ def default_thresholds() -> ResourceThresholds:
 @dataclass(frozen=True)
 class ResourceSample:
     """CPU, memory and disk use in percent, the path whose disk was measured,
-    and what temporary files under ``DATA_DIR/tmp`` hold (seed 002 watches them:
+    and what temporary files under ``DATA_DIR/tmp`` hold (they are watched because downloads and uploads land there:
     a download or attachment left by a killed process stays there)."""
 
     cpu_percent: float
@@ -282,7 +282,7 @@ TEMP_SUBDIR = "tmp"
 """Where bots put temporary files, under DATA_DIR."""
 
 TEMP_WARN_BYTES = 500 * 1024 * 1024
-"""Temporary files above this total make the resources degraded (seed 002: 500 MB)."""
+"""Temporary files above this total make the resources degraded (downloads that were never cleaned up)."""
 
 
 def temp_files(data_dir: Path) -> Iterator[tuple[Path, os.stat_result]]:
