@@ -675,6 +675,19 @@ _PAGE = r"""<!doctype html>
     limits.appendChild(el("th", null, "thresholds"));
     limits.appendChild(el("td", "muted", "warn " + warn + "%, critical " + crit + "%"));
     t.appendChild(limits);
+    if (typeof value.source === "string") {
+      // CPU and memory are percentages of these: the container's limits (cgroup) or the host's.
+      var what = value.source;
+      if (typeof value.cpu_limit_cores === "number") { what += ", " + (+value.cpu_limit_cores.toFixed(2)) + " CPU"; }
+      var mem = value.memory_limit_bytes;
+      if (typeof mem === "number") {
+        what += ", " + (mem >= 1073741824 ? (+(mem / 1073741824).toFixed(1)) + " GB" : Math.round(mem / 1048576) + " MB") + " memory";
+      }
+      var measured = el("tr");
+      measured.appendChild(el("th", null, "measured"));
+      measured.appendChild(el("td", "muted", what));
+      t.appendChild(measured);
+    }
     return t;
   }
   function section(key, value) {
