@@ -21,7 +21,6 @@ import json
 import logging
 import random
 import socket
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +43,7 @@ from shared.logs import REDACTED, redact
 from shared.metrics import OP_CALLS
 from shared.runtime import BotRuntime, configure_logging
 from tests.fixtures.postgres import fresh_breaker
+from tests.helpers import wait_until
 
 logger = logging.getLogger("tests.secrets")
 
@@ -157,14 +157,6 @@ def log_stream() -> Iterator[io.StringIO]:
             root.removeHandler(handler)
     root.setLevel(level)
     logging.captureWarnings(False)
-
-
-async def wait_until(condition: Any, *, timeout: float = 15.0, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout}s")
-        await asyncio.sleep(0.02)
 
 
 def log_everything_badly() -> None:

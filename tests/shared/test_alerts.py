@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 
 from shared.alerts import AlertSink, AlertType, LogAlertSink, TelegramAlertSender, build_alert_sink
+from tests.helpers import FakeClock, wait_until
 
 TOKEN = "424242:AAFakeTokenForTestsOnly_abcdefghijklmnopq"
 CHAT_ID = "-100777"
@@ -101,14 +102,6 @@ async def bot_api() -> AsyncIterator[FakeBotApi]:
         await runner.cleanup()
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 SenderFactory = Callable[..., TelegramAlertSender]
 
 
@@ -134,13 +127,6 @@ async def make_sender(bot_api: FakeBotApi) -> AsyncIterator[SenderFactory]:
     yield factory
     for sender in made:
         await sender.close(timeout=1)
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 10) -> None:
-    """Poll a condition with a deadline."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
 
 
 async def test_alert_is_sent_as_plain_text_with_icon_type_bot_time_message_and_details(
