@@ -10,18 +10,11 @@ import pytest
 from shared.cgroup import CpuMemoryReader, ResourceSource
 from shared.config import WorkerSettings, load_settings
 from shared.health import HealthChecker, PsutilSampler, ResourceThresholds, resources_status
+from tests.helpers import FakeClock
 
 GIB = 1024**3
 HOST_MEMORY = 64 * GIB
 HOST_CPUS = 32.0
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def write(root: Path, files: dict[str, str]) -> None:
@@ -76,7 +69,7 @@ def test_cgroup_v2_memory_is_the_working_set_against_memory_max_and_cpu_a_rate_a
     assert (first.memory_limit_bytes, first.cpu_limit_cores) == (GIB, 1.5)
 
     # 0.75 s of CPU in 1 s on a quota of 1.5 CPUs: half the quota (not 0.75 / 32 of the host).
-    clock.now += 1.0
+    clock.advance(1.0)
     cgroup_v2(tmp_path, current=600 * 1024**2, inactive_file=88 * 1024**2, memory_max=str(GIB), cpu_max="150000 100000", usage_usec=5_750_000)
     assert read.read().cpu_percent == pytest.approx(50.0)
 
@@ -86,7 +79,7 @@ def test_cgroup_v2_without_limits_measures_against_the_host(tmp_path: Path) -> N
     cgroup_v2(tmp_path, current=16 * GIB, inactive_file=0, memory_max="max", cpu_max="max 100000", usage_usec=0)
     read = reader(tmp_path, clock)
     read.read()
-    clock.now += 2.0
+    clock.advance(2.0)
     cgroup_v2(tmp_path, current=16 * GIB, inactive_file=0, memory_max="max", cpu_max="max 100000", usage_usec=16_000_000)
     figures = read.read()
     assert figures.source is ResourceSource.CGROUP_V2
@@ -104,7 +97,7 @@ def test_cgroup_v1_reads_the_memory_and_cpuacct_hierarchies(tmp_path: Path, cpu_
     first = read.read()
     assert first.source is ResourceSource.CGROUP_V1
     assert first.memory_percent == pytest.approx(50.0) and first.cpu_limit_cores == 2.0
-    clock.now += 0.5
+    clock.advance(0.5)
     if cpu_dir == "cpu":
         write(tmp_path, {"cpuacct/cpuacct.usage": "2250000000"})
     cgroup_v1(tmp_path, usage=3 * GIB, inactive_file=GIB, limit=4 * GIB, quota_us=200000, cpuacct_ns=2_250_000_000, cpu_dir=cpu_dir)
@@ -124,7 +117,7 @@ def test_a_measured_interval_reads_twice_around_the_wait(tmp_path: Path) -> None
     cgroup_v2(tmp_path, current=GIB, inactive_file=0, memory_max=str(2 * GIB), cpu_max="100000 100000", usage_usec=1_000_000)
 
     def busy_wait(seconds: float) -> None:
-        clock.now += seconds
+        clock.advance(seconds)
         cgroup_v2(tmp_path, current=GIB, inactive_file=0, memory_max=str(2 * GIB), cpu_max="100000 100000", usage_usec=1_180_000)
 
     read = CpuMemoryReader(cgroup_root=tmp_path, cpu_interval=0.2, clock=clock, sleep=busy_wait, host_cpus=lambda: HOST_CPUS, host_memory=lambda: HOST_MEMORY)
