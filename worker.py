@@ -57,8 +57,11 @@ from shared.db.records import (
     MessageJobKind,
     OutboundMessage,
     OutboundStatus,
+    SendHold,
+    SendHoldKind,
 )
-from shared.errors import ErrorKind, PermanentError, classify, describe
+from shared.alerts import AlertType
+from shared.errors import ErrorKind, LimitScope, PermanentError, classify, describe
 from shared.health import TEMP_SUBDIR, run_checks
 from shared.ratelimit import KeyedBuckets
 from shared.runtime import BotRuntime, configure_logging, run_bot
@@ -307,8 +310,27 @@ class Sync:
 # --- 3. outbound: exactly once, in order per chat --------------------------------------
 
 
+class SendsHeld(Exception):
+    """Telegram's limit holds this send until ``until`` (wall time): the row waits, nothing failed."""
+
+    def __init__(self, until: float, reason: str) -> None:
+        super().__init__(reason)
+        self.until = until
+        self.reason = reason
+
+
 class Outbound:
-    """Sends the queue. See the module docstring for why nothing goes out twice."""
+    """Sends the queue. See the module docstring for why nothing goes out twice.
+
+    Telegram's limits, as Telegram applies them (docs/flood-limits.md):
+    FLOOD_WAIT (and FLOOD_PREMIUM_WAIT) holds every send of the account for
+    the time asked, SLOWMODE_WAIT only that chat, PEER_FLOOD the account's
+    sends to non-contacts for PEER_FLOOD_PAUSE. The account holds are stored
+    (``account_send_holds``) and read before every claim, so whichever
+    process holds the account next keeps to them. One send per account is in
+    flight at a time, so the answer to one send is known before the next
+    goes: a flood wait is never drawn twice by sends already on their way.
+    """
 
     def __init__(
         self, *, db: Database, runtime: BotRuntime, settings: WorkerSettings, owner: str, storage: Storage | None = None
@@ -322,6 +344,10 @@ class Outbound:
         self.entities = EntityCache(timeout=settings.timeout_telegram_entity)
         self.per_account = KeyedBuckets(rate=settings.send_rate_per_account, burst=settings.send_burst_per_account)
         self.per_chat = KeyedBuckets(rate=settings.send_rate_per_chat, burst=settings.send_burst_per_chat)
+        #: PEER_FLOOD: account id -> wall time its sends to non-contacts may start again.
+        self.limited: dict[int, float] = {}
+        self._contacts: dict[int, frozenset[int]] = {}
+        self._turns: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.sent = 0
         self.failed = 0
         self.dead = 0
@@ -333,7 +359,11 @@ class Outbound:
         assert self.pool is not None
         if self.runtime.shutdown.stopping:
             return 1.0
-        accounts = [c.id for c in self.pool.connected() if self.per_account.held_until(c.id) is None]
+        connected = [c.id for c in self.pool.connected()]
+        if connected:
+            self._apply_holds(await self.db.account_send_holds(connected))
+        self._end_pauses()
+        accounts = [a for a in connected if self.per_account.held_until(a) is None]
         rows = await self.db.claim_outbound(
             accounts,
             owner=self.owner,
@@ -385,7 +415,9 @@ class Outbound:
         wait = max(self.per_account.delay(row.account_id), self.per_chat.delay(chat_key))
         if wait > 0:
             if wait > 1.0:
-                await self.db.reschedule_outbound(row.id, token, at=datetime.now(UTC) + timedelta(seconds=wait), reason=None)
+                # Behind the account's flood wait the row says so; a full token bucket is no news.
+                reason = "waiting for the account's flood wait to end" if self.per_account.held_until(row.account_id) else None
+                await self.db.reschedule_outbound(row.id, token, at=datetime.now(UTC) + timedelta(seconds=wait), reason=reason)
                 return False
             await asyncio.sleep(wait)
         self.per_account.take(row.account_id)
@@ -394,6 +426,10 @@ class Outbound:
             try:
                 self._validate(row)
                 telegram_id, chat_id = await self._deliver(connection, row)
+            except SendsHeld as held:
+                # Not an attempt: the row goes back to the queue until the hold ends, with the reason.
+                await self.db.reschedule_outbound(row.id, token, at=datetime.fromtimestamp(held.until, UTC), reason=held.reason)
+                return False
             except asyncio.CancelledError:
                 # A restart or shutdown cut the send: give the row back now rather than
                 # when its lease expires. The retry reuses its random_id, and a late
@@ -454,6 +490,7 @@ class Outbound:
         client = connection.client
         assert client is not None
         entity = await self.entities.resolve(connection, row.peer)
+        await self._check_holds(connection, entity)
         chat_id = utils.get_peer_id(entity)
         reply_to = types.InputReplyToMessage(reply_to_msg_id=row.reply_to) if row.reply_to else None
         request: Any
@@ -471,7 +508,10 @@ class Outbound:
                 peer=entity, message=row.text or "", random_id=row.random_id, reply_to=reply_to
             )
             timeout = self.settings.timeout_telegram_send
-        result = await telegram_op(client(request), timeout, "send_message", outcome_unknown=True, detail=str(row.id))
+        async with self._turns[connection.id]:
+            # Checked again in turn: the send before this one may have drawn a flood wait.
+            await self._check_holds(connection, entity)
+            result = await telegram_op(client(request), timeout, "send_message", outcome_unknown=True, detail=str(row.id))
         message = client._get_response_message(request, result, entity)
         message_id = getattr(message, "id", None) or getattr(result, "id", None)
         if not isinstance(message_id, int):
@@ -494,11 +534,17 @@ class Outbound:
             return True
         if kind is ErrorKind.RATE_LIMITED:
             seconds = verdict.retry_after or 30.0
-            self.per_chat.hold((row.account_id, row.peer), seconds)
-            connection.flood_wait_until = time.time() + seconds
-            self._forget_local_flood(connection)
-            await self.db.reschedule_outbound(row.id, token, at=datetime.now(UTC) + timedelta(seconds=seconds), reason=verdict.reason)
-            logger.warning("flood wait of %.0fs for a chat of %s; only that chat waits", seconds, connection.label)
+            until = datetime.now(UTC) + timedelta(seconds=seconds)
+            if verdict.scope is LimitScope.CHAT:
+                self.per_chat.hold((row.account_id, row.peer), seconds)
+                logger.warning("slow mode: chat %s of %s waits %.0fs; the account's other chats go on", row.peer, connection.label, seconds)
+            else:
+                await self._hold_account(connection, until, verdict.reason)
+            await self.db.reschedule_outbound(row.id, token, at=until, reason=verdict.reason)
+            return False
+        if kind is ErrorKind.ACCOUNT_LIMITED:
+            until = await self._limit_account(connection, verdict.reason)
+            await self.db.reschedule_outbound(row.id, token, at=until, reason=verdict.reason)
             return False
         if kind is ErrorKind.ACCOUNT_DEAD:
             await self.db.release_outbound([row.id], token)
@@ -543,11 +589,120 @@ class Outbound:
             logger.debug("could not look up the earlier copy of message %d: %s", row.id, describe(exc))
         return None
 
+    # Telegram's limits on the account -----------------------------------------------------
+
+    async def _hold_account(self, connection: AccountConnection, until: datetime, reason: str) -> None:
+        """FLOOD_WAIT: no send of this account until ``until``, in this process and, stored, in any other."""
+        seconds = (until - datetime.now(UTC)).total_seconds()
+        self.per_account.hold(connection.id, seconds)
+        connection.flood_wait_until = max(connection.flood_wait_until or 0.0, until.timestamp())
+        self._forget_local_flood(connection)
+        logger.warning(
+            "flood wait of %.0fs for %s: every send of the account waits (other accounts go on)",
+            seconds, connection.label, extra={"account": connection.label},
+        )
+        try:
+            await self.db.hold_account_sends(connection.id, SendHoldKind.FLOOD, until=until, reason=reason)
+        except Exception as exc:
+            logger.warning("could not store the flood wait of %s (%s); this process keeps to it", connection.label, describe(exc))
+
+    async def _limit_account(self, connection: AccountConnection, reason: str) -> datetime:
+        """PEER_FLOOD: no send to a non-contact for PEER_FLOOD_PAUSE; alert once. Returns the pause's end."""
+        until = datetime.now(UTC) + timedelta(seconds=self.settings.peer_flood_pause)
+        already = connection.id in self.limited
+        self.limited[connection.id] = max(self.limited.get(connection.id, 0.0), until.timestamp())
+        connection.limited_until = self.limited[connection.id]
+        self._contacts.pop(connection.id, None)  # read them afresh for this pause
+        logger.warning(
+            "%s is limited by Telegram (PEER_FLOOD): no messages to non-contacts until %s; they wait in the queue",
+            connection.label, until.strftime("%H:%M:%S UTC"), extra={"account": connection.label},
+        )
+        try:
+            await self.db.hold_account_sends(connection.id, SendHoldKind.LIMITED, until=until, reason=reason)
+        except Exception as exc:
+            logger.warning("could not store the limit of %s (%s); this process keeps to it", connection.label, describe(exc))
+        if not already:
+            self.runtime.alerts.alert(
+                AlertType.ACCOUNT_LIMITED,
+                f"Account {connection.label} is limited by Telegram (PEER_FLOOD): its messages to non-contacts "
+                f"wait in the queue until {until.strftime('%Y-%m-%d %H:%M UTC')}; messages to contacts go on",
+                key=f"limited:{connection.label}",
+                details={"account": connection.label, "until": until.isoformat(), "runbook": "docs/flood-limits.md"},
+            )
+        return until
+
+    def _apply_holds(self, holds: Sequence[SendHold]) -> None:
+        """Take over the stored holds (another process may have drawn them before the account moved here)."""
+        now = time.time()
+        for hold in holds:
+            connection = self.pool.get(hold.account_id) if self.pool else None
+            if hold.flood_until is not None:
+                until = hold.flood_until.timestamp()
+                self.per_account.hold(hold.account_id, until - now)
+                if connection is not None:
+                    connection.flood_wait_until = max(connection.flood_wait_until or 0.0, until)
+            if hold.limited_until is not None:
+                until = max(self.limited.get(hold.account_id, 0.0), hold.limited_until.timestamp())
+                self.limited[hold.account_id] = until
+                if connection is not None:
+                    connection.limited_until = until
+
+    def _end_pauses(self) -> None:
+        """A PEER_FLOOD pause that ran out: sends to non-contacts go again, and the alert resolves."""
+        now = time.time()
+        for account_id, until in list(self.limited.items()):
+            if until > now:
+                continue
+            del self.limited[account_id]
+            self._contacts.pop(account_id, None)
+            connection = self.pool.get(account_id) if self.pool else None
+            label = connection.label if connection is not None else str(account_id)
+            if connection is not None:
+                connection.limited_until = None
+            logger.info("%s may message non-contacts again (the PEER_FLOOD pause ended)", label, extra={"account": label})
+            self.runtime.alerts.resolve(
+                AlertType.ACCOUNT_LIMITED, key=f"limited:{label}", message=f"Account {label} may message non-contacts again"
+            )
+
+    async def _check_holds(self, connection: AccountConnection, entity: Any) -> None:
+        """Raise :class:`SendsHeld` when a limit of the account holds a send to ``entity`` now."""
+        flood = self.per_account.held_until(connection.id)
+        if flood is not None:
+            raise SendsHeld(time.time() + (flood - time.monotonic()), "waiting for the account's flood wait to end")
+        limited = self.limited.get(connection.id)
+        if limited is not None and limited > time.time() and not await self._is_contact(connection, entity):
+            raise SendsHeld(limited, "waiting: Telegram limits this account's messages to non-contacts (PEER_FLOOD)")
+
+    async def _is_contact(self, connection: AccountConnection, entity: Any) -> bool:
+        """Whether Telegram's spam limit spares this chat: a contact, the account itself, or a group it is in."""
+        if isinstance(entity, types.InputPeerSelf):
+            return True
+        user_id = getattr(entity, "user_id", None)
+        if not isinstance(entity, types.InputPeerUser) or user_id is None:
+            return True  # groups and channels the account writes in are not "strangers"
+        contacts = self._contacts.get(connection.id)
+        if contacts is None:
+            assert connection.client is not None
+            try:
+                answer = await telegram_op(
+                    connection.client(functions.contacts.GetContactsRequest(hash=0)),
+                    self.settings.timeout_telegram_entity,
+                    "get_contacts",
+                )
+                contacts = frozenset(c.user_id for c in getattr(answer, "contacts", ()))
+            except Exception as exc:
+                # Unknown contacts: everyone waits, which is safe; read again next time.
+                logger.info("could not read the contacts of %s (%s); all its private chats wait", connection.label, describe(exc))
+                return False
+            self._contacts[connection.id] = contacts
+        return user_id in contacts
+
     @staticmethod
     def _forget_local_flood(connection: AccountConnection) -> None:
-        # After a FloodWaitError Telethon refuses every further request of that
-        # type locally, for all chats of the client. Telegram's limit may be
-        # per chat: we hold the chat ourselves and let other chats try.
+        # After a FloodWaitError Telethon refuses further requests of that type
+        # locally, until its own record lapses. Our hold (per account, stored,
+        # covering text and media alike) is the one authority on when sends
+        # resume: drop Telethon's copy so the two never disagree.
         flooded = getattr(connection.client, "_flood_waited_requests", None)
         if isinstance(flooded, dict):
             flooded.pop(functions.messages.SendMessageRequest.CONSTRUCTOR_ID, None)
