@@ -347,6 +347,7 @@ class Outbound:
         #: PEER_FLOOD: account id -> wall time its sends to non-contacts may start again.
         self.limited: dict[int, float] = {}
         self._contacts: dict[int, frozenset[int]] = {}
+        self._alerted_limits: set[int] = set()
         self._turns: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.sent = 0
         self.failed = 0
@@ -489,8 +490,9 @@ class Outbound:
         """One raw request carrying the row's ``random_id``; returns (message id, chat id)."""
         client = connection.client
         assert client is not None
+        self._check_flood(connection)
         entity = await self.entities.resolve(connection, row.peer)
-        await self._check_holds(connection, entity)
+        await self._check_limited(connection, entity)
         chat_id = utils.get_peer_id(entity)
         reply_to = types.InputReplyToMessage(reply_to_msg_id=row.reply_to) if row.reply_to else None
         request: Any
@@ -509,9 +511,14 @@ class Outbound:
             )
             timeout = self.settings.timeout_telegram_send
         async with self._turns[connection.id]:
-            # Checked again in turn: the send before this one may have drawn a flood wait.
-            await self._check_holds(connection, entity)
-            result = await telegram_op(client(request), timeout, "send_message", outcome_unknown=True, detail=str(row.id))
+            # Checked again in turn: the send before this one may have drawn a limit.
+            self._check_flood(connection)
+            await self._check_limited(connection, entity)
+            try:
+                result = await telegram_op(client(request), timeout, "send_message", outcome_unknown=True, detail=str(row.id))
+            except Exception as exc:
+                self._note_send_limit(connection, exc)  # before the next send of the account takes its turn
+                raise
         message = client._get_response_message(request, result, entity)
         message_id = getattr(message, "id", None) or getattr(result, "id", None)
         if not isinstance(message_id, int):
@@ -535,15 +542,20 @@ class Outbound:
         if kind is ErrorKind.RATE_LIMITED:
             seconds = verdict.retry_after or 30.0
             until = datetime.now(UTC) + timedelta(seconds=seconds)
-            if verdict.scope is LimitScope.CHAT:
-                self.per_chat.hold((row.account_id, row.peer), seconds)
-                logger.warning("slow mode: chat %s of %s waits %.0fs; the account's other chats go on", row.peer, connection.label, seconds)
+            if verdict.scope is LimitScope.ACCOUNT and self.per_account.held_until(row.account_id) is not None:
+                # The send itself drew it (see _note_send_limit): every send of the account waits, here and elsewhere.
+                await self._store_hold(connection, SendHoldKind.FLOOD, until, verdict.reason)
             else:
-                await self._hold_account(connection, until, verdict.reason)
+                # Slow mode, or a wait on resolving or uploading for this row: only this chat waits.
+                self.per_chat.hold((row.account_id, row.peer), seconds)
+                logger.warning("%s: chat %s of %s waits %.0fs; the account's other chats go on", verdict.reason, row.peer, connection.label, seconds)
             await self.db.reschedule_outbound(row.id, token, at=until, reason=verdict.reason)
             return False
         if kind is ErrorKind.ACCOUNT_LIMITED:
-            until = await self._limit_account(connection, verdict.reason)
+            self._note_send_limit(connection, exc)  # a no-op when the send already noted it
+            until = datetime.fromtimestamp(self.limited[connection.id], UTC)
+            await self._store_hold(connection, SendHoldKind.LIMITED, until, verdict.reason)
+            self._alert_limited(connection, until)
             await self.db.reschedule_outbound(row.id, token, at=until, reason=verdict.reason)
             return False
         if kind is ErrorKind.ACCOUNT_DEAD:
@@ -591,45 +603,49 @@ class Outbound:
 
     # Telegram's limits on the account -----------------------------------------------------
 
-    async def _hold_account(self, connection: AccountConnection, until: datetime, reason: str) -> None:
-        """FLOOD_WAIT: no send of this account until ``until``, in this process and, stored, in any other."""
-        seconds = (until - datetime.now(UTC)).total_seconds()
-        self.per_account.hold(connection.id, seconds)
-        connection.flood_wait_until = max(connection.flood_wait_until or 0.0, until.timestamp())
-        self._forget_local_flood(connection)
-        logger.warning(
-            "flood wait of %.0fs for %s: every send of the account waits (other accounts go on)",
-            seconds, connection.label, extra={"account": connection.label},
-        )
-        try:
-            await self.db.hold_account_sends(connection.id, SendHoldKind.FLOOD, until=until, reason=reason)
-        except Exception as exc:
-            logger.warning("could not store the flood wait of %s (%s); this process keeps to it", connection.label, describe(exc))
-
-    async def _limit_account(self, connection: AccountConnection, reason: str) -> datetime:
-        """PEER_FLOOD: no send to a non-contact for PEER_FLOOD_PAUSE; alert once. Returns the pause's end."""
-        until = datetime.now(UTC) + timedelta(seconds=self.settings.peer_flood_pause)
-        already = connection.id in self.limited
-        self.limited[connection.id] = max(self.limited.get(connection.id, 0.0), until.timestamp())
-        connection.limited_until = self.limited[connection.id]
-        self._contacts.pop(connection.id, None)  # read them afresh for this pause
-        logger.warning(
-            "%s is limited by Telegram (PEER_FLOOD): no messages to non-contacts until %s; they wait in the queue",
-            connection.label, until.strftime("%H:%M:%S UTC"), extra={"account": connection.label},
-        )
-        try:
-            await self.db.hold_account_sends(connection.id, SendHoldKind.LIMITED, until=until, reason=reason)
-        except Exception as exc:
-            logger.warning("could not store the limit of %s (%s); this process keeps to it", connection.label, describe(exc))
-        if not already:
-            self.runtime.alerts.alert(
-                AlertType.ACCOUNT_LIMITED,
-                f"Account {connection.label} is limited by Telegram (PEER_FLOOD): its messages to non-contacts "
-                f"wait in the queue until {until.strftime('%Y-%m-%d %H:%M UTC')}; messages to contacts go on",
-                key=f"limited:{connection.label}",
-                details={"account": connection.label, "until": until.isoformat(), "runbook": "docs/flood-limits.md"},
+    def _note_send_limit(self, connection: AccountConnection, exc: BaseException) -> None:
+        """A send drew a limit of the account: hold it in this process at once (no await before the next send)."""
+        verdict = classify(exc)
+        if verdict.kind is ErrorKind.RATE_LIMITED and verdict.scope is LimitScope.ACCOUNT:
+            seconds = verdict.retry_after or 30.0
+            self.per_account.hold(connection.id, seconds)
+            connection.flood_wait_until = max(connection.flood_wait_until or 0.0, time.time() + seconds)
+            self._forget_local_flood(connection)
+            logger.warning(
+                "flood wait of %.0fs for %s: every send of the account waits (other accounts go on)",
+                seconds, connection.label, extra={"account": connection.label},
             )
-        return until
+        elif verdict.kind is ErrorKind.ACCOUNT_LIMITED:
+            until = time.time() + self.settings.peer_flood_pause
+            if self.limited.get(connection.id, 0.0) >= until - 1.0:
+                return
+            self.limited[connection.id] = until
+            connection.limited_until = until
+            self._contacts.pop(connection.id, None)  # read them afresh for this pause
+            logger.warning(
+                "%s is limited by Telegram (PEER_FLOOD): no messages to non-contacts for %.0fs; they wait in the queue",
+                connection.label, self.settings.peer_flood_pause, extra={"account": connection.label},
+            )
+
+    async def _store_hold(self, connection: AccountConnection, kind: SendHoldKind, until: datetime, reason: str) -> None:
+        """Store the hold, so the next process that holds this account keeps to it too."""
+        try:
+            await self.db.hold_account_sends(connection.id, kind, until=until, reason=reason)
+        except Exception as exc:
+            logger.warning("could not store the %s hold of %s (%s); this process keeps to it", kind.value, connection.label, describe(exc))
+
+    def _alert_limited(self, connection: AccountConnection, until: datetime) -> None:
+        """``account_limited``, once per pause (``resolved`` follows when it ends)."""
+        if connection.id in self._alerted_limits:
+            return
+        self._alerted_limits.add(connection.id)
+        self.runtime.alerts.alert(
+            AlertType.ACCOUNT_LIMITED,
+            f"Account {connection.label} is limited by Telegram (PEER_FLOOD): its messages to non-contacts "
+            f"wait in the queue until {until.strftime('%Y-%m-%d %H:%M UTC')}; messages to contacts go on",
+            key=f"limited:{connection.label}",
+            details={"account": connection.label, "until": until.isoformat(), "runbook": "docs/flood-limits.md"},
+        )
 
     def _apply_holds(self, holds: Sequence[SendHold]) -> None:
         """Take over the stored holds (another process may have drawn them before the account moved here)."""
@@ -655,6 +671,7 @@ class Outbound:
                 continue
             del self.limited[account_id]
             self._contacts.pop(account_id, None)
+            self._alerted_limits.discard(account_id)
             connection = self.pool.get(account_id) if self.pool else None
             label = connection.label if connection is not None else str(account_id)
             if connection is not None:
@@ -664,11 +681,14 @@ class Outbound:
                 AlertType.ACCOUNT_LIMITED, key=f"limited:{label}", message=f"Account {label} may message non-contacts again"
             )
 
-    async def _check_holds(self, connection: AccountConnection, entity: Any) -> None:
-        """Raise :class:`SendsHeld` when a limit of the account holds a send to ``entity`` now."""
+    def _check_flood(self, connection: AccountConnection) -> None:
+        """Raise :class:`SendsHeld` while a flood wait holds every send of the account."""
         flood = self.per_account.held_until(connection.id)
         if flood is not None:
             raise SendsHeld(time.time() + (flood - time.monotonic()), "waiting for the account's flood wait to end")
+
+    async def _check_limited(self, connection: AccountConnection, entity: Any) -> None:
+        """Raise :class:`SendsHeld` while PEER_FLOOD holds this account's sends to ``entity`` (a non-contact)."""
         limited = self.limited.get(connection.id)
         if limited is not None and limited > time.time() and not await self._is_contact(connection, entity):
             raise SendsHeld(limited, "waiting: Telegram limits this account's messages to non-contacts (PEER_FLOOD)")

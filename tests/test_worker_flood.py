@@ -164,6 +164,31 @@ async def test_slow_mode_holds_only_its_chat(worker_env: dict[str, str], databas
         assert (await _account_state(worker, "demo_one"))["state"] == "connected"
 
 
+async def test_a_flood_wait_on_resolving_a_username_holds_only_that_chat(worker_env: dict[str, str], database_url: str) -> None:
+    world = world_of(worker_env)
+    world.seed_demo()
+    async with running_worker(worker_env) as worker:
+        ids = await account_ids(worker)
+        assert worker.db is not None
+        await worker.db.enqueue_outbound(ids["demo_one"], "alice", "alice is resolved now")
+        await wait_until(lambda: "alice is resolved now" in texts_received(world, "alice"), what="the first message")
+        world.create_user("newcomer", first_name="New")
+        # Resolving a username has a limit of its own: its wait is no reason to stop the account's sends.
+        world.set_fault(FaultKind.FLOOD, method="ResolveUsername", seconds=60, count=1)
+        await worker.db.enqueue_outbound(ids["demo_one"], "newcomer", "needs a resolve")
+        await wait_until(lambda: _waiting(database_url, "needs a resolve"), what="the resolve's flood wait")
+        await worker.db.enqueue_outbound(ids["demo_one"], "alice", "alice goes on")
+        await wait_until(lambda: "alice goes on" in texts_received(world, "alice"), timeout=5, what="alice's second message")
+        assert await _hold(database_url, "demo_one") is None
+        assert texts_received(world, "newcomer") == []
+        assert world.limit_answers("demo_one") == {"FLOOD_WAIT": 1}
+
+
+async def _waiting(database_url: str, text: str) -> bool:
+    row = await _row(database_url, text)
+    return row["status"] == "queued" and bool(row["last_error"])
+
+
 async def _slowed(database_url: str) -> bool:
     row = await _row(database_url, "into slow mode")
     return row["status"] == "queued" and bool(row["last_error"])
