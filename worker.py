@@ -72,6 +72,9 @@ from shared.timeouts import telegram_op
 
 logger = logging.getLogger("worker")
 
+#: How often the outbound loop re-reads every account's stored flood holds (new connections: at once).
+HOLDS_REFRESH = 10.0
+
 #: Telegram's limits, checked before a message is sent so bad input fails at once with a clear reason.
 TEXT_LIMIT = 4096
 CAPTION_LIMIT = 1024
@@ -348,6 +351,8 @@ class Outbound:
         self.limited: dict[int, float] = {}
         self._contacts: dict[int, frozenset[int]] = {}
         self._alerted_limits: set[int] = set()
+        self._holds_read: dict[int, float | None] = {}  # account id -> its connected_since when its holds were read
+        self._holds_read_at = float("-inf")
         self._turns: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.sent = 0
         self.failed = 0
@@ -360,11 +365,10 @@ class Outbound:
         assert self.pool is not None
         if self.runtime.shutdown.stopping:
             return 1.0
-        connected = [c.id for c in self.pool.connected()]
-        if connected:
-            self._apply_holds(await self.db.account_send_holds(connected))
+        connected = self.pool.connected()
+        await self._read_holds(connected)
         self._end_pauses()
-        accounts = [a for a in connected if self.per_account.held_until(a) is None]
+        accounts = [c.id for c in connected if self.per_account.held_until(c.id) is None]
         rows = await self.db.claim_outbound(
             accounts,
             owner=self.owner,
@@ -646,6 +650,25 @@ class Outbound:
             key=f"limited:{connection.label}",
             details={"account": connection.label, "until": until.isoformat(), "runbook": "docs/flood-limits.md"},
         )
+
+    async def _read_holds(self, connected: Sequence[AccountConnection]) -> None:
+        """Read the stored holds of accounts that (re)connected here, and of all every HOLDS_REFRESH seconds.
+
+        A hold drawn in this process is known at once; one drawn by the
+        account's previous holder (before a restart, a deploy or a lease
+        takeover) is read before this process claims anything for it.
+        """
+        now = time.monotonic()
+        due = now - self._holds_read_at >= HOLDS_REFRESH
+        ids = [c.id for c in connected if due or self._holds_read.get(c.id) != c.connected_since]
+        if not ids:
+            return
+        self._apply_holds(await self.db.account_send_holds(ids))
+        for connection in connected:
+            if connection.id in ids:
+                self._holds_read[connection.id] = connection.connected_since
+        if due:
+            self._holds_read_at = now
 
     def _apply_holds(self, holds: Sequence[SendHold]) -> None:
         """Take over the stored holds (another process may have drawn them before the account moved here)."""
