@@ -329,8 +329,8 @@ class Outbound:
     FLOOD_WAIT (and FLOOD_PREMIUM_WAIT) holds every send of the account for
     the time asked, SLOWMODE_WAIT only that chat, PEER_FLOOD the account's
     sends to non-contacts for PEER_FLOOD_PAUSE. The account holds are stored
-    (``account_send_holds``) and read before every claim, so whichever
-    process holds the account next keeps to them. One send per account is in
+    (``account_send_holds``) and read when an account connects here, so
+    whichever process holds the account next keeps to them. One send per account is in
     flight at a time, so the answer to one send is known before the next
     goes: a flood wait is never drawn twice by sends already on their way.
     """
