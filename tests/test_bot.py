@@ -48,6 +48,8 @@ def base_env(tmp_path: Path, extra: Mapping[str, str] | None = None) -> dict[str
         "RETRY_BASE_DELAY": "1",
     }
     env.update(extra or {})
+    if "DATABASE_URL" in env:
+        env["SANDBOX"] = "1"  # the local stand-ins on a configured database are asked for explicitly
     return env
 
 
@@ -291,7 +293,7 @@ async def test_health_exit_codes_follow_the_bots_state(
     local_x.add_tweet("demo_news", "Breaking: a new tweet to draft a reply for.")
     await eventually_async(lambda: _component(port, token, "ai", "error"), what="ai error")
     code, out = await run_cli(*health, "--json", env=env)
-    assert code == 2 and json.loads(out)["ai"]["circuit_breaker"] == "open", out
+    assert code == 2 and json.loads(out)["checks"]["ai"]["data"]["circuit_breaker"] == "open", out
 
     assert await bot.stop() == 0
     code, out = await run_cli(*health, env=env)
@@ -300,7 +302,7 @@ async def test_health_exit_codes_follow_the_bots_state(
 
 async def _component(port: int, token: str, name: str, state: str) -> bool:
     status, body = await get_json(f"http://127.0.0.1:{port}/health/detailed", token=token)
-    return status == 200 and body[name]["status"] == state
+    return status == 200 and body["checks"][name]["status"] == state
 
 
 # --- settings and start-up failures ------------------------------------------------------------

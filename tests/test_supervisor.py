@@ -31,7 +31,6 @@ from supervisor import (
     ExitReason,
     RestartHistory,
     SupervisorSettings,
-    backoff_delay,
     describe_returncode,
 )
 
@@ -457,13 +456,6 @@ def test_bad_value_raises_config_error_naming_the_variable(name: str, value: str
         SupervisorSettings.from_env({name: value})
 
     assert str(caught.value) == message
-
-
-def test_backoff_doubles_from_the_base_and_stops_at_the_maximum() -> None:
-    delays = [backoff_delay(n, base=1.0, maximum=60.0) for n in range(1, 10)]
-
-    assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0]
-    assert backoff_delay(10_000, base=1.0, maximum=60.0) == 60.0
 
 
 def test_restart_history_forgets_restarts_older_than_the_window() -> None:
