@@ -21,6 +21,12 @@ from tests.helpers import RecordingAlerts, wait_until
 from tests.test_worker import FAST, account_ids, outbound_rows, running_worker, texts_received, world_of
 from worker import Worker
 
+# The holds these tests wait out last several seconds: long enough that the
+# checks made during a hold are done before it ends, even on a busy machine.
+pytestmark = pytest.mark.slow
+FLOOD_WAIT = 10
+PEER_FLOOD_PAUSE = 8
+
 
 @pytest.fixture
 def worker_env(tmp_path: Path, database_url: str) -> dict[str, str]:
@@ -75,8 +81,8 @@ async def test_a_flood_wait_on_one_chat_holds_every_chat_of_the_account_and_draw
         ids = await account_ids(worker)
         db = worker.db
         assert db is not None
-        # Telegram's limit on the account: one message, then FLOOD_WAIT_6 for any chat.
-        world.set_flood_limit("account", rate=1 / 6, burst=1, account="demo_one")
+        # Telegram's limit on the account: one message, then FLOOD_WAIT_10 for any chat.
+        world.set_flood_limit("account", rate=1 / FLOOD_WAIT, burst=1, account="demo_one")
         await db.enqueue_outbound(ids["demo_one"], "alice", "first, within the limit")
         await wait_until(lambda: "first, within the limit" in texts_received(world, "alice"), what="the first message")
         await db.enqueue_outbound(ids["demo_one"], "alice", "draws the flood wait")
@@ -85,7 +91,7 @@ async def test_a_flood_wait_on_one_chat_holds_every_chat_of_the_account_and_draw
 
         await db.enqueue_outbound(ids["demo_one"], "bob", "another chat of the held account")
         await db.enqueue_outbound(ids["demo_two"], "alice", "another account")
-        await wait_until(lambda: "another account" in texts_received(world, "alice"), timeout=5, what="the other account's send")
+        await wait_until(lambda: "another account" in texts_received(world, "alice"), what="the other account's send")
         await _cycles_pass(worker, 3)
 
         hold = await _hold(database_url, "demo_one")
@@ -104,7 +110,7 @@ async def test_a_flood_wait_on_one_chat_holds_every_chat_of_the_account_and_draw
         await wait_until(
             lambda: "another chat of the held account" in texts_received(world, "bob")
             and "draws the flood wait" in texts_received(world, "alice"),
-            timeout=20,
+            timeout=FLOOD_WAIT + 15,
             what="the held messages after the flood wait",
         )
         for text in ("draws the flood wait", "another chat of the held account"):
@@ -152,7 +158,7 @@ async def test_slow_mode_holds_only_its_chat(worker_env: dict[str, str], databas
         await wait_until(lambda: _slowed(database_url), what="slow mode answered")
         await worker.db.enqueue_outbound(ids["demo_one"], "alice", "behind it in the same chat")
         await worker.db.enqueue_outbound(ids["demo_one"], "bob", "another chat goes on")
-        await wait_until(lambda: "another chat goes on" in texts_received(world, "bob"), timeout=5, what="bob's message")
+        await wait_until(lambda: "another chat goes on" in texts_received(world, "bob"), what="bob's message")
         await _cycles_pass(worker, 3)
 
         assert texts_received(world, "alice") == []
@@ -178,7 +184,7 @@ async def test_a_flood_wait_on_resolving_a_username_holds_only_that_chat(worker_
         await worker.db.enqueue_outbound(ids["demo_one"], "newcomer", "needs a resolve")
         await wait_until(lambda: _waiting(database_url, "needs a resolve"), what="the resolve's flood wait")
         await worker.db.enqueue_outbound(ids["demo_one"], "alice", "alice goes on")
-        await wait_until(lambda: "alice goes on" in texts_received(world, "alice"), timeout=5, what="alice's second message")
+        await wait_until(lambda: "alice goes on" in texts_received(world, "alice"), what="alice's second message")
         assert await _hold(database_url, "demo_one") is None
         assert texts_received(world, "newcomer") == []
         assert world.limit_answers("demo_one") == {"FLOOD_WAIT": 1}
@@ -202,7 +208,7 @@ async def test_peer_flood_pauses_messages_to_strangers_alerts_once_and_loses_not
     for name in ("stranger_one", "stranger_two"):
         world.create_user(name, first_name=name)
     alerts = RecordingAlerts()
-    env = {**worker_env, "PEER_FLOOD_PAUSE": "4"}
+    env = {**worker_env, "PEER_FLOOD_PAUSE": str(PEER_FLOOD_PAUSE)}
     async with running_worker(env, alerts=alerts) as worker:
         ids = await account_ids(worker)
         assert worker.db is not None
@@ -221,7 +227,7 @@ async def test_peer_flood_pauses_messages_to_strangers_alerts_once_and_loses_not
 
         await worker.db.enqueue_outbound(ids["demo_one"], "stranger_one", "a second cold message")
         await worker.db.enqueue_outbound(ids["demo_one"], "alice", "to a contact")
-        await wait_until(lambda: "to a contact" in texts_received(world, "alice"), timeout=5, what="the contact's message")
+        await wait_until(lambda: "to a contact" in texts_received(world, "alice"), what="the contact's message")
         assert texts_received(world, "stranger_one") == ["a cold message"]
         assert world.limit_answers("demo_one") == {"PEER_FLOOD": 1}
 
@@ -232,7 +238,7 @@ async def test_peer_flood_pauses_messages_to_strangers_alerts_once_and_loses_not
         await wait_until(
             lambda: texts_received(world, "stranger_two") == ["draws PEER_FLOOD"]
             and texts_received(world, "stranger_one") == ["a cold message", "a second cold message"],
-            timeout=20,
+            timeout=PEER_FLOOD_PAUSE + 15,
             what="the paused messages after PEER_FLOOD_PAUSE",
         )
         for text in ("draws PEER_FLOOD", "a second cold message"):
