@@ -147,6 +147,23 @@ async def test_the_stored_flood_wait_holds_the_account_in_the_next_process_too(
         assert (await _account_state(worker, "demo_one"))["state"] == "flood_wait"
 
 
+async def test_flood_premium_wait_holds_the_account_like_flood_wait(worker_env: dict[str, str], database_url: str) -> None:
+    world = world_of(worker_env)
+    world.seed_demo()
+    async with running_worker(worker_env) as worker:
+        ids = await account_ids(worker)
+        assert worker.db is not None
+        world.set_fault(FaultKind.ERROR, method="SendMessage", peer="@alice", error="FLOOD_PREMIUM_WAIT_60", count=1)
+        await worker.db.enqueue_outbound(ids["demo_one"], "alice", "draws FLOOD_PREMIUM_WAIT")
+        await wait_until(lambda: _hold(database_url, "demo_one"), what="the account's hold stored")
+        await worker.db.enqueue_outbound(ids["demo_one"], "bob", "held with the account")
+        await _cycles_pass(worker, 3)
+        assert texts_received(world, "bob") == []
+        assert world.limit_answers("demo_one") == {"FLOOD_PREMIUM_WAIT": 1}
+        row = await _row(database_url, "draws FLOOD_PREMIUM_WAIT")
+        assert row["status"] == "queued" and "FloodPremiumWait" in (row["last_error"] or "")
+
+
 async def test_slow_mode_holds_only_its_chat(worker_env: dict[str, str], database_url: str) -> None:
     world = world_of(worker_env)
     world.seed_demo()
