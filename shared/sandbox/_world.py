@@ -1215,17 +1215,18 @@ class World:
                          reply_bot=reply_bot, operators=operators, operator=operator)
 
     def summary(self) -> dict[str, Any]:
-        """Counts for status pages: peers by kind, messages, active faults."""
+        """Counts for status pages: peers by kind, messages, active faults and flood limits, limit answers."""
         with self._read() as store:
             conn = store.conn
             kinds = dict(conn.execute("SELECT kind, count(*) FROM peers GROUP BY kind").fetchall())
             messages = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
             faults = conn.execute("SELECT count(*) FROM faults WHERE remaining IS NULL OR remaining > 0").fetchone()[0]
+            flood_limits = conn.execute("SELECT count(*) FROM flood_limits").fetchone()[0]
             accounts = conn.execute(
                 "SELECT count(*) FROM peers WHERE (phone IS NOT NULL AND kind = 'user') OR kind = 'bot'"
             ).fetchone()[0]
         return {"directory": str(self.directory), "peers": kinds, "accounts": accounts, "messages": messages,
-                "active_faults": faults}
+                "active_faults": faults, "flood_limits": flood_limits, "limit_answers": self.limit_answers()}
 
     def dump(self) -> str:
         """A JSON summary (for the CLI)."""

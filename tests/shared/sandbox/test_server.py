@@ -138,6 +138,8 @@ async def test_an_account_wide_flood_limit_answers_every_chat_and_counts_its_ans
 
     assert sandbox_world.limit_answers("demo_one") == {"FLOOD_WAIT": 2}
     assert sandbox_world.limit_answers("demo_two") == {}
+    summary = sandbox_world.summary()  # what /status shows in sandbox mode
+    assert summary["limit_answers"] == {"FLOOD_WAIT": 2} and summary["flood_limits"] == 1
 
 
 async def test_a_non_contacts_limit_answers_peer_flood_to_strangers_only(sandbox_world, sandbox_demo, sandbox_connect):
