@@ -515,6 +515,7 @@ class Outbound:
             )
             timeout = self.settings.timeout_telegram_send
         async with self._turns[connection.id]:
+            self.runtime.watchdog.ping("outbound")  # a turn is progress, however many chats wait for theirs
             # Checked again in turn: the send before this one may have drawn a limit.
             self._check_flood(connection)
             await self._check_limited(connection, entity)
