@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins: list[str] = ["tests.fixtures.sandbox", "tests.fixtures.postgres"]
+pytest_plugins: list[str] = ["tests.fixtures.sandbox", "tests.fixtures.postgres", "tests.fixtures.bot_api"]
 
 TESTS = Path(__file__).resolve().parent
 

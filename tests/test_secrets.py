@@ -21,8 +21,7 @@ import json
 import logging
 import random
 import socket
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import pytest
-from aiohttp import web
 from cryptography.fernet import Fernet
 from telethon.crypto import AuthKey
 from telethon.sessions import StringSession
@@ -44,6 +42,8 @@ from shared.logs import REDACTED, redact
 from shared.metrics import OP_CALLS
 from shared.runtime import BotRuntime, configure_logging
 from tests.fixtures.postgres import fresh_breaker
+from tests.fixtures.bot_api import BotApiStandIn
+from tests.helpers import wait_until
 
 logger = logging.getLogger("tests.secrets")
 
@@ -103,48 +103,6 @@ def closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class BotApiStandIn:
-    """A Bot API on 127.0.0.1 (getMe, sendMessage) that keeps every request body it got."""
-
-    def __init__(self) -> None:
-        self.bodies: list[str] = []
-        self.url = ""
-        self._runner: web.AppRunner | None = None
-        self.sent = asyncio.Event()
-
-    async def start(self) -> BotApiStandIn:
-        app = web.Application()
-        app.router.add_get("/bot{token}/getMe", self._get_me)
-        app.router.add_post("/bot{token}/sendMessage", self._send)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
-        return self
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    async def _get_me(self, request: web.Request) -> web.Response:
-        return web.json_response({"ok": True, "result": {"id": 123456789, "is_bot": True, "username": "ops_alert_bot"}})
-
-    async def _send(self, request: web.Request) -> web.Response:
-        self.bodies.append(await request.text())
-        self.sent.set()
-        return web.json_response({"ok": True, "result": {"message_id": len(self.bodies)}})
-
-
-@pytest.fixture
-async def bot_api() -> AsyncIterator[BotApiStandIn]:
-    api = await BotApiStandIn().start()
-    try:
-        yield api
-    finally:
-        await api.stop()
-
-
 @pytest.fixture
 def log_stream() -> Iterator[io.StringIO]:
     """Where configure_logging writes in this test; the root logger is put back afterwards."""
@@ -157,14 +115,6 @@ def log_stream() -> Iterator[io.StringIO]:
             root.removeHandler(handler)
     root.setLevel(level)
     logging.captureWarnings(False)
-
-
-async def wait_until(condition: Any, *, timeout: float = 15.0, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout}s")
-        await asyncio.sleep(0.02)
 
 
 def log_everything_badly() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -17,6 +16,7 @@ from shared.errors import PermanentError
 from shared.heartbeat import HeartbeatRecord
 from shared.runtime import STARTUP_ALERT_AFTER, BotRuntime, StartupAborted, StartupFailed
 from tests.helpers import RecordingAlerts
+from tests.helpers import wait_until
 
 
 def make_settings(**overrides: str) -> CommonSettings:
@@ -33,14 +33,6 @@ def make_settings(**overrides: str) -> CommonSettings:
         **overrides,
     }
     return load_settings(CommonSettings, env)
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 class MemoryHeartbeats:
