@@ -604,6 +604,7 @@ class HealthChecker:
             now = await db.ping()
             beats = await db.list_heartbeats()
             accounts = await db.list_accounts()
+            holds = {h.account_id: h for h in await db.account_send_holds()}
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -639,14 +640,28 @@ class HealthChecker:
                 words.append(f"worker {beat.worker_id} alive ({_fmt_age(age)} ago)")
 
         by_status: dict[str, list[str]] = {}
+        limited: list[str] = []
         for account in accounts:
             by_status.setdefault(account.status.value, []).append(account.label)
-            data["accounts"][account.label] = {"status": account.status.value, "has_session": account.has_session}
+            entry: dict[str, Any] = {"status": account.status.value, "has_session": account.has_session}
+            hold = holds.get(account.id)
+            if hold is not None and hold.flood_until is not None:
+                entry["flood_wait_until"] = hold.flood_until.isoformat()
+            if hold is not None and hold.limited_until is not None:
+                # Telegram's spam limit (PEER_FLOOD): its messages to non-contacts wait in the queue.
+                entry["limited_until"] = hold.limited_until.isoformat()
+                if account.status.value == "active":
+                    entry["status"] = "limited"
+                    limited.append(f"{account.label} until {hold.limited_until.strftime('%H:%M UTC')}")
+            data["accounts"][account.label] = entry
         needs_login = sorted(by_status.get("needs_login", []))
         active = by_status.get("active", [])
         if needs_login:
             verdicts.append(HealthStatus.DEGRADED)
             words.append(f"needs login: {', '.join(needs_login)}")
+        if limited:
+            verdicts.append(HealthStatus.DEGRADED)
+            words.append(f"limited by Telegram (PEER_FLOOD, messages to non-contacts wait): {', '.join(sorted(limited))}")
         if not accounts:
             verdicts.append(HealthStatus.DEGRADED)
             words.append("no Telegram accounts (python worker.py login)")

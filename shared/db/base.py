@@ -43,6 +43,8 @@ from shared.db.records import (
     RequeueResult,
     RetryRow,
     RetryItemStatus,
+    SendHold,
+    SendHoldKind,
     StatusCount,
     StoredMessage,
     Takeover,
@@ -541,6 +543,23 @@ class Database(abc.ABC):
         """Take back rows whose worker died while sending (a sweeper; claims do it too)."""
         rows = await self.call("outbound_requeue_expired", {"p_max_retries": max_retries})
         return from_row(RequeueResult, rows[0])
+
+    async def hold_account_sends(
+        self, account_id: int, kind: SendHoldKind, *, until: datetime, reason: str | None = None
+    ) -> datetime:
+        """Hold the account's sends (``flood``: all; ``limited``: to non-contacts) until ``until``.
+
+        A longer hold already stored is kept. Returns the end now in force.
+        """
+        args = {"p_account_id": account_id, "p_kind": _value(kind), "p_until": _aware(until), "p_reason": reason}
+        parsed = parse_datetime(await self._scalar("account_send_hold", args))
+        assert parsed is not None
+        return parsed
+
+    async def account_send_holds(self, account_ids: Sequence[int] | None = None) -> list[SendHold]:
+        """The send holds still running, of these accounts (None: every account)."""
+        args = {"p_account_ids": None if account_ids is None else list(account_ids)}
+        return [from_row(SendHold, r) for r in await self.call("account_send_holds_list", args, read_only=True)]
 
     async def take_over_account(self, account_id: int, *, owner: str) -> Takeover:
         """Take back the work another holder of this account had in hand (call it
