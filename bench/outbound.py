@@ -271,6 +271,12 @@ DEFAULT_LIMITS = {"per_account_rate": 20.0, "per_account_burst": 20, "per_chat_r
 LATENCY_MS, JITTER_MS = 100.0, 100.0  # 100..200 ms: 150 +- 50 ms on every request
 
 
+def flood_waits(world: Any) -> int:
+    """FLOOD_WAIT (and FLOOD_PREMIUM_WAIT) answers the sandbox has given so far."""
+    answers = world.limit_answers()
+    return int(answers.get("FLOOD_WAIT", 0) + answers.get("FLOOD_PREMIUM_WAIT", 0))
+
+
 async def backlog(dsn: str, tag: str) -> int:
     conn = await asyncpg.connect(dsn, timeout=10)
     try:
@@ -288,7 +294,7 @@ async def run_realistic_load(
     tag = f"real-{percent:g}"
     progress(f"realistic: {percent:g} % = {rate:g} messages/s for {seconds:g} s")
     world = accounts.world
-    floods_before = await asyncio.to_thread(world.flood_waits)
+    floods_before = await asyncio.to_thread(flood_waits, world)
     samples: list[tuple[float, int]] = []
     started = time.monotonic()
     sampling = True
@@ -311,7 +317,7 @@ async def run_realistic_load(
         sampling = False
         await sampler
     messages, delivered, latencies, per_s = await measure(dsn, tag, deadline_age=False)
-    floods = await asyncio.to_thread(world.flood_waits) - floods_before
+    floods = await asyncio.to_thread(flood_waits, world) - floods_before
     bound = min(rate, cap)
     result: dict[str, Any] = {
         "percent": percent,
