@@ -202,3 +202,23 @@ async def test_storage_breaker_recovery_sets_how_long_the_r2_breaker_stays_open(
         assert storage.breaker is r2 and r2.recovery_timeout == 4.0
     finally:
         r2.recovery_timeout = before
+
+
+async def test_after_an_outage_the_head_of_the_bucket_closes_the_breaker_without_any_real_call(s3_outage: S3Server) -> None:
+    bucket = s3_outage.create_bucket()
+    storage = s3_storage(s3_outage.url, bucket, failure_threshold=3, recovery_timeout=3600)
+    storage.breaker.probe_interval = 0.1
+    s3_outage.stop()
+    for _ in range(3):
+        with pytest.raises(Exception):
+            await storage.put("ingest/x.jpg", b"x", content_type="image/jpeg")
+    assert storage.breaker.state is CircuitState.OPEN
+    s3_outage.start()
+    # Only the probe (a HEAD of the bucket) runs while the breaker is open; the hour-long
+    # recovery timeout is not waited out.
+    deadline = time.monotonic() + 15
+    while storage.breaker.state is not CircuitState.CLOSED and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert storage.breaker.state is CircuitState.CLOSED
+    assert storage.breaker.get_status()["probes_run"] >= 2
+    await storage.put("ingest/x.jpg", b"x", content_type="image/jpeg")
