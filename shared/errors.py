@@ -137,6 +137,32 @@ def _classify_telethon(exc: BaseException) -> Classification | None:
     return Classification(ErrorKind.TRANSIENT, f"Telegram error ({name}: {text})")
 
 
+_ABOUT_THE_CHAT_TELETHON = {
+    "PeerIdInvalidError",
+    "UsernameNotOccupiedError",
+    "UsernameInvalidError",
+    "UserIsBlockedError",
+    "ChannelPrivateError",
+    "ChannelInvalidError",
+    "ChatIdInvalidError",
+    "InputUserDeactivatedError",
+}
+
+
+def concerns_the_chat(exc: BaseException) -> bool:
+    """Whether a Telegram refusal is about the chat or this account's rights in it, not the message.
+
+    A message Telegram refuses for its own content (too long, empty, bad
+    entities) is that message's problem; "may not write in that chat" is
+    everyone's problem and must not be pinned on the first message that met it.
+    """
+    try:
+        from telethon import errors as tg
+    except ImportError:  # pragma: no cover - telethon is a runtime dependency
+        return False
+    return isinstance(exc, tg.ForbiddenError) or type(exc).__name__ in _ABOUT_THE_CHAT_TELETHON
+
+
 # --- asyncpg and PostgreSQL SQLSTATE -------------------------------------
 
 # SQLSTATE classes that mean "the database is unwell", not "your data is wrong".
