@@ -1038,6 +1038,7 @@ def image_policy(settings: IngestSettings) -> ImagePolicy:
         max_dimension=settings.max_image_dimension,
         oversize=OversizePolicy(settings.ingest_oversize),
         keep_exif=settings.ingest_keep_exif,
+        memory_budget=settings.ingest_memory_budget_mb * 1024 * 1024,
     )
 
 
