@@ -28,9 +28,9 @@ the bytes to store. What it guarantees:
 * **A memory ceiling** (INGEST_MEMORY_BUDGET_MB, :attr:`ImagePolicy.memory_budget`).
   Before decoding, the memory the image will take is estimated from its
   header: the decoded pixels (Pillow keeps 1 byte per pixel for ``L``/``P``,
-  2 for 16-bit grey and 4 for every multi-band mode, RGB included) plus one
-  working copy at the output size (the downscaled, oriented or converted
-  image, or the encoder's output buffer). A JPEG is decoded at the first
+  2 for 16-bit grey and 4 for every multi-band mode, RGB included), a
+  working copy at the output size when the image is downscaled, oriented or
+  converted, and the encoded output (see :func:`working_memory`). A JPEG is decoded at the first
   scale whose estimate fits (so the budget may keep less than
   MAX_IMAGE_DIMENSION); any other format, which cannot be decoded reduced,
   is refused above the budget (``memory_budget``, a skip whose reason names
@@ -329,10 +329,23 @@ def _output_mode_bytes(mode: str, source_format: str) -> int:
     return pixel_bytes(mode) if mode in kept else 4
 
 
-def working_memory(width: int, height: int, mode: str, source_format: str, *, max_dimension: int) -> int:
-    """Estimated bytes to decode a ``width`` x ``height`` image and make its output (see the module docstring)."""
+def working_memory(
+    width: int, height: int, mode: str, source_format: str, *, max_dimension: int, reoriented: bool = True
+) -> int:
+    """Estimated bytes to decode a ``width`` x ``height`` image and make its output (see the module docstring).
+
+    The decoded pixels; a copy at the output size when the image is
+    downscaled, converted or (``reoriented``) turned; and the encoded
+    output, at most 1 byte per pixel for JPEG and WebP and up to the raw
+    size for PNG (noise does not compress).
+    """
     out_width, out_height = fit_within(width, height, max_dimension)
-    return width * height * pixel_bytes(mode) + out_width * out_height * _output_mode_bytes(mode, source_format)
+    out_pixels = out_width * out_height
+    out_bytes = _output_mode_bytes(mode, source_format)
+    copied = (out_width, out_height) != (width, height) or out_bytes != pixel_bytes(mode) or reoriented
+    out_format = source_format if source_format in _KEPT_FORMATS else "PNG"
+    encoded = out_pixels * (1 if out_format in ("JPEG", "WEBP") else out_bytes)
+    return width * height * pixel_bytes(mode) + (out_pixels * out_bytes if copied else 0) + encoded
 
 
 def _over_budget(width: int, height: int, source_format: str, need: int, budget: int, *, scale: int = 1) -> ImageRejected:
@@ -419,8 +432,9 @@ def process_image(source: bytes | Path, *, policy: ImagePolicy) -> ProcessedImag
             scale = choose_draft_scale(width, height, max_dimension=policy.max_dimension, budget=policy.decode_budget)
             if budget is not None:
                 mode = "L" if image.mode == "L" else "RGB"  # what draft() decodes to (CMYK also takes 4 bytes)
+                turned = _orientation(image) != 1  # a JPEG's EXIF is read with its header: no decoding
                 while (need := working_memory(-(-width // scale), -(-height // scale), mode, source_format,
-                                              max_dimension=policy.max_dimension)) > budget:
+                                              max_dimension=policy.max_dimension, reoriented=turned)) > budget:
                     if scale == 8:
                         raise _over_budget(width, height, source_format, need, budget, scale=scale)
                     scale *= 2
@@ -432,10 +446,17 @@ def process_image(source: bytes | Path, *, policy: ImagePolicy) -> ProcessedImag
                 f"{width}x{height} {source_format} exceeds the decode budget of {policy.decode_budget} pixels",
             )
         elif budget is not None:
-            need = working_memory(width, height, image.mode, source_format, max_dimension=policy.max_dimension)
+            # A PNG's EXIF may follow its pixels (Pillow decodes them all to find it): only an
+            # eXIf chunk read with the header counts here, the rest is checked after decoding.
+            turned = _orientation(image) != 1 if source_format != "PNG" or "exif" in image.info else False
+            need = working_memory(width, height, image.mode, source_format, max_dimension=policy.max_dimension,
+                                  reoriented=turned)
             if need > budget:
                 raise _over_budget(width, height, source_format, need, budget)
-        # Only now: Pillow decodes a whole PNG to look for EXIF after its pixel data.
+            if not turned and _orientation(image) != 1:  # decodes the PNG, which the budget allows
+                need = working_memory(width, height, image.mode, source_format, max_dimension=policy.max_dimension)
+                if need > budget:
+                    raise _over_budget(width, height, source_format, need, budget)
         orientation = _orientation(image)
         try:
             image.load()

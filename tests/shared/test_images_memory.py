@@ -52,11 +52,14 @@ def png_header(width: int, height: int, color_type: int = 6) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
-def test_the_estimate_counts_the_decoded_pixels_and_one_copy_at_the_output_size() -> None:
-    # Pillow keeps RGB and RGBA at 4 bytes per pixel, grey at 1.
-    assert working_memory(8000, 8000, "RGBA", "PNG", max_dimension=8192) == 2 * 8000 * 8000 * 4
-    assert working_memory(8000, 8000, "L", "PNG", max_dimension=8192) == 2 * 8000 * 8000
-    assert working_memory(16000, 4000, "RGB", "JPEG", max_dimension=8192) == 16000 * 4000 * 4 + 8192 * 2048 * 4
+def test_the_estimate_counts_the_decoded_pixels_a_working_copy_and_the_encoded_output() -> None:
+    # Pillow keeps RGB and RGBA at 4 bytes per pixel, grey at 1; PNG output may be as large as the pixels.
+    assert working_memory(8000, 8000, "RGBA", "PNG", max_dimension=8192, reoriented=False) == 2 * 8000 * 8000 * 4
+    assert working_memory(8000, 8000, "L", "PNG", max_dimension=8192) == 3 * 8000 * 8000
+    # A JPEG kept as it is needs no copy, and its encoded output takes at most a byte per pixel.
+    assert working_memory(8192, 6144, "RGB", "JPEG", max_dimension=8192, reoriented=False) == 8192 * 6144 * 5
+    # Downscaled: the decoded pixels, the smaller copy and its encoding.
+    assert working_memory(16000, 4000, "RGB", "JPEG", max_dimension=8192) == 16000 * 4000 * 4 + 8192 * 2048 * 5
 
 
 def test_a_png_over_the_budget_is_refused_from_its_header_with_a_reason_naming_the_budget() -> None:
