@@ -1015,9 +1015,13 @@ async def cli_send(settings: WorkerSettings, args: argparse.Namespace) -> int:
         attachments: list[Any] = [str(Path(args.file).expanduser().resolve())] if args.file else []
         if args.storage_key:
             attachments.append({"key": args.storage_key})
-        enqueued = await db.enqueue_outbound(
-            account.id, args.to, args.text, attachments=attachments, reply_to=args.reply_to, dedupe_key=args.key
-        )
+        try:
+            enqueued = await db.enqueue_outbound(
+                account.id, args.to, args.text, attachments=attachments, reply_to=args.reply_to, dedupe_key=args.key
+            )
+        except PermanentError as exc:  # bad input: one line, nothing queued
+            print(f"error: {classify(exc).reason}", file=sys.stderr)
+            return 1
     finally:
         await db.close()
     print(enqueued.id)

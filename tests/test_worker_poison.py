@@ -16,7 +16,7 @@ from shared.breaker import registry as breaker_registry
 from shared.db.records import JobStatus, MessageJobKind
 from shared.sandbox import FaultKind
 from tests.helpers import RecordingAlerts, wait_until
-from tests.test_worker import account_ids, outbound_rows, running_worker, texts_received, world_of, worker_env  # noqa: F401
+from tests.test_worker import account_ids, outbound_rows, running_worker, texts_received, worker_cli, worker_env, world_of  # noqa: F401
 
 RETRIES = {"MAX_MESSAGE_RETRIES": "2", "RETRY_BASE_DELAY": "0.2"}
 
@@ -91,3 +91,15 @@ async def test_a_job_telegram_always_fails_is_dead_with_its_reason_and_the_next_
         [alert] = dead_alerts(alerts)
         assert f"Job {poison.id}" in alert[1] and "RpcCallFail" in alert[1]
         assert not breaker_registry.any_open()
+
+
+async def test_the_cli_refuses_text_that_cannot_be_stored_with_one_readable_line(tmp_path, database_url: str) -> None:  # type: ignore[no-untyped-def]
+    env = {"DATABASE_URL": database_url, "SANDBOX_DIR": str(tmp_path / "sb"), "DATA_DIR": str(tmp_path / "d"), "LANG": "C.UTF-8"}
+    # A byte that is not UTF-8 in argv reaches Python as a lone surrogate (PEP 383).
+    code, out, err = await worker_cli(env, "send", "--account", "demo_one", "--to", "alice", b"caf\xe9 ok")  # type: ignore[arg-type]
+
+    assert code == 1 and out == ""
+    assert err.strip().splitlines()[-1] == (
+        "error: the text contains a lone surrogate (U+DCE9) at position 3, which is not valid Unicode text"
+    )
+    assert await outbound_rows(database_url) == []
