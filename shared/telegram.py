@@ -436,6 +436,7 @@ class AccountPool:
         on_connected: Callable[[AccountConnection], Awaitable[None]] | None = None,
         alerts: AlertSink | None = None,
         labels: set[str] | None = None,
+        accepts: Callable[[Account], bool] | None = None,
     ) -> None:
         self.db = db
         self.cipher = cipher
@@ -445,6 +446,7 @@ class AccountPool:
         self.on_connected = on_connected
         self.alerts = alerts
         self.labels = labels
+        self.accepts = accepts
         self.wake = asyncio.Event()
         self.connections: dict[int, AccountConnection] = {}
 
@@ -456,6 +458,8 @@ class AccountPool:
         seen: set[int] = set()
         for account in accounts:
             if self.labels is not None and account.label not in self.labels:
+                continue
+            if self.accepts is not None and not self.accepts(account):
                 continue
             seen.add(account.id)
             connection = self.connections.get(account.id)

@@ -96,7 +96,8 @@ async def test_a_job_telegram_always_fails_is_dead_with_its_reason_and_the_next_
 
 
 async def test_the_cli_refuses_text_that_cannot_be_stored_with_one_readable_line(tmp_path: Path, database_url: str) -> None:
-    env = {"DATABASE_URL": database_url, "SANDBOX_DIR": str(tmp_path / "sb"), "DATA_DIR": str(tmp_path / "d"), "LANG": "C.UTF-8"}
+    env = {"DATABASE_URL": database_url, "SANDBOX": "1", "SANDBOX_DIR": str(tmp_path / "sb"), "DATA_DIR": str(tmp_path / "d"),
+           "LANG": "C.UTF-8"}
     # A byte that is not UTF-8 in argv reaches Python as a lone surrogate (PEP 383).
     code, out, err = await worker_cli(env, "send", "--account", "demo_one", "--to", "alice", b"caf\xe9 ok")  # type: ignore[arg-type]
 

@@ -16,18 +16,8 @@ from bot import configure_breakers
 from shared.breaker import BreakerRegistry, CircuitBreaker, CircuitState
 from shared.db import RetryItemStatus, Tweet, TweetStatus
 from tests.replyguy.conftest import Rig, RigFactory
+from tests.helpers import FakeClock
 from tests.replyguy.helpers import active_alerts
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture
