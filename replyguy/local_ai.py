@@ -78,7 +78,8 @@ class LocalAI(StandInServer):
         raw = await request.text()
         fault = self.faults.take("chat", raw)
         overlong = fault is not None and fault.kind is FaultKind.OVERLONG
-        if fault is not None and not overlong:
+        with_nul = fault is not None and fault.kind is FaultKind.NUL_IN_TEXT
+        if fault is not None and not overlong and not with_nul:
             if fault.kind is FaultKind.STATUS:
                 return web.json_response({"error": {"message": "stand-in fault", "type": "server_error"}}, status=fault.status)
             if fault.kind is FaultKind.RATE_LIMIT:
@@ -104,6 +105,8 @@ class LocalAI(StandInServer):
             return web.json_response({"error": {"message": "messages are required", "type": "invalid_request_error"}}, status=400)
         self.requests.append(messages)
         content = _OVERLONG if overlong else self._reply(messages)
+        if with_nul:
+            content = content.replace(" ", " \x00", 1)
         return web.json_response(self._completion(content, "stop", model=body.get("model", SANDBOX_AI_MODEL)))
 
     def _completion(self, content: str | None, finish_reason: str, *, model: str = SANDBOX_AI_MODEL) -> dict[str, Any]:

@@ -14,7 +14,8 @@ is the production code. Faults are *server state*: a test (or a person with
 * ``overlong``: the AI answers with a reply far over 280 weighted characters;
 * ``content_filter``: the AI answers 200 with ``content: null`` and
   ``finish_reason: content_filter`` (what moderated models send);
-* ``no_choices``: the AI answers 200 with an empty ``choices`` list.
+* ``no_choices``: the AI answers 200 with an empty ``choices`` list;
+* ``nul_in_text``: the AI's reply carries a NUL character (``\u0000``).
 
 A rule with ``match`` hits only requests whose body contains that text, so
 one tweet can be poison while the others are answered normally.
@@ -55,6 +56,7 @@ class FaultKind(str, enum.Enum):
     OVERLONG = "overlong"
     CONTENT_FILTER = "content_filter"
     NO_CHOICES = "no_choices"
+    NUL_IN_TEXT = "nul_in_text"
 
 
 @dataclass

@@ -159,3 +159,15 @@ async def test_a_reply_x_always_refuses_is_dead_lettered_and_the_next_replies_go
     assert poison_alerts(rig) == [f"tweet_processing_failed:dead:{dead.id}"]
     assert rig.local_x.replies_to(poison.target_tweet_id) == []
     assert rig.breakers["twitter_api"].state is CircuitState.CLOSED
+
+
+async def test_an_ai_reply_with_a_nul_character_is_drafted_without_it(rig_factory: RigFactory) -> None:
+    rig = await rig_factory()
+    tweet = await discovered(rig, "1870000000000000071", "A question about reliability")
+    rig.local_ai.faults.add("nul_in_text", endpoint="chat", count=1)
+
+    await rig.guy.draft_cycle()
+
+    drafted = await status_of(rig, tweet)
+    assert drafted.status is TweetStatus.DRAFTED and drafted.draft and "\x00" not in drafted.draft
+    assert drafted.draft.startswith("Interesting point about")  # the stand-in sent "Interesting \x00point about"
