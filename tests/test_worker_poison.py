@@ -106,3 +106,26 @@ async def test_the_cli_refuses_text_that_cannot_be_stored_with_one_readable_line
         "error: the text contains a lone surrogate (U+DCE9) at position 3, which is not valid Unicode text"
     )
     assert await outbound_rows(database_url) == []
+
+
+async def test_a_row_refused_by_the_open_storage_breaker_spends_no_attempt(worker_env: dict[str, str], database_url: str) -> None:
+    from shared.errors import TransientError
+
+    env = {**worker_env, **RETRIES, "STORAGE_BREAKER_RECOVERY": "60"}
+    world = world_of(env)
+    world.seed_demo()
+    async with running_worker(env) as worker:
+        storage = worker.outbound.storage  # type: ignore[union-attr]
+        assert storage is not None
+        for _ in range(storage.breaker.failure_threshold):  # other rows' downloads failed: the breaker is open
+            storage.breaker.record_failure(TransientError("storage unreachable"))
+        one = (await account_ids(worker))["demo_one"]
+        await worker.db.enqueue_outbound(one, "alice", "a picture", attachments=[{"key": "outbound/any.jpg"}])  # type: ignore[union-attr]
+
+        async def refused() -> bool:
+            rows = await outbound_rows(database_url)
+            return bool(rows) and "breaker" in (rows[0]["last_error"] or "")
+
+        await wait_until(refused, what="the row refused by the open breaker")
+        [row] = await outbound_rows(database_url)
+        assert row["status"] == "queued" and row["attempts"] == 0, "no attempt spent; it waits for the breaker"
