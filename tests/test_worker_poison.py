@@ -129,3 +129,36 @@ async def test_a_row_refused_by_the_open_storage_breaker_spends_no_attempt(worke
         await wait_until(refused, what="the row refused by the open breaker")
         [row] = await outbound_rows(database_url)
         assert row["status"] == "queued" and row["attempts"] == 0, "no attempt spent; it waits for the breaker"
+
+
+async def test_a_history_job_telegram_always_fails_is_dead_with_one_alert_and_the_next_job_completes(
+    worker_env: dict[str, str], database_url: str
+) -> None:
+    env = {**worker_env, **RETRIES}
+    world = world_of(env)
+    demo = world.seed_demo()
+    carol, bob = (next(p for p in demo.contacts if p.username == name) for name in ("carol", "bob"))
+    world.send_incoming("@bob", "@demo_one", "an old message from bob")
+    world.set_fault(FaultKind.ERROR, method="GetHistory", peer="@carol", error="RPC_CALL_FAIL", error_code=500)
+    alerts = RecordingAlerts()
+    async with running_worker(env, alerts=alerts) as worker:
+        one = (await account_ids(worker))["demo_one"]
+        db = worker.db
+        assert db is not None
+        poison = await db.create_history_job(one, carol.id)
+        normal = await db.create_history_job(one, bob.id)
+
+        async def status_of(job_id: int) -> asyncpg.Record:
+            conn = await asyncpg.connect(database_url)
+            try:
+                return await conn.fetchrow("select status, last_error from history_sync_jobs where id = $1", job_id)
+            finally:
+                await conn.close()
+
+        async def settled() -> bool:
+            return (await status_of(poison.id))["status"] == "dead" and (await status_of(normal.id))["status"] == "done"
+
+        await wait_until(settled, timeout=30, what="the poison job dead and the normal one done")
+        assert "RpcCallFail" in ((await status_of(poison.id))["last_error"] or "")
+        dead = [a for a in alerts.alerts if a[0] is AlertType.PROCESSING_FAILED]
+        assert [key for _, _, key in dead] == [f"history-dead:{poison.id}"]
