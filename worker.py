@@ -63,7 +63,6 @@ from shared.db.records import (
     SendHold,
     SendHoldKind,
 )
-from shared.alerts import AlertType
 from shared.errors import ErrorKind, LimitScope, PermanentError, classify, describe
 from shared.health import TEMP_SUBDIR, run_checks
 from shared.ratelimit import KeyedBuckets
