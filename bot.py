@@ -56,7 +56,7 @@ from shared.breaker import registry as breaker_registry
 from shared.config import BY_NAME, ReplyGuySettings, load_or_exit, refuse_implicit_sandbox_or_exit
 from shared.db import Database, Tweet, TweetStatus
 from shared.db.retry_store import DbRetryStore
-from shared.errors import ErrorKind, classify, describe
+from shared.errors import ErrorKind, classify, concerns_the_chat, describe
 from shared.health import report_of
 from shared.retry_queue import JsonlRetryStore, RetryItem, RetryQueue
 from shared.runtime import BotRuntime, StartupAborted, StartupFailed, configure_logging, run_bot
@@ -102,9 +102,10 @@ DEFAULT_AI_BASE_URL = BY_NAME["AI_BASE_URL"].default
 
 
 class Stage(str, enum.Enum):
-    """Steps whose failures go to the dead-letter queue (``retry_items.kind``)."""
+    """Steps whose failures go to the dead-letter queue (``retry_items.kind``; ``approve`` only as dead letters)."""
 
     DRAFT = "draft"
+    APPROVE = "approve"
     POST = "post"
 
 
@@ -530,7 +531,16 @@ class ReplyGuy:
                 wait = self._waits(exc)
                 if wait is not None:
                     return wait
-                raise
+                if classify(exc).kind is ErrorKind.PERMANENT and not concerns_the_chat(exc):
+                    # This draft's own problem (Telegram refuses its text): a dead letter with
+                    # its reason, so it cannot hold up the drafts after it.
+                    self._failed("approve", exc, tweet=tweet)
+                    if await self.db.tweet_transition(
+                        tweet.id, [TweetStatus.DRAFTED], TweetStatus.FAILED, last_error=classify(exc).reason
+                    ):
+                        await self._dead_letter(Stage.APPROVE, tweet, exc)
+                    continue
+                raise  # Telegram or the operator chat as a whole: every draft waits for the next cycle
             await self.db.tweet_transition(
                 tweet.id, [TweetStatus.DRAFTED], TweetStatus.PENDING_APPROVAL, approval_message_id=message_id
             )
@@ -701,6 +711,10 @@ class ReplyGuy:
                 continue
             try:
                 await self._retry(item)
+            except CircuitOpenError as exc:
+                # Refused before anything was tried: not this item's attempt.
+                await self.queue.postpone(item, max(1.0, exc.retry_after), reason=str(exc))
+                continue
             except Exception as exc:
                 verdict = classify(exc)
                 dead = await self.queue.failed(

@@ -778,6 +778,12 @@ class Ingestor:
 
     async def _retry_failed(self, channel: ChannelState, item: RetryItem, message_id: int, exc: BaseException) -> None:
         verdict = classify(exc)
+        if isinstance(exc, CircuitOpenError):
+            # Refused before anything was tried (another item's failures opened the breaker):
+            # not this item's attempt. It comes back after the wait, behind the trial calls.
+            with contextlib.suppress(Exception):
+                await self.queue.postpone(item, max(1.0, exc.retry_after), reason=verdict.reason)
+            return
         self.stats.error(f"retry of {channel.ref} message {message_id}", exc)
         if verdict.kind is ErrorKind.ACCOUNT_DEAD and self.connection is not None:
             await self.connection.handle_error(exc)
@@ -1032,6 +1038,7 @@ def image_policy(settings: IngestSettings) -> ImagePolicy:
         max_dimension=settings.max_image_dimension,
         oversize=OversizePolicy(settings.ingest_oversize),
         keep_exif=settings.ingest_keep_exif,
+        memory_budget=settings.ingest_memory_budget_mb * 1024 * 1024,
     )
 
 

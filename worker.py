@@ -45,6 +45,8 @@ from typing import Any
 
 from telethon import events, functions, types, utils
 
+from shared.alerts import AlertType
+from shared.breaker import CircuitOpenError
 from shared.config import WorkerSettings, load_or_exit, refuse_implicit_sandbox_or_exit
 from shared.db import Database, open_database
 from shared.db.records import (
@@ -53,6 +55,7 @@ from shared.db.records import (
     ChatKind,
     Direction,
     InboundMessage,
+    JobStatus,
     MessageJob,
     MessageJobKind,
     OutboundMessage,
@@ -60,7 +63,6 @@ from shared.db.records import (
     SendHold,
     SendHoldKind,
 )
-from shared.alerts import AlertType
 from shared.errors import ErrorKind, LimitScope, PermanentError, classify, describe
 from shared.health import TEMP_SUBDIR, run_checks
 from shared.ratelimit import KeyedBuckets
@@ -776,6 +778,12 @@ class Outbound:
             await self.db.release_outbound([row.id], token)
             await connection.handle_error(exc)
             return False
+        if isinstance(exc, CircuitOpenError):
+            # Refused before anything was tried (storage's breaker, opened by some other
+            # row's failures): no attempt of this row is spent; it comes back after the wait.
+            at = datetime.now(UTC) + timedelta(seconds=max(1.0, exc.retry_after))
+            await self.db.reschedule_outbound(row.id, token, at=at, reason=verdict.reason)
+            return False
         if kind is ErrorKind.PERMANENT:
             self.entities.forget(row.account_id, row.peer)
             await self.db.mark_failed(row.id, token, verdict.reason, permanent=True)
@@ -978,8 +986,6 @@ class Outbound:
             extra={"message_id": row.id, "account": connection.label},
         )
         if dead:
-            from shared.alerts import AlertType
-
             self.runtime.alerts.alert(
                 AlertType.MESSAGE_DEAD,
                 f"Message {row.id} from {connection.label} to {row.peer} is dead after {self.settings.max_message_retries} retries",
@@ -996,17 +1002,19 @@ class Outbound:
 
 async def fail_job(
     fail: Any, job_id: int, token: str, exc: BaseException, connection: AccountConnection, settings: WorkerSettings
-) -> str:
-    """Record a failed history or message job as the classifier says; returns the reason.
+) -> tuple[str, JobStatus | None]:
+    """Record a failed history or message job as the classifier says; returns the reason and its new status.
 
     A dead session also stops its account; a rate limit retries after the wait
-    Telegram asked for; other transient errors back off from RETRY_BASE_DELAY.
+    Telegram asked for; other transient errors back off from RETRY_BASE_DELAY,
+    so a job that keeps failing waits longer each time and never holds up the
+    jobs after it, until after MAX_MESSAGE_RETRIES it is ``dead``.
     """
     verdict = classify(exc)
     if verdict.kind is ErrorKind.ACCOUNT_DEAD:
         await connection.handle_error(exc)
     retry_at = datetime.now(UTC) + timedelta(seconds=verdict.retry_after) if verdict.retry_after else None
-    await fail(
+    status = await fail(
         job_id,
         token,
         verdict.reason,
@@ -1015,7 +1023,7 @@ async def fail_job(
         max_retries=settings.max_message_retries,
         base_delay=settings.retry_base_delay,
     )
-    return verdict.reason
+    return verdict.reason, status
 
 
 @dataclass
@@ -1100,8 +1108,15 @@ class History:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            reason = await fail_job(self.db.fail_history_job, job.id, token, exc, connection, self.settings)
+            reason, status = await fail_job(self.db.fail_history_job, job.id, token, exc, connection, self.settings)
             self.runtime.stats.error(f"history job {job.id}", reason)
+            if status is JobStatus.DEAD:
+                self.runtime.alerts.alert(
+                    AlertType.PROCESSING_FAILED,
+                    f"History job {job.id} of {connection.label} is dead after {self.settings.max_message_retries} retries: {reason}",
+                    key=f"history-dead:{job.id}",
+                    details={"job_id": job.id, "chat_id": job.chat_id, "error": reason},
+                )
 
     def status(self) -> list[dict[str, Any]]:
         return [p.as_dict() for p in self.progress.values()]
@@ -1141,9 +1156,17 @@ class Jobs:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            reason = await fail_job(self.db.fail_message_job, job.id, token, exc, connection, self.settings)
+            reason, status = await fail_job(self.db.fail_message_job, job.id, token, exc, connection, self.settings)
             self.failed += 1
             self.runtime.stats.error(f"job {job.id} ({job.kind.value})", reason)
+            if status is JobStatus.DEAD:
+                self.runtime.alerts.alert(
+                    AlertType.MESSAGE_DEAD,
+                    f"Job {job.id} ({job.kind.value}) of {connection.label} is dead after "
+                    f"{self.settings.max_message_retries} retries: {reason}",
+                    key=f"job-dead:{job.id}",
+                    details={"job_id": job.id, "kind": job.kind.value, "error": reason},
+                )
             return
         await self.db.complete_message_job(job.id, token, result=result)
         self.done += 1
@@ -1403,9 +1426,13 @@ async def cli_send(settings: WorkerSettings, args: argparse.Namespace) -> int:
         attachments: list[Any] = [str(Path(args.file).expanduser().resolve())] if args.file else []
         if args.storage_key:
             attachments.append({"key": args.storage_key})
-        enqueued = await db.enqueue_outbound(
-            account.id, args.to, args.text, attachments=attachments, reply_to=args.reply_to, dedupe_key=args.key
-        )
+        try:
+            enqueued = await db.enqueue_outbound(
+                account.id, args.to, args.text, attachments=attachments, reply_to=args.reply_to, dedupe_key=args.key
+            )
+        except PermanentError as exc:  # bad input: one line, nothing queued
+            print(f"error: {classify(exc).reason}", file=sys.stderr)
+            return 1
     finally:
         await db.close()
     print(enqueued.id)

@@ -263,6 +263,7 @@ SETTINGS: list[Setting] = [
     Setting("INGEST_ACCOUNT", _text, None, "an account label", "The telegram_accounts row ingest logs in with (default: the first active one).", frozenset({"ingest"})),
     Setting("INGEST_BACKFILL_LIMIT", _int(0), 100, "a whole number >= 0", "Messages read back on a channel's first run.", frozenset({"ingest"})),
     Setting("INGEST_OVERSIZE", _choice("resize", "skip"), "resize", "resize or skip", "What happens to images larger than MAX_IMAGE_DIMENSION.", frozenset({"ingest"})),
+    Setting("INGEST_MEMORY_BUDGET_MB", _int(16), 256, "a whole number of megabytes >= 16", "Memory one image may take while ingest decodes and processes it; a JPEG is decoded at a reduced scale to fit, other formats above it are skipped (memory_budget).", frozenset({"ingest"})),
     Setting("INGEST_KEEP_EXIF", _bool, False, "0 or 1", "Keep EXIF metadata (it is stripped by default).", frozenset({"ingest"})),
     Setting("INGEST_GC_INTERVAL", _float(0), 3600.0, "a number of seconds >= 0", "How often orphan objects (stored, no row, older than 24 h) are swept; 0 turns it off.", frozenset({"ingest"})),
     Setting("R2_ACCOUNT_ID", _text, None, "a Cloudflare account id", "Cloudflare R2 account (builds the endpoint); unset with R2_ENDPOINT unset means local storage under DATA_DIR.", frozenset({"ingest", "worker"})),
@@ -493,6 +494,7 @@ class IngestSettings(TelegramSettings, StorageSettings):
     ingest_account: str | None
     ingest_backfill_limit: int
     ingest_oversize: str
+    ingest_memory_budget_mb: int
     ingest_keep_exif: bool
     ingest_gc_interval: float
     reconcile_interval: float

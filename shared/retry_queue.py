@@ -484,6 +484,19 @@ class RetryQueue:
                 extra={"queue": self.name, "item": item.id, "kind": item.kind, "attempts": item.attempts, "error": item.last_error},
             )
 
+    async def postpone(self, item: RetryItem, delay: float, *, reason: str | None = None) -> None:
+        """Give back a checked-out item that was not tried (a breaker refused the call), due in ``delay`` s.
+
+        No attempt is counted: the item did nothing wrong. Durable when this returns.
+        """
+        async with self._lock:
+            self._checked_out.pop(item.id, None)
+            later = replace(
+                item, next_attempt_at=self._now() + timedelta(seconds=max(0.0, delay)), last_error=reason or item.last_error
+            )
+            await self._write("upsert", later)
+            self._push_memory(later)
+
     async def release(self, item: RetryItem) -> None:
         """Give back a checked-out item untouched (e.g. at shutdown)."""
         async with self._lock:

@@ -232,7 +232,9 @@ async def test_a_20000x20000_bomb_is_skipped_a_truncated_file_fails_with_its_rea
 
 
 async def test_a_9000x6000_photo_is_stored_at_most_8192_on_its_long_side(h: Harness) -> None:
-    async with h.running():
+    # Keeping 8192 of a 9000 px side takes the decoded photo plus its downscaled copy
+    # (about 380 MB): a budget that allows it. The default 256 MB decodes it at 1/2 scale.
+    async with h.running(env={"INGEST_MEMORY_BUDGET_MB": "512"}):
         h.world.post_to_channel(CHANNEL, ImageKind.LARGE)
         await wait_until(lambda: h.count(1), timeout=60, what="the large photo stored")
 

@@ -55,6 +55,9 @@ from shared.db.records import (
     parse_datetime,
 )
 
+from shared.db.errors import DatabaseRejected
+from shared.text import storable, unstorable_reason
+
 if TYPE_CHECKING:
     from shared.heartbeat import HeartbeatRecord
 
@@ -375,12 +378,12 @@ class Database(abc.ABC):
                 "telegram_message_id": m.telegram_message_id,
                 "direction": _value(m.direction),
                 "sender_id": m.sender_id,
-                "text": m.text,
+                "text": storable(m.text),
                 "attachments": json_safe(list(m.attachments)),
                 "reply_to": m.reply_to,
                 "sent_at": json_safe(m.sent_at),
                 "chat_kind": _value(m.chat_kind),
-                "chat_title": m.chat_title,
+                "chat_title": storable(m.chat_title),
                 "chat_username": m.chat_username,
             }
             for m in messages
@@ -438,8 +441,14 @@ class Database(abc.ABC):
             send_at: not before this time.
 
         Raises:
-            DatabaseRejected: no peer, or neither text nor attachments.
+            DatabaseRejected: no peer, or neither text nor attachments, or
+                text PostgreSQL cannot store ("the text contains a NUL
+                character at position N"): a message goes out exactly as
+                written or not at all, never silently changed.
         """
+        refused = unstorable_reason(text)
+        if refused is not None:
+            raise DatabaseRejected(refused)
         args = {
             "p_account_id": account_id,
             "p_peer": str(peer),
@@ -587,7 +596,8 @@ class Database(abc.ABC):
     async def account_send_holds(self, account_ids: Sequence[int] | None = None) -> list[SendHold]:
         """The send holds still running, of these accounts (None: every account)."""
         args = {"p_account_ids": None if account_ids is None else list(account_ids)}
-        return [from_row(SendHold, r) for r in await self.call("account_send_holds_list", args, read_only=True)]
+        rows = await self._pages("account_send_holds_list", args, lambda r: {"p_after": r["account_id"]})
+        return [from_row(SendHold, r) for r in rows]
 
     async def take_over_account(self, account_id: int, *, owner: str) -> Takeover:
         """Take back the work another holder of this account had in hand (call it
@@ -743,7 +753,15 @@ class Database(abc.ABC):
         run_at: datetime | None = None,
         dedupe_key: str | None = None,
     ) -> MessageJob:
-        """Schedule work; a repeated ``dedupe_key`` returns the first job."""
+        """Schedule work; a repeated ``dedupe_key`` returns the first job.
+
+        Raises:
+            DatabaseRejected: the payload's text cannot be stored (a send or an
+                edit goes out exactly as written or not at all).
+        """
+        refused = unstorable_reason(payload.get("text") if isinstance(payload.get("text"), str) else None)
+        if refused is not None:
+            raise DatabaseRejected(refused)
         args = {
             "p_account_id": account_id,
             "p_kind": _value(kind),
@@ -894,7 +912,7 @@ class Database(abc.ABC):
             "p_height": height,
             "p_bytes": size_bytes,
             "p_mime": mime,
-            "p_error": error,
+            "p_error": storable(error),
         }
         row = (await self.call("ingest_image_record", args))[0]
         return IngestRecorded(applied=bool(row["applied"]), image=from_row(IngestImage, row))
@@ -931,7 +949,7 @@ class Database(abc.ABC):
 
     async def insert_tweet(self, target_tweet_id: str, *, author: str | None = None, text: str | None = None) -> TweetInserted:
         """Queue a discovered tweet once per target tweet id."""
-        args = {"p_target_tweet_id": target_tweet_id, "p_author": author, "p_tweet_text": text}
+        args = {"p_target_tweet_id": target_tweet_id, "p_author": storable(author), "p_tweet_text": storable(text)}
         row = (await self.call("tweet_insert", args))[0]
         return TweetInserted(created=bool(row["created"]), tweet=from_row(Tweet, row))
 
@@ -951,10 +969,10 @@ class Database(abc.ABC):
         fields = {
             key: value
             for key, value in (
-                ("draft", draft),
+                ("draft", storable(draft)),
                 ("approval_message_id", approval_message_id),
                 ("posted_tweet_id", posted_tweet_id),
-                ("last_error", last_error),
+                ("last_error", storable(last_error)),
             )
             if value is not None
         }
