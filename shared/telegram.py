@@ -13,6 +13,13 @@ to a cap; after ``alert_after`` failed attempts the operator is told once and
 the attempts go on at the cap. After every (re)connect ``on_connected``
 runs (handlers, ``catch_up()``, a reconciliation pass).
 
+Each connect loads the account's session from the database as a
+:class:`~shared.sessions.DatabaseSession`: the auth key, the update state
+``catch_up()`` resumes from, and every peer the account has seen. Clients
+note what Telegram answers to the update loop's GetDifference
+(:class:`DifferenceWatch`), so the caller knows when the catch-up is over and
+whether Telegram said the gap was too long to fill.
+
 A session that is dead (revoked, unregistered, duplicated, banned) marks the
 account ``needs_login``, disconnects it, alerts once, and is not retried; the
 other accounts go on.
@@ -34,7 +41,7 @@ from pathlib import Path
 from shared.config import TelegramSettings
 from shared.errors import ErrorKind, classify, describe
 from shared.retry import exponential_delay
-from shared.sessions import SessionCipher, SessionKeyError, generate_key
+from shared.sessions import DatabaseSession, SessionCipher, SessionKeyError, generate_key
 from shared.timeouts import telegram_op
 
 if TYPE_CHECKING:
@@ -46,8 +53,62 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-ClientFactory = Callable[["Account", str | None], "TelegramClient"]
-"""Builds a client for an account from its decrypted session string (None: no session)."""
+ClientFactory = Callable[["Account", Any], "TelegramClient"]
+"""Builds a client for an account from its session: a Telethon session object, or a
+decrypted ``StringSession`` string (None: no session)."""
+
+
+class DifferenceWatch:
+    """What Telegram answered to the update loop's GetDifference, since :meth:`reset`.
+
+    ``catch_up()`` only queues a request for the update loop; this tells when
+    the account's difference is complete (``settled``) and whether Telegram
+    answered differenceTooLong or channelDifferenceTooLong (``too_long``):
+    then the updates in between are gone and only reading the dialogs finds
+    their messages.
+    """
+
+    def __init__(self) -> None:
+        self.settled = asyncio.Event()
+        self.too_long = False
+
+    def reset(self) -> None:
+        self.settled = asyncio.Event()
+        self.too_long = False
+
+    def note(self, result: object) -> None:
+        from telethon.tl import types
+
+        if isinstance(result, (types.updates.DifferenceTooLong, types.updates.ChannelDifferenceTooLong)):
+            self.too_long = True
+        if isinstance(result, (types.updates.Difference, types.updates.DifferenceEmpty, types.updates.DifferenceTooLong)):
+            self.settled.set()
+
+    async def wait(self, timeout: float) -> bool:
+        """True when the account's difference completed within ``timeout`` seconds."""
+        try:
+            await asyncio.wait_for(self.settled.wait(), timeout)
+        except (TimeoutError, asyncio.TimeoutError):
+            return False
+        return True
+
+
+def difference_watch(client: Any) -> DifferenceWatch:
+    """The client's :class:`DifferenceWatch` (made on first use)."""
+    watch = getattr(client, "_difference_watch", None)
+    if watch is None:
+        watch = DifferenceWatch()
+        client._difference_watch = watch
+    return watch
+
+
+class _WatchesDifferences:
+    """Mixed into a ``TelegramClient``: every answer passes :func:`difference_watch` on its way back."""
+
+    async def __call__(self, request: Any, ordered: bool = False, flood_sleep_threshold: int | None = None) -> Any:
+        result = await super().__call__(request, ordered, flood_sleep_threshold)  # type: ignore[misc]
+        difference_watch(self).note(result)
+        return result
 
 
 #: In sandbox mode without SESSION_ENCRYPTION_KEY, the key lives in this file under DATA_DIR.
@@ -86,19 +147,26 @@ def client_factory(settings: TelegramSettings, world: Any | None) -> ClientFacto
     """
     from telethon import TelegramClient
     from telethon.sessions import StringSession
+    from telethon.sessions.abstract import Session
 
     common: dict[str, Any] = {"flood_sleep_threshold": 0, "raise_last_call_error": True}
     if world is not None:
         from shared.sandbox import SandboxClient
 
-        def sandbox_client(account: Account, session: str | None) -> TelegramClient:
-            return SandboxClient(world, phone=account.phone, session=session, request_retries=0, **common)
+        class WatchedSandboxClient(_WatchesDifferences, SandboxClient):
+            pass
+
+        def sandbox_client(account: Account, session: Any) -> TelegramClient:
+            return WatchedSandboxClient(world, phone=account.phone, session=session, request_retries=0, **common)
 
         return sandbox_client
 
-    def real_client(account: Account, session: str | None) -> TelegramClient:
-        return TelegramClient(
-            StringSession(session or ""),
+    class WatchedClient(_WatchesDifferences, TelegramClient):
+        pass
+
+    def real_client(account: Account, session: Any) -> TelegramClient:
+        return WatchedClient(
+            session if isinstance(session, Session) else StringSession(session or ""),
             settings.telegram_api_id,
             settings.telegram_api_hash,
             request_retries=1,
@@ -265,9 +333,13 @@ class AccountConnection:
         await self._drop_client()
         try:
             stored = await self.db.get_account_session(self.id)
-            session = None
+            string = None
             if stored:
-                session = self.cipher.decrypt(stored) if self.cipher is not None else stored
+                string = self.cipher.decrypt(stored) if self.cipher is not None else stored
+            # The update state and entities are read once per connect; what Telethon learns is written back.
+            session = await DatabaseSession.load(
+                string, db=self.db, account_id=self.id, cipher=self.cipher, timeout=self.policy.call_timeout
+            )
             client = self.client_factory(self.account, session)
             self.client = client
             await telegram_op(client.connect(), self.policy.connect_timeout, "connect", detail=self.label)
@@ -351,6 +423,10 @@ class AccountConnection:
             await telegram_op(client.disconnect(), self.policy.call_timeout, "disconnect", detail=self.label)
         except Exception as exc:
             logger.debug("account %s: disconnect raised %s", self.label, describe(exc))
+        # The disconnect handed the session its final update state: write it before the next connect reads it.
+        session = getattr(client, "session", None)
+        if isinstance(session, DatabaseSession):
+            await session.aclose(self.policy.call_timeout)
 
     # --- called by the loops ------------------------------------------------------
 

@@ -93,6 +93,7 @@ async def test_chats_we_may_not_write_to_raise_chat_write_forbidden(sandbox_worl
 async def test_a_private_channel_we_left_raises_channel_private(sandbox_world, sandbox_demo, sandbox_connect):
     secret = sandbox_world.create_channel("Secret", creator="operator", members=["demo_one"])
     client = await sandbox_connect(sandbox_demo.accounts[0])
+    await client.get_dialogs()  # how an account learns a private channel's access hash
     entity = await client.get_input_entity(secret.marked_id)
     sandbox_world.remove_member(secret, "demo_one")
 
