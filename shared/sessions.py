@@ -162,6 +162,8 @@ class DatabaseSession(StringSession):
         self._failures = 0
         #: True when a saved account update state was loaded: catch_up() resumes from it.
         self.had_state = False
+        #: The date of that saved state (Telegram's clock): what happened after it may be missing.
+        self.state_date: datetime | None = None
         self.saved_entities = 0
         self.saved_states = 0
         self.last_error: str | None = None
@@ -188,6 +190,7 @@ class DatabaseSession(StringSession):
             )
             if state.entity_id == 0 and state.pts > 0:
                 session.had_state = True
+                session.state_date = state.date
         for entity in entities:
             session._remember(entity)
         return session
