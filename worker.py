@@ -271,12 +271,14 @@ class Sync:
         self._scan_due: dict[int, datetime | None] = {}
 
     async def after_connect(self, connection: AccountConnection) -> None:
-        """Handlers, then ``catch_up()`` from the saved state, then the dialog scan when needed, then a reconcile pass."""
-        self.attach(connection)
+        """``catch_up()`` from the saved state, then the dialog scan when needed, then a reconcile pass.
+
+        The handler is already attached (:meth:`attach` runs before the client
+        connects, since Telethon catches up as it connects).
+        """
         client = connection.client
         assert client is not None
         watch = difference_watch(client)
-        watch.reset()
         try:
             await telegram_op(client.catch_up(), self.settings.timeout_telegram_entity, "catch_up")
         except Exception as exc:
@@ -408,7 +410,7 @@ class Sync:
         await self.scan_dialogs(connection, read=False)
 
     def attach(self, connection: AccountConnection) -> None:
-        """Register the handler on a freshly connected client."""
+        """Register the handler on a fresh client, before it connects."""
         assert connection.client is not None
 
         async def on_message(event: events.NewMessage.Event) -> None:
@@ -1065,6 +1067,7 @@ class Worker:
                 on_connected=on_connected,
                 alerts=runtime.alerts,
                 labels=set(settings.worker_accounts) if settings.worker_accounts else None,
+                on_client=sync.attach,
             )
             sync.pool = outbound.pool = history.pool = jobs.pool = pool
             if settings.worker_accounts:

@@ -149,7 +149,8 @@ def client_factory(settings: TelegramSettings, world: Any | None) -> ClientFacto
     from telethon.sessions import StringSession
     from telethon.sessions.abstract import Session
 
-    common: dict[str, Any] = {"flood_sleep_threshold": 0, "raise_last_call_error": True}
+    # catch_up=True: Telethon loads the session's saved update state only then (and catches up at connect).
+    common: dict[str, Any] = {"flood_sleep_threshold": 0, "raise_last_call_error": True, "catch_up": True}
     if world is not None:
         from shared.sandbox import SandboxClient
 
@@ -211,6 +212,8 @@ class AccountConnection:
         owner: this process's lease owner name.
         policy: lease, timeout and backoff numbers.
         on_connected: awaited after every successful (re)connect.
+        on_client: called with the new client before it connects (its handlers must be
+            in place before the catch-up at connect dispatches what was missed).
         on_change: called when the connection wants the accounts loop to run now.
         alerts: receives account_needs_login and repeated reconnect failures.
         clock: monotonic seconds.
@@ -229,6 +232,7 @@ class AccountConnection:
         on_change: Callable[[], None] | None = None,
         alerts: AlertSink | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_client: Callable[[AccountConnection], None] | None = None,
     ) -> None:
         self.account = account
         self.db = db
@@ -237,6 +241,7 @@ class AccountConnection:
         self.owner = owner
         self.policy = policy
         self.on_connected = on_connected
+        self.on_client = on_client
         self.on_change = on_change or (lambda: None)
         self.alerts = alerts
         self._clock = clock
@@ -342,6 +347,9 @@ class AccountConnection:
             )
             client = self.client_factory(self.account, session)
             self.client = client
+            difference_watch(client).reset()
+            if self.on_client is not None:
+                self.on_client(self)
             await telegram_op(client.connect(), self.policy.connect_timeout, "connect", detail=self.label)
             authorized = await telegram_op(client.is_user_authorized(), self.policy.call_timeout, "is_user_authorized")
             if not authorized:
@@ -512,6 +520,7 @@ class AccountPool:
         on_connected: Callable[[AccountConnection], Awaitable[None]] | None = None,
         alerts: AlertSink | None = None,
         labels: set[str] | None = None,
+        on_client: Callable[[AccountConnection], None] | None = None,
     ) -> None:
         self.db = db
         self.cipher = cipher
@@ -521,6 +530,7 @@ class AccountPool:
         self.on_connected = on_connected
         self.alerts = alerts
         self.labels = labels
+        self.on_client = on_client
         self.wake = asyncio.Event()
         self.connections: dict[int, AccountConnection] = {}
 
@@ -552,6 +562,7 @@ class AccountPool:
                     on_connected=self.on_connected,
                     on_change=self.wake.set,
                     alerts=self.alerts,
+                    on_client=self.on_client,
                 )
                 self.connections[account.id] = connection
             else:
