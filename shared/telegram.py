@@ -503,6 +503,19 @@ class AccountConnection:
             "flood_wait_until": self.flood_wait_until,
             "last_error": self.last_error,
             "last_error_at": self.last_error_at,
+            "session": self._session_status(),
+        }
+
+    def _session_status(self) -> dict[str, Any] | None:
+        """What the session keeps in the database: peers known, whether catch-up had a state to resume from."""
+        session = getattr(self.client, "session", None)
+        if not isinstance(session, DatabaseSession):
+            return None
+        return {
+            "known_peers": len(session),
+            "resumed_from_saved_state": session.had_state,
+            "unsaved_changes": session.dirty,
+            "last_save_error": session.last_error,
         }
 
 
