@@ -253,6 +253,8 @@ class Sync:
     SCAN_PAGES_PER_CHAT = 10
     #: The longest the peer refresh waits between two scans of one account.
     PEER_REFRESH_INTERVAL = 60.0
+    #: Dialogs the peer refresh walks at most (it runs inside a send, which has a deadline too).
+    PEER_REFRESH_DIALOGS = 2000
     #: Dialogs older than the saved state by more than this had nothing new (clock margin).
     SCAN_MARGIN = timedelta(minutes=5)
 
@@ -317,20 +319,22 @@ class Sync:
             return
         self._scan_due.pop(connection.id, None)
 
-    async def scan_dialogs(self, connection: AccountConnection, *, since: datetime | None = None, read: bool = True) -> int:
+    async def scan_dialogs(
+        self, connection: AccountConnection, *, since: datetime | None = None, read: bool = True, limit: int | None = None
+    ) -> int:
         """Walk the account's dialogs (``get_dialogs``, 100 a page, each page under a deadline).
 
         Every dialog teaches the session its chat's access hash. With ``read``,
         each dialog whose newest message is past its stored cursor is read from
         the cursor (a chat never stored: its newest ``NEW_CHAT_MESSAGES``).
-        Dialogs older than ``since`` (pinned ones aside) end the walk. Returns
-        how many messages were new.
+        Dialogs older than ``since`` (pinned ones aside), or ``limit`` dialogs,
+        end the walk. Returns how many messages were new.
         """
         async with self._scan_locks[connection.id]:
             client = connection.client
             assert client is not None
             self.scans += 1
-            dialogs = client.iter_dialogs()
+            dialogs = client.iter_dialogs(limit=limit)
             page: list[Any] = []
             stored = walked = 0
             while True:
@@ -407,7 +411,7 @@ class Sync:
         last = self._scanned_at.get(connection.id)
         if last is not None and time.monotonic() - last < self.PEER_REFRESH_INTERVAL:
             return
-        await self.scan_dialogs(connection, read=False)
+        await self.scan_dialogs(connection, read=False, limit=self.PEER_REFRESH_DIALOGS)
 
     def attach(self, connection: AccountConnection) -> None:
         """Register the handler on a fresh client, before it connects."""
