@@ -10,8 +10,9 @@ Connections are supervised twice: a check on every cycle of the accounts
 loop, and a watcher on the client's ``disconnected`` future that asks for a
 reconnect as soon as Telethon gives up. Reconnects back off exponentially up
 to a cap; after ``alert_after`` failed attempts the operator is told once and
-the attempts go on at the cap. After every (re)connect ``on_connected``
-runs (handlers, ``catch_up()``, a reconciliation pass).
+the attempts go on at the cap. ``on_client`` runs on each new client before
+it connects (handlers: Telethon catches up while it connects), and after
+every (re)connect ``on_connected`` runs (``catch_up()``, a reconciliation pass).
 
 Each connect loads the account's session from the database as a
 :class:`~shared.sessions.DatabaseSession`: the auth key, the update state
