@@ -58,31 +58,33 @@ async def test_messages_written_while_the_worker_was_down_are_stored_once_after_
     world = World.open(Path(env["SANDBOX_DIR"]))
     world.seed_demo()
     quiet = world.create_user("quiet_one")  # not a contact: reachable only with the access hash
+    group = world.create_channel("Quiet Group", megagroup=True, creator="operator", members=["demo_one"])
     world.send_incoming(quiet, "demo_one", "hello, long ago")
+    world.send_incoming("operator", group, "group, long ago")
     first = await WorkerProcess(env, tmp_path / "first.log").start()
     second: WorkerProcess | None = None
     try:
         await wait_until(lambda: accounts_connected(database_url), timeout=30, what="accounts leased", proc=first)
         acct = await account_id(database_url, "demo_one")
-        await wait_until(
-            lambda: _has(database_url, acct, "hello, long ago"), timeout=30, what="the first message stored", proc=first
-        )
+        for text in ("hello, long ago", "group, long ago"):
+            await wait_until(lambda text=text: _has(database_url, acct, text), timeout=30, what=f"{text!r} stored", proc=first)
         assert await first.stop() == 0
         # The quiet chat's last message is older than RECONCILE_WINDOW: the reconciler alone skips it.
         await fetch(database_url, "update chats set last_message_at = now() - interval '2 days' where account_id = $1", acct)
         newcomer = world.create_user("newcomer")
         world.send_incoming(newcomer, "demo_one", "hi, first time here")
         world.send_incoming(quiet, "demo_one", "me again, after a while")
+        for n in (1, 2):
+            world.send_incoming("operator", group, f"group again {n}")
         if gap == "state_deleted":
             await fetch(database_url, "delete from telegram_update_state")
         elif gap == "too_long":
             world.set_difference_limits(max_pts=1)
 
-        second = await run_until_stored(
-            env, tmp_path / "second.log", database_url, acct, {"hi, first time here", "me again, after a while"}
-        )
+        missed = {"hi, first time here", "me again, after a while", "group again 1", "group again 2"}
+        second = await run_until_stored(env, tmp_path / "second.log", database_url, acct, missed)
         texts = await stored_texts(database_url, acct)
-        for text in ("hello, long ago", "hi, first time here", "me again, after a while"):
+        for text in ("hello, long ago", "group, long ago", *missed):
             assert texts.count(text) == 1, f"{text!r} stored {texts.count(text)} times"
         scanned = "reading the dialogs for what was missed" in second.output()
         assert scanned is (gap != "saved_state"), second.output()[-3000:]
