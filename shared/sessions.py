@@ -368,6 +368,15 @@ class DatabaseSession(StringSession):
         if self._pending_auth is None:
             self._pending_auth = auth
 
+    def discard(self) -> None:
+        """Drop unsaved changes and stop writing (another process holds the account now; its state wins)."""
+        if self._flusher is not None and not self._flusher.done():
+            self._flusher.cancel()
+        self._flusher = None
+        self._pending_entities.clear()
+        self._pending_states.clear()
+        self._pending_auth = None
+
     async def aclose(self, timeout: float | None = None) -> bool:
         """Write what is left (after the client's disconnect saved its final state). True when all was saved."""
         flusher, self._flusher = self._flusher, None

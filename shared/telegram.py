@@ -318,7 +318,7 @@ class AccountConnection:
             if now - self._lease_renewed_at > self.policy.lease_seconds * 0.8:
                 self._error(f"could not renew the lease: {describe(exc)}")
                 logger.error("account %s: lease renewal failing, disconnecting to be safe", self.label)
-                await self._drop_client()
+                await self._drop_client(save=False)
                 self.lease_token = None
                 self.state = ConnectionState.IDLE
                 return False
@@ -328,7 +328,7 @@ class AccountConnection:
             logger.error("account %s: lease lost to another process; disconnecting at once", self.label)
             self._error("lease lost to another process")
             self.lease_token = None
-            await self._drop_client()
+            await self._drop_client(save=False)
             self.state = ConnectionState.LEASED_ELSEWHERE
             return False
         self._lease_renewed_at = now
@@ -421,7 +421,8 @@ class AccountConnection:
 
         self._watcher = asyncio.create_task(watch(), name=f"watch-{self.label}")
 
-    async def _drop_client(self) -> None:
+    async def _drop_client(self, *, save: bool = True) -> None:
+        """Disconnect; ``save=False`` (the lease is lost) leaves the session's state to the new holder."""
         client, self.client = self.client, None
         if self._watcher is not None:
             self._watcher.cancel()
@@ -435,7 +436,10 @@ class AccountConnection:
         # The disconnect handed the session its final update state: write it before the next connect reads it.
         session = getattr(client, "session", None)
         if isinstance(session, DatabaseSession):
-            await session.aclose(self.policy.call_timeout)
+            if save:
+                await session.aclose(self.policy.call_timeout)
+            else:
+                session.discard()
 
     # --- called by the loops ------------------------------------------------------
 
