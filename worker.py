@@ -45,7 +45,7 @@ from typing import Any
 
 from telethon import events, functions, types, utils
 
-from shared.config import WorkerSettings, load_or_exit
+from shared.config import WorkerSettings, load_or_exit, refuse_implicit_sandbox_or_exit
 from shared.db import Database, open_database
 from shared.db.records import (
     Account,
@@ -1072,6 +1072,8 @@ class Worker:
                 alerts=runtime.alerts,
                 labels=set(settings.worker_accounts) if settings.worker_accounts else None,
                 on_client=sync.attach,
+                # The sandbox serves only its own accounts: a real one would be logged out by it.
+                accepts=(lambda account: world.has_account(account.phone)) if self.world is not None else None,
             )
             sync.pool = outbound.pool = history.pool = jobs.pool = pool
             if settings.worker_accounts:
@@ -1331,6 +1333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     settings = load_or_exit(WorkerSettings)
     command = args.command or "run"
+    if command == "run":
+        refuse_implicit_sandbox_or_exit(settings, "TELEGRAM_API_ID")
     # A command's own output is its answer on stdout; its logs go to stderr.
     configure_logging(settings, stream=sys.stdout if command == "run" else sys.stderr)
     if command == "run":

@@ -539,6 +539,7 @@ class AccountPool:
         alerts: AlertSink | None = None,
         labels: set[str] | None = None,
         on_client: Callable[[AccountConnection], None] | None = None,
+        accepts: Callable[[Account], bool] | None = None,
     ) -> None:
         self.db = db
         self.cipher = cipher
@@ -549,6 +550,7 @@ class AccountPool:
         self.alerts = alerts
         self.labels = labels
         self.on_client = on_client
+        self.accepts = accepts
         self.wake = asyncio.Event()
         self.connections: dict[int, AccountConnection] = {}
 
@@ -560,6 +562,8 @@ class AccountPool:
         seen: set[int] = set()
         for account in accounts:
             if self.labels is not None and account.label not in self.labels:
+                continue
+            if self.accepts is not None and not self.accepts(account):
                 continue
             seen.add(account.id)
             connection = self.connections.get(account.id)
