@@ -15,7 +15,7 @@ import pytest
 from shared.sandbox import World
 from tests.test_worker_process import WorkerProcess, account_id, accounts_connected, enqueue, fetch, wait_until
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.process]
 
 
 @pytest.fixture
