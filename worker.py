@@ -271,6 +271,7 @@ class Sync:
         self._scan_locks: dict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._scanned_at: dict[int, float] = {}
         self._scan_due: dict[int, datetime | None] = {}
+        self._scan_not_before: dict[int, float] = {}
 
     async def after_connect(self, connection: AccountConnection) -> None:
         """``catch_up()`` from the saved state, then the dialog scan when needed, then a reconcile pass.
@@ -304,7 +305,7 @@ class Sync:
         await self.reconcile_account(connection)
 
     async def _run_due_scan(self, connection: AccountConnection) -> None:
-        if connection.id not in self._scan_due:
+        if connection.id not in self._scan_due or time.monotonic() < self._scan_not_before.get(connection.id, 0.0):
             return
         since = self._scan_due[connection.id]
         try:
@@ -312,10 +313,16 @@ class Sync:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            if classify(exc).kind is ErrorKind.ACCOUNT_DEAD:
+            verdict = classify(exc)
+            if verdict.kind is ErrorKind.ACCOUNT_DEAD:
                 await connection.handle_error(exc)
                 return
-            logger.warning("dialog scan of %s failed (%s); it runs again next sync cycle", connection.label, describe(exc))
+            # Chats already read moved their cursors: the next attempt goes on where this one stopped.
+            wait = verdict.retry_after or 0.0
+            self._scan_not_before[connection.id] = time.monotonic() + wait
+            logger.warning(
+                "dialog scan of %s stopped (%s); it goes on in %.0fs", connection.label, verdict.reason, max(wait, 10.0)
+            )
             return
         self._scan_due.pop(connection.id, None)
 
