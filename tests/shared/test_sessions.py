@@ -10,6 +10,7 @@ from telethon import events, types
 
 from shared.sandbox import SandboxClient
 from shared.sessions import DatabaseSession, SessionCipher, SessionKeyError, generate_key
+from tests.helpers import eventually
 
 SESSION = "1BVtsOKABu" + "x" * 340
 
@@ -114,3 +115,22 @@ async def test_an_empty_state_never_overwrites_a_saved_one(database) -> None:
     session.set_update_state(0, types.updates.State(pts=0, qts=0, date=when, seq=0, unread_count=0))
     assert await session.aclose()
     assert [s.pts for s in await database.get_update_states(account)] == [5]
+
+
+async def test_peers_reach_the_database_while_the_client_runs_not_only_at_disconnect(database, sandbox_world, sandbox_demo) -> None:
+    cipher = SessionCipher(generate_key())
+    account = (await database.upsert_account("one", session=cipher.encrypt(
+        sandbox_world.session_string(sandbox_demo.accounts[0].phone)))).id
+    sandbox_world.create_user("met_later")
+    client = SandboxClient(sandbox_world, session=await _open(database, account, cipher), flood_sleep_threshold=0, catch_up=True)
+    await client.connect()
+    try:
+        met = await client.get_entity("met_later")  # a resolved username: one answer Telethon hands the session
+
+        async def saved() -> bool:
+            return met.id in {e.peer_id for e in await database.list_entities(account)}
+
+        await eventually(saved, what="the peer saved by the background writer")
+    finally:
+        await client.disconnect()
+        await client.session.aclose()
