@@ -198,6 +198,11 @@ class DatabaseSession(StringSession):
     # --- the entity cache ----------------------------------------------------------
 
     def _remember(self, entity: KnownEntity) -> None:
+        before = self._by_id.get(entity.peer_id)
+        if before is not None:  # a username or name given up may be someone else's now
+            for index, old in ((self._by_username, (before.username or "").lower()), (self._by_name, before.name)):
+                if old and index.get(old) == entity.peer_id:
+                    del index[old]
         self._by_id[entity.peer_id] = entity
         if entity.username:
             self._by_username[entity.username.lower()] = entity.peer_id
