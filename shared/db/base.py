@@ -330,20 +330,10 @@ class Database(abc.ABC):
 
     # --- a Telegram session's state beyond its auth key ---------------------------
 
-    #: Most rows one page of the state or entity listing carries (PostgREST's default cap).
-    SESSION_PAGE = 1000
-
     async def get_update_states(self, account_id: int) -> list[UpdateState]:
-        """The account's saved update state (entity 0) and its channels' pts, every page."""
-        states: list[UpdateState] = []
-        after: int | None = None
-        while True:
-            args = {"p_account_id": account_id, "p_after": after, "p_limit": self.SESSION_PAGE}
-            rows = await self.call("telegram_state_get", args, read_only=True)
-            states += [from_row(UpdateState, r) for r in rows]
-            if len(rows) < self.SESSION_PAGE:
-                return states
-            after = states[-1].entity_id
+        """The account's saved update state (entity 0) and its channels' pts, read in pages."""
+        rows = await self._pages("telegram_state_get", {"p_account_id": account_id}, lambda r: {"p_after": r["entity_id"]})
+        return [from_row(UpdateState, r) for r in rows]
 
     async def save_update_states(self, account_id: int, states: Sequence[UpdateState]) -> int:
         if not states:
@@ -362,16 +352,9 @@ class Database(abc.ABC):
         return int(await self._scalar("telegram_entities_save", {"p_account_id": account_id, "p_entities": payload}) or 0)
 
     async def list_entities(self, account_id: int) -> list[KnownEntity]:
-        """Every entity the account has seen, read page by page."""
-        entities: list[KnownEntity] = []
-        after: int | None = None
-        while True:
-            args = {"p_account_id": account_id, "p_after": after, "p_limit": self.SESSION_PAGE}
-            rows = await self.call("telegram_entities_page", args, read_only=True)
-            entities += [from_row(KnownEntity, r) for r in rows]
-            if len(rows) < self.SESSION_PAGE:
-                return entities
-            after = entities[-1].peer_id
+        """Every entity the account has seen, read in pages."""
+        rows = await self._pages("telegram_entities_page", {"p_account_id": account_id}, lambda r: {"p_after": r["peer_id"]})
+        return [from_row(KnownEntity, r) for r in rows]
 
     # --- chats and inbound messages ------------------------------------------------
 
@@ -402,8 +385,8 @@ class Database(abc.ABC):
         """Stored cursors (last message id) of these chats; chats never stored are absent."""
         cursors: dict[int, int] = {}
         ids = list(dict.fromkeys(telegram_chat_ids))
-        for start in range(0, len(ids), self.SESSION_PAGE):
-            args = {"p_account_id": account_id, "p_telegram_chat_ids": ids[start : start + self.SESSION_PAGE]}
+        for start in range(0, len(ids), self.page_size):
+            args = {"p_account_id": account_id, "p_telegram_chat_ids": ids[start : start + self.page_size]}
             for row in await self.call("chats_cursors", args, read_only=True):
                 cursors[int(row["telegram_chat_id"])] = int(row["last_message_id"])
         return cursors

@@ -48,9 +48,9 @@ comment on table telegram_entities is
 alter table telegram_update_state enable row level security;
 alter table telegram_entities enable row level security;
 
--- One page of an account's update state, by entity id after p_after (the
--- account's own state is entity 0, so it comes first).
-create or replace function telegram_state_get(p_account_id bigint, p_after bigint default null, p_limit integer default 1000)
+-- One page of an account's update state, by entity id after p_after (null
+-- p_limit: every row).
+create or replace function telegram_state_get(p_account_id bigint, p_after bigint default null, p_limit integer default null)
 returns table (entity_id bigint, pts integer, qts integer, date timestamptz, seq integer)
 language sql stable
 set search_path = public, pg_temp
@@ -59,7 +59,7 @@ as $$
     from telegram_update_state s
     where s.account_id = p_account_id and (p_after is null or s.entity_id > p_after)
     order by s.entity_id
-    limit least(greatest(coalesce(p_limit, 1000), 1), 1000);
+    limit p_limit;
 $$;
 
 -- Save update states (a JSON array of {entity_id, pts, qts, date, seq});
@@ -131,8 +131,9 @@ begin
 end
 $$;
 
--- One page of an account's entities, by peer id after p_after.
-create or replace function telegram_entities_page(p_account_id bigint, p_after bigint default null, p_limit integer default 1000)
+-- One page of an account's entities, by peer id after p_after (null p_limit:
+-- every row).
+create or replace function telegram_entities_page(p_account_id bigint, p_after bigint default null, p_limit integer default null)
 returns table (peer_id bigint, access_hash bigint, kind text, username text, phone text, name text)
 language sql stable
 set search_path = public, pg_temp
@@ -141,11 +142,12 @@ as $$
     from telegram_entities e
     where e.account_id = p_account_id and (p_after is null or e.peer_id > p_after)
     order by e.peer_id
-    limit least(greatest(coalesce(p_limit, 1000), 1), 1000);
+    limit p_limit;
 $$;
 
 -- The stored cursors of some chats of an account (the dialog scan compares
 -- each dialog's newest message with them); chats never stored are absent.
+-- At most one row per input id: callers send at most a page of ids.
 create or replace function chats_cursors(p_account_id bigint, p_telegram_chat_ids bigint[])
 returns table (telegram_chat_id bigint, last_message_id bigint)
 language sql stable
@@ -154,8 +156,7 @@ as $$
     select c.telegram_chat_id, c.last_message_id
     from chats c
     where c.account_id = p_account_id and c.telegram_chat_id = any (p_telegram_chat_ids)
-    order by c.telegram_chat_id
-    limit 1000;
+    order by c.telegram_chat_id;
 $$;
 
 do $$

@@ -42,6 +42,16 @@ async def test_entities_are_read_in_pages_beyond_one_answer(backend_db: Database
     assert [e.peer_id for e in got] == list(range(1, 1502))
 
 
+async def test_state_and_entities_read_the_same_in_tiny_pages(backend_db: Database) -> None:
+    account = (await backend_db.upsert_account("main")).id
+    await backend_db.save_update_states(account, [UpdateState(i, pts=i + 1) for i in range(0, 7)])
+    await backend_db.save_entities(account, [KnownEntity(-i, i, "channel") for i in range(1, 8)])
+    whole = (await backend_db.get_update_states(account), await backend_db.list_entities(account))
+    backend_db.page_size = 2
+    assert (await backend_db.get_update_states(account), await backend_db.list_entities(account)) == whole
+    assert len(whole[0]) == 7 and len(whole[1]) == 7
+
+
 async def test_chat_cursors_name_only_stored_chats(backend_db: Database) -> None:
     account = (await backend_db.upsert_account("main")).id
     message = InboundMessage(chat_id=5, telegram_message_id=9, sent_at=datetime.now(UTC))
