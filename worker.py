@@ -36,7 +36,7 @@ import sys
 import time
 import uuid
 from collections import OrderedDict, defaultdict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -63,13 +63,20 @@ from shared.db.records import (
     SendHold,
     SendHoldKind,
 )
-from shared.errors import ErrorKind, LimitScope, PermanentError, classify, describe
+from shared.errors import ErrorKind, LimitScope, PermanentError, UnresolvedPeerError, classify, describe, is_unresolved_peer
 from shared.health import TEMP_SUBDIR, run_checks
 from shared.ratelimit import KeyedBuckets
 from shared.runtime import BotRuntime, configure_logging, run_bot
 from shared.sessions import SessionCipher
 from shared.storage import Storage, open_storage
-from shared.telegram import AccountConnection, AccountPool, ConnectionPolicy, client_factory, session_cipher
+from shared.telegram import (
+    AccountConnection,
+    AccountPool,
+    ConnectionPolicy,
+    client_factory,
+    difference_watch,
+    session_cipher,
+)
 from shared.timeouts import telegram_op
 
 logger = logging.getLogger("worker")
@@ -177,11 +184,22 @@ def inbound_from(message: types.Message, chat: Any | None) -> InboundMessage:
 
 
 class EntityCache:
-    """Resolved peers per account (an LRU), so a send costs no resolve round trip."""
+    """Resolved peers per account (an LRU), so a send costs no resolve round trip.
 
-    def __init__(self, *, timeout: float, size: int = 10_000) -> None:
+    A peer is resolved from the account's session, which keeps every chat the
+    account has ever seen (in the database, across restarts). A numeric id it
+    has not seen is not refused at once: ``refresh`` (the dialog scan) runs
+    first, since the chat may be a dialog the session has not read yet, and
+    only when the id is still unknown after it does the peer fail, with
+    :class:`UnresolvedPeerError` saying what to do.
+    """
+
+    def __init__(
+        self, *, timeout: float, size: int = 10_000, refresh: Callable[[AccountConnection], Awaitable[None]] | None = None
+    ) -> None:
         self.timeout = timeout
         self.size = size
+        self.refresh = refresh
         self._cache: OrderedDict[tuple[int, str], Any] = OrderedDict()
 
     async def resolve(self, connection: AccountConnection, peer: str | int) -> Any:
@@ -190,14 +208,29 @@ class EntityCache:
         if cached is not None:
             self._cache.move_to_end(key)
             return cached
-        assert connection.client is not None
-        entity = await telegram_op(
-            connection.client.get_input_entity(parse_peer(peer)), self.timeout, "get_input_entity", detail=str(peer)
-        )
+        target = parse_peer(peer)
+        try:
+            entity = await self._lookup(connection, target)
+        except ValueError as exc:
+            if not isinstance(target, int) or not is_unresolved_peer(exc):
+                raise
+            if self.refresh is not None:
+                logger.info("chat %s is not known to %s yet; reading the dialogs first", peer, connection.label)
+                await self.refresh(connection)
+            try:
+                entity = await self._lookup(connection, target)
+            except ValueError as again:
+                if is_unresolved_peer(again):
+                    raise UnresolvedPeerError(peer) from again
+                raise
         self._cache[key] = entity
         if len(self._cache) > self.size:
             self._cache.popitem(last=False)
         return entity
+
+    async def _lookup(self, connection: AccountConnection, target: str | int) -> Any:
+        assert connection.client is not None
+        return await telegram_op(connection.client.get_input_entity(target), self.timeout, "get_input_entity", detail=str(target))
 
     def forget(self, account_id: int, peer: str | int) -> None:
         self._cache.pop((account_id, str(peer)), None)
@@ -214,7 +247,24 @@ class Sync:
     recently active chats from their cursor with ``iter_messages(min_id=...)``.
     The unique (account, chat, message id) key makes every path store a
     message once.
+
+    After every (re)connect, ``catch_up()`` asks Telegram for the difference
+    since the update state the session saved in the database. When there is
+    no saved state, or Telegram answers that the gap is too long to fill, the
+    dialog scan reads every dialog whose newest message is past its stored
+    cursor (a chat never stored included), page by page under deadlines.
     """
+
+    #: Messages read from a chat that was never stored, newest first (its older past is a history job).
+    NEW_CHAT_MESSAGES = 100
+    #: Pages of 100 messages read per chat in one scan; the reconciler goes on from the cursor.
+    SCAN_PAGES_PER_CHAT = 10
+    #: The longest the peer refresh waits between two scans of one account.
+    PEER_REFRESH_INTERVAL = 60.0
+    #: Dialogs the peer refresh walks at most (it runs inside a send, which has a deadline too).
+    PEER_REFRESH_DIALOGS = 2000
+    #: Dialogs older than the saved state by more than this had nothing new (clock margin).
+    SCAN_MARGIN = timedelta(minutes=5)
 
     def __init__(self, *, db: Database, runtime: BotRuntime, settings: WorkerSettings) -> None:
         self.db = db
@@ -223,10 +273,163 @@ class Sync:
         self.pool: AccountPool | None = None
         self.handler_errors = 0
         self.reconciled = 0
+        self.scans = 0
+        self.scanned = 0
         self._last_reconcile: dict[int, float] = {}
+        self._scan_locks: dict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._scanned_at: dict[int, float] = {}
+        self._scan_due: dict[int, datetime | None] = {}
+        self._scan_not_before: dict[int, float] = {}
+
+    async def after_connect(self, connection: AccountConnection) -> None:
+        """``catch_up()`` from the saved state, then the dialog scan when needed, then a reconcile pass.
+
+        The handler is already attached (:meth:`attach` runs before the client
+        connects, since Telethon catches up as it connects).
+        """
+        client = connection.client
+        assert client is not None
+        watch = difference_watch(client)
+        try:
+            await telegram_op(client.catch_up(), self.settings.timeout_telegram_entity, "catch_up")
+        except Exception as exc:
+            logger.warning("catch_up failed for %s (%s); the dialog scan covers it", connection.label, describe(exc))
+        settled = await watch.wait(self.settings.timeout_loop_cycle / 2)
+        session = client.session
+        had_state = bool(getattr(session, "had_state", False))
+        reason = None
+        if not had_state:
+            reason = "no saved update state"
+        elif watch.too_long:
+            reason = "Telegram answered that the gap is too long"
+        elif not settled:
+            reason = "the catch-up did not finish in time"
+        watch.too_long = False
+        if reason is not None:
+            state_date = getattr(session, "state_date", None) if had_state else None
+            self._scan_due[connection.id] = state_date - self.SCAN_MARGIN if state_date else None
+            logger.info("%s: %s; reading the dialogs for what was missed", connection.label, reason, extra={"account": connection.label})
+            await self._run_due_scan(connection)
+        await self.reconcile_account(connection)
+
+    async def _run_due_scan(self, connection: AccountConnection) -> None:
+        if connection.id not in self._scan_due or time.monotonic() < self._scan_not_before.get(connection.id, 0.0):
+            return
+        since = self._scan_due[connection.id]
+        try:
+            await self.scan_dialogs(connection, since=since)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            verdict = classify(exc)
+            if verdict.kind is ErrorKind.ACCOUNT_DEAD:
+                await connection.handle_error(exc)
+                return
+            # Chats already read moved their cursors: the next attempt goes on where this one stopped.
+            wait = verdict.retry_after or 0.0
+            self._scan_not_before[connection.id] = time.monotonic() + wait
+            logger.warning(
+                "dialog scan of %s stopped (%s); it goes on in %.0fs", connection.label, verdict.reason, max(wait, 10.0)
+            )
+            return
+        self._scan_due.pop(connection.id, None)
+
+    async def scan_dialogs(
+        self, connection: AccountConnection, *, since: datetime | None = None, read: bool = True, limit: int | None = None
+    ) -> int:
+        """Walk the account's dialogs (``get_dialogs``, 100 a page, each page under a deadline).
+
+        Every dialog teaches the session its chat's access hash. With ``read``,
+        each dialog whose newest message is past its stored cursor is read from
+        the cursor (a chat never stored: its newest ``NEW_CHAT_MESSAGES``).
+        Dialogs older than ``since`` (pinned ones aside), or ``limit`` dialogs,
+        end the walk. Returns how many messages were new.
+        """
+        async with self._scan_locks[connection.id]:
+            client = connection.client
+            assert client is not None
+            self.scans += 1
+            dialogs = client.iter_dialogs(limit=limit)
+            page: list[Any] = []
+            stored = walked = 0
+            while True:
+                self.runtime.watchdog.ping("sync")
+                try:
+                    dialog = await telegram_op(anext(dialogs), self.settings.timeout_telegram_entity, "get_dialogs")
+                except StopAsyncIteration:
+                    break
+                walked += 1
+                if since is not None and not dialog.pinned and dialog.date is not None and dialog.date < since:
+                    break
+                page.append(dialog)
+                if len(page) >= 100:
+                    stored += await self._read_dialogs(connection, page) if read else 0
+                    page = []
+            stored += await self._read_dialogs(connection, page) if read and page else 0
+            self._scanned_at[connection.id] = time.monotonic()
+            session = client.session
+            if hasattr(session, "flush"):
+                await session.flush()  # the chats just learned resolve after a restart too
+        self.scanned += stored
+        logger.info(
+            "dialog scan of %s: %d dialog(s), %d new message(s)", connection.label, walked, stored, extra={"account": connection.label}
+        )
+        return stored
+
+    async def _read_dialogs(self, connection: AccountConnection, dialogs: list[Any]) -> int:
+        assert connection.client is not None
+        cursors = await self.db.chat_cursors(connection.id, [d.id for d in dialogs])
+        stored = 0
+        for dialog in dialogs:
+            top = dialog.message.id if dialog.message is not None else 0
+            cursor = cursors.get(dialog.id)
+            if top <= (cursor or 0):
+                continue
+            self.runtime.watchdog.ping("sync")
+            stored += await self._read_chat(connection, dialog.input_entity, dialog.entity, cursor)
+        return stored
+
+    async def _read_chat(self, connection: AccountConnection, peer: Any, entity: Any, cursor: int | None) -> int:
+        """Store a chat's messages after ``cursor`` (None: its newest few). Returns how many were new."""
+        client = connection.client
+        assert client is not None
+        stored = 0
+        for _ in range(self.SCAN_PAGES_PER_CHAT):
+            if cursor is None:
+                call = client.get_messages(peer, limit=self.NEW_CHAT_MESSAGES, wait_time=0)
+            else:
+                call = client.get_messages(peer, min_id=cursor, limit=100, reverse=True, wait_time=0)
+            messages = await telegram_op(call, self.settings.timeout_telegram_send, "get_messages")
+            fresh = [m for m in messages if isinstance(m, types.Message) and m.id > (cursor or 0)]
+            if not fresh:
+                break
+            results = await self.db.store_messages(connection.id, [inbound_from(m, entity) for m in fresh])
+            new = sum(1 for r in results if r.inserted)
+            stored += new
+            if new:
+                connection.received += new
+                self.runtime.stats.processed += new
+            if cursor is None or len(messages) < 100:
+                break
+            cursor = max(m.id for m in fresh)
+        return stored
+
+    async def refresh_peers(self, connection: AccountConnection) -> None:
+        """Learn the chats of every dialog (for a numeric id not resolved), at most once a minute per account.
+
+        A scan already running is waited for rather than repeated.
+        """
+        lock = self._scan_locks[connection.id]
+        if lock.locked():
+            async with lock:
+                return
+        last = self._scanned_at.get(connection.id)
+        if last is not None and time.monotonic() - last < self.PEER_REFRESH_INTERVAL:
+            return
+        await self.scan_dialogs(connection, read=False, limit=self.PEER_REFRESH_DIALOGS)
 
     def attach(self, connection: AccountConnection) -> None:
-        """Register the handler on a freshly connected client."""
+        """Register the handler on a fresh client, before it connects."""
         assert connection.client is not None
 
         async def on_message(event: events.NewMessage.Event) -> None:
@@ -302,6 +505,11 @@ class Sync:
         assert self.pool is not None
         now = time.monotonic()
         for connection in self.pool.connected():
+            watch = difference_watch(connection.client)
+            if watch.too_long:  # a channel's gap, found after the connect's catch-up
+                watch.too_long = False
+                self._scan_due.setdefault(connection.id, None)
+            await self._run_due_scan(connection)
             if now - self._last_reconcile.get(connection.id, 0.0) < self.settings.reconcile_interval:
                 continue
             self._last_reconcile[connection.id] = now
@@ -309,7 +517,12 @@ class Sync:
         return min(self.settings.reconcile_interval, 10.0)
 
     def status(self) -> dict[str, Any]:
-        return {"handler_errors": self.handler_errors, "reconciled": self.reconciled}
+        return {
+            "handler_errors": self.handler_errors,
+            "reconciled": self.reconciled,
+            "dialog_scans": self.scans,
+            "scanned": self.scanned,
+        }
 
 
 # --- 3. outbound: exactly once, in order per chat --------------------------------------
@@ -338,7 +551,14 @@ class Outbound:
     """
 
     def __init__(
-        self, *, db: Database, runtime: BotRuntime, settings: WorkerSettings, owner: str, storage: Storage | None = None
+        self,
+        *,
+        db: Database,
+        runtime: BotRuntime,
+        settings: WorkerSettings,
+        owner: str,
+        storage: Storage | None = None,
+        entities: EntityCache | None = None,
     ) -> None:
         self.db = db
         self.runtime = runtime
@@ -346,7 +566,7 @@ class Outbound:
         self.owner = owner
         self.storage = storage
         self.pool: AccountPool | None = None
-        self.entities = EntityCache(timeout=settings.timeout_telegram_entity)
+        self.entities = entities or EntityCache(timeout=settings.timeout_telegram_entity)
         self.per_account = KeyedBuckets(rate=settings.send_rate_per_account, burst=settings.send_burst_per_account)
         self.per_chat = KeyedBuckets(rate=settings.send_rate_per_chat, burst=settings.send_burst_per_chat)
         #: PEER_FLOOD: account id -> wall time its sends to non-contacts may start again.
@@ -839,11 +1059,14 @@ class History:
 
     PAGES_PER_CYCLE = 20
 
-    def __init__(self, *, db: Database, runtime: BotRuntime, settings: WorkerSettings, owner: str) -> None:
+    def __init__(
+        self, *, db: Database, runtime: BotRuntime, settings: WorkerSettings, owner: str, entities: EntityCache | None = None
+    ) -> None:
         self.db = db
         self.runtime = runtime
         self.settings = settings
         self.owner = owner
+        self.entities = entities or EntityCache(timeout=settings.timeout_telegram_entity)
         self.pool: AccountPool | None = None
         self.progress: dict[int, HistoryProgress] = {}
 
@@ -865,7 +1088,7 @@ class History:
         cursor = job.cursor
         try:
             assert connection.client is not None
-            entity = await telegram_op(connection.client.get_input_entity(job.chat_id), self.settings.timeout_telegram_entity, "get_input_entity")
+            entity = await self.entities.resolve(connection, job.chat_id)
             chat = await telegram_op(connection.client.get_entity(entity), self.settings.timeout_telegram_entity, "get_entity")
             for _ in range(self.PAGES_PER_CYCLE):
                 self.runtime.watchdog.ping("history")
@@ -1047,8 +1270,12 @@ class Worker:
             owner = owner_name(settings)
             sync = self.sync = Sync(db=db, runtime=runtime, settings=settings)
             storage = await open_storage(settings)
-            outbound = self.outbound = Outbound(db=db, runtime=runtime, settings=settings, owner=owner, storage=storage)
-            history = self.history = History(db=db, runtime=runtime, settings=settings, owner=owner)
+            # One resolver for every loop: a numeric id not known yet waits for one dialog scan.
+            entities = EntityCache(timeout=settings.timeout_telegram_entity, refresh=sync.refresh_peers)
+            outbound = self.outbound = Outbound(
+                db=db, runtime=runtime, settings=settings, owner=owner, storage=storage, entities=entities
+            )
+            history = self.history = History(db=db, runtime=runtime, settings=settings, owner=owner, entities=entities)
             jobs = self.jobs = Jobs(db=db, runtime=runtime, settings=settings, owner=owner, entities=outbound.entities)
 
             async def on_connected(connection: AccountConnection) -> None:
@@ -1056,13 +1283,7 @@ class Worker:
                 taken = await db.take_over_account(connection.id, owner=owner)
                 if taken.outbound or taken.history_jobs or taken.message_jobs:
                     logger.info("took over the previous holder's work for %s: %s", connection.label, taken)
-                sync.attach(connection)
-                assert connection.client is not None
-                try:
-                    await telegram_op(connection.client.catch_up(), settings.timeout_loop_cycle / 2, "catch_up")
-                except Exception as exc:
-                    logger.warning("catch_up failed for %s (%s); the reconciler covers it", connection.label, describe(exc))
-                await sync.reconcile_account(connection)
+                await sync.after_connect(connection)
 
             pool = self.pool = AccountPool(
                 db=db,
@@ -1079,6 +1300,7 @@ class Worker:
                 on_connected=on_connected,
                 alerts=runtime.alerts,
                 labels=set(settings.worker_accounts) if settings.worker_accounts else None,
+                on_client=sync.attach,
                 # The sandbox serves only its own accounts: a real one would be logged out by it.
                 accepts=(lambda account: world.has_account(account.phone)) if self.world is not None else None,
             )

@@ -10,8 +10,16 @@ Connections are supervised twice: a check on every cycle of the accounts
 loop, and a watcher on the client's ``disconnected`` future that asks for a
 reconnect as soon as Telethon gives up. Reconnects back off exponentially up
 to a cap; after ``alert_after`` failed attempts the operator is told once and
-the attempts go on at the cap. After every (re)connect ``on_connected``
-runs (handlers, ``catch_up()``, a reconciliation pass).
+the attempts go on at the cap. ``on_client`` runs on each new client before
+it connects (handlers: Telethon catches up while it connects), and after
+every (re)connect ``on_connected`` runs (``catch_up()``, a reconciliation pass).
+
+Each connect loads the account's session from the database as a
+:class:`~shared.sessions.DatabaseSession`: the auth key, the update state
+``catch_up()`` resumes from, and every peer the account has seen. Clients
+note what Telegram answers to the update loop's GetDifference
+(:class:`DifferenceWatch`), so the caller knows when the catch-up is over and
+whether Telegram said the gap was too long to fill.
 
 A session that is dead (revoked, unregistered, duplicated, banned) marks the
 account ``needs_login``, disconnects it, alerts once, and is not retried; the
@@ -34,7 +42,7 @@ from pathlib import Path
 from shared.config import TelegramSettings
 from shared.errors import ErrorKind, classify, describe
 from shared.retry import exponential_delay
-from shared.sessions import SessionCipher, SessionKeyError, generate_key
+from shared.sessions import DatabaseSession, SessionCipher, SessionKeyError, generate_key
 from shared.timeouts import telegram_op
 
 if TYPE_CHECKING:
@@ -46,8 +54,62 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-ClientFactory = Callable[["Account", str | None], "TelegramClient"]
-"""Builds a client for an account from its decrypted session string (None: no session)."""
+ClientFactory = Callable[["Account", Any], "TelegramClient"]
+"""Builds a client for an account from its session: a Telethon session object, or a
+decrypted ``StringSession`` string (None: no session)."""
+
+
+class DifferenceWatch:
+    """What Telegram answered to the update loop's GetDifference, since :meth:`reset`.
+
+    ``catch_up()`` only queues a request for the update loop; this tells when
+    the account's difference is complete (``settled``) and whether Telegram
+    answered differenceTooLong or channelDifferenceTooLong (``too_long``):
+    then the updates in between are gone and only reading the dialogs finds
+    their messages.
+    """
+
+    def __init__(self) -> None:
+        self.settled = asyncio.Event()
+        self.too_long = False
+
+    def reset(self) -> None:
+        self.settled = asyncio.Event()
+        self.too_long = False
+
+    def note(self, result: object) -> None:
+        from telethon.tl import types
+
+        if isinstance(result, (types.updates.DifferenceTooLong, types.updates.ChannelDifferenceTooLong)):
+            self.too_long = True
+        if isinstance(result, (types.updates.Difference, types.updates.DifferenceEmpty, types.updates.DifferenceTooLong)):
+            self.settled.set()
+
+    async def wait(self, timeout: float) -> bool:
+        """True when the account's difference completed within ``timeout`` seconds."""
+        try:
+            await asyncio.wait_for(self.settled.wait(), timeout)
+        except (TimeoutError, asyncio.TimeoutError):
+            return False
+        return True
+
+
+def difference_watch(client: Any) -> DifferenceWatch:
+    """The client's :class:`DifferenceWatch` (made on first use)."""
+    watch = getattr(client, "_difference_watch", None)
+    if watch is None:
+        watch = DifferenceWatch()
+        client._difference_watch = watch
+    return watch
+
+
+class _WatchesDifferences:
+    """Mixed into a ``TelegramClient``: every answer passes :func:`difference_watch` on its way back."""
+
+    async def __call__(self, request: Any, ordered: bool = False, flood_sleep_threshold: int | None = None) -> Any:
+        result = await super().__call__(request, ordered, flood_sleep_threshold)  # type: ignore[misc]
+        difference_watch(self).note(result)
+        return result
 
 
 #: In sandbox mode without SESSION_ENCRYPTION_KEY, the key lives in this file under DATA_DIR.
@@ -86,19 +148,27 @@ def client_factory(settings: TelegramSettings, world: Any | None) -> ClientFacto
     """
     from telethon import TelegramClient
     from telethon.sessions import StringSession
+    from telethon.sessions.abstract import Session
 
-    common: dict[str, Any] = {"flood_sleep_threshold": 0, "raise_last_call_error": True}
+    # catch_up=True: Telethon loads the session's saved update state only then (and catches up at connect).
+    common: dict[str, Any] = {"flood_sleep_threshold": 0, "raise_last_call_error": True, "catch_up": True}
     if world is not None:
         from shared.sandbox import SandboxClient
 
-        def sandbox_client(account: Account, session: str | None) -> TelegramClient:
-            return SandboxClient(world, phone=account.phone, session=session, request_retries=0, **common)
+        class WatchedSandboxClient(_WatchesDifferences, SandboxClient):
+            pass
+
+        def sandbox_client(account: Account, session: Any) -> TelegramClient:
+            return WatchedSandboxClient(world, phone=account.phone, session=session, request_retries=0, **common)
 
         return sandbox_client
 
-    def real_client(account: Account, session: str | None) -> TelegramClient:
-        return TelegramClient(
-            StringSession(session or ""),
+    class WatchedClient(_WatchesDifferences, TelegramClient):
+        pass
+
+    def real_client(account: Account, session: Any) -> TelegramClient:
+        return WatchedClient(
+            session if isinstance(session, Session) else StringSession(session or ""),
             settings.telegram_api_id,
             settings.telegram_api_hash,
             request_retries=1,
@@ -143,6 +213,8 @@ class AccountConnection:
         owner: this process's lease owner name.
         policy: lease, timeout and backoff numbers.
         on_connected: awaited after every successful (re)connect.
+        on_client: called with the new client before it connects (its handlers must be
+            in place before the catch-up at connect dispatches what was missed).
         on_change: called when the connection wants the accounts loop to run now.
         alerts: receives account_needs_login and repeated reconnect failures.
         clock: monotonic seconds.
@@ -161,6 +233,7 @@ class AccountConnection:
         on_change: Callable[[], None] | None = None,
         alerts: AlertSink | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_client: Callable[[AccountConnection], None] | None = None,
     ) -> None:
         self.account = account
         self.db = db
@@ -169,6 +242,7 @@ class AccountConnection:
         self.owner = owner
         self.policy = policy
         self.on_connected = on_connected
+        self.on_client = on_client
         self.on_change = on_change or (lambda: None)
         self.alerts = alerts
         self._clock = clock
@@ -246,7 +320,7 @@ class AccountConnection:
             if now - self._lease_renewed_at > self.policy.lease_seconds * 0.8:
                 self._error(f"could not renew the lease: {describe(exc)}")
                 logger.error("account %s: lease renewal failing, disconnecting to be safe", self.label)
-                await self._drop_client()
+                await self._drop_client(save=False)
                 self.lease_token = None
                 self.state = ConnectionState.IDLE
                 return False
@@ -256,7 +330,7 @@ class AccountConnection:
             logger.error("account %s: lease lost to another process; disconnecting at once", self.label)
             self._error("lease lost to another process")
             self.lease_token = None
-            await self._drop_client()
+            await self._drop_client(save=False)
             self.state = ConnectionState.LEASED_ELSEWHERE
             return False
         self._lease_renewed_at = now
@@ -267,11 +341,18 @@ class AccountConnection:
         await self._drop_client()
         try:
             stored = await self.db.get_account_session(self.id)
-            session = None
+            string = None
             if stored:
-                session = self.cipher.decrypt(stored) if self.cipher is not None else stored
+                string = self.cipher.decrypt(stored) if self.cipher is not None else stored
+            # The update state and entities are read once per connect; what Telethon learns is written back.
+            session = await DatabaseSession.load(
+                string, db=self.db, account_id=self.id, cipher=self.cipher, timeout=self.policy.call_timeout
+            )
             client = self.client_factory(self.account, session)
             self.client = client
+            difference_watch(client).reset()
+            if self.on_client is not None:
+                self.on_client(self)
             await telegram_op(client.connect(), self.policy.connect_timeout, "connect", detail=self.label)
             authorized = await telegram_op(client.is_user_authorized(), self.policy.call_timeout, "is_user_authorized")
             if not authorized:
@@ -342,7 +423,8 @@ class AccountConnection:
 
         self._watcher = asyncio.create_task(watch(), name=f"watch-{self.label}")
 
-    async def _drop_client(self) -> None:
+    async def _drop_client(self, *, save: bool = True) -> None:
+        """Disconnect; ``save=False`` (the lease is lost) leaves the session's state to the new holder."""
         client, self.client = self.client, None
         if self._watcher is not None:
             self._watcher.cancel()
@@ -353,6 +435,13 @@ class AccountConnection:
             await telegram_op(client.disconnect(), self.policy.call_timeout, "disconnect", detail=self.label)
         except Exception as exc:
             logger.debug("account %s: disconnect raised %s", self.label, describe(exc))
+        # The disconnect handed the session its final update state: write it before the next connect reads it.
+        session = getattr(client, "session", None)
+        if isinstance(session, DatabaseSession):
+            if save:
+                await session.aclose(self.policy.call_timeout)
+            else:
+                session.discard()
 
     # --- called by the loops ------------------------------------------------------
 
@@ -428,6 +517,19 @@ class AccountConnection:
             "limited_until": self.limited_until,
             "last_error": self.last_error,
             "last_error_at": self.last_error_at,
+            "session": self._session_status(),
+        }
+
+    def _session_status(self) -> dict[str, Any] | None:
+        """What the session keeps in the database: peers known, whether catch-up had a state to resume from."""
+        session = getattr(self.client, "session", None)
+        if not isinstance(session, DatabaseSession):
+            return None
+        return {
+            "known_peers": len(session),
+            "resumed_from_saved_state": session.had_state,
+            "unsaved_changes": session.dirty,
+            "last_save_error": session.last_error,
         }
 
 
@@ -445,6 +547,7 @@ class AccountPool:
         on_connected: Callable[[AccountConnection], Awaitable[None]] | None = None,
         alerts: AlertSink | None = None,
         labels: set[str] | None = None,
+        on_client: Callable[[AccountConnection], None] | None = None,
         accepts: Callable[[Account], bool] | None = None,
     ) -> None:
         self.db = db
@@ -455,6 +558,7 @@ class AccountPool:
         self.on_connected = on_connected
         self.alerts = alerts
         self.labels = labels
+        self.on_client = on_client
         self.accepts = accepts
         self.wake = asyncio.Event()
         self.connections: dict[int, AccountConnection] = {}
@@ -489,6 +593,7 @@ class AccountPool:
                     on_connected=self.on_connected,
                     on_change=self.wake.set,
                     alerts=self.alerts,
+                    on_client=self.on_client,
                 )
                 self.connections[account.id] = connection
             else:

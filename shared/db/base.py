@@ -48,6 +48,8 @@ from shared.db.records import (
     StatusCount,
     StoredMessage,
     Takeover,
+    KnownEntity,
+    UpdateState,
     Tweet,
     TweetInserted,
     TweetStatus,
@@ -329,6 +331,34 @@ class Database(abc.ABC):
     async def release_account_lease(self, account_id: int, token: str) -> bool:
         return bool(await self._scalar("account_lease_release", {"p_account_id": account_id, "p_token": token}))
 
+    # --- a Telegram session's state beyond its auth key ---------------------------
+
+    async def get_update_states(self, account_id: int) -> list[UpdateState]:
+        """The account's saved update state (entity 0) and its channels' pts, read in pages."""
+        rows = await self._pages("telegram_state_get", {"p_account_id": account_id}, lambda r: {"p_after": r["entity_id"]})
+        return [from_row(UpdateState, r) for r in rows]
+
+    async def save_update_states(self, account_id: int, states: Sequence[UpdateState]) -> int:
+        if not states:
+            return 0
+        payload = [json_safe(s) for s in states]
+        return int(await self._scalar("telegram_state_save", {"p_account_id": account_id, "p_states": payload}) or 0)
+
+    async def clear_update_states(self, account_id: int) -> int:
+        """Forget the update state: the next connect starts from now and relies on the dialog scan."""
+        return int(await self._scalar("telegram_state_clear", {"p_account_id": account_id}) or 0)
+
+    async def save_entities(self, account_id: int, entities: Sequence[KnownEntity]) -> int:
+        if not entities:
+            return 0
+        payload = [json_safe(e) for e in entities]
+        return int(await self._scalar("telegram_entities_save", {"p_account_id": account_id, "p_entities": payload}) or 0)
+
+    async def list_entities(self, account_id: int) -> list[KnownEntity]:
+        """Every entity the account has seen, read in pages."""
+        rows = await self._pages("telegram_entities_page", {"p_account_id": account_id}, lambda r: {"p_after": r["peer_id"]})
+        return [from_row(KnownEntity, r) for r in rows]
+
     # --- chats and inbound messages ------------------------------------------------
 
     async def upsert_chat(
@@ -353,6 +383,16 @@ class Database(abc.ABC):
         args = {"p_account_id": account_id, "p_telegram_chat_id": telegram_chat_id}
         rows = await self.call("chat_get", args, read_only=True)
         return from_row(Chat, rows[0]) if rows else None
+
+    async def chat_cursors(self, account_id: int, telegram_chat_ids: Sequence[int]) -> dict[int, int]:
+        """Stored cursors (last message id) of these chats; chats never stored are absent."""
+        cursors: dict[int, int] = {}
+        ids = list(dict.fromkeys(telegram_chat_ids))
+        for start in range(0, len(ids), self.page_size):
+            args = {"p_account_id": account_id, "p_telegram_chat_ids": ids[start : start + self.page_size]}
+            for row in await self.call("chats_cursors", args, read_only=True):
+                cursors[int(row["telegram_chat_id"])] = int(row["last_message_id"])
+        return cursors
 
     async def recent_chats(self, account_id: int, *, since: datetime | None = None, limit: int = 100) -> list[Chat]:
         """Chats of an account with their cursors, most recently active first."""

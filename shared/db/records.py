@@ -274,6 +274,29 @@ class SendHold:
 
 
 @dataclasses.dataclass(frozen=True)
+class UpdateState:
+    """Telegram's update state of an account (``entity_id`` 0) or the pts of one channel."""
+
+    entity_id: int
+    pts: int
+    qts: int = 0
+    date: datetime | None = None
+    seq: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class KnownEntity:
+    """A peer an account has seen: its marked id and the access hash Telegram gave this account."""
+
+    peer_id: int
+    access_hash: int
+    kind: str
+    username: str | None = None
+    phone: str | None = None
+    name: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Heartbeat:
     """A worker's last heartbeat."""
 
