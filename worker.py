@@ -61,10 +61,17 @@ from shared.db.records import (
 from shared.errors import ErrorKind, PermanentError, classify, describe
 from shared.health import TEMP_SUBDIR, run_checks
 from shared.ratelimit import KeyedBuckets
-from shared.runtime import BotRuntime, configure_logging, run_bot
+from shared.runtime import BotRuntime, StartupFailed, configure_logging, run_bot
 from shared.sessions import SessionCipher
 from shared.storage import Storage, open_storage
-from shared.telegram import AccountConnection, AccountPool, ConnectionPolicy, client_factory, session_cipher
+from shared.telegram import (
+    AccountConnection,
+    AccountPool,
+    ConnectionPolicy,
+    check_session_key,
+    client_factory,
+    session_cipher,
+)
 from shared.timeouts import telegram_op
 
 logger = logging.getLogger("worker")
@@ -821,6 +828,7 @@ class Worker:
                     "the sandbox accounts", lambda: seed_sandbox_accounts(db, world, cipher), fix="check the database"
                 )
                 logger.info("sandbox accounts: %s", ", ".join(labels))
+            await self._check_session_key(db, cipher)
 
             owner = owner_name(settings)
             sync = self.sync = Sync(db=db, runtime=runtime, settings=settings)
@@ -859,6 +867,8 @@ class Worker:
                 labels=set(settings.worker_accounts) if settings.worker_accounts else None,
             )
             sync.pool = outbound.pool = history.pool = jobs.pool = pool
+            runtime.add_ready_check("session_key", pool.check_key)
+            runtime.add_section("session_key", pool.key_status)
             if settings.worker_accounts:
                 await self._check_worker_accounts(db, settings.worker_accounts)
             runtime.add_cleanup("accounts", pool.close, timeout=settings.timeout_telegram_entity + 5)
@@ -889,6 +899,33 @@ class Worker:
             runtime.start_heartbeat(worker_id=settings.worker_id, store=db)
             self.ready.set()
             await runtime.run_until_stopped()
+
+    async def _check_session_key(self, db: Database, cipher: SessionCipher) -> None:
+        """A key that opens none of the sessions this worker should serve is a configuration error: exit 2.
+
+        Nothing is changed on the way out: the accounts are fine, this
+        process's SESSION_ENCRYPTION_KEY is not, and a replica with the right
+        key goes on serving them.
+        """
+        labels = set(self.settings.worker_accounts) if self.settings.worker_accounts else None
+        check = await self.runtime.until_started(
+            "the session key check", lambda: check_session_key(db, cipher, labels=labels), fix="check the database"
+        )
+        if check.opens_none:
+            line = (
+                f"worker could not start: SESSION_ENCRYPTION_KEY decrypts none of the {len(check.failed)} stored "
+                "session(s) this worker should serve (a different key from the one that encrypted them); "
+                "no account was changed: set the key they were stored with"
+            )
+            from shared.alerts import AlertType
+
+            self.runtime.alerts.alert(AlertType.SESSION_KEY_MISMATCH, line, key="session-key:start")
+            raise StartupFailed(line, exit_code=2)
+        if check.failed:
+            logger.error(
+                "SESSION_ENCRYPTION_KEY cannot decrypt the session of %s; those accounts are left as they are (key_mismatch)",
+                ", ".join(check.failed),
+            )
 
     async def _check_worker_accounts(self, db: Database, labels: Sequence[str]) -> None:
         """WORKER_ACCOUNTS: say which accounts this worker serves, and which named ones do not exist (yet)."""

@@ -74,7 +74,16 @@ def sweep_temp_files(data_dir: Path, *, older_than: float = TEMP_MAX_AGE) -> tup
 
 
 class StartupFailed(Exception):
-    """A start-up step failed for a reason waiting cannot fix; ``str()`` is the one line to show."""
+    """A start-up step failed for a reason waiting cannot fix; ``str()`` is the one line to show.
+
+    ``exit_code`` is the process's: 1 by default, 2 for a configuration the
+    operator must change (a restart cannot help, so a supervisor should not
+    spend its restarts on it).
+    """
+
+    def __init__(self, message: str, *, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class StartupAborted(Exception):
@@ -88,11 +97,14 @@ def run_bot(main: Coroutine[Any, Any, None]) -> int:
     start-up step failed for good (logged by :class:`BotRuntime` as one line,
     and alerted) or an unexpected error ended the bot (logged by it with the
     traceback): either way it is already said, so nothing more is printed.
+    2 when start-up found a configuration error (``StartupFailed(exit_code=2)``).
     """
     try:
         asyncio.run(main)
     except StartupAborted:
         return 0
+    except StartupFailed as exc:
+        return exc.exit_code
     except Exception:
         return 1
     return 0

@@ -432,9 +432,9 @@ _PAGE = r"""<!doctype html>
   var lastOk = 0;
   var skewMs = 0;  // browser clock minus server clock, from /status's "time"
   var HEADER_KEYS = ["bot", "version", "uptime_seconds", "time", "sandbox", "backend", "stopping", "starting"];
-  var ORDER = ["last_error", "loops", "accounts", "channels", "queues", "breakers", "history_jobs", "resources",
+  var ORDER = ["last_error", "session_key", "loops", "accounts", "fleet", "channels", "queues", "breakers", "history_jobs", "resources",
                "counters", "outbound", "sync", "jobs", "heartbeat", "alerts", "watchdog", "sandbox_world"];
-  var BAD = ["failing", "failed", "open", "dead", "error", "needs_login", "stopped", "crashed", "exhausted", "down", "unhealthy"];
+  var BAD = ["failing", "failed", "open", "dead", "error", "needs_login", "key_mismatch", "stopped", "crashed", "exhausted", "down", "unhealthy"];
   var WARN = ["half_open", "degraded", "restarting", "retrying", "stale", "rate_limited", "waiting", "paused", "starting",
               "flood_wait", "backoff", "connecting", "pending"];
   var GOOD = ["ok", "running", "closed", "healthy", "connected", "ready", "idle", "done", "active", "alive", "online", "sent"];
@@ -703,6 +703,9 @@ _PAGE = r"""<!doctype html>
         else if (c === "warn") { warn.push(pair[1] + " " + r.name + " " + r.data.state); }
       });
     });
+    if (isObj(data.session_key) && data.session_key.status === "key_mismatch") {
+      bad.push("key_mismatch: SESSION_ENCRYPTION_KEY cannot decrypt " + (data.session_key.accounts || []).join(", "));
+    }
     if (isObj(data.resources) && data.resources.status) {
       var rc = stateClass(data.resources.status);
       if (rc === "bad") { bad.push("resources critical"); } else if (rc === "warn") { warn.push("resources high"); }

@@ -50,22 +50,25 @@ ClientFactory = Callable[["Account", str | None], "TelegramClient"]
 """Builds a client for an account from its decrypted session string (None: no session)."""
 
 
-#: In sandbox mode without SESSION_ENCRYPTION_KEY, the key lives in this file under DATA_DIR.
+#: In sandbox mode without SESSION_ENCRYPTION_KEY, the key lives in this file in the sandbox world.
 SANDBOX_KEY_FILE = "sandbox-session.key"
 
 
 def session_cipher(settings: TelegramSettings) -> SessionCipher:
-    """SESSION_ENCRYPTION_KEY; in sandbox mode without it, a key file in DATA_DIR made once.
+    """SESSION_ENCRYPTION_KEY; in sandbox mode without it, a key file in the sandbox world, made once.
 
     Sandbox sessions are encrypted at rest like real ones, so the code path is
-    the production one; every bot of one DATA_DIR shares the key file.
+    the production one. The key lives with the world (SANDBOX_DIR) whose
+    sessions it encrypts, so every process sharing a world shares the key,
+    whatever its DATA_DIR. A key an older version kept in DATA_DIR moves in.
     """
     if settings.session_encryption_key:
         return SessionCipher(settings.session_encryption_key)
     if not settings.sandbox:  # pragma: no cover - TelegramSettings.validate refuses this
         raise SessionKeyError("SESSION_ENCRYPTION_KEY is required outside sandbox mode")
-    path = Path(settings.data_dir) / SANDBOX_KEY_FILE
+    path = Path(settings.sandbox_path) / SANDBOX_KEY_FILE
     if not path.exists():
+        legacy = Path(settings.data_dir) / SANDBOX_KEY_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -73,7 +76,7 @@ def session_cipher(settings: TelegramSettings) -> SessionCipher:
             pass
         else:
             with os.fdopen(fd, "w") as handle:
-                handle.write(generate_key())
+                handle.write(legacy.read_text().strip() if legacy.is_file() else generate_key())
     return SessionCipher(path.read_text().strip())
 
 
@@ -110,6 +113,57 @@ def client_factory(settings: TelegramSettings, world: Any | None) -> ClientFacto
     return real_client
 
 
+@dataclass
+class KeyCheck:
+    """What SESSION_ENCRYPTION_KEY opens among the sessions a process should serve (labels)."""
+
+    opened: list[str]
+    failed: list[str]
+    recovered: list[str]
+
+    @property
+    def opens_none(self) -> bool:
+        return bool(self.failed) and not self.opened
+
+
+async def check_session_key(db: Database, cipher: SessionCipher, *, labels: set[str] | None = None) -> KeyCheck:
+    """Try the key on every stored session this process should serve, before connecting any.
+
+    Changes no account but one kind: an account an older version marked
+    ``needs_login`` only because its key could not decrypt the session goes
+    back to active when this key opens it (the database checks the recorded
+    reason, so a real logout stays). ``labels`` is WORKER_ACCOUNTS (None: all).
+    """
+    from shared.db.records import AccountStatus
+
+    check = KeyCheck(opened=[], failed=[], recovered=[])
+    for account in await db.list_accounts():
+        if not account.has_session or (labels is not None and account.label not in labels):
+            continue
+        if account.status not in (AccountStatus.ACTIVE, AccountStatus.NEEDS_LOGIN):
+            continue
+        stored = await db.get_account_session(account.id)
+        if not stored:
+            continue
+        try:
+            cipher.decrypt(stored)
+        except SessionKeyError:
+            if account.status is AccountStatus.ACTIVE:
+                check.failed.append(account.label)
+            continue
+        if account.status is AccountStatus.ACTIVE:
+            check.opened.append(account.label)
+        elif await db.recover_account_from_key_mismatch(account.id):
+            logger.warning(
+                "account %s: back to active; it was marked needs_login by a process whose key could not decrypt it",
+                account.label,
+                extra={"account": account.label},
+            )
+            check.opened.append(account.label)
+            check.recovered.append(account.label)
+    return check
+
+
 class ConnectionState(str, enum.Enum):
     IDLE = "idle"
     LEASED_ELSEWHERE = "leased_elsewhere"
@@ -117,6 +171,7 @@ class ConnectionState(str, enum.Enum):
     CONNECTED = "connected"
     BACKOFF = "backoff"
     NEEDS_LOGIN = "needs_login"
+    KEY_MISMATCH = "key_mismatch"
     STOPPED = "stopped"
 
 
@@ -209,7 +264,7 @@ class AccountConnection:
 
     async def step(self) -> None:
         """Hold the lease and keep the client connected. Never raises for Telegram trouble."""
-        if self.state in (ConnectionState.NEEDS_LOGIN, ConnectionState.STOPPED):
+        if self.state in (ConnectionState.NEEDS_LOGIN, ConnectionState.KEY_MISMATCH, ConnectionState.STOPPED):
             return
         if not await self._hold_lease():
             return
@@ -278,7 +333,7 @@ class AccountConnection:
             if self.on_connected is not None:
                 await self.on_connected(self)
         except SessionKeyError as exc:
-            await self.mark_needs_login(str(exc))
+            await self.key_mismatch(str(exc))
             return
         except asyncio.CancelledError:
             raise
@@ -389,6 +444,25 @@ class AccountConnection:
                 details={"account": self.label, "fix": "python worker.py login"},
             )
 
+    async def key_mismatch(self, reason: str) -> None:
+        """This process's key cannot open the session: its problem, not the account's.
+
+        The account's status is left alone (only Telegram's own answers mean
+        a new login is needed), the lease is released so a process with the
+        right key can take the account, and the account is not tried again by
+        this process (its key will not change while it runs).
+        """
+        self.state = ConnectionState.KEY_MISMATCH
+        self._error(f"{reason}: the account is left as it is; a process with the right key serves it")
+        logger.error(
+            "account %s: %s; leaving the account's status alone and releasing its lease",
+            self.label,
+            reason,
+            extra={"account": self.label},
+        )
+        await self._drop_client()
+        await self._release_lease()
+
     async def _release_lease(self) -> None:
         token, self.lease_token = self.lease_token, None
         if token is None:
@@ -400,7 +474,7 @@ class AccountConnection:
 
     async def close(self) -> None:
         """Shutdown: disconnect and release the lease so the next process can start at once."""
-        if self.state is not ConnectionState.NEEDS_LOGIN:
+        if self.state not in (ConnectionState.NEEDS_LOGIN, ConnectionState.KEY_MISMATCH):
             self.state = ConnectionState.STOPPED
         await self._drop_client()
         await self._release_lease()
@@ -447,6 +521,7 @@ class AccountPool:
         self.labels = labels
         self.wake = asyncio.Event()
         self.connections: dict[int, AccountConnection] = {}
+        self._alerted_key_mismatch = False
 
     async def refresh(self) -> None:
         """One cycle: pick up new accounts, drop disabled ones, step each."""
@@ -484,6 +559,41 @@ class AccountPool:
             await self.connections.pop(gone).close()
         steps = [self._step(c) for c in self.connections.values()]
         await asyncio.gather(*steps)
+        self._alert_key_mismatch()
+
+    def key_mismatched(self) -> list[str]:
+        """Labels of the accounts whose session this process's key cannot open."""
+        return sorted(c.label for c in self.connections.values() if c.state is ConnectionState.KEY_MISMATCH)
+
+    def _alert_key_mismatch(self) -> None:
+        labels = self.key_mismatched()
+        if not labels or self._alerted_key_mismatch or self.alerts is None:
+            return
+        from shared.alerts import AlertType
+
+        self._alerted_key_mismatch = True  # once per process: its key does not change while it runs
+        self.alerts.alert(
+            AlertType.SESSION_KEY_MISMATCH,
+            f"SESSION_ENCRYPTION_KEY of {self.owner} cannot decrypt the session of {', '.join(labels)}; "
+            "those accounts are left as they are (not needs_login) for a process with the right key",
+            key=f"session-key:{self.owner}",
+            details={"accounts": labels, "fix": "give this process the SESSION_ENCRYPTION_KEY the sessions were stored with"},
+        )
+
+    async def check_key(self) -> None:
+        """For /ready: raises while this process's key cannot open a session it should serve."""
+        labels = self.key_mismatched()
+        if labels:
+            raise SessionKeyError(f"key_mismatch: SESSION_ENCRYPTION_KEY cannot decrypt {', '.join(labels)}")
+
+    def key_status(self) -> dict[str, Any]:
+        """The ``session_key`` section of /status."""
+        labels = self.key_mismatched()
+        return {
+            "status": "key_mismatch" if labels else "ok",
+            "accounts": labels,
+            "fix": "give this process the SESSION_ENCRYPTION_KEY the sessions were stored with" if labels else None,
+        }
 
     async def _step(self, connection: AccountConnection) -> None:
         try:

@@ -278,6 +278,11 @@ class Database(abc.ABC):
     async def release_account_lease(self, account_id: int, token: str) -> bool:
         return bool(await self._scalar("account_lease_release", {"p_account_id": account_id, "p_token": token}))
 
+    async def recover_account_from_key_mismatch(self, account_id: int) -> bool:
+        """Back to active an account an older process marked needs_login only because its key could not decrypt
+        the session; False (and unchanged) for any other account, a real logout included."""
+        return bool(await self._scalar("account_key_recovered", {"p_account_id": account_id}))
+
     # --- chats and inbound messages ------------------------------------------------
 
     async def upsert_chat(
