@@ -68,6 +68,7 @@ from shared.telegram import (
     AccountConnection,
     AccountPool,
     ConnectionPolicy,
+    FleetPolicy,
     check_session_key,
     client_factory,
     session_cipher,
@@ -790,7 +791,18 @@ class Jobs:
 
 
 def owner_name(settings: WorkerSettings) -> str:
+    """This replica's name: its account leases' owner and its heartbeat row (WORKER_ID:host:pid:random)."""
     return f"{settings.worker_id}:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def fleet_beat_interval(settings: WorkerSettings) -> float:
+    """A replica beats often enough that a killed one leaves the fleet by the time its leases lapse."""
+    return min(settings.heartbeat_interval, settings.account_lease_seconds / settings.fleet_liveness_beats)
+
+
+def fleet_live_seconds(settings: WorkerSettings) -> float:
+    """A replica is live while its heartbeat is younger than this."""
+    return fleet_beat_interval(settings) * settings.fleet_liveness_beats
 
 
 class Worker:
@@ -865,6 +877,7 @@ class Worker:
                 on_connected=on_connected,
                 alerts=runtime.alerts,
                 labels=set(settings.worker_accounts) if settings.worker_accounts else None,
+                fleet=FleetPolicy(live_seconds=fleet_live_seconds(settings), handoff_grace=settings.account_handoff_grace),
             )
             sync.pool = outbound.pool = history.pool = jobs.pool = pool
             runtime.add_ready_check("session_key", pool.check_key)
@@ -874,9 +887,13 @@ class Worker:
             runtime.add_cleanup("accounts", pool.close, timeout=settings.timeout_telegram_entity + 5)
 
             async def accounts_cycle() -> float:
+                if runtime.shutdown.stopping:
+                    return 1.0  # leaving: the accounts are being handed over
                 await pool.refresh()
                 pool.wake.clear()
-                return settings.account_check_interval
+                # Until the next check, a joining or leaving replica or a released lease wakes us early.
+                await pool.idle(settings.account_check_interval)
+                return 0.0
 
             # Connecting an account (connect, catch_up, a reconciliation pass) may take
             # longer than a plain cycle: the accounts loop gets that much more silence.
@@ -892,13 +909,30 @@ class Worker:
             runtime.add_loop("history", history.cycle, interval=5.0)
             runtime.add_loop("jobs", jobs.cycle, interval=2.0)
             runtime.add_section("accounts", self.accounts_status)
+            runtime.add_section("fleet", pool.fleet_status)
             runtime.add_section("outbound", outbound.status)
             runtime.add_section("sync", sync.status)
             runtime.add_section("history_jobs", history.status)
             runtime.add_section("jobs", jobs.status)
-            runtime.start_heartbeat(worker_id=settings.worker_id, store=db)
+            # One heartbeat row per replica, keyed by its lease owner name: the fleet's membership.
+            pinned = sorted(settings.worker_accounts or ())
+            runtime.start_heartbeat(
+                worker_id=owner,
+                store=db,
+                interval=fleet_beat_interval(settings),
+                fleet=lambda: {"pinned": pinned},
+                remove_on_stop=True,
+            )
             self.ready.set()
             await runtime.run_until_stopped()
+            await self._leave()
+
+    async def _leave(self) -> None:
+        """SIGTERM: out of the fleet at once (the heartbeat row goes), then every account handed over cleanly."""
+        assert self.pool is not None
+        if self.runtime.heartbeat is not None:
+            await self.runtime.heartbeat.stop()
+        await self.pool.leave()
 
     async def _check_session_key(self, db: Database, cipher: SessionCipher) -> None:
         """A key that opens none of the sessions this worker should serve is a configuration error: exit 2.

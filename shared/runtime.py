@@ -249,15 +249,26 @@ class BotRuntime:
     def add_cleanup(self, name: str, fn: Callable[[], Awaitable[object]], *, timeout: float = 5.0) -> None:
         self.shutdown.add_cleanup(name, fn, timeout=timeout)
 
-    def start_heartbeat(self, *, worker_id: str, store: HeartbeatStore) -> GlobalHeartbeat:
+    def start_heartbeat(
+        self,
+        *,
+        worker_id: str,
+        store: HeartbeatStore,
+        interval: float | None = None,
+        fleet: Callable[[], dict[str, Any]] | None = None,
+        remove_on_stop: bool = False,
+    ) -> GlobalHeartbeat:
+        """Start the global heartbeat (HEARTBEAT_INTERVAL unless ``interval``); see :class:`GlobalHeartbeat`."""
         self.heartbeat = GlobalHeartbeat(
             worker_id=worker_id,
             store=store,
             version=self.version,
             status=lambda: "online" if self.watchdog.is_healthy() else "degraded",
             loops=self.watchdog.get_status,
-            interval=self.settings.heartbeat_interval,
+            interval=interval or self.settings.heartbeat_interval,
             timeout=self.settings.timeout_db,
+            fleet=fleet,
+            remove_on_stop=remove_on_stop,
         )
         self.heartbeat.start()
         return self.heartbeat

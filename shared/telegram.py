@@ -235,6 +235,8 @@ class AccountConnection:
         self._next_attempt_at = 0.0
         self._alerted_unreachable = False
         self._watcher: asyncio.Task[None] | None = None
+        self._fence: asyncio.TimerHandle | None = None
+        self.handing_off = False
         self.connected_since: float | None = None
         self.reconnects = 0
         self.last_error: str | None = None
@@ -288,6 +290,7 @@ class AccountConnection:
                 return False
             self.lease_token = token
             self._lease_renewed_at = now
+            self._arm_fence(now)
             logger.info("account %s: lease taken", self.label, extra={"account": self.label})
             return True
         if now - self._lease_renewed_at < self.policy.lease_seconds / 3:
@@ -313,7 +316,44 @@ class AccountConnection:
             self.state = ConnectionState.LEASED_ELSEWHERE
             return False
         self._lease_renewed_at = now
+        self._arm_fence(now)
         return True
+
+    def _arm_fence(self, renewed_at: float) -> None:
+        """Disconnect by itself when the lease is not renewed in time, whatever the loops are doing.
+
+        The database lease runs from the renewal call's own clock, which is
+        later than ``renewed_at``; cutting at 80 % of it leaves the rest for the
+        disconnect, so this process is off the account before anyone else can
+        take its lease.
+        """
+        if self._fence is not None:
+            self._fence.cancel()
+        delay = max(0.0, self.policy.lease_seconds * 0.8 - (self._clock() - renewed_at))
+        self._fence = asyncio.get_running_loop().call_later(delay, self._fence_fired, self.lease_token)
+
+    def _fence_fired(self, token: str | None) -> None:
+        self._fence = None
+        if token is None or token != self.lease_token:
+            return
+        logger.error(
+            "account %s: the lease was not renewed in time; disconnecting before it lapses",
+            self.label,
+            extra={"account": self.label},
+        )
+        self._error("lease not renewed in time (disconnected to be safe)")
+        self.lease_token = None
+        if self.state is ConnectionState.CONNECTED or self.client is not None:
+            self.state = ConnectionState.IDLE
+        client, self.client = self.client, None
+        if client is not None:
+            asyncio.ensure_future(self._disconnect(client))
+        self.on_change()
+
+    def _disarm_fence(self) -> None:
+        if self._fence is not None:
+            self._fence.cancel()
+            self._fence = None
 
     async def _connect(self) -> None:
         self.state = ConnectionState.CONNECTING
@@ -402,6 +442,9 @@ class AccountConnection:
             self._watcher = None
         if client is None:
             return
+        await self._disconnect(client)
+
+    async def _disconnect(self, client: TelegramClient) -> None:
         try:
             await telegram_op(client.disconnect(), self.policy.call_timeout, "disconnect", detail=self.label)
         except Exception as exc:
@@ -465,6 +508,7 @@ class AccountConnection:
 
     async def _release_lease(self) -> None:
         token, self.lease_token = self.lease_token, None
+        self._disarm_fence()
         if token is None:
             return
         try:
@@ -482,7 +526,7 @@ class AccountConnection:
     def status(self) -> dict[str, Any]:
         return {
             "id": self.id,
-            "state": self.state.value,
+            "state": "handing_off" if self.handing_off else self.state.value,
             "connected": self.connected,
             "lease": "held" if self.lease_token else ("elsewhere" if self.state is ConnectionState.LEASED_ELSEWHERE else None),
             "connected_since": self.connected_since,
@@ -496,8 +540,29 @@ class AccountConnection:
         }
 
 
+@dataclass(frozen=True)
+class FleetPolicy:
+    """How a worker replica finds the others and hands accounts over (from the settings)."""
+
+    live_seconds: float
+    handoff_grace: float = 2.0
+
+
 class AccountPool:
-    """Every active account of the database, each as an :class:`AccountConnection`."""
+    """The accounts this process serves, each as an :class:`AccountConnection`.
+
+    Alone (no ``fleet``) it serves every active account (or the ``labels``).
+    As a worker replica it serves its share: each cycle reads the live
+    replicas and the accounts, computes the assignment every replica computes
+    (:mod:`shared.fleet`), takes what is assigned to it and hands the rest
+    over cleanly: no new claims for the account, the work in hand finished
+    (at most ``handoff_grace``), disconnect, then release the lease, which
+    wakes the new holder through a notification.
+
+    Connecting runs in a task per account, so one slow connect never delays
+    the lease renewals of the others; each lease also has its own fence
+    timer (:meth:`AccountConnection._arm_fence`).
+    """
 
     def __init__(
         self,
@@ -510,6 +575,7 @@ class AccountPool:
         on_connected: Callable[[AccountConnection], Awaitable[None]] | None = None,
         alerts: AlertSink | None = None,
         labels: set[str] | None = None,
+        fleet: FleetPolicy | None = None,
     ) -> None:
         self.db = db
         self.cipher = cipher
@@ -519,25 +585,59 @@ class AccountPool:
         self.on_connected = on_connected
         self.alerts = alerts
         self.labels = labels
+        self.fleet = fleet
         self.wake = asyncio.Event()
         self.connections: dict[int, AccountConnection] = {}
+        self.replicas: list[Any] = []
+        self.assignment: Any | None = None
+        self.handoffs = 0
+        self.last_handoff_s: float | None = None
+        self._steps: dict[int, asyncio.Task[None]] = {}
+        self._handing_off: dict[int, asyncio.Task[None]] = {}
         self._alerted_key_mismatch = False
+        self._wakeups: Any | None = None
+
+    @property
+    def cadence(self) -> float:
+        """Longest pause between two cycles: renewals must come well inside the lease."""
+        return self.policy.lease_seconds / 4
+
+    async def _share(self, active: list[Account]) -> set[int] | None:
+        """The ids of the active accounts assigned to this replica (None: not in a fleet, all of them)."""
+        if self.fleet is None:
+            return None
+        from shared.fleet import Member, assign
+
+        self.replicas = await self.db.worker_fleet(live_seconds=self.fleet.live_seconds)
+        members = [Member(r.replica, frozenset(r.pinned)) for r in self.replicas if r.alive]
+        if self.owner not in {m.id for m in members}:
+            # Not seen yet (the first beat is on its way) or our beats fail: we count
+            # ourselves in; the lease keeps it safe while the others disagree.
+            members.append(Member(self.owner, frozenset(self.labels or ())))
+        self.assignment = assign([(a.id, a.label) for a in active], members)
+        return self.assignment.of(self.owner)
 
     async def refresh(self) -> None:
-        """One cycle: pick up new accounts, drop disabled ones, step each."""
+        """One cycle: take the share, hand over the rest, keep the leases, connect what needs it."""
         from shared.db.records import AccountStatus
 
         accounts = await self.db.list_accounts()
+        mine = await self._share([a for a in accounts if a.status is AccountStatus.ACTIVE])
         seen: set[int] = set()
         for account in accounts:
             if self.labels is not None and account.label not in self.labels:
                 continue
-            seen.add(account.id)
             connection = self.connections.get(account.id)
+            if mine is not None and account.status is AccountStatus.ACTIVE and account.id not in mine:
+                if connection is not None:
+                    self._hand_off(connection)
+                continue
+            if account.id in self._handing_off:
+                continue  # back to us before the handoff finished: the next cycle takes it again
+            seen.add(account.id)
             if account.status is not AccountStatus.ACTIVE:
-                if connection is not None and connection.state is not ConnectionState.NEEDS_LOGIN:
-                    await connection.close()
-                    del self.connections[account.id]
+                if connection is not None and connection.state not in (ConnectionState.NEEDS_LOGIN, ConnectionState.KEY_MISMATCH):
+                    await self._forget(connection)
                 continue
             if connection is None or connection.state is ConnectionState.NEEDS_LOGIN:
                 # New, or logged in again since (status back to active).
@@ -555,11 +655,119 @@ class AccountPool:
                 self.connections[account.id] = connection
             else:
                 connection.account = account
-        for gone in set(self.connections) - seen:
-            await self.connections.pop(gone).close()
-        steps = [self._step(c) for c in self.connections.values()]
-        await asyncio.gather(*steps)
+        for gone in set(self.connections) - seen - set(self._handing_off):
+            await self._forget(self.connections[gone])
+        await self._step_all(seen)
         self._alert_key_mismatch()
+
+    async def _step_all(self, ids: set[int]) -> None:
+        renewals = []
+        for account_id in ids:
+            connection = self.connections.get(account_id)
+            if connection is None:
+                continue
+            task = self._steps.get(account_id)
+            if task is None or task.done():
+                self._steps[account_id] = asyncio.create_task(self._step(connection), name=f"account-{connection.label}")
+            elif connection.lease_token is not None:
+                renewals.append(self._renew(connection))  # still connecting: the lease must not lapse meanwhile
+        if renewals:
+            await asyncio.gather(*renewals)
+        running = [t for t in self._steps.values() if not t.done()]
+        if running:
+            await asyncio.wait(running, timeout=min(self.policy.call_timeout, self.policy.lease_seconds / 8))
+
+    async def _step(self, connection: AccountConnection) -> None:
+        try:
+            await connection.step()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a database hiccup for one account must not stop the others
+            connection._error(describe(exc))
+            logger.warning("account %s: step failed: %s", connection.label, describe(exc))
+
+    async def _renew(self, connection: AccountConnection) -> None:
+        try:
+            await connection._hold_lease()
+        except Exception as exc:
+            logger.warning("account %s: lease renewal failed: %s", connection.label, describe(exc))
+
+    async def _forget(self, connection: AccountConnection) -> None:
+        task = self._steps.pop(connection.id, None)
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=self.policy.call_timeout)
+        if self.connections.get(connection.id) is connection:
+            del self.connections[connection.id]
+        await connection.close()
+
+    def _hand_off(self, connection: AccountConnection) -> None:
+        if connection.id not in self._handing_off:
+            self._handing_off[connection.id] = asyncio.create_task(self._handoff(connection), name=f"handoff-{connection.label}")
+
+    async def _handoff(self, connection: AccountConnection) -> None:
+        """Give the account to its new holder: stop claiming, finish the work in hand, disconnect, release."""
+        started = time.monotonic()
+        connection.handing_off = True  # connected() leaves it out: no loop claims new work for it
+        grace = self.fleet.handoff_grace if self.fleet is not None else 0.0
+        try:
+            while connection.lease_token is not None and time.monotonic() - started < grace:
+                try:
+                    if await self.db.account_work_in_hand(connection.id, owner=self.owner) == 0:
+                        break
+                except Exception as exc:
+                    logger.warning("account %s: cannot see its work in hand (%s); handing over now", connection.label, describe(exc))
+                    break
+                await asyncio.sleep(0.05)
+            await self._forget(connection)  # disconnect first, then release: never two holders connected
+        finally:
+            self._handing_off.pop(connection.id, None)
+        self.handoffs += 1
+        self.last_handoff_s = time.monotonic() - started
+        logger.info(
+            "account %s handed over to the replica it belongs to now (%.2fs)",
+            connection.label,
+            self.last_handoff_s,
+            extra={"account": connection.label},
+        )
+
+    async def leave(self) -> None:
+        """Shutdown of a replica: hand every account over cleanly, at once."""
+        for connection in list(self.connections.values()):
+            self._hand_off(connection)
+        if self._handing_off:
+            await asyncio.gather(*list(self._handing_off.values()), return_exceptions=True)
+
+    async def idle(self, timeout: float) -> None:
+        """Wait until the next cycle: ``timeout``, a connection asking (``wake``), or a notification
+        on ``accounts`` (a replica joined or left, a lease was released)."""
+        deadline = time.monotonic() + min(timeout, self.cadence)
+        while not self.wake.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            if self._wakeups is None or self._wakeups.closed:
+                self._wakeups = await self.db.subscribe("accounts")
+            woken = asyncio.ensure_future(self.wake.wait())
+            notified = asyncio.ensure_future(self._wakeups.wait(remaining))
+            done, pending = await asyncio.wait({woken, notified}, return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+            if notified in done and not notified.cancelled() and notified.exception() is None and notified.result():
+                return
+
+    def connected(self) -> list[AccountConnection]:
+        return [c for c in self.connections.values() if c.connected and not c.handing_off]
+
+    def get(self, account_id: int) -> AccountConnection | None:
+        return self.connections.get(account_id)
+
+    async def close(self) -> None:
+        if self._wakeups is not None:
+            self._wakeups.close()
+        for task in list(self._steps.values()) + list(self._handing_off.values()):
+            task.cancel()
+        await asyncio.gather(*(c.close() for c in self.connections.values()), return_exceptions=True)
 
     def key_mismatched(self) -> list[str]:
         """Labels of the accounts whose session this process's key cannot open."""
@@ -615,3 +823,9 @@ class AccountPool:
 
     def status(self) -> dict[str, dict[str, Any]]:
         return {c.label: c.status() for c in self.connections.values()}
+
+    def fleet_status(self) -> dict[str, Any]:
+        """The ``fleet`` section of /status: every replica with its heartbeat, held leases and target share."""
+        from shared.fleet import fleet_rows
+
+        return fleet_rows(self.replicas, self.assignment, me=self.owner)

@@ -27,6 +27,7 @@ from shared.db.records import (
     Chat,
     ChatKind,
     Enqueued,
+    FleetReplica,
     Heartbeat,
     HistoryJob,
     InboundMessage,
@@ -540,7 +541,22 @@ class Database(abc.ABC):
             "p_host": record.host,
             "p_pid": record.pid,
         }
+        if record.fleet is not None:
+            args["p_fleet"] = json_safe(record.fleet)
         await self.call("worker_heartbeat_upsert", args)
+
+    async def remove_heartbeat(self, worker_id: str) -> bool:
+        """Delete a heartbeat row: a worker replica leaving the fleet on purpose."""
+        return bool(await self._scalar("worker_heartbeat_remove", {"p_worker_id": worker_id}))
+
+    async def worker_fleet(self, *, live_seconds: float) -> list[FleetReplica]:
+        """Every worker replica's heartbeat row, live (younger than ``live_seconds``) or not, with its held leases."""
+        rows = await self.call("worker_fleet", {"p_live_seconds": float(live_seconds)})
+        return [from_row(FleetReplica, r) for r in rows]
+
+    async def account_work_in_hand(self, account_id: int, *, owner: str) -> int:
+        """Rows ``owner`` is still sending or running for the account (a clean handoff waits for none)."""
+        return int(await self._scalar("account_work_in_hand", {"p_account_id": account_id, "p_owner": owner}, read_only=True) or 0)
 
     async def list_heartbeats(self) -> list[Heartbeat]:
         return [from_row(Heartbeat, r) for r in await self.call("worker_heartbeats_list", {}, read_only=True)]
