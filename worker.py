@@ -14,7 +14,7 @@ The story, top to bottom:
 4. history: page through ``get_messages(offset_id=...)``, saving the cursor;
 5. jobs: scheduled sends, edits, deletes, mark-read;
 6. the process: runtime, loops, heartbeat, shutdown;
-7. the command line: run, login, accounts, send, rotate-key.
+7. the command line: run, login, accounts, fleet, send, rotate-key.
 
 Exactly once, in short: every message is in the database before anything is
 sent; its ``random_id`` is fixed at enqueue; every attempt, including one
@@ -1040,6 +1040,42 @@ async def cli_accounts(settings: WorkerSettings, as_json: bool) -> int:
     return 0
 
 
+async def cli_fleet(settings: WorkerSettings, as_json: bool) -> int:
+    """The worker replicas from the database: heartbeat, accounts held and target share of each."""
+    from shared.fleet import Member, assign, fleet_rows
+
+    db = await open_database(settings)
+    try:
+        replicas = await db.worker_fleet(live_seconds=fleet_live_seconds(settings))
+        active = await db.list_accounts(statuses=[AccountStatus.ACTIVE])
+    finally:
+        await db.close()
+    live = [Member(r.replica, frozenset(r.pinned)) for r in replicas if r.alive]
+    assignment = assign([(a.id, a.label) for a in active], live)
+    rows = fleet_rows(replicas, assignment)
+    held = sum(r.held for r in replicas if r.alive)
+    summary = {"replicas": len(live), "active_accounts": len(active), "held": held, "unheld": max(0, len(active) - held)}
+    if as_json:
+        print(json.dumps({**summary, "fleet": [{"replica": name, **row} for name, row in rows.items()]}, indent=2))
+        return 0
+    if not rows:
+        print(f"no worker replica has a heartbeat row; {len(active)} active account(s) wait for one")
+        return 0
+    print(f"{'replica':<44} {'state':<8} {'host':<16} {'pid':>7} {'version':<14} {'heartbeat':>10} {'held':>5} {'target':>6}")
+    for name, r in rows.items():
+        target = "-" if r["target"] is None else str(r["target"])
+        pinned = f"  pinned: {', '.join(r['pinned'])}" if r["pinned"] else ""
+        print(
+            f"{name:<44} {r['state']:<8} {(r['host'] or '-'):<16} {r['pid'] or '-':>7} {(r['version'] or '-'):<14} "
+            f"{r['heartbeat_age_s']:>8.1f}s {r['held']:>5} {target:>6}{pinned}"
+        )
+    print(
+        f"{summary['replicas']} live replica(s), {summary['active_accounts']} active account(s), "
+        f"{summary['held']} held, {summary['unheld']} not held"
+    )
+    return 0
+
+
 async def account_by_label(db: Database, label: str) -> Account | None:
     """The account labelled ``label``, or None after saying on stderr which labels exist."""
     accounts = {a.label: a for a in await db.list_accounts()}
@@ -1173,6 +1209,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     send.add_argument("--reply-to", type=int)
     send.add_argument("--key", help="dedupe key: the same key never queues twice")
     sub.add_parser("rotate-key", help="re-encrypt all sessions under the newest SESSION_ENCRYPTION_KEY")
+    fleet = sub.add_parser("fleet", help="list the worker replicas: heartbeat, accounts held, target share")
+    fleet.add_argument("--json", action="store_true")
     requeue = sub.add_parser("requeue", help="put failed or dead outbound messages back in the queue")
     requeue.add_argument("ids", nargs="*", type=int, help="message ids (default: every one the other options pick)")
     requeue.add_argument("--account", help="only this account's messages")
@@ -1199,6 +1237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(cli_login(settings, args))
     if command == "rotate-key":
         return asyncio.run(cli_rotate_key(settings))
+    if command == "fleet":
+        return asyncio.run(cli_fleet(settings, args.json))
     if command == "requeue":
         return asyncio.run(cli_requeue(settings, args))
     return 2

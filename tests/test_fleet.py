@@ -7,7 +7,10 @@ test_fleet_process.py.
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -19,7 +22,7 @@ from shared.sandbox import World
 from shared.sessions import SessionCipher, generate_key
 from shared.telegram import SANDBOX_KEY_FILE, session_cipher
 from tests.helpers import RecordingAlerts, wait_until
-from tests.test_worker import FAST, running_worker
+from tests.test_worker import FAST, running_worker, worker_cli
 from worker import seed_sandbox_accounts
 
 
@@ -76,3 +79,28 @@ def test_a_sandbox_key_an_older_version_kept_in_data_dir_moves_into_the_world(tm
     token = SessionCipher(old).encrypt("kept")
     assert session_cipher(settings).decrypt(token) == "kept"
     assert (settings.sandbox_path / SANDBOX_KEY_FILE).read_text() == old
+
+
+async def test_the_fleet_view_shows_each_replica_with_its_heartbeat_held_accounts_and_target_share(
+    worker_env: dict[str, str],
+) -> None:
+    async with running_worker(worker_env) as worker:
+        assert worker.pool is not None
+        pool = worker.pool
+        await wait_until(lambda: _fleet_row(pool) is not None and _fleet_row(pool)["held"] == 2, what="held 2 in the fleet view")
+        status = await worker.runtime.status()
+        [(replica, row)] = status["fleet"].items()
+        assert replica == pool.owner and row["this"] is True and row["state"] == "alive"
+        assert row["target"] == 2 and row["pid"] == os.getpid() and row["version"] and row["last_heartbeat_at"]
+        code, out, err = await worker_cli(worker_env, "fleet", "--json")
+        assert code == 0, err
+        shown = json.loads(out)
+        assert shown["replicas"] == 1 and shown["active_accounts"] == 2 and shown["held"] == 2
+        assert [(r["replica"], r["held"], r["target"]) for r in shown["fleet"]] == [(pool.owner, 2, 2)]
+        code, out, err = await worker_cli(worker_env, "fleet")
+        assert code == 0, err
+        assert pool.owner in out and "1 live replica(s), 2 active account(s), 2 held, 0 not held" in out
+
+
+def _fleet_row(pool: Any) -> dict[str, Any] | None:
+    return pool.fleet_status().get(pool.owner)

@@ -340,7 +340,13 @@ async def test_operator_page_shows_loops_accounts_queues_breakers_history_errors
     fills = [bar.find(tag="span")[0].attrs.get("class") for bar in resources.find(cls="bar")]
     assert fills == ["ok", "ok", "warn"], "disk above the warning threshold is amber, not red"
 
-    for section in ("heartbeat", "alerts", "counters", "sandbox_world"):
+    fleet = page.by_id("section-fleet")
+    header = fleet.find(tag="tr")[0].text
+    assert "replica" in header and "accounts held" in header and "target share" in header
+    [(replica, row)] = [(name, text) for name, text in fleet.rows().items() if name != "replica"]
+    assert replica.startswith("telegram-main:") and "alive" in row, row
+
+    for section in ("heartbeat", "alerts", "counters", "sandbox_world", "session_key"):
         assert page.find(id=f"section-{section}"), f"section {section} missing"
     red = [n.text for n in page.find(cls="bad") if n is not overall]
     assert red == ["open"], f"red only for trouble: {red}"
