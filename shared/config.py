@@ -291,6 +291,7 @@ SETTINGS: list[Setting] = [
     Setting("POST_DELAY_MIN", _float(0), 0.0, "a number of seconds >= 0", "Least random delay before posting an approved reply.", frozenset({"bot"})),
     Setting("POST_DELAY_MAX", _float(0), 0.0, "a number of seconds >= 0", "Most random delay before posting an approved reply.", frozenset({"bot"})),
     Setting("POST_DAILY_CAP", _int(0), 50, "a whole number >= 0", "Replies posted per UTC day at most.", frozenset({"bot"})),
+    Setting("BOT_LEASE_SECONDS", _float(1), 20.0, "a number of seconds >= 1", "With several bot.py replicas one is active (holds this lease, renewed every quarter of it) and the others stand by; after a kill -9 a standby takes over within this plus a quarter of it.", frozenset({"bot"})),
     Setting("TIMEOUT_HTTP", _float(0, exclusive=True), 30.0, "a number of seconds > 0", "Deadline of one X or AI API call.", frozenset({"bot"})),
     # Supervisor (SUPERVISED=1 ./start.sh)
     Setting("BOT", _choice("worker", "ingest", "bot"), "worker", "worker, ingest or bot", "Which bot ./start.sh and the supervisor run.", SUPERVISOR),
@@ -501,6 +502,7 @@ class ReplyGuySettings(CommonSettings):
     post_delay_min: float
     post_delay_max: float
     post_daily_cap: int
+    bot_lease_seconds: float
     timeout_http: float
 
     @property

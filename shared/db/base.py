@@ -279,6 +279,27 @@ class Database(abc.ABC):
     async def release_account_lease(self, account_id: int, token: str) -> bool:
         return bool(await self._scalar("account_lease_release", {"p_account_id": account_id, "p_token": token}))
 
+    # --- named process leases (one active replica) -----------------------------------------
+
+    async def acquire_process_lease(self, name: str, *, owner: str, seconds: float) -> str | None:
+        """Take the lease ``name`` for ``seconds``: its token, or None while another live owner holds it."""
+        args = {"p_name": name, "p_owner": owner, "p_lease_seconds": float(seconds)}
+        token = await self._scalar("process_lease_acquire", args)
+        return str(token) if token else None
+
+    async def renew_process_lease(self, name: str, token: str, *, seconds: float) -> bool:
+        """Extend our lease; False means it was lost (stop acting as the active one now)."""
+        args = {"p_name": name, "p_token": token, "p_lease_seconds": float(seconds)}
+        return bool(await self._scalar("process_lease_renew", args))
+
+    async def release_process_lease(self, name: str, token: str) -> bool:
+        return bool(await self._scalar("process_lease_release", {"p_name": name, "p_token": token}))
+
+    async def process_lease_holder(self, name: str) -> str | None:
+        """The owner holding the lease ``name`` now, if any."""
+        rows = await self.call("process_lease_holder", {"p_name": name}, read_only=True)
+        return str(rows[0]["owner"]) if rows else None
+
     async def recover_account_from_key_mismatch(self, account_id: int) -> bool:
         """Back to active an account an older process marked needs_login only because its key could not decrypt
         the session; False (and unchanged) for any other account, a real logout included."""
