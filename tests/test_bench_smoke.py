@@ -26,6 +26,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "outbound": ("p50_ms", "p99_ms", "per_s", "baseline_p50_ms", "loads", "machine"),
     "recovery": ("cases", "worst_ratio", "machine"),
     "footprint": ("cases", "rss_mb", "cpu_percent", "machine"),
+    "fleet": ("balanced", "max_minus_min", "handoff_kill_s", "handoff_bound_s", "lost", "duplicated", "scaling_3x", "phases", "machine"),
 }
 
 RUN_TIMEOUT = 110.0
