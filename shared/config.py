@@ -246,7 +246,7 @@ SETTINGS: list[Setting] = [
     Setting("WORKER_ID", _text, "telegram-main", "a name", "The worker's heartbeat id.", frozenset({"worker"})),
     Setting("FLEET_LIVENESS_BEATS", _int(2), 3, "a whole number >= 2", "A worker replica is live while its heartbeat is younger than this many heartbeat intervals; a worker beats at least every ACCOUNT_LEASE_SECONDS divided by this.", frozenset({"worker"})),
     Setting("ACCOUNT_HANDOFF_GRACE", _float(0), 2.0, "a number of seconds >= 0", "Longest wait for an account's work in hand before it is handed to another replica.", frozenset({"worker"})),
-    Setting("WORKER_ACCOUNTS", _csv, None, "comma-separated account labels", "The telegram_accounts rows this worker serves (default: every active one). Leave ingest's INGEST_ACCOUNT out when both share a database.", frozenset({"worker"})),
+    Setting("WORKER_ACCOUNTS", _csv, None, "comma-separated account labels", "The telegram_accounts rows this worker serves, pinned to it: other replicas leave them to it (default: its fair share of every active one). Leave ingest's INGEST_ACCOUNT out when both share a database.", frozenset({"worker"})),
     Setting("OUTBOUND_BATCH_SIZE", _int(1, 10000), 100, "a whole number 1-10000", "Outbound messages claimed per round trip.", frozenset({"worker"})),
     Setting("OUTBOUND_POLL_INTERVAL", _float(0, exclusive=True), 1.0, "a number of seconds > 0", "Longest wait between two claims when no NOTIFY arrives.", frozenset({"worker"})),
     Setting("SEND_RATE_PER_ACCOUNT", _float(0, exclusive=True), 20.0, "messages per second > 0", "Sustained sends per account.", frozenset({"worker"})),

@@ -621,6 +621,9 @@ class AccountPool:
         """One cycle: take the share, hand over the rest, keep the leases, connect what needs it."""
         from shared.db.records import AccountStatus
 
+        if self.fleet is not None and self._wakeups is None:
+            # Listening before the first look: a lease released meanwhile still wakes us.
+            self._wakeups = await self.db.subscribe("accounts")
         accounts = await self.db.list_accounts()
         mine = await self._share([a for a in accounts if a.status is AccountStatus.ACTIVE])
         seen: set[int] = set()
