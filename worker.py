@@ -920,7 +920,7 @@ class Worker:
                 worker_id=owner,
                 store=db,
                 interval=fleet_beat_interval(settings),
-                fleet=lambda: {"pinned": pinned},
+                fleet=lambda: {"pinned": pinned, "cannot": pool.key_mismatched()},
                 remove_on_stop=True,
             )
             self.ready.set()
@@ -947,7 +947,7 @@ class Worker:
         )
         if check.opens_none:
             line = (
-                f"worker could not start: SESSION_ENCRYPTION_KEY decrypts none of the {len(check.failed)} stored "
+                f"CONFIG ERROR: SESSION_ENCRYPTION_KEY decrypts none of the {len(check.failed)} stored "
                 "session(s) this worker should serve (a different key from the one that encrypted them); "
                 "no account was changed: set the key they were stored with"
             )
@@ -1050,7 +1050,7 @@ async def cli_fleet(settings: WorkerSettings, as_json: bool) -> int:
         active = await db.list_accounts(statuses=[AccountStatus.ACTIVE])
     finally:
         await db.close()
-    live = [Member(r.replica, frozenset(r.pinned)) for r in replicas if r.alive]
+    live = [Member(r.replica, frozenset(r.pinned), frozenset(r.cannot)) for r in replicas if r.alive]
     assignment = assign([(a.id, a.label) for a in active], live)
     rows = fleet_rows(replicas, assignment)
     held = sum(r.held for r in replicas if r.alive)

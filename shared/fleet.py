@@ -34,6 +34,8 @@ class Member:
 
     id: str
     pinned: frozenset[str] = frozenset()
+    #: Labels whose session this replica's key cannot decrypt: given to another replica.
+    cannot: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -66,8 +68,9 @@ def assign(accounts: Iterable[tuple[int, str]], members: Sequence[Member]) -> As
     target: dict[str, int] = {m.id: 0 for m in live}
     free = [m for m in live if not m.pinned]
     shared: list[int] = []
+    labels = dict(ordered)
     for account_id, label in ordered:
-        pinning = [m for m in live if label in m.pinned]
+        pinning = [m for m in live if label in m.pinned and label not in m.cannot] or [m for m in live if label in m.pinned]
         if pinning:
             chosen = max(pinning, key=lambda m: weight(account_id, m.id))
             owner[account_id] = chosen.id
@@ -82,9 +85,12 @@ def assign(accounts: Iterable[tuple[int, str]], members: Sequence[Member]) -> As
     room = {m.id: base + (1 if n < extra else 0) for n, m in enumerate(by_luck)}
     for m in free:
         target[m.id] += room[m.id]
+    # Room may go below zero for a replica that took an account others' keys cannot open: the target says the plan.
     for account_id in shared:
         ranked = sorted(free, key=lambda m: (weight(account_id, m.id), m.id), reverse=True)
-        chosen = next(m for m in ranked if room[m.id] > 0)
+        able = [m for m in ranked if labels[account_id] not in m.cannot]
+        # A replica whose key cannot open the session never gets it, even past its room.
+        chosen = next((m for m in able if room[m.id] > 0), None) or (able[0] if able else next(m for m in ranked if room[m.id] > 0))
         room[chosen.id] -= 1
         owner[account_id] = chosen.id
     return Assignment(owner=owner, target=target)
@@ -113,5 +119,6 @@ def fleet_rows(replicas: Sequence[Any], assignment: Assignment | None, *, me: st
             "held": r.held,
             "target": assignment.target.get(r.replica) if assignment is not None and r.alive else None,
             "pinned": list(r.pinned),
+            "key_mismatch": list(getattr(r, "cannot", ())),
         }
     return rows

@@ -595,6 +595,7 @@ class AccountPool:
         self._steps: dict[int, asyncio.Task[None]] = {}
         self._handing_off: dict[int, asyncio.Task[None]] = {}
         self._alerted_key_mismatch = False
+        self._undecryptable: set[str] = set()
         self._wakeups: Any | None = None
 
     @property
@@ -609,11 +610,12 @@ class AccountPool:
         from shared.fleet import Member, assign
 
         self.replicas = await self.db.worker_fleet(live_seconds=self.fleet.live_seconds)
-        members = [Member(r.replica, frozenset(r.pinned)) for r in self.replicas if r.alive]
-        if self.owner not in {m.id for m in members}:
-            # Not seen yet (the first beat is on its way) or our beats fail: we count
-            # ourselves in; the lease keeps it safe while the others disagree.
-            members.append(Member(self.owner, frozenset(self.labels or ())))
+        members = [
+            Member(r.replica, frozenset(r.pinned), frozenset(r.cannot)) for r in self.replicas if r.alive and r.replica != self.owner
+        ]
+        # Ourselves as we are now, seen by the others or not yet (the first beat is on its way, or
+        # our beats fail): the lease keeps it safe while views differ.
+        members.append(Member(self.owner, frozenset(self.labels or ()), frozenset(self._undecryptable)))
         self.assignment = assign([(a.id, a.label) for a in active], members)
         return self.assignment.of(self.owner)
 
@@ -773,8 +775,10 @@ class AccountPool:
         await asyncio.gather(*(c.close() for c in self.connections.values()), return_exceptions=True)
 
     def key_mismatched(self) -> list[str]:
-        """Labels of the accounts whose session this process's key cannot open."""
-        return sorted(c.label for c in self.connections.values() if c.state is ConnectionState.KEY_MISMATCH)
+        """Labels of the accounts whose session this process's key cannot open (remembered: in a
+        fleet such an account goes to another replica, and must not come back to this one)."""
+        self._undecryptable |= {c.label for c in self.connections.values() if c.state is ConnectionState.KEY_MISMATCH}
+        return sorted(self._undecryptable)
 
     def _alert_key_mismatch(self) -> None:
         labels = self.key_mismatched()

@@ -283,6 +283,7 @@ class FleetReplica:
     alive: bool
     held: int
     age_s: float
+    cannot: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

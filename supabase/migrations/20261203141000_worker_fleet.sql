@@ -13,7 +13,7 @@
 alter table worker_heartbeats add column if not exists fleet jsonb;
 
 comment on column worker_heartbeats.fleet is
-    'Worker replicas only: {"pinned": [labels of WORKER_ACCOUNTS]}; null for other processes.';
+    'Worker replicas only: {"pinned": [WORKER_ACCOUNTS labels], "cannot": [labels its key cannot decrypt]}; null for other processes.';
 
 drop function if exists worker_heartbeat_upsert(text, text, jsonb, text, text, integer);
 
@@ -73,7 +73,7 @@ create or replace function worker_fleet(p_live_seconds double precision)
 returns table (
     replica text, status text, host text, pid integer, version text,
     last_heartbeat_at timestamptz, started_at timestamptz, pinned text[],
-    alive boolean, held integer, age_s double precision
+    alive boolean, held integer, age_s double precision, cannot text[]
 )
 language plpgsql volatile
 set search_path = public, pg_temp
@@ -87,7 +87,8 @@ begin
            (h.status <> 'stopped' and h.last_heartbeat_at > now() - make_interval(secs => p_live_seconds)),
            (select count(*)::integer from telegram_accounts a
              where a.lease_owner = h.worker_id and a.lease_expires_at > now()),
-           extract(epoch from now() - h.last_heartbeat_at)::double precision
+           extract(epoch from now() - h.last_heartbeat_at)::double precision,
+           coalesce(array(select jsonb_array_elements_text(coalesce(h.fleet -> 'cannot', '[]'::jsonb))), '{}'::text[])
     from worker_heartbeats h
     where h.fleet is not null
     order by h.worker_id;

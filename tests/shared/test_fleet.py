@@ -56,3 +56,13 @@ def test_no_replica_means_no_owner_and_only_pinned_replicas_share_nothing_else()
     assert assign(ACCOUNTS, []).owner == {}
     only = Member("w:h:1:x", pinned=frozenset({"acct03"}))
     assert assign(ACCOUNTS, [only]).owner == {3: only.id}
+
+
+def test_an_account_goes_to_a_replica_whose_key_opens_it_and_stays_with_one_that_can_if_none_other_can() -> None:
+    plain = assign(ACCOUNTS, THREE)
+    owner = plain.owner[5]
+    blind = [Member(m.id, cannot=frozenset({"acct05"})) if m.id == owner else m for m in THREE]
+    moved_to = assign(ACCOUNTS, blind).owner[5]
+    assert moved_to != owner, "a replica that cannot decrypt the session does not get it"
+    alone = [Member(THREE[0].id, cannot=frozenset({"acct05"}))]
+    assert assign(ACCOUNTS, alone).owner[5] == THREE[0].id, "nobody else: it stays (shown as key_mismatch)"
