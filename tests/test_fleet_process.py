@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import re
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -21,7 +20,7 @@ import aiohttp
 import asyncpg
 import pytest
 
-from bench._common import Accounts, make_accounts
+from bench._common import Accounts, free_port, make_accounts
 from shared.sandbox import World
 from shared.sessions import DECRYPT_FAILURE, generate_key
 from tests.test_worker_process import WorkerProcess, account_id, enqueue, fetch, wait_until
@@ -130,7 +129,13 @@ async def fleet_accounts(env: dict[str, str], database_url: str) -> Accounts:
 
 
 def replica_env(env: dict[str, str], accounts: Accounts, tmp_path: Path, n: int) -> dict[str, str]:
-    return {**env, **FLEET, "SESSION_ENCRYPTION_KEY": accounts.key, "DATA_DIR": str(tmp_path / f"data-{n}")}
+    return {
+        **env,
+        **FLEET,
+        "SESSION_ENCRYPTION_KEY": accounts.key,
+        "DATA_DIR": str(tmp_path / f"data-{n}"),
+        "PORT": str(free_port()),  # the watch below reads each replica's /status
+    }
 
 
 async def holdings(database_url: str) -> Counter[str]:
@@ -183,15 +188,14 @@ class DoubleConnectionWatch:
         self._task: asyncio.Task[None] | None = None
 
     @staticmethod
-    def port(proc: WorkerProcess) -> int | None:
-        found = re.search(r"status server on port (\d+)", proc.output())
-        return int(found.group(1)) if found else None
+    def port(proc: WorkerProcess) -> int:
+        return int(proc.env["PORT"])
 
     async def _round(self, http: aiohttp.ClientSession) -> None:
         seen: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
         for proc in list(self.procs):
             port = self.port(proc)
-            if port is None or proc.death():
+            if proc.death():
                 continue
             began = time.time()
             try:
@@ -321,7 +325,7 @@ async def test_replicas_share_30_accounts_evenly_and_a_fourth_takes_its_share_wi
         assert producer.count > 100
         assert_each_once_in_order(accounts.world, accounts, producer.expected)
         await watch.stop()
-        assert watch.rounds > 10 and watch.reports > 30 * 10, "the watch saw the connections it judges"
+        assert watch.rounds >= 5 and watch.reports >= 30 * 5, "the watch saw the connections it judges"
         assert watch.overlaps == [], watch.overlaps
     finally:
         await producer.stop()
@@ -371,6 +375,7 @@ async def test_a_killed_replicas_accounts_move_within_the_lease_bound_and_a_stop
         assert time.monotonic() - terminated <= 2 + float(env["TIMEOUT_TELEGRAM_CONNECT"])
         assert await asyncio.wait_for(stopped.proc.wait(), 30) == 0
         await watch.stop()
+        assert watch.reports > 0, "the watch saw the connections it judges"
         assert watch.overlaps == [], watch.overlaps
     finally:
         await watch.stop()
