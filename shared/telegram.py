@@ -15,7 +15,14 @@ runs (handlers, ``catch_up()``, a reconciliation pass).
 
 A session that is dead (revoked, unregistered, duplicated, banned) marks the
 account ``needs_login``, disconnects it, alerts once, and is not retried; the
-other accounts go on.
+other accounts go on. A session this process's key cannot decrypt is the
+process's problem, not the account's: the account is left as it is
+(``key_mismatch`` here, its lease released for a process with the right key).
+
+Worker replicas share the accounts (:class:`AccountPool` with a
+:class:`FleetPolicy`, the assignment in :mod:`shared.fleet`), handing them
+over cleanly; each held lease is also fenced by a timer, so an account is
+never connected in two processes.
 """
 
 from __future__ import annotations

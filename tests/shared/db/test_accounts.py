@@ -111,3 +111,24 @@ async def test_only_a_needs_login_for_a_key_that_could_not_decrypt_is_undone(bac
     assert not await backend_db.recover_account_from_key_mismatch(logged_out)
     statuses = {a.label: a.status for a in await backend_db.list_accounts()}
     assert statuses == {"by-key": AccountStatus.ACTIVE, "logged-out": AccountStatus.NEEDS_LOGIN}
+
+
+async def test_a_process_lease_has_one_live_holder_and_a_released_one_is_free_at_once(backend_db: Database) -> None:
+    token = await backend_db.acquire_process_lease("reply-guy", owner="a", seconds=60)
+    assert token is not None
+    assert await backend_db.acquire_process_lease("reply-guy", owner="b", seconds=60) is None, "one active replica"
+    assert await backend_db.acquire_process_lease("reply-guy", owner="a", seconds=60) == token, "asking again keeps the token"
+    assert await backend_db.process_lease_holder("reply-guy") == "a"
+    assert await backend_db.renew_process_lease("reply-guy", token, seconds=60)
+    assert await backend_db.release_process_lease("reply-guy", token)
+    assert await backend_db.process_lease_holder("reply-guy") is None
+    taken = await backend_db.acquire_process_lease("reply-guy", owner="b", seconds=60)
+    assert taken is not None and taken != token
+    assert await backend_db.renew_process_lease("reply-guy", token, seconds=60) is False, "the old token is fenced off"
+
+
+async def test_a_lapsed_process_lease_goes_to_the_standby(backend_db: Database) -> None:
+    old = await backend_db.acquire_process_lease("reply-guy", owner="killed", seconds=0.05)
+    assert old is not None
+    new = await eventually(lambda: backend_db.acquire_process_lease("reply-guy", owner="standby", seconds=60))
+    assert new != old and await backend_db.process_lease_holder("reply-guy") == "standby"
