@@ -69,6 +69,7 @@ from shared.telegram import (
     AccountPool,
     ConnectionPolicy,
     FleetPolicy,
+    KeyCheck,
     check_session_key,
     client_factory,
     session_cipher,
@@ -840,7 +841,7 @@ class Worker:
                     "the sandbox accounts", lambda: seed_sandbox_accounts(db, world, cipher), fix="check the database"
                 )
                 logger.info("sandbox accounts: %s", ", ".join(labels))
-            await self._check_session_key(db, cipher)
+            key_check = await self._check_session_key(db, cipher)
 
             owner = owner_name(settings)
             sync = self.sync = Sync(db=db, runtime=runtime, settings=settings)
@@ -880,6 +881,7 @@ class Worker:
                 fleet=FleetPolicy(live_seconds=fleet_live_seconds(settings), handoff_grace=settings.account_handoff_grace),
             )
             sync.pool = outbound.pool = history.pool = jobs.pool = pool
+            pool.cannot_decrypt(key_check.failed)  # said in our heartbeat: the other replicas take those
             runtime.add_ready_check("session_key", pool.check_key)
             runtime.add_section("session_key", pool.key_status)
             if settings.worker_accounts:
@@ -934,7 +936,7 @@ class Worker:
             await self.runtime.heartbeat.stop()
         await self.pool.leave()
 
-    async def _check_session_key(self, db: Database, cipher: SessionCipher) -> None:
+    async def _check_session_key(self, db: Database, cipher: SessionCipher) -> KeyCheck:
         """A key that opens none of the sessions this worker should serve is a configuration error: exit 2.
 
         Nothing is changed on the way out: the accounts are fine, this
@@ -960,6 +962,7 @@ class Worker:
                 "SESSION_ENCRYPTION_KEY cannot decrypt the session of %s; those accounts are left as they are (key_mismatch)",
                 ", ".join(check.failed),
             )
+        return check
 
     async def _check_worker_accounts(self, db: Database, labels: Sequence[str]) -> None:
         """WORKER_ACCOUNTS: say which accounts this worker serves, and which named ones do not exist (yet)."""

@@ -781,6 +781,10 @@ class AccountPool:
             task.cancel()
         await asyncio.gather(*(c.close() for c in self.connections.values()), return_exceptions=True)
 
+    def cannot_decrypt(self, labels: list[str]) -> None:
+        """Sessions the start-up check found this key cannot open: never taken, shown as key_mismatch."""
+        self._undecryptable.update(labels)
+
     def key_mismatched(self) -> list[str]:
         """Labels of the accounts whose session this process's key cannot open (remembered: in a
         fleet such an account goes to another replica, and must not come back to this one)."""

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
+import json
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import asyncpg
@@ -23,6 +22,7 @@ import pytest
 from bench._common import Accounts, free_port, make_accounts
 from shared.sandbox import World
 from shared.sessions import DECRYPT_FAILURE, generate_key
+from tests.test_worker import worker_cli
 from tests.test_worker_process import WorkerProcess, account_id, enqueue, fetch, wait_until
 
 pytestmark = pytest.mark.slow
@@ -386,3 +386,47 @@ async def test_a_killed_replicas_accounts_move_within_the_lease_bound_and_a_stop
 async def _moved(database_url: str, labels: set[str], to: set[str]) -> bool:
     now = await held_by(database_url)
     return all(now.get(label) in to for label in labels)
+
+
+async def test_a_replica_whose_key_opens_only_some_sessions_leaves_the_others_to_a_replica_that_can(
+    env: dict[str, str], database_url: str, tmp_path: Path
+) -> None:
+    from shared.sessions import SessionCipher
+
+    accounts = await make_accounts(database_url, Path(env["SANDBOX_DIR"]), 12, recipients=1)
+    newer = generate_key()
+    resealed = accounts.labels[::2]
+    conn = await asyncpg.connect(database_url)
+    try:
+        for label in resealed:
+            phone = await conn.fetchval("select phone from telegram_accounts where label = $1", label)
+            session = SessionCipher(newer).encrypt(accounts.world.session_string(phone))
+            await conn.execute("update telegram_accounts set session_encrypted = $1 where label = $2", session, label)
+    finally:
+        await conn.close()
+    both = {**replica_env(env, accounts, tmp_path, 0), "SESSION_ENCRYPTION_KEY": f"{newer},{accounts.key}"}
+    stale = replica_env(env, accounts, tmp_path, 1)  # only the older key: half the sessions stay closed to it
+    procs = [await WorkerProcess(both, tmp_path / "both.log").start(), await WorkerProcess(stale, tmp_path / "stale.log").start()]
+    try:
+        full, partial = procs
+
+        async def settled() -> bool:
+            held = await held_by(database_url)
+            mine = [label for label, pid in held.items() if pid == pid_of(partial)]
+            return len(held) == 12 and bool(mine) and all(held[label] == pid_of(full) for label in resealed)
+
+        await wait_until(settled, timeout=60, what="every account held, the resealed ones by the replica with the key", proc=partial)
+        rows = await fetch(database_url, "select distinct status from telegram_accounts where label like 'bench%'")
+        assert [r["status"] for r in rows] == ["active"], "no account was marked needs_login"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{DoubleConnectionWatch.port(partial)}/ready") as response:
+                assert response.status == 503 and "key_mismatch" in await response.text()
+            async with http.get(f"http://127.0.0.1:{DoubleConnectionWatch.port(full)}/ready") as response:
+                assert response.status == 200
+        code, out, err = await worker_cli(both, "fleet", "--json")
+        assert code == 0, err
+        shown = {r["pid"]: r for r in json.loads(out)["fleet"]}
+        assert sorted(shown[int(pid_of(partial))]["key_mismatch"]) == sorted(resealed)
+    finally:
+        for proc in procs:
+            await proc.reap()
