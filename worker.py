@@ -45,7 +45,7 @@ from typing import Any
 
 from telethon import events, functions, types, utils
 
-from shared.config import WorkerSettings, load_or_exit
+from shared.config import WorkerSettings, load_or_exit, refuse_implicit_sandbox_or_exit
 from shared.db import Database, open_database
 from shared.db.records import (
     Account,
@@ -878,6 +878,7 @@ class Worker:
                 on_connected=on_connected,
                 alerts=runtime.alerts,
                 labels=set(settings.worker_accounts) if settings.worker_accounts else None,
+                accepts=self._accepts(),
                 fleet=FleetPolicy(live_seconds=fleet_live_seconds(settings), handoff_grace=settings.account_handoff_grace),
             )
             sync.pool = outbound.pool = history.pool = jobs.pool = pool
@@ -936,6 +937,11 @@ class Worker:
             await self.runtime.heartbeat.stop()
         await self.pool.leave()
 
+    def _accepts(self) -> Any:
+        """The sandbox serves only its own accounts: a real one would be logged out by it."""
+        world = self.world
+        return (lambda account: world.has_account(account.phone)) if world is not None else None
+
     async def _check_session_key(self, db: Database, cipher: SessionCipher) -> KeyCheck:
         """A key that opens none of the sessions this worker should serve is a configuration error: exit 2.
 
@@ -945,7 +951,9 @@ class Worker:
         """
         labels = set(self.settings.worker_accounts) if self.settings.worker_accounts else None
         check = await self.runtime.until_started(
-            "the session key check", lambda: check_session_key(db, cipher, labels=labels), fix="check the database"
+            "the session key check",
+            lambda: check_session_key(db, cipher, labels=labels, accepts=self._accepts()),
+            fix="check the database",
         )
         if check.opens_none:
             line = (
@@ -1228,6 +1236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     settings = load_or_exit(WorkerSettings)
     command = args.command or "run"
+    if command == "run":
+        refuse_implicit_sandbox_or_exit(settings, "TELEGRAM_API_ID")
     # A command's own output is its answer on stdout; its logs go to stderr.
     configure_logging(settings, stream=sys.stdout if command == "run" else sys.stderr)
     if command == "run":

@@ -133,19 +133,24 @@ class KeyCheck:
         return bool(self.failed) and not self.opened
 
 
-async def check_session_key(db: Database, cipher: SessionCipher, *, labels: set[str] | None = None) -> KeyCheck:
+async def check_session_key(
+    db: Database, cipher: SessionCipher, *, labels: set[str] | None = None, accepts: Callable[[Account], bool] | None = None
+) -> KeyCheck:
     """Try the key on every stored session this process should serve, before connecting any.
 
     Changes no account but one kind: an account an older version marked
     ``needs_login`` only because its key could not decrypt the session goes
     back to active when this key opens it (the database checks the recorded
-    reason, so a real logout stays). ``labels`` is WORKER_ACCOUNTS (None: all).
+    reason, so a real logout stays). ``labels`` is WORKER_ACCOUNTS (None: all);
+    ``accepts`` leaves out accounts this process never serves (the sandbox's).
     """
     from shared.db.records import AccountStatus
 
     check = KeyCheck(opened=[], failed=[], recovered=[])
     for account in await db.list_accounts():
         if not account.has_session or (labels is not None and account.label not in labels):
+            continue
+        if accepts is not None and not accepts(account):
             continue
         if account.status not in (AccountStatus.ACTIVE, AccountStatus.NEEDS_LOGIN):
             continue
@@ -582,6 +587,7 @@ class AccountPool:
         on_connected: Callable[[AccountConnection], Awaitable[None]] | None = None,
         alerts: AlertSink | None = None,
         labels: set[str] | None = None,
+        accepts: Callable[[Account], bool] | None = None,
         fleet: FleetPolicy | None = None,
     ) -> None:
         self.db = db
@@ -592,6 +598,7 @@ class AccountPool:
         self.on_connected = on_connected
         self.alerts = alerts
         self.labels = labels
+        self.accepts = accepts
         self.fleet = fleet
         self.wake = asyncio.Event()
         self.connections: dict[int, AccountConnection] = {}
@@ -634,10 +641,14 @@ class AccountPool:
             # Listening before the first look: a lease released meanwhile still wakes us.
             self._wakeups = await self.db.subscribe("accounts")
         accounts = await self.db.list_accounts()
-        mine = await self._share([a for a in accounts if a.status is AccountStatus.ACTIVE])
+        mine = await self._share(
+            [a for a in accounts if a.status is AccountStatus.ACTIVE and (self.accepts is None or self.accepts(a))]
+        )
         seen: set[int] = set()
         for account in accounts:
             if self.labels is not None and account.label not in self.labels:
+                continue
+            if self.accepts is not None and not self.accepts(account):
                 continue
             connection = self.connections.get(account.id)
             if mine is not None and account.status is AccountStatus.ACTIVE and account.id not in mine:

@@ -16,7 +16,7 @@ import pytest
 
 from replyguy.local_x import LocalX
 from shared.sandbox import World
-from tests.test_bot import BotProcess, base_env, bots, eventually_async, get_json, local_x  # noqa: F401 (fixtures)
+from tests.test_bot import BotProcess, base_env, bots, get_json, local_x  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.slow
 
