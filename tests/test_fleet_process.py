@@ -110,7 +110,7 @@ async def test_a_replica_with_the_wrong_key_changes_no_account_and_exits_2_and_t
 # --- the fleet -----------------------------------------------------------------------------
 
 #: Short lease and heartbeat, so that every bound below is a few seconds.
-LEASE = 3.0
+LEASE = 5.0
 CHECK = 0.2
 FLEET = {
     "ACCOUNT_LEASE_SECONDS": str(LEASE),
