@@ -90,7 +90,8 @@ def assign(accounts: Iterable[tuple[int, str]], members: Sequence[Member]) -> As
         ranked = sorted(free, key=lambda m: (weight(account_id, m.id), m.id), reverse=True)
         able = [m for m in ranked if labels[account_id] not in m.cannot]
         # A replica whose key cannot open the session never gets it, even past its room.
-        chosen = next((m for m in able if room[m.id] > 0), None) or (able[0] if able else next(m for m in ranked if room[m.id] > 0))
+        with_room = [m for m in ranked if room[m.id] > 0] or ranked
+        chosen = next((m for m in able if room[m.id] > 0), None) or (able[0] if able else with_room[0])
         room[chosen.id] -= 1
         owner[account_id] = chosen.id
     return Assignment(owner=owner, target=target)

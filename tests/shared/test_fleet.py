@@ -66,3 +66,9 @@ def test_an_account_goes_to_a_replica_whose_key_opens_it_and_stays_with_one_that
     assert moved_to != owner, "a replica that cannot decrypt the session does not get it"
     alone = [Member(THREE[0].id, cannot=frozenset({"acct05"}))]
     assert assign(ACCOUNTS, alone).owner[5] == THREE[0].id, "nobody else: it stays (shown as key_mismatch)"
+
+
+def test_accounts_no_replica_can_open_still_get_an_owner_when_every_share_is_full() -> None:
+    blind = [Member(m.id, cannot=frozenset(label for _, label in ACCOUNTS)) for m in THREE]
+    result = assign(ACCOUNTS, blind)
+    assert len(result.owner) == 30, "each has an owner, who shows it as key_mismatch"
