@@ -37,9 +37,12 @@ import asyncio
 import enum
 import json
 import logging
+import os
 import random
+import socket
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -50,6 +53,7 @@ import aiohttp
 from telethon import TelegramClient
 from telethon.sessions import StringSession
 
+from shared.active import ActiveLease
 from shared.alerts import AlertType
 from shared.breaker import BreakerRegistry, CircuitBreaker, CircuitOpenError, CircuitState
 from shared.breaker import registry as breaker_registry
@@ -843,10 +847,11 @@ class Wiring:
         self.local_ai: LocalAI | None = None
         self.world: Any = None
 
-    async def build(self) -> ReplyGuy:
+    async def build(self, db: Database | None = None) -> ReplyGuy:
         settings, plan, runtime = self.settings, self.plan, self.runtime
         breakers = configure_breakers()
-        db = await runtime.open_database(settings)  # waits while the database is away
+        if db is None:
+            db = await runtime.open_database(settings)  # waits while the database is away
 
         x_url, ai_url = plan.x_base, plan.ai_base
         if x_url is None:
@@ -938,9 +943,23 @@ async def serve(settings: ReplyGuySettings, plan: Plan, *, runtime: BotRuntime |
         Exception: wiring failed (after an ``initialization_failed`` alert).
     """
     runtime = runtime or BotRuntime(bot=BOT, settings=settings)
+    lease: ActiveLease | None = None
     async with runtime:
+        # Replicas on one database: one is active, the others stand by (nothing is asked or posted twice).
+        db = await runtime.open_database(settings)  # waits while the database is away
+        lease = ActiveLease(
+            db,
+            name=HEARTBEAT_ID,
+            owner=f"{HEARTBEAT_ID}:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}",
+            seconds=settings.bot_lease_seconds,
+            on_lost=lambda reason: runtime.shutdown.request_stop(f"lost the active lease: {reason}"),
+        )
+        runtime.add_section("replica", lease.status)
+        if not await lease.wait_until_active(runtime.shutdown):
+            return  # stopped while standing by
+        runtime.add_cleanup("active lease", lease.release)  # after everything else: the next replica starts clean
         try:
-            guy = await Wiring(settings, plan, runtime).build()
+            guy = await Wiring(settings, plan, runtime).build(db)
             await runtime.until_started("crash recovery", guy.recover, fix="check the database")
         except (StartupFailed, StartupAborted):
             raise  # said and alerted by the runtime
@@ -967,6 +986,10 @@ async def serve(settings: ReplyGuySettings, plan: Plan, *, runtime: BotRuntime |
         runtime.set_detailed_health(guy.health_check_all)
         runtime.start_heartbeat(worker_id=HEARTBEAT_ID, store=guy.db)
         await runtime.run_until_stopped()
+    if lease is not None and lease.lost:
+        # Exit non-zero: the platform restarts this replica, which then stands by.
+        logger.critical("the Reply Guy stopped: it is no longer the active replica (%s)", lease.lost_reason)
+        raise StartupFailed(f"no longer the active replica: {lease.lost_reason}", exit_code=1)
 
 
 async def cli_health(settings: ReplyGuySettings, args: argparse.Namespace) -> int:

@@ -946,6 +946,7 @@ class AccountKeeper:
         self.connection: AccountConnection | None = None
         self.wake = asyncio.Event()
         self.problem: str | None = None
+        self._key_alerted = False
 
     async def _choose(self) -> Account | None:
         accounts = sorted(await self.db.list_accounts(), key=lambda a: a.id)
@@ -1013,6 +1014,15 @@ class AccountKeeper:
             )
             self.ingestor.connection = self.connection
         await self.connection.step()
+        if self.connection.state is ConnectionState.KEY_MISMATCH and self.alerts is not None and not self._key_alerted:
+            self._key_alerted = True  # once: this process's key does not change while it runs
+            self.alerts.alert(
+                AlertType.SESSION_KEY_MISMATCH,
+                f"ingest's SESSION_ENCRYPTION_KEY cannot decrypt the session of {self.connection.label}; "
+                "the account is left as it is (not needs_login)",
+                key=f"session-key:{self.owner}",
+                details={"fix": "give ingest the SESSION_ENCRYPTION_KEY the session was stored with"},
+            )
         if self.connection.state is ConnectionState.NEEDS_LOGIN and self.world is not None:
             # The sandbox can always log in again: a fresh session, then start over.
             label = self.connection.label

@@ -14,7 +14,7 @@ The story, top to bottom:
 4. history: page through ``get_messages(offset_id=...)``, saving the cursor;
 5. jobs: scheduled sends, edits, deletes, mark-read;
 6. the process: runtime, loops, heartbeat, shutdown;
-7. the command line: run, login, accounts, send, rotate-key.
+7. the command line: run, login, accounts, fleet, send, rotate-key.
 
 Exactly once, in short: every message is in the database before anything is
 sent; its ``random_id`` is fixed at enqueue; every attempt, including one
@@ -66,13 +66,16 @@ from shared.db.records import (
 from shared.errors import ErrorKind, LimitScope, PermanentError, UnresolvedPeerError, classify, describe, is_unresolved_peer
 from shared.health import TEMP_SUBDIR, run_checks
 from shared.ratelimit import KeyedBuckets
-from shared.runtime import BotRuntime, configure_logging, run_bot
+from shared.runtime import BotRuntime, StartupFailed, configure_logging, run_bot
 from shared.sessions import SessionCipher
 from shared.storage import Storage, open_storage
 from shared.telegram import (
     AccountConnection,
     AccountPool,
     ConnectionPolicy,
+    FleetPolicy,
+    KeyCheck,
+    check_session_key,
     client_factory,
     difference_watch,
     session_cipher,
@@ -1228,7 +1231,18 @@ class Jobs:
 
 
 def owner_name(settings: WorkerSettings) -> str:
+    """This replica's name: its account leases' owner and its heartbeat row (WORKER_ID:host:pid:random)."""
     return f"{settings.worker_id}:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def fleet_beat_interval(settings: WorkerSettings) -> float:
+    """A replica beats often enough that a killed one leaves the fleet by the time its leases lapse."""
+    return min(settings.heartbeat_interval, settings.account_lease_seconds / settings.fleet_liveness_beats)
+
+
+def fleet_live_seconds(settings: WorkerSettings) -> float:
+    """A replica is live while its heartbeat is younger than this."""
+    return fleet_beat_interval(settings) * settings.fleet_liveness_beats
 
 
 class Worker:
@@ -1266,6 +1280,7 @@ class Worker:
                     "the sandbox accounts", lambda: seed_sandbox_accounts(db, world, cipher), fix="check the database"
                 )
                 logger.info("sandbox accounts: %s", ", ".join(labels))
+            key_check = await self._check_session_key(db, cipher)
 
             owner = owner_name(settings)
             sync = self.sync = Sync(db=db, runtime=runtime, settings=settings)
@@ -1301,18 +1316,25 @@ class Worker:
                 alerts=runtime.alerts,
                 labels=set(settings.worker_accounts) if settings.worker_accounts else None,
                 on_client=sync.attach,
-                # The sandbox serves only its own accounts: a real one would be logged out by it.
-                accepts=(lambda account: world.has_account(account.phone)) if self.world is not None else None,
+                accepts=self._accepts(),
+                fleet=FleetPolicy(live_seconds=fleet_live_seconds(settings), handoff_grace=settings.account_handoff_grace),
             )
             sync.pool = outbound.pool = history.pool = jobs.pool = pool
+            pool.cannot_decrypt(key_check.failed)  # said in our heartbeat: the other replicas take those
+            runtime.add_ready_check("session_key", pool.check_key)
+            runtime.add_section("session_key", pool.key_status)
             if settings.worker_accounts:
                 await self._check_worker_accounts(db, settings.worker_accounts)
             runtime.add_cleanup("accounts", pool.close, timeout=settings.timeout_telegram_entity + 5)
 
             async def accounts_cycle() -> float:
+                if runtime.shutdown.stopping:
+                    return 1.0  # leaving: the accounts are being handed over
                 await pool.refresh()
                 pool.wake.clear()
-                return settings.account_check_interval
+                # Until the next check, a joining or leaving replica or a released lease wakes us early.
+                await pool.idle(settings.account_check_interval)
+                return 0.0
 
             # Connecting an account (connect, catch_up, a reconciliation pass) may take
             # longer than a plain cycle: the accounts loop gets that much more silence.
@@ -1328,13 +1350,65 @@ class Worker:
             runtime.add_loop("history", history.cycle, interval=5.0)
             runtime.add_loop("jobs", jobs.cycle, interval=2.0)
             runtime.add_section("accounts", self.accounts_status)
+            runtime.add_section("fleet", pool.fleet_status)
             runtime.add_section("outbound", outbound.status)
             runtime.add_section("sync", sync.status)
             runtime.add_section("history_jobs", history.status)
             runtime.add_section("jobs", jobs.status)
-            runtime.start_heartbeat(worker_id=settings.worker_id, store=db)
+            # One heartbeat row per replica, keyed by its lease owner name: the fleet's membership.
+            pinned = sorted(settings.worker_accounts or ())
+            runtime.start_heartbeat(
+                worker_id=owner,
+                store=db,
+                interval=fleet_beat_interval(settings),
+                fleet=lambda: {"pinned": pinned, "cannot": pool.key_mismatched()},
+                remove_on_stop=True,
+            )
             self.ready.set()
             await runtime.run_until_stopped()
+            await self._leave()
+
+    async def _leave(self) -> None:
+        """SIGTERM: out of the fleet at once (the heartbeat row goes), then every account handed over cleanly."""
+        assert self.pool is not None
+        if self.runtime.heartbeat is not None:
+            await self.runtime.heartbeat.stop()
+        await self.pool.leave()
+
+    def _accepts(self) -> Any:
+        """The sandbox serves only its own accounts: a real one would be logged out by it."""
+        world = self.world
+        return (lambda account: world.has_account(account.phone)) if world is not None else None
+
+    async def _check_session_key(self, db: Database, cipher: SessionCipher) -> KeyCheck:
+        """A key that opens none of the sessions this worker should serve is a configuration error: exit 2.
+
+        Nothing is changed on the way out: the accounts are fine, this
+        process's SESSION_ENCRYPTION_KEY is not, and a replica with the right
+        key goes on serving them.
+        """
+        labels = set(self.settings.worker_accounts) if self.settings.worker_accounts else None
+        check = await self.runtime.until_started(
+            "the session key check",
+            lambda: check_session_key(db, cipher, labels=labels, accepts=self._accepts()),
+            fix="check the database",
+        )
+        if check.opens_none:
+            line = (
+                f"CONFIG ERROR: SESSION_ENCRYPTION_KEY decrypts none of the {len(check.failed)} stored "
+                "session(s) this worker should serve (a different key from the one that encrypted them); "
+                "no account was changed: set the key they were stored with"
+            )
+            from shared.alerts import AlertType
+
+            self.runtime.alerts.alert(AlertType.SESSION_KEY_MISMATCH, line, key="session-key:start")
+            raise StartupFailed(line, exit_code=2)
+        if check.failed:
+            logger.error(
+                "SESSION_ENCRYPTION_KEY cannot decrypt the session of %s; those accounts are left as they are (key_mismatch)",
+                ", ".join(check.failed),
+            )
+        return check
 
     async def _check_worker_accounts(self, db: Database, labels: Sequence[str]) -> None:
         """WORKER_ACCOUNTS: say which accounts this worker serves, and which named ones do not exist (yet)."""
@@ -1412,6 +1486,42 @@ async def cli_accounts(settings: WorkerSettings, as_json: bool) -> int:
         for r in rows:
             lease = f"held by {r['lease_owner']}" if r["lease_owner"] else "-"
             print(f"{r['label']:<20} {r['status']:<12} {'yes' if r['has_session'] else 'no':<8} {r['phone'] or '-':<10} {lease} {r['last_error'] or ''}")
+    return 0
+
+
+async def cli_fleet(settings: WorkerSettings, as_json: bool) -> int:
+    """The worker replicas from the database: heartbeat, accounts held and target share of each."""
+    from shared.fleet import Member, assign, fleet_rows
+
+    db = await open_database(settings)
+    try:
+        replicas = await db.worker_fleet(live_seconds=fleet_live_seconds(settings))
+        active = await db.list_accounts(statuses=[AccountStatus.ACTIVE])
+    finally:
+        await db.close()
+    live = [Member(r.replica, frozenset(r.pinned), frozenset(r.cannot)) for r in replicas if r.alive]
+    assignment = assign([(a.id, a.label) for a in active], live)
+    rows = fleet_rows(replicas, assignment)
+    held = sum(r.held for r in replicas if r.alive)
+    summary = {"replicas": len(live), "active_accounts": len(active), "held": held, "unheld": max(0, len(active) - held)}
+    if as_json:
+        print(json.dumps({**summary, "fleet": [{"replica": name, **row} for name, row in rows.items()]}, indent=2))
+        return 0
+    if not rows:
+        print(f"no worker replica has a heartbeat row; {len(active)} active account(s) wait for one")
+        return 0
+    print(f"{'replica':<44} {'state':<8} {'host':<16} {'pid':>7} {'version':<14} {'heartbeat':>10} {'held':>5} {'target':>6}")
+    for name, r in rows.items():
+        target = "-" if r["target"] is None else str(r["target"])
+        pinned = f"  pinned: {', '.join(r['pinned'])}" if r["pinned"] else ""
+        print(
+            f"{name:<44} {r['state']:<8} {(r['host'] or '-'):<16} {r['pid'] or '-':>7} {(r['version'] or '-'):<14} "
+            f"{r['heartbeat_age_s']:>8.1f}s {r['held']:>5} {target:>6}{pinned}"
+        )
+    print(
+        f"{summary['replicas']} live replica(s), {summary['active_accounts']} active account(s), "
+        f"{summary['held']} held, {summary['unheld']} not held"
+    )
     return 0
 
 
@@ -1552,6 +1662,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     send.add_argument("--reply-to", type=int)
     send.add_argument("--key", help="dedupe key: the same key never queues twice")
     sub.add_parser("rotate-key", help="re-encrypt all sessions under the newest SESSION_ENCRYPTION_KEY")
+    fleet = sub.add_parser("fleet", help="list the worker replicas: heartbeat, accounts held, target share")
+    fleet.add_argument("--json", action="store_true")
     requeue = sub.add_parser("requeue", help="put failed or dead outbound messages back in the queue")
     requeue.add_argument("ids", nargs="*", type=int, help="message ids (default: every one the other options pick)")
     requeue.add_argument("--account", help="only this account's messages")
@@ -1580,6 +1692,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(cli_login(settings, args))
     if command == "rotate-key":
         return asyncio.run(cli_rotate_key(settings))
+    if command == "fleet":
+        return asyncio.run(cli_fleet(settings, args.json))
     if command == "requeue":
         return asyncio.run(cli_requeue(settings, args))
     return 2

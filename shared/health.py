@@ -612,7 +612,7 @@ class HealthChecker:
 
         interval = float(self.settings.heartbeat_interval)
         stale_after = HEARTBEAT_STALE_INTERVALS * interval
-        mine = [b for b in beats if self.heartbeat_ids is None or b.worker_id in self.heartbeat_ids]
+        mine = [b for b in beats if self.heartbeat_ids is None or _beat_of(b.worker_id, self.heartbeat_ids)]
         data: dict[str, Any] = {"sandbox": sandbox, "stale_after_s": stale_after, "heartbeats": {}, "accounts": {}}
         verdicts: list[HealthStatus] = []
         words: list[str] = []
@@ -824,6 +824,11 @@ def render_table(report: HealthReport) -> str:
         lines.append(f"{name:<{widths[0]}}  {status:<{widths[1]}}  {took:>{widths[2]}}  {detail}")
     lines.append(f"overall: {report.overall.value}")
     return "\n".join(lines) + "\n"
+
+
+def _beat_of(beat_id: str, ids: Sequence[str]) -> bool:
+    """A heartbeat row of one of ``ids``: the id itself, or a replica of it (worker replicas beat as ``WORKER_ID:host:pid:…``)."""
+    return any(beat_id == i or beat_id.startswith(i + ":") for i in ids)
 
 
 # --- the command --------------------------------------------------------------------------------

@@ -74,7 +74,16 @@ def sweep_temp_files(data_dir: Path, *, older_than: float = TEMP_MAX_AGE) -> tup
 
 
 class StartupFailed(Exception):
-    """A start-up step failed for a reason waiting cannot fix; ``str()`` is the one line to show."""
+    """A start-up step failed for a reason waiting cannot fix; ``str()`` is the one line to show.
+
+    ``exit_code`` is the process's: 1 by default, 2 for a configuration the
+    operator must change (a restart cannot help, so a supervisor should not
+    spend its restarts on it).
+    """
+
+    def __init__(self, message: str, *, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class StartupAborted(Exception):
@@ -88,11 +97,14 @@ def run_bot(main: Coroutine[Any, Any, None]) -> int:
     start-up step failed for good (logged by :class:`BotRuntime` as one line,
     and alerted) or an unexpected error ended the bot (logged by it with the
     traceback): either way it is already said, so nothing more is printed.
+    2 when start-up found a configuration error (``StartupFailed(exit_code=2)``).
     """
     try:
         asyncio.run(main)
     except StartupAborted:
         return 0
+    except StartupFailed as exc:
+        return exc.exit_code
     except Exception:
         return 1
     return 0
@@ -237,15 +249,26 @@ class BotRuntime:
     def add_cleanup(self, name: str, fn: Callable[[], Awaitable[object]], *, timeout: float = 5.0) -> None:
         self.shutdown.add_cleanup(name, fn, timeout=timeout)
 
-    def start_heartbeat(self, *, worker_id: str, store: HeartbeatStore) -> GlobalHeartbeat:
+    def start_heartbeat(
+        self,
+        *,
+        worker_id: str,
+        store: HeartbeatStore,
+        interval: float | None = None,
+        fleet: Callable[[], dict[str, Any]] | None = None,
+        remove_on_stop: bool = False,
+    ) -> GlobalHeartbeat:
+        """Start the global heartbeat (HEARTBEAT_INTERVAL unless ``interval``); see :class:`GlobalHeartbeat`."""
         self.heartbeat = GlobalHeartbeat(
             worker_id=worker_id,
             store=store,
             version=self.version,
             status=lambda: "online" if self.watchdog.is_healthy() else "degraded",
             loops=self.watchdog.get_status,
-            interval=self.settings.heartbeat_interval,
+            interval=interval or self.settings.heartbeat_interval,
             timeout=self.settings.timeout_db,
+            fleet=fleet,
+            remove_on_stop=remove_on_stop,
         )
         self.heartbeat.start()
         return self.heartbeat

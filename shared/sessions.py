@@ -40,6 +40,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+#: What SessionCipher.decrypt says when no key opens a session. Older versions stored it as the
+#: last_error of an account they marked needs_login; the database recognises it to undo that.
+DECRYPT_FAILURE = "the session cannot be decrypted with SESSION_ENCRYPTION_KEY (wrong key?)"
+
+
 class SessionKeyError(PermanentError):
     """The key is malformed, or does not open this session."""
 
@@ -81,7 +86,7 @@ class SessionCipher:
         try:
             return self._multi.decrypt(token.encode("ascii")).decode("utf-8")
         except (InvalidToken, UnicodeEncodeError, UnicodeDecodeError):
-            raise SessionKeyError("the session cannot be decrypted with SESSION_ENCRYPTION_KEY (wrong key?)") from None
+            raise SessionKeyError(DECRYPT_FAILURE) from None
 
     def rotate(self, token: str) -> str:
         """Re-encrypt ``token`` under the newest key (it must open with one of the keys)."""

@@ -432,9 +432,9 @@ _PAGE = r"""<!doctype html>
   var lastOk = 0;
   var skewMs = 0;  // browser clock minus server clock, from /status's "time"
   var HEADER_KEYS = ["bot", "version", "uptime_seconds", "time", "sandbox", "backend", "stopping", "starting"];
-  var ORDER = ["last_error", "loops", "accounts", "channels", "queues", "breakers", "history_jobs", "resources",
+  var ORDER = ["last_error", "session_key", "loops", "accounts", "fleet", "channels", "queues", "breakers", "history_jobs", "resources",
                "counters", "outbound", "sync", "jobs", "heartbeat", "alerts", "watchdog", "sandbox_world"];
-  var BAD = ["failing", "failed", "open", "dead", "error", "needs_login", "stopped", "crashed", "exhausted", "down", "unhealthy"];
+  var BAD = ["failing", "failed", "open", "dead", "error", "needs_login", "key_mismatch", "stopped", "crashed", "exhausted", "down", "unhealthy"];
   var WARN = ["half_open", "degraded", "restarting", "retrying", "stale", "rate_limited", "waiting", "paused", "starting",
               "flood_wait", "limited", "backoff", "connecting", "pending"];
   var GOOD = ["ok", "running", "closed", "healthy", "connected", "ready", "idle", "done", "active", "alive", "online", "sent"];
@@ -445,22 +445,26 @@ _PAGE = r"""<!doctype html>
                "flood_wait_until", "limited_until", "last_error", "last_error_at"],
     channels: ["state", "last_message_id", "stored", "skipped", "failed", "last_error", "last_error_at"],
     breakers: ["state", "consecutive_failures", "failures", "retry_in_s", "times_opened", "rejected_calls", "last_error", "last_error_at"],
-    history_jobs: ["job_id", "account", "channel", "chat_id", "fetched", "stored", "target", "done", "percent"]
+    history_jobs: ["job_id", "account", "channel", "chat_id", "fetched", "stored", "target", "done", "percent"],
+    fleet: ["state", "this", "host", "pid", "version", "last_heartbeat_at", "held", "target", "pinned"]
   };
   var HIDE = {
     loops: ["alive", "max_silence_s", "restarts_in_window", "abandoned"],
     accounts: ["id"],
+    fleet: ["heartbeat_age_s"],
     breakers: ["name", "failure_threshold", "recovery_timeout_s", "half_open_max_calls", "success_threshold",
                "total_successes", "total_failures", "last_change_at"]
   };
-  var NAME_LABEL = { loops: "loop", accounts: "account", channels: "channel", breakers: "breaker", queues: "queue" };
+  var NAME_LABEL = { loops: "loop", accounts: "account", channels: "channel", breakers: "breaker", queues: "queue", fleet: "replica" };
   var LABELS = { last_ping_ago_s: "last ping", retry_in_s: "retry in", queue_depth: "queue depth", connected_since: "connected since",
                  flood_wait_until: "flood wait until", limited_until: "limited until", last_error_at: "last error at", last_ok_at: "last ok", uptime_seconds: "uptime" };
   var HEADS = { last_ping: "last ping", consecutive_failures: "failures", queue_depth: "queue", cycle_errors: "errors",
                 last_restart_reason: "restart reason", connected_since: "since", flood_wait_until: "flood wait", limited_until: "limited",
-                times_opened: "opened", rejected_calls: "rejected", last_error_at: "error at", chat_id: "chat", job_id: "job" };
-  var EMPTY = { history_jobs: "no history sync jobs", queues: "no retry queues", accounts: "no accounts", channels: "no channels" };
-  var WIDE = ["loops", "accounts", "channels", "breakers", "history_jobs"];
+                times_opened: "opened", rejected_calls: "rejected", last_error_at: "error at", chat_id: "chat", job_id: "job",
+                last_heartbeat_at: "last heartbeat", held: "accounts held", target: "target share" };
+  var EMPTY = { history_jobs: "no history sync jobs", queues: "no retry queues", accounts: "no accounts", channels: "no channels",
+                fleet: "no replica seen yet" };
+  var WIDE = ["loops", "accounts", "fleet", "channels", "breakers", "history_jobs"];
 
   function el(tag, cls, text) {
     var node = document.createElement(tag);
@@ -716,6 +720,9 @@ _PAGE = r"""<!doctype html>
         else if (c === "warn") { warn.push(pair[1] + " " + r.name + " " + r.data.state); }
       });
     });
+    if (isObj(data.session_key) && data.session_key.status === "key_mismatch") {
+      bad.push("key_mismatch: SESSION_ENCRYPTION_KEY cannot decrypt " + (data.session_key.accounts || []).join(", "));
+    }
     if (isObj(data.resources) && data.resources.status) {
       var rc = stateClass(data.resources.status);
       if (rc === "bad") { bad.push("resources critical"); } else if (rc === "warn") { warn.push("resources high"); }

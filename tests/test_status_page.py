@@ -344,7 +344,13 @@ async def test_operator_page_shows_loops_accounts_queues_breakers_history_errors
     assert fills == ["ok", "ok", "warn"], "disk above the warning threshold is amber, not red"
     assert rows["measured"] == "measured cgroup v2, 1.5 CPU, 512 MB memory", "what the percentages are of"
 
-    for section in ("heartbeat", "alerts", "counters", "sandbox_world"):
+    fleet = page.by_id("section-fleet")
+    header = fleet.find(tag="tr")[0].text
+    assert "replica" in header and "accounts held" in header and "target share" in header
+    [(replica, row)] = [(name, text) for name, text in fleet.rows().items() if name != "replica"]
+    assert replica.startswith("telegram-main:") and "alive" in row, row
+
+    for section in ("heartbeat", "alerts", "counters", "sandbox_world", "session_key"):
         assert page.find(id=f"section-{section}"), f"section {section} missing"
     red = [n.text for n in page.find(cls="bad") if n is not overall]
     assert red == ["open"], f"red only for trouble: {red}"

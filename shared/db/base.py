@@ -27,6 +27,7 @@ from shared.db.records import (
     Chat,
     ChatKind,
     Enqueued,
+    FleetReplica,
     Heartbeat,
     HistoryJob,
     InboundMessage,
@@ -359,6 +360,32 @@ class Database(abc.ABC):
         rows = await self._pages("telegram_entities_page", {"p_account_id": account_id}, lambda r: {"p_after": r["peer_id"]})
         return [from_row(KnownEntity, r) for r in rows]
 
+    # --- named process leases (one active replica) -----------------------------------------
+
+    async def acquire_process_lease(self, name: str, *, owner: str, seconds: float) -> str | None:
+        """Take the lease ``name`` for ``seconds``: its token, or None while another live owner holds it."""
+        args = {"p_name": name, "p_owner": owner, "p_lease_seconds": float(seconds)}
+        token = await self._scalar("process_lease_acquire", args)
+        return str(token) if token else None
+
+    async def renew_process_lease(self, name: str, token: str, *, seconds: float) -> bool:
+        """Extend our lease; False means it was lost (stop acting as the active one now)."""
+        args = {"p_name": name, "p_token": token, "p_lease_seconds": float(seconds)}
+        return bool(await self._scalar("process_lease_renew", args))
+
+    async def release_process_lease(self, name: str, token: str) -> bool:
+        return bool(await self._scalar("process_lease_release", {"p_name": name, "p_token": token}))
+
+    async def process_lease_holder(self, name: str) -> str | None:
+        """The owner holding the lease ``name`` now, if any."""
+        rows = await self.call("process_lease_holder", {"p_name": name}, read_only=True)
+        return str(rows[0]["owner"]) if rows else None
+
+    async def recover_account_from_key_mismatch(self, account_id: int) -> bool:
+        """Back to active an account an older process marked needs_login only because its key could not decrypt
+        the session; False (and unchanged) for any other account, a real logout included."""
+        return bool(await self._scalar("account_key_recovered", {"p_account_id": account_id}))
+
     # --- chats and inbound messages ------------------------------------------------
 
     async def upsert_chat(
@@ -678,7 +705,22 @@ class Database(abc.ABC):
             "p_host": record.host,
             "p_pid": record.pid,
         }
+        if record.fleet is not None:
+            args["p_fleet"] = json_safe(record.fleet)
         await self.call("worker_heartbeat_upsert", args)
+
+    async def remove_heartbeat(self, worker_id: str) -> bool:
+        """Delete a heartbeat row: a worker replica leaving the fleet on purpose."""
+        return bool(await self._scalar("worker_heartbeat_remove", {"p_worker_id": worker_id}))
+
+    async def worker_fleet(self, *, live_seconds: float) -> list[FleetReplica]:
+        """Every worker replica's heartbeat row, live (younger than ``live_seconds``) or not, with its held leases."""
+        rows = await self.call("worker_fleet", {"p_live_seconds": float(live_seconds)})
+        return [from_row(FleetReplica, r) for r in rows]
+
+    async def account_work_in_hand(self, account_id: int, *, owner: str) -> int:
+        """Rows ``owner`` is still sending or running for the account (a clean handoff waits for none)."""
+        return int(await self._scalar("account_work_in_hand", {"p_account_id": account_id, "p_owner": owner}, read_only=True) or 0)
 
     async def list_heartbeats(self) -> list[Heartbeat]:
         rows = await self._pages("worker_heartbeats_list", {}, lambda r: {"p_after": r["worker_id"]})

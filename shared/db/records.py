@@ -311,6 +311,24 @@ class Heartbeat:
 
 
 @dataclasses.dataclass(frozen=True)
+class FleetReplica:
+    """A worker replica as its heartbeat row shows it, with the account leases it holds."""
+
+    replica: str
+    status: str
+    host: str | None
+    pid: int | None
+    version: str | None
+    last_heartbeat_at: datetime
+    started_at: datetime
+    pinned: tuple[str, ...]
+    alive: bool
+    held: int
+    age_s: float
+    cannot: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class HistoryJob:
     """Fetching a chat's history page by page; ``cursor`` is the id the next page starts below (0: newest)."""
 
