@@ -45,6 +45,7 @@ from typing import Any
 
 from telethon import events, functions, types, utils
 
+from shared import metrics
 from shared.config import WorkerSettings, load_or_exit
 from shared.db import Database, open_database
 from shared.db.records import (
@@ -228,6 +229,7 @@ class Sync:
                 stored = await self.db.store_message(connection.id, inbound_from(event.message, chat))
                 if stored and not event.message.out:
                     connection.received += 1
+                    metrics.inbound_stored(connection.label)
                     self.runtime.stats.processed += 1
             except asyncio.CancelledError:
                 raise
@@ -277,6 +279,7 @@ class Sync:
             if new:
                 logger.info("reconciler stored %d message(s) whose update never came", new, extra={"account": connection.label})
                 connection.received += new
+                metrics.inbound_stored(connection.label, new)
                 self.runtime.stats.processed += new
             stored += new
         self.reconciled += stored
@@ -403,6 +406,7 @@ class Outbound:
             except Exception as exc:
                 return await self._failed(connection, row, exc)
             if await self.db.mark_sent(row.id, token, telegram_message_id=telegram_id, chat_id=chat_id):
+                metrics.message_sent(connection.label, row.created_at)
                 self.sent += 1
                 connection.sent += 1
                 self.runtime.stats.processed += 1
@@ -488,6 +492,7 @@ class Outbound:
             message_id = await self._find_sent_id(connection, row)
             logger.info("message %d was already delivered (duplicate random_id)", row.id)
             await self.db.mark_sent(row.id, token, telegram_message_id=message_id, chat_id=row.chat_id)  # type: ignore[arg-type]
+            metrics.message_sent(connection.label, row.created_at)
             self.sent += 1
             connection.sent += 1
             self.runtime.stats.processed += 1
@@ -495,6 +500,7 @@ class Outbound:
         if kind is ErrorKind.RATE_LIMITED:
             seconds = verdict.retry_after or 30.0
             self.per_chat.hold((row.account_id, row.peer), seconds)
+            metrics.flood_wait(connection.label, seconds)
             connection.flood_wait_until = time.time() + seconds
             self._forget_local_flood(connection)
             await self.db.reschedule_outbound(row.id, token, at=datetime.now(UTC) + timedelta(seconds=seconds), reason=verdict.reason)
@@ -507,6 +513,7 @@ class Outbound:
         if kind is ErrorKind.PERMANENT:
             self.entities.forget(row.account_id, row.peer)
             await self.db.mark_failed(row.id, token, verdict.reason, permanent=True)
+            metrics.message_failed(connection.label, kind.value)
             self._count_failure(connection, row, verdict.reason)
             return True  # this row is settled; the chat goes on
         # Transient or unknown outcome: retry with the same random_id.
@@ -524,9 +531,11 @@ class Outbound:
         )
         self.runtime.stats.retried += 1
         if status is OutboundStatus.DEAD:
+            metrics.message_failed(connection.label, kind.value, dead=True)
             self.dead += 1
             self._count_failure(connection, row, verdict.reason, dead=True)
             return True
+        metrics.MESSAGE_RETRIES.labels(connection.label, kind.value).inc()
         await connection.handle_error(exc)
         return False
 
@@ -673,6 +682,7 @@ class History:
                 if not messages:
                     await self.db.complete_history_job(job.id, token)
                     progress.done = True
+                    metrics.HISTORY_JOBS.labels("done").inc()
                     return
                 results = await self.db.store_messages(connection.id, [inbound_from(m, chat) for m in messages], advance_cursor=False)
                 new = sum(1 for r in results if r.inserted)
@@ -680,17 +690,20 @@ class History:
                 if not await self.db.save_history_cursor(job.id, token, cursor=cursor, fetched=len(messages), stored=new):
                     logger.warning("history job %d: lease lost; another worker goes on", job.id)
                     return
+                metrics.HISTORY_PAGES.labels(connection.label).inc()
                 progress.fetched += len(messages)
                 progress.stored += new
                 if cursor <= 1 or (job.target_count and progress.fetched >= job.target_count):
                     await self.db.complete_history_job(job.id, token)
                     progress.done = True
+                    metrics.HISTORY_JOBS.labels("done").inc()
                     return
             await self.db.release_history_job(job.id, token)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             reason = await fail_job(self.db.fail_history_job, job.id, token, exc, connection, self.settings)
+            metrics.HISTORY_JOBS.labels("failed").inc()
             self.runtime.stats.error(f"history job {job.id}", reason)
 
     def status(self) -> list[dict[str, Any]]:
@@ -733,10 +746,12 @@ class Jobs:
         except Exception as exc:
             reason = await fail_job(self.db.fail_message_job, job.id, token, exc, connection, self.settings)
             self.failed += 1
+            metrics.MESSAGE_JOBS.labels(job.kind.value, "failed").inc()
             self.runtime.stats.error(f"job {job.id} ({job.kind.value})", reason)
             return
         await self.db.complete_message_job(job.id, token, result=result)
         self.done += 1
+        metrics.MESSAGE_JOBS.labels(job.kind.value, "done").inc()
 
     async def _do(self, connection: AccountConnection, job: MessageJob) -> Any:
         payload = job.payload
@@ -834,6 +849,7 @@ class Worker:
                 taken = await db.take_over_account(connection.id, owner=owner)
                 if taken.outbound or taken.history_jobs or taken.message_jobs:
                     logger.info("took over the previous holder's work for %s: %s", connection.label, taken)
+                metrics.account_seen(connection.label)
                 sync.attach(connection)
                 assert connection.client is not None
                 try:
@@ -881,6 +897,7 @@ class Worker:
             runtime.add_loop("outbound", outbound.cycle, interval=settings.outbound_poll_interval)
             runtime.add_loop("history", history.cycle, interval=5.0)
             runtime.add_loop("jobs", jobs.cycle, interval=2.0)
+            runtime.gauges.add("outbound_queue", lambda: metrics.refresh_worker_gauges(db, pool), timeout=settings.timeout_db)
             runtime.add_section("accounts", self.accounts_status)
             runtime.add_section("outbound", outbound.status)
             runtime.add_section("sync", sync.status)

@@ -36,6 +36,7 @@ from shared.errors import ErrorKind, classify, describe
 from shared.health import temp_files
 from shared.heartbeat import GlobalHeartbeat, HeartbeatStore
 from shared.logs import register_secret, setup_logging
+from shared.metrics import GaugeRefresher
 from shared.retry import exponential_delay
 from shared.retry_queue import RetryQueue
 from shared.shutdown import GracefulShutdown
@@ -179,6 +180,7 @@ class BotRuntime:
         )
         self.shutdown = GracefulShutdown(grace=settings.shutdown_grace)
         self.heartbeat: GlobalHeartbeat | None = None
+        self.gauges = GaugeRefresher()
         self.queues: dict[str, RetryQueue] = {}
         self._sections: dict[str, Callable[[], Any]] = {"resources": self._resources}
         self._ready_checks: dict[str, Callable[[], Awaitable[Any]]] = {}
@@ -444,6 +446,7 @@ class BotRuntime:
     async def run_until_stopped(self) -> None:
         """Start the loops and wait for SIGTERM/SIGINT (or :meth:`GracefulShutdown.request_stop`)."""
         await self.watchdog.start()
+        self.gauges.start()
         self._started = True
         await self.shutdown.wait()
 
@@ -453,6 +456,7 @@ class BotRuntime:
         started = time.monotonic()
         drained = await self.shutdown.drain()
         await self.watchdog.stop(timeout=2.0)
+        await self.gauges.stop()
         for queue in self.queues.values():
             try:
                 await queue.close()

@@ -43,6 +43,7 @@ from shared.db.records import (
     RequeueResult,
     RetryRow,
     RetryItemStatus,
+    QueueStats,
     StatusCount,
     StoredMessage,
     Takeover,
@@ -494,6 +495,11 @@ class Database(abc.ABC):
         """Outbound rows per account and status (for /status)."""
         rows = await self.call("outbound_counts", {"p_account_id": account_id}, read_only=True)
         return [from_row(StatusCount, r) for r in rows]
+
+    async def outbound_queue_stats(self) -> list[QueueStats]:
+        """Per account with rows to send: depth, due now, and the oldest due row's seconds since enqueue."""
+        rows = await self.call("outbound_queue_stats", {}, read_only=True)
+        return [from_row(QueueStats, r) for r in rows]
 
     async def requeue_outbound(
         self,

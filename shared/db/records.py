@@ -218,6 +218,16 @@ class StoredMessage:
 
 
 @dataclasses.dataclass(frozen=True)
+class QueueStats:
+    """The outbound queue of one account: rows still to send, those due now, the oldest due one's wait."""
+
+    account_id: int
+    depth: int
+    due: int
+    oldest_due_age_seconds: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class StatusCount:
     """Outbound rows of one account in one status."""
 
