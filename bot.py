@@ -50,6 +50,7 @@ import aiohttp
 from telethon import TelegramClient
 from telethon.sessions import StringSession
 
+from shared import metrics
 from shared.alerts import AlertType
 from shared.breaker import BreakerRegistry, CircuitBreaker, CircuitOpenError, CircuitState
 from shared.breaker import registry as breaker_registry
@@ -276,6 +277,7 @@ class ReplyGuy:
 
     def on_decision(self, decision: Decision, tweet_id: str) -> None:
         """An operator decided: wake the step that acts next."""
+        metrics.DECISIONS.labels(decision.name.lower()).inc()
         self.wake["post" if decision is Decision.APPROVE else "draft"].set()
 
     def _succeeded(self, step: str) -> None:
@@ -330,6 +332,7 @@ class ReplyGuy:
             last_error=reason,
             created_at=self._now(),
         )
+        metrics.DEAD_LETTERS.inc()
         try:
             await self.queue.dead_letter(item)
         except Exception as store_exc:
@@ -500,6 +503,7 @@ class ReplyGuy:
         draft = await self.drafter.draft(text=tweet.tweet_text or "", author=tweet.author, previous=tweet.draft)
         moved = await self.db.tweet_transition(tweet.id, [TweetStatus.DISCOVERED], TweetStatus.DRAFTED, draft=draft.text)
         if moved:
+            metrics.DRAFTS.inc()
             logger.info(
                 "drafted a reply to %s (%d/280%s)",
                 tweet.target_tweet_id,
@@ -658,6 +662,7 @@ class ReplyGuy:
 
     async def _mark_posted(self, tweet: Tweet, reply_id: str, from_statuses: list[TweetStatus]) -> None:
         if await self.db.tweet_transition(tweet.id, from_statuses, TweetStatus.POSTED, posted_tweet_id=reply_id):
+            metrics.POSTS.inc()
             count = await self.state.count_post()
             self.runtime.stats.processed += 1
             logger.info(
@@ -718,6 +723,7 @@ class ReplyGuy:
 
     def _exhausted(self, item: RetryItem, reason: str) -> None:
         target = item.payload.get("target_tweet_id", "?")
+        metrics.DEAD_LETTERS.inc()
         self.runtime.stats.failed += 1
         self.alerts.alert(
             AlertType.TWEET_PROCESSING_FAILED,

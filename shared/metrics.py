@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -239,3 +239,32 @@ class GaugeRefresher:
             await self.refresh_due()
             pause = min((p.interval for p in self._probes), default=1.0)
             await asyncio.sleep(min(1.0, pause))
+
+
+T = TypeVar("T")
+
+
+async def timed(histogram: Histogram, awaitable: Awaitable[T]) -> T:
+    """Await ``awaitable`` and observe how long it took (also when it raises)."""
+    started = time.monotonic()
+    try:
+        return await awaitable
+    finally:
+        histogram.observe(time.monotonic() - started)
+
+
+def image_stored(size: int) -> None:
+    IMAGES_STORED.inc()
+    BYTES_STORED.inc(max(0, size))
+
+
+async def api_call(api: str, awaitable: Awaitable[T]) -> T:
+    """Await one call to X or the AI and observe its latency by outcome (ok, error)."""
+    started = time.monotonic()
+    outcome = "error"
+    try:
+        result = await awaitable
+        outcome = "ok"
+        return result
+    finally:
+        API_SECONDS.labels(api, outcome).observe(time.monotonic() - started)

@@ -20,6 +20,7 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+from shared.metrics import TWEET_TRANSITIONS
 from shared.db.records import (
     Account,
     AccountStatus,
@@ -805,6 +806,8 @@ class Database(abc.ABC):
         """Queue a discovered tweet once per target tweet id."""
         args = {"p_target_tweet_id": target_tweet_id, "p_author": author, "p_tweet_text": text}
         row = (await self.call("tweet_insert", args))[0]
+        if row["created"]:
+            TWEET_TRANSITIONS.labels("discovered").inc()
         return TweetInserted(created=bool(row["created"]), tweet=from_row(Tweet, row))
 
     async def tweet_transition(
@@ -836,7 +839,10 @@ class Database(abc.ABC):
             "p_to": _value(to_status),
             "p_fields": fields,
         }
-        return bool(await self._scalar("tweet_transition", args))
+        moved = bool(await self._scalar("tweet_transition", args))
+        if moved:
+            TWEET_TRANSITIONS.labels(_value(to_status)).inc()
+        return moved
 
     async def get_tweet(self, tweet_id: str) -> Tweet | None:
         rows = await self.call("tweet_get", {"p_id": str(tweet_id)}, read_only=True)
