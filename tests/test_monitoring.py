@@ -122,3 +122,105 @@ async def test_a_running_workers_metrics_pass_promtool_check_metrics(worker_env:
         text = await scrape(worker)
     result = subprocess.run([tool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- rules and dashboards -----------------------------------------------------------------------
+
+#: PromQL words that are not metric names: functions, aggregations, keywords.
+PROMQL_WORDS = {
+    "sum", "min", "max", "avg", "count", "stddev", "stdvar", "topk", "bottomk", "quantile", "count_values", "group",
+    "by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset",
+    "rate", "irate", "increase", "delta", "idelta", "deriv", "histogram_quantile", "clamp_min", "clamp_max",
+    "abs", "absent", "time", "vector", "scalar", "label_values", "changes", "resets", "max_over_time",
+    "min_over_time", "avg_over_time", "humanize", "humanizeDuration", "e", "inf", "nan",
+}
+#: Series Prometheus makes itself for every target: not exported by a bot, yet always there.
+SYNTHETIC = {"up"}
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression reads (label matchers, groupings and strings removed)."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', "", expr)  # string literals
+    text = re.sub(r"\{[^}]*\}", "", text)  # label matchers
+    text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", text)  # label lists
+    text = re.sub(r"\[[^\]]*\]", "", text)  # ranges
+    label_values = re.findall(r"label_values\(\s*([a-zA-Z_:][a-zA-Z0-9_:]*)\s*,", expr)
+    text = re.sub(r"label_values\([^)]*\)", "", text)
+    words = set(re.findall(r"(?<![\w.])[a-zA-Z_:][a-zA-Z0-9_:]*", text))
+    return (words - PROMQL_WORDS) | set(label_values)
+
+
+def rule_expressions() -> dict[str, str]:
+    rules: dict[str, str] = {}
+    text = RULES.read_text()
+    # A YAML reader is not a dependency of the project: the file's shape is fixed and simple.
+    for match in re.finditer(r"- alert: (\w+)\n\s+expr: (\|\n(?:\s{10,}.*\n)+|.*\n)", text):
+        expr = match.group(2)
+        rules[match.group(1)] = expr[1:] if expr.startswith("|") else expr
+    return rules
+
+
+def dashboard_expressions() -> dict[str, str]:
+    found: dict[str, str] = {}
+    for path in DASHBOARDS:
+        board = json.loads(path.read_text())
+        for panel in board["panels"]:
+            for target in panel.get("targets", []):
+                found[f"{path.name}: {panel['title']} ({target['refId']})"] = target["expr"]
+        for variable in board.get("templating", {}).get("list", []):
+            query = variable.get("query")
+            if isinstance(query, dict):
+                found[f"{path.name}: variable {variable['name']}"] = query["query"]
+    return found
+
+
+def test_the_expression_reader_finds_metric_names_and_nothing_else() -> None:
+    expr = 'sum by (job, loop) (rate(bot_loop_cycles_total{outcome="error", job=~"a|b"}[5m])) / clamp_min(up, 1e-9) > 0.5'
+    assert metric_names(expr) == {"bot_loop_cycles_total", "up"}
+    assert metric_names("label_values(bot_info, job)") == {"bot_info"}
+
+
+def test_every_rule_has_a_runbook_that_exists_and_the_rules_pass_promtool() -> None:
+    tool = promtool()
+    rules = rule_expressions()
+    assert len(rules) == RULES.read_text().count("- alert:") >= 10
+    for check in (["check", "rules", str(RULES)], ["test", "rules", str(RULES.with_name("alerts_test.yml"))]):
+        result = subprocess.run([tool, *check], capture_output=True, text=True, timeout=60, check=False, cwd=RULES.parent)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_each_rule_points_at_a_runbook_anchor_of_the_manual() -> None:
+    text = RULES.read_text()
+    links = re.findall(r"runbook: (\S+)", text)
+    assert len(links) == text.count("- alert:")
+    for link in set(links):
+        path, _, anchor = link.partition("#")
+        manual = ROOT / path
+        if not manual.exists():  # the manual's operations part still lives in the README
+            manual = ROOT / "README.md"
+        slugs = {slug(h) for h in re.findall(r"^#+ (.+)$", manual.read_text(), flags=re.M)}
+        assert anchor in slugs, f"{link}: no heading with anchor #{anchor} in {manual.name}"
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to dashes."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+async def test_every_rule_and_dashboard_panel_names_only_metrics_a_running_bot_exports(worker_env: dict[str, str]) -> None:
+    async with running_worker(worker_env) as worker:
+        exported = families(await scrape(worker))
+    expressions = {f"rule {name}": expr for name, expr in rule_expressions().items()} | dashboard_expressions()
+    assert len(expressions) > 40
+    unknown = {
+        where: sorted(metric_names(expr) - exported - SYNTHETIC)
+        for where, expr in expressions.items()
+        if metric_names(expr) - exported - SYNTHETIC
+    }
+    assert not unknown, f"names no bot exports: {unknown}"
+    used = set().union(*(metric_names(e) for e in expressions.values()))
+    # The dashboard shows what an operator watches: the core families are all on it.
+    for name in ("worker_enqueue_to_sent_seconds_bucket", "worker_outbound_queue_depth", "worker_messages_sent_total",
+                 "worker_accounts", "bot_breaker_state", "ingest_images_failed_total", "replyguy_api_call_seconds_bucket"):
+        assert name in used, name
