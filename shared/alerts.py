@@ -58,6 +58,7 @@ class AlertType(str, Enum):
     RESTART_STORM = "restart_storm"
     ACCOUNT_NEEDS_LOGIN = "account_needs_login"
     MESSAGE_DEAD = "message_dead"
+    RESOURCES_CRITICAL = "resources_critical"
     SUPERVISOR_RESTART = "supervisor_restart"
     SUPERVISOR_GAVE_UP = "supervisor_gave_up"
     RESOLVED = "resolved"
@@ -74,6 +75,7 @@ _ICONS: dict[AlertType, str] = {
     AlertType.RESTART_STORM: "\U0001f6a8",
     AlertType.ACCOUNT_NEEDS_LOGIN: "\U0001f511",  # key
     AlertType.MESSAGE_DEAD: "\u26a0\ufe0f",
+    AlertType.RESOURCES_CRITICAL: "\U0001f525",  # fire
     AlertType.SUPERVISOR_RESTART: "\U0001f504",
     AlertType.SUPERVISOR_GAVE_UP: "\U0001f6a8",
     AlertType.RESOLVED: "\u2705",  # check mark

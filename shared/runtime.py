@@ -33,7 +33,7 @@ from shared.breaker import registry as breakers
 from shared.config import CommonSettings
 from shared.db import Database, DatabaseSettings, open_database
 from shared.errors import ErrorKind, classify, describe
-from shared.health import temp_files
+from shared.health import ResourceMonitor, ResourceThresholds, temp_files
 from shared.heartbeat import GlobalHeartbeat, HeartbeatStore
 from shared.logs import register_secret, setup_logging
 from shared.metrics import GaugeRefresher
@@ -181,6 +181,13 @@ class BotRuntime:
         self.shutdown = GracefulShutdown(grace=settings.shutdown_grace)
         self.heartbeat: GlobalHeartbeat | None = None
         self.gauges = GaugeRefresher()
+        self.resources = ResourceMonitor(
+            data_dir=settings.data_dir,
+            thresholds=ResourceThresholds.resolve(settings),
+            window=getattr(settings, "resource_average_window", 60.0),
+            alerts=self.alerts,
+            bot=bot,
+        )
         self.queues: dict[str, RetryQueue] = {}
         self._sections: dict[str, Callable[[], Any]] = {"resources": self._resources}
         self._ready_checks: dict[str, Callable[[], Awaitable[Any]]] = {}
@@ -271,9 +278,9 @@ class BotRuntime:
         return ok, results
 
     async def _resources(self) -> dict[str, Any]:
-        from shared.health import ResourceThresholds, resources_status
-
-        return await resources_status(self.settings.data_dir, thresholds=ResourceThresholds.resolve(self.settings))
+        if not self.resources.samples_taken:
+            return await self.resources.sample()
+        return self.resources.status()
 
     async def _detailed_health(self) -> dict[str, Any]:
         if self._detailed is not None:
@@ -432,6 +439,7 @@ class BotRuntime:
         except (NotImplementedError, RuntimeError):  # not the main thread (tests)
             logger.debug("signal handlers not installed")
         await self.status_server.start()
+        self.resources.start()
         files, size = await asyncio.to_thread(sweep_temp_files, Path(self.settings.data_dir))
         if files:
             logger.info("removed %d temporary file(s) (%d bytes) left by an earlier process", files, size)
@@ -457,6 +465,7 @@ class BotRuntime:
         drained = await self.shutdown.drain()
         await self.watchdog.stop(timeout=2.0)
         await self.gauges.stop()
+        await self.resources.stop()
         for queue in self.queues.values():
             try:
                 await queue.close()
