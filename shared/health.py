@@ -448,6 +448,10 @@ class ResourceMonitor:
             memory_percent=sum(s.memory_percent for s in recent) / len(recent),
         )
 
+    def _critical_without_average(self, sample: ResourceSample) -> bool:
+        """Disk and temporary files are not averaged: critical disk needs no window."""
+        return sample.disk_percent >= self.thresholds.critical_percent
+
     def status(self) -> dict[str, Any]:
         """The ``resources`` section of /status: the averaged verdict, with the latest figures beside it."""
         sample = self.averaged()
@@ -457,6 +461,11 @@ class ResourceMonitor:
         latest = self._samples[-1][1]
         if self.window:
             detail = detail.replace(" (warn", f" over {self.window:g}s (warn", 1)
+            covered = self._clock() - self._samples[0][0]
+            if status is HealthStatus.ERROR and covered < self.window and not self._critical_without_average(sample):
+                # Right after the start one sample is the whole average: not yet "sustained".
+                data["status"] = HealthStatus.DEGRADED.value
+                detail += f"; measured for {covered:.0f}s of the {self.window:g}s window so far"
         return {
             **data,
             "detail": detail,

@@ -41,6 +41,7 @@ from shared.retry import exponential_delay
 from shared.retry_queue import RetryQueue
 from shared.shutdown import GracefulShutdown
 from shared.status_server import StatusServer
+from shared.trends import trends
 from shared.watchdog import LoopWatchdog, periodic
 
 logger = logging.getLogger(__name__)
@@ -300,6 +301,7 @@ class BotRuntime:
             "loops": self.watchdog.get_status(),
             "breakers": breakers.status(),
             "queues": {name: queue.get_status() for name, queue in self.queues.items()},
+            "trends": trends.as_dict(),
         }
         if self.heartbeat is not None:
             data["heartbeat"] = self.heartbeat.get_status()

@@ -383,3 +383,54 @@ async def test_operator_page_says_what_start_up_is_waiting_for(browser: str, tmp
         "STARTING: waiting for the database (attempt 3): cannot connect to the database: refused \u00b7 check DATABASE_URL"
     )
     assert page.by_id("overall").text == "trouble: waiting for the database"
+
+
+async def test_operator_page_draws_the_last_hours_trends_as_sparklines_after_a_burst(
+    browser: str, page_env: dict[str, str], tmp_path: Path
+) -> None:
+    from PIL import Image
+
+    from shared.trends import trends
+
+    world = World.open(Path(page_env["SANDBOX_DIR"]))
+    world.seed_demo()
+    trends.clear()  # the process's hour: only this burst
+    async with running_worker(page_env) as worker:
+        db = worker.db
+        assert db is not None
+        ids = await account_ids(worker)
+        for n in range(30):
+            await db.enqueue_outbound(ids["demo_one"], "alice", f"burst {n}")
+        await db.enqueue_outbound(ids["demo_one"], "alice", "   ")  # fails: empty
+        for n in range(4):
+            world.send_incoming("@bob", "@demo_one", f"hello {n}")
+        await wait_until(lambda: sum(v or 0 for v in trends.series("sent")) >= 30, timeout=20, what="the burst sent")
+        await wait_until(lambda: sum(v or 0 for v in trends.series("received")) >= 4, timeout=20, what="the incoming stored")
+        await wait_until(lambda: trends.series("queue_depth")[-1] is not None, timeout=20, what="a queue depth reading")
+        await wait_until(lambda: sum(v or 0 for v in trends.series("failed")) >= 1, timeout=20, what="the failure counted")
+        url = f"{worker.runtime.status_server.url}/?token={TOKEN}"
+        dom = await render(browser, url, tmp_path / "profile")
+        shot = Path(os.environ.get("STATUS_PAGE_SCREENSHOT") or tmp_path / "trends.png")
+        await render(browser, url, tmp_path / "profile-shot", screenshot=shot)
+
+    page = parse(dom)
+    rows = page.by_id("section-trends").rows()
+    assert "sent per minute 30 in the last hour" in rows["sent per minute"], rows["sent per minute"]
+    assert "1 in the last hour" in rows["failed per minute"]
+    assert "4 in the last hour" in rows["received per minute"]
+    assert rows["queue depth"].startswith("queue depth now ")
+    for name in ("sent", "failed", "received", "queue_depth", "oldest_queued_age"):
+        svgs = page.by_id(f"trend-{name}").find(tag="svg")
+        assert len(svgs) == 1 and "spark" in svgs[0].classes
+    sent = page.by_id("trend-sent").find(tag="polyline")
+    points = [tuple(map(float, p.split(","))) for p in sent[0].attrs["points"].split()]
+    assert len(points) == 60, "one point per minute of the hour"
+    assert points[-1][1] < points[0][1], "the burst's minute stands above the quiet ones"
+    assert not page.find(tag="script", cls="external") and "<script src" not in dom, "no external script"
+
+    # The screenshot shows the lines: the sparklines' own colour is on the picture.
+    with Image.open(shot) as image:
+        raw = image.convert("RGB").tobytes()
+    pixels = zip(raw[0::3], raw[1::3], raw[2::3], strict=True)
+    drawn = sum(1 for r, g, b in pixels if abs(r - 0xB4) < 8 and abs(g - 0x8E) < 8 and abs(b - 0xAD) < 8)
+    assert drawn > 200, f"only {drawn} sparkline pixels in the screenshot"

@@ -519,3 +519,12 @@ async def test_a_zero_window_judges_the_latest_sample_alone(tmp_path: Path) -> N
     await run_for(monitor, clock, 10)
     sampler.cpu = 95.0
     assert await run_for(monitor, clock, 1) == ["error"]
+
+
+async def test_right_after_the_start_one_high_sample_is_not_yet_critical(tmp_path: Path) -> None:
+    sampler, clock, alerts = ScriptedSampler(), Clock(), RecordingAlerts()
+    sampler.cpu = 100.0
+    monitor = ResourceMonitor(data_dir=tmp_path, thresholds=ResourceThresholds(70, 90), window=60, sampler=sampler, clock=clock, alerts=alerts)
+    first = await monitor.sample()
+    assert first["status"] == "degraded" and "measured for 0s of the 60s window" in first["detail"]
+    assert alerts.alerts == []
