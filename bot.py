@@ -50,7 +50,7 @@ import aiohttp
 from telethon import TelegramClient
 from telethon.sessions import StringSession
 
-from shared import metrics
+from shared import metrics, tracing
 from shared.alerts import AlertType
 from shared.breaker import BreakerRegistry, CircuitBreaker, CircuitOpenError, CircuitState
 from shared.breaker import registry as breaker_registry
@@ -427,7 +427,7 @@ class ReplyGuy:
         for key, what in sources:
             self._ping("discover")
             try:
-                new += await self._discover(key, what)
+                new += await tracing.traced("replyguy.discover", self._discover(key, what), attributes={"source": key})
             except Exception as exc:
                 wait = self._waits(exc)
                 if wait is not None:
@@ -482,7 +482,7 @@ class ReplyGuy:
                 return None
             try:
                 async with self.runtime.shutdown.in_flight():
-                    await self.draft_one(tweet)
+                    await tracing.traced("replyguy.draft", self.draft_one(tweet), attributes=tracing.of_tweet(tweet))
             except Exception as exc:
                 wait = self._waits(exc)
                 if wait is not None:
@@ -528,7 +528,7 @@ class ReplyGuy:
         for tweet in tweets:
             self._ping("approve")
             try:
-                message_id = await self.desk.request(tweet)
+                message_id = await tracing.traced("replyguy.approval_request", self.desk.request(tweet), attributes=tracing.of_tweet(tweet))
             except Exception as exc:
                 wait = self._waits(exc)
                 if wait is not None:
@@ -576,7 +576,7 @@ class ReplyGuy:
                 next_due = due - now if next_due is None else min(next_due, due - now)
                 continue
             try:
-                await self.post_one(tweet)
+                await tracing.traced("replyguy.post", self.post_one(tweet), attributes=tracing.of_tweet(tweet))
             except Exception as exc:
                 wait = self._waits(exc)
                 if wait is not None:
@@ -741,7 +741,7 @@ class ReplyGuy:
             if not await self.db.tweet_transition(tweet.id, [TweetStatus.FAILED], TweetStatus.DISCOVERED):
                 return
             try:
-                await self.draft_one(tweet)
+                await tracing.traced("replyguy.draft", self.draft_one(tweet), attributes=tracing.of_tweet(tweet, retry=True))
             except Exception as exc:
                 await self.db.tweet_transition(tweet.id, [TweetStatus.DISCOVERED], TweetStatus.FAILED, last_error=classify(exc).reason)
                 raise
@@ -755,7 +755,7 @@ class ReplyGuy:
             if fresh is None:
                 return
             try:
-                await self.post_one(fresh)
+                await tracing.traced("replyguy.post", self.post_one(fresh), attributes=tracing.of_tweet(fresh, retry=True))
             except Exception as exc:
                 if self._waits(exc) is not None:
                     return  # back in ``approved``: the post loop takes it when allowed

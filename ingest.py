@@ -54,7 +54,7 @@ from typing import Any, BinaryIO
 
 from telethon import TelegramClient, events, types, utils
 
-from shared import metrics
+from shared import metrics, tracing
 from shared.alerts import AlertSink, AlertType
 from shared.breaker import CircuitBreaker, CircuitOpenError, CircuitState
 from shared.config import IngestSettings, load_or_exit
@@ -446,7 +446,8 @@ class Ingestor:
         try:
             try:
                 async with self._images:
-                    image = await metrics.timed(metrics.PROCESSING_SECONDS, asyncio.to_thread(process_image, source, policy=self.policy))
+                    processing = metrics.timed(metrics.PROCESSING_SECONDS, asyncio.to_thread(process_image, source, policy=self.policy))
+                    image = await tracing.traced("ingest.process", processing)
             except ImageRejected as rejected:
                 return await self._record_rejection(
                     channel, message.id, rejected.reason.value, rejected.detail, ref.mime, failure=rejected.reason.is_failure
@@ -474,6 +475,7 @@ class Ingestor:
             return Outcome.DUPLICATE
         self.stats.processed += 1
         metrics.image_stored(image.size)
+        tracing.annotate(outcome="stored", size_bytes=image.size)
         logger.info(
             "stored %s message %d as %s (%dx%d, %d bytes)",
             channel.ref,
@@ -560,7 +562,7 @@ class Ingestor:
         """Handle one message for the reader. True when it is recorded or durably queued."""
         channel.last_message_id = max(channel.last_message_id, int(message.id))
         try:
-            outcome = await self.handle(channel, message)
+            outcome = await tracing.traced("ingest.image", self.handle(channel, message), attributes=tracing.of_image(channel, message))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -768,7 +770,8 @@ class Ingestor:
             message = await telegram_op(
                 client.get_messages(channel.entity, ids=message_id), self.entity_timeout, "get_messages", detail=str(message_id)
             )
-            outcome = Outcome.DELETED if message is None else await self.handle(channel, message)
+            image = tracing.of_image(channel, message, retry=True)
+            outcome = Outcome.DELETED if message is None else await tracing.traced("ingest.image", self.handle(channel, message), attributes=image)
         except asyncio.CancelledError:
             await self.queue.release(item)
             raise

@@ -45,7 +45,7 @@ from typing import Any
 
 from telethon import events, functions, types, utils
 
-from shared import metrics
+from shared import metrics, tracing
 from shared.config import WorkerSettings, load_or_exit
 from shared.db import Database, open_database
 from shared.db.records import (
@@ -362,7 +362,7 @@ class Outbound:
             if connection is None or not connection.connected or self.runtime.shutdown.stopping:
                 await self._release(rows[index:])
                 return
-            proceed = await self._send_one(connection, row)
+            proceed = await tracing.traced("outbound.send", self._send_one(connection, row), **tracing.of_outbound(row, connection.label))
             if not proceed:
                 await self._release(rows[index + 1 :])
                 return
@@ -535,7 +535,7 @@ class Outbound:
             self.dead += 1
             self._count_failure(connection, row, verdict.reason, dead=True)
             return True
-        metrics.MESSAGE_RETRIES.labels(connection.label, kind.value).inc()
+        metrics.message_retry(connection.label, kind.value)
         await connection.handle_error(exc)
         return False
 
@@ -1013,6 +1013,7 @@ async def cli_send(settings: WorkerSettings, args: argparse.Namespace) -> int:
         )
     finally:
         await db.close()
+        await tracing.shutdown()
     print(enqueued.id)
     return 0
 
@@ -1135,6 +1136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = args.command or "run"
     # A command's own output is its answer on stdout; its logs go to stderr.
     configure_logging(settings, stream=sys.stdout if command == "run" else sys.stderr)
+    tracing.setup("worker")  # only when OTEL_EXPORTER_OTLP_ENDPOINT is set: `send` starts a message's trace
     if command == "run":
         return run_bot(Worker(settings).run())
     if command == "accounts":

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from shared import tracing
 from shared.trends import trends
 
 logger = logging.getLogger(__name__)
@@ -122,6 +123,7 @@ def message_sent(account: str, created_at: datetime | None) -> None:
     if created_at is not None:
         ENQUEUE_TO_SENT.observe(max(0.0, (datetime.now(UTC) - created_at).total_seconds()))
     trends.add("sent")
+    tracing.annotate(outcome="sent")
 
 
 def message_failed(account: str, kind: str, *, dead: bool = False) -> None:
@@ -130,6 +132,13 @@ def message_failed(account: str, kind: str, *, dead: bool = False) -> None:
     if dead:
         MESSAGES_DEAD.labels(account).inc()
     trends.add("failed")
+    tracing.annotate(outcome="dead" if dead else "failed", error_kind=kind)
+
+
+def message_retry(account: str, kind: str) -> None:
+    """An outbound send failed for a passing reason and will be retried."""
+    MESSAGE_RETRIES.labels(account, kind).inc()
+    tracing.annotate(outcome="retry", error_kind=kind)
 
 
 def inbound_stored(account: str, count: int = 1) -> None:
@@ -141,6 +150,7 @@ def inbound_stored(account: str, count: int = 1) -> None:
 def flood_wait(account: str, seconds: float) -> None:
     FLOOD_WAITS.labels(account).inc()
     FLOOD_WAIT_SECONDS.labels(account).inc(max(0.0, seconds))
+    tracing.annotate(outcome="flood_wait", flood_wait_s=seconds)
 
 
 def account_seen(account: str) -> None:

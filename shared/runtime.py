@@ -28,6 +28,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import shared
+from shared import tracing
 from shared.alerts import AlertSink, AlertType, build_alert_sink
 from shared.breaker import registry as breakers
 from shared.config import CommonSettings
@@ -442,6 +443,7 @@ class BotRuntime:
             logger.debug("signal handlers not installed")
         await self.status_server.start()
         self.resources.start()
+        tracing.setup(self.bot, version=self.version)
         files, size = await asyncio.to_thread(sweep_temp_files, Path(self.settings.data_dir))
         if files:
             logger.info("removed %d temporary file(s) (%d bytes) left by an earlier process", files, size)
@@ -480,6 +482,7 @@ class BotRuntime:
         if callable(closer):
             await closer(timeout=2.0)
         await self.status_server.stop()
+        await tracing.shutdown()
         logger.info(
             "%s stopped in %.1fs (%s)",
             self.bot,

@@ -20,6 +20,7 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+from shared import tracing
 from shared.metrics import TWEET_TRANSITIONS
 from shared.db.records import (
     Account,
@@ -372,17 +373,22 @@ class Database(abc.ABC):
         Raises:
             DatabaseRejected: no peer, or neither text nor attachments.
         """
-        args = {
-            "p_account_id": account_id,
-            "p_peer": str(peer),
-            "p_text": text,
-            "p_attachments": json_safe(list(attachments)),
-            "p_reply_to": reply_to,
-            "p_chat_id": chat_id,
-            "p_dedupe_key": dedupe_key,
-            "p_send_at": _when(send_at),
-        }
-        return from_row(Enqueued, (await self.call("outbound_enqueue", args))[0])
+        # The trace of this message starts here; the row carries it to the worker that sends it.
+        with tracing.span("outbound.enqueue", attributes={"account_id": account_id}, kind=tracing.SpanKind.PRODUCER):
+            args = {
+                "p_account_id": account_id,
+                "p_peer": str(peer),
+                "p_text": text,
+                "p_attachments": json_safe(list(attachments)),
+                "p_reply_to": reply_to,
+                "p_chat_id": chat_id,
+                "p_dedupe_key": dedupe_key,
+                "p_send_at": _when(send_at),
+                "p_traceparent": tracing.current_traceparent(),
+            }
+            enqueued = from_row(Enqueued, (await self.call("outbound_enqueue", args))[0])
+            tracing.annotate(message_id=enqueued.id, created=enqueued.created)
+            return enqueued
 
     async def claim_outbound(
         self,

@@ -168,6 +168,8 @@ class OutboundMessage:
     created_at: datetime
     updated_at: datetime
     sent_at: datetime | None
+    #: W3C trace context of the enqueue (None when the enqueuing process did not trace).
+    traceparent: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
