@@ -31,9 +31,11 @@ for it. JSON log lines written inside a span carry ``trace_id`` and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import os
+import threading
 from collections.abc import Awaitable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -91,9 +93,15 @@ def setup(service: str, *, version: str | None = None) -> bool:
     attributes: dict[str, Any] = {SERVICE_NAME: os.environ.get("OTEL_SERVICE_NAME") or service}
     if version:
         attributes[SERVICE_VERSION] = version
-    provider = TracerProvider(resource=Resource.create(attributes))
-    queue = int(os.environ.get("OTEL_BSP_MAX_QUEUE_SIZE") or MAX_QUEUE_SIZE)
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(), max_queue_size=queue))
+    try:
+        # No exit hook: at exit it would wait for a hung collector; shutdown() bounds the wait instead.
+        provider = TracerProvider(resource=Resource.create(attributes), shutdown_on_exit=False)
+        queue = int(os.environ.get("OTEL_BSP_MAX_QUEUE_SIZE") or MAX_QUEUE_SIZE)
+        batch = min(queue, int(os.environ.get("OTEL_BSP_MAX_EXPORT_BATCH_SIZE") or 512))
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(), max_queue_size=queue, max_export_batch_size=batch))
+    except Exception as exc:  # traces are an aid: a bad OTEL_* value turns them off, never the bot
+        logger.warning("tracing off: the OTEL_* settings were refused: %s", exc)
+        return False
     trace.set_tracer_provider(provider)
     _provider = provider
     endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
@@ -102,21 +110,30 @@ def setup(service: str, *, version: str | None = None) -> bool:
 
 
 async def shutdown(timeout: float = 2.0) -> None:
-    """Export what is queued, for at most ``timeout`` seconds (a hung collector is left behind)."""
+    """Export what is queued, waiting at most ``timeout`` seconds.
+
+    The flush runs in a daemon thread of its own, not the event loop's
+    executor (which ``asyncio.run`` joins at exit): a hung collector keeps
+    that thread, never the process.
+    """
     provider = _provider
     if provider is None:
         return
-    flushed = asyncio.to_thread(provider.force_flush, int(timeout * 1000))
+    loop = asyncio.get_running_loop()
+    finished = loop.create_future()
+
+    def flush() -> None:
+        try:
+            provider.force_flush(int(timeout * 1000))
+        finally:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+                loop.call_soon_threadsafe(lambda: finished.done() or finished.set_result(None))
+
+    threading.Thread(target=flush, name="trace-flush", daemon=True).start()
     try:
-        await asyncio.wait_for(flushed, timeout + 0.5)
-    except Exception as exc:  # a hung collector: the spans still queued are lost, the bot stops on time
-        logger.debug("trace export did not finish at stop: %r", exc)
-
-
-def shutdown_blocking(timeout: float = 2.0) -> None:
-    """:func:`shutdown` for a CLI that is not in an event loop."""
-    if _provider is not None:
-        _provider.force_flush(int(timeout * 1000))
+        await asyncio.wait_for(finished, timeout)
+    except TimeoutError:
+        logger.info("spans not exported within %.0fs at stop (is the collector at OTEL_EXPORTER_OTLP_ENDPOINT up?)", timeout)
 
 
 def tracer() -> trace.Tracer:
