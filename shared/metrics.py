@@ -55,6 +55,7 @@ RETRY_QUEUE_OLDEST_AGE = Gauge(
     "bot_retry_queue_oldest_age_seconds", "Seconds since the oldest waiting item of the retry queue was created (0 when empty)", ["queue"]
 )
 HEARTBEAT_AGE = Gauge("bot_heartbeat_age_seconds", "Seconds since the last heartbeat write that succeeded (since start before the first)")
+TRACE_SPANS_DROPPED = Counter("bot_trace_spans_dropped_total", "Spans dropped because the export queue was full (a slow or absent collector)")
 METRICS_REFRESH_ERRORS = Counter(
     "bot_metrics_refresh_errors_total", "Reads of database-backed gauges that failed or ran past their deadline", ["probe"]
 )

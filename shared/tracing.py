@@ -36,6 +36,7 @@ import contextvars
 import logging
 import os
 import threading
+import time
 from collections.abc import Awaitable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -102,11 +103,40 @@ def setup(service: str, *, version: str | None = None) -> bool:
     except Exception as exc:  # traces are an aid: a bad OTEL_* value turns them off, never the bot
         logger.warning("tracing off: the OTEL_* settings were refused: %s", exc)
         return False
+    logging.getLogger("opentelemetry.sdk._shared_internal").addFilter(_DroppedSpans())
     trace.set_tracer_provider(provider)
     _provider = provider
     endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
     logger.info("tracing on: spans go to %s over OTLP/HTTP", endpoint, extra={"service": attributes[SERVICE_NAME]})
     return True
+
+
+class _DroppedSpans(logging.Filter):
+    """The SDK logs one warning per span it drops while the queue is full: with a stuck
+    collector that is a log line per span, whose formatting would cost more than the
+    tracing. Count them instead, and say so once a minute."""
+
+    EVERY = 60.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropped = 0
+        self._said_at = -self.EVERY
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Queue full"):
+            return True
+        from shared.metrics import TRACE_SPANS_DROPPED
+
+        self.dropped += 1
+        TRACE_SPANS_DROPPED.inc()
+        now = time.monotonic()
+        if now - self._said_at < self.EVERY:
+            return False
+        self._said_at = now
+        record.msg = "span export queue full: the collector does not keep up; %d span(s) dropped so far"
+        record.args = (self.dropped,)
+        return True
 
 
 async def shutdown(timeout: float = 2.0) -> None:
