@@ -54,17 +54,18 @@ from shared import metrics, tracing
 from shared.alerts import AlertType
 from shared.breaker import BreakerRegistry, CircuitBreaker, CircuitOpenError, CircuitState
 from shared.breaker import registry as breaker_registry
-from shared.config import BY_NAME, ReplyGuySettings, load_or_exit
+from shared.config import BY_NAME, ReplyGuySettings, load_or_exit, refuse_implicit_sandbox_or_exit
 from shared.db import Database, Tweet, TweetStatus
 from shared.db.retry_store import DbRetryStore
 from shared.errors import ErrorKind, classify, describe
+from shared.health import report_of
 from shared.retry_queue import JsonlRetryStore, RetryItem, RetryQueue
 from shared.runtime import BotRuntime, StartupAborted, StartupFailed, configure_logging, run_bot
 from shared.timeouts import db_op
 
 from replyguy.ai import AIClient, Drafter, load_prompt
 from replyguy.approval import ApprovalDesk, Decision
-from replyguy.health import Health, overall
+from replyguy.health import Health
 from replyguy.local_ai import SANDBOX_AI_KEY, SANDBOX_AI_MODEL, LocalAI
 from replyguy.local_x import SANDBOX_KEYWORDS, SANDBOX_TARGET_ACCOUNTS, SANDBOX_X_CREDENTIALS, LocalX
 from replyguy.state import ReplyState
@@ -222,7 +223,7 @@ class ReplyGuy:
         rng: chooses the random posting delays.
         settle_after: seconds after which a ``posting`` intent is settled
             (default TIMEOUT_HTTP + 5 s: no POST can still be in flight).
-        stale_minutes: crash recovery's threshold (seed 001: 30 minutes).
+        stale_minutes: crash recovery's threshold (30 minutes by default).
     """
 
     def __init__(
@@ -369,7 +370,7 @@ class ReplyGuy:
     # --- 3a. crash recovery ----------------------------------------------------------------------
 
     async def recover(self) -> dict[str, int]:
-        """Put back what a crash left stuck (seed 001's ``recover_stale_tweets``).
+        """Put back what a crash left stuck (tweets left in ``posting`` or ``failed``).
 
         Tweets stuck for STALE_MINUTES in ``failed`` or ``posting`` are sent
         back, by one SQL statement, to where they can safely continue (so a
@@ -766,7 +767,7 @@ class ReplyGuy:
     # --- 3g. health and status ------------------------------------------------------------------------
 
     async def health_check_all(self) -> dict[str, Any]:
-        """Database, twitter, ai and telegram, each healthy | degraded | error, and overall."""
+        """Database, twitter, ai and telegram, each healthy | degraded | error, and overall (one shape for every bot)."""
         database: dict[str, Any]
         db_breaker = breaker_registry.get("database")
         try:
@@ -777,13 +778,12 @@ class ReplyGuy:
         except Exception as exc:
             database = {"status": Health.ERROR.value, "connected": False, "error": describe(exc),
                         "circuit_breaker": db_breaker.state.value if db_breaker else None}
-        components = {
+        return report_of({
             "database": database,
             "twitter": self.x.health(),
             "ai": self.ai.health(),
             "telegram": self.desk.health(),
-        }
-        return {**components, "overall": overall(components).value}
+        })
 
     async def status(self) -> dict[str, Any]:
         """The ``reply_guy`` section of /status."""
@@ -986,10 +986,9 @@ async def cli_health(settings: ReplyGuySettings, args: argparse.Namespace) -> in
         print(json.dumps(data, indent=2, sort_keys=True))
     else:
         print(f"overall: {state.value}")
-        for name in ("database", "twitter", "ai", "telegram"):
-            part = data.get(name) or {}
-            extra = part.get("last_error") or part.get("error") or ""
-            print(f"  {name:<9} {part.get('status', '?'):<9} {extra}".rstrip())
+        for name, part in (data.get("checks") or {}).items():
+            detail = part.get("detail", "") if part.get("status") != "healthy" else ""
+            print(f"  {name:<9} {part.get('status', '?'):<9} {detail}".rstrip())
     return state.exit_code
 
 
@@ -1009,6 +1008,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     settings = load_or_exit(ReplyGuySettings)
     command = args.command or "run"
+    if command == "run":
+        refuse_implicit_sandbox_or_exit(settings, "TELEGRAM_API_ID")
     configure_logging(settings, stream=sys.stdout if command == "run" else sys.stderr)
     if command == "health":
         return asyncio.run(cli_health(settings, args))

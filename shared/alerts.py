@@ -46,7 +46,7 @@ MAX_DETAIL_LENGTH = 500
 
 
 class AlertType(str, Enum):
-    """Kinds of operator alerts (seed 001's types plus the supervisor's and loops')."""
+    """Kinds of operator alerts (failures, stuck work, dead letters, the supervisor's and the loops')."""
 
     CIRCUIT_BREAKER_OPEN = "circuit_breaker_open"
     INITIALIZATION_FAILED = "initialization_failed"
@@ -57,6 +57,7 @@ class AlertType(str, Enum):
     LOOP_RESTARTED = "loop_restarted"
     RESTART_STORM = "restart_storm"
     ACCOUNT_NEEDS_LOGIN = "account_needs_login"
+    ACCOUNT_LIMITED = "account_limited"
     MESSAGE_DEAD = "message_dead"
     RESOURCES_CRITICAL = "resources_critical"
     SUPERVISOR_RESTART = "supervisor_restart"
@@ -74,6 +75,7 @@ _ICONS: dict[AlertType, str] = {
     AlertType.LOOP_RESTARTED: "\U0001f504",  # arrows
     AlertType.RESTART_STORM: "\U0001f6a8",
     AlertType.ACCOUNT_NEEDS_LOGIN: "\U0001f511",  # key
+    AlertType.ACCOUNT_LIMITED: "\u23f3",  # hourglass
     AlertType.MESSAGE_DEAD: "\u26a0\ufe0f",
     AlertType.RESOURCES_CRITICAL: "\U0001f525",  # fire
     AlertType.SUPERVISOR_RESTART: "\U0001f504",
@@ -132,7 +134,7 @@ def format_alert(
     details: Mapping[str, Any] | None = None,
     title: str | None = None,
 ) -> str:
-    """Build the plain-text alert body (seed 001's layout), redacted and length-capped.
+    """Build the plain-text alert body (header, message, details, time), redacted and length-capped.
 
     Args:
         alert_type: The alert's type; decides the icon.

@@ -80,6 +80,7 @@ class SupabaseDatabase(Database):
     """
 
     backend = Backend.SUPABASE
+    rows_capped = True
 
     def __init__(
         self,

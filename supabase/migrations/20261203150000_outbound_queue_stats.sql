@@ -3,7 +3,8 @@
 -- them are due now, and how long the oldest due one has waited since it was
 -- enqueued (null when none is due). The worker's /metrics reads this at most
 -- every few seconds; rows scheduled for later are not due and do not age.
-create or replace function outbound_queue_stats()
+-- Paged like every list (p_after: the previous page's last account id).
+create or replace function outbound_queue_stats(p_after bigint default null, p_limit integer default null)
 returns table (account_id bigint, depth bigint, due bigint, oldest_due_age_seconds double precision)
 language sql stable
 set search_path = public, pg_temp
@@ -16,9 +17,11 @@ as $$
            ))::double precision as oldest_due_age_seconds
     from messages m
     where m.status in ('queued', 'sending')
+      and (p_after is null or m.account_id > p_after)
     group by m.account_id
-    order by m.account_id;
+    order by m.account_id
+    limit p_limit;
 $$;
 
-revoke all on function outbound_queue_stats() from public, anon, authenticated;
-grant execute on function outbound_queue_stats() to service_role;
+revoke all on function outbound_queue_stats(bigint, integer) from public, anon, authenticated;
+grant execute on function outbound_queue_stats(bigint, integer) to service_role;
