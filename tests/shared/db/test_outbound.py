@@ -306,6 +306,16 @@ async def test_queue_stats_give_depth_due_rows_and_the_oldest_due_wait_per_accou
     assert (stats[two].depth, stats[two].due, stats[two].oldest_due_age_seconds) == (1, 0, None)
 
 
+async def test_the_enqueuers_trace_context_travels_with_the_row_and_a_malformed_one_is_dropped(backend_db: Database) -> None:
+    account = await _account(backend_db)
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    for text, value in (("traced", traceparent), ("garbled", "00-not-a-trace-context")):
+        await backend_db.call("outbound_enqueue", {"p_account_id": account, "p_peer": "alice", "p_text": text, "p_traceparent": value})
+    rows = {r.text: r for r in await backend_db.claim_outbound([account], owner="w", limit=10)}
+    assert rows["traced"].traceparent == traceparent
+    assert rows["garbled"].traceparent is None and rows["garbled"].status is OutboundStatus.SENDING
+
+
 async def test_enqueue_wakes_a_waiting_claimer_through_notify(database: PostgresDatabase, database_url: str) -> None:
     account = await _account(database)
     subscription = await database.subscribe("outbound")
