@@ -54,6 +54,7 @@ from telethon import TelegramClient
 from telethon.sessions import StringSession
 
 from shared.active import ActiveLease
+from shared import metrics, tracing
 from shared.alerts import AlertType
 from shared.breaker import BreakerRegistry, CircuitBreaker, CircuitOpenError, CircuitState
 from shared.breaker import registry as breaker_registry
@@ -282,6 +283,7 @@ class ReplyGuy:
 
     def on_decision(self, decision: Decision, tweet_id: str) -> None:
         """An operator decided: wake the step that acts next."""
+        metrics.DECISIONS.labels(decision.name.lower()).inc()
         self.wake["post" if decision is Decision.APPROVE else "draft"].set()
 
     def _succeeded(self, step: str) -> None:
@@ -336,6 +338,7 @@ class ReplyGuy:
             last_error=reason,
             created_at=self._now(),
         )
+        metrics.DEAD_LETTERS.inc()
         try:
             await self.queue.dead_letter(item)
         except Exception as store_exc:
@@ -430,7 +433,7 @@ class ReplyGuy:
         for key, what in sources:
             self._ping("discover")
             try:
-                new += await self._discover(key, what)
+                new += await tracing.traced("replyguy.discover", self._discover(key, what), attributes={"source": key})
             except Exception as exc:
                 wait = self._waits(exc)
                 if wait is not None:
@@ -485,7 +488,7 @@ class ReplyGuy:
                 return None
             try:
                 async with self.runtime.shutdown.in_flight():
-                    await self.draft_one(tweet)
+                    await tracing.traced("replyguy.draft", self.draft_one(tweet), attributes=tracing.of_tweet(tweet))
             except Exception as exc:
                 wait = self._waits(exc)
                 if wait is not None:
@@ -506,6 +509,7 @@ class ReplyGuy:
         draft = await self.drafter.draft(text=tweet.tweet_text or "", author=tweet.author, previous=tweet.draft)
         moved = await self.db.tweet_transition(tweet.id, [TweetStatus.DISCOVERED], TweetStatus.DRAFTED, draft=draft.text)
         if moved:
+            metrics.DRAFTS.inc()
             logger.info(
                 "drafted a reply to %s (%d/280%s)",
                 tweet.target_tweet_id,
@@ -530,7 +534,7 @@ class ReplyGuy:
         for tweet in tweets:
             self._ping("approve")
             try:
-                message_id = await self.desk.request(tweet)
+                message_id = await tracing.traced("replyguy.approval_request", self.desk.request(tweet), attributes=tracing.of_tweet(tweet))
             except Exception as exc:
                 wait = self._waits(exc)
                 if wait is not None:
@@ -587,7 +591,7 @@ class ReplyGuy:
                 next_due = due - now if next_due is None else min(next_due, due - now)
                 continue
             try:
-                await self.post_one(tweet)
+                await tracing.traced("replyguy.post", self.post_one(tweet), attributes=tracing.of_tweet(tweet))
             except Exception as exc:
                 wait = self._waits(exc)
                 if wait is not None:
@@ -673,6 +677,7 @@ class ReplyGuy:
 
     async def _mark_posted(self, tweet: Tweet, reply_id: str, from_statuses: list[TweetStatus]) -> None:
         if await self.db.tweet_transition(tweet.id, from_statuses, TweetStatus.POSTED, posted_tweet_id=reply_id):
+            metrics.POSTS.inc()
             count = await self.state.count_post()
             self.runtime.stats.processed += 1
             logger.info(
@@ -737,6 +742,7 @@ class ReplyGuy:
 
     def _exhausted(self, item: RetryItem, reason: str) -> None:
         target = item.payload.get("target_tweet_id", "?")
+        metrics.DEAD_LETTERS.inc()
         self.runtime.stats.failed += 1
         self.alerts.alert(
             AlertType.TWEET_PROCESSING_FAILED,
@@ -754,7 +760,7 @@ class ReplyGuy:
             if not await self.db.tweet_transition(tweet.id, [TweetStatus.FAILED], TweetStatus.DISCOVERED):
                 return
             try:
-                await self.draft_one(tweet)
+                await tracing.traced("replyguy.draft", self.draft_one(tweet), attributes=tracing.of_tweet(tweet, retry=True))
             except Exception as exc:
                 await self.db.tweet_transition(tweet.id, [TweetStatus.DISCOVERED], TweetStatus.FAILED, last_error=classify(exc).reason)
                 raise
@@ -768,7 +774,7 @@ class ReplyGuy:
             if fresh is None:
                 return
             try:
-                await self.post_one(fresh)
+                await tracing.traced("replyguy.post", self.post_one(fresh), attributes=tracing.of_tweet(fresh, retry=True))
             except Exception as exc:
                 if self._waits(exc) is not None:
                     return  # back in ``approved``: the post loop takes it when allowed

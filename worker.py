@@ -47,6 +47,7 @@ from telethon import events, functions, types, utils
 
 from shared.alerts import AlertType
 from shared.breaker import CircuitOpenError
+from shared import metrics, tracing
 from shared.config import WorkerSettings, load_or_exit, refuse_implicit_sandbox_or_exit
 from shared.db import Database, open_database
 from shared.db.records import (
@@ -442,6 +443,7 @@ class Sync:
                 stored = await self.db.store_message(connection.id, inbound_from(event.message, chat))
                 if stored and not event.message.out:
                     connection.received += 1
+                    metrics.inbound_stored(connection.label)
                     self.runtime.stats.processed += 1
             except asyncio.CancelledError:
                 raise
@@ -491,6 +493,7 @@ class Sync:
             if new:
                 logger.info("reconciler stored %d message(s) whose update never came", new, extra={"account": connection.label})
                 connection.received += new
+                metrics.inbound_stored(connection.label, new)
                 self.runtime.stats.processed += new
             stored += new
         self.reconciled += stored
@@ -619,7 +622,7 @@ class Outbound:
             if connection is None or not connection.connected or self.runtime.shutdown.stopping:
                 await self._release(rows[index:])
                 return
-            proceed = await self._send_one(connection, row)
+            proceed = await tracing.traced("outbound.send", self._send_one(connection, row), **tracing.of_outbound(row, connection.label))
             if not proceed:
                 await self._release(rows[index + 1 :])
                 return
@@ -669,6 +672,7 @@ class Outbound:
             except Exception as exc:
                 return await self._failed(connection, row, exc)
             if await self.db.mark_sent(row.id, token, telegram_message_id=telegram_id, chat_id=chat_id):
+                metrics.message_sent(connection.label, row.created_at)
                 self.sent += 1
                 connection.sent += 1
                 self.runtime.stats.processed += 1
@@ -765,6 +769,7 @@ class Outbound:
             message_id = await self._find_sent_id(connection, row)
             logger.info("message %d was already delivered (duplicate random_id)", row.id)
             await self.db.mark_sent(row.id, token, telegram_message_id=message_id, chat_id=row.chat_id)  # type: ignore[arg-type]
+            metrics.message_sent(connection.label, row.created_at)
             self.sent += 1
             connection.sent += 1
             self.runtime.stats.processed += 1
@@ -772,6 +777,7 @@ class Outbound:
         if kind is ErrorKind.RATE_LIMITED:
             seconds = verdict.retry_after or 30.0
             until = datetime.now(UTC) + timedelta(seconds=seconds)
+            metrics.flood_wait(connection.label, seconds)
             if verdict.scope is LimitScope.ACCOUNT and self.per_account.held_until(row.account_id) is not None:
                 # The send itself drew it (see _note_send_limit): every send of the account waits, here and elsewhere.
                 await self._store_hold(connection, SendHoldKind.FLOOD, until, verdict.reason)
@@ -801,6 +807,7 @@ class Outbound:
         if kind is ErrorKind.PERMANENT:
             self.entities.forget(row.account_id, row.peer)
             await self.db.mark_failed(row.id, token, verdict.reason, permanent=True)
+            metrics.message_failed(connection.label, kind.value)
             self._count_failure(connection, row, verdict.reason)
             return True  # this row is settled; the chat goes on
         # Transient or unknown outcome: retry with the same random_id.
@@ -818,9 +825,11 @@ class Outbound:
         )
         self.runtime.stats.retried += 1
         if status is OutboundStatus.DEAD:
+            metrics.message_failed(connection.label, kind.value, dead=True)
             self.dead += 1
             self._count_failure(connection, row, verdict.reason, dead=True)
             return True
+        metrics.message_retry(connection.label, kind.value)
         await connection.handle_error(exc)
         return False
 
@@ -1106,6 +1115,7 @@ class History:
                 if not messages:
                     await self.db.complete_history_job(job.id, token)
                     progress.done = True
+                    metrics.HISTORY_JOBS.labels("done").inc()
                     return
                 results = await self.db.store_messages(connection.id, [inbound_from(m, chat) for m in messages], advance_cursor=False)
                 new = sum(1 for r in results if r.inserted)
@@ -1113,17 +1123,20 @@ class History:
                 if not await self.db.save_history_cursor(job.id, token, cursor=cursor, fetched=len(messages), stored=new):
                     logger.warning("history job %d: lease lost; another worker goes on", job.id)
                     return
+                metrics.HISTORY_PAGES.labels(connection.label).inc()
                 progress.fetched += len(messages)
                 progress.stored += new
                 if cursor <= 1 or (job.target_count and progress.fetched >= job.target_count):
                     await self.db.complete_history_job(job.id, token)
                     progress.done = True
+                    metrics.HISTORY_JOBS.labels("done").inc()
                     return
             await self.db.release_history_job(job.id, token)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             reason, status = await fail_job(self.db.fail_history_job, job.id, token, exc, connection, self.settings)
+            metrics.HISTORY_JOBS.labels("failed").inc()
             self.runtime.stats.error(f"history job {job.id}", reason)
             if status is JobStatus.DEAD:
                 self.runtime.alerts.alert(
@@ -1173,6 +1186,7 @@ class Jobs:
         except Exception as exc:
             reason, status = await fail_job(self.db.fail_message_job, job.id, token, exc, connection, self.settings)
             self.failed += 1
+            metrics.MESSAGE_JOBS.labels(job.kind.value, "failed").inc()
             self.runtime.stats.error(f"job {job.id} ({job.kind.value})", reason)
             if status is JobStatus.DEAD:
                 self.runtime.alerts.alert(
@@ -1185,6 +1199,7 @@ class Jobs:
             return
         await self.db.complete_message_job(job.id, token, result=result)
         self.done += 1
+        metrics.MESSAGE_JOBS.labels(job.kind.value, "done").inc()
 
     async def _do(self, connection: AccountConnection, job: MessageJob) -> Any:
         payload = job.payload
@@ -1298,6 +1313,7 @@ class Worker:
                 taken = await db.take_over_account(connection.id, owner=owner)
                 if taken.outbound or taken.history_jobs or taken.message_jobs:
                     logger.info("took over the previous holder's work for %s: %s", connection.label, taken)
+                metrics.account_seen(connection.label)
                 await sync.after_connect(connection)
 
             pool = self.pool = AccountPool(
@@ -1349,6 +1365,7 @@ class Worker:
             runtime.add_loop("outbound", outbound.cycle, interval=settings.outbound_poll_interval)
             runtime.add_loop("history", history.cycle, interval=5.0)
             runtime.add_loop("jobs", jobs.cycle, interval=2.0)
+            runtime.gauges.add("outbound_queue", lambda: metrics.refresh_worker_gauges(db, pool), timeout=settings.timeout_db)
             runtime.add_section("accounts", self.accounts_status)
             runtime.add_section("fleet", pool.fleet_status)
             runtime.add_section("outbound", outbound.status)
@@ -1556,6 +1573,7 @@ async def cli_send(settings: WorkerSettings, args: argparse.Namespace) -> int:
             return 1
     finally:
         await db.close()
+        await tracing.shutdown()
     print(enqueued.id)
     return 0
 
@@ -1682,6 +1700,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         refuse_implicit_sandbox_or_exit(settings, "TELEGRAM_API_ID")
     # A command's own output is its answer on stdout; its logs go to stderr.
     configure_logging(settings, stream=sys.stdout if command == "run" else sys.stderr)
+    tracing.setup("worker")  # only when OTEL_EXPORTER_OTLP_ENDPOINT is set: `send` starts a message's trace
     if command == "run":
         return run_bot(Worker(settings).run())
     if command == "accounts":

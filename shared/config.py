@@ -222,6 +222,7 @@ SETTINGS: list[Setting] = [
     Setting("STATUS_TOKEN", _text, None, "a non-empty token", "When set, every path but /health and /ready requires it (Bearer or ?token=).", secret=True),
     Setting("RESOURCE_WARN_PERCENT", _percent, 70.0, "a percentage above 0 and at most 100", "CPU, memory or disk use at or above this is degraded (health CLI, /status, /health/detailed)."),
     Setting("RESOURCE_CRITICAL_PERCENT", _percent, 90.0, "a percentage above 0 and at most 100", "CPU, memory or disk use at or above this is an error."),
+    Setting("RESOURCE_AVERAGE_WINDOW", _float(0), 60.0, "a number of seconds >= 0", "CPU and memory are judged by their average over this window, so a short spike changes no verdict (0: the latest sample alone)."),
     Setting("LOG_LEVEL", _log_level, "INFO", "one of DEBUG, INFO, WARNING, ERROR, CRITICAL", "Log verbosity.", PROCESS),
     Setting("LOG_FORMAT", _choice("text", "json"), "text", "text or json", "json writes one JSON object per line (Railway).", PROCESS),
     # Alerts
@@ -341,6 +342,7 @@ class CommonSettings:
     status_token: str | None
     resource_warn_percent: float
     resource_critical_percent: float
+    resource_average_window: float
     log_level: str
     log_format: str
     alert_bot_token: str | None

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from shared.errors import describe
-from shared.metrics import HEARTBEATS
+from shared.metrics import HEARTBEAT_AGE, HEARTBEATS
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +111,8 @@ class GlobalHeartbeat:
         self.last_error_at: float | None = None
         self.host = socket.gethostname()
         self.pid = os.getpid()
+        started = time.time()
+        HEARTBEAT_AGE.set_function(lambda: time.time() - (self.last_ok_at or started))
 
     def record(self, status: str | None = None) -> HeartbeatRecord:
         try:

@@ -28,18 +28,21 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import shared
+from shared import tracing
 from shared.alerts import AlertSink, AlertType, build_alert_sink
 from shared.breaker import registry as breakers
 from shared.config import CommonSettings
 from shared.db import Database, DatabaseSettings, open_database
 from shared.errors import ErrorKind, classify, describe
-from shared.health import temp_files
+from shared.health import ResourceMonitor, ResourceThresholds, temp_files
 from shared.heartbeat import GlobalHeartbeat, HeartbeatStore
 from shared.logs import register_secret, setup_logging
+from shared.metrics import GaugeRefresher
 from shared.retry import exponential_delay
 from shared.retry_queue import RetryQueue
 from shared.shutdown import GracefulShutdown
 from shared.status_server import StatusServer
+from shared.trends import trends
 from shared.watchdog import LoopWatchdog, periodic
 
 logger = logging.getLogger(__name__)
@@ -191,6 +194,14 @@ class BotRuntime:
         )
         self.shutdown = GracefulShutdown(grace=settings.shutdown_grace)
         self.heartbeat: GlobalHeartbeat | None = None
+        self.gauges = GaugeRefresher()
+        self.resources = ResourceMonitor(
+            data_dir=settings.data_dir,
+            thresholds=ResourceThresholds.resolve(settings),
+            window=getattr(settings, "resource_average_window", 60.0),
+            alerts=self.alerts,
+            bot=bot,
+        )
         self.queues: dict[str, RetryQueue] = {}
         self._sections: dict[str, Callable[[], Any]] = {"resources": self._resources}
         self._ready_checks: dict[str, Callable[[], Awaitable[Any]]] = {}
@@ -297,9 +308,9 @@ class BotRuntime:
         return ok, results
 
     async def _resources(self) -> dict[str, Any]:
-        from shared.health import ResourceThresholds, resources_status
-
-        return await resources_status(self.settings.data_dir, thresholds=ResourceThresholds.resolve(self.settings))
+        if not self.resources.samples_taken:
+            return await self.resources.sample()
+        return self.resources.status()
 
     async def _detailed_health(self) -> dict[str, Any]:
         """The bot's own checks, else its readiness checks, in the one shape of :func:`shared.health.report_of`."""
@@ -333,6 +344,7 @@ class BotRuntime:
             "loops": self.watchdog.get_status(),
             "breakers": breakers.status(),
             "queues": {name: queue.get_status() for name, queue in self.queues.items()},
+            "trends": trends.as_dict(),
         }
         if self.heartbeat is not None:
             data["heartbeat"] = self.heartbeat.get_status()
@@ -472,6 +484,8 @@ class BotRuntime:
         except (NotImplementedError, RuntimeError):  # not the main thread (tests)
             logger.debug("signal handlers not installed")
         await self.status_server.start()
+        self.resources.start()
+        tracing.setup(self.bot, version=self.version)
         files, size = await asyncio.to_thread(sweep_temp_files, Path(self.settings.data_dir))
         if files:
             logger.info("removed %d temporary file(s) (%d bytes) left by an earlier process", files, size)
@@ -486,6 +500,7 @@ class BotRuntime:
     async def run_until_stopped(self) -> None:
         """Start the loops and wait for SIGTERM/SIGINT (or :meth:`GracefulShutdown.request_stop`)."""
         await self.watchdog.start()
+        self.gauges.start()
         self._started = True
         await self.shutdown.wait()
 
@@ -495,6 +510,8 @@ class BotRuntime:
         started = time.monotonic()
         drained = await self.shutdown.drain()
         await self.watchdog.stop(timeout=2.0)
+        await self.gauges.stop()
+        await self.resources.stop()
         for queue in self.queues.values():
             try:
                 await queue.close()
@@ -507,6 +524,7 @@ class BotRuntime:
         if callable(closer):
             await closer(timeout=2.0)
         await self.status_server.stop()
+        await tracing.shutdown()
         logger.info(
             "%s stopped in %.1fs (%s)",
             self.bot,

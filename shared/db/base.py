@@ -20,6 +20,8 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+from shared import tracing
+from shared.metrics import TWEET_TRANSITIONS
 from shared.db.records import (
     Account,
     AccountStatus,
@@ -44,6 +46,7 @@ from shared.db.records import (
     RequeueResult,
     RetryRow,
     RetryItemStatus,
+    QueueStats,
     SendHold,
     SendHoldKind,
     StatusCount,
@@ -516,17 +519,22 @@ class Database(abc.ABC):
         refused = unstorable_reason(text)
         if refused is not None:
             raise DatabaseRejected(refused)
-        args = {
-            "p_account_id": account_id,
-            "p_peer": str(peer),
-            "p_text": text,
-            "p_attachments": json_safe(list(attachments)),
-            "p_reply_to": reply_to,
-            "p_chat_id": chat_id,
-            "p_dedupe_key": dedupe_key,
-            "p_send_at": _when(send_at),
-        }
-        return from_row(Enqueued, (await self.call("outbound_enqueue", args))[0])
+        # The trace of this message starts here; the row carries it to the worker that sends it.
+        with tracing.span("outbound.enqueue", attributes={"account_id": account_id}, kind=tracing.SpanKind.PRODUCER):
+            args = {
+                "p_account_id": account_id,
+                "p_peer": str(peer),
+                "p_text": text,
+                "p_attachments": json_safe(list(attachments)),
+                "p_reply_to": reply_to,
+                "p_chat_id": chat_id,
+                "p_dedupe_key": dedupe_key,
+                "p_send_at": _when(send_at),
+                "p_traceparent": tracing.current_traceparent(),
+            }
+            enqueued = from_row(Enqueued, (await self.call("outbound_enqueue", args))[0])
+            tracing.annotate(message_id=enqueued.id, created=enqueued.created)
+            return enqueued
 
     async def claim_outbound(
         self,
@@ -662,6 +670,11 @@ class Database(abc.ABC):
             lambda r: {"p_after_account_id": r["account_id"], "p_after_status": r["status"]},
         )
         return [from_row(StatusCount, r) for r in rows]
+
+    async def outbound_queue_stats(self) -> list[QueueStats]:
+        """Per account with rows to send: depth, due now, and the oldest due row's seconds since enqueue."""
+        rows = await self._pages("outbound_queue_stats", {}, lambda r: {"p_after": r["account_id"]})
+        return [from_row(QueueStats, r) for r in rows]
 
     async def requeue_outbound(
         self,
@@ -1005,6 +1018,8 @@ class Database(abc.ABC):
         """Queue a discovered tweet once per target tweet id."""
         args = {"p_target_tweet_id": target_tweet_id, "p_author": storable(author), "p_tweet_text": storable(text)}
         row = (await self.call("tweet_insert", args))[0]
+        if row["created"]:
+            TWEET_TRANSITIONS.labels("discovered").inc()
         return TweetInserted(created=bool(row["created"]), tweet=from_row(Tweet, row))
 
     async def tweet_transition(
@@ -1036,7 +1051,10 @@ class Database(abc.ABC):
             "p_to": _value(to_status),
             "p_fields": fields,
         }
-        return bool(await self._scalar("tweet_transition", args))
+        moved = bool(await self._scalar("tweet_transition", args))
+        if moved:
+            TWEET_TRANSITIONS.labels(_value(to_status)).inc()
+        return moved
 
     async def get_tweet(self, tweet_id: str) -> Tweet | None:
         rows = await self.call("tweet_get", {"p_id": str(tweet_id)}, read_only=True)

@@ -168,6 +168,8 @@ class OutboundMessage:
     created_at: datetime
     updated_at: datetime
     sent_at: datetime | None
+    #: W3C trace context of the enqueue (None when the enqueuing process did not trace).
+    traceparent: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,6 +217,16 @@ class StoredMessage:
     telegram_message_id: int
     id: int | None
     inserted: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class QueueStats:
+    """The outbound queue of one account: rows still to send, those due now, the oldest due one's wait."""
+
+    account_id: int
+    depth: int
+    due: int
+    oldest_due_age_seconds: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
