@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
+from shared import metrics
 from shared.alerts import AlertSink, AlertType
 from shared.breaker import CircuitBreaker, CircuitOpenError
 from shared.errors import ErrorKind, RateLimitedError, TransientError, UnknownOutcomeError, classify, describe
@@ -204,7 +205,7 @@ class HttpService:
                 raise
 
         self.calls += 1
-        return await bounded(go(), self.timeout, f"{self.name}.{endpoint}", outcome_unknown=changes_state)
+        return await metrics.api_call(self.name, bounded(go(), self.timeout, f"{self.name}.{endpoint}", outcome_unknown=changes_state))
 
     async def call(self, endpoint: str, attempt: Callable[[], Awaitable[T]], *, retry: bool = True) -> T:
         """Run ``attempt`` through the breaker, retrying transient failures with backoff.

@@ -81,6 +81,34 @@ class PermanentError(BotError):
     """This item cannot succeed as it is; the message says why."""
 
 
+class UnresolvedPeerError(PermanentError):
+    """A chat given by numeric id that this account has never seen, so it has no access hash for it."""
+
+    def __init__(self, peer: object) -> None:
+        super().__init__(unresolved_peer_reason(peer))
+        self.peer = peer
+
+
+def unresolved_peer_reason(peer: object) -> str:
+    """What to do about a numeric chat id Telegram will not take without its access hash."""
+    return (
+        f"chat {peer} is unknown to this account: Telegram needs the access hash of a user who is not a contact, "
+        "and of every channel and supergroup, and this account has never seen that chat; "
+        "address it by @username or phone number, or wait until the chat writes to the account first"
+    )
+
+
+#: How Telethon's get_input_entity says it has no access hash for a peer.
+_TELETHON_UNRESOLVED = "Could not find the input entity for"
+
+
+def is_unresolved_peer(exc: BaseException) -> bool:
+    """True for Telethon's "no access hash cached for this id" (a ValueError), or ours."""
+    return isinstance(exc, UnresolvedPeerError) or (
+        type(exc) is ValueError and str(exc).startswith(_TELETHON_UNRESOLVED)
+    )
+
+
 class AccountDeadError(BotError):
     """The account needs a new login."""
 
@@ -389,8 +417,11 @@ def classify(exc: BaseException) -> Classification:
         return Classification(ErrorKind.TRANSIENT, f"connection problem ({describe(exc)})")
     if isinstance(exc, UnicodeEncodeError) and "surrogate" in str(exc):
         return Classification(ErrorKind.PERMANENT, "the text contains a lone surrogate, which is not valid Unicode text")
+    if is_unresolved_peer(exc):
+        number = re.search(r"-?\d+", str(exc).removeprefix(_TELETHON_UNRESOLVED))
+        return Classification(ErrorKind.PERMANENT, unresolved_peer_reason(number.group(0) if number else "(by id)"))
     if isinstance(exc, (ValueError, TypeError, KeyError, LookupError, UnicodeError)):
-        # Telethon raises ValueError for entities it cannot resolve; bad input
+        # Telethon raises ValueError for usernames nobody has and similar; bad input
         # in general does not get better by retrying.
         return Classification(ErrorKind.PERMANENT, describe(exc))
     return Classification(ErrorKind.TRANSIENT, f"unexpected error ({describe(exc)})")

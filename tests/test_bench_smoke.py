@@ -27,6 +27,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "recovery": ("cases", "worst_ratio", "machine"),
     "footprint": ("cases", "rss_mb", "cpu_percent", "machine"),
     "ingest": ("rss_ratio", "speed_ratio", "budget_mb", "peak_rss_mb", "ceiling_mb", "large_images", "machine"),
+    "fleet": ("balanced", "max_minus_min", "handoff_kill_s", "handoff_bound_s", "lost", "duplicated", "scaling_3x", "phases", "machine"),
 }
 
 RUN_TIMEOUT = 110.0

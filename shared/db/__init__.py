@@ -51,6 +51,7 @@ from shared.db.records import (
     IngestRecorded,
     IngestStatus,
     JobStatus,
+    KnownEntity,
     MessageJob,
     MessageJobKind,
     OutboundMessage,
@@ -66,6 +67,7 @@ from shared.db.records import (
     Tweet,
     TweetInserted,
     TweetStatus,
+    UpdateState,
 )
 from shared.db.supabase_http import SupabaseDatabase
 
@@ -179,6 +181,7 @@ __all__ = [
     "IngestRecorded",
     "IngestStatus",
     "JobStatus",
+    "KnownEntity",
     "MESSAGE_JOBS_CHANNEL",
     "MIGRATIONS_DIR",
     "MessageJob",
@@ -202,6 +205,7 @@ __all__ = [
     "Tweet",
     "TweetInserted",
     "TweetStatus",
+    "UpdateState",
     "apply_migrations",
     "database_breaker",
     "discover",
