@@ -58,6 +58,7 @@ from shared.db import Database, Tweet, TweetStatus
 from shared.db.retry_store import DbRetryStore
 from shared.errors import ErrorKind, classify, describe
 from shared.retry_queue import JsonlRetryStore, RetryItem, RetryQueue
+from shared.cli import run_cli
 from shared.runtime import BotRuntime, StartupAborted, StartupFailed, configure_logging, run_bot
 from shared.timeouts import db_op
 
@@ -1000,10 +1001,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    """Entry point: bad input and failures end as one line (see shared.cli), never a traceback."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    args = parse_args(argv)
     settings = load_or_exit(ReplyGuySettings)
     command = args.command or "run"
-    configure_logging(settings, stream=sys.stdout if command == "run" else sys.stderr)
+    configure_logging(settings, stream=sys.stdout if command == "run" else sys.stderr, quiet=command != "run")
     if command == "health":
         return asyncio.run(cli_health(settings, args))
     return run_bot(serve(settings, plan_for(settings)))

@@ -64,6 +64,7 @@ from shared.errors import ErrorKind, PermanentError, classify, describe
 from shared.health import TEMP_SUBDIR
 from shared.images import ImagePolicy, ImageRejected, OversizePolicy, ProcessedImage, process_image
 from shared.retry_queue import JsonlRetryStore, RetryItem, RetryQueue
+from shared.cli import run_cli
 from shared.runtime import BotRuntime, Stats, configure_logging, run_bot
 from shared.sessions import SessionCipher
 from shared.shutdown import GracefulShutdown
@@ -1273,10 +1274,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    """Entry point: bad input and failures end as one line (see shared.cli), never a traceback."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    args = parse_args(argv)
     settings = load_or_exit(IngestSettings)
     command = args.command or "run"
-    configure_logging(settings, stream=sys.stdout if command == "run" else sys.stderr)
+    configure_logging(settings, stream=sys.stdout if command == "run" else sys.stderr, quiet=command != "run")
     logging.getLogger("telethon.client.downloads").setLevel(logging.WARNING)  # one INFO line per download otherwise
     if command == "gc":
         return asyncio.run(

@@ -51,6 +51,7 @@ from typing import Any, Protocol
 import aiohttp
 
 from shared.alerts import AlertType, build_alert_sink
+from shared.cli import run_cli
 from shared.config import ConfigError, load_settings
 from shared.logs import setup_logging
 
@@ -674,8 +675,12 @@ def _parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the process exit code (2 for a bad setting)."""
-    args, command = _parse_args(sys.argv[1:] if argv is None else argv)
+    """Command-line entry point; returns the process exit code (2 for a bad setting, see shared.cli)."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    args, command = _parse_args(argv)
     env = load_environment(args.env_file)
     try:
         settings = SupervisorSettings.from_env(env)

@@ -806,8 +806,14 @@ async def _main(names: list[str], *, as_json: bool, timeout: float, env: Mapping
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m shared.health``: run the checks, print them, return the exit code."""
+    from shared.cli import run_cli
+
+    return run_cli(_main_cli, argv)
+
+
+def _main_cli(argv: list[str]) -> int:
     parser = _parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
     try:
         names = expand_names(args.checks)
     except ValueError as exc:

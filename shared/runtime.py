@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from typing import Any, TypeVar
 import shared
 from shared.alerts import AlertSink, AlertType, build_alert_sink
 from shared.breaker import registry as breakers
+from shared.cli import CliError, cli_log_level, error_line, port_error
 from shared.config import CommonSettings
 from shared.db import Database, DatabaseSettings, open_database
 from shared.errors import ErrorKind, classify, describe
@@ -74,7 +76,15 @@ def sweep_temp_files(data_dir: Path, *, older_than: float = TEMP_MAX_AGE) -> tup
 
 
 class StartupFailed(Exception):
-    """A start-up step failed for a reason waiting cannot fix; ``str()`` is the one line to show."""
+    """A start-up step failed for a reason waiting cannot fix; ``str()`` is the one line to show.
+
+    ``code`` is the process's exit code: 2 when a setting or the database's
+    schema must change first (a supervisor does not restart it), else 1.
+    """
+
+    def __init__(self, message: str, *, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class StartupAborted(Exception):
@@ -93,6 +103,11 @@ def run_bot(main: Coroutine[Any, Any, None]) -> int:
         asyncio.run(main)
     except StartupAborted:
         return 0
+    except CliError as exc:  # raised before logging could say it (a port in use): one line on stderr
+        sys.stderr.write(error_line(exc) + "\n")
+        return exc.code
+    except StartupFailed as exc:
+        return exc.code
     except Exception:
         return 1
     return 0
@@ -104,9 +119,14 @@ def code_version() -> str:
     return f"{shared.__version__}+{sha}" if sha else shared.__version__
 
 
-def configure_logging(settings: CommonSettings, *, stream: Any = None) -> None:
-    """Logging per LOG_LEVEL / LOG_FORMAT, with every configured secret redacted."""
-    setup_logging(level=settings.log_level, fmt=settings.log_format, stream=stream)
+def configure_logging(settings: CommonSettings, *, stream: Any = None, quiet: bool = False) -> None:
+    """Logging per LOG_LEVEL / LOG_FORMAT, with every configured secret redacted.
+
+    ``quiet``: a one-shot command, whose answer is its output: warnings and
+    errors only, unless ``-v`` (or LOG_LEVEL=DEBUG).
+    """
+    level = cli_log_level(settings.log_level) if quiet else settings.log_level
+    setup_logging(level=level, fmt=settings.log_format, stream=stream)
     for secret in settings.secrets():
         register_secret(secret)
 
@@ -347,9 +367,14 @@ class BotRuntime:
                             AlertType.INITIALIZATION_FAILED,
                             f"{self.bot} could not start: {what}: {verdict.reason}",
                             key=key,
-                            details={"fix": fix},
+                            details={"fix": getattr(exc, "fix", None) or fix},
                         )
-                        raise StartupFailed(f"{self.bot} could not start: {what}: {verdict.reason} ({fix})") from exc
+                        # An error that knows its own fix (a database without the schema) names it.
+                        own_fix = getattr(exc, "fix", None)
+                        line = f"{self.bot} could not start: {what}: {verdict.reason}"
+                        raise StartupFailed(
+                            line if own_fix else f"{line} ({fix})", code=2 if own_fix else 1
+                        ) from exc
                     delay = max(verdict.retry_after or 0.0, exponential_delay(attempt, base=self.startup_retry_base, cap=STARTUP_RETRY_MAX))
                     self._starting = {"waiting_for": what, "attempts": attempt, "last_error": verdict.reason, "fix": fix}
                     logger.warning(
@@ -429,7 +454,13 @@ class BotRuntime:
             self.shutdown.install()
         except (NotImplementedError, RuntimeError):  # not the main thread (tests)
             logger.debug("signal handlers not installed")
-        await self.status_server.start()
+        try:
+            await self.status_server.start()
+        except OSError as exc:
+            clear = port_error(exc, self.settings.port)
+            if clear is None:
+                raise
+            raise clear from exc
         files, size = await asyncio.to_thread(sweep_temp_files, Path(self.settings.data_dir))
         if files:
             logger.info("removed %d temporary file(s) (%d bytes) left by an earlier process", files, size)

@@ -33,7 +33,7 @@ from shared.db.base import (
     utc_now,
 )
 from shared.db.embedded import EmbeddedPostgres
-from shared.db.errors import DatabaseOutcomeUnknown, DatabaseRejected, DatabaseUnavailable, MigrationError
+from shared.db.errors import DatabaseOutcomeUnknown, DatabaseRejected, DatabaseUnavailable, MigrationError, SchemaMissing
 from shared.db.migrations import MIGRATIONS_DIR, MigrationReport, apply_migrations, discover, migration_status
 from shared.db.postgres import PostgresDatabase, database_breaker
 from shared.db.records import (
@@ -184,6 +184,7 @@ __all__ = [
     "MessageJob",
     "MessageJobKind",
     "MigrationError",
+    "SchemaMissing",
     "MigrationReport",
     "OUTBOUND_CHANNEL",
     "OutboundMessage",

@@ -18,6 +18,7 @@ import asyncio
 import sys
 from pathlib import Path
 
+from shared.cli import run_cli
 from shared.config import CommonSettings, load_or_exit
 from shared.db import EMBEDDED_SUBDIR
 from shared.db.embedded import EmbeddedPostgres
@@ -78,9 +79,14 @@ async def _run(args: argparse.Namespace, settings: CommonSettings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point: errors end as one line (see shared.cli), never a traceback."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     settings = load_or_exit(CommonSettings)
-    configure_logging(settings)
+    configure_logging(settings, stream=sys.stderr, quiet=True)
     return asyncio.run(_run(args, settings))
 
 

@@ -490,6 +490,18 @@ class Database(abc.ABC):
         rows = await self.call("outbound_get", {"p_id": message_id}, read_only=True)
         return from_row(OutboundMessage, rows[0]) if rows else None
 
+    async def list_outbound(
+        self, *, statuses: Iterable[OutboundStatus] | None = None, account_id: int | None = None, limit: int = 50
+    ) -> list[OutboundMessage]:
+        """Outbound messages, newest first (the operator's ``messages``)."""
+        args = {
+            "p_statuses": [s.value for s in statuses] if statuses is not None else None,
+            "p_account_id": account_id,
+            "p_limit": limit,
+        }
+        rows = await self.call("outbound_list", args, read_only=True)
+        return [from_row(OutboundMessage, r) for r in rows]
+
     async def outbound_counts(self, account_id: int | None = None) -> list[StatusCount]:
         """Outbound rows per account and status (for /status)."""
         rows = await self.call("outbound_counts", {"p_account_id": account_id}, read_only=True)

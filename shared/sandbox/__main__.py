@@ -4,8 +4,8 @@ Everything acts on the world in ``--dir`` (default: ``SANDBOX_DIR``, else
 ``<DATA_DIR>/sandbox``), the same file running bots use, so a message sent
 here reaches a running worker within a fraction of a second.
 
-Exit codes: 0 done, 1 the sandbox refused (unknown peer, bad fault...),
-2 bad usage.
+Exit codes: 0 done, 1 a failure (a bot did not answer a button in time),
+2 bad usage or a request the sandbox refused (unknown peer, bad fault...).
 """
 
 from __future__ import annotations
@@ -311,13 +311,15 @@ def _dispatch(world: World, args: argparse.Namespace) -> int:  # noqa: C901 - a 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit code."""
-    args = _parser().parse_args(argv)
-    try:
-        return run(args)
-    except (SandboxError, ValueError) as exc:
-        sys.stderr.write(f"sandbox: {exc}\n")
-        return 1
+    """Entry point; returns the exit code (errors end as one line, see shared.cli)."""
+    from shared.cli import run_cli
+
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    # A SandboxError (unknown peer, bad fault ...) is bad input: shared.cli says it in one line, exit 2.
+    return run(_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

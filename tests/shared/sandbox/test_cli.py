@@ -107,4 +107,4 @@ def test_cli_reports_unknown_peers_in_one_line(sandbox_world, capsys):
     code = main(["--dir", str(sandbox_world.directory), "inbox", "@ghost"])
 
     err = capsys.readouterr().err
-    assert code == 1 and err.startswith("sandbox: no peer") and err.count("\n") == 1
+    assert code == 2 and err.startswith("error: no peer") and err.count("\n") == 1
