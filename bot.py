@@ -58,7 +58,7 @@ from shared.db import Database, Tweet, TweetStatus
 from shared.db.retry_store import DbRetryStore
 from shared.errors import ErrorKind, classify, describe
 from shared.retry_queue import JsonlRetryStore, RetryItem, RetryQueue
-from shared.cli import run_cli
+from shared.cli import ArgumentParser, run_cli
 from shared.runtime import BotRuntime, StartupAborted, StartupFailed, configure_logging, run_bot
 from shared.timeouts import db_op
 
@@ -812,7 +812,7 @@ def _banner(*, x_url: str, ai_url: str, sandbox_dir: Path, operator_chat: Any) -
         f"*** AI API: local stand-in at {ai_url} (no model is called). ***",
         banner(sandbox_dir),
         f"Drafts go to the sandbox chat {operator_chat!r}; press Approve with:",
-        f"  python -m shared.sandbox --dir {sandbox_dir} press operator --chat \"Demo Operators\" --button Approve --wait 5",
+        f"  ./start.sh sandbox --dir {sandbox_dir} press operator --chat \"Demo Operators\" --button Approve --wait 5",
         "*" * 78,
     ]
     for line in lines:
@@ -966,16 +966,16 @@ async def cli_health(settings: ReplyGuySettings, args: argparse.Namespace) -> in
                 code = response.status
                 text = await response.text()
     except (aiohttp.ClientError, TimeoutError) as exc:
-        print(f"error: the Reply Guy is not answering at {url} ({describe(exc)})")
+        print(f"error: the Reply Guy is not answering at {url} ({describe(exc)}; is it running? ./start.sh bot)", file=sys.stderr)
         return Health.ERROR.exit_code
     if code == 401:
-        print("error: /health/detailed refused the token; set STATUS_TOKEN to the bot's")
+        print("error: /health/detailed refused the token (set STATUS_TOKEN to the bot's)", file=sys.stderr)
         return Health.ERROR.exit_code
     try:
         data = json.loads(text)
         state = Health(data["overall"])
     except (ValueError, KeyError, TypeError):
-        print(f"error: unexpected answer from {url}/health/detailed ({code})")
+        print(f"error: unexpected answer from {url}/health/detailed (HTTP {code}; is that the Reply Guy's port?)", file=sys.stderr)
         return Health.ERROR.exit_code
     if args.json:
         print(json.dumps(data, indent=2, sort_keys=True))
@@ -989,7 +989,7 @@ async def cli_health(settings: ReplyGuySettings, args: argparse.Namespace) -> in
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bot.py", description="The Reply Guy: tweets in, approved replies out.")
+    parser = ArgumentParser(prog="./start.sh bot", description="The Reply Guy: tweets in, approved replies out.")
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("run", help="run the bot (the default)")
     health = sub.add_parser("health", help="ask the running bot how it is: exit 0 healthy, 1 degraded, 2 error")

@@ -64,7 +64,7 @@ from shared.errors import ErrorKind, PermanentError, classify, describe
 from shared.health import TEMP_SUBDIR
 from shared.images import ImagePolicy, ImageRejected, OversizePolicy, ProcessedImage, process_image
 from shared.retry_queue import JsonlRetryStore, RetryItem, RetryQueue
-from shared.cli import run_cli
+from shared.cli import ArgumentParser, run_cli
 from shared.runtime import BotRuntime, Stats, configure_logging, run_bot
 from shared.sessions import SessionCipher
 from shared.shutdown import GracefulShutdown
@@ -979,7 +979,7 @@ class AccountKeeper:
                 self.problem = (
                     f"account {self.settings.ingest_account!r} not found or not active"
                     if self.settings.ingest_account
-                    else "no active account in telegram_accounts (python worker.py login)"
+                    else "no active account in telegram_accounts (./start.sh worker login)"
                 )
                 logger.error("ingest cannot start reading: %s", self.problem)
                 if self.alerts is not None:
@@ -987,7 +987,7 @@ class AccountKeeper:
                         AlertType.ACCOUNT_NEEDS_LOGIN,
                         f"ingest has no Telegram account to read with: {self.problem}",
                         key="ingest:no-account",
-                        details={"fix": "python worker.py login, or set INGEST_ACCOUNT to an active account's label"},
+                        details={"fix": "./start.sh worker login, or set INGEST_ACCOUNT to an active account's label"},
                     )
                 return self.settings.account_check_interval
             if self.problem is not None and self.alerts is not None:
@@ -1210,7 +1210,7 @@ class IngestBot:
             "*" * 78,
             banner(world.directory),
             "No TELEGRAM_API_ID/TELEGRAM_API_HASH set: ingest reads the sandbox's @demo_photos channel.",
-            "Try:  python -m shared.sandbox --help   (post images to the channel, then watch /status)",
+            "Try:  ./start.sh sandbox --help   (post images to the channel, then watch /status)",
             "*" * 78,
         ):
             logger.warning("%s", line)
@@ -1261,7 +1261,7 @@ async def cli_gc(settings: IngestSettings, *, dry_run: bool, older_than_hours: f
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="ingest.py", description="Store the images of Telegram channels in R2.")
+    parser = ArgumentParser(prog="./start.sh ingest", description="Store the images of Telegram channels in R2.")
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("run", help="run the bot (the default)")
     gc = sub.add_parser("gc", help="delete stored objects that no row points at (try --dry-run first)")

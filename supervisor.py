@@ -51,7 +51,7 @@ from typing import Any, Protocol
 import aiohttp
 
 from shared.alerts import AlertType, build_alert_sink
-from shared.cli import run_cli
+from shared.cli import ArgumentParser, run_cli
 from shared.config import ConfigError, load_settings
 from shared.logs import setup_logging
 
@@ -657,8 +657,8 @@ def _parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     if "--" in argv:
         cut = argv.index("--")
         argv, command = argv[:cut], argv[cut + 1 :]
-    parser = argparse.ArgumentParser(
-        prog="supervisor.py",
+    parser = ArgumentParser(
+        prog="./start.sh supervisor",
         description="Run $BOT.py (or the command after --), restarting it when it crashes or hangs.",
         epilog="Settings come from the environment and .env: BOT, MAX_RESTARTS, RESTART_WINDOW, "
         "HEALTH_FAIL_AFTER, HEALTH_CHECK_INTERVAL, HEALTH_STARTUP_GRACE, PORT, SHUTDOWN_GRACE, "

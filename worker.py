@@ -47,7 +47,7 @@ from typing import Any
 
 from telethon import events, functions, types, utils
 
-from shared.cli import CliError, run_cli
+from shared.cli import ArgumentParser, CliError, run_cli
 from shared.config import WorkerSettings, load_or_exit
 from shared.db import Database, open_database
 from shared.db.records import (
@@ -63,6 +63,7 @@ from shared.db.records import (
 )
 from shared.errors import ErrorKind, PermanentError, classify, describe
 from shared.health import TEMP_SUBDIR, run_checks
+from shared.logs import mask_phone
 from shared.ratelimit import KeyedBuckets
 from shared.runtime import BotRuntime, configure_logging, run_bot
 from shared.sessions import SessionCipher
@@ -1017,8 +1018,8 @@ class Worker:
             "*" * 78,
             banner(directory),
             "No TELEGRAM_API_ID/TELEGRAM_API_HASH set: the worker runs on the local sandbox.",
-            "Try:  python worker.py send --account demo_one --to alice 'hello'",
-            "Then: python -m shared.sandbox inbox alice",
+            "Try:  ./start.sh worker send --account demo_one --to alice --wait 'hello'",
+            "Then: ./start.sh sandbox inbox alice",
             "*" * 78,
         ):
             logger.warning("%s", line)
@@ -1048,7 +1049,7 @@ async def cli_accounts(settings: WorkerSettings, as_json: bool) -> int:
     rows = [
         {
             "label": a.label,
-            "phone": (a.phone[:3] + "…" + a.phone[-2:]) if a.phone else None,
+            "phone": mask_phone(a.phone) if a.phone else None,
             "status": a.status.value,
             "has_session": a.has_session,
             "lease_owner": a.lease_owner,
@@ -1060,12 +1061,12 @@ async def cli_accounts(settings: WorkerSettings, as_json: bool) -> int:
     if as_json:
         print(json.dumps(rows, indent=2))
     elif not rows:
-        print("no accounts (python worker.py login adds one)")
+        print("no accounts (./start.sh worker login adds one)")
     else:
-        print(f"{'label':<20} {'status':<12} {'session':<8} {'phone':<10} lease / last error")
+        print(f"{'label':<20} {'status':<12} {'session':<8} {'phone':<16} lease / last error")
         for r in rows:
             lease = f"held by {r['lease_owner']}" if r["lease_owner"] else "-"
-            print(f"{r['label']:<20} {r['status']:<12} {'yes' if r['has_session'] else 'no':<8} {r['phone'] or '-':<10} {lease} {r['last_error'] or ''}")
+            print(f"{r['label']:<20} {r['status']:<12} {'yes' if r['has_session'] else 'no':<8} {r['phone'] or '-':<16} {lease} {r['last_error'] or ''}")
     return 0
 
 
@@ -1333,7 +1334,7 @@ def _seconds(raw: str) -> float:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="./start.sh worker",
         description="The Telegram account worker.",
         epilog="Global flags: -v shows INFO logs, --debug shows a traceback on errors. Manual: docs/worker.md",

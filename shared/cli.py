@@ -17,10 +17,12 @@ input, ``TransientError`` and ``OSError`` are failures).
 
 from __future__ import annotations
 
+import argparse
 import errno
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from shared.errors import BotError, ErrorKind, PermanentError, TransientError, classify, describe
 from shared.logs import redact
@@ -173,3 +175,10 @@ def run_cli(entry: Callable[[list[str]], int], argv: Sequence[str] | None = None
             traceback.print_exc(file=sys.stderr)
         sys.stderr.write(error_line(exc) + "\n")
         return exit_code_for(exc)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (``error: ... (see PROG --help)``) and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")

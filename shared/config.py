@@ -236,7 +236,7 @@ SETTINGS: list[Setting] = [
     # Telegram user accounts (worker, ingest)
     Setting("TELEGRAM_API_ID", _int(1), None, "a whole number from my.telegram.org", "Telegram API id (bots need one too); unset means sandbox mode (no real Telegram).", TELEGRAM | {"bot"}),
     Setting("TELEGRAM_API_HASH", _text, None, "the API hash from my.telegram.org", "Telegram API hash, with TELEGRAM_API_ID.", TELEGRAM | {"bot"}, secret=True),
-    Setting("SESSION_ENCRYPTION_KEY", _fernet_keys, None, "a Fernet key (python -m shared.sessions new-key)", "Encrypts Telegram sessions at rest; several comma-separated, newest first, during a rotation. Required outside sandbox mode.", TELEGRAM, secret=True),
+    Setting("SESSION_ENCRYPTION_KEY", _fernet_keys, None, "a Fernet key (./start.sh sessions new-key)", "Encrypts Telegram sessions at rest; several comma-separated, newest first, during a rotation. Required outside sandbox mode.", TELEGRAM, secret=True),
     Setting("TIMEOUT_TELEGRAM_CONNECT", _float(0, exclusive=True), 30.0, "a number of seconds > 0", "Deadline of connecting one account.", TELEGRAM),
     Setting("ACCOUNT_LEASE_SECONDS", _float(1), 90.0, "a number of seconds >= 1", "An account's lease; renewed every third of it, lapses after a kill.", TELEGRAM),
     Setting("ACCOUNT_CHECK_INTERVAL", _float(0, exclusive=True), 30.0, "a number of seconds > 0", "How often each account's lease and connection are checked.", TELEGRAM),
@@ -597,7 +597,7 @@ def _used_by(setting: Setting) -> str:
 def render_env_example() -> str:
     lines = [
         "# Every setting the bots read, with its default. Copy to .env and edit.",
-        "# Generated from shared/config.py: python -m shared.config env-example > .env.example",
+        "# Generated from shared/config.py: ./start.sh config env-example > .env.example",
         "# An empty value means unset (the default applies).",
     ]
     for s in SETTINGS:
@@ -650,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
         load_or_exit(CommonSettings)
         sys.stdout.write("configuration OK\n")
         return 0
-    sys.stderr.write("usage: python -m shared.config env-example | markdown | update-readme | check\n")
+    sys.stderr.write("usage: ./start.sh config env-example | markdown | update-readme | check\n")
     return 2
 
 

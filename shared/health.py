@@ -63,6 +63,7 @@ from shared.config import (
     load_settings,
     read_environment,
 )
+from shared.cli import ArgumentParser
 from shared.errors import describe
 from shared.logs import redact, register_secret, setup_logging
 from shared.timeouts import OperationTimeout, bounded, deadline
@@ -592,7 +593,7 @@ class HealthChecker:
             words.append(f"needs login: {', '.join(needs_login)}")
         if not accounts:
             verdicts.append(HealthStatus.DEGRADED)
-            words.append("no Telegram accounts (python worker.py login)")
+            words.append("no Telegram accounts (./start.sh worker login)")
         else:
             words.append(f"{len(active)} of {len(accounts)} accounts active")
         return HealthStatus.worst(verdicts), prefix + "; ".join(words), data
@@ -769,8 +770,8 @@ _HEARTBEAT_IDS_BY_BOT: dict[str, Callable[[Any], tuple[str, ...] | None]] = {
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m shared.health",
+    parser = ArgumentParser(
+        prog="./start.sh health",
         description="Check the bot's dependencies. Exit 0 healthy, 1 degraded, 2 error.",
         epilog="Settings come from the environment and .env (BOT picks the bot: worker, ingest or bot). "
         "Resource thresholds: RESOURCE_WARN_PERCENT (70), RESOURCE_CRITICAL_PERCENT (90).",
@@ -817,12 +818,9 @@ def _main_cli(argv: list[str]) -> int:
     try:
         names = expand_names(args.checks)
     except ValueError as exc:
-        parser.print_usage(sys.stderr)
-        sys.stderr.write(f"{parser.prog}: {exc}\n")
-        return 2
+        parser.error(str(exc))
     if not args.timeout > 0:
-        sys.stderr.write(f"{parser.prog}: --timeout must be above 0\n")
-        return 2
+        parser.error("--timeout must be above 0")
     env = read_environment()
     # The table is the output: logs (to stderr) only for errors, or everything with LOG_LEVEL=DEBUG.
     debug = (env.get("LOG_LEVEL") or "").strip().upper() == "DEBUG"

@@ -273,7 +273,7 @@ class AccountConnection:
             await telegram_op(client.connect(), self.policy.connect_timeout, "connect", detail=self.label)
             authorized = await telegram_op(client.is_user_authorized(), self.policy.call_timeout, "is_user_authorized")
             if not authorized:
-                await self.mark_needs_login("the session is not logged in (run: python worker.py login)")
+                await self.mark_needs_login("the session is not logged in (run: ./start.sh worker login)")
                 return
             if self.on_connected is not None:
                 await self.on_connected(self)
@@ -386,7 +386,7 @@ class AccountConnection:
                 AlertType.ACCOUNT_NEEDS_LOGIN,
                 f"Account {self.label} needs a new login: {reason}",
                 key=f"login:{self.label}",
-                details={"account": self.label, "fix": "python worker.py login"},
+                details={"account": self.label, "fix": "./start.sh worker login"},
             )
 
     async def _release_lease(self) -> None:

@@ -18,7 +18,7 @@ import asyncio
 import sys
 from pathlib import Path
 
-from shared.cli import run_cli
+from shared.cli import ArgumentParser, run_cli
 from shared.config import CommonSettings, load_or_exit
 from shared.db import EMBEDDED_SUBDIR
 from shared.db.embedded import EmbeddedPostgres
@@ -29,7 +29,7 @@ from shared.runtime import configure_logging
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m shared.db", description="Database migrations.")
+    parser = ArgumentParser(prog="./start.sh db", description="Database migrations.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("migrate", "apply pending migrations"), ("status", "list migrations and whether each is applied")):
         command = sub.add_parser(name, help=text)

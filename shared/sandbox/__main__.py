@@ -18,6 +18,8 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+from shared.cli import ArgumentParser
+
 from . import default_sandbox_dir
 from ._faults import AfterLoss, FaultKind
 from ._media import ImageKind
@@ -26,8 +28,8 @@ from ._world import World
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m shared.sandbox",
+    parser = ArgumentParser(
+        prog="./start.sh sandbox",
         description="Drive the local Telegram sandbox world that bots use in sandbox mode.",
     )
     parser.add_argument("--dir", type=Path, default=None,
@@ -146,8 +148,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _message_line(message: WorldMessage, duplicate: bool) -> str:
+    """One message as a person reads it: the text as written, its further lines indented under the first."""
     parts = [f"#{message.id}", message.date.strftime("%Y-%m-%d %H:%M:%S"), f"{message.sender}:"]
-    parts.append(repr(message.text) if message.text else "''")
+    if message.text:
+        parts.append(message.text.replace("\r\n", "\n").replace("\n", "\n    "))
+    elif not message.media:
+        parts.append("(no text)")
     if message.media:
         media = message.media
         size = f" {media.width}x{media.height}" if media.width else ""
