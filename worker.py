@@ -14,7 +14,8 @@ The story, top to bottom:
 4. history: page through ``get_messages(offset_id=...)``, saving the cursor;
 5. jobs: scheduled sends, edits, deletes, mark-read;
 6. the process: runtime, loops, heartbeat, shutdown;
-7. the command line: run, login, accounts, send, rotate-key.
+7. the command line: run, login, accounts, send, messages, history, schedule,
+   jobs, requeue, rotate-key.
 
 Exactly once, in short: every message is in the database before anything is
 sent; its ``random_id`` is fixed at enqueue; every attempt, including one
@@ -56,6 +57,7 @@ from shared.db.records import (
     ChatKind,
     Direction,
     InboundMessage,
+    JobStatus,
     MessageJob,
     MessageJobKind,
     OutboundMessage,
@@ -1040,8 +1042,22 @@ class Worker:
 # --- 7. the command line ----------------------------------------------------------
 
 
-async def cli_accounts(settings: WorkerSettings, as_json: bool) -> int:
+async def open_cli_database(settings: WorkerSettings) -> Database:
+    """The database for a command; in sandbox mode with the sandbox's demo accounts in it (once)."""
     db = await open_database(settings)
+    if settings.sandbox:
+        from shared.sandbox import World
+
+        try:
+            await seed_sandbox_accounts(db, World.open(settings.sandbox_path), session_cipher(settings))
+        except BaseException:
+            await db.close()
+            raise
+    return db
+
+
+async def cli_accounts(settings: WorkerSettings, as_json: bool) -> int:
+    db = await open_cli_database(settings)
     try:
         accounts = await db.list_accounts()
     finally:
@@ -1120,12 +1136,8 @@ async def cli_send(settings: WorkerSettings, args: argparse.Namespace) -> int:
     """Queue a message (checked now against Telegram's limits); with ``--wait``, report its outcome."""
     attachments = _attachments_of(args)
     parts = _message_parts(args, attachments)
-    db = await open_database(settings)
+    db = await open_cli_database(settings)
     try:
-        if settings.sandbox:
-            from shared.sandbox import World
-
-            await seed_sandbox_accounts(db, World.open(settings.sandbox_path), session_cipher(settings))
         account = await account_by_label(db, args.account)
         ids = []
         for index, part in enumerate(parts):
@@ -1209,7 +1221,7 @@ async def _why_queued(db: Database, account: Account, row: OutboundMessage) -> s
 
 async def cli_messages(settings: WorkerSettings, args: argparse.Namespace) -> int:
     """List outbound messages with their status and reason, newest first."""
-    db = await open_database(settings)
+    db = await open_cli_database(settings)
     try:
         account_id = (await account_by_label(db, args.account)).id if args.account else None
         labels = {a.id: a.label for a in await db.list_accounts()}
@@ -1250,7 +1262,7 @@ async def cli_requeue(settings: WorkerSettings, args: argparse.Namespace) -> int
     if not (args.ids or args.account or args.all):
         print("name message ids, --account LABEL or --all (try --dry-run first)", file=sys.stderr)
         return 2
-    db = await open_database(settings)
+    db = await open_cli_database(settings)
     try:
         account_id = None
         if args.account:
@@ -1269,6 +1281,153 @@ async def cli_requeue(settings: WorkerSettings, args: argparse.Namespace) -> int
     for r in rows:
         print(f"{verb} {r.id} to {r.peer} (was {r.previous_status.value}: {r.last_error or 'no error recorded'})")
     print(f"{len(rows)} message(s) {outcome}")
+    return 0
+
+
+async def chat_id_of(db: Database, settings: WorkerSettings, account: Account, peer: str) -> int:
+    """The numeric chat id of ``peer`` for a job: a number as given, else a chat the worker already stored.
+
+    A job cannot resolve a username itself without logging in a second copy
+    of a session a running worker holds; the sandbox can answer directly.
+    """
+    text = peer.strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    chat = await db.find_chat(account.id, text)
+    if chat is not None:
+        return chat.telegram_chat_id
+    if settings.sandbox:
+        from shared.sandbox import World, SandboxError
+
+        try:
+            found = World.open(settings.sandbox_path).peer(text)
+        except (SandboxError, ValueError):
+            found = None
+        if found is not None:
+            if found.kind.is_user:
+                return utils.get_peer_id(types.PeerUser(found.id))
+            if found.kind.is_channel:
+                return utils.get_peer_id(types.PeerChannel(found.id))
+            return utils.get_peer_id(types.PeerChat(found.id))
+    raise CliError(
+        f"account {account.label} knows no chat {peer!r}",
+        "give the numeric chat id, or let the worker receive a message from that chat first",
+    )
+
+
+_RELATIVE = re.compile(r"^\+?(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d)$")
+
+
+def parse_when(raw: str, *, now: datetime | None = None) -> datetime:
+    """``--at``: ``now``, ``+30s`` / ``+10m`` / ``+2h`` / ``+1d``, or an ISO 8601 time (UTC when no zone is given)."""
+    now = now or datetime.now(UTC)
+    text = raw.strip().lower()
+    if text == "now":
+        return now
+    relative = _RELATIVE.match(text)
+    if relative:
+        unit = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}[relative.group(2)]
+        return now + timedelta(seconds=float(relative.group(1)) * unit)
+    try:
+        when = datetime.fromisoformat(raw.strip())
+    except ValueError:
+        raise CliError(f"--at {raw!r} is not a time", "use now, +10m, +2h, +1d or 2026-12-24T18:00 (UTC unless a zone is given)") from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+async def cli_history(settings: WorkerSettings, args: argparse.Namespace) -> int:
+    """Ask the worker to fetch a chat's past messages (a history job)."""
+    if args.limit is not None and args.limit <= 0:
+        raise CliError(f"--limit must be above 0, got {args.limit}", "leave it out for the whole history")
+    db = await open_cli_database(settings)
+    try:
+        account = await account_by_label(db, args.account)
+        chat_id = await chat_id_of(db, settings, account, args.chat)
+        job = await db.create_history_job(account.id, chat_id, target_count=args.limit)
+    finally:
+        await db.close()
+    what = f"the last {args.limit} messages" if args.limit else "the whole history"
+    print(f"history job {job.id} ({job.status.value}): {what} of chat {chat_id} for {account.label}; "
+          "follow it with ./start.sh worker jobs")
+    return 0
+
+
+async def cli_schedule(settings: WorkerSettings, args: argparse.Namespace) -> int:
+    """Schedule a send (or an edit, a delete) for a later time (a message job)."""
+    when = parse_when(args.at)
+    payload: dict[str, Any] = {"peer": args.to}
+    if args.delete is not None:
+        kind = MessageJobKind.DELETE
+        payload["message_ids"] = [args.delete]
+    elif args.edit is not None:
+        kind = MessageJobKind.EDIT
+        if not (args.text or "").strip():
+            raise CliError("an edit needs the new text", "give it after the options")
+        payload.update(message_id=args.edit, text=args.text)
+    else:
+        kind = MessageJobKind.SEND
+        payload["text"] = args.text
+    if kind is not MessageJobKind.DELETE:
+        try:
+            check_message(args.text, ())
+        except PermanentError as exc:
+            raise CliError(str(exc), "shorten it, or schedule several messages") from None
+    db = await open_cli_database(settings)
+    try:
+        account = await account_by_label(db, args.account)
+        job = await db.create_message_job(account.id, kind, payload, run_at=when, dedupe_key=args.key)
+    finally:
+        await db.close()
+    print(f"{kind.value} job {job.id} for {account.label} to {args.to} at {job.run_at:%Y-%m-%d %H:%M:%S} UTC; "
+          "follow it with ./start.sh worker jobs")
+    return 0
+
+
+async def cli_jobs(settings: WorkerSettings, args: argparse.Namespace) -> int:
+    """History and message jobs with their progress, newest first."""
+    statuses = [JobStatus(s) for s in args.status] if args.status else None
+    db = await open_cli_database(settings)
+    try:
+        labels = {a.id: a.label for a in await db.list_accounts()}
+        history = await db.list_history_jobs(statuses=statuses, limit=args.limit)
+        scheduled = await db.list_message_jobs(statuses=statuses, limit=args.limit)
+    finally:
+        await db.close()
+    rows: list[dict[str, Any]] = []
+    for h in history:
+        percent = round(min(100.0, 100.0 * h.fetched_count / h.target_count), 1) if h.target_count else (
+            100.0 if h.status is JobStatus.DONE else None
+        )
+        rows.append({
+            "id": h.id, "type": "history", "account": labels.get(h.account_id, str(h.account_id)), "status": h.status.value,
+            "chat_id": h.chat_id, "fetched": h.fetched_count, "stored": h.stored_count, "target": h.target_count,
+            "percent": percent, "run_at": h.run_at.isoformat(), "attempts": h.attempts, "reason": h.last_error,
+        })
+    for m in scheduled:
+        rows.append({
+            "id": m.id, "type": m.kind.value, "account": labels.get(m.account_id, str(m.account_id)), "status": m.status.value,
+            "to": m.payload.get("peer"), "run_at": m.run_at.isoformat(), "attempts": m.attempts, "result": m.result,
+            "reason": m.last_error,
+        })
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    if not rows:
+        print("no jobs (./start.sh worker history ... or ./start.sh worker schedule ... adds one)")
+        return 0
+    print(f"{'id':>6}  {'type':<9} {'account':<14} {'status':<8} progress / when")
+    for r in rows:
+        if r["type"] == "history":
+            target = f"/{r['target']}" if r["target"] else ""
+            percent = f" ({r['percent']:g}%)" if r["percent"] is not None else ""
+            detail = f"chat {r['chat_id']}: {r['fetched']}{target} fetched, {r['stored']} new{percent}"
+        else:
+            detail = f"to {r['to']} at {r['run_at'][:19].replace('T', ' ')} UTC"
+            if r["result"]:
+                detail += f" -> {json.dumps(r['result'])}"
+        if r["reason"]:
+            detail += f"; {r['reason']}"
+        print(f"{r['id']:>6}  {r['type']:<9} {r['account']:<14} {r['status']:<8} {detail}")
     return 0
 
 
@@ -1367,6 +1526,28 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--wait", nargs="?", const="30", default=None, metavar="SECONDS",
         help="wait up to SECONDS (default 30) for the outcome and print it",
     )
+    history = sub.add_parser("history", help="fetch a chat's past messages into the database (a history job)")
+    history.add_argument("--account", required=True, help="the account whose chat it is")
+    history.add_argument("--chat", required=True, help="numeric chat id, or a username / title the worker has seen")
+    history.add_argument("--limit", type=int, help="only the newest N messages (default: the whole history)")
+    schedule = sub.add_parser(
+        "schedule",
+        help="send (or edit, delete) a message at a later time (a message job)",
+        epilog="--at takes now, +30s, +10m, +2h, +1d or an ISO time such as 2026-12-24T18:00 (UTC unless a zone is given). "
+        "Example: ./start.sh worker schedule --account demo_one --to alice --at +1m 'see you'",
+    )
+    schedule.add_argument("--account", required=True, help="the sending account's label")
+    schedule.add_argument("--to", required=True, help="username, phone or numeric chat id")
+    schedule.add_argument("--at", required=True, metavar="TIME", help="when to run it")
+    change = schedule.add_mutually_exclusive_group()
+    change.add_argument("--edit", type=int, metavar="MESSAGE_ID", help="edit this Telegram message to TEXT instead of sending")
+    change.add_argument("--delete", type=int, metavar="MESSAGE_ID", help="delete this Telegram message instead of sending")
+    schedule.add_argument("--key", help="dedupe key: the same key never schedules twice")
+    schedule.add_argument("text", nargs="?", default=None)
+    jobs = sub.add_parser("jobs", help="list history and message jobs with their progress")
+    jobs.add_argument("--status", action="append", choices=[s.value for s in JobStatus], help="only this status (repeatable)")
+    jobs.add_argument("--limit", type=int, default=50, help="at most this many of each type, newest first (default 50)")
+    jobs.add_argument("--json", action="store_true")
     messages = sub.add_parser("messages", help="list outbound messages with their status and reason")
     messages.add_argument(
         "--status", action="append", choices=[s.value for s in OutboundStatus], help="only this status (repeatable)"
@@ -1413,6 +1594,12 @@ def _main(argv: list[str]) -> int:
         return asyncio.run(cli_send(settings, args))
     if command == "messages":
         return asyncio.run(cli_messages(settings, args))
+    if command == "history":
+        return asyncio.run(cli_history(settings, args))
+    if command == "schedule":
+        return asyncio.run(cli_schedule(settings, args))
+    if command == "jobs":
+        return asyncio.run(cli_jobs(settings, args))
     if command == "login":
         return asyncio.run(cli_login(settings, args))
     if command == "rotate-key":
