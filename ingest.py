@@ -69,7 +69,16 @@ from shared.runtime import BotRuntime, Stats, configure_logging, run_bot
 from shared.sessions import SessionCipher
 from shared.shutdown import GracefulShutdown
 from shared.storage import ObjectInfo, Storage, open_storage
-from shared.telegram import AccountConnection, ClientFactory, ConnectionPolicy, ConnectionState, client_factory, session_cipher
+from shared.telegram import (
+    SANDBOX_INGEST_ACCOUNT,
+    SANDBOX_INGEST_PHONE,
+    AccountConnection,
+    ClientFactory,
+    ConnectionPolicy,
+    ConnectionState,
+    client_factory,
+    session_cipher,
+)
 from shared.timeouts import telegram_op
 
 logger = logging.getLogger("ingest")
@@ -905,9 +914,11 @@ def _refetch_fixes(exc: BaseException) -> bool:
 class AccountKeeper:
     """The one account ingest logs in with: chosen, leased, connected and supervised.
 
-    The account is INGEST_ACCOUNT, else the first active one. In sandbox mode
-    the demo account is provisioned when there is none, and given a fresh
-    session when its old one stopped working. Everything else (lease,
+    The account is INGEST_ACCOUNT, else the first active one; in sandbox mode
+    it is ingest's own sandbox account (``demo_ingest``, a member of the demo
+    channel), so a worker running at the same time keeps the demo accounts.
+    In sandbox mode the account is provisioned when there is none, and given
+    a fresh session when its old one stopped working. Everything else (lease,
     reconnect with backoff, alert after RECONNECT_ALERT_AFTER failures, dead
     sessions) is :class:`shared.telegram.AccountConnection`.
     """
@@ -944,7 +955,7 @@ class AccountKeeper:
 
     async def _choose(self) -> Account | None:
         accounts = sorted(await self.db.list_accounts(), key=lambda a: a.id)
-        wanted = self.settings.ingest_account
+        wanted = self.settings.ingest_account or (SANDBOX_INGEST_ACCOUNT if self.world is not None else None)
         if wanted:
             return next((a for a in accounts if a.label == wanted), None)
         return next((a for a in accounts if a.status is AccountStatus.ACTIVE), None)
@@ -954,7 +965,10 @@ class AccountKeeper:
         assert self.world is not None
         demo = await asyncio.to_thread(self.world.seed_demo)
         peer = demo.accounts[0]
-        if label:
+        label = label or SANDBOX_INGEST_ACCOUNT
+        if label == SANDBOX_INGEST_ACCOUNT:
+            peer = await asyncio.to_thread(self._sandbox_ingest_peer, demo)
+        elif label:
             with contextlib.suppress(Exception):
                 peer = await asyncio.to_thread(self.world.peer, f"@{label}")
         session = await asyncio.to_thread(self.world.session_string, peer.phone)
@@ -966,6 +980,17 @@ class AccountKeeper:
         )
         logger.info("sandbox: account %s provisioned with a fresh session", account.label)
         return account
+
+    def _sandbox_ingest_peer(self, demo: Any) -> Any:
+        """Ingest's own sandbox user, a member of the demo channel (created once)."""
+        from shared.sandbox import SandboxError
+
+        try:
+            peer = self.world.peer(f"@{SANDBOX_INGEST_ACCOUNT}")
+        except (SandboxError, ValueError):
+            peer = self.world.create_user(SANDBOX_INGEST_ACCOUNT, phone=SANDBOX_INGEST_PHONE, first_name="Demo", last_name="Ingest")
+        self.world.add_member(demo.channel, peer)
+        return peer
 
     async def cycle(self) -> float:
         """The accounts loop: pick the account once, then keep its lease and connection."""

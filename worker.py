@@ -40,6 +40,7 @@ import unicodedata
 import uuid
 from collections import OrderedDict, defaultdict
 from collections.abc import AsyncIterator, Sequence
+import contextlib
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -70,7 +71,14 @@ from shared.ratelimit import KeyedBuckets
 from shared.runtime import BotRuntime, configure_logging, run_bot
 from shared.sessions import SessionCipher
 from shared.storage import Storage, open_storage
-from shared.telegram import AccountConnection, AccountPool, ConnectionPolicy, client_factory, session_cipher
+from shared.telegram import (
+    SANDBOX_INGEST_ACCOUNT,
+    AccountConnection,
+    AccountPool,
+    ConnectionPolicy,
+    client_factory,
+    session_cipher,
+)
 from shared.timeouts import telegram_op
 
 logger = logging.getLogger("worker")
@@ -960,6 +968,8 @@ class Worker:
                 on_connected=on_connected,
                 alerts=runtime.alerts,
                 labels=set(settings.worker_accounts) if settings.worker_accounts else None,
+                # In the sandbox, ingest's own account is ingest's: the two walk-throughs run side by side.
+                exclude={SANDBOX_INGEST_ACCOUNT} if settings.sandbox and not settings.worker_accounts else None,
             )
             sync.pool = outbound.pool = history.pool = jobs.pool = pool
             if settings.worker_accounts:
@@ -985,6 +995,7 @@ class Worker:
             runtime.add_loop("history", history.cycle, interval=5.0)
             runtime.add_loop("jobs", jobs.cycle, interval=2.0)
             runtime.add_section("accounts", self.accounts_status)
+            runtime.add_ready_check("accounts", self.can_send)
             runtime.add_section("outbound", outbound.status)
             runtime.add_section("sync", sync.status)
             runtime.add_section("history_jobs", history.status)
@@ -1027,16 +1038,54 @@ class Worker:
             logger.warning("%s", line)
 
     async def accounts_status(self) -> dict[str, Any]:
-        """Per account: connection, lease, queue depth, counts, flood wait, last error."""
+        """Per account: connection, lease, queue depth, counts, flood wait, last error.
+
+        Accounts the pool does not connect (needs_login, disabled) are listed
+        too, with the command that fixes them: they are why messages wait.
+        """
         assert self.db is not None and self.pool is not None
         depth: dict[int, int] = {}
         for count in await self.db.outbound_counts():
             if count.status in (OutboundStatus.QUEUED, OutboundStatus.SENDING):
                 depth[count.account_id] = depth.get(count.account_id, 0) + count.count
         status = self.pool.status()
-        for entry in status.values():
+        for account in await self.db.list_accounts():
+            if account.label in status or not self._serves(account.label):
+                continue
+            status[account.label] = {
+                "id": account.id,
+                "state": account.status.value,
+                "connected": False,
+                "last_error": account.last_error,
+            }
+        for label, entry in status.items():
             entry["queue_depth"] = depth.get(entry["id"], 0)
+            if entry.get("state") == AccountStatus.NEEDS_LOGIN.value:
+                entry["fix"] = f"./start.sh worker login --label {label}"
         return status
+
+    def _serves(self, label: str) -> bool:
+        return not self.settings.worker_accounts or label in self.settings.worker_accounts
+
+    async def can_send(self) -> None:
+        """The ``/ready`` check: at least one account is connected.
+
+        Raises:
+            PermanentError: none is, naming the accounts that need a login.
+        """
+        assert self.pool is not None
+        if self.pool.connected():
+            return
+        waiting = [c.label for c in self.pool.connections.values() if c.state.value == AccountStatus.NEEDS_LOGIN.value]
+        if self.db is not None:
+            with contextlib.suppress(Exception):
+                waiting += [
+                    a.label for a in await self.db.list_accounts(statuses=[AccountStatus.NEEDS_LOGIN])
+                    if self._serves(a.label) and a.label not in waiting
+                ]
+        if waiting:
+            raise PermanentError(f"no account can send: {', '.join(waiting)} need(s) a login (./start.sh worker login --label LABEL)")
+        raise PermanentError("no account can send: none is connected yet")
 
 
 # --- 7. the command line ----------------------------------------------------------

@@ -213,7 +213,7 @@ SETTINGS: list[Setting] = [
     Setting("MAX_IMAGE_SIZE_BYTES", _int(1), 52428800, "a whole number of bytes >= 1", "Larger media is skipped before download.", frozenset({"ingest"})),
     Setting("MAX_IMAGE_DIMENSION", _int(16), 8192, "a whole number of pixels >= 16", "Longest side kept; larger images are downscaled or skipped.", frozenset({"ingest"})),
     # Process and server
-    Setting("PORT", _int(0, 65535), 8080, "a port number 0-65535", "Port of the status server (Railway sets it).", PROCESS),
+    Setting("PORT", _int(0, 65535), None, "a port number 0-65535", "Port of the status server (Railway sets it). Unset: worker 8080, ingest 8081, bot 8082, so the three run side by side.", PROCESS),
     Setting("DATA_DIR", _path, Path("./.data"), "a directory path", "Local state: embedded PostgreSQL, sandbox world, spill files."),
     Setting("SANDBOX_DIR", _path, None, "a directory path", "Telegram sandbox world (default <DATA_DIR>/sandbox), used when no Telegram credentials are set."),
     Setting("SHUTDOWN_GRACE", _float(0), 30.0, "a number of seconds >= 0", "Time in-flight work gets to finish after SIGTERM.", PROCESS),
@@ -549,6 +549,19 @@ def parse_setting(setting: Setting, env: Mapping[str, str]) -> Any:
         raise ConfigError(setting.name, setting.expected, raw, secret=setting.secret) from None
 
 
+#: The status server's port per bot when PORT is unset: the walk-throughs run side by side.
+DEFAULT_PORTS = {"worker": 8080, "ingest": 8081, "bot": 8082}
+
+#: Which bot a settings class belongs to (for its default port).
+_BOT_OF_CLASS = {"WorkerSettings": "worker", "IngestSettings": "ingest", "ReplyGuySettings": "bot"}
+
+
+def default_port(cls: type, values: Mapping[str, Any]) -> int:
+    """PORT's default for the bot ``cls`` configures (a supervisor probes the bot it runs: BOT)."""
+    bot = _BOT_OF_CLASS.get(cls.__name__) or str(values.get("bot") or "worker")
+    return DEFAULT_PORTS.get(bot, DEFAULT_PORTS["worker"])
+
+
 def load_settings(cls: type[S], env: Mapping[str, str] | None = None) -> S:
     """Build ``cls`` from ``env`` (default: :func:`read_environment`).
 
@@ -562,6 +575,8 @@ def load_settings(cls: type[S], env: Mapping[str, str] | None = None) -> S:
         if setting is None:
             raise RuntimeError(f"settings field {cls.__name__}.{f.name} has no Setting in shared.config.SETTINGS")
         values[f.name] = parse_setting(setting, source)
+    if "port" in values and values["port"] is None:
+        values["port"] = default_port(cls, values)
     settings = cls(**values)
     check = getattr(settings, "validate", None)
     if callable(check):

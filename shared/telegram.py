@@ -422,8 +422,17 @@ class AccountConnection:
         }
 
 
+#: Ingest's own account in sandbox mode, so the worker's and ingest's walk-throughs run side by
+#: side (one account is served by one process at a time: its lease).
+SANDBOX_INGEST_ACCOUNT = "demo_ingest"
+SANDBOX_INGEST_PHONE = "+15550100009"
+
+
 class AccountPool:
-    """Every active account of the database, each as an :class:`AccountConnection`."""
+    """Every active account of the database, each as an :class:`AccountConnection`.
+
+    ``labels`` limits it to those accounts; ``exclude`` leaves these out.
+    """
 
     def __init__(
         self,
@@ -436,7 +445,9 @@ class AccountPool:
         on_connected: Callable[[AccountConnection], Awaitable[None]] | None = None,
         alerts: AlertSink | None = None,
         labels: set[str] | None = None,
+        exclude: set[str] | None = None,
     ) -> None:
+        self.exclude = exclude or set()
         self.db = db
         self.cipher = cipher
         self.client_factory = client_factory
@@ -455,7 +466,7 @@ class AccountPool:
         accounts = await self.db.list_accounts()
         seen: set[int] = set()
         for account in accounts:
-            if self.labels is not None and account.label not in self.labels:
+            if (self.labels is not None and account.label not in self.labels) or account.label in self.exclude:
                 continue
             seen.add(account.id)
             connection = self.connections.get(account.id)

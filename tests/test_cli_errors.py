@@ -204,3 +204,21 @@ async def test_a_database_without_the_schema_is_named_as_such_with_exit_2(
     finally:
         if endpoint is not None:
             await endpoint.stop()
+
+
+async def test_start_sh_runs_the_bot_named_by_bot_in_dotenv_and_the_environment_wins(tmp_path: Path) -> None:
+    copy = tmp_path / "clone"
+    copy.mkdir()
+    (copy / "start.sh").write_bytes((ROOT / "start.sh").read_bytes())
+    (copy / "start.sh").chmod(0o755)
+    for bot in ("worker", "ingest", "bot"):
+        (copy / f"{bot}.py").write_text(f"import sys\nprint('{bot} ran', *sys.argv[1:])\n")
+    (copy / ".env").write_text("# the bot to run\nBOT = 'ingest'  # ingest only\n")
+    env = {**os.environ, "NO_VENV": "1", "PYTHON": sys.executable}
+    env.pop("BOT", None)
+    code, out, err = await run((str(copy / "start.sh"),), env)
+    assert code == 0 and out.strip() == "ingest ran", err
+    code, out, err = await run((str(copy / "start.sh"),), {**env, "BOT": "bot"})
+    assert code == 0 and out.strip() == "bot ran", err
+    code, out, err = await run((str(copy / "start.sh"), "worker", "send", "--help"), env)
+    assert code == 0 and out.strip() == "worker ran send --help", "commands pass through to the bot"

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Protocol
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from shared.breaker import CircuitBreaker
 from shared.db.base import (
@@ -72,8 +73,28 @@ from shared.db.supabase_http import SupabaseDatabase
 
 logger = logging.getLogger(__name__)
 
-#: Where the embedded server keeps its data, under DATA_DIR.
+#: Where the embedded server keeps its data, under DATA_DIR (or the sandbox's directory).
 EMBEDDED_SUBDIR = "postgres"
+
+
+def embedded_dir(settings: Any, env: Mapping[str, str] | None = None) -> Path:
+    """The embedded server's data directory: the sandbox's own under its world, else DATA_DIR/postgres.
+
+    Sandbox and real mode never share state: a start with real Telegram
+    credentials cannot mark the sandbox's accounts needs_login, and the
+    sandbox's demo accounts never appear among the real ones. Settings
+    without a ``sandbox`` property (the migration command's) tell the mode
+    by the Telegram credentials in ``env``; without ``env`` they mean DATA_DIR/postgres.
+    """
+    sandbox = getattr(settings, "sandbox", None)
+    if sandbox is None:
+        if env is None:
+            return Path(settings.data_dir) / EMBEDDED_SUBDIR
+        sandbox = not (env.get("TELEGRAM_API_ID") or env.get("TELEGRAM_API_HASH"))
+    if not sandbox:
+        return Path(settings.data_dir) / EMBEDDED_SUBDIR
+    world = getattr(settings, "sandbox_dir", None) or Path(settings.data_dir) / "sandbox"
+    return Path(world) / EMBEDDED_SUBDIR
 
 
 class DatabaseSettings(Protocol):
@@ -133,7 +154,7 @@ async def open_database(
         db = await SupabaseDatabase(settings.supabase_url, key, timeout=timeout, breaker=breaker).open()
         await _check_schema(db, dsn=None)
     else:
-        embedded = EmbeddedPostgres(Path(settings.data_dir) / EMBEDDED_SUBDIR)
+        embedded = EmbeddedPostgres(embedded_dir(settings))
         dsn = await embedded.start()
         postgres = PostgresDatabase(
             dsn,
@@ -216,6 +237,7 @@ __all__ = [
     "MessageJob",
     "MessageJobKind",
     "MigrationError",
+    "embedded_dir",
     "SchemaMissing",
     "MigrationReport",
     "OUTBOUND_CHANNEL",

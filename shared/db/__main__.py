@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 
 from shared.cli import ArgumentParser, run_cli
-from shared.config import CommonSettings, load_or_exit
-from shared.db import EMBEDDED_SUBDIR
+from shared.config import CommonSettings, load_or_exit, read_environment
+from shared.db import embedded_dir
 from shared.db.embedded import EmbeddedPostgres
 from shared.db.errors import MigrationError
 from shared.db.migrations import MIGRATIONS_DIR, apply_migrations, migration_status
@@ -50,7 +50,7 @@ async def _run(args: argparse.Namespace, settings: CommonSettings) -> int:
                 "(the project's direct or session-pooler connection string) or run `supabase db push`\n"
             )
             return 2
-        embedded = EmbeddedPostgres(Path(settings.data_dir) / EMBEDDED_SUBDIR)
+        embedded = EmbeddedPostgres(embedded_dir(settings, read_environment()))
         url = await embedded.start()
         print(f"embedded PostgreSQL in {embedded.data_dir}")
     else:
