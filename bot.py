@@ -989,7 +989,11 @@ async def cli_health(settings: ReplyGuySettings, args: argparse.Namespace) -> in
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = ArgumentParser(prog="./start.sh bot", description="The Reply Guy: tweets in, approved replies out.")
+    parser = ArgumentParser(
+        prog="./start.sh bot",
+        description="The Reply Guy: tweets in, approved replies out.",
+        epilog="Global flags: -v shows INFO logs, --debug shows a traceback on errors. Manual: docs/reply-guy.md",
+    )
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("run", help="run the bot (the default)")
     health = sub.add_parser("health", help="ask the running bot how it is: exit 0 healthy, 1 degraded, 2 error")

@@ -1286,7 +1286,11 @@ async def cli_gc(settings: IngestSettings, *, dry_run: bool, older_than_hours: f
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = ArgumentParser(prog="./start.sh ingest", description="Store the images of Telegram channels in R2.")
+    parser = ArgumentParser(
+        prog="./start.sh ingest",
+        description="Store the images of Telegram channels in R2.",
+        epilog="Global flags: -v shows INFO logs, --debug shows a traceback on errors. Manual: docs/ingest.md",
+    )
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("run", help="run the bot (the default)")
     gc = sub.add_parser("gc", help="delete stored objects that no row points at (try --dry-run first)")

@@ -89,6 +89,10 @@ case "${1:-run}" in
     bench)
         shift
         [[ $# -ge 1 ]] || die "name a benchmark: ./start.sh bench NAME [--quick] [--json] (available: $(benchmarks))"
+        if [[ "$1" == "-h" || "$1" == "--help" ]]; then
+            echo "usage: ./start.sh bench NAME [--quick] [--json]   (available: $(benchmarks))"
+            exit 0
+        fi
         name=$1
         shift
         [[ "$name" != _* && -f "bench/$name.py" ]] || die "no benchmark named '$name' (available: $(benchmarks))"

@@ -3,9 +3,9 @@
 Each variable is a :class:`Setting` in :data:`SETTINGS` with its parser, its
 default, the form it expects and a comment. The settings classes are frozen
 dataclasses whose field names are the lower-cased variable names, so one
-declaration serves the code, ``.env.example`` and the README table
-(``python -m shared.config env-example`` / ``markdown`` print them, and a
-test checks both files against this registry).
+declaration serves the code, ``.env.example`` and docs/configuration.md
+(``./start.sh config env-example`` prints the one, ``./start.sh config docs``
+writes the other, and a test checks both files against this registry).
 
 A wrong or missing value raises :class:`ConfigError` naming the variable and
 the expected form; :func:`load_or_exit` turns that into one line on stderr
@@ -632,28 +632,37 @@ def render_markdown_table() -> str:
     return "\n".join(rows) + "\n"
 
 
-README_START = "<!-- settings:start -->"
-README_END = "<!-- settings:end -->"
+#: The generated settings reference.
+CONFIGURATION_DOC = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 
 
-def update_readme(path: Path) -> bool:
-    """Rewrite the settings table between the README's markers. True when it changed."""
-    text = path.read_text(encoding="utf-8")
-    head, start, rest = text.partition(README_START)
-    _, end, tail = rest.partition(README_END)
-    if not start or not end:
-        raise ValueError(f"{path} has no {README_START} ... {README_END} markers")
-    updated = f"{head}{README_START}\n{render_markdown_table()}{README_END}{tail}"
-    if updated != text:
-        path.write_text(updated, encoding="utf-8")
-    return updated != text
+def render_configuration_doc() -> str:
+    """docs/configuration.md: every setting, generated from :data:`SETTINGS` (a test keeps it current)."""
+    return (
+        "# Configuration\n\n"
+        "<!-- Generated from shared/config.py: ./start.sh config docs. Edit the Setting there, not this file. -->\n\n"
+        "Every variable the bots and the supervisor read, its default and what it does. "
+        "`.env.example` lists the same with comments: copy it to `.env` for local runs "
+        "(real environment variables win over `.env`). A bad value stops start-up with one line naming "
+        "the variable and the form it expects (exit 2).\n\n"
+        "The few a real deployment needs are listed in the [README](../README.md#going-real); "
+        "everything else has a default that works.\n\n"
+        + render_markdown_table()
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if args == ["update-readme"]:
-        changed = update_readme(Path("README.md"))
-        sys.stdout.write("README.md updated\n" if changed else "README.md already up to date\n")
+    if args in (["-h"], ["--help"]) or args[1:] in (["-h"], ["--help"]):
+        sys.stdout.write(
+            "usage: ./start.sh config env-example | markdown | docs | check\n"
+            "  env-example  print .env.example\n  markdown     print the settings table\n"
+            "  docs         write docs/configuration.md\n  check        load the settings, exit 2 naming a bad one\n"
+        )
+        return 0
+    if args == ["docs"]:
+        CONFIGURATION_DOC.write_text(render_configuration_doc(), encoding="utf-8")
+        sys.stdout.write(f"{CONFIGURATION_DOC.relative_to(CONFIGURATION_DOC.parent.parent)} written\n")
         return 0
     if args == ["env-example"]:
         sys.stdout.write(render_env_example())
@@ -665,7 +674,7 @@ def main(argv: list[str] | None = None) -> int:
         load_or_exit(CommonSettings)
         sys.stdout.write("configuration OK\n")
         return 0
-    sys.stderr.write("usage: ./start.sh config env-example | markdown | update-readme | check\n")
+    sys.stderr.write("usage: ./start.sh config env-example | markdown | docs | check\n")
     return 2
 
 

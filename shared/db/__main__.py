@@ -29,7 +29,11 @@ from shared.runtime import configure_logging
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="./start.sh db", description="Database migrations.")
+    parser = ArgumentParser(
+        prog="./start.sh db",
+        description="Database migrations.",
+        epilog="Example: ./start.sh db migrate --dry-run. Manual: docs/architecture.md#data-postgresql-and-supabase",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("migrate", "apply pending migrations"), ("status", "list migrations and whether each is applied")):
         command = sub.add_parser(name, help=text)

@@ -31,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="./start.sh sandbox",
         description="Drive the local Telegram sandbox world that bots use in sandbox mode.",
+        epilog="Example: ./start.sh sandbox inbox alice. Manual: docs/sandbox.md",
     )
     parser.add_argument("--dir", type=Path, default=None,
                         help="world directory (default: SANDBOX_DIR or <DATA_DIR>/sandbox)")
