@@ -823,8 +823,10 @@ def _main_cli(argv: list[str]) -> int:
         parser.error("--timeout must be above 0")
     env = read_environment()
     # The table is the output: logs (to stderr) only for errors, or everything with LOG_LEVEL=DEBUG.
+    from shared.cli import verbose
+
     debug = (env.get("LOG_LEVEL") or "").strip().upper() == "DEBUG"
-    setup_logging(level="DEBUG" if debug else "ERROR", fmt="text", stream=sys.stderr)
+    setup_logging(level="DEBUG" if debug else "INFO" if verbose() else "ERROR", fmt="text", stream=sys.stderr)
     try:
         return asyncio.run(_main(names, as_json=args.json, timeout=args.timeout, env=env))
     except KeyboardInterrupt:

@@ -49,6 +49,7 @@ def table(files: dict[str, str]) -> list[Bad]:
         Bad("send 2100 emoji", (*send, "😀" * 2100), 2, "4200 UTF-16 code units"),
         Bad("send a missing file", (*send, "--file", "/missing/file.jpg", "caption"), 2, "attachment not found"),
         Bad("send an empty file", (*send, "--file", files["empty"], "caption"), 2, "attachment is empty"),
+        Bad("send a file over 2 GiB", (*send, "--file", files["huge"], "caption"), 2, "attachment too large: 2147483649 bytes"),
         Bad("send a long caption", (*send, "--file", files["small"], "c" * 1100), 2, "caption too long: 1100"),
         Bad("send two attachments", (*send, "--file", files["small"], "--storage-key", "k", "x"), 2, "2 attachments"),
         Bad("send from an unknown account", (*py, "worker.py", "send", "--account", "nobody", "--to", "alice", "x"), 2, "no account labelled 'nobody'"),
@@ -87,7 +88,10 @@ def files(tmp_path: Path) -> dict[str, str]:
     small.write_text("a small attachment\n")
     empty = tmp_path / "empty.bin"
     empty.write_bytes(b"")
-    return {"small": str(small), "empty": str(empty)}
+    huge = tmp_path / "huge.bin"
+    with huge.open("wb") as handle:  # sparse: 2 GiB + 1 byte on paper, nothing on disk
+        handle.truncate(2 * 1024**3 + 1)
+    return {"small": str(small), "empty": str(empty), "huge": str(huge)}
 
 
 async def run(argv: tuple[str, ...], env: dict[str, str], stdin: bytes = b"") -> tuple[int, str, str]:
