@@ -53,18 +53,19 @@ from telethon.sessions import StringSession
 from shared.alerts import AlertType
 from shared.breaker import BreakerRegistry, CircuitBreaker, CircuitOpenError, CircuitState
 from shared.breaker import registry as breaker_registry
-from shared.config import BY_NAME, ReplyGuySettings, load_or_exit
+from shared.cli import ArgumentParser, run_cli
+from shared.config import BY_NAME, ReplyGuySettings, load_or_exit, refuse_implicit_sandbox_or_exit
 from shared.db import Database, Tweet, TweetStatus
 from shared.db.retry_store import DbRetryStore
 from shared.errors import ErrorKind, classify, describe
+from shared.health import report_of
 from shared.retry_queue import JsonlRetryStore, RetryItem, RetryQueue
-from shared.cli import ArgumentParser, run_cli
 from shared.runtime import BotRuntime, StartupAborted, StartupFailed, configure_logging, run_bot
 from shared.timeouts import db_op
 
 from replyguy.ai import AIClient, Drafter, load_prompt
 from replyguy.approval import ApprovalDesk, Decision
-from replyguy.health import Health, overall
+from replyguy.health import Health
 from replyguy.local_ai import SANDBOX_AI_KEY, SANDBOX_AI_MODEL, LocalAI
 from replyguy.local_x import SANDBOX_KEYWORDS, SANDBOX_TARGET_ACCOUNTS, SANDBOX_X_CREDENTIALS, LocalX
 from replyguy.state import ReplyState
@@ -222,7 +223,7 @@ class ReplyGuy:
         rng: chooses the random posting delays.
         settle_after: seconds after which a ``posting`` intent is settled
             (default TIMEOUT_HTTP + 5 s: no POST can still be in flight).
-        stale_minutes: crash recovery's threshold (seed 001: 30 minutes).
+        stale_minutes: crash recovery's threshold (30 minutes by default).
     """
 
     def __init__(
@@ -367,7 +368,7 @@ class ReplyGuy:
     # --- 3a. crash recovery ----------------------------------------------------------------------
 
     async def recover(self) -> dict[str, int]:
-        """Put back what a crash left stuck (seed 001's ``recover_stale_tweets``).
+        """Put back what a crash left stuck (tweets left in ``posting`` or ``failed``).
 
         Tweets stuck for STALE_MINUTES in ``failed`` or ``posting`` are sent
         back, by one SQL statement, to where they can safely continue (so a
@@ -761,7 +762,7 @@ class ReplyGuy:
     # --- 3g. health and status ------------------------------------------------------------------------
 
     async def health_check_all(self) -> dict[str, Any]:
-        """Database, twitter, ai and telegram, each healthy | degraded | error, and overall."""
+        """Database, twitter, ai and telegram, each healthy | degraded | error, and overall (one shape for every bot)."""
         database: dict[str, Any]
         db_breaker = breaker_registry.get("database")
         try:
@@ -772,13 +773,12 @@ class ReplyGuy:
         except Exception as exc:
             database = {"status": Health.ERROR.value, "connected": False, "error": describe(exc),
                         "circuit_breaker": db_breaker.state.value if db_breaker else None}
-        components = {
+        return report_of({
             "database": database,
             "twitter": self.x.health(),
             "ai": self.ai.health(),
             "telegram": self.desk.health(),
-        }
-        return {**components, "overall": overall(components).value}
+        })
 
     async def status(self) -> dict[str, Any]:
         """The ``reply_guy`` section of /status."""
@@ -981,10 +981,9 @@ async def cli_health(settings: ReplyGuySettings, args: argparse.Namespace) -> in
         print(json.dumps(data, indent=2, sort_keys=True))
     else:
         print(f"overall: {state.value}")
-        for name in ("database", "twitter", "ai", "telegram"):
-            part = data.get(name) or {}
-            extra = part.get("last_error") or part.get("error") or ""
-            print(f"  {name:<9} {part.get('status', '?'):<9} {extra}".rstrip())
+        for name, part in (data.get("checks") or {}).items():
+            detail = part.get("detail", "") if part.get("status") != "healthy" else ""
+            print(f"  {name:<9} {part.get('status', '?'):<9} {detail}".rstrip())
     return state.exit_code
 
 
@@ -1013,6 +1012,8 @@ def _main(argv: list[str]) -> int:
     args = parse_args(argv)
     settings = load_or_exit(ReplyGuySettings)
     command = args.command or "run"
+    if command == "run":
+        refuse_implicit_sandbox_or_exit(settings, "TELEGRAM_API_ID")
     configure_logging(settings, stream=sys.stdout if command == "run" else sys.stderr, quiet=command != "run")
     if command == "health":
         return asyncio.run(cli_health(settings, args))

@@ -56,7 +56,7 @@ from telethon import TelegramClient, events, types, utils
 
 from shared.alerts import AlertSink, AlertType
 from shared.breaker import CircuitBreaker, CircuitOpenError, CircuitState
-from shared.config import IngestSettings, load_or_exit
+from shared.config import IngestSettings, load_or_exit, refuse_implicit_sandbox_or_exit
 from shared.db import Database, open_database
 from shared.db.records import Account, AccountStatus, IngestStatus
 from shared.db.retry_store import DbRetryStore
@@ -1311,6 +1311,8 @@ def _main(argv: list[str]) -> int:
     args = parse_args(argv)
     settings = load_or_exit(IngestSettings)
     command = args.command or "run"
+    if command == "run":
+        refuse_implicit_sandbox_or_exit(settings, "TELEGRAM_API_ID")
     configure_logging(settings, stream=sys.stdout if command == "run" else sys.stderr, quiet=command != "run")
     logging.getLogger("telethon.client.downloads").setLevel(logging.WARNING)  # one INFO line per download otherwise
     if command == "gc":

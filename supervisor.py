@@ -54,6 +54,7 @@ from shared.alerts import AlertType, build_alert_sink
 from shared.cli import ArgumentParser, run_cli
 from shared.config import ConfigError, load_settings
 from shared.logs import setup_logging
+from shared.retry import exponential_delay
 
 # Run as a script, __name__ is "__main__"; name the logger after the module anyway.
 logger = logging.getLogger("supervisor" if __name__ == "__main__" else __name__)
@@ -150,21 +151,6 @@ def load_environment(env_file: Path | None) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------- small pure parts
-
-
-def backoff_delay(restart_number: int, *, base: float, maximum: float) -> float:
-    """Seconds to wait before the n-th restart within the window.
-
-    Args:
-        restart_number: 1 for the first restart, 2 for the second, ...
-        base: The first delay (RESTART_BACKOFF_BASE).
-        maximum: The cap (RESTART_BACKOFF_MAX).
-
-    Returns:
-        ``base * 2 ** (restart_number - 1)``, never more than ``maximum``.
-    """
-    exponent = min(max(restart_number - 1, 0), 60)
-    return min(base * (2.0**exponent), maximum)
 
 
 def describe_returncode(returncode: int | None) -> str:
@@ -462,7 +448,7 @@ class Supervisor:
                     details=self._details(result, restarts),
                 )
                 return 1
-            delay = backoff_delay(restarts, base=s.restart_backoff_base, maximum=s.restart_backoff_max)
+            delay = exponential_delay(restarts, base=s.restart_backoff_base, cap=s.restart_backoff_max, jitter=False)
             logger.warning(
                 "restart %d of %d within %gs: starting the child again in %.2fs",
                 restarts,

@@ -50,7 +50,7 @@ from typing import Any
 from telethon import events, functions, types, utils
 
 from shared.cli import ArgumentParser, CliError, run_cli
-from shared.config import WorkerSettings, load_or_exit
+from shared.config import WorkerSettings, load_or_exit, refuse_implicit_sandbox_or_exit
 from shared.db import Database, open_database
 from shared.db.records import (
     Account,
@@ -970,6 +970,8 @@ class Worker:
                 labels=set(settings.worker_accounts) if settings.worker_accounts else None,
                 # In the sandbox, ingest's own account is ingest's: the two walk-throughs run side by side.
                 exclude={SANDBOX_INGEST_ACCOUNT} if settings.sandbox and not settings.worker_accounts else None,
+                # The sandbox serves only its own accounts: a real one would be logged out by it.
+                accepts=(lambda account: world.has_account(account.phone)) if self.world is not None else None,
             )
             sync.pool = outbound.pool = history.pool = jobs.pool = pool
             if settings.worker_accounts:
@@ -1633,6 +1635,8 @@ def _main(argv: list[str]) -> int:
     args = parse_args(argv)
     settings = load_or_exit(WorkerSettings)
     command = args.command or "run"
+    if command == "run":
+        refuse_implicit_sandbox_or_exit(settings, "TELEGRAM_API_ID")
     # A command's own output is its answer on stdout; its logs go to stderr, warnings only unless -v.
     configure_logging(settings, stream=sys.stdout if command == "run" else sys.stderr, quiet=command != "run")
     if command == "run":

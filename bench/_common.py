@@ -489,6 +489,7 @@ def worker_env(
     return {
         **WORKER_BASE_ENV,
         "DATABASE_URL": dsn,
+        "SANDBOX": "1",
         "SANDBOX_DIR": str(accounts.world_dir),
         "DATA_DIR": str(data_dir),
         "SESSION_ENCRYPTION_KEY": accounts.key,

@@ -242,6 +242,7 @@ class Chaos(ChaosRun[Plan, WorkerProcess]):
         self.env = {
             **worker_env(plan),
             "DATABASE_URL": self.proxied_dsn,
+            "SANDBOX": "1",
             "SANDBOX_DIR": str(world.directory),
             "SESSION_ENCRYPTION_KEY": key,
         }

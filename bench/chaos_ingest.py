@@ -201,6 +201,7 @@ class IngestChaos(ChaosRun[Plan, IngestProcess]):
             **ingest_env(self.plan),
             **self.s3.env(self.bucket),
             "DATABASE_URL": self.dsn,
+            "SANDBOX": "1",
             "SANDBOX_DIR": str(self.world.directory),
             "DATA_DIR": str(self.run_dir / "data"),
         }

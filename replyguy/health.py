@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
-from typing import Any
 
 from shared.breaker import CircuitBreaker, CircuitState
 
@@ -49,9 +48,4 @@ def breaker_health(breaker: CircuitBreaker) -> Health:
     return Health.HEALTHY
 
 
-def overall(components: dict[str, dict[str, Any]]) -> Health:
-    """The worst ``status`` among the components of :func:`bot.ReplyGuy.health_check_all`."""
-    return worst(Health(c.get("status", Health.ERROR.value)) for c in components.values())
-
-
-__all__ = ["Health", "breaker_health", "overall", "worst"]
+__all__ = ["Health", "breaker_health", "worst"]

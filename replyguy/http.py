@@ -58,7 +58,7 @@ async def read_capped(response: aiohttp.ClientResponse, what: str) -> bytes:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """``with_backoff`` settings for one service (the issue's 3 retries, 1 s base, 10 s cap)."""
+    """``retry_async`` settings for one service (3 retries, 1 s base, 10 s cap)."""
 
     max_retries: int = 3
     base_delay: float = 1.0

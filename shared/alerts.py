@@ -46,7 +46,7 @@ MAX_DETAIL_LENGTH = 500
 
 
 class AlertType(str, Enum):
-    """Kinds of operator alerts (seed 001's types plus the supervisor's and loops')."""
+    """Kinds of operator alerts (failures, stuck work, dead letters, the supervisor's and the loops')."""
 
     CIRCUIT_BREAKER_OPEN = "circuit_breaker_open"
     INITIALIZATION_FAILED = "initialization_failed"
@@ -130,7 +130,7 @@ def format_alert(
     details: Mapping[str, Any] | None = None,
     title: str | None = None,
 ) -> str:
-    """Build the plain-text alert body (seed 001's layout), redacted and length-capped.
+    """Build the plain-text alert body (header, message, details, time), redacted and length-capped.
 
     Args:
         alert_type: The alert's type; decides the icon.

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import unquote, urlparse
 
 from dotenv import dotenv_values
@@ -176,10 +176,11 @@ class Setting:
     bots: frozenset[str] = ALL
     secret: bool = False
     required: bool = False
+    field_name: str | None = None
 
     @property
     def field(self) -> str:
-        return self.name.lower()
+        return self.field_name or self.name.lower()
 
     def default_text(self) -> str:
         if self.default is None:
@@ -192,7 +193,7 @@ class Setting:
 
 
 SETTINGS: list[Setting] = [
-    # Timeouts (seed 004)
+    # Timeouts: the deadlines of every network await
     Setting("TIMEOUT_TELEGRAM_SEND", _float(0, exclusive=True), 30.0, "a number of seconds > 0", "Deadline of one Telegram send."),
     Setting("TIMEOUT_TELEGRAM_ENTITY", _float(0, exclusive=True), 15.0, "a number of seconds > 0", "Deadline of resolving a chat or user."),
     Setting("TIMEOUT_TELEGRAM_MEDIA", _float(0, exclusive=True), 60.0, "a number of seconds > 0", "Deadline of one media upload or download."),
@@ -215,6 +216,7 @@ SETTINGS: list[Setting] = [
     # Process and server
     Setting("PORT", _int(0, 65535), None, "a port number 0-65535", "Port of the status server (Railway sets it). Unset: worker 8080, ingest 8081, bot 8082, so the three run side by side.", PROCESS),
     Setting("DATA_DIR", _path, Path("./.data"), "a directory path", "Local state: embedded PostgreSQL, sandbox world, spill files."),
+    Setting("SANDBOX", _bool, False, "0 or 1", "Run on the local sandbox although a database is configured (without it, a bot with DATABASE_URL or SUPABASE_URL but no credentials refuses to start). Only sandbox accounts are used.", field_name="sandbox_requested"),
     Setting("SANDBOX_DIR", _path, None, "a directory path", "Telegram sandbox world (default <DATA_DIR>/sandbox), used when no Telegram credentials are set."),
     Setting("SHUTDOWN_GRACE", _float(0), 30.0, "a number of seconds >= 0", "Time in-flight work gets to finish after SIGTERM.", PROCESS),
     Setting("STATUS_TOKEN", _text, None, "a non-empty token", "When set, every path but /health and /ready requires it (Bearer or ?token=).", secret=True),
@@ -328,6 +330,7 @@ class CommonSettings:
     retry_queue_capacity: int
     port: int
     data_dir: Path
+    sandbox_requested: bool
     sandbox_dir: Path | None
     shutdown_grace: float
     status_token: str | None
@@ -345,7 +348,35 @@ class CommonSettings:
     db_auto_migrate: bool
     db_breaker_recovery: float
 
+    @property
+    def sandbox(self) -> bool:
+        """Run on local stand-ins instead of the real services (each bot says which credentials decide)."""
+        return False
+
+    def refuse_implicit_sandbox(self, credentials: str) -> None:
+        """Stop a bot from running its sandbox on a configured database unless SANDBOX=1 says so.
+
+        A forgotten credential on a deployment would otherwise seed demo
+        accounts into the real database and serve them with stand-in clients.
+
+        Raises:
+            ConfigError: when sandbox mode was chosen only by a missing credential.
+        """
+        if not self.sandbox or self.sandbox_requested:
+            return
+        configured = "DATABASE_URL" if self.database_url else "SUPABASE_URL" if self.supabase_url else None
+        if configured is not None:
+            raise ConfigError(
+                credentials,
+                f"set when {configured} is (or set SANDBOX=1 to run the local sandbox on that database)",
+                None,
+            )
+
     def validate(self) -> None:
+        # Settings of no particular bot (./start.sh db, ./start.sh config check) have no mode to contradict.
+        own_mode = type(self).sandbox is not CommonSettings.sandbox
+        if self.sandbox_requested and own_mode and not self.sandbox:
+            raise ConfigError("SANDBOX", "0 (or unset) while real credentials are set: pick one", "1")
         if self.resource_critical_percent < self.resource_warn_percent:
             raise ConfigError(
                 "RESOURCE_CRITICAL_PERCENT",
@@ -589,8 +620,21 @@ def load_or_exit(cls: type[S], env: Mapping[str, str] | None = None) -> S:
     try:
         return load_settings(cls, env)
     except ConfigError as exc:
-        sys.stderr.write(f"CONFIG ERROR: {exc}\n")
-        raise SystemExit(2) from None
+        exit_with(exc)
+
+
+def exit_with(exc: ConfigError) -> NoReturn:
+    """One line on stderr and exit code 2: how every bad setting ends a start."""
+    sys.stderr.write(f"CONFIG ERROR: {exc}\n")
+    raise SystemExit(2) from None
+
+
+def refuse_implicit_sandbox_or_exit(settings: CommonSettings, credentials: str) -> None:
+    """:meth:`CommonSettings.refuse_implicit_sandbox`, or one line and exit code 2."""
+    try:
+        settings.refuse_implicit_sandbox(credentials)
+    except ConfigError as exc:
+        exit_with(exc)
 
 
 def settings_for(bot: str) -> list[Setting]:

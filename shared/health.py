@@ -128,9 +128,15 @@ class CheckResult:
     detail: str
     seconds: float
     data: dict[str, Any] = field(default_factory=dict)
+    checked_at: float = field(default_factory=time.time)
 
     def as_dict(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"status": self.status.value, "detail": self.detail, "seconds": round(self.seconds, 3)}
+        body: dict[str, Any] = {
+            "status": self.status.value,
+            "detail": self.detail,
+            "seconds": round(self.seconds, 3),
+            "checked_at": _iso(self.checked_at),
+        }
         if self.data:
             body["data"] = self.data
         return body
@@ -154,9 +160,33 @@ class HealthReport:
     def as_dict(self) -> dict[str, Any]:
         return {
             "overall": self.overall.value,
-            "checked_at": dt.datetime.fromtimestamp(self.checked_at, tz=dt.timezone.utc).isoformat(timespec="seconds"),
+            "checked_at": _iso(self.checked_at),
             "checks": {name: result.as_dict() for name, result in self.checks.items()},
         }
+
+
+def _iso(timestamp: float) -> str:
+    return dt.datetime.fromtimestamp(timestamp, tz=dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def report_of(components: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Components a bot judged itself (``{"status": ..., facts...}``) in the one ``/health/detailed`` shape.
+
+    Every bot answers ``{"overall", "checked_at", "checks": {dependency:
+    {"status", "detail", "seconds", "checked_at", "data"}}}``, whether its
+    verdicts come from :func:`run_checks` or from its own clients' state.
+    """
+    now = time.time()
+    results: dict[str, CheckResult] = {}
+    for name, component in components.items():
+        status = HealthStatus(component.get("status", HealthStatus.ERROR.value))
+        facts = {k: v for k, v in component.items() if k not in ("status", "detail")}
+        detail = component.get("detail") or component.get("error") or component.get("last_error") or {
+            HealthStatus.HEALTHY: "ok", HealthStatus.DEGRADED: "degraded", HealthStatus.ERROR: "failing",
+        }[status]
+        results[name] = CheckResult(name, status, redact(str(detail)), float(component.get("seconds", 0.0)),
+                                    _redacted_data(facts), now)
+    return HealthReport(results, now).as_dict()
 
 
 # --- resources -----------------------------------------------------------------------------
@@ -238,7 +268,7 @@ def default_thresholds() -> ResourceThresholds:
 @dataclass(frozen=True)
 class ResourceSample:
     """CPU, memory and disk use in percent, the path whose disk was measured,
-    and what temporary files under ``DATA_DIR/tmp`` hold (seed 002 watches them:
+    and what temporary files under ``DATA_DIR/tmp`` hold (they are watched because downloads and uploads land there:
     a download or attachment left by a killed process stays there)."""
 
     cpu_percent: float
@@ -253,7 +283,7 @@ TEMP_SUBDIR = "tmp"
 """Where bots put temporary files, under DATA_DIR."""
 
 TEMP_WARN_BYTES = 500 * 1024 * 1024
-"""Temporary files above this total make the resources degraded (seed 002: 500 MB)."""
+"""Temporary files above this total make the resources degraded (downloads that were never cleaned up)."""
 
 
 def temp_files(data_dir: Path) -> Iterator[tuple[Path, os.stat_result]]:

@@ -1,7 +1,7 @@
 """The global heartbeat: one record per process, written on a fixed interval.
 
 It runs as its own task, independent of the loops, so it keeps beating while a
-loop is stuck (seed 004's third validation test) and tells whoever reads it
+loop is stuck (a loop that stops writing while the process lives) and tells whoever reads it
 which loops are well. A failing store is logged and counted and never stops
 the heartbeat. The record goes to a :class:`HeartbeatStore`: the database's
 ``worker_heartbeats`` table, or a JSON file under DATA_DIR before a database

@@ -1,6 +1,6 @@
 """Retry with exponential backoff, built on tenacity.
 
-``with_backoff`` retries only what :func:`shared.errors.classify` calls
+``retry_async`` retries only what :func:`shared.errors.classify` calls
 transient, and honours a rate limit's ``retry_after`` when it is short
 enough to wait inside the call; a longer one is raised at once so the
 caller can reschedule the work instead of sleeping on it. Permanent errors,
@@ -15,12 +15,10 @@ watchdog restarts, the supervisor, the retry queue).
 from __future__ import annotations
 
 import asyncio
-import functools
-import inspect
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from typing import Any, ParamSpec, TypeVar
+from typing import TypeVar
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
@@ -28,7 +26,6 @@ from shared.errors import ErrorKind, classify
 
 logger = logging.getLogger(__name__)
 
-P = ParamSpec("P")
 T = TypeVar("T")
 
 
@@ -38,7 +35,7 @@ def exponential_delay(attempt: int, *, base: float, cap: float, jitter: bool = T
     With ``jitter`` the value is drawn from [delay/2, delay] ("equal jitter"),
     so a fleet of clients does not retry in lockstep.
     """
-    delay = min(cap, base * (2 ** max(0, attempt - 1)))
+    delay = min(cap, base * 2.0 ** min(max(0, attempt - 1), 60))  # the exponent capped: no float overflow
     if jitter:
         delay = delay / 2 + random.uniform(0, delay / 2)
     return delay
@@ -114,37 +111,3 @@ async def retry_async(
         with attempt:
             return await fn()
     raise AssertionError("unreachable")  # pragma: no cover
-
-
-def with_backoff(
-    fn: Callable[P, Any] | None = None,
-    *,
-    max_retries: int = 3,
-    base_delay: float = 1.0,
-    max_delay: float = 10.0,
-    max_rate_wait: float | None = None,
-) -> Any:
-    """Decorate an async function so transient failures are retried with backoff.
-
-    Usable bare (``@with_backoff``) or with options
-    (``@with_backoff(max_retries=3, base_delay=1, max_delay=10)``).
-    """
-
-    def decorate(func: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
-        if not inspect.iscoroutinefunction(func):
-            raise TypeError("with_backoff decorates async functions; run sync code in a thread")
-
-        @functools.wraps(func)
-        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-            return await retry_async(
-                lambda: func(*args, **kwargs),
-                max_retries=max_retries,
-                base_delay=base_delay,
-                max_delay=max_delay,
-                max_rate_wait=max_rate_wait,
-                name=func.__qualname__,
-            )
-
-        return wrapper
-
-    return decorate(fn) if fn is not None else decorate

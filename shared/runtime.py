@@ -277,6 +277,11 @@ class BotRuntime:
         return bool(summary.get("healthy", True)), summary
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Ready when start-up is over and every dependency check answers; never while waiting for one."""
+        if self._starting is not None:
+            return False, {"starting": self._starting}
+        if not self._started:
+            return False, {"starting": "the bot is still starting"}
         results: dict[str, Any] = {}
         ok = True
         for name, check in list(self._ready_checks.items()):
@@ -294,10 +299,24 @@ class BotRuntime:
         return await resources_status(self.settings.data_dir, thresholds=ResourceThresholds.resolve(self.settings))
 
     async def _detailed_health(self) -> dict[str, Any]:
+        """The bot's own checks, else its readiness checks, in the one shape of :func:`shared.health.report_of`."""
+        from shared.health import report_of
+
         if self._detailed is not None:
             return await self._detailed()
-        ok, checks = await self.readiness()
-        return {"overall": "healthy" if ok else "error", "checks": checks}
+        if self._starting is not None:
+            return report_of({"start-up": {"status": "error", "detail": f"waiting for {self._starting['waiting_for']}"}})
+        components: dict[str, dict[str, Any]] = {}
+        for name, check in list(self._ready_checks.items()):
+            started = time.monotonic()
+            try:
+                await asyncio.wait_for(check(), 5)
+                components[name] = {"status": "healthy", "detail": "ok"}
+            except Exception as exc:
+                detail = "no answer within 5s" if isinstance(exc, TimeoutError) else describe(exc)
+                components[name] = {"status": "error", "detail": detail}
+            components[name]["seconds"] = time.monotonic() - started
+        return report_of(components)
 
     async def status(self) -> dict[str, Any]:
         data: dict[str, Any] = {

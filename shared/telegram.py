@@ -446,6 +446,7 @@ class AccountPool:
         alerts: AlertSink | None = None,
         labels: set[str] | None = None,
         exclude: set[str] | None = None,
+        accepts: Callable[[Account], bool] | None = None,
     ) -> None:
         self.exclude = exclude or set()
         self.db = db
@@ -456,6 +457,7 @@ class AccountPool:
         self.on_connected = on_connected
         self.alerts = alerts
         self.labels = labels
+        self.accepts = accepts
         self.wake = asyncio.Event()
         self.connections: dict[int, AccountConnection] = {}
 
@@ -467,6 +469,8 @@ class AccountPool:
         seen: set[int] = set()
         for account in accounts:
             if (self.labels is not None and account.label not in self.labels) or account.label in self.exclude:
+                continue
+            if self.accepts is not None and not self.accepts(account):
                 continue
             seen.add(account.id)
             connection = self.connections.get(account.id)

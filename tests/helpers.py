@@ -1,13 +1,16 @@
-"""Helpers several test modules share: waiting on a condition with a deadline, an alert sink that records."""
+"""Helpers the test modules share: waiting on a condition with a deadline, a clock the test moves, an alert sink that records."""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from shared.alerts import AlertType
+
+T = TypeVar("T")
 
 
 async def wait_until(
@@ -45,6 +48,39 @@ async def wait_until(
             detail = "\n" + context() if context is not None else ""
             raise AssertionError(f"{what} not met within {timeout}s{detail}")
         await asyncio.sleep(poll)
+
+
+async def eventually(
+    probe: Callable[[], T | Awaitable[T]], *, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"
+) -> T:
+    """Poll ``probe`` (sync or async) until it returns something truthy, and return that value.
+
+    Raises:
+        AssertionError: still falsy after ``timeout`` seconds (the last value is named).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value  # type: ignore[return-value]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {timeout}s (last value {value!r})")
+        await asyncio.sleep(interval)
+
+
+class FakeClock:
+    """Seconds that move only when the test says so (monotonic or wall clock alike)."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 class RecordingAlerts:

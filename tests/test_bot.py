@@ -26,6 +26,7 @@ from replyguy.local_ai import LocalAI
 from replyguy.local_x import LocalX
 from shared.db import PostgresDatabase, Tweet, TweetStatus
 from shared.sandbox import World
+from tests.helpers import eventually
 
 REPO = Path(__file__).resolve().parent.parent
 BOT_PY = REPO / "bot.py"
@@ -48,6 +49,8 @@ def base_env(tmp_path: Path, extra: Mapping[str, str] | None = None) -> dict[str
         "RETRY_BASE_DELAY": "1",
     }
     env.update(extra or {})
+    if "DATABASE_URL" in env:
+        env["SANDBOX"] = "1"  # the local stand-ins on a configured database are asked for explicitly
     return env
 
 
@@ -163,18 +166,6 @@ async def get_json(url: str, *, token: str | None = None) -> tuple[int, dict]:
             return response.status, await response.json()
 
 
-async def eventually_async(probe, *, timeout: float = 30.0, what: str = "condition"):  # type: ignore[no-untyped-def]
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = await probe()
-        if value:
-            return value
-        if loop.time() > deadline:
-            raise AssertionError(f"{what} not met within {timeout}s (last {value!r})")
-        await asyncio.sleep(0.1)
-
-
 # --- the embedded default ---------------------------------------------------------------------
 
 
@@ -227,7 +218,7 @@ async def test_a_kill_between_posting_and_recording_leaves_exactly_one_reply(
     finally:
         world.close()
 
-    replies = await eventually_async(lambda: _replies(local_x), what="the reply stored by X")
+    replies = await eventually(lambda: _replies(local_x), what="the reply stored by X", timeout=30, interval=0.1)
     target = replies[0]["referenced_tweets"][0]["id"]
     await bot.kill()  # kill -9, mid-request
     db = await PostgresDatabase(database_url, timeout=5).open()
@@ -244,7 +235,7 @@ async def test_a_kill_between_posting_and_recording_leaves_exactly_one_reply(
             tweet = await db.get_tweet(stuck.id)
             return tweet if tweet is not None and tweet.status is TweetStatus.POSTED else None
 
-        settled = await eventually_async(settled_tweet, what="the tweet recorded as posted")
+        settled = await eventually(settled_tweet, what="the tweet recorded as posted", timeout=30, interval=0.1)
         assert settled.posted_tweet_id == replies[0]["id"]
         assert local_x.replies_to(target) == replies  # still exactly one
         assert local_x.hits["post"] == 1
@@ -282,16 +273,16 @@ async def test_health_exit_codes_follow_the_bots_state(
 
     # Degraded: X rate-limits the search (the breaker stays closed; we wait for the reset).
     local_x.faults.add("rate_limit", endpoint="search", reset_in=600)
-    await eventually_async(lambda: _component(port, token, "twitter", "degraded"), what="twitter degraded")
+    await eventually(lambda: _component(port, token, "twitter", "degraded"), what="twitter degraded", timeout=30, interval=0.1)
     code, out = await run_cli(*health, env=env)
     assert code == 1 and "overall: degraded" in out, out
 
     # Error: the AI fails until its breaker opens (3 failures).
     local_ai.faults.add("status", status=500)
     local_x.add_tweet("demo_news", "Breaking: a new tweet to draft a reply for.")
-    await eventually_async(lambda: _component(port, token, "ai", "error"), what="ai error")
+    await eventually(lambda: _component(port, token, "ai", "error"), what="ai error", timeout=30, interval=0.1)
     code, out = await run_cli(*health, "--json", env=env)
-    assert code == 2 and json.loads(out)["ai"]["circuit_breaker"] == "open", out
+    assert code == 2 and json.loads(out)["checks"]["ai"]["data"]["circuit_breaker"] == "open", out
 
     assert await bot.stop() == 0
     code, out = await run_cli(*health, env=env)
@@ -300,7 +291,7 @@ async def test_health_exit_codes_follow_the_bots_state(
 
 async def _component(port: int, token: str, name: str, state: str) -> bool:
     status, body = await get_json(f"http://127.0.0.1:{port}/health/detailed", token=token)
-    return status == 200 and body[name]["status"] == state
+    return status == 200 and body["checks"][name]["status"] == state
 
 
 # --- settings and start-up failures ------------------------------------------------------------

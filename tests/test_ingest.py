@@ -46,6 +46,7 @@ CHANNEL = "@demo_photos"
 
 FAST = {
     "PORT": "0",
+    "SANDBOX": "1",
     "ACCOUNT_CHECK_INTERVAL": "0.2",
     "ACCOUNT_LEASE_SECONDS": "5",
     "WATCHDOG_CHECK_INTERVAL": "0.2",
@@ -263,8 +264,11 @@ async def test_an_r2_outage_opens_the_breaker_and_every_queued_image_is_stored_o
         queue = bot.runtime.queues["ingest"]
         await wait_until(lambda: storage.breaker.get_status()["times_opened"] >= 1, what="the r2 breaker opened")
         await wait_until(lambda: queue.get_status()["queued"] == 7, what="all seven queued")
-        channel = bot.ingestor.status()["channels"][CHANNEL]  # type: ignore[union-attr]
-        assert channel["cursor"] == posted[-1].id  # queued counts as handled: the reader moved on
+        # Queued counts as handled: the reader moves on (its cursor is saved right after the batch).
+        await wait_until(
+            lambda: bot.ingestor.status()["channels"][CHANNEL]["cursor"] == posted[-1].id,  # type: ignore[union-attr]
+            what="the cursor past the queued images",
+        )
         assert await h.rows() == []  # no row without its object
         s3_outage.start()
         await wait_until(lambda: h.count(7), timeout=30, what="all seven stored after the outage")
@@ -458,7 +462,7 @@ async def test_gc_dry_run_lists_old_orphans_and_the_real_run_deletes_only_them(
     os.utime(objects / "attachments/not-ours.png", (day_ago, day_ago))
     await database.record_ingest_image(-100123, 1, storage_key=keys["kept"], sha256=kept_sha)
 
-    env = {**os.environ, "DATABASE_URL": database_url, "DATA_DIR": str(tmp_path / "data"), "SANDBOX_DIR": str(tmp_path / "sb")}
+    env = {**os.environ, "SANDBOX": "1", "DATABASE_URL": database_url, "DATA_DIR": str(tmp_path / "data"), "SANDBOX_DIR": str(tmp_path / "sb")}
 
     def gc(*args: str) -> dict[str, Any]:
         done = subprocess.run(

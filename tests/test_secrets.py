@@ -20,17 +20,15 @@ import io
 import json
 import logging
 import random
-import re
 import socket
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import pytest
-from aiohttp import web
 from cryptography.fernet import Fernet
 from telethon.crypto import AuthKey
 from telethon.sessions import StringSession
@@ -44,6 +42,8 @@ from shared.logs import REDACTED, redact
 from shared.metrics import OP_CALLS
 from shared.runtime import BotRuntime, configure_logging
 from tests.fixtures.postgres import fresh_breaker
+from tests.fixtures.bot_api import BotApiStandIn
+from tests.helpers import wait_until
 
 logger = logging.getLogger("tests.secrets")
 
@@ -87,25 +87,7 @@ def fingerprints() -> dict[str, list[str]]:
 
 
 def leaks(text: str) -> list[str]:
-    text = without_the_known_leak(text)
     return sorted({name for name, parts in fingerprints().items() for part in parts if part in text})
-
-
-def describe_cuts_session_strings() -> bool:
-    """The known leak: ``shared.errors.describe`` cuts a message at 300 characters *before* anything
-    redacts it, so a StringSession (353 characters) inside an exception comes out cut below the
-    300 characters the session pattern of ``shared.logs`` needs, and is not recognised."""
-    return SESSION[1:120] in redact(describe(LoginFailed(f"session {SESSION} rejected")))
-
-
-def without_the_known_leak(text: str) -> str:
-    """While that bug exists, hide only its own traces (a session cut with "…"); every other leak still counts."""
-    if not KNOWN_CUT_SESSION_LEAK:
-        return text
-    return re.sub(r"1[A-Za-z0-9_\-\[\]]{100,}…", "[CUT SESSION: KNOWN LEAK]", text)
-
-
-KNOWN_CUT_SESSION_LEAK = describe_cuts_session_strings()
 
 
 def with_password(dsn: str, password: str) -> str:
@@ -121,48 +103,6 @@ def closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class BotApiStandIn:
-    """A Bot API on 127.0.0.1 (getMe, sendMessage) that keeps every request body it got."""
-
-    def __init__(self) -> None:
-        self.bodies: list[str] = []
-        self.url = ""
-        self._runner: web.AppRunner | None = None
-        self.sent = asyncio.Event()
-
-    async def start(self) -> BotApiStandIn:
-        app = web.Application()
-        app.router.add_get("/bot{token}/getMe", self._get_me)
-        app.router.add_post("/bot{token}/sendMessage", self._send)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
-        return self
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    async def _get_me(self, request: web.Request) -> web.Response:
-        return web.json_response({"ok": True, "result": {"id": 123456789, "is_bot": True, "username": "ops_alert_bot"}})
-
-    async def _send(self, request: web.Request) -> web.Response:
-        self.bodies.append(await request.text())
-        self.sent.set()
-        return web.json_response({"ok": True, "result": {"message_id": len(self.bodies)}})
-
-
-@pytest.fixture
-async def bot_api() -> AsyncIterator[BotApiStandIn]:
-    api = await BotApiStandIn().start()
-    try:
-        yield api
-    finally:
-        await api.stop()
-
-
 @pytest.fixture
 def log_stream() -> Iterator[io.StringIO]:
     """Where configure_logging writes in this test; the root logger is put back afterwards."""
@@ -175,14 +115,6 @@ def log_stream() -> Iterator[io.StringIO]:
             root.removeHandler(handler)
     root.setLevel(level)
     logging.captureWarnings(False)
-
-
-async def wait_until(condition: Any, *, timeout: float = 15.0, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout}s")
-        await asyncio.sleep(0.02)
 
 
 def log_everything_badly() -> None:
@@ -205,10 +137,22 @@ def log_everything_badly() -> None:
         logger.exception("lookup failed in %r", {"session_string": SESSION, "hash": API_HASH})
 
 
-@pytest.mark.parametrize("log_format", ["text", "json"])
-async def test_no_secret_reaches_logs_responses_or_alerts_and_the_token_guards_all_but_health_and_ready(
-    log_format: str, tmp_path: Path, database_url: str, bot_api: BotApiStandIn, log_stream: io.StringIO
-) -> None:
+@dataclass
+class Capture:
+    """Everything a run of the scenario let out: response bodies and headers, alert bodies, the log stream."""
+
+    bodies: dict[str, str]
+    headers: dict[str, str]
+    statuses: dict[str, int]
+    alerts: list[str]
+    logged: str
+
+
+async def run_scenario(
+    log_format: str, tmp_path: Path, database_url: str, bot_api: BotApiStandIn, log_stream: io.StringIO,
+    *, after_logging: Any = None,
+) -> Capture:
+    """A real runtime, fed every secret in every way; returns what came out of it."""
     dsn = with_password(database_url, DB_PASSWORD)
     env = {
         "PORT": "0",
@@ -229,6 +173,8 @@ async def test_no_secret_reaches_logs_responses_or_alerts_and_the_token_guards_a
     }
     settings = load_settings(WorkerSettings, env)
     configure_logging(settings, stream=log_stream)
+    if after_logging is not None:
+        after_logging()
 
     db = await PostgresDatabase(dsn, timeout=10.0, breaker=fresh_breaker()).open()
     runtime = BotRuntime(bot="worker", settings=settings, host="127.0.0.1")
@@ -316,15 +262,40 @@ async def test_no_secret_reaches_logs_responses_or_alerts_and_the_token_guards_a
         await runtime.stop()
         OP_CALLS.remove(*leaky_metric)
 
-    assert len(bodies) == len(PROTECTED) * 3 + len(OPEN)
-    for name, body in bodies.items():
+    return Capture(bodies, headers, statuses, list(bot_api.bodies), log_stream.getvalue())
+
+
+def check_responses(capture: Capture) -> None:
+    assert len(capture.bodies) == len(PROTECTED) * 3 + len(OPEN)
+    for name, body in capture.bodies.items():
         assert leaks(body) == [], f"{name} leaks {leaks(body)}: {body[:3000]}"
-        assert leaks(headers[name]) == [], f"the headers of {name} leak {leaks(headers[name])}"
-    for body in bot_api.bodies:
+        assert leaks(capture.headers[name]) == [], f"the headers of {name} leak {leaks(capture.headers[name])}"
+
+
+def check_alerts(capture: Capture) -> None:
+    assert capture.alerts, "no alert went out"
+    for body in capture.alerts:
         assert leaks(body) == [], f"an alert leaks {leaks(body)}: {body}"
 
-    logged = log_stream.getvalue()
-    assert leaks(logged) == [], f"the logs leak {leaks(logged)}"
+
+def check_logs(capture: Capture) -> None:
+    assert leaks(capture.logged) == [], f"the logs leak {leaks(capture.logged)}"
+
+
+def check_description(describe_exception: Any) -> None:
+    text = describe_exception(LoginFailed(f"session {SESSION} of {PHONE} rejected"))
+    assert leaks(text) == [] and SESSION[1:120] not in text, f"the description leaks {leaks(text)}: {text}"
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+async def test_no_secret_reaches_logs_responses_or_alerts_and_the_token_guards_all_but_health_and_ready(
+    log_format: str, tmp_path: Path, database_url: str, bot_api: BotApiStandIn, log_stream: io.StringIO
+) -> None:
+    capture = await run_scenario(log_format, tmp_path, database_url, bot_api, log_stream)
+    check_responses(capture)
+    check_alerts(capture)
+    check_logs(capture)
+    bodies, statuses, logged = capture.bodies, capture.statuses, capture.logged
 
     # Not vacuous: the secrets were there, and came out redacted.
     status = json.loads(bodies["/status (bearer)"])
@@ -336,18 +307,61 @@ async def test_no_secret_reaches_logs_responses_or_alerts_and_the_token_guards_a
     assert "bot_operation_calls_total" in bodies["/metrics (bearer)"] and "telegram.login" in bodies["/metrics (bearer)"]
     detailed = json.loads(bodies["/health/detailed (bearer)"])
     assert detailed["overall"] == "healthy" and detailed["checks"]["alerts"]["detail"] == "alert bot @ops_alert_bot reachable"
-    assert any("needs a login" in body for body in bot_api.bodies), "the alert went out"
+    assert any("needs a login" in body for body in capture.alerts), "the alert went out"
     for marker in ("login failed for", "again, as extra", "and as exc_info", "lookup failed in", "LoginFailed", "ConnectionError"):
         assert marker in logged, f"{marker!r} was not logged"
     assert logged.count(REDACTED) >= 10
 
 
-@pytest.mark.xfail(
-    KNOWN_CUT_SESSION_LEAK,
-    strict=True,
-    reason="shared.errors.describe cuts messages at 300 characters before redaction, so a StringSession "
-    "(353 characters) is cut below the 300 the session pattern of shared.logs needs; redact before cutting",
-)
 def test_an_exception_carrying_a_session_string_is_described_without_it() -> None:
-    text = redact(describe(LoginFailed(f"session {SESSION} of {PHONE} rejected")))
-    assert leaks(text) == [] and SESSION[1:120] not in text
+    check_description(describe)
+
+
+# --- the checks can fail ------------------------------------------------------
+# Each leak check above is run once more against a bot whose redaction has been
+# taken out by the test (a leaking formatter, identity redactors): every check
+# must then fail. A check that passes here would pass with the leak too.
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def leak_everything(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Plug in the leaks: no redacting filter on the log handler, identity redactors in every consumer."""
+    import shared.alerts
+    import shared.errors
+    import shared.health
+    import shared.logs
+    import shared.status_server
+
+    for module in (shared.alerts, shared.errors, shared.health, shared.status_server):
+        monkeypatch.setattr(module, "redact", _identity)
+    monkeypatch.setattr(shared.status_server, "redact_obj", _identity)
+    monkeypatch.setattr(shared.logs, "redact_obj", _identity)
+
+    def unfilter_the_handlers() -> None:
+        for handler in logging.getLogger().handlers:
+            for flt in list(handler.filters):
+                if isinstance(flt, shared.logs.RedactingFilter):
+                    handler.removeFilter(flt)
+
+    return unfilter_the_handlers
+
+
+async def test_every_leak_check_fails_when_redaction_is_taken_out(
+    tmp_path: Path, database_url: str, bot_api: BotApiStandIn, log_stream: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    unfilter = leak_everything(monkeypatch)
+    capture = await run_scenario("json", tmp_path, database_url, bot_api, log_stream, after_logging=unfilter)
+    for check in (check_responses, check_alerts, check_logs):
+        with pytest.raises(AssertionError, match="leak"):
+            check(capture)
+
+
+def test_the_description_check_fails_when_a_message_is_cut_before_it_is_redacted() -> None:
+    def cut_then_redact(exc: BaseException) -> str:
+        return redact(f"{type(exc).__name__}: {str(exc)[:299]}…")
+
+    with pytest.raises(AssertionError, match="leak"):
+        check_description(cut_then_redact)

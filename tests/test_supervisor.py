@@ -18,20 +18,18 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
-from aiohttp import web
 
 import supervisor
 from shared.alerts import LogAlertSink
+from tests.fixtures.bot_api import BotApiStandIn
 from supervisor import (
     ChildExit,
     ConfigError,
     ExitReason,
     RestartHistory,
     SupervisorSettings,
-    backoff_delay,
     describe_returncode,
 )
 
@@ -181,45 +179,15 @@ async def launch(tmp_path: Path) -> AsyncIterator[Launch]:
             await asyncio.wait_for(run.proc.wait(), timeout=10)
 
 
-@dataclass
-class FakeBotApi:
-    """Stands in for api.telegram.org: records every sendMessage call."""
-
-    base: str
-    messages: list[dict[str, Any]]
-
-
-@pytest.fixture
-async def bot_api() -> AsyncIterator[FakeBotApi]:
-    messages: list[dict[str, Any]] = []
-
-    async def send_message(request: web.Request) -> web.Response:
-        body = await request.json()
-        messages.append({"token": request.match_info["token"], **body})
-        return web.json_response({"ok": True, "result": {"message_id": len(messages)}})
-
-    app = web.Application()
-    app.router.add_post("/bot{token}/sendMessage", send_message)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        yield FakeBotApi(base=f"http://127.0.0.1:{port}", messages=messages)
-    finally:
-        await runner.cleanup()
-
-
 # --------------------------------------------------------------------------- real processes
 
 
 async def test_crashing_child_is_restarted_with_growing_backoff_then_supervisor_gives_up_with_exit_1(
-    launch: Launch, bot_api: FakeBotApi
+    launch: Launch, bot_api: BotApiStandIn
 ) -> None:
     run = await launch(
         "crash:3",
-        env={"ALERT_BOT_TOKEN": ALERT_TOKEN, "ALERT_CHAT_ID": ALERT_CHAT, "ALERT_API_BASE": bot_api.base},
+        env={"ALERT_BOT_TOKEN": ALERT_TOKEN, "ALERT_CHAT_ID": ALERT_CHAT, "ALERT_API_BASE": bot_api.url},
     )
 
     await run.expect(r"child: run=1 mode=crash")
@@ -283,11 +251,11 @@ async def test_child_that_never_answers_is_stopped_after_startup_grace_and_resta
 
 
 async def test_child_that_stops_on_a_bad_setting_is_not_restarted_and_the_supervisor_exits_2(
-    launch: Launch, bot_api: FakeBotApi
+    launch: Launch, bot_api: BotApiStandIn
 ) -> None:
     run = await launch(
         "crash:2",
-        env={"ALERT_BOT_TOKEN": ALERT_TOKEN, "ALERT_CHAT_ID": ALERT_CHAT, "ALERT_API_BASE": bot_api.base},
+        env={"ALERT_BOT_TOKEN": ALERT_TOKEN, "ALERT_CHAT_ID": ALERT_CHAT, "ALERT_API_BASE": bot_api.url},
     )
 
     await run.expect(r"child pid=\d+ exited with code 2")
@@ -457,13 +425,6 @@ def test_bad_value_raises_config_error_naming_the_variable(name: str, value: str
         SupervisorSettings.from_env({name: value})
 
     assert str(caught.value) == message
-
-
-def test_backoff_doubles_from_the_base_and_stops_at_the_maximum() -> None:
-    delays = [backoff_delay(n, base=1.0, maximum=60.0) for n in range(1, 10)]
-
-    assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0]
-    assert backoff_delay(10_000, base=1.0, maximum=60.0) == 60.0
 
 
 def test_restart_history_forgets_restarts_older_than_the_window() -> None:

@@ -29,6 +29,7 @@ from worker import Worker
 
 FAST = {
     "PORT": "0",
+    "SANDBOX": "1",
     "ACCOUNT_CHECK_INTERVAL": "0.2",
     "ACCOUNT_LEASE_SECONDS": "5",
     "OUTBOUND_POLL_INTERVAL": "0.2",

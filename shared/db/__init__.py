@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from collections.abc import Mapping
 from typing import Any, Protocol
 
 from shared.breaker import CircuitBreaker
@@ -77,20 +76,17 @@ logger = logging.getLogger(__name__)
 EMBEDDED_SUBDIR = "postgres"
 
 
-def embedded_dir(settings: Any, env: Mapping[str, str] | None = None) -> Path:
+def embedded_dir(settings: Any, *, sandbox: bool | None = None) -> Path:
     """The embedded server's data directory: the sandbox's own under its world, else DATA_DIR/postgres.
 
     Sandbox and real mode never share state: a start with real Telegram
     credentials cannot mark the sandbox's accounts needs_login, and the
-    sandbox's demo accounts never appear among the real ones. Settings
-    without a ``sandbox`` property (the migration command's) tell the mode
-    by the Telegram credentials in ``env``; without ``env`` they mean DATA_DIR/postgres.
+    sandbox's demo accounts never appear among the real ones. ``sandbox``
+    overrides the settings' own mode (the migration command reads no
+    Telegram settings and decides from the environment).
     """
-    sandbox = getattr(settings, "sandbox", None)
     if sandbox is None:
-        if env is None:
-            return Path(settings.data_dir) / EMBEDDED_SUBDIR
-        sandbox = not (env.get("TELEGRAM_API_ID") or env.get("TELEGRAM_API_HASH"))
+        sandbox = bool(getattr(settings, "sandbox", False))
     if not sandbox:
         return Path(settings.data_dir) / EMBEDDED_SUBDIR
     world = getattr(settings, "sandbox_dir", None) or Path(settings.data_dir) / "sandbox"

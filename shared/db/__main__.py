@@ -54,7 +54,9 @@ async def _run(args: argparse.Namespace, settings: CommonSettings) -> int:
                 "(the project's direct or session-pooler connection string) or run `supabase db push`\n"
             )
             return 2
-        embedded = EmbeddedPostgres(embedded_dir(settings, read_environment()))
+        env = read_environment()
+        sandbox = not (env.get("TELEGRAM_API_ID") or env.get("TELEGRAM_API_HASH"))
+        embedded = EmbeddedPostgres(embedded_dir(settings, sandbox=sandbox))
         url = await embedded.start()
         print(f"embedded PostgreSQL in {embedded.data_dir}")
     else:

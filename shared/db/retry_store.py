@@ -1,7 +1,7 @@
 """The retry queue's durable store in the ``retry_items`` table.
 
 :class:`DbRetryStore` implements :class:`shared.retry_queue.RetryStore` for one
-bot: its rows are ``retry_items`` with ``bot = <name>`` (seed 001's
+bot: its rows are ``retry_items`` with ``bot = <name>`` (the original bot's
 ``failed_tweets`` are the Reply Guy bot's rows). Pending items have
 ``attempts == 0``, retrying ones more; exhausted items stay as dead letters
 with their last error.

@@ -703,6 +703,14 @@ class World:
         with self._read() as store:
             return store.find_peer(ref)
 
+    def has_account(self, phone: str | None) -> bool:
+        """Whether ``phone`` belongs to a user of this world (an account a client can log into)."""
+        if not phone:
+            return False
+        with self._read() as store:
+            peer = store.peer_by_phone(phone)
+        return peer is not None and peer.kind is PeerKind.USER
+
     def peers(self, kind: PeerKind | str | None = None) -> list[Peer]:
         """All peers, optionally of one kind."""
         with self._read() as store:

@@ -1,1 +1,1 @@
-"""The hostile-input corpus: table-driven tests per entry point (issue 10)."""
+"""The hostile-input corpus: table-driven tests per entry point."""

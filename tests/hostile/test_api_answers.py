@@ -107,24 +107,8 @@ X_BODIES: list[tuple[str, Answer]] = COMMON_BODIES + [
     ("referenced_tweets is a number", Answer(b'{"data": [{"id": "1", "text": "t", "referenced_tweets": 5}]}')),
 ]
 
-# Cases where the clients let a raw Python exception out (found by this corpus).
-_NESTING = (
-    "bug: replyguy/http.py HttpResult.json() lets json.loads' RecursionError out (it is no ValueError), and "
-    "ai.py/xapi.py only catch ValueError & co; fix: turn RecursionError into ValueError in HttpResult.json"
-)
-_SHAPE = (
-    "bug: replyguy/xapi.py _tweets_from trusts the types inside a dict answer (data, includes, users, "
-    "referenced_tweets); fix: check each is a list/dict and raise TransientError('unexpected JSON shape')"
-)
-AI_KNOWN_BUGS: dict[str, str] = {}  # none left: each case the corpus found is fixed and passes
-X_KNOWN_BUGS: dict[str, str] = {}
-
-
-def _params(table: list[tuple[str, Answer]], bugs: dict[str, str]) -> list[Any]:
-    return [
-        pytest.param(name, answer, id=name, marks=[pytest.mark.xfail(strict=True, reason=bugs[name])] if name in bugs else [])
-        for name, answer in table
-    ]
+def _params(table: list[tuple[str, Answer]]) -> list[Any]:
+    return [pytest.param(name, answer, id=name) for name, answer in table]
 
 
 async def expect_our_error(call: Any, case: str) -> BaseException:
@@ -142,7 +126,7 @@ async def expect_our_error(call: Any, case: str) -> BaseException:
     pytest.fail(f"{case}: no error, the client returned {str(result)[:200]!r}")
 
 
-@pytest.mark.parametrize(("case", "answer"), _params(AI_BODIES, AI_KNOWN_BUGS))
+@pytest.mark.parametrize(("case", "answer"), _params(AI_BODIES))
 async def test_a_hostile_ai_answer_raises_our_own_readable_error(stand: Stand, case: str, answer: Answer) -> None:
     client = AIClient(base_url=f"{stand.url}/v1", api_key="k", model="m", timeout=5, breaker=breaker("ai_service"), retry=NO_RETRY)
     try:
@@ -154,7 +138,7 @@ async def test_a_hostile_ai_answer_raises_our_own_readable_error(stand: Stand, c
         await client.close()
 
 
-@pytest.mark.parametrize(("case", "answer"), _params(X_BODIES, X_KNOWN_BUGS))
+@pytest.mark.parametrize(("case", "answer"), _params(X_BODIES))
 async def test_a_hostile_x_answer_raises_our_own_readable_error(stand: Stand, case: str, answer: Answer) -> None:
     client = XClient(base_url=stand.url, credentials=CREDENTIALS, timeout=5, breaker=breaker("twitter_api"), retry=NO_RETRY)
     try:

@@ -161,3 +161,31 @@ async def test_a_malformed_session_key_stops_worker_py_with_exit_2_and_one_line(
     values = {"SESSION_ENCRYPTION_KEY": "not-a-fernet-key", "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/none"}
     result = await run([str(ROOT / "worker.py")], clean_env(tmp_path, values), tmp_path)
     assert_one_line_naming(result, "SESSION_ENCRYPTION_KEY", "not-a-fernet-key")
+
+
+# --- sandbox mode is chosen explicitly once a database is configured ----------
+
+
+@pytest.mark.parametrize("bot", ["worker.py", "ingest.py", "bot.py"])
+@pytest.mark.parametrize("database", ["DATABASE_URL", "SUPABASE_URL"])
+async def test_a_bot_with_a_database_but_no_telegram_credentials_refuses_to_run_the_sandbox_on_it(
+    tmp_path: Path, bot: str, database: str
+) -> None:
+    values = {
+        "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/none",
+        "SUPABASE_URL": "https://project.supabase.co",
+    }
+    env = {database: values[database]}
+    if database == "SUPABASE_URL":
+        env["SUPABASE_SERVICE_ROLE_KEY"] = "service-role-key"
+    result = await run([str(ROOT / bot)], clean_env(tmp_path, env), tmp_path)
+    assert_one_line_naming(result, "TELEGRAM_API_ID", "")
+    line = result.stderr.strip()
+    assert "SANDBOX=1" in line and database in line and "Traceback" not in result.stderr + result.stdout
+
+
+async def test_sandbox_1_with_real_credentials_is_a_contradiction_named_in_one_line(tmp_path: Path) -> None:
+    values = {"SANDBOX": "1", "TELEGRAM_API_ID": "12345", "TELEGRAM_API_HASH": "0123456789abcdef0123456789abcdef",
+              "SESSION_ENCRYPTION_KEY": "5u7t8mUrTaRdjhwtm6HCJsq6GRoZmNBV2A_mWTw56gM="}
+    result = await run([str(ROOT / "worker.py")], clean_env(tmp_path, values), tmp_path)
+    assert_one_line_naming(result, "SANDBOX", "1")

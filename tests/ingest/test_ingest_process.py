@@ -33,6 +33,7 @@ pytestmark = pytest.mark.slow
 
 FAST = {
     "PORT": "0",
+    "SANDBOX": "1",
     "LOG_LEVEL": "INFO",
     "ACCOUNT_CHECK_INTERVAL": "0.2",
     "ACCOUNT_LEASE_SECONDS": "5",

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-import inspect
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from shared.config import ReplyGuySettings, load_settings
+from tests.helpers import eventually  # noqa: F401 - the Reply Guy tests import it from here
 
-T = TypeVar("T")
 
 FAST_ENV: dict[str, str] = {
     "TIMEOUT_HTTP": "2",
@@ -27,23 +25,6 @@ FAST_ENV: dict[str, str] = {
 def settings_for(tmp_path: Path, env: Mapping[str, str] | None = None) -> ReplyGuySettings:
     """Reply Guy settings in sandbox mode, with DATA_DIR under ``tmp_path``."""
     return load_settings(ReplyGuySettings, {"DATA_DIR": str(tmp_path / "data"), **FAST_ENV, **(env or {})})
-
-
-async def eventually(
-    probe: Callable[[], T | Awaitable[T]], *, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"
-) -> T:
-    """Poll ``probe`` (sync or async) until it returns something truthy; fail after ``timeout`` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = probe()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value  # type: ignore[return-value]
-        if loop.time() > deadline:
-            raise AssertionError(f"{what} not met within {timeout} s (last value {value!r})")
-        await asyncio.sleep(interval)
 
 
 def active_alerts(sink: Any) -> list[str]:

@@ -18,20 +18,10 @@ from replyguy.xapi import XClient
 from shared.breaker import BreakerRegistry, CircuitOpenError, CircuitState
 from shared.db import DatabaseUnavailable, PostgresDatabase
 from shared.errors import TransientError
+from tests.helpers import FakeClock
 
 ONE_ATTEMPT = RetryPolicy(max_retries=0, base_delay=0.0, max_delay=0.0)
 """One request per call, so the test counts failures exactly."""
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 async def test_twitter_api_opens_after_5_failures_and_closes_after_120_s_and_3_good_trials(local_x: LocalX) -> None:

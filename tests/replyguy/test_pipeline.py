@@ -332,10 +332,11 @@ async def test_health_reports_each_dependency_and_the_worst_overall(rig_factory:
     rig = await rig_factory()
 
     health = await rig.guy.health_check_all()
-    assert {k: v["status"] for k, v in health.items() if k != "overall"} == {
+    assert {k: v["status"] for k, v in health["checks"].items()} == {
         "database": "healthy", "twitter": "healthy", "ai": "healthy", "telegram": "healthy"
     }
     assert health["overall"] == "healthy"
+    assert all({"status", "detail", "checked_at"} <= set(v) for v in health["checks"].values())
 
     rig.local_ai.faults.add("status", status=500, count=1)
     await rig.guy.ai.complete([{"role": "user", "content": "hi"}])  # one failure, then a retry that works
@@ -343,14 +344,15 @@ async def test_health_reports_each_dependency_and_the_worst_overall(rig_factory:
     with pytest.raises(Exception):
         await rig.guy.x.search_recent("bot")
     health = await rig.guy.health_check_all()
-    assert health["ai"]["status"] == "healthy" and health["twitter"]["status"] == "degraded"
+    assert health["checks"]["ai"]["status"] == "healthy" and health["checks"]["twitter"]["status"] == "degraded"
     assert health["overall"] == "degraded"
 
     for _ in range(2):
         with pytest.raises(Exception):
             await rig.guy.x.search_recent("bot")
     health = await rig.guy.health_check_all()
-    assert health["twitter"]["status"] == "error" and health["twitter"]["circuit_breaker"] == "open"
+    twitter = health["checks"]["twitter"]
+    assert twitter["status"] == "error" and twitter["data"]["circuit_breaker"] == "open"
     assert health["overall"] == "error"
 
 

@@ -82,7 +82,7 @@ async def test_a_429_honours_the_reset_header_alerts_and_stops_further_calls(
 
 
 async def test_a_short_rate_limit_is_waited_out_inside_the_call(local_x: LocalX) -> None:
-    policy = RetryPolicy(max_retries=3, base_delay=0.01, max_delay=10.0)  # the cap: waits up to 10 s are honoured
+    policy = RetryPolicy(max_retries=3, base_delay=0.01, max_delay=10.0)  # waits up to the 10 s cap are honoured
     client = XClient(base_url=local_x.base_url, credentials=SANDBOX_X_CREDENTIALS, timeout=1, breaker=CircuitBreaker("x"), retry=policy)
     local_x.faults.add("rate_limit", endpoint="user", reset_in=0, count=1)
     try:

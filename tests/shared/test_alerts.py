@@ -7,113 +7,32 @@ import json
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from aiohttp import web
 
 from shared.alerts import AlertSink, AlertType, LogAlertSink, TelegramAlertSender, build_alert_sink
+from tests.fixtures.bot_api import BotApiStandIn
+from tests.helpers import FakeClock, wait_until
 
 TOKEN = "424242:AAFakeTokenForTestsOnly_abcdefghijklmnopq"
 CHAT_ID = "-100777"
 WALL = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC
 
 
-@dataclass
-class Received:
-    body: dict[str, Any]
-    at: float
-
-
-@dataclass
-class FakeBotApi:
-    """A Bot API stand-in: answers sendMessage according to a script of modes."""
-
-    url: str = ""
-    modes: list[str] = field(default_factory=lambda: ["ok"])
-    requests: list[Received] = field(default_factory=list)
-    release: asyncio.Event = field(default_factory=asyncio.Event)
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def next_mode(self) -> str:
-        return self.modes.pop(0) if len(self.modes) > 1 else self.modes[0]
-
-    @property
-    def texts(self) -> list[str]:
-        return [r.body.get("text", "") for r in self.requests]
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        if request.match_info["token"] != TOKEN:
-            return web.json_response({"ok": False, "error_code": 401, "description": "Unauthorized"}, status=401)
-        try:
-            body = await request.json()
-        except ValueError:
-            body = {}
-        self.requests.append(Received(body=body, at=asyncio.get_running_loop().time()))
-        self.changed.set()
-        mode = self.next_mode()
-        if mode == "ok":
-            return web.json_response({"ok": True, "result": {"message_id": len(self.requests)}})
-        if mode == "500":
-            return web.json_response({"ok": False, "error_code": 500, "description": "Internal Server Error"}, status=500)
-        if mode.startswith("429"):
-            retry_after = int(mode.split(":")[1]) if ":" in mode else 1
-            return web.json_response(
-                {"ok": False, "error_code": 429, "description": f"Too Many Requests: retry after {retry_after}",
-                 "parameters": {"retry_after": retry_after}},
-                status=429,
-            )
-        if mode == "400":
-            return web.json_response({"ok": False, "error_code": 400, "description": "Bad Request: chat not found"}, status=400)
-        if mode == "malformed":
-            return web.Response(text="<html>not json</html>", status=200, content_type="text/html")
-        if mode == "hang":
-            await self.release.wait()
-            return web.json_response({"ok": True, "result": {}})
-        raise AssertionError(f"unknown mode {mode}")
-
-    async def wait_requests(self, count: int, timeout: float = 10) -> None:
-        async with asyncio.timeout(timeout):
-            while len(self.requests) < count:
-                self.changed.clear()
-                if len(self.requests) >= count:
-                    break
-                await self.changed.wait()
-
-
 @pytest.fixture
-async def bot_api() -> AsyncIterator[FakeBotApi]:
-    fake = FakeBotApi()
-    app = web.Application()
-    app.router.add_post("/bot{token}/sendMessage", fake.handle)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    fake.url = f"http://127.0.0.1:{port}"
-    try:
-        yield fake
-    finally:
-        fake.release.set()
-        await runner.cleanup()
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+def bot_api(bot_api: BotApiStandIn) -> BotApiStandIn:
+    """The suite's Bot API stand-in, answering this module's token only."""
+    bot_api.token = TOKEN
+    return bot_api
 
 
 SenderFactory = Callable[..., TelegramAlertSender]
 
 
 @pytest.fixture
-async def make_sender(bot_api: FakeBotApi) -> AsyncIterator[SenderFactory]:
+async def make_sender(bot_api: BotApiStandIn) -> AsyncIterator[SenderFactory]:
     made: list[TelegramAlertSender] = []
 
     def factory(**kwargs: Any) -> TelegramAlertSender:
@@ -136,15 +55,8 @@ async def make_sender(bot_api: FakeBotApi) -> AsyncIterator[SenderFactory]:
         await sender.close(timeout=1)
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float = 10) -> None:
-    """Poll a condition with a deadline."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
-
-
 async def test_alert_is_sent_as_plain_text_with_icon_type_bot_time_message_and_details(
-    bot_api: FakeBotApi, make_sender: SenderFactory
+    bot_api: BotApiStandIn, make_sender: SenderFactory
 ) -> None:
     sender = make_sender()
     await sender.start()
@@ -171,7 +83,7 @@ async def test_alert_is_sent_as_plain_text_with_icon_type_bot_time_message_and_d
 
 
 async def test_same_key_within_window_is_deduplicated_and_sent_again_after_the_window(
-    bot_api: FakeBotApi, make_sender: SenderFactory
+    bot_api: BotApiStandIn, make_sender: SenderFactory
 ) -> None:
     clock = FakeClock()
     sender = make_sender(clock=clock, dedupe_window=600)
@@ -201,7 +113,7 @@ async def test_key_defaults_to_the_type_for_deduplication(make_sender: SenderFac
 
 
 async def test_hanging_bot_api_is_cut_by_send_timeout_and_callers_never_wait(
-    bot_api: FakeBotApi, make_sender: SenderFactory
+    bot_api: BotApiStandIn, make_sender: SenderFactory
 ) -> None:
     bot_api.modes = ["hang", "hang", "ok"]
     sender = make_sender(send_timeout=0.2, max_attempts=2, clock=FakeClock())
@@ -221,7 +133,7 @@ async def test_hanging_bot_api_is_cut_by_send_timeout_and_callers_never_wait(
 
 
 async def test_bot_api_500_is_retried_with_backoff_until_delivered(
-    bot_api: FakeBotApi, make_sender: SenderFactory
+    bot_api: BotApiStandIn, make_sender: SenderFactory
 ) -> None:
     bot_api.modes = ["500", "500", "ok"]
     sender = make_sender(max_attempts=3)
@@ -236,7 +148,7 @@ async def test_bot_api_500_is_retried_with_backoff_until_delivered(
 
 
 async def test_bot_api_500_on_every_try_counts_a_failure_and_the_sender_keeps_working(
-    bot_api: FakeBotApi, make_sender: SenderFactory
+    bot_api: BotApiStandIn, make_sender: SenderFactory
 ) -> None:
     bot_api.modes = ["500", "500", "ok"]
     sender = make_sender(max_attempts=2, clock=FakeClock())
@@ -251,7 +163,7 @@ async def test_bot_api_500_on_every_try_counts_a_failure_and_the_sender_keeps_wo
 
 
 async def test_bot_api_429_is_retried_only_after_its_retry_after(
-    bot_api: FakeBotApi, make_sender: SenderFactory
+    bot_api: BotApiStandIn, make_sender: SenderFactory
 ) -> None:
     bot_api.modes = ["429:1", "ok"]
     sender = make_sender()
@@ -264,7 +176,7 @@ async def test_bot_api_429_is_retried_only_after_its_retry_after(
     assert "429" in sender.get_status()["last_error"]
 
 
-async def test_malformed_answer_is_retried_and_never_raises(bot_api: FakeBotApi, make_sender: SenderFactory) -> None:
+async def test_malformed_answer_is_retried_and_never_raises(bot_api: BotApiStandIn, make_sender: SenderFactory) -> None:
     bot_api.modes = ["malformed", "ok"]
     sender = make_sender()
     await sender.start()
@@ -275,7 +187,7 @@ async def test_malformed_answer_is_retried_and_never_raises(bot_api: FakeBotApi,
     assert "unexpected body" in sender.get_status()["last_error"]
 
 
-async def test_client_error_400_is_not_retried(bot_api: FakeBotApi, make_sender: SenderFactory) -> None:
+async def test_client_error_400_is_not_retried(bot_api: BotApiStandIn, make_sender: SenderFactory) -> None:
     bot_api.modes = ["400"]
     sender = make_sender(max_attempts=5)
     await sender.start()
@@ -286,7 +198,7 @@ async def test_client_error_400_is_not_retried(bot_api: FakeBotApi, make_sender:
     assert "chat not found" in sender.get_status()["last_error"]
 
 
-async def test_full_queue_drops_the_oldest_alert_and_counts_it(bot_api: FakeBotApi, make_sender: SenderFactory) -> None:
+async def test_full_queue_drops_the_oldest_alert_and_counts_it(bot_api: BotApiStandIn, make_sender: SenderFactory) -> None:
     sender = make_sender(queue_size=2)
 
     def raise_three() -> list[bool]:  # from a thread: no running loop, so nothing starts sending yet
@@ -303,7 +215,7 @@ async def test_full_queue_drops_the_oldest_alert_and_counts_it(bot_api: FakeBotA
 
 
 async def test_resolve_sends_a_resolved_message_only_for_an_alert_that_fired(
-    bot_api: FakeBotApi, make_sender: SenderFactory
+    bot_api: BotApiStandIn, make_sender: SenderFactory
 ) -> None:
     sender = make_sender(clock=FakeClock())
     await sender.start()
@@ -324,7 +236,7 @@ async def test_resolve_sends_a_resolved_message_only_for_an_alert_that_fired(
     assert "db breaker open again" in bot_api.texts[2]
 
 
-async def test_alert_raised_from_another_thread_is_delivered(bot_api: FakeBotApi, make_sender: SenderFactory) -> None:
+async def test_alert_raised_from_another_thread_is_delivered(bot_api: BotApiStandIn, make_sender: SenderFactory) -> None:
     sender = make_sender()
     await sender.start()
     result: list[bool] = []
@@ -337,14 +249,14 @@ async def test_alert_raised_from_another_thread_is_delivered(bot_api: FakeBotApi
 
 
 async def test_alert_inside_the_loop_starts_the_sender_when_start_was_forgotten(
-    bot_api: FakeBotApi, make_sender: SenderFactory
+    bot_api: BotApiStandIn, make_sender: SenderFactory
 ) -> None:
     sender = make_sender()
     sender.alert(AlertType.LOOP_RESTARTED, "no start() call")
     await bot_api.wait_requests(1)
 
 
-async def test_more_than_max_per_minute_waits_in_the_queue(bot_api: FakeBotApi, make_sender: SenderFactory) -> None:
+async def test_more_than_max_per_minute_waits_in_the_queue(bot_api: BotApiStandIn, make_sender: SenderFactory) -> None:
     sender = make_sender(max_per_minute=2)
     await sender.start()
     for n in range(3):
@@ -357,7 +269,7 @@ async def test_more_than_max_per_minute_waits_in_the_queue(bot_api: FakeBotApi, 
     assert sender.get_status()["dropped"] == 1
 
 
-async def test_close_flushes_queued_alerts(bot_api: FakeBotApi, make_sender: SenderFactory) -> None:
+async def test_close_flushes_queued_alerts(bot_api: BotApiStandIn, make_sender: SenderFactory) -> None:
     sender = make_sender()
     await sender.start()
     for n in range(3):
@@ -369,7 +281,7 @@ async def test_close_flushes_queued_alerts(bot_api: FakeBotApi, make_sender: Sen
 
 
 async def test_bad_input_never_raises_and_unprintable_details_still_send(
-    bot_api: FakeBotApi, make_sender: SenderFactory
+    bot_api: BotApiStandIn, make_sender: SenderFactory
 ) -> None:
     class Unprintable:
         def __str__(self) -> str:
@@ -384,7 +296,7 @@ async def test_bad_input_never_raises_and_unprintable_details_still_send(
 
 
 async def test_token_never_appears_in_status_or_logs_even_when_sending_fails(
-    bot_api: FakeBotApi, make_sender: SenderFactory, caplog: pytest.LogCaptureFixture, unused_port: int
+    bot_api: BotApiStandIn, make_sender: SenderFactory, caplog: pytest.LogCaptureFixture, unused_port: int
 ) -> None:
     caplog.set_level(logging.DEBUG)
     bot_api.modes = ["500", "hang", "400"]

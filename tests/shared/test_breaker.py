@@ -11,19 +11,7 @@ from prometheus_client import REGISTRY
 
 from shared.breaker import BreakerRegistry, CircuitBreaker, CircuitOpenError, CircuitState, registry
 from shared.errors import ErrorKind, PermanentError, TransientError, classify
-
-
-class FakeClock:
-    """Monotonic seconds that only move when the test says so."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.helpers import FakeClock
 
 
 @dataclass

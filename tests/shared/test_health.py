@@ -7,14 +7,11 @@ import json
 import os
 import socket
 import sys
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
-from aiohttp import web
 
 from shared.config import ConfigError, ReplyGuySettings, WorkerSettings, load_settings
 from shared.db import AccountStatus, PostgresDatabase
@@ -32,6 +29,7 @@ from shared.health import (
 )
 from shared.heartbeat import HeartbeatRecord
 from tests.ingest.s3_server import S3Server, s3_bucket, s3_server  # noqa: F401 - fixtures
+from tests.fixtures.bot_api import BotApiStandIn
 
 ROOT = Path(__file__).resolve().parents[2]
 ALERT_TOKEN = "123456789:AAHhealthCheckTokenForTests_abcdefghij"
@@ -48,36 +46,11 @@ def closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@dataclass
-class FakeBotApi:
-    """A Bot API stand-in on 127.0.0.1 answering getMe for one token (real HTTP)."""
-
-    url: str
-    calls: list[str]
-
-
 @pytest.fixture
-async def bot_api() -> AsyncIterator[FakeBotApi]:
-    calls: list[str] = []
-
-    async def get_me(request: web.Request) -> web.Response:
-        token = request.match_info["token"]
-        calls.append(token)
-        if token != ALERT_TOKEN:
-            return web.json_response({"ok": False, "error_code": 401, "description": "Unauthorized"}, status=401)
-        return web.json_response({"ok": True, "result": {"id": 123456789, "is_bot": True, "username": "ops_alert_bot"}})
-
-    app = web.Application()
-    app.router.add_get("/bot{token}/getMe", get_me)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        yield FakeBotApi(f"http://127.0.0.1:{port}", calls)
-    finally:
-        await runner.cleanup()
+def bot_api(bot_api: BotApiStandIn) -> BotApiStandIn:
+    """The suite's Bot API stand-in, knowing only ALERT_TOKEN."""
+    bot_api.token = ALERT_TOKEN
+    return bot_api
 
 
 def worker_settings(tmp_path: Path, **env: str) -> WorkerSettings:
@@ -254,14 +227,14 @@ async def test_storage_check_without_storage_settings_checks_data_dir_is_writabl
 # --- alerts -------------------------------------------------------------------------------
 
 
-async def test_alerts_check_is_healthy_when_get_me_answers(tmp_path: Path, bot_api: FakeBotApi) -> None:
+async def test_alerts_check_is_healthy_when_get_me_answers(tmp_path: Path, bot_api: BotApiStandIn) -> None:
     settings = worker_settings(tmp_path, ALERT_BOT_TOKEN=ALERT_TOKEN, ALERT_CHAT_ID="-1001", ALERT_API_BASE=bot_api.url)
     result = await check(settings, "alerts")
     assert result.status is HealthStatus.HEALTHY and "@ops_alert_bot" in result.detail
     assert bot_api.calls == [ALERT_TOKEN]
 
 
-async def test_alerts_check_is_degraded_without_a_token_or_without_a_chat(tmp_path: Path, bot_api: FakeBotApi) -> None:
+async def test_alerts_check_is_degraded_without_a_token_or_without_a_chat(tmp_path: Path, bot_api: BotApiStandIn) -> None:
     result = await check(worker_settings(tmp_path), "alerts")
     assert result.status is HealthStatus.DEGRADED and "only logged" in result.detail
     assert bot_api.calls == []
@@ -270,7 +243,7 @@ async def test_alerts_check_is_degraded_without_a_token_or_without_a_chat(tmp_pa
     assert result.status is HealthStatus.DEGRADED and "ALERT_CHAT_ID" in result.detail
 
 
-async def test_alerts_check_is_an_error_for_a_rejected_token_and_never_shows_it(tmp_path: Path, bot_api: FakeBotApi) -> None:
+async def test_alerts_check_is_an_error_for_a_rejected_token_and_never_shows_it(tmp_path: Path, bot_api: BotApiStandIn) -> None:
     settings = worker_settings(tmp_path, ALERT_BOT_TOKEN=WRONG_TOKEN, ALERT_CHAT_ID="-1001", ALERT_API_BASE=bot_api.url)
     result = await check(settings, "alerts")
     assert result.status is HealthStatus.ERROR and "401" in result.detail
@@ -357,7 +330,7 @@ async def test_resources_status_for_the_status_page_uses_the_real_machine(tmp_pa
 
 
 async def test_run_checks_runs_every_check_and_the_overall_is_the_worst(
-    tmp_path: Path, database: PostgresDatabase, bot_api: FakeBotApi
+    tmp_path: Path, database: PostgresDatabase, bot_api: BotApiStandIn
 ) -> None:
     await database.upsert_account("demo_one", status=AccountStatus.ACTIVE)
     await write_heartbeat(database)
@@ -405,7 +378,7 @@ async def run_cli(cwd: Path, env: dict[str, str], *args: str) -> tuple[int, str,
 
 
 async def test_cli_exits_0_when_every_dependency_is_healthy(
-    tmp_path: Path, database: PostgresDatabase, database_url: str, bot_api: FakeBotApi
+    tmp_path: Path, database: PostgresDatabase, database_url: str, bot_api: BotApiStandIn
 ) -> None:
     await database.upsert_account("demo_one", status=AccountStatus.ACTIVE)
     await write_heartbeat(database)

@@ -13,7 +13,6 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +21,7 @@ from prometheus_client import REGISTRY
 
 from shared.heartbeat import FileHeartbeatStore, GlobalHeartbeat, HeartbeatRecord
 from shared.watchdog import LoopWatchdog
-
-
-async def until(condition: Callable[[], bool], *, timeout: float = 5.0, what: str = "condition") -> None:
-    """Poll ``condition`` every 10 ms until it holds; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
+from tests.helpers import wait_until as until
 
 
 def read(path: Path) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import pytest
 
 from shared.breaker import CircuitOpenError
 from shared.errors import AccountDeadError, PermanentError, RateLimitedError, TransientError, UnknownOutcomeError
-from shared.retry import exponential_delay, retry_async, with_backoff
+from shared.retry import exponential_delay, retry_async
 from shared.timeouts import OperationTimeout
 
 
@@ -35,8 +35,7 @@ FAST = {"base_delay": 0.001, "max_delay": 0.01}
 
 async def test_transient_errors_are_retried_until_success() -> None:
     flaky = Flaky(TransientError("blip 1"), ConnectionResetError("blip 2"))
-    wrapped = with_backoff(max_retries=3, **FAST)(flaky.__call__)
-    assert await wrapped() == "done"
+    assert await retry_async(flaky, max_retries=3, **FAST) == "done"
     assert flaky.attempts == 3
 
 
@@ -44,12 +43,11 @@ async def test_gives_up_after_max_retries_and_raises_the_last_error(caplog: pyte
     caplog.set_level(logging.WARNING, logger="shared.retry")
     flaky = Flaky(*(TransientError(f"blip {i}") for i in range(10)))
 
-    @with_backoff(max_retries=2, **FAST)
     async def send() -> str:
         return await flaky()
 
     with pytest.raises(TransientError) as caught:
-        await send()
+        await retry_async(send, max_retries=2, name="send", **FAST)
     assert flaky.attempts == 3, "the first attempt plus max_retries retries"
     assert caught.value is flaky.raised[-1]
     retries_logged = [r for r in caplog.records if r.getMessage().startswith("retrying")]
@@ -117,33 +115,16 @@ async def test_a_transient_error_asking_for_a_long_wait_is_raised_not_slept_on()
     assert flaky.attempts == 1
 
 
-async def test_bare_decorator_form_retries_and_keeps_the_function_name() -> None:
-    # A short rate limit makes the bare form (1 s base delay) retry without waiting a second.
-    flaky = Flaky(RateLimitedError("flood wait", retry_after=0.01))
-
-    @with_backoff
-    async def fetch_updates() -> str:
-        return await flaky()
-
-    assert fetch_updates.__name__ == "fetch_updates"
-    assert await fetch_updates() == "done"
-    assert flaky.attempts == 2
-
-
-def test_decorating_a_sync_function_is_refused() -> None:
-    with pytest.raises(TypeError):
-
-        @with_backoff(max_retries=1)
-        def sync_call() -> None:  # pragma: no cover - never called
-            return None
-
-
 @pytest.mark.parametrize(
     ("attempt", "expected"),
     [(0, 1.0), (1, 1.0), (2, 2.0), (3, 4.0), (4, 8.0), (5, 10.0), (50, 10.0)],
 )
 def test_exponential_delay_doubles_from_base_and_stops_at_the_cap(attempt: int, expected: float) -> None:
     assert exponential_delay(attempt, base=1.0, cap=10.0, jitter=False) == expected
+
+
+def test_exponential_delay_of_a_huge_attempt_number_is_the_cap_not_an_overflow() -> None:
+    assert exponential_delay(10_000, base=1.0, cap=60.0, jitter=False) == 60.0
 
 
 def test_exponential_delay_jitter_stays_between_half_and_full_delay() -> None:

@@ -19,22 +19,10 @@ import pytest
 from prometheus_client import REGISTRY
 
 from shared.retry_queue import JsonlRetryStore, RetryItem, RetryQueue
+from tests.helpers import FakeClock
 
 ROOT = Path(__file__).resolve().parents[2]
 START = 1_700_000_000.0
-
-
-class FakeClock:
-    """Wall-clock seconds that move only when the test says so."""
-
-    def __init__(self, now: float = START) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def make_queue(path: Path, clock: FakeClock, **kwargs: object) -> RetryQueue:
@@ -57,7 +45,7 @@ async def drain_all(queue: RetryQueue, *, rounds: int = 20) -> list[RetryItem]:
 
 
 async def test_items_come_out_in_time_order_only_when_due(tmp_path: Path) -> None:
-    clock = FakeClock()
+    clock = FakeClock(START)
     queue = make_queue(tmp_path / "order.jsonl", clock)
     await queue.put("send", {"n": "late"}, error="e", delay=30)
     await queue.put("send", {"n": "early"}, error="e", delay=10)
@@ -72,7 +60,7 @@ async def test_items_come_out_in_time_order_only_when_due(tmp_path: Path) -> Non
 
 
 async def test_retry_delays_are_base_then_doubling(tmp_path: Path) -> None:
-    clock = FakeClock()
+    clock = FakeClock(START)
     queue = make_queue(tmp_path / "delays.jsonl", clock, max_retries=5)
     assert [queue.delay_for(n) for n in (1, 2, 3, 4)] == [10, 20, 40, 80]
 
@@ -90,7 +78,7 @@ async def test_retry_delays_are_base_then_doubling(tmp_path: Path) -> None:
 
 
 async def test_item_is_exhausted_after_max_retries_with_its_last_error(tmp_path: Path) -> None:
-    clock = FakeClock()
+    clock = FakeClock(START)
     path = tmp_path / "exhaust.jsonl"
     queue = make_queue(path, clock, max_retries=3)
     await queue.put("send", {"text": "hi"}, error="attempt 0")
@@ -115,7 +103,7 @@ async def test_item_is_exhausted_after_max_retries_with_its_last_error(tmp_path:
 
 
 async def test_permanent_failure_is_dead_at_once(tmp_path: Path) -> None:
-    clock = FakeClock()
+    clock = FakeClock(START)
     queue = make_queue(tmp_path / "permanent.jsonl", clock, max_retries=5)
     await queue.put("send", {}, error="timeout")
     clock.advance(100)
@@ -126,7 +114,7 @@ async def test_permanent_failure_is_dead_at_once(tmp_path: Path) -> None:
 
 
 async def test_retry_after_from_the_service_overrides_the_backoff(tmp_path: Path) -> None:
-    clock = FakeClock()
+    clock = FakeClock(START)
     queue = make_queue(tmp_path / "retry_after.jsonl", clock)
     await queue.put("send", {}, error="e")
     clock.advance(10)
@@ -136,7 +124,7 @@ async def test_retry_after_from_the_service_overrides_the_backoff(tmp_path: Path
 
 
 async def test_past_capacity_items_spill_to_the_store_and_none_is_lost(tmp_path: Path) -> None:
-    clock = FakeClock()
+    clock = FakeClock(START)
     queue = make_queue(tmp_path / "spill.jsonl", clock, capacity=3)
     put_ids = [(await queue.put("send", {"n": n}, error="e", delay=1 + n)).id for n in range(8)]
     status = queue.get_status()
@@ -176,7 +164,7 @@ async def test_a_new_process_loads_back_every_item_of_a_queue_past_capacity(tmp_
 
 
 async def test_a_failing_primary_store_writes_to_the_fallback_and_load_moves_items_back(tmp_path: Path) -> None:
-    clock = FakeClock()
+    clock = FakeClock(START)
     primary_path = tmp_path / "primary.jsonl"
     primary_path.mkdir()  # every write to the primary fails now
     fallback = JsonlRetryStore(tmp_path / "fallback.jsonl")
@@ -201,7 +189,7 @@ async def test_a_failing_primary_store_writes_to_the_fallback_and_load_moves_ite
 async def test_put_raises_when_store_and_fallback_both_fail_so_the_caller_keeps_the_work(tmp_path: Path) -> None:
     broken = tmp_path / "broken.jsonl"
     broken.mkdir()
-    queue = RetryQueue(name="t_both_broken", store=JsonlRetryStore(broken), clock=FakeClock())
+    queue = RetryQueue(name="t_both_broken", store=JsonlRetryStore(broken), clock=FakeClock(START))
     with pytest.raises(OSError):
         await queue.put("send", {}, error="e")
     assert len(queue) == 0
@@ -210,7 +198,7 @@ async def test_put_raises_when_store_and_fallback_both_fail_so_the_caller_keeps_
 async def test_a_torn_last_line_is_skipped_and_later_writes_survive(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    clock = FakeClock()
+    clock = FakeClock(START)
     path = tmp_path / "torn.jsonl"
     queue = make_queue(path, clock)
     kept = await queue.put("send", {"n": "before crash"}, error="e")
@@ -230,7 +218,7 @@ async def test_a_torn_last_line_is_skipped_and_later_writes_survive(
 
 
 async def test_get_status_reports_size_oldest_age_and_dead(tmp_path: Path) -> None:
-    clock = FakeClock()
+    clock = FakeClock(START)
     queue = make_queue(tmp_path / "status.jsonl", clock, capacity=2, max_retries=1)
     empty = queue.get_status()
     assert (empty["size"], empty["oldest_age_s"], empty["dead"], empty["next_due_in_s"]) == (0, None, 0, None)
@@ -254,7 +242,7 @@ async def test_get_status_reports_size_oldest_age_and_dead(tmp_path: Path) -> No
 
 
 async def test_close_gives_back_checked_out_items_and_they_survive_a_restart(tmp_path: Path) -> None:
-    clock = FakeClock()
+    clock = FakeClock(START)
     path = tmp_path / "close.jsonl"
     queue = make_queue(path, clock)
     await queue.put("send", {"n": 1}, error="e")
@@ -269,7 +257,7 @@ async def test_close_gives_back_checked_out_items_and_they_survive_a_restart(tmp
 
 
 async def test_wait_changed_wakes_when_an_item_is_queued(tmp_path: Path) -> None:
-    queue = make_queue(tmp_path / "wake.jsonl", FakeClock())
+    queue = make_queue(tmp_path / "wake.jsonl", FakeClock(START))
     waiter = asyncio.create_task(queue.wait_changed(60))
     await asyncio.sleep(0)
     await queue.put("send", {}, error="e")
@@ -288,7 +276,7 @@ def _doomed(item_id: str) -> RetryItem:
 
 @pytest.mark.parametrize("primary", ["working", "broken"])
 async def test_dead_letter_records_an_item_exhausted_at_once_and_counts_it(tmp_path: Path, primary: str) -> None:
-    clock = FakeClock()
+    clock = FakeClock(START)
     primary_path = tmp_path / "primary.jsonl"
     if primary == "broken":
         primary_path.mkdir()  # every write to the primary fails: the fallback file takes the dead letter
@@ -313,7 +301,7 @@ async def test_dead_letter_records_an_item_exhausted_at_once_and_counts_it(tmp_p
 
 
 async def test_dead_letters_written_to_the_fallback_move_to_the_store_at_load(tmp_path: Path) -> None:
-    clock = FakeClock()
+    clock = FakeClock(START)
     primary_path = tmp_path / "primary.jsonl"
     primary_path.mkdir()  # the database is down when the dead letter is written
     fallback = JsonlRetryStore(tmp_path / "fallback.jsonl")
@@ -330,7 +318,7 @@ async def test_dead_letters_written_to_the_fallback_move_to_the_store_at_load(tm
 
 
 async def test_dead_letter_refuses_an_item_the_queue_holds(tmp_path: Path) -> None:
-    queue = make_queue(tmp_path / "held.jsonl", FakeClock())
+    queue = make_queue(tmp_path / "held.jsonl", FakeClock(START))
     queued = await queue.put("send", {}, error="e")
     with pytest.raises(ValueError, match="failed"):
         await queue.dead_letter(queued)
@@ -360,7 +348,7 @@ async def test_a_second_store_on_the_same_file_sees_what_the_first_wrote(tmp_pat
 async def test_the_file_store_reads_its_file_once_then_answers_from_memory(tmp_path: Path) -> None:
     path = tmp_path / "once.jsonl"
     store = JsonlRetryStore(path)
-    queue = RetryQueue(name="t_once", store=store, clock=FakeClock(), base_delay=10)
+    queue = RetryQueue(name="t_once", store=store, clock=FakeClock(START), base_delay=10)
     await queue.put("send", {"n": 1}, error="e")
     assert await store.count_pending() == 1
     path.write_text("")  # were the file read again, the store would now be empty

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -17,6 +16,7 @@ from shared.errors import PermanentError
 from shared.heartbeat import HeartbeatRecord
 from shared.runtime import STARTUP_ALERT_AFTER, BotRuntime, StartupAborted, StartupFailed
 from tests.helpers import RecordingAlerts
+from tests.helpers import wait_until
 
 
 def make_settings(**overrides: str) -> CommonSettings:
@@ -33,14 +33,6 @@ def make_settings(**overrides: str) -> CommonSettings:
         **overrides,
     }
     return load_settings(CommonSettings, env)
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 class MemoryHeartbeats:
@@ -224,3 +216,37 @@ async def test_start_removes_temporary_files_a_killed_process_left_and_keeps_fre
         pass
 
     assert not stale.exists() and fresh.exists()
+
+
+async def test_ready_is_503_while_start_up_waits_for_a_dependency_and_200_once_the_loops_run() -> None:
+    runtime = BotRuntime(bot="worker", settings=make_settings(), host="127.0.0.1", alerts=RecordingAlerts(), startup_retry_base=0.01)
+    answers: list[tuple[int, dict[str, object]]] = []
+    attempts = 0
+
+    async def ready(http: aiohttp.ClientSession) -> tuple[int, dict[str, object]]:
+        async with http.get(f"{runtime.status_server.url}/ready") as response:
+            return response.status, await response.json()
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+        async def step() -> str:
+            nonlocal attempts
+            attempts += 1
+            if attempts <= 2:
+                if attempts == 2:  # the first failure is recorded: start-up is visibly waiting
+                    answers.append(await ready(http))
+                raise ConnectionRefusedError(111, "Connect call failed")
+            answers.append(await ready(http))  # up, but the loops have not started
+            return "open"
+
+        async with runtime:
+            await runtime.until_started("the database", step, fix="check DATABASE_URL")
+            running = asyncio.create_task(runtime.run_until_stopped())
+            await wait_until(lambda: runtime.watchdog.is_healthy() and runtime._started)
+            answers.append(await ready(http))
+            runtime.shutdown.request_stop("test over")
+            await asyncio.wait_for(running, 5)
+
+    (waiting, waiting_body), (before_loops, _), (running_status, _) = answers
+    assert waiting == 503 and "the database" in str(waiting_body)
+    assert before_loops == 503
+    assert running_status == 200

@@ -19,21 +19,13 @@ from prometheus_client import REGISTRY
 from shared.breaker import CircuitOpenError
 from shared.timeouts import OperationTimeout
 from shared.watchdog import LoopState, LoopWatchdog, periodic
+from tests.helpers import wait_until as until
 
 MAX_SILENCE = 0.3
 CHECK_INTERVAL = 0.1
 BACKOFF = 0.05
 SLACK = 0.3  # scheduling slack on a busy 2-core machine; a correctness bound, not a speed target
 EARLY = 0.01  # asyncio may fire a timer up to its clock resolution early
-
-
-async def until(condition: Callable[[], bool], *, timeout: float = 5.0, what: str = "condition") -> None:
-    """Poll ``condition`` every 10 ms until it holds; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The retry queue's durable store in retry_items (seed 001's failed_tweets, for every bot)."""
+"""The retry queue's durable store in retry_items (one table of failed items for every bot)."""
 
 from __future__ import annotations
 

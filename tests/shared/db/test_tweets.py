@@ -1,4 +1,4 @@
-"""The Reply Guy bot's tweet queue: insert once, guarded transitions, crash recovery (seed 001)."""
+"""The Reply Guy bot's tweet queue: insert once, guarded transitions, crash recovery."""
 
 from __future__ import annotations
 
