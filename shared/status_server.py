@@ -697,16 +697,14 @@ _PAGE = r"""<!doctype html>
   function overall(data) {
     var bad = [], warn = [];
     // An account that needs a login is a degraded bot while another still sends, and down when none does.
-    var accounts = rowsOf(data.accounts);
-    var anyConnected = accounts.some(function (r) { return r.data.connected === true; });
-    accounts.forEach(function (r) {
-      if (r.data.state !== "needs_login") { return; }
-      var line = "account " + r.name + " needs login" + (r.data.fix ? " (run: " + r.data.fix + ")" : "");
-      if (anyConnected) { warn.push(line); } else { bad.push(line); }
-    });
+    var anyConnected = rowsOf(data.accounts).some(function (r) { return r.data.connected === true; });
     [["loops", "loop"], ["breakers", "breaker"], ["accounts", "account"], ["channels", "channel"]].forEach(function (pair) {
       rowsOf(data[pair[0]]).forEach(function (r) {
-        if (pair[0] === "accounts" && r.data.state === "needs_login") { return; }
+        if (pair[0] === "accounts" && r.data.state === "needs_login") {
+          var line = "account " + r.name + " needs login" + (r.data.fix ? " (run: " + r.data.fix + ")" : "");
+          if (anyConnected) { warn.push(line); } else { bad.push(line); }
+          return;
+        }
         var c = stateClass(r.data.state);
         if (c === "bad") { bad.push(pair[1] + " " + r.name + " " + r.data.state); }
         else if (c === "warn") { warn.push(pair[1] + " " + r.name + " " + r.data.state); }
