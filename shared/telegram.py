@@ -386,7 +386,7 @@ class AccountConnection:
                 AlertType.ACCOUNT_NEEDS_LOGIN,
                 f"Account {self.label} needs a new login: {reason}",
                 key=f"login:{self.label}",
-                details={"account": self.label, "fix": "./start.sh worker login"},
+                details={"account": self.label, "fix": f"./start.sh worker login --label {self.label}"},
             )
 
     async def _release_lease(self) -> None:
