@@ -86,7 +86,7 @@ class SchemaMissing(DatabaseRejected):
 
 
 _MISSING_FUNCTION = re.compile(
-    r"(?:function ([\w.]+)\(.*?\) does not exist|Could not find the function ([\w.]+)(?:\(.*?\))? in the schema cache)"
+    r"(?:function ([\w.]+)\(.*?\) does not exist|Could not find the function ([\w.]+)\b.*? in the schema cache)"
 )
 
 
