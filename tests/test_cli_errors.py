@@ -23,7 +23,7 @@ from tests.fixtures.postgrest import PostgrestEndpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.process]  # they run our programs as real processes
 
 
 @dataclass(frozen=True)

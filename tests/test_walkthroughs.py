@@ -22,7 +22,7 @@ from tests.helpers import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.process]  # they run our programs as real processes
 
 
 def clean_env(data_dir: Path, **extra: str) -> dict[str, str]:

@@ -11,7 +11,7 @@ from shared.cli import CliError
 from tests.test_worker import running_worker, texts_received, wait_until, worker_cli, worker_env, world_of  # noqa: F401 (worker_env is a fixture)
 from worker import parse_when
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.process]  # they run our programs as real processes
 
 
 def test_at_takes_now_relative_and_iso_times_utc_unless_a_zone_is_given() -> None:

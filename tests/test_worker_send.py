@@ -17,7 +17,7 @@ from shared.db.records import AccountStatus
 from tests.test_worker import account_ids, running_worker, texts_received, worker_cli, worker_env, world_of  # noqa: F401 (worker_env is a fixture)
 from worker import CAPTION_LIMIT, TEXT_LIMIT, split_text, utf16_len
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.process]  # they run our programs as real processes
 
 PARAGRAPHS = "\n\n".join(
     " ".join(f"Sentence {p}.{s} says something 😀 about 👍🏽 flags 🇩🇪 and more." for s in range(20)) for p in range(8)
