@@ -63,8 +63,11 @@ from shared.db.records import (
     MessageJobKind,
     OutboundMessage,
     OutboundStatus,
+    SendHold,
+    SendHoldKind,
 )
-from shared.errors import ErrorKind, PermanentError, classify, describe
+from shared.alerts import AlertType
+from shared.errors import ErrorKind, LimitScope, PermanentError, classify, describe
 from shared.health import TEMP_SUBDIR, run_checks
 from shared.logs import mask_phone
 from shared.ratelimit import KeyedBuckets
@@ -82,6 +85,9 @@ from shared.telegram import (
 from shared.timeouts import telegram_op
 
 logger = logging.getLogger("worker")
+
+#: How often the outbound loop re-reads every account's stored flood holds (new connections: at once).
+HOLDS_REFRESH = 10.0
 
 #: Telegram's limits, checked before a message is sent so bad input fails at once with a clear reason.
 TEXT_LIMIT = 4096
@@ -419,8 +425,27 @@ class Sync:
 # --- 3. outbound: exactly once, in order per chat --------------------------------------
 
 
+class SendsHeld(Exception):
+    """Telegram's limit holds this send until ``until`` (wall time): the row waits, nothing failed."""
+
+    def __init__(self, until: float, reason: str) -> None:
+        super().__init__(reason)
+        self.until = until
+        self.reason = reason
+
+
 class Outbound:
-    """Sends the queue. See the module docstring for why nothing goes out twice."""
+    """Sends the queue. See the module docstring for why nothing goes out twice.
+
+    Telegram's limits, as Telegram applies them (docs/flood-limits.md):
+    FLOOD_WAIT (and FLOOD_PREMIUM_WAIT) holds every send of the account for
+    the time asked, SLOWMODE_WAIT only that chat, PEER_FLOOD the account's
+    sends to non-contacts for PEER_FLOOD_PAUSE. The account holds are stored
+    (``account_send_holds``) and read when an account connects here, so
+    whichever process holds the account next keeps to them. One send per account is in
+    flight at a time, so the answer to one send is known before the next
+    goes: a flood wait is never drawn twice by sends already on their way.
+    """
 
     def __init__(
         self, *, db: Database, runtime: BotRuntime, settings: WorkerSettings, owner: str, storage: Storage | None = None
@@ -434,6 +459,13 @@ class Outbound:
         self.entities = EntityCache(timeout=settings.timeout_telegram_entity)
         self.per_account = KeyedBuckets(rate=settings.send_rate_per_account, burst=settings.send_burst_per_account)
         self.per_chat = KeyedBuckets(rate=settings.send_rate_per_chat, burst=settings.send_burst_per_chat)
+        #: PEER_FLOOD: account id -> wall time its sends to non-contacts may start again.
+        self.limited: dict[int, float] = {}
+        self._contacts: dict[int, frozenset[int]] = {}
+        self._alerted_limits: set[int] = set()
+        self._holds_read: dict[int, float | None] = {}  # account id -> its connected_since when its holds were read
+        self._holds_read_at = float("-inf")
+        self._turns: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.sent = 0
         self.failed = 0
         self.dead = 0
@@ -445,7 +477,10 @@ class Outbound:
         assert self.pool is not None
         if self.runtime.shutdown.stopping:
             return 1.0
-        accounts = [c.id for c in self.pool.connected() if self.per_account.held_until(c.id) is None]
+        connected = self.pool.connected()
+        await self._read_holds(connected)
+        self._end_pauses()
+        accounts = [c.id for c in connected if self.per_account.held_until(c.id) is None]
         rows = await self.db.claim_outbound(
             accounts,
             owner=self.owner,
@@ -458,7 +493,7 @@ class Outbound:
             for row in rows:
                 chats[(row.account_id, row.peer)].append(row)
             await asyncio.gather(*(self._send_chat(group) for group in chats.values()))
-            if len(rows) >= self.settings.outbound_batch_size:
+            if len(rows) >= self.db.batch_limit(self.settings.outbound_batch_size):
                 return 0.0
         # Idle: sleep until an enqueue NOTIFYs us (or poll, at most 1 s apart without NOTIFY).
         await self.db.wait_for_wakeup("outbound", self.settings.outbound_poll_interval)
@@ -497,7 +532,9 @@ class Outbound:
         wait = max(self.per_account.delay(row.account_id), self.per_chat.delay(chat_key))
         if wait > 0:
             if wait > 1.0:
-                await self.db.reschedule_outbound(row.id, token, at=datetime.now(UTC) + timedelta(seconds=wait), reason=None)
+                # Behind the account's flood wait the row says so; a full token bucket is no news.
+                reason = "waiting for the account's flood wait to end" if self.per_account.held_until(row.account_id) else None
+                await self.db.reschedule_outbound(row.id, token, at=datetime.now(UTC) + timedelta(seconds=wait), reason=reason)
                 return False
             await asyncio.sleep(wait)
         self.per_account.take(row.account_id)
@@ -506,6 +543,10 @@ class Outbound:
             try:
                 self._validate(row)
                 telegram_id, chat_id = await self._deliver(connection, row)
+            except SendsHeld as held:
+                # Not an attempt: the row goes back to the queue until the hold ends, with the reason.
+                await self.db.reschedule_outbound(row.id, token, at=datetime.fromtimestamp(held.until, UTC), reason=held.reason)
+                return False
             except asyncio.CancelledError:
                 # A restart or shutdown cut the send: give the row back now rather than
                 # when its lease expires. The retry reuses its random_id, and a late
@@ -562,7 +603,9 @@ class Outbound:
         """One raw request carrying the row's ``random_id``; returns (message id, chat id)."""
         client = connection.client
         assert client is not None
+        self._check_flood(connection)
         entity = await self.entities.resolve(connection, row.peer)
+        await self._check_limited(connection, entity)
         chat_id = utils.get_peer_id(entity)
         reply_to = types.InputReplyToMessage(reply_to_msg_id=row.reply_to) if row.reply_to else None
         request: Any
@@ -580,7 +623,16 @@ class Outbound:
                 peer=entity, message=row.text or "", random_id=row.random_id, reply_to=reply_to
             )
             timeout = self.settings.timeout_telegram_send
-        result = await telegram_op(client(request), timeout, "send_message", outcome_unknown=True, detail=str(row.id))
+        async with self._turns[connection.id]:
+            self.runtime.watchdog.ping("outbound")  # a turn is progress, however many chats wait for theirs
+            # Checked again in turn: the send before this one may have drawn a limit.
+            self._check_flood(connection)
+            await self._check_limited(connection, entity)
+            try:
+                result = await telegram_op(client(request), timeout, "send_message", outcome_unknown=True, detail=str(row.id))
+            except Exception as exc:
+                self._note_send_limit(connection, exc)  # before the next send of the account takes its turn
+                raise
         message = client._get_response_message(request, result, entity)
         message_id = getattr(message, "id", None) or getattr(result, "id", None)
         if not isinstance(message_id, int):
@@ -603,11 +655,22 @@ class Outbound:
             return True
         if kind is ErrorKind.RATE_LIMITED:
             seconds = verdict.retry_after or 30.0
-            self.per_chat.hold((row.account_id, row.peer), seconds)
-            connection.flood_wait_until = time.time() + seconds
-            self._forget_local_flood(connection)
-            await self.db.reschedule_outbound(row.id, token, at=datetime.now(UTC) + timedelta(seconds=seconds), reason=verdict.reason)
-            logger.warning("flood wait of %.0fs for a chat of %s; only that chat waits", seconds, connection.label)
+            until = datetime.now(UTC) + timedelta(seconds=seconds)
+            if verdict.scope is LimitScope.ACCOUNT and self.per_account.held_until(row.account_id) is not None:
+                # The send itself drew it (see _note_send_limit): every send of the account waits, here and elsewhere.
+                await self._store_hold(connection, SendHoldKind.FLOOD, until, verdict.reason)
+            else:
+                # Slow mode, or a wait on resolving or uploading for this row: only this chat waits.
+                self.per_chat.hold((row.account_id, row.peer), seconds)
+                logger.warning("%s: chat %s of %s waits %.0fs; the account's other chats go on", verdict.reason, row.peer, connection.label, seconds)
+            await self.db.reschedule_outbound(row.id, token, at=until, reason=verdict.reason)
+            return False
+        if kind is ErrorKind.ACCOUNT_LIMITED:
+            self._note_send_limit(connection, exc)  # a no-op when the send already noted it
+            until = datetime.fromtimestamp(self.limited[connection.id], UTC)
+            await self._store_hold(connection, SendHoldKind.LIMITED, until, verdict.reason)
+            self._alert_limited(connection, until)
+            await self.db.reschedule_outbound(row.id, token, at=until, reason=verdict.reason)
             return False
         if kind is ErrorKind.ACCOUNT_DEAD:
             await self.db.release_outbound([row.id], token)
@@ -652,11 +715,147 @@ class Outbound:
             logger.debug("could not look up the earlier copy of message %d: %s", row.id, describe(exc))
         return None
 
+    # Telegram's limits on the account -----------------------------------------------------
+
+    def _note_send_limit(self, connection: AccountConnection, exc: BaseException) -> None:
+        """A send drew a limit of the account: hold it in this process at once (no await before the next send)."""
+        verdict = classify(exc)
+        if verdict.kind is ErrorKind.RATE_LIMITED and verdict.scope is LimitScope.ACCOUNT:
+            seconds = verdict.retry_after or 30.0
+            self.per_account.hold(connection.id, seconds)
+            connection.flood_wait_until = max(connection.flood_wait_until or 0.0, time.time() + seconds)
+            self._forget_local_flood(connection)
+            logger.warning(
+                "flood wait of %.0fs for %s: every send of the account waits (other accounts go on)",
+                seconds, connection.label, extra={"account": connection.label},
+            )
+        elif verdict.kind is ErrorKind.ACCOUNT_LIMITED:
+            until = time.time() + self.settings.peer_flood_pause
+            if self.limited.get(connection.id, 0.0) >= until - 1.0:
+                return
+            self.limited[connection.id] = until
+            connection.limited_until = until
+            self._contacts.pop(connection.id, None)  # read them afresh for this pause
+            logger.warning(
+                "%s is limited by Telegram (PEER_FLOOD): no messages to non-contacts for %.0fs; they wait in the queue",
+                connection.label, self.settings.peer_flood_pause, extra={"account": connection.label},
+            )
+
+    async def _store_hold(self, connection: AccountConnection, kind: SendHoldKind, until: datetime, reason: str) -> None:
+        """Store the hold, so the next process that holds this account keeps to it too."""
+        try:
+            await self.db.hold_account_sends(connection.id, kind, until=until, reason=reason)
+        except Exception as exc:
+            logger.warning("could not store the %s hold of %s (%s); this process keeps to it", kind.value, connection.label, describe(exc))
+
+    def _alert_limited(self, connection: AccountConnection, until: datetime) -> None:
+        """``account_limited``, once per pause (``resolved`` follows when it ends)."""
+        if connection.id in self._alerted_limits:
+            return
+        self._alerted_limits.add(connection.id)
+        self.runtime.alerts.alert(
+            AlertType.ACCOUNT_LIMITED,
+            f"Account {connection.label} is limited by Telegram (PEER_FLOOD): its messages to non-contacts "
+            f"wait in the queue until {until.strftime('%Y-%m-%d %H:%M UTC')}; messages to contacts go on",
+            key=f"limited:{connection.label}",
+            details={"account": connection.label, "until": until.isoformat(), "runbook": "docs/flood-limits.md"},
+        )
+
+    async def _read_holds(self, connected: Sequence[AccountConnection]) -> None:
+        """Read the stored holds of accounts that (re)connected here, and of all every HOLDS_REFRESH seconds.
+
+        A hold drawn in this process is known at once; one drawn by the
+        account's previous holder (before a restart, a deploy or a lease
+        takeover) is read before this process claims anything for it.
+        """
+        now = time.monotonic()
+        due = now - self._holds_read_at >= HOLDS_REFRESH
+        ids = [c.id for c in connected if due or self._holds_read.get(c.id) != c.connected_since]
+        if not ids:
+            return
+        self._apply_holds(await self.db.account_send_holds(ids))
+        for connection in connected:
+            if connection.id in ids:
+                self._holds_read[connection.id] = connection.connected_since
+        if due:
+            self._holds_read_at = now
+
+    def _apply_holds(self, holds: Sequence[SendHold]) -> None:
+        """Take over the stored holds (another process may have drawn them before the account moved here)."""
+        now = time.time()
+        for hold in holds:
+            connection = self.pool.get(hold.account_id) if self.pool else None
+            if hold.flood_until is not None:
+                until = hold.flood_until.timestamp()
+                self.per_account.hold(hold.account_id, until - now)
+                if connection is not None:
+                    connection.flood_wait_until = max(connection.flood_wait_until or 0.0, until)
+            if hold.limited_until is not None:
+                until = max(self.limited.get(hold.account_id, 0.0), hold.limited_until.timestamp())
+                self.limited[hold.account_id] = until
+                if connection is not None:
+                    connection.limited_until = until
+
+    def _end_pauses(self) -> None:
+        """A PEER_FLOOD pause that ran out: sends to non-contacts go again, and the alert resolves."""
+        now = time.time()
+        for account_id, until in list(self.limited.items()):
+            if until > now:
+                continue
+            del self.limited[account_id]
+            self._contacts.pop(account_id, None)
+            self._alerted_limits.discard(account_id)
+            connection = self.pool.get(account_id) if self.pool else None
+            label = connection.label if connection is not None else str(account_id)
+            if connection is not None:
+                connection.limited_until = None
+            logger.info("%s may message non-contacts again (the PEER_FLOOD pause ended)", label, extra={"account": label})
+            self.runtime.alerts.resolve(
+                AlertType.ACCOUNT_LIMITED, key=f"limited:{label}", message=f"Account {label} may message non-contacts again"
+            )
+
+    def _check_flood(self, connection: AccountConnection) -> None:
+        """Raise :class:`SendsHeld` while a flood wait holds every send of the account."""
+        flood = self.per_account.held_until(connection.id)
+        if flood is not None:
+            raise SendsHeld(time.time() + (flood - time.monotonic()), "waiting for the account's flood wait to end")
+
+    async def _check_limited(self, connection: AccountConnection, entity: Any) -> None:
+        """Raise :class:`SendsHeld` while PEER_FLOOD holds this account's sends to ``entity`` (a non-contact)."""
+        limited = self.limited.get(connection.id)
+        if limited is not None and limited > time.time() and not await self._is_contact(connection, entity):
+            raise SendsHeld(limited, "waiting: Telegram limits this account's messages to non-contacts (PEER_FLOOD)")
+
+    async def _is_contact(self, connection: AccountConnection, entity: Any) -> bool:
+        """Whether Telegram's spam limit spares this chat: a contact, the account itself, or a group it is in."""
+        if isinstance(entity, types.InputPeerSelf):
+            return True
+        user_id = getattr(entity, "user_id", None)
+        if not isinstance(entity, types.InputPeerUser) or user_id is None:
+            return True  # groups and channels the account writes in are not "strangers"
+        contacts = self._contacts.get(connection.id)
+        if contacts is None:
+            assert connection.client is not None
+            try:
+                answer = await telegram_op(
+                    connection.client(functions.contacts.GetContactsRequest(hash=0)),
+                    self.settings.timeout_telegram_entity,
+                    "get_contacts",
+                )
+                contacts = frozenset(c.user_id for c in getattr(answer, "contacts", ()))
+            except Exception as exc:
+                # Unknown contacts: everyone waits, which is safe; read again next time.
+                logger.info("could not read the contacts of %s (%s); all its private chats wait", connection.label, describe(exc))
+                return False
+            self._contacts[connection.id] = contacts
+        return user_id in contacts
+
     @staticmethod
     def _forget_local_flood(connection: AccountConnection) -> None:
-        # After a FloodWaitError Telethon refuses every further request of that
-        # type locally, for all chats of the client. Telegram's limit may be
-        # per chat: we hold the chat ourselves and let other chats try.
+        # After a FloodWaitError Telethon refuses further requests of that type
+        # locally, until its own record lapses. Our hold (per account, stored,
+        # covering text and media alike) is the one authority on when sends
+        # resume: drop Telethon's copy so the two never disagree.
         flooded = getattr(connection.client, "_flood_waited_requests", None)
         if isinstance(flooded, dict):
             flooded.pop(functions.messages.SendMessageRequest.CONSTRUCTOR_ID, None)

@@ -57,6 +57,7 @@ class AlertType(str, Enum):
     LOOP_RESTARTED = "loop_restarted"
     RESTART_STORM = "restart_storm"
     ACCOUNT_NEEDS_LOGIN = "account_needs_login"
+    ACCOUNT_LIMITED = "account_limited"
     MESSAGE_DEAD = "message_dead"
     SUPERVISOR_RESTART = "supervisor_restart"
     SUPERVISOR_GAVE_UP = "supervisor_gave_up"
@@ -73,6 +74,7 @@ _ICONS: dict[AlertType, str] = {
     AlertType.LOOP_RESTARTED: "\U0001f504",  # arrows
     AlertType.RESTART_STORM: "\U0001f6a8",
     AlertType.ACCOUNT_NEEDS_LOGIN: "\U0001f511",  # key
+    AlertType.ACCOUNT_LIMITED: "\u23f3",  # hourglass
     AlertType.MESSAGE_DEAD: "\u26a0\ufe0f",
     AlertType.SUPERVISOR_RESTART: "\U0001f504",
     AlertType.SUPERVISOR_GAVE_UP: "\U0001f6a8",

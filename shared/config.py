@@ -253,6 +253,7 @@ SETTINGS: list[Setting] = [
     Setting("SEND_BURST_PER_ACCOUNT", _int(1), 20, "a whole number >= 1", "Sends an account may make at once after a quiet spell.", frozenset({"worker"})),
     Setting("SEND_RATE_PER_CHAT", _float(0, exclusive=True), 1.0, "messages per second > 0", "Sustained sends into one chat.", frozenset({"worker"})),
     Setting("SEND_BURST_PER_CHAT", _int(1), 5, "a whole number >= 1", "Sends into one chat at once after a quiet spell.", frozenset({"worker"})),
+    Setting("PEER_FLOOD_PAUSE", _float(0, exclusive=True), 3600.0, "a number of seconds > 0", "After Telegram answers PEER_FLOOD (its spam limit), the account sends nothing to non-contacts for this long; the messages wait in the queue.", frozenset({"worker"})),
     Setting("RECONCILE_INTERVAL", _float(0, exclusive=True), 60.0, "a number of seconds > 0", "How often chats (worker) or channels (ingest) are re-read for messages whose update never came.", frozenset({"worker", "ingest"})),
     Setting("RECONCILE_WINDOW", _float(0, exclusive=True), 86400.0, "a number of seconds > 0", "Chats active within this window are reconciled.", frozenset({"worker"})),
     Setting("HISTORY_PAGE_SIZE", _int(1, 100), 100, "a whole number 1-100", "Messages fetched per history page.", frozenset({"worker"})),
@@ -471,6 +472,7 @@ class WorkerSettings(TelegramSettings, StorageSettings):
     send_burst_per_account: int
     send_rate_per_chat: float
     send_burst_per_chat: int
+    peer_flood_pause: float
     reconcile_interval: float
     reconcile_window: float
     history_page_size: int

@@ -3,7 +3,10 @@
 Every loop asks :func:`classify` what to do with an exception instead of
 guessing: retry it soon (transient), wait the time the service asked for
 (rate limited), give up on this item (permanent), stop using this account
-(account dead), or treat the call as possibly done (unknown outcome).
+(account dead), pause the account's sends to strangers (account limited), or
+treat the call as possibly done (unknown outcome). A rate limit also says
+what it binds: Telegram's FLOOD_WAIT applies to the whole account, its
+SLOWMODE_WAIT to one chat.
 
 The mapping covers Telethon's RPC errors, asyncpg, aiohttp, httpx (used by
 supabase-py), botocore (R2), our own timeouts and the exception types below,
@@ -36,6 +39,15 @@ class ErrorKind(str, enum.Enum):
     """The call may have taken effect: retry only idempotently."""
     ALREADY_DONE = "already_done"
     """The operation took effect earlier (Telegram's RANDOM_ID_DUPLICATE)."""
+    ACCOUNT_LIMITED = "account_limited"
+    """Telegram's spam limit (PEER_FLOOD): the account may not message non-contacts for a while."""
+
+
+class LimitScope(str, enum.Enum):
+    """What a rate limit binds: every call of the account, or only its calls into one chat."""
+
+    ACCOUNT = "account"
+    CHAT = "chat"
 
 
 @dataclass(frozen=True)
@@ -45,6 +57,8 @@ class Classification:
     kind: ErrorKind
     reason: str
     retry_after: float | None = None
+    scope: LimitScope | None = None
+    """For RATE_LIMITED: what the wait binds (None: the item itself)."""
 
     @property
     def retryable(self) -> bool:
@@ -122,10 +136,18 @@ def _classify_telethon(exc: BaseException) -> Classification | None:
         return Classification(ErrorKind.ALREADY_DONE, "Telegram already has a message with this random_id")
     if name in _ACCOUNT_DEAD_TELETHON or isinstance(exc, tg.UnauthorizedError):
         return Classification(ErrorKind.ACCOUNT_DEAD, f"account needs a new login ({name}: {text})")
+    if isinstance(exc, tg.PeerFloodError):
+        return Classification(
+            ErrorKind.ACCOUNT_LIMITED,
+            "Telegram limits this account's messages to non-contacts (PEER_FLOOD, its spam limit; @SpamBot tells why)",
+        )
     seconds = getattr(exc, "seconds", None)
     if isinstance(exc, tg.FloodError) or seconds is not None:
         wait = float(seconds) if seconds is not None else 30.0
-        return Classification(ErrorKind.RATE_LIMITED, f"Telegram asked to wait {wait:.0f}s ({name})", wait)
+        # Slow mode is a setting of one group; every other flood wait
+        # (FLOOD_WAIT, FLOOD_PREMIUM_WAIT, ...) is Telegram's limit on the account.
+        scope = LimitScope.CHAT if isinstance(exc, tg.SlowModeWaitError) else LimitScope.ACCOUNT
+        return Classification(ErrorKind.RATE_LIMITED, f"Telegram asked to wait {wait:.0f}s ({name})", wait, scope)
     if isinstance(exc, (tg.ServerError, tg.TimedOutError, tg.InvalidDCError)):
         return Classification(ErrorKind.TRANSIENT, f"Telegram server error ({name}: {text})")
     if name in _READABLE_TELETHON:

@@ -18,8 +18,11 @@ or ``error`` with a one-line detail:
   or in the local object directory under DATA_DIR.
 * ``alerts``: Bot API ``getMe`` for ALERT_BOT_TOKEN; without a token alerts
   are only logged (degraded).
-* ``resources``: CPU, memory and the disk holding DATA_DIR (psutil) against
-  RESOURCE_WARN_PERCENT (70) and RESOURCE_CRITICAL_PERCENT (90).
+* ``resources``: CPU, memory and the disk holding DATA_DIR against
+  RESOURCE_WARN_PERCENT (70) and RESOURCE_CRITICAL_PERCENT (90). CPU and
+  memory are the container's (its cgroup's use against its limits, see
+  :mod:`shared.cgroup`) when there is one, else the host's (psutil); the
+  answer's ``source`` says which (``cgroup v2``, ``cgroup v1`` or ``host``).
 
 The command prints a table (or one JSON object with ``--json``) and exits 0
 when everything is healthy, 1 when something is degraded, 2 on any error
@@ -53,6 +56,7 @@ import aiohttp
 import psutil
 
 from shared.breaker import CircuitBreaker
+from shared.cgroup import DEFAULT_CGROUP_ROOT, CpuMemoryReader, ResourceSource
 from shared.config import (
     CommonSettings,
     ConfigError,
@@ -269,7 +273,9 @@ def default_thresholds() -> ResourceThresholds:
 class ResourceSample:
     """CPU, memory and disk use in percent, the path whose disk was measured,
     and what temporary files under ``DATA_DIR/tmp`` hold (they are watched because downloads and uploads land there:
-    a download or attachment left by a killed process stays there)."""
+    a download or attachment left by a killed process stays there). ``source``
+    says where CPU and memory were read (``cgroup v2``, ``cgroup v1``, ``host``)
+    and the limits they are percentages of."""
 
     cpu_percent: float
     memory_percent: float
@@ -277,6 +283,9 @@ class ResourceSample:
     disk_path: str
     temp_bytes: int = 0
     temp_files: int = 0
+    source: str = ResourceSource.HOST.value
+    memory_limit_bytes: int | None = None
+    cpu_limit_cores: float | None = None
 
 
 TEMP_SUBDIR = "tmp"
@@ -319,27 +328,42 @@ def _existing(path: Path) -> Path:
 
 
 class PsutilSampler:
-    """The machine's resource use through psutil.
+    """The service's resource use: CPU and memory of its container's cgroup when
+    there is one, else the host's (psutil); the disk of ``path`` through psutil.
 
     Args:
         cpu_interval: seconds to measure the CPU over (blocking); None compares
             with the previous call instead (instant, for ``/status``, which is
             polled; the very first call reads 0).
+        cgroup_root: the cgroup file system (a test hands it a fake tree).
+        reader: reads CPU and memory (default: a :class:`CpuMemoryReader` on
+            ``cgroup_root`` with ``cpu_interval``).
     """
 
-    def __init__(self, *, cpu_interval: float | None = CPU_SAMPLE_SECONDS) -> None:
+    def __init__(
+        self,
+        *,
+        cpu_interval: float | None = CPU_SAMPLE_SECONDS,
+        cgroup_root: Path | str = DEFAULT_CGROUP_ROOT,
+        reader: CpuMemoryReader | None = None,
+    ) -> None:
         self.cpu_interval = cpu_interval
+        self.reader = reader or CpuMemoryReader(cgroup_root=cgroup_root, cpu_interval=cpu_interval)
 
     def __call__(self, path: Path) -> ResourceSample:
         disk_path = _existing(path)
         temp_bytes, temp_files = temp_usage(path)
+        figures = self.reader.read()
         return ResourceSample(
-            cpu_percent=float(psutil.cpu_percent(interval=self.cpu_interval)),
-            memory_percent=float(psutil.virtual_memory().percent),
+            cpu_percent=figures.cpu_percent,
+            memory_percent=figures.memory_percent,
             disk_percent=float(psutil.disk_usage(str(disk_path)).percent),
             disk_path=str(disk_path),
             temp_bytes=temp_bytes,
             temp_files=temp_files,
+            source=figures.source.value,
+            memory_limit_bytes=figures.memory_limit_bytes,
+            cpu_limit_cores=figures.cpu_limit_cores,
         )
 
 
@@ -370,6 +394,9 @@ def judge_resources(sample: ResourceSample, thresholds: ResourceThresholds) -> t
         "disk_path": sample.disk_path,
         "temp_bytes": sample.temp_bytes,
         "temp_files": sample.temp_files,
+        "source": sample.source,
+        "memory_limit_bytes": sample.memory_limit_bytes,
+        "cpu_limit_cores": sample.cpu_limit_cores,
         "warn_percent": thresholds.warn_percent,
         "critical_percent": thresholds.critical_percent,
     }
@@ -390,7 +417,7 @@ async def resources_status(
     Args:
         data_dir: DATA_DIR; its file system is the disk measured.
         thresholds: default from RESOURCE_WARN_PERCENT / RESOURCE_CRITICAL_PERCENT.
-        sampler: default psutil.
+        sampler: default: the cgroup's figures, else the host's (psutil).
         timeout: seconds the measurement may take.
 
     Raises:
@@ -431,7 +458,7 @@ class HealthChecker:
         database: an open database to use (a bot's own); when None the
             checker opens one with ``open_database`` and closes it in :meth:`close`.
         thresholds: resource thresholds (default: :meth:`ResourceThresholds.resolve`).
-        sampler: resource measurement (default: psutil, CPU over 0.2 s).
+        sampler: resource measurement (default: the cgroup's or the host's figures, CPU over 0.2 s).
         timeout: seconds each check may take.
         heartbeat_ids: the heartbeat rows the telegram check judges (default:
             WORKER_ID when the settings have it, else every row).
@@ -578,6 +605,7 @@ class HealthChecker:
             now = await db.ping()
             beats = await db.list_heartbeats()
             accounts = await db.list_accounts()
+            holds = {h.account_id: h for h in await db.account_send_holds()}
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -613,14 +641,28 @@ class HealthChecker:
                 words.append(f"worker {beat.worker_id} alive ({_fmt_age(age)} ago)")
 
         by_status: dict[str, list[str]] = {}
+        limited: list[str] = []
         for account in accounts:
             by_status.setdefault(account.status.value, []).append(account.label)
-            data["accounts"][account.label] = {"status": account.status.value, "has_session": account.has_session}
+            entry: dict[str, Any] = {"status": account.status.value, "has_session": account.has_session}
+            hold = holds.get(account.id)
+            if hold is not None and hold.flood_until is not None:
+                entry["flood_wait_until"] = hold.flood_until.isoformat()
+            if hold is not None and hold.limited_until is not None:
+                # Telegram's spam limit (PEER_FLOOD): its messages to non-contacts wait in the queue.
+                entry["limited_until"] = hold.limited_until.isoformat()
+                if account.status.value == "active":
+                    entry["status"] = "limited"
+                    limited.append(f"{account.label} until {hold.limited_until.strftime('%H:%M UTC')}")
+            data["accounts"][account.label] = entry
         needs_login = sorted(by_status.get("needs_login", []))
         active = by_status.get("active", [])
         if needs_login:
             verdicts.append(HealthStatus.DEGRADED)
             words.append(f"needs login: {', '.join(needs_login)}")
+        if limited:
+            verdicts.append(HealthStatus.DEGRADED)
+            words.append(f"limited by Telegram (PEER_FLOOD, messages to non-contacts wait): {', '.join(sorted(limited))}")
         if not accounts:
             verdicts.append(HealthStatus.DEGRADED)
             words.append("no Telegram accounts (./start.sh worker login)")

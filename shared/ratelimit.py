@@ -3,9 +3,10 @@
 Telegram publishes limits for bots (about 1 message per second per chat, 30
 per second overall, 20 per minute in a group) and none for user accounts, so
 the worker sends through conservative buckets per account and per chat. When
-Telegram still answers with a flood wait, only that key is held for the time
-it asked: :meth:`KeyedBuckets.hold` makes :meth:`KeyedBuckets.delay` report
-the remaining wait, and other keys go on.
+Telegram still answers with a wait, the key it binds is held for the time it
+asked (the account for FLOOD_WAIT, the chat for SLOWMODE_WAIT):
+:meth:`KeyedBuckets.hold` makes :meth:`KeyedBuckets.delay` report the
+remaining wait, and other keys go on.
 """
 
 from __future__ import annotations

@@ -436,13 +436,13 @@ _PAGE = r"""<!doctype html>
                "counters", "outbound", "sync", "jobs", "heartbeat", "alerts", "watchdog", "sandbox_world"];
   var BAD = ["failing", "failed", "open", "dead", "error", "stopped", "crashed", "exhausted", "down", "unhealthy"];
   var WARN = ["half_open", "degraded", "restarting", "retrying", "stale", "rate_limited", "waiting", "paused", "starting",
-              "flood_wait", "backoff", "connecting", "pending", "needs_login"];
+              "flood_wait", "limited", "backoff", "connecting", "pending", "needs_login"];
   var GOOD = ["ok", "running", "closed", "healthy", "connected", "ready", "idle", "done", "active", "alive", "online", "sent"];
   // Per section: the columns worth a glance, in order; then the rest minus HIDE.
   var COLUMNS = {
     loops: ["state", "last_ping", "last_ping_ago_s", "restarts", "cycles", "cycle_errors", "last_error", "last_error_at", "last_restart_reason"],
     accounts: ["state", "fix", "connected", "lease", "queue_depth", "sent", "failed", "received", "reconnects", "connected_since",
-               "flood_wait_until", "last_error", "last_error_at"],
+               "flood_wait_until", "limited_until", "last_error", "last_error_at"],
     channels: ["state", "last_message_id", "stored", "skipped", "failed", "last_error", "last_error_at"],
     breakers: ["state", "consecutive_failures", "failures", "retry_in_s", "times_opened", "rejected_calls", "last_error", "last_error_at"],
     history_jobs: ["job_id", "account", "channel", "chat_id", "fetched", "stored", "target", "done", "percent"]
@@ -455,9 +455,9 @@ _PAGE = r"""<!doctype html>
   };
   var NAME_LABEL = { loops: "loop", accounts: "account", channels: "channel", breakers: "breaker", queues: "queue" };
   var LABELS = { last_ping_ago_s: "last ping", retry_in_s: "retry in", queue_depth: "queue depth", connected_since: "connected since",
-                 flood_wait_until: "flood wait until", last_error_at: "last error at", last_ok_at: "last ok", uptime_seconds: "uptime" };
+                 flood_wait_until: "flood wait until", limited_until: "limited until", last_error_at: "last error at", last_ok_at: "last ok", uptime_seconds: "uptime" };
   var HEADS = { last_ping: "last ping", consecutive_failures: "failures", queue_depth: "queue", cycle_errors: "errors",
-                last_restart_reason: "restart reason", connected_since: "since", flood_wait_until: "flood wait",
+                last_restart_reason: "restart reason", connected_since: "since", flood_wait_until: "flood wait", limited_until: "limited",
                 times_opened: "opened", rejected_calls: "rejected", last_error_at: "error at", chat_id: "chat", job_id: "job" };
   var EMPTY = { history_jobs: "no history sync jobs", queues: "no retry queues", accounts: "no accounts", channels: "no channels" };
   var WIDE = ["loops", "accounts", "channels", "breakers", "history_jobs"];
@@ -675,6 +675,19 @@ _PAGE = r"""<!doctype html>
     limits.appendChild(el("th", null, "thresholds"));
     limits.appendChild(el("td", "muted", "warn " + warn + "%, critical " + crit + "%"));
     t.appendChild(limits);
+    if (typeof value.source === "string") {
+      // CPU and memory are percentages of these: the container's limits (cgroup) or the host's.
+      var what = value.source;
+      if (typeof value.cpu_limit_cores === "number") { what += ", " + (+value.cpu_limit_cores.toFixed(2)) + " CPU"; }
+      var mem = value.memory_limit_bytes;
+      if (typeof mem === "number") {
+        what += ", " + (mem >= 1073741824 ? (+(mem / 1073741824).toFixed(1)) + " GB" : Math.round(mem / 1048576) + " MB") + " memory";
+      }
+      var measured = el("tr");
+      measured.appendChild(el("th", null, "measured"));
+      measured.appendChild(el("td", "muted", what));
+      t.appendChild(measured);
+    }
     return t;
   }
   function section(key, value) {

@@ -187,7 +187,9 @@ class AccountConnection:
         self.sent = 0
         self.failed = 0
         self.received = 0
+        #: Wall times Telegram's limits end: FLOOD_WAIT holds every send, PEER_FLOOD sends to non-contacts.
         self.flood_wait_until: float | None = None
+        self.limited_until: float | None = None
 
     @property
     def id(self) -> int:
@@ -406,9 +408,15 @@ class AccountConnection:
         await self._release_lease()
 
     def status(self) -> dict[str, Any]:
+        state = self.state.value
+        now = time.time()
+        if self.state is ConnectionState.CONNECTED and self.limited_until is not None and self.limited_until > now:
+            state = "limited"
+        elif self.state is ConnectionState.CONNECTED and self.flood_wait_until is not None and self.flood_wait_until > now:
+            state = "flood_wait"
         return {
             "id": self.id,
-            "state": self.state.value,
+            "state": state,
             "connected": self.connected,
             "lease": "held" if self.lease_token else ("elsewhere" if self.state is ConnectionState.LEASED_ELSEWHERE else None),
             "connected_since": self.connected_since,
@@ -417,6 +425,7 @@ class AccountConnection:
             "failed": self.failed,
             "received": self.received,
             "flood_wait_until": self.flood_wait_until,
+            "limited_until": self.limited_until,
             "last_error": self.last_error,
             "last_error_at": self.last_error_at,
         }

@@ -267,7 +267,10 @@ async def test_operator_page_shows_loops_accounts_queues_breakers_history_errors
         assert db is not None
         # Fixed numbers: the machine's own load (Chromium rendering, other tests) must not decide what is red.
         def sample(path: Path) -> ResourceSample:
-            return ResourceSample(cpu_percent=23.0, memory_percent=41.0, disk_percent=76.0, disk_path=str(path))
+            return ResourceSample(
+                cpu_percent=23.0, memory_percent=41.0, disk_percent=76.0, disk_path=str(path),
+                source="cgroup v2", memory_limit_bytes=512 * 1024**2, cpu_limit_cores=1.5,
+            )
 
         runtime.add_section(
             "resources",
@@ -339,6 +342,7 @@ async def test_operator_page_shows_loops_accounts_queues_breakers_history_errors
     assert rows["cpu"] == "cpu 23.0%" and rows["memory"] == "memory 41.0%" and rows["disk"] == "disk 76.0%"
     fills = [bar.find(tag="span")[0].attrs.get("class") for bar in resources.find(cls="bar")]
     assert fills == ["ok", "ok", "warn"], "disk above the warning threshold is amber, not red"
+    assert rows["measured"] == "measured cgroup v2, 1.5 CPU, 512 MB memory", "what the percentages are of"
 
     for section in ("heartbeat", "alerts", "counters", "sandbox_world"):
         assert page.find(id=f"section-{section}"), f"section {section} missing"

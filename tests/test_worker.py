@@ -148,31 +148,8 @@ async def test_delivered_but_the_answer_lost_gives_exactly_one_message(worker_en
         assert rows[0]["attempts"] >= 2, "the lost answer forced a second attempt"
 
 
-async def _flooded(database_url: str, text: str) -> bool:
-    return any(r["text"] == text and r["status"] == "queued" and r["last_error"] for r in await outbound_rows(database_url))
-
-
 async def _status_of(database_url: str, text: str, status: str) -> bool:
     return any(r["text"] == text and r["status"] == status for r in await outbound_rows(database_url))
-
-
-async def test_a_flood_wait_on_one_chat_does_not_delay_another(worker_env: dict[str, str], database_url: str) -> None:
-    world = world_of(worker_env)
-    world.seed_demo()
-    async with running_worker(worker_env) as worker:
-        ids = await account_ids(worker)
-        world.set_fault(FaultKind.FLOOD, method="SendMessage", peer="@alice", seconds=60, count=1)
-        await worker.db.enqueue_outbound(ids["demo_one"], "alice", "to the flooded chat")  # type: ignore[union-attr]
-        await wait_until(lambda: _flooded(database_url, "to the flooded chat"), what="flood wait hit")
-        started = time.monotonic()
-        await worker.db.enqueue_outbound(ids["demo_one"], "bob", "to a calm chat")  # type: ignore[union-attr]
-        await wait_until(lambda: "to a calm chat" in texts_received(world, "bob"), timeout=5, what="bob's message")
-        assert time.monotonic() - started < 5
-        assert "to the flooded chat" not in texts_received(world, "alice")
-        row = next(r for r in await outbound_rows(database_url) if r["text"] == "to the flooded chat")
-        assert row["status"] == "queued" and "wait" in (row["last_error"] or "").lower()
-        status = await worker.runtime.status()
-        assert status["accounts"]["demo_one"]["flood_wait_until"] is not None
 
 
 async def test_a_dead_session_on_one_account_does_not_disturb_the_others(worker_env: dict[str, str], database_url: str) -> None:

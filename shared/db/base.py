@@ -43,6 +43,8 @@ from shared.db.records import (
     RequeueResult,
     RetryRow,
     RetryItemStatus,
+    SendHold,
+    SendHoldKind,
     StatusCount,
     StoredMessage,
     Takeover,
@@ -65,6 +67,12 @@ MESSAGE_JOBS_CHANNEL = "message_jobs"
 
 #: Longest wait between two looks at the queue when notifications are not available.
 DEFAULT_POLL_INTERVAL = 1.0
+
+#: Rows asked for per call of a set-returning function whose answer grows with
+#: the data. Supabase's API answers at most its "Max rows" (1000 by default)
+#: per request and says nothing of the rows it leaves out, so lists are read in
+#: pages below that, and claims and batches stay below it too.
+DEFAULT_PAGE_SIZE = 500
 
 
 def json_safe(value: Any) -> Any:
@@ -165,9 +173,13 @@ class Database(abc.ABC):
     """
 
     backend: Backend
+    #: True when the transport answers at most a fixed number of rows per call
+    #: and drops the rest silently (Supabase's API: its "Max rows").
+    rows_capped: bool = False
 
-    def __init__(self, *, poll_interval: float = DEFAULT_POLL_INTERVAL) -> None:
+    def __init__(self, *, poll_interval: float = DEFAULT_POLL_INTERVAL, page_size: int = DEFAULT_PAGE_SIZE) -> None:
         self.poll_interval = poll_interval
+        self.page_size = page_size
         self._default_subscriptions: dict[str, Subscription] = {}
 
     # --- transport ----------------------------------------------------------
@@ -211,6 +223,41 @@ class Database(abc.ABC):
         row = rows[0]
         return row.get(function) if function in row else next(iter(row.values()), None)
 
+    async def _pages(
+        self,
+        function: str,
+        args: Mapping[str, Any],
+        after: Callable[[dict[str, Any]], Mapping[str, Any]],
+        *,
+        limit: int | None = None,
+        read_only: bool = True,
+    ) -> list[dict[str, Any]]:
+        """The rows of a paged function, read ``page_size`` at a time (at most ``limit``).
+
+        The function takes ``p_limit`` and keyset arguments; ``after(row)``
+        gives the keyset arguments that continue after ``row`` (its sort key).
+        A page shorter than asked for is the last one.
+        """
+        rows: list[dict[str, Any]] = []
+        position: Mapping[str, Any] = {}
+        while limit is None or len(rows) < limit:
+            want = self.page_size if limit is None else min(self.page_size, limit - len(rows))
+            page = await self.call(function, {**args, **position, "p_limit": want}, read_only=read_only)
+            rows.extend(page)
+            if len(page) < want:
+                break
+            position = after(page[-1])
+        return rows
+
+    def batch_limit(self, limit: int) -> int:
+        """The most rows one claim of ``limit`` returns on this backend.
+
+        Where answers are capped (:attr:`rows_capped`), a claim asks for at
+        most ``page_size``: a row claimed but cut from the answer would wait
+        out its lease unseen.
+        """
+        return max(1, min(limit, self.page_size)) if self.rows_capped else limit
+
     async def ping(self) -> datetime:
         """The database's clock; raises like any call when it is unreachable."""
         value = await self._scalar("db_ping", {}, read_only=True)
@@ -246,7 +293,8 @@ class Database(abc.ABC):
 
     async def list_accounts(self, *, statuses: Iterable[AccountStatus] | None = None) -> list[Account]:
         args = {"p_statuses": None if statuses is None else [_value(s) for s in statuses]}
-        return [from_row(Account, r) for r in await self.call("account_list", args, read_only=True)]
+        rows = await self._pages("account_list", args, lambda r: {"p_after": r["id"]})
+        return [from_row(Account, r) for r in rows]
 
     async def get_account_session(self, account_id: int) -> str | None:
         """The encrypted session string of an account (None when it has none)."""
@@ -310,8 +358,11 @@ class Database(abc.ABC):
 
     async def recent_chats(self, account_id: int, *, since: datetime | None = None, limit: int = 100) -> list[Chat]:
         """Chats of an account with their cursors, most recently active first."""
-        args = {"p_account_id": account_id, "p_since": _when(since), "p_limit": limit}
-        return [from_row(Chat, r) for r in await self.call("chats_recent", args, read_only=True)]
+        args = {"p_account_id": account_id, "p_since": _when(since)}
+        rows = await self._pages(
+            "chats_recent", args, lambda r: {"p_after_at": r["last_message_at"], "p_after_id": r["id"]}, limit=limit
+        )
+        return [from_row(Chat, r) for r in rows]
 
     async def store_messages(
         self, account_id: int, messages: Sequence[InboundMessage], *, advance_cursor: bool = True
@@ -339,8 +390,27 @@ class Database(abc.ABC):
             }
             for m in messages
         ]
-        args = {"p_account_id": account_id, "p_messages": payload, "p_advance_cursor": advance_cursor}
-        return [from_row(StoredMessage, r) for r in await self.call("messages_store", args)]
+        if len(payload) <= self.page_size:
+            args = {"p_account_id": account_id, "p_messages": payload, "p_advance_cursor": advance_cursor}
+            return [from_row(StoredMessage, r) for r in await self.call("messages_store", args)]
+        # One answer row per message: a long list goes in batches, and the
+        # cursors move only once every batch is stored (storing a chat's
+        # newest message again stores nothing and moves its cursor).
+        stored: list[StoredMessage] = []
+        for start in range(0, len(payload), self.page_size):
+            args = {"p_account_id": account_id, "p_messages": payload[start : start + self.page_size], "p_advance_cursor": False}
+            stored.extend(from_row(StoredMessage, r) for r in await self.call("messages_store", args))
+        if advance_cursor:
+            newest: dict[Any, dict[str, Any]] = {}
+            for item in payload:
+                known = newest.get(item["chat_id"])
+                if known is None or item["telegram_message_id"] > known["telegram_message_id"]:
+                    newest[item["chat_id"]] = item
+            heads = list(newest.values())
+            for start in range(0, len(heads), self.page_size):
+                args = {"p_account_id": account_id, "p_messages": heads[start : start + self.page_size], "p_advance_cursor": True}
+                await self.call("messages_store", args)
+        return stored
 
     async def store_message(self, account_id: int, message: InboundMessage, *, advance_cursor: bool = True) -> bool:
         """Store one message; True when it was new."""
@@ -409,7 +479,7 @@ class Database(abc.ABC):
         args = {
             "p_account_ids": list(account_ids),
             "p_owner": owner,
-            "p_limit": limit,
+            "p_limit": self.batch_limit(limit),
             "p_lease_seconds": float(lease_seconds),
             "p_per_chat_limit": per_chat_limit,
             "p_max_retries": max_retries,
@@ -479,6 +549,23 @@ class Database(abc.ABC):
         rows = await self.call("outbound_requeue_expired", {"p_max_retries": max_retries})
         return from_row(RequeueResult, rows[0])
 
+    async def hold_account_sends(
+        self, account_id: int, kind: SendHoldKind, *, until: datetime, reason: str | None = None
+    ) -> datetime:
+        """Hold the account's sends (``flood``: all; ``limited``: to non-contacts) until ``until``.
+
+        A longer hold already stored is kept. Returns the end now in force.
+        """
+        args = {"p_account_id": account_id, "p_kind": _value(kind), "p_until": _aware(until), "p_reason": reason}
+        parsed = parse_datetime(await self._scalar("account_send_hold", args))
+        assert parsed is not None
+        return parsed
+
+    async def account_send_holds(self, account_ids: Sequence[int] | None = None) -> list[SendHold]:
+        """The send holds still running, of these accounts (None: every account)."""
+        args = {"p_account_ids": None if account_ids is None else list(account_ids)}
+        return [from_row(SendHold, r) for r in await self.call("account_send_holds_list", args, read_only=True)]
+
     async def take_over_account(self, account_id: int, *, owner: str) -> Takeover:
         """Take back the work another holder of this account had in hand (call it
         right after acquiring the account's lease): its sending outbound rows and
@@ -509,7 +596,11 @@ class Database(abc.ABC):
 
     async def outbound_counts(self, account_id: int | None = None) -> list[StatusCount]:
         """Outbound rows per account and status (for /status)."""
-        rows = await self.call("outbound_counts", {"p_account_id": account_id}, read_only=True)
+        rows = await self._pages(
+            "outbound_counts",
+            {"p_account_id": account_id},
+            lambda r: {"p_after_account_id": r["account_id"], "p_after_status": r["status"]},
+        )
         return [from_row(StatusCount, r) for r in rows]
 
     async def requeue_outbound(
@@ -525,6 +616,8 @@ class Database(abc.ABC):
         Each keeps its random_id (a resend of something that did arrive is a
         duplicate Telegram recognises) and starts its attempts again. ``ids``
         and ``account_id`` narrow the choice; ``dry_run`` only lists it.
+        Done a page at a time (each page is committed on its own): a run cut
+        short leaves the rest failed or dead, for the next run.
         """
         args = {
             "p_ids": list(ids) if ids is not None else None,
@@ -532,7 +625,7 @@ class Database(abc.ABC):
             "p_statuses": [s.value for s in statuses],
             "p_dry_run": dry_run,
         }
-        rows = await self.call("outbound_requeue", args)
+        rows = await self._pages("outbound_requeue", args, lambda r: {"p_after": r["id"]}, read_only=False)
         return [from_row(Requeued, r) for r in rows]
 
     async def queue_depth(self, account_id: int) -> int:
@@ -555,7 +648,8 @@ class Database(abc.ABC):
         await self.call("worker_heartbeat_upsert", args)
 
     async def list_heartbeats(self) -> list[Heartbeat]:
-        return [from_row(Heartbeat, r) for r in await self.call("worker_heartbeats_list", {}, read_only=True)]
+        rows = await self._pages("worker_heartbeats_list", {}, lambda r: {"p_after": r["worker_id"]})
+        return [from_row(Heartbeat, r) for r in rows]
 
     # --- history sync jobs -------------------------------------------------------------------
 
@@ -574,7 +668,7 @@ class Database(abc.ABC):
         args = {
             "p_account_ids": list(account_ids),
             "p_owner": owner,
-            "p_limit": limit,
+            "p_limit": self.batch_limit(limit),
             "p_lease_seconds": float(lease_seconds),
             "p_max_retries": max_retries,
         }
@@ -656,7 +750,7 @@ class Database(abc.ABC):
         args = {
             "p_account_ids": list(account_ids),
             "p_owner": owner,
-            "p_limit": limit,
+            "p_limit": self.batch_limit(limit),
             "p_lease_seconds": float(lease_seconds),
             "p_max_retries": max_retries,
         }
@@ -753,11 +847,18 @@ class Database(abc.ABC):
         return bool(await self._scalar("retry_item_remove", {"p_bot": bot, "p_id": item_id}))
 
     async def pending_retry_items(self, bot: str, *, limit: int = 100) -> list[RetryRow]:
-        rows = await self.call("retry_items_pending", {"p_bot": bot, "p_limit": limit}, read_only=True)
+        rows = await self._pages(
+            "retry_items_pending",
+            {"p_bot": bot},
+            lambda r: {"p_after_next_attempt_at": r["next_attempt_at"], "p_after_created_at": r["created_at"], "p_after_id": r["id"]},
+            limit=limit,
+        )
         return [from_row(RetryRow, r) for r in rows]
 
     async def exhausted_retry_items(self, bot: str, *, limit: int = 100) -> list[RetryRow]:
-        rows = await self.call("retry_items_exhausted", {"p_bot": bot, "p_limit": limit}, read_only=True)
+        rows = await self._pages(
+            "retry_items_exhausted", {"p_bot": bot}, lambda r: {"p_after_updated_at": r["updated_at"], "p_after_id": r["id"]}, limit=limit
+        )
         return [from_row(RetryRow, r) for r in rows]
 
     async def count_retry_items(self, bot: str, statuses: Iterable[RetryItemStatus]) -> int:
@@ -802,13 +903,18 @@ class Database(abc.ABC):
         return from_row(IngestImage, rows[0]) if rows else None
 
     async def ingest_images_by_sha256(self, sha256: str) -> list[IngestImage]:
-        rows = await self.call("ingest_images_by_sha256", {"p_sha256": sha256}, read_only=True)
+        rows = await self._pages("ingest_images_by_sha256", {"p_sha256": sha256}, lambda r: {"p_after": r["id"]})
         return [from_row(IngestImage, r) for r in rows]
 
     async def ingest_stored_keys(self, keys: Sequence[str]) -> set[str]:
         """The storage keys among ``keys`` that some ingest row points at (one call for the whole batch)."""
-        rows = await self.call("ingest_stored_keys", {"p_keys": list(keys)}, read_only=True)
-        return {str(next(iter(r.values()))) for r in rows}
+        found: set[str] = set()
+        keys = list(keys)
+        # At most one answer row per key: batches below the API's row cap.
+        for start in range(0, len(keys), self.page_size):
+            rows = await self.call("ingest_stored_keys", {"p_keys": keys[start : start + self.page_size]}, read_only=True)
+            found.update(str(next(iter(r.values()))) for r in rows)
+        return found
 
     async def get_ingest_cursor(self, channel_id: int) -> int | None:
         """The channel's cursor, or None when ingest has never chosen where the channel starts."""
@@ -864,8 +970,11 @@ class Database(abc.ABC):
         return from_row(Tweet, rows[0]) if rows else None
 
     async def list_tweets(self, *, statuses: Iterable[TweetStatus] | None = None, limit: int = 100) -> list[Tweet]:
-        args = {"p_statuses": None if statuses is None else [_value(s) for s in statuses], "p_limit": limit}
-        return [from_row(Tweet, r) for r in await self.call("tweets_list", args, read_only=True)]
+        args = {"p_statuses": None if statuses is None else [_value(s) for s in statuses]}
+        rows = await self._pages(
+            "tweets_list", args, lambda r: {"p_after_created_at": r["created_at"], "p_after_id": r["id"]}, limit=limit
+        )
+        return [from_row(Tweet, r) for r in rows]
 
     async def tweet_counts(self) -> dict[TweetStatus, int]:
         rows = await self.call("tweet_counts", {}, read_only=True)
@@ -881,12 +990,12 @@ class Database(abc.ABC):
         stays ``failed``; no draft: ``discovered``; never approved by an operator:
         ``drafted``; approved: ``approved``. Returns each with both statuses."""
         args = {"p_minutes": float(minutes), "p_max_attempts": max_attempts, "p_bot": bot}
-        rows = await self.call("tweet_recover_stale", args)
+        rows = await self._pages("tweet_recover_stale", args, lambda r: {"p_after": r["id"]}, read_only=False)
         return [from_row(RecoveredTweet, r) for r in rows]
 
     async def reply_cursors(self) -> dict[str, str]:
         """The Reply Guy's ``since_id`` per discovery source."""
-        rows = await self.call("reply_cursors_list", {}, read_only=True)
+        rows = await self._pages("reply_cursors_list", {}, lambda r: {"p_after": r["source"]})
         return {str(r["source"]): str(r["since_id"]) for r in rows}
 
     async def advance_reply_cursor(self, source: str, since_id: str) -> str:

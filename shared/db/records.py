@@ -254,6 +254,25 @@ class Takeover:
     message_jobs: int
 
 
+class SendHoldKind(str, enum.Enum):
+    """What Telegram's limit holds: every send of the account, or its sends to non-contacts."""
+
+    FLOOD = "flood"
+    LIMITED = "limited"
+
+
+@dataclasses.dataclass(frozen=True)
+class SendHold:
+    """An account's send holds still running (None: that hold is not in force)."""
+
+    account_id: int
+    label: str
+    flood_until: datetime | None
+    flood_reason: str | None
+    limited_until: datetime | None
+    limited_reason: str | None
+
+
 @dataclasses.dataclass(frozen=True)
 class Heartbeat:
     """A worker's last heartbeat."""

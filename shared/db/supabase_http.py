@@ -83,6 +83,7 @@ class SupabaseDatabase(Database):
     """
 
     backend = Backend.SUPABASE
+    rows_capped = True
 
     def __init__(
         self,

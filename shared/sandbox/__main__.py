@@ -125,7 +125,8 @@ def _parser() -> argparse.ArgumentParser:
     flood = sub.add_parser("flood", help="flood limits on sends (token buckets)")
     flood_sub = flood.add_subparsers(dest="action", required=True)
     flood_set = flood_sub.add_parser("set")
-    flood_set.add_argument("scope", choices=["account", "chat"])
+    flood_set.add_argument("scope", choices=["account", "chat", "non_contacts"],
+                           help="account: any chat (FLOOD_WAIT); chat: one chat (FLOOD_WAIT); non_contacts: PEER_FLOOD")
     flood_set.add_argument("--rate", type=float, required=True, help="messages per second")
     flood_set.add_argument("--burst", type=float, default=1.0)
     flood_set.add_argument("--account")

@@ -1009,7 +1009,8 @@ class Store:
         """Take one token from every flood bucket that applies.
 
         Raises:
-            RpcFailure: FLOOD_WAIT_<seconds> when a bucket is empty.
+            RpcFailure: PEER_FLOOD when a ``non_contacts`` bucket is empty (a send to a
+                non-contact), else FLOOD_WAIT_<seconds> when a bucket is empty.
         """
         limits = self.conn.execute(
             "SELECT id, scope, rate, burst FROM flood_limits WHERE account_id IS NULL OR account_id = ?",
@@ -1019,14 +1020,26 @@ class Store:
             return
         now = self.clock()
         wait = 0.0
+        spam_limited = False
         updates: list[tuple[str, float]] = []
         for limit_id, scope, rate, burst in limits:
-            key = f"{limit_id}:{account.id}" if scope == "account" else f"{limit_id}:{account.id}:{chat.id}"
+            if scope == "non_contacts":
+                # Telegram's spam limit counts messages to people who are not the account's contacts.
+                if not chat.kind.is_user or chat.id == account.id or self.is_contact(account.id, chat.id):
+                    continue
+                key = f"{limit_id}:{account.id}"
+            else:
+                key = f"{limit_id}:{account.id}" if scope == "account" else f"{limit_id}:{account.id}:{chat.id}"
             row = self.conn.execute("SELECT tokens, updated FROM flood_buckets WHERE key = ?", (key,)).fetchone()
             tokens = burst if row is None else min(burst, row[0] + (now - row[1]) * rate)
             if tokens < 1.0:
-                wait = max(wait, (1.0 - tokens) / rate if rate > 0 else 3600.0)
+                if scope == "non_contacts":
+                    spam_limited = True
+                else:
+                    wait = max(wait, (1.0 - tokens) / rate if rate > 0 else 3600.0)
             updates.append((key, tokens))
+        if spam_limited:
+            raise RpcFailure(400, "PEER_FLOOD")
         if wait > 0:
             raise RpcFailure(420, f"FLOOD_WAIT_{max(1, math.ceil(wait))}")
         self.conn.executemany(

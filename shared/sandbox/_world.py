@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import random
+import re
 import sqlite3
 import struct
 import threading
@@ -195,6 +196,16 @@ class _Poller:
         finally:
             self._task = None
 
+
+
+#: Answers of Telegram's limits, counted per account (see World.limit_answers).
+_LIMIT_ANSWERS = re.compile(r"^(FLOOD_WAIT|FLOOD_PREMIUM_WAIT|SLOWMODE_WAIT|PEER_FLOOD)(_\d+)?$")
+
+
+def _count_limit_answer(store: Store, account_id: int | None, message: str) -> None:
+    match = _LIMIT_ANSWERS.match(message or "")
+    if match is not None:
+        store.bump(f"limit_answers:{account_id or 0}:{match.group(1)}")
 
 class World:
     """A sandbox Telegram world stored in ``<directory>/world.sqlite3``.
@@ -512,6 +523,8 @@ class World:
             except Exception:  # noqa: BLE001 - a broken rule must not break every request
                 logger.exception("sandbox: could not evaluate fault rules")
             if fault is not None and fault.kind is not FaultKind.ANSWER_LOST:
+                if fault.error:
+                    _count_limit_answer(store, caller.account_id, fault.error)
                 return None, Outcome(fault=fault, account_id=caller.account_id)
         store.conn.execute("SAVEPOINT request")
         try:
@@ -519,6 +532,7 @@ class World:
         except RpcFailure as failure:
             store.conn.execute("ROLLBACK TO request")
             store.conn.execute("RELEASE request")
+            _count_limit_answer(store, caller.account_id, failure.message)
             return None, Outcome(error=(failure.code, failure.message), fault=fault, account_id=caller.account_id)
         except Exception as exc:  # noqa: BLE001 - isolate a sandbox bug to its request
             logger.exception("sandbox: internal error answering %s", type(request).__name__)
@@ -662,8 +676,15 @@ class World:
     def set_flood_limit(self, scope: str, *, rate: float, burst: float = 1.0, account: PeerRef | None = None) -> int:
         """Add a flood limit on sends (SendMessage, SendMedia): a token bucket.
 
+        ``account`` and ``chat`` buckets answer FLOOD_WAIT_<seconds> when empty,
+        as Telegram's flood limits do; a ``non_contacts`` bucket answers
+        PEER_FLOOD (Telegram's spam limit), for sends to users who are not the
+        account's contacts only.
+
         Args:
-            scope: ``account`` (all sends of an account) or ``chat`` (an account's sends to one chat).
+            scope: ``account`` (all sends of an account, to any chat), ``chat`` (an
+                account's sends to one chat) or ``non_contacts`` (an account's sends
+                to users outside its contacts).
             rate: Messages per second refilled.
             burst: Bucket size.
             account: Only this account (default: every account).
@@ -674,8 +695,8 @@ class World:
         Raises:
             SandboxError: For a bad scope or rate.
         """
-        if scope not in ("account", "chat"):
-            raise SandboxError("scope must be 'account' or 'chat'")
+        if scope not in ("account", "chat", "non_contacts"):
+            raise SandboxError("scope must be 'account', 'chat' or 'non_contacts'")
         if rate <= 0 or burst < 1:
             raise SandboxError("rate must be > 0 and burst >= 1")
         with self._write() as store:
@@ -685,6 +706,23 @@ class World:
                 (scope, account_id, float(rate), float(burst)),
             )
             return int(cursor.lastrowid or 0)
+
+    def limit_answers(self, account: PeerRef | None = None) -> dict[str, int]:
+        """How often Telegram's limits answered a request, by error: ``FLOOD_WAIT``,
+        ``FLOOD_PREMIUM_WAIT``, ``SLOWMODE_WAIT``, ``PEER_FLOOD`` (of one account, or all).
+
+        Every such answer counts, from a flood limit or a fault rule alike: a
+        client that keeps trying during a wait shows here.
+        """
+        with self._read() as store:
+            rows = store.conn.execute("SELECT key, value FROM meta WHERE key LIKE 'limit_answers:%'").fetchall()
+            account_id = store.find_peer(account).id if account is not None else None
+        counts: dict[str, int] = {}
+        for key, value in rows:
+            _, owner, error = key.split(":", 2)
+            if account_id is None or owner == str(account_id):
+                counts[error] = counts.get(error, 0) + int(value)
+        return counts
 
     def clear_flood_limits(self) -> None:
         """Remove every flood limit and empty the buckets."""
@@ -1177,17 +1215,18 @@ class World:
                          reply_bot=reply_bot, operators=operators, operator=operator)
 
     def summary(self) -> dict[str, Any]:
-        """Counts for status pages: peers by kind, messages, active faults."""
+        """Counts for status pages: peers by kind, messages, active faults and flood limits, limit answers."""
         with self._read() as store:
             conn = store.conn
             kinds = dict(conn.execute("SELECT kind, count(*) FROM peers GROUP BY kind").fetchall())
             messages = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
             faults = conn.execute("SELECT count(*) FROM faults WHERE remaining IS NULL OR remaining > 0").fetchone()[0]
+            flood_limits = conn.execute("SELECT count(*) FROM flood_limits").fetchone()[0]
             accounts = conn.execute(
                 "SELECT count(*) FROM peers WHERE (phone IS NOT NULL AND kind = 'user') OR kind = 'bot'"
             ).fetchone()[0]
         return {"directory": str(self.directory), "peers": kinds, "accounts": accounts, "messages": messages,
-                "active_faults": faults}
+                "active_faults": faults, "flood_limits": flood_limits, "limit_answers": self.limit_answers()}
 
     def dump(self) -> str:
         """A JSON summary (for the CLI)."""

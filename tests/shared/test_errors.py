@@ -24,6 +24,7 @@ from shared.errors import (
     BotError,
     Classification,
     ErrorKind,
+    LimitScope,
     PermanentError,
     RateLimitedError,
     TransientError,
@@ -65,6 +66,9 @@ def _check(case: Case) -> Classification:
 
 TELETHON = [
     Case("flood_wait_17s", tg.FloodWaitError(request=None, capture=17), ErrorKind.RATE_LIMITED, 17.0, "17"),
+    Case("flood_premium_wait_9s", tg.FloodPremiumWaitError(request=None, capture=9), ErrorKind.RATE_LIMITED, 9.0, "9"),
+    Case("slowmode_wait_30s", tg.SlowModeWaitError(request=None, capture=30), ErrorKind.RATE_LIMITED, 30.0, "30"),
+    Case("peer_flood", tg.PeerFloodError(request=None), ErrorKind.ACCOUNT_LIMITED, None, "non-contacts"),
     Case("random_id_duplicate", tg.RandomIdDuplicateError(request=None), ErrorKind.ALREADY_DONE, None, "random_id"),
     Case("auth_key_duplicated", tg.AuthKeyDuplicatedError(request=None), ErrorKind.ACCOUNT_DEAD, None, "AuthKeyDuplicated"),
     Case("auth_key_unregistered", tg.AuthKeyUnregisteredError(request=None), ErrorKind.ACCOUNT_DEAD, None, "login"),
@@ -82,6 +86,15 @@ TELETHON = [
 @_cases(TELETHON)
 def test_telethon_errors_are_classified_by_meaning(case: Case) -> None:
     _check(case)
+
+
+def test_flood_waits_bind_the_account_and_slow_mode_binds_the_chat() -> None:
+    # Telegram's FLOOD_WAIT (and FLOOD_PREMIUM_WAIT) limit the account: another
+    # chat would draw its own wait. Slow mode is a setting of one group.
+    assert classify(tg.FloodWaitError(request=None, capture=5)).scope is LimitScope.ACCOUNT
+    assert classify(tg.FloodPremiumWaitError(request=None, capture=5)).scope is LimitScope.ACCOUNT
+    assert classify(tg.SlowModeWaitError(request=None, capture=5)).scope is LimitScope.CHAT
+    assert classify(tg.PeerFloodError(request=None)).scope is None
 
 
 # --- asyncpg ------------------------------------------------------------------

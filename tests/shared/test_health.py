@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,8 @@ import asyncpg
 import pytest
 
 from shared.config import ConfigError, ReplyGuySettings, WorkerSettings, load_settings
-from shared.db import AccountStatus, PostgresDatabase
+from shared.db import AccountStatus, PostgresDatabase, utc_now
+from shared.db.records import SendHoldKind
 from shared.health import (
     CHECK_NAMES,
     HealthChecker,
@@ -168,6 +170,23 @@ async def test_telegram_check_names_accounts_that_need_a_login(tmp_path: Path, d
     assert result.status is HealthStatus.DEGRADED
     assert "needs login: spare" in result.detail and "1 of 2 accounts active" in result.detail
     assert "+15551234567" not in json.dumps(result.as_dict())
+
+
+async def test_telegram_check_shows_an_account_limited_by_peer_flood(tmp_path: Path, database: PostgresDatabase) -> None:
+    limited = await database.upsert_account("demo_one", status=AccountStatus.ACTIVE)
+    flooded = await database.upsert_account("demo_two", status=AccountStatus.ACTIVE)
+    await database.hold_account_sends(limited.id, SendHoldKind.LIMITED, until=utc_now() + timedelta(hours=1), reason="PEER_FLOOD")
+    await database.hold_account_sends(flooded.id, SendHoldKind.FLOOD, until=utc_now() + timedelta(seconds=30))
+    await write_heartbeat(database)
+    result = await check(worker_settings(tmp_path), "telegram", database=database)
+    assert result.status is HealthStatus.DEGRADED
+    assert "limited by Telegram (PEER_FLOOD" in result.detail and "demo_one until" in result.detail
+    assert result.data["accounts"]["demo_one"]["status"] == "limited"
+    assert result.data["accounts"]["demo_one"]["limited_until"]
+    # A flood wait is Telegram pacing the account, not trouble: shown, not degraded for it.
+    assert result.data["accounts"]["demo_two"]["status"] == "active"
+    assert result.data["accounts"]["demo_two"]["flood_wait_until"]
+    assert "demo_two" not in result.detail
 
 
 async def test_telegram_check_judges_only_the_configured_workers_heartbeat(tmp_path: Path, database: PostgresDatabase) -> None:

@@ -125,6 +125,40 @@ async def test_flood_limit_per_account_covers_every_chat(sandbox_world, sandbox_
     sandbox_world.clear_flood_limits()
 
 
+async def test_an_account_wide_flood_limit_answers_every_chat_and_counts_its_answers(sandbox_world, sandbox_demo, sandbox_connect):
+    client = await sandbox_connect(sandbox_demo.accounts[0])
+    sandbox_world.set_flood_limit("account", rate=0.01, burst=1, account="demo_one")
+
+    await client.send_message("alice", "one")
+    with pytest.raises(errors.FloodWaitError):  # another chat: the same account's bucket
+        await client(functions.messages.SendMessageRequest(peer=await client.get_input_entity("bob"), message="more"))
+    client._flood_waited_requests.clear()  # Telethon would refuse the next one locally: ask the server
+    with pytest.raises(errors.FloodWaitError):
+        await client(functions.messages.SendMessageRequest(peer=await client.get_input_entity("carol"), message="more"))
+
+    assert sandbox_world.limit_answers("demo_one") == {"FLOOD_WAIT": 2}
+    assert sandbox_world.limit_answers("demo_two") == {}
+    summary = sandbox_world.summary()  # what /status shows in sandbox mode
+    assert summary["limit_answers"] == {"FLOOD_WAIT": 2} and summary["flood_limits"] == 1
+
+
+async def test_a_non_contacts_limit_answers_peer_flood_to_strangers_only(sandbox_world, sandbox_demo, sandbox_connect):
+    stranger = sandbox_world.create_user("stranger", first_name="Stranger")
+    client = await sandbox_connect(sandbox_demo.accounts[0])
+    sandbox_world.set_flood_limit("non_contacts", rate=0.001, burst=1, account="demo_one")
+
+    assert stranger.username == "stranger"
+    await client.send_message("stranger", "first cold message")
+    with pytest.raises(errors.PeerFloodError):
+        await client.send_message("stranger", "second cold message")
+    await client.send_message("alice", "a contact is fine")  # @alice is demo_one's contact
+
+    assert [m.text for m in sandbox_world.received("stranger")] == ["first cold message"]
+    assert sandbox_world.limit_answers("demo_one") == {"PEER_FLOOD": 1}
+    sandbox_world.clear_flood_limits()
+    await client.send_message("stranger", "after the limit")
+
+
 async def test_basic_group_messages_get_per_member_ids(sandbox_world, sandbox_demo, sandbox_connect):
     group = sandbox_world.create_group("Pair", ["demo_one", "demo_two"], creator="demo_one")
     sandbox_world.send_incoming("alice", "demo_two", "warm up")  # demo_two's box now has one more message
