@@ -1457,6 +1457,16 @@ async def _why_queued(db: Database, account: Account, row: OutboundMessage) -> s
     if current.status is AccountStatus.DISABLED:
         return f"account {current.label} is disabled"
     now = datetime.now(UTC)
+    try:
+        holds = await db.account_send_holds([current.id])
+    except Exception:  # an older schema without send holds: the row's own times still tell
+        holds = []
+    for hold in holds:
+        if hold.flood_until and hold.flood_until > now:
+            return f"flood wait until {hold.flood_until:%H:%M:%S} UTC ({hold.flood_reason or 'Telegram asked to wait'})"
+        if hold.limited_until and hold.limited_until > now:
+            return (f"account limited until {hold.limited_until:%H:%M:%S} UTC: Telegram's spam limit (PEER_FLOOD) "
+                    "holds messages to non-contacts")
     if row.next_attempt_at and row.next_attempt_at > now + timedelta(seconds=1):
         reason = row.last_error or "a retry is scheduled"
         if "flood" in reason.lower() or "wait" in reason.lower():

@@ -132,3 +132,23 @@ async def test_the_enqueue_function_refuses_what_telegram_would_refuse_on_every_
         await backend_db.enqueue_outbound(account.id, "alice", text, attachments=attachments)
     fits = await backend_db.enqueue_outbound(account.id, "alice", "😀" * 2048)
     assert fits.id > 0
+
+
+async def test_send_wait_names_a_flood_wait_the_account_is_under(worker_env: dict[str, str]) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from shared.config import WorkerSettings, load_settings
+    from shared.db import open_database
+    from shared.db.records import SendHoldKind
+
+    code, _, err = await worker_cli(worker_env, "accounts")  # seeds the sandbox accounts
+    assert code == 0, err
+    db = await open_database(load_settings(WorkerSettings, worker_env))
+    try:
+        demo_one = next(a for a in await db.list_accounts() if a.label == "demo_one")
+        await db.hold_account_sends(demo_one.id, SendHoldKind.FLOOD, until=datetime.now(UTC) + timedelta(minutes=5), reason="FLOOD_WAIT_300")
+    finally:
+        await db.close()
+    code, out, err = await worker_cli(worker_env, "send", "--account", "demo_one", "--to", "alice", "--wait", "1", "held")
+    assert code == 3, out + err
+    assert "still queued after 1 s" in out and "flood wait until" in out and "FLOOD_WAIT_300" in out
