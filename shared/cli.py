@@ -115,12 +115,9 @@ def _bad_input_types() -> tuple[type[BaseException], ...]:
     from shared.config import ConfigError
 
     types: list[type[BaseException]] = [ConfigError, PermanentError, ValueError]
-    try:
-        from shared.sandbox import SandboxError
-
-        types.append(SandboxError)
-    except ImportError:  # pragma: no cover - the sandbox ships with the package
-        pass
+    sandbox = sys.modules.get("shared.sandbox")  # loaded only when the sandbox could have raised
+    if sandbox is not None:
+        types.append(sandbox.SandboxError)
     return tuple(types)
 
 
