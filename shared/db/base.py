@@ -564,7 +564,8 @@ class Database(abc.ABC):
     async def account_send_holds(self, account_ids: Sequence[int] | None = None) -> list[SendHold]:
         """The send holds still running, of these accounts (None: every account)."""
         args = {"p_account_ids": None if account_ids is None else list(account_ids)}
-        return [from_row(SendHold, r) for r in await self.call("account_send_holds_list", args, read_only=True)]
+        rows = await self._pages("account_send_holds_list", args, lambda r: {"p_after": r["account_id"]})
+        return [from_row(SendHold, r) for r in rows]
 
     async def take_over_account(self, account_id: int, *, owner: str) -> Takeover:
         """Take back the work another holder of this account had in hand (call it

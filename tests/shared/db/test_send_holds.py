@@ -40,3 +40,12 @@ async def test_an_unknown_hold_kind_is_refused_with_a_reason(backend_db: Databas
     account = (await backend_db.upsert_account("odd")).id
     with pytest.raises(DatabaseRejected, match="flood or limited"):
         await backend_db.hold_account_sends(account, "forever", until=utc_now())  # type: ignore[arg-type]
+
+
+async def test_the_holds_are_read_in_pages(backend_db: Database) -> None:
+    ids = [(await backend_db.upsert_account(f"acct{n}")).id for n in range(5)]
+    for account in ids:
+        await backend_db.hold_account_sends(account, SendHoldKind.FLOOD, until=utc_now() + timedelta(minutes=5))
+    backend_db.page_size = 2  # three pages, the last one short
+    assert [h.account_id for h in await backend_db.account_send_holds()] == sorted(ids)
+    assert [h.account_id for h in await backend_db.account_send_holds(ids[1:3])] == sorted(ids[1:3])
