@@ -37,9 +37,12 @@ import asyncio
 import enum
 import json
 import logging
+import os
 import random
+import socket
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -50,6 +53,8 @@ import aiohttp
 from telethon import TelegramClient
 from telethon.sessions import StringSession
 
+from shared.active import ActiveLease
+from shared import metrics, tracing
 from shared.alerts import AlertType
 from shared.breaker import BreakerRegistry, CircuitBreaker, CircuitOpenError, CircuitState
 from shared.breaker import registry as breaker_registry
@@ -57,7 +62,7 @@ from shared.cli import ArgumentParser, run_cli
 from shared.config import BY_NAME, ReplyGuySettings, load_or_exit, refuse_implicit_sandbox_or_exit
 from shared.db import Database, Tweet, TweetStatus
 from shared.db.retry_store import DbRetryStore
-from shared.errors import ErrorKind, classify, describe
+from shared.errors import ErrorKind, classify, concerns_the_chat, describe
 from shared.health import report_of
 from shared.retry_queue import JsonlRetryStore, RetryItem, RetryQueue
 from shared.runtime import BotRuntime, StartupAborted, StartupFailed, configure_logging, run_bot
@@ -103,9 +108,10 @@ DEFAULT_AI_BASE_URL = BY_NAME["AI_BASE_URL"].default
 
 
 class Stage(str, enum.Enum):
-    """Steps whose failures go to the dead-letter queue (``retry_items.kind``)."""
+    """Steps whose failures go to the dead-letter queue (``retry_items.kind``; ``approve`` only as dead letters)."""
 
     DRAFT = "draft"
+    APPROVE = "approve"
     POST = "post"
 
 
@@ -278,6 +284,7 @@ class ReplyGuy:
 
     def on_decision(self, decision: Decision, tweet_id: str) -> None:
         """An operator decided: wake the step that acts next."""
+        metrics.DECISIONS.labels(decision.name.lower()).inc()
         self.wake["post" if decision is Decision.APPROVE else "draft"].set()
 
     def _succeeded(self, step: str) -> None:
@@ -332,6 +339,7 @@ class ReplyGuy:
             last_error=reason,
             created_at=self._now(),
         )
+        metrics.DEAD_LETTERS.inc()
         try:
             await self.queue.dead_letter(item)
         except Exception as store_exc:
@@ -426,7 +434,7 @@ class ReplyGuy:
         for key, what in sources:
             self._ping("discover")
             try:
-                new += await self._discover(key, what)
+                new += await tracing.traced("replyguy.discover", self._discover(key, what), attributes={"source": key})
             except Exception as exc:
                 wait = self._waits(exc)
                 if wait is not None:
@@ -481,7 +489,7 @@ class ReplyGuy:
                 return None
             try:
                 async with self.runtime.shutdown.in_flight():
-                    await self.draft_one(tweet)
+                    await tracing.traced("replyguy.draft", self.draft_one(tweet), attributes=tracing.of_tweet(tweet))
             except Exception as exc:
                 wait = self._waits(exc)
                 if wait is not None:
@@ -502,6 +510,7 @@ class ReplyGuy:
         draft = await self.drafter.draft(text=tweet.tweet_text or "", author=tweet.author, previous=tweet.draft)
         moved = await self.db.tweet_transition(tweet.id, [TweetStatus.DISCOVERED], TweetStatus.DRAFTED, draft=draft.text)
         if moved:
+            metrics.DRAFTS.inc()
             logger.info(
                 "drafted a reply to %s (%d/280%s)",
                 tweet.target_tweet_id,
@@ -526,12 +535,21 @@ class ReplyGuy:
         for tweet in tweets:
             self._ping("approve")
             try:
-                message_id = await self.desk.request(tweet)
+                message_id = await tracing.traced("replyguy.approval_request", self.desk.request(tweet), attributes=tracing.of_tweet(tweet))
             except Exception as exc:
                 wait = self._waits(exc)
                 if wait is not None:
                     return wait
-                raise
+                if classify(exc).kind is ErrorKind.PERMANENT and not concerns_the_chat(exc):
+                    # This draft's own problem (Telegram refuses its text): a dead letter with
+                    # its reason, so it cannot hold up the drafts after it.
+                    self._failed("approve", exc, tweet=tweet)
+                    if await self.db.tweet_transition(
+                        tweet.id, [TweetStatus.DRAFTED], TweetStatus.FAILED, last_error=classify(exc).reason
+                    ):
+                        await self._dead_letter(Stage.APPROVE, tweet, exc)
+                    continue
+                raise  # Telegram or the operator chat as a whole: every draft waits for the next cycle
             await self.db.tweet_transition(
                 tweet.id, [TweetStatus.DRAFTED], TweetStatus.PENDING_APPROVAL, approval_message_id=message_id
             )
@@ -574,7 +592,7 @@ class ReplyGuy:
                 next_due = due - now if next_due is None else min(next_due, due - now)
                 continue
             try:
-                await self.post_one(tweet)
+                await tracing.traced("replyguy.post", self.post_one(tweet), attributes=tracing.of_tweet(tweet))
             except Exception as exc:
                 wait = self._waits(exc)
                 if wait is not None:
@@ -660,6 +678,7 @@ class ReplyGuy:
 
     async def _mark_posted(self, tweet: Tweet, reply_id: str, from_statuses: list[TweetStatus]) -> None:
         if await self.db.tweet_transition(tweet.id, from_statuses, TweetStatus.POSTED, posted_tweet_id=reply_id):
+            metrics.POSTS.inc()
             count = await self.state.count_post()
             self.runtime.stats.processed += 1
             logger.info(
@@ -702,6 +721,10 @@ class ReplyGuy:
                 continue
             try:
                 await self._retry(item)
+            except CircuitOpenError as exc:
+                # Refused before anything was tried: not this item's attempt.
+                await self.queue.postpone(item, max(1.0, exc.retry_after), reason=str(exc))
+                continue
             except Exception as exc:
                 verdict = classify(exc)
                 dead = await self.queue.failed(
@@ -720,6 +743,7 @@ class ReplyGuy:
 
     def _exhausted(self, item: RetryItem, reason: str) -> None:
         target = item.payload.get("target_tweet_id", "?")
+        metrics.DEAD_LETTERS.inc()
         self.runtime.stats.failed += 1
         self.alerts.alert(
             AlertType.TWEET_PROCESSING_FAILED,
@@ -737,7 +761,7 @@ class ReplyGuy:
             if not await self.db.tweet_transition(tweet.id, [TweetStatus.FAILED], TweetStatus.DISCOVERED):
                 return
             try:
-                await self.draft_one(tweet)
+                await tracing.traced("replyguy.draft", self.draft_one(tweet), attributes=tracing.of_tweet(tweet, retry=True))
             except Exception as exc:
                 await self.db.tweet_transition(tweet.id, [TweetStatus.DISCOVERED], TweetStatus.FAILED, last_error=classify(exc).reason)
                 raise
@@ -751,7 +775,7 @@ class ReplyGuy:
             if fresh is None:
                 return
             try:
-                await self.post_one(fresh)
+                await tracing.traced("replyguy.post", self.post_one(fresh), attributes=tracing.of_tweet(fresh, retry=True))
             except Exception as exc:
                 if self._waits(exc) is not None:
                     return  # back in ``approved``: the post loop takes it when allowed
@@ -830,10 +854,11 @@ class Wiring:
         self.local_ai: LocalAI | None = None
         self.world: Any = None
 
-    async def build(self) -> ReplyGuy:
+    async def build(self, db: Database | None = None) -> ReplyGuy:
         settings, plan, runtime = self.settings, self.plan, self.runtime
         breakers = configure_breakers()
-        db = await runtime.open_database(settings)  # waits while the database is away
+        if db is None:
+            db = await runtime.open_database(settings)  # waits while the database is away
 
         x_url, ai_url = plan.x_base, plan.ai_base
         if x_url is None:
@@ -925,9 +950,23 @@ async def serve(settings: ReplyGuySettings, plan: Plan, *, runtime: BotRuntime |
         Exception: wiring failed (after an ``initialization_failed`` alert).
     """
     runtime = runtime or BotRuntime(bot=BOT, settings=settings)
+    lease: ActiveLease | None = None
     async with runtime:
+        # Replicas on one database: one is active, the others stand by (nothing is asked or posted twice).
+        db = await runtime.open_database(settings)  # waits while the database is away
+        lease = ActiveLease(
+            db,
+            name=HEARTBEAT_ID,
+            owner=f"{HEARTBEAT_ID}:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}",
+            seconds=settings.bot_lease_seconds,
+            on_lost=lambda reason: runtime.shutdown.request_stop(f"lost the active lease: {reason}"),
+        )
+        runtime.add_section("replica", lease.status)
+        if not await lease.wait_until_active(runtime.shutdown):
+            return  # stopped while standing by
+        runtime.add_cleanup("active lease", lease.release)  # after everything else: the next replica starts clean
         try:
-            guy = await Wiring(settings, plan, runtime).build()
+            guy = await Wiring(settings, plan, runtime).build(db)
             await runtime.until_started("crash recovery", guy.recover, fix="check the database")
         except (StartupFailed, StartupAborted):
             raise  # said and alerted by the runtime
@@ -954,6 +993,10 @@ async def serve(settings: ReplyGuySettings, plan: Plan, *, runtime: BotRuntime |
         runtime.set_detailed_health(guy.health_check_all)
         runtime.start_heartbeat(worker_id=HEARTBEAT_ID, store=guy.db)
         await runtime.run_until_stopped()
+    if lease is not None and lease.lost:
+        # Exit non-zero: the platform restarts this replica, which then stands by.
+        logger.critical("the Reply Guy stopped: it is no longer the active replica (%s)", lease.lost_reason)
+        raise StartupFailed(f"no longer the active replica: {lease.lost_reason}", exit_code=1)
 
 
 async def cli_health(settings: ReplyGuySettings, args: argparse.Namespace) -> int:

@@ -54,6 +54,7 @@ from typing import Any, BinaryIO
 
 from telethon import TelegramClient, events, types, utils
 
+from shared import metrics, tracing
 from shared.alerts import AlertSink, AlertType
 from shared.breaker import CircuitBreaker, CircuitOpenError, CircuitState
 from shared.config import IngestSettings, load_or_exit, refuse_implicit_sandbox_or_exit
@@ -432,10 +433,12 @@ class Ingestor:
             if getattr(message, "media", None) is not None and not isinstance(message.media, types.MessageMediaWebPage):
                 self.ignored += 1
                 self.stats.skip("not_an_image")
+                metrics.IMAGES_SKIPPED.labels("not_an_image").inc()
             return Outcome.IGNORED
         existing = await self.db.get_ingest_image(channel.id, message.id)
         if existing is not None and existing.status in (IngestStatus.STORED, IngestStatus.SKIPPED):
             self.duplicates += 1
+            metrics.IMAGES_SKIPPED.labels("duplicate").inc()
             return Outcome.DUPLICATE
         if ref.size > self.max_bytes:
             return await self._record_rejection(
@@ -447,13 +450,14 @@ class Ingestor:
             )
         self._refuse_when_open(self.storage.breaker)
         try:
-            source, temp = await self._download(message, ref)
+            source, temp = await metrics.timed(metrics.DOWNLOAD_SECONDS, self._download(message, ref))
         except DownloadTooLarge as exc:
             return await self._record_rejection(channel, message.id, "too_large", str(exc), ref.mime)
         try:
             try:
                 async with self._images:
-                    image = await asyncio.to_thread(process_image, source, policy=self.policy)
+                    processing = metrics.timed(metrics.PROCESSING_SECONDS, asyncio.to_thread(process_image, source, policy=self.policy))
+                    image = await tracing.traced("ingest.process", processing)
             except ImageRejected as rejected:
                 return await self._record_rejection(
                     channel, message.id, rejected.reason.value, rejected.detail, ref.mime, failure=rejected.reason.is_failure
@@ -477,8 +481,11 @@ class Ingestor:
         )
         if not recorded.applied:
             self.duplicates += 1
+            metrics.IMAGES_SKIPPED.labels("duplicate").inc()
             return Outcome.DUPLICATE
         self.stats.processed += 1
+        metrics.image_stored(image.size)
+        tracing.annotate(outcome="stored", size_bytes=image.size)
         logger.info(
             "stored %s message %d as %s (%dx%d, %d bytes)",
             channel.ref,
@@ -542,6 +549,7 @@ class Ingestor:
         assert channel.id is not None
         status = IngestStatus.FAILED if failure else IngestStatus.SKIPPED
         await self.db.record_ingest_image(channel.id, message_id, status=status, mime=mime, error=f"{reason}: {detail}")
+        (metrics.IMAGES_FAILED if failure else metrics.IMAGES_SKIPPED).labels(reason).inc()
         if failure:
             self.stats.failed += 1
             self.stats.error(f"{channel.ref} message {message_id}", f"{reason}: {detail}")
@@ -564,7 +572,7 @@ class Ingestor:
         """Handle one message for the reader. True when it is recorded or durably queued."""
         channel.last_message_id = max(channel.last_message_id, int(message.id))
         try:
-            outcome = await self.handle(channel, message)
+            outcome = await tracing.traced("ingest.image", self.handle(channel, message), attributes=tracing.of_image(channel, message))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -589,6 +597,7 @@ class Ingestor:
             try:
                 await self.db.record_ingest_image(channel.id, message_id, status=IngestStatus.FAILED, error=verdict.reason)
                 self.stats.failed += 1
+                metrics.IMAGES_FAILED.labels(verdict.kind.value).inc()
                 logger.warning("failed %s: %s", where, verdict.reason)
                 return Outcome.FAILED
             except Exception as record_error:
@@ -771,7 +780,8 @@ class Ingestor:
             message = await telegram_op(
                 client.get_messages(channel.entity, ids=message_id), self.entity_timeout, "get_messages", detail=str(message_id)
             )
-            outcome = Outcome.DELETED if message is None else await self.handle(channel, message)
+            image = tracing.of_image(channel, message, retry=True)
+            outcome = Outcome.DELETED if message is None else await tracing.traced("ingest.image", self.handle(channel, message), attributes=image)
         except asyncio.CancelledError:
             await self.queue.release(item)
             raise
@@ -780,6 +790,7 @@ class Ingestor:
             return True
         if outcome is Outcome.DELETED:
             self.stats.skip("deleted")
+            metrics.IMAGES_SKIPPED.labels("deleted").inc()
             logger.info("message %d of %s was deleted before its retry", message_id, channel.ref)
         channel.count(outcome)
         self._queued.discard((channel_id, message_id))
@@ -788,6 +799,12 @@ class Ingestor:
 
     async def _retry_failed(self, channel: ChannelState, item: RetryItem, message_id: int, exc: BaseException) -> None:
         verdict = classify(exc)
+        if isinstance(exc, CircuitOpenError):
+            # Refused before anything was tried (another item's failures opened the breaker):
+            # not this item's attempt. It comes back after the wait, behind the trial calls.
+            with contextlib.suppress(Exception):
+                await self.queue.postpone(item, max(1.0, exc.retry_after), reason=verdict.reason)
+            return
         self.stats.error(f"retry of {channel.ref} message {message_id}", exc)
         if verdict.kind is ErrorKind.ACCOUNT_DEAD and self.connection is not None:
             await self.connection.handle_error(exc)
@@ -803,6 +820,7 @@ class Ingestor:
         self._queued.discard((int(item.payload.get("channel_id", 0)), message_id))
         self.exhausted += 1
         self.stats.failed += 1
+        metrics.IMAGES_FAILED.labels("exhausted").inc()
         channel.count(Outcome.FAILED)
         assert channel.id is not None
         with contextlib.suppress(Exception):
@@ -861,6 +879,7 @@ class Ingestor:
                     continue
                 await self.storage.delete(info.key)
                 deleted += 1
+                metrics.ORPHANS_SWEPT.inc()
                 logger.info("deleted orphan object %s (%d bytes, no row)", info.key, info.size, extra={"key": info.key})
             if not complete:
                 break
@@ -952,6 +971,7 @@ class AccountKeeper:
         self.connection: AccountConnection | None = None
         self.wake = asyncio.Event()
         self.problem: str | None = None
+        self._key_alerted = False
 
     async def _choose(self) -> Account | None:
         accounts = sorted(await self.db.list_accounts(), key=lambda a: a.id)
@@ -1033,6 +1053,15 @@ class AccountKeeper:
             )
             self.ingestor.connection = self.connection
         await self.connection.step()
+        if self.connection.state is ConnectionState.KEY_MISMATCH and self.alerts is not None and not self._key_alerted:
+            self._key_alerted = True  # once: this process's key does not change while it runs
+            self.alerts.alert(
+                AlertType.SESSION_KEY_MISMATCH,
+                f"ingest's SESSION_ENCRYPTION_KEY cannot decrypt the session of {self.connection.label}; "
+                "the account is left as it is (not needs_login)",
+                key=f"session-key:{self.owner}",
+                details={"fix": "give ingest the SESSION_ENCRYPTION_KEY the session was stored with"},
+            )
         if self.connection.state is ConnectionState.NEEDS_LOGIN and self.world is not None:
             # The sandbox can always log in again: a fresh session, then start over.
             label = self.connection.label
@@ -1058,6 +1087,7 @@ def image_policy(settings: IngestSettings) -> ImagePolicy:
         max_dimension=settings.max_image_dimension,
         oversize=OversizePolicy(settings.ingest_oversize),
         keep_exif=settings.ingest_keep_exif,
+        memory_budget=settings.ingest_memory_budget_mb * 1024 * 1024,
     )
 
 

@@ -14,8 +14,8 @@ The story, top to bottom:
 4. history: page through ``get_messages(offset_id=...)``, saving the cursor;
 5. jobs: scheduled sends, edits, deletes, mark-read;
 6. the process: runtime, loops, heartbeat, shutdown;
-7. the command line: run, login, accounts, send, messages, history, schedule,
-   jobs, requeue, rotate-key.
+7. the command line: run, login, accounts, fleet, send, messages, history,
+   schedule, jobs, requeue, rotate-key.
 
 Exactly once, in short: every message is in the database before anything is
 sent; its ``random_id`` is fixed at enqueue; every attempt, including one
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import getpass
 import json
 import logging
@@ -39,8 +40,7 @@ import time
 import unicodedata
 import uuid
 from collections import OrderedDict, defaultdict
-from collections.abc import AsyncIterator, Sequence
-import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -49,6 +49,9 @@ from typing import Any
 
 from telethon import events, functions, types, utils
 
+from shared.alerts import AlertType
+from shared.breaker import CircuitOpenError
+from shared import metrics, tracing
 from shared.cli import ArgumentParser, CliError, run_cli
 from shared.config import WorkerSettings, load_or_exit, refuse_implicit_sandbox_or_exit
 from shared.db import Database, open_database
@@ -66,12 +69,11 @@ from shared.db.records import (
     SendHold,
     SendHoldKind,
 )
-from shared.alerts import AlertType
-from shared.errors import ErrorKind, LimitScope, PermanentError, classify, describe
+from shared.errors import ErrorKind, LimitScope, PermanentError, UnresolvedPeerError, classify, describe, is_unresolved_peer
 from shared.health import TEMP_SUBDIR, run_checks
 from shared.logs import mask_phone
 from shared.ratelimit import KeyedBuckets
-from shared.runtime import BotRuntime, configure_logging, run_bot
+from shared.runtime import BotRuntime, StartupFailed, configure_logging, run_bot
 from shared.sessions import SessionCipher
 from shared.storage import Storage, open_storage
 from shared.telegram import (
@@ -79,7 +81,11 @@ from shared.telegram import (
     AccountConnection,
     AccountPool,
     ConnectionPolicy,
+    FleetPolicy,
+    KeyCheck,
+    check_session_key,
     client_factory,
+    difference_watch,
     session_cipher,
 )
 from shared.timeouts import telegram_op
@@ -287,11 +293,22 @@ def inbound_from(message: types.Message, chat: Any | None) -> InboundMessage:
 
 
 class EntityCache:
-    """Resolved peers per account (an LRU), so a send costs no resolve round trip."""
+    """Resolved peers per account (an LRU), so a send costs no resolve round trip.
 
-    def __init__(self, *, timeout: float, size: int = 10_000) -> None:
+    A peer is resolved from the account's session, which keeps every chat the
+    account has ever seen (in the database, across restarts). A numeric id it
+    has not seen is not refused at once: ``refresh`` (the dialog scan) runs
+    first, since the chat may be a dialog the session has not read yet, and
+    only when the id is still unknown after it does the peer fail, with
+    :class:`UnresolvedPeerError` saying what to do.
+    """
+
+    def __init__(
+        self, *, timeout: float, size: int = 10_000, refresh: Callable[[AccountConnection], Awaitable[None]] | None = None
+    ) -> None:
         self.timeout = timeout
         self.size = size
+        self.refresh = refresh
         self._cache: OrderedDict[tuple[int, str], Any] = OrderedDict()
 
     async def resolve(self, connection: AccountConnection, peer: str | int) -> Any:
@@ -300,14 +317,29 @@ class EntityCache:
         if cached is not None:
             self._cache.move_to_end(key)
             return cached
-        assert connection.client is not None
-        entity = await telegram_op(
-            connection.client.get_input_entity(parse_peer(peer)), self.timeout, "get_input_entity", detail=str(peer)
-        )
+        target = parse_peer(peer)
+        try:
+            entity = await self._lookup(connection, target)
+        except ValueError as exc:
+            if not isinstance(target, int) or not is_unresolved_peer(exc):
+                raise
+            if self.refresh is not None:
+                logger.info("chat %s is not known to %s yet; reading the dialogs first", peer, connection.label)
+                await self.refresh(connection)
+            try:
+                entity = await self._lookup(connection, target)
+            except ValueError as again:
+                if is_unresolved_peer(again):
+                    raise UnresolvedPeerError(peer) from again
+                raise
         self._cache[key] = entity
         if len(self._cache) > self.size:
             self._cache.popitem(last=False)
         return entity
+
+    async def _lookup(self, connection: AccountConnection, target: str | int) -> Any:
+        assert connection.client is not None
+        return await telegram_op(connection.client.get_input_entity(target), self.timeout, "get_input_entity", detail=str(target))
 
     def forget(self, account_id: int, peer: str | int) -> None:
         self._cache.pop((account_id, str(peer)), None)
@@ -324,7 +356,24 @@ class Sync:
     recently active chats from their cursor with ``iter_messages(min_id=...)``.
     The unique (account, chat, message id) key makes every path store a
     message once.
+
+    After every (re)connect, ``catch_up()`` asks Telegram for the difference
+    since the update state the session saved in the database. When there is
+    no saved state, or Telegram answers that the gap is too long to fill, the
+    dialog scan reads every dialog whose newest message is past its stored
+    cursor (a chat never stored included), page by page under deadlines.
     """
+
+    #: Messages read from a chat that was never stored, newest first (its older past is a history job).
+    NEW_CHAT_MESSAGES = 100
+    #: Pages of 100 messages read per chat in one scan; the reconciler goes on from the cursor.
+    SCAN_PAGES_PER_CHAT = 10
+    #: The longest the peer refresh waits between two scans of one account.
+    PEER_REFRESH_INTERVAL = 60.0
+    #: Dialogs the peer refresh walks at most (it runs inside a send, which has a deadline too).
+    PEER_REFRESH_DIALOGS = 2000
+    #: Dialogs older than the saved state by more than this had nothing new (clock margin).
+    SCAN_MARGIN = timedelta(minutes=5)
 
     def __init__(self, *, db: Database, runtime: BotRuntime, settings: WorkerSettings) -> None:
         self.db = db
@@ -333,10 +382,163 @@ class Sync:
         self.pool: AccountPool | None = None
         self.handler_errors = 0
         self.reconciled = 0
+        self.scans = 0
+        self.scanned = 0
         self._last_reconcile: dict[int, float] = {}
+        self._scan_locks: dict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._scanned_at: dict[int, float] = {}
+        self._scan_due: dict[int, datetime | None] = {}
+        self._scan_not_before: dict[int, float] = {}
+
+    async def after_connect(self, connection: AccountConnection) -> None:
+        """``catch_up()`` from the saved state, then the dialog scan when needed, then a reconcile pass.
+
+        The handler is already attached (:meth:`attach` runs before the client
+        connects, since Telethon catches up as it connects).
+        """
+        client = connection.client
+        assert client is not None
+        watch = difference_watch(client)
+        try:
+            await telegram_op(client.catch_up(), self.settings.timeout_telegram_entity, "catch_up")
+        except Exception as exc:
+            logger.warning("catch_up failed for %s (%s); the dialog scan covers it", connection.label, describe(exc))
+        settled = await watch.wait(self.settings.timeout_loop_cycle / 2)
+        session = client.session
+        had_state = bool(getattr(session, "had_state", False))
+        reason = None
+        if not had_state:
+            reason = "no saved update state"
+        elif watch.too_long:
+            reason = "Telegram answered that the gap is too long"
+        elif not settled:
+            reason = "the catch-up did not finish in time"
+        watch.too_long = False
+        if reason is not None:
+            state_date = getattr(session, "state_date", None) if had_state else None
+            self._scan_due[connection.id] = state_date - self.SCAN_MARGIN if state_date else None
+            logger.info("%s: %s; reading the dialogs for what was missed", connection.label, reason, extra={"account": connection.label})
+            await self._run_due_scan(connection)
+        await self.reconcile_account(connection)
+
+    async def _run_due_scan(self, connection: AccountConnection) -> None:
+        if connection.id not in self._scan_due or time.monotonic() < self._scan_not_before.get(connection.id, 0.0):
+            return
+        since = self._scan_due[connection.id]
+        try:
+            await self.scan_dialogs(connection, since=since)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            verdict = classify(exc)
+            if verdict.kind is ErrorKind.ACCOUNT_DEAD:
+                await connection.handle_error(exc)
+                return
+            # Chats already read moved their cursors: the next attempt goes on where this one stopped.
+            wait = verdict.retry_after or 0.0
+            self._scan_not_before[connection.id] = time.monotonic() + wait
+            logger.warning(
+                "dialog scan of %s stopped (%s); it goes on in %.0fs", connection.label, verdict.reason, max(wait, 10.0)
+            )
+            return
+        self._scan_due.pop(connection.id, None)
+
+    async def scan_dialogs(
+        self, connection: AccountConnection, *, since: datetime | None = None, read: bool = True, limit: int | None = None
+    ) -> int:
+        """Walk the account's dialogs (``get_dialogs``, 100 a page, each page under a deadline).
+
+        Every dialog teaches the session its chat's access hash. With ``read``,
+        each dialog whose newest message is past its stored cursor is read from
+        the cursor (a chat never stored: its newest ``NEW_CHAT_MESSAGES``).
+        Dialogs older than ``since`` (pinned ones aside), or ``limit`` dialogs,
+        end the walk. Returns how many messages were new.
+        """
+        async with self._scan_locks[connection.id]:
+            client = connection.client
+            assert client is not None
+            self.scans += 1
+            dialogs = client.iter_dialogs(limit=limit)
+            page: list[Any] = []
+            stored = walked = 0
+            while True:
+                self.runtime.watchdog.ping("sync")
+                try:
+                    dialog = await telegram_op(anext(dialogs), self.settings.timeout_telegram_entity, "get_dialogs")
+                except StopAsyncIteration:
+                    break
+                walked += 1
+                if since is not None and not dialog.pinned and dialog.date is not None and dialog.date < since:
+                    break
+                page.append(dialog)
+                if len(page) >= 100:
+                    stored += await self._read_dialogs(connection, page) if read else 0
+                    page = []
+            stored += await self._read_dialogs(connection, page) if read and page else 0
+            self._scanned_at[connection.id] = time.monotonic()
+            session = client.session
+            if hasattr(session, "flush"):
+                await session.flush()  # the chats just learned resolve after a restart too
+        self.scanned += stored
+        logger.info(
+            "dialog scan of %s: %d dialog(s), %d new message(s)", connection.label, walked, stored, extra={"account": connection.label}
+        )
+        return stored
+
+    async def _read_dialogs(self, connection: AccountConnection, dialogs: list[Any]) -> int:
+        assert connection.client is not None
+        cursors = await self.db.chat_cursors(connection.id, [d.id for d in dialogs])
+        stored = 0
+        for dialog in dialogs:
+            top = dialog.message.id if dialog.message is not None else 0
+            cursor = cursors.get(dialog.id)
+            if top <= (cursor or 0):
+                continue
+            self.runtime.watchdog.ping("sync")
+            stored += await self._read_chat(connection, dialog.input_entity, dialog.entity, cursor)
+        return stored
+
+    async def _read_chat(self, connection: AccountConnection, peer: Any, entity: Any, cursor: int | None) -> int:
+        """Store a chat's messages after ``cursor`` (None: its newest few). Returns how many were new."""
+        client = connection.client
+        assert client is not None
+        stored = 0
+        for _ in range(self.SCAN_PAGES_PER_CHAT):
+            if cursor is None:
+                call = client.get_messages(peer, limit=self.NEW_CHAT_MESSAGES, wait_time=0)
+            else:
+                call = client.get_messages(peer, min_id=cursor, limit=100, reverse=True, wait_time=0)
+            messages = await telegram_op(call, self.settings.timeout_telegram_send, "get_messages")
+            fresh = [m for m in messages if isinstance(m, types.Message) and m.id > (cursor or 0)]
+            if not fresh:
+                break
+            results = await self.db.store_messages(connection.id, [inbound_from(m, entity) for m in fresh])
+            new = sum(1 for r in results if r.inserted)
+            stored += new
+            if new:
+                connection.received += new
+                self.runtime.stats.processed += new
+            if cursor is None or len(messages) < 100:
+                break
+            cursor = max(m.id for m in fresh)
+        return stored
+
+    async def refresh_peers(self, connection: AccountConnection) -> None:
+        """Learn the chats of every dialog (for a numeric id not resolved), at most once a minute per account.
+
+        A scan already running is waited for rather than repeated.
+        """
+        lock = self._scan_locks[connection.id]
+        if lock.locked():
+            async with lock:
+                return
+        last = self._scanned_at.get(connection.id)
+        if last is not None and time.monotonic() - last < self.PEER_REFRESH_INTERVAL:
+            return
+        await self.scan_dialogs(connection, read=False, limit=self.PEER_REFRESH_DIALOGS)
 
     def attach(self, connection: AccountConnection) -> None:
-        """Register the handler on a freshly connected client."""
+        """Register the handler on a fresh client, before it connects."""
         assert connection.client is not None
 
         async def on_message(event: events.NewMessage.Event) -> None:
@@ -346,6 +548,7 @@ class Sync:
                 stored = await self.db.store_message(connection.id, inbound_from(event.message, chat))
                 if stored and not event.message.out:
                     connection.received += 1
+                    metrics.inbound_stored(connection.label)
                     self.runtime.stats.processed += 1
             except asyncio.CancelledError:
                 raise
@@ -395,6 +598,7 @@ class Sync:
             if new:
                 logger.info("reconciler stored %d message(s) whose update never came", new, extra={"account": connection.label})
                 connection.received += new
+                metrics.inbound_stored(connection.label, new)
                 self.runtime.stats.processed += new
             stored += new
         self.reconciled += stored
@@ -412,6 +616,11 @@ class Sync:
         assert self.pool is not None
         now = time.monotonic()
         for connection in self.pool.connected():
+            watch = difference_watch(connection.client)
+            if watch.too_long:  # a channel's gap, found after the connect's catch-up
+                watch.too_long = False
+                self._scan_due.setdefault(connection.id, None)
+            await self._run_due_scan(connection)
             if now - self._last_reconcile.get(connection.id, 0.0) < self.settings.reconcile_interval:
                 continue
             self._last_reconcile[connection.id] = now
@@ -419,7 +628,12 @@ class Sync:
         return min(self.settings.reconcile_interval, 10.0)
 
     def status(self) -> dict[str, Any]:
-        return {"handler_errors": self.handler_errors, "reconciled": self.reconciled}
+        return {
+            "handler_errors": self.handler_errors,
+            "reconciled": self.reconciled,
+            "dialog_scans": self.scans,
+            "scanned": self.scanned,
+        }
 
 
 # --- 3. outbound: exactly once, in order per chat --------------------------------------
@@ -448,7 +662,14 @@ class Outbound:
     """
 
     def __init__(
-        self, *, db: Database, runtime: BotRuntime, settings: WorkerSettings, owner: str, storage: Storage | None = None
+        self,
+        *,
+        db: Database,
+        runtime: BotRuntime,
+        settings: WorkerSettings,
+        owner: str,
+        storage: Storage | None = None,
+        entities: EntityCache | None = None,
     ) -> None:
         self.db = db
         self.runtime = runtime
@@ -456,7 +677,7 @@ class Outbound:
         self.owner = owner
         self.storage = storage
         self.pool: AccountPool | None = None
-        self.entities = EntityCache(timeout=settings.timeout_telegram_entity)
+        self.entities = entities or EntityCache(timeout=settings.timeout_telegram_entity)
         self.per_account = KeyedBuckets(rate=settings.send_rate_per_account, burst=settings.send_burst_per_account)
         self.per_chat = KeyedBuckets(rate=settings.send_rate_per_chat, burst=settings.send_burst_per_chat)
         #: PEER_FLOOD: account id -> wall time its sends to non-contacts may start again.
@@ -506,7 +727,7 @@ class Outbound:
             if connection is None or not connection.connected or self.runtime.shutdown.stopping:
                 await self._release(rows[index:])
                 return
-            proceed = await self._send_one(connection, row)
+            proceed = await tracing.traced("outbound.send", self._send_one(connection, row), **tracing.of_outbound(row, connection.label))
             if not proceed:
                 await self._release(rows[index + 1 :])
                 return
@@ -556,6 +777,7 @@ class Outbound:
             except Exception as exc:
                 return await self._failed(connection, row, exc)
             if await self.db.mark_sent(row.id, token, telegram_message_id=telegram_id, chat_id=chat_id):
+                metrics.message_sent(connection.label, row.created_at)
                 self.sent += 1
                 connection.sent += 1
                 self.runtime.stats.processed += 1
@@ -649,6 +871,7 @@ class Outbound:
             message_id = await self._find_sent_id(connection, row)
             logger.info("message %d was already delivered (duplicate random_id)", row.id)
             await self.db.mark_sent(row.id, token, telegram_message_id=message_id, chat_id=row.chat_id)  # type: ignore[arg-type]
+            metrics.message_sent(connection.label, row.created_at)
             self.sent += 1
             connection.sent += 1
             self.runtime.stats.processed += 1
@@ -656,6 +879,7 @@ class Outbound:
         if kind is ErrorKind.RATE_LIMITED:
             seconds = verdict.retry_after or 30.0
             until = datetime.now(UTC) + timedelta(seconds=seconds)
+            metrics.flood_wait(connection.label, seconds)
             if verdict.scope is LimitScope.ACCOUNT and self.per_account.held_until(row.account_id) is not None:
                 # The send itself drew it (see _note_send_limit): every send of the account waits, here and elsewhere.
                 await self._store_hold(connection, SendHoldKind.FLOOD, until, verdict.reason)
@@ -676,9 +900,16 @@ class Outbound:
             await self.db.release_outbound([row.id], token)
             await connection.handle_error(exc)
             return False
+        if isinstance(exc, CircuitOpenError):
+            # Refused before anything was tried (storage's breaker, opened by some other
+            # row's failures): no attempt of this row is spent; it comes back after the wait.
+            at = datetime.now(UTC) + timedelta(seconds=max(1.0, exc.retry_after))
+            await self.db.reschedule_outbound(row.id, token, at=at, reason=verdict.reason)
+            return False
         if kind is ErrorKind.PERMANENT:
             self.entities.forget(row.account_id, row.peer)
             await self.db.mark_failed(row.id, token, verdict.reason, permanent=True)
+            metrics.message_failed(connection.label, kind.value)
             self._count_failure(connection, row, verdict.reason)
             return True  # this row is settled; the chat goes on
         # Transient or unknown outcome: retry with the same random_id.
@@ -696,9 +927,11 @@ class Outbound:
         )
         self.runtime.stats.retried += 1
         if status is OutboundStatus.DEAD:
+            metrics.message_failed(connection.label, kind.value, dead=True)
             self.dead += 1
             self._count_failure(connection, row, verdict.reason, dead=True)
             return True
+        metrics.message_retry(connection.label, kind.value)
         await connection.handle_error(exc)
         return False
 
@@ -878,8 +1111,6 @@ class Outbound:
             extra={"message_id": row.id, "account": connection.label, "chat": row.chat_id or row.peer, "attempt": row.attempts},
         )
         if dead:
-            from shared.alerts import AlertType
-
             self.runtime.alerts.alert(
                 AlertType.MESSAGE_DEAD,
                 f"Message {row.id} from {connection.label} to {row.peer} is dead after {self.settings.max_message_retries} retries",
@@ -896,17 +1127,19 @@ class Outbound:
 
 async def fail_job(
     fail: Any, job_id: int, token: str, exc: BaseException, connection: AccountConnection, settings: WorkerSettings
-) -> str:
-    """Record a failed history or message job as the classifier says; returns the reason.
+) -> tuple[str, JobStatus | None]:
+    """Record a failed history or message job as the classifier says; returns the reason and its new status.
 
     A dead session also stops its account; a rate limit retries after the wait
-    Telegram asked for; other transient errors back off from RETRY_BASE_DELAY.
+    Telegram asked for; other transient errors back off from RETRY_BASE_DELAY,
+    so a job that keeps failing waits longer each time and never holds up the
+    jobs after it, until after MAX_MESSAGE_RETRIES it is ``dead``.
     """
     verdict = classify(exc)
     if verdict.kind is ErrorKind.ACCOUNT_DEAD:
         await connection.handle_error(exc)
     retry_at = datetime.now(UTC) + timedelta(seconds=verdict.retry_after) if verdict.retry_after else None
-    await fail(
+    status = await fail(
         job_id,
         token,
         verdict.reason,
@@ -915,7 +1148,7 @@ async def fail_job(
         max_retries=settings.max_message_retries,
         base_delay=settings.retry_base_delay,
     )
-    return verdict.reason
+    return verdict.reason, status
 
 
 @dataclass
@@ -942,11 +1175,14 @@ class History:
 
     PAGES_PER_CYCLE = 20
 
-    def __init__(self, *, db: Database, runtime: BotRuntime, settings: WorkerSettings, owner: str) -> None:
+    def __init__(
+        self, *, db: Database, runtime: BotRuntime, settings: WorkerSettings, owner: str, entities: EntityCache | None = None
+    ) -> None:
         self.db = db
         self.runtime = runtime
         self.settings = settings
         self.owner = owner
+        self.entities = entities or EntityCache(timeout=settings.timeout_telegram_entity)
         self.pool: AccountPool | None = None
         self.progress: dict[int, HistoryProgress] = {}
 
@@ -968,7 +1204,7 @@ class History:
         cursor = job.cursor
         try:
             assert connection.client is not None
-            entity = await telegram_op(connection.client.get_input_entity(job.chat_id), self.settings.timeout_telegram_entity, "get_input_entity")
+            entity = await self.entities.resolve(connection, job.chat_id)
             chat = await telegram_op(connection.client.get_entity(entity), self.settings.timeout_telegram_entity, "get_entity")
             for _ in range(self.PAGES_PER_CYCLE):
                 self.runtime.watchdog.ping("history")
@@ -983,6 +1219,7 @@ class History:
                 if not messages:
                     await self.db.complete_history_job(job.id, token)
                     progress.done = True
+                    metrics.HISTORY_JOBS.labels("done").inc()
                     return
                 results = await self.db.store_messages(connection.id, [inbound_from(m, chat) for m in messages], advance_cursor=False)
                 new = sum(1 for r in results if r.inserted)
@@ -990,18 +1227,28 @@ class History:
                 if not await self.db.save_history_cursor(job.id, token, cursor=cursor, fetched=len(messages), stored=new):
                     logger.warning("history job %d: lease lost; another worker goes on", job.id)
                     return
+                metrics.HISTORY_PAGES.labels(connection.label).inc()
                 progress.fetched += len(messages)
                 progress.stored += new
                 if cursor <= 1 or (job.target_count and progress.fetched >= job.target_count):
                     await self.db.complete_history_job(job.id, token)
                     progress.done = True
+                    metrics.HISTORY_JOBS.labels("done").inc()
                     return
             await self.db.release_history_job(job.id, token)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            reason = await fail_job(self.db.fail_history_job, job.id, token, exc, connection, self.settings)
+            reason, status = await fail_job(self.db.fail_history_job, job.id, token, exc, connection, self.settings)
+            metrics.HISTORY_JOBS.labels("failed").inc()
             self.runtime.stats.error(f"history job {job.id}", reason)
+            if status is JobStatus.DEAD:
+                self.runtime.alerts.alert(
+                    AlertType.PROCESSING_FAILED,
+                    f"History job {job.id} of {connection.label} is dead after {self.settings.max_message_retries} retries: {reason}",
+                    key=f"history-dead:{job.id}",
+                    details={"job_id": job.id, "chat_id": job.chat_id, "error": reason},
+                )
 
     def status(self) -> list[dict[str, Any]]:
         return [p.as_dict() for p in self.progress.values()]
@@ -1041,12 +1288,22 @@ class Jobs:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            reason = await fail_job(self.db.fail_message_job, job.id, token, exc, connection, self.settings)
+            reason, status = await fail_job(self.db.fail_message_job, job.id, token, exc, connection, self.settings)
             self.failed += 1
+            metrics.MESSAGE_JOBS.labels(job.kind.value, "failed").inc()
             self.runtime.stats.error(f"job {job.id} ({job.kind.value})", reason)
+            if status is JobStatus.DEAD:
+                self.runtime.alerts.alert(
+                    AlertType.MESSAGE_DEAD,
+                    f"Job {job.id} ({job.kind.value}) of {connection.label} is dead after "
+                    f"{self.settings.max_message_retries} retries: {reason}",
+                    key=f"job-dead:{job.id}",
+                    details={"job_id": job.id, "kind": job.kind.value, "error": reason},
+                )
             return
         await self.db.complete_message_job(job.id, token, result=result)
         self.done += 1
+        metrics.MESSAGE_JOBS.labels(job.kind.value, "done").inc()
 
     async def _do(self, connection: AccountConnection, job: MessageJob) -> Any:
         payload = job.payload
@@ -1093,7 +1350,18 @@ class Jobs:
 
 
 def owner_name(settings: WorkerSettings) -> str:
+    """This replica's name: its account leases' owner and its heartbeat row (WORKER_ID:host:pid:random)."""
     return f"{settings.worker_id}:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def fleet_beat_interval(settings: WorkerSettings) -> float:
+    """A replica beats often enough that a killed one leaves the fleet by the time its leases lapse."""
+    return min(settings.heartbeat_interval, settings.account_lease_seconds / settings.fleet_liveness_beats)
+
+
+def fleet_live_seconds(settings: WorkerSettings) -> float:
+    """A replica is live while its heartbeat is younger than this."""
+    return fleet_beat_interval(settings) * settings.fleet_liveness_beats
 
 
 class Worker:
@@ -1131,12 +1399,17 @@ class Worker:
                     "the sandbox accounts", lambda: seed_sandbox_accounts(db, world, cipher), fix="check the database"
                 )
                 logger.info("sandbox accounts: %s", ", ".join(labels))
+            key_check = await self._check_session_key(db, cipher)
 
             owner = owner_name(settings)
             sync = self.sync = Sync(db=db, runtime=runtime, settings=settings)
             storage = await open_storage(settings)
-            outbound = self.outbound = Outbound(db=db, runtime=runtime, settings=settings, owner=owner, storage=storage)
-            history = self.history = History(db=db, runtime=runtime, settings=settings, owner=owner)
+            # One resolver for every loop: a numeric id not known yet waits for one dialog scan.
+            entities = EntityCache(timeout=settings.timeout_telegram_entity, refresh=sync.refresh_peers)
+            outbound = self.outbound = Outbound(
+                db=db, runtime=runtime, settings=settings, owner=owner, storage=storage, entities=entities
+            )
+            history = self.history = History(db=db, runtime=runtime, settings=settings, owner=owner, entities=entities)
             jobs = self.jobs = Jobs(db=db, runtime=runtime, settings=settings, owner=owner, entities=outbound.entities)
 
             async def on_connected(connection: AccountConnection) -> None:
@@ -1144,13 +1417,8 @@ class Worker:
                 taken = await db.take_over_account(connection.id, owner=owner)
                 if taken.outbound or taken.history_jobs or taken.message_jobs:
                     logger.info("took over the previous holder's work for %s: %s", connection.label, taken)
-                sync.attach(connection)
-                assert connection.client is not None
-                try:
-                    await telegram_op(connection.client.catch_up(), settings.timeout_loop_cycle / 2, "catch_up")
-                except Exception as exc:
-                    logger.warning("catch_up failed for %s (%s); the reconciler covers it", connection.label, describe(exc))
-                await sync.reconcile_account(connection)
+                metrics.account_seen(connection.label)
+                await sync.after_connect(connection)
 
             pool = self.pool = AccountPool(
                 db=db,
@@ -1167,20 +1435,26 @@ class Worker:
                 on_connected=on_connected,
                 alerts=runtime.alerts,
                 labels=set(settings.worker_accounts) if settings.worker_accounts else None,
-                # In the sandbox, ingest's own account is ingest's: the two walk-throughs run side by side.
-                exclude={SANDBOX_INGEST_ACCOUNT} if settings.sandbox and not settings.worker_accounts else None,
-                # The sandbox serves only its own accounts: a real one would be logged out by it.
-                accepts=(lambda account: world.has_account(account.phone)) if self.world is not None else None,
+                on_client=sync.attach,
+                accepts=self._accepts(),
+                fleet=FleetPolicy(live_seconds=fleet_live_seconds(settings), handoff_grace=settings.account_handoff_grace),
             )
             sync.pool = outbound.pool = history.pool = jobs.pool = pool
+            pool.cannot_decrypt(key_check.failed)  # said in our heartbeat: the other replicas take those
+            runtime.add_ready_check("session_key", pool.check_key)
+            runtime.add_section("session_key", pool.key_status)
             if settings.worker_accounts:
                 await self._check_worker_accounts(db, settings.worker_accounts)
             runtime.add_cleanup("accounts", pool.close, timeout=settings.timeout_telegram_entity + 5)
 
             async def accounts_cycle() -> float:
+                if runtime.shutdown.stopping:
+                    return 1.0  # leaving: the accounts are being handed over
                 await pool.refresh()
                 pool.wake.clear()
-                return settings.account_check_interval
+                # Until the next check, a joining or leaving replica or a released lease wakes us early.
+                await pool.idle(settings.account_check_interval)
+                return 0.0
 
             # Connecting an account (connect, catch_up, a reconciliation pass) may take
             # longer than a plain cycle: the accounts loop gets that much more silence.
@@ -1195,15 +1469,72 @@ class Worker:
             runtime.add_loop("outbound", outbound.cycle, interval=settings.outbound_poll_interval)
             runtime.add_loop("history", history.cycle, interval=5.0)
             runtime.add_loop("jobs", jobs.cycle, interval=2.0)
+            runtime.gauges.add("outbound_queue", lambda: metrics.refresh_worker_gauges(db, pool), timeout=settings.timeout_db)
             runtime.add_section("accounts", self.accounts_status)
             runtime.add_ready_check("accounts", self.can_send)
+            runtime.add_section("fleet", pool.fleet_status)
             runtime.add_section("outbound", outbound.status)
             runtime.add_section("sync", sync.status)
             runtime.add_section("history_jobs", history.status)
             runtime.add_section("jobs", jobs.status)
-            runtime.start_heartbeat(worker_id=settings.worker_id, store=db)
+            # One heartbeat row per replica, keyed by its lease owner name: the fleet's membership.
+            pinned = sorted(settings.worker_accounts or ())
+            runtime.start_heartbeat(
+                worker_id=owner,
+                store=db,
+                interval=fleet_beat_interval(settings),
+                fleet=lambda: {"pinned": pinned, "cannot": pool.key_mismatched()},
+                remove_on_stop=True,
+            )
             self.ready.set()
             await runtime.run_until_stopped()
+            await self._leave()
+
+    async def _leave(self) -> None:
+        """SIGTERM: out of the fleet at once (the heartbeat row goes), then every account handed over cleanly."""
+        assert self.pool is not None
+        if self.runtime.heartbeat is not None:
+            await self.runtime.heartbeat.stop()
+        await self.pool.leave()
+
+    def _accepts(self) -> Any:
+        """The sandbox serves only its own accounts: a real one would be logged out by it."""
+        world = self.world
+        if world is None:
+            return None
+        # Ingest's own sandbox account is ingest's, so the two walk-throughs run side by side.
+        exclude = set() if self.settings.worker_accounts else {SANDBOX_INGEST_ACCOUNT}
+        return lambda account: world.has_account(account.phone) and account.label not in exclude
+
+    async def _check_session_key(self, db: Database, cipher: SessionCipher) -> KeyCheck:
+        """A key that opens none of the sessions this worker should serve is a configuration error: exit 2.
+
+        Nothing is changed on the way out: the accounts are fine, this
+        process's SESSION_ENCRYPTION_KEY is not, and a replica with the right
+        key goes on serving them.
+        """
+        labels = set(self.settings.worker_accounts) if self.settings.worker_accounts else None
+        check = await self.runtime.until_started(
+            "the session key check",
+            lambda: check_session_key(db, cipher, labels=labels, accepts=self._accepts()),
+            fix="check the database",
+        )
+        if check.opens_none:
+            line = (
+                f"CONFIG ERROR: SESSION_ENCRYPTION_KEY decrypts none of the {len(check.failed)} stored "
+                "session(s) this worker should serve (a different key from the one that encrypted them); "
+                "no account was changed: set the key they were stored with"
+            )
+            from shared.alerts import AlertType
+
+            self.runtime.alerts.alert(AlertType.SESSION_KEY_MISMATCH, line, key="session-key:start")
+            raise StartupFailed(line, exit_code=2)
+        if check.failed:
+            logger.error(
+                "SESSION_ENCRYPTION_KEY cannot decrypt the session of %s; those accounts are left as they are (key_mismatch)",
+                ", ".join(check.failed),
+            )
+        return check
 
     async def _check_worker_accounts(self, db: Database, labels: Sequence[str]) -> None:
         """WORKER_ACCOUNTS: say which accounts this worker serves, and which named ones do not exist (yet)."""
@@ -1336,6 +1667,42 @@ async def cli_accounts(settings: WorkerSettings, as_json: bool) -> int:
     return 0
 
 
+async def cli_fleet(settings: WorkerSettings, as_json: bool) -> int:
+    """The worker replicas from the database: heartbeat, accounts held and target share of each."""
+    from shared.fleet import Member, assign, fleet_rows
+
+    db = await open_database(settings)
+    try:
+        replicas = await db.worker_fleet(live_seconds=fleet_live_seconds(settings))
+        active = await db.list_accounts(statuses=[AccountStatus.ACTIVE])
+    finally:
+        await db.close()
+    live = [Member(r.replica, frozenset(r.pinned), frozenset(r.cannot)) for r in replicas if r.alive]
+    assignment = assign([(a.id, a.label) for a in active], live)
+    rows = fleet_rows(replicas, assignment)
+    held = sum(r.held for r in replicas if r.alive)
+    summary = {"replicas": len(live), "active_accounts": len(active), "held": held, "unheld": max(0, len(active) - held)}
+    if as_json:
+        print(json.dumps({**summary, "fleet": [{"replica": name, **row} for name, row in rows.items()]}, indent=2))
+        return 0
+    if not rows:
+        print(f"no worker replica has a heartbeat row; {len(active)} active account(s) wait for one")
+        return 0
+    print(f"{'replica':<44} {'state':<8} {'host':<16} {'pid':>7} {'version':<14} {'heartbeat':>10} {'held':>5} {'target':>6}")
+    for name, r in rows.items():
+        target = "-" if r["target"] is None else str(r["target"])
+        pinned = f"  pinned: {', '.join(r['pinned'])}" if r["pinned"] else ""
+        print(
+            f"{name:<44} {r['state']:<8} {(r['host'] or '-'):<16} {r['pid'] or '-':>7} {(r['version'] or '-'):<14} "
+            f"{r['heartbeat_age_s']:>8.1f}s {r['held']:>5} {target:>6}{pinned}"
+        )
+    print(
+        f"{summary['replicas']} live replica(s), {summary['active_accounts']} active account(s), "
+        f"{summary['held']} held, {summary['unheld']} not held"
+    )
+    return 0
+
+
 async def account_by_label(db: Database, label: str) -> Account:
     """The account labelled ``label``.
 
@@ -1409,6 +1776,7 @@ async def cli_send(settings: WorkerSettings, args: argparse.Namespace) -> int:
         return await wait_for_outcome(db, account, ids, timeout=args.wait)
     finally:
         await db.close()
+        await tracing.shutdown()
 
 
 #: ``send --wait``: exit 3 when the message is still queued when the wait ends.
@@ -1816,6 +2184,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     messages.add_argument("--limit", type=int, default=50, help="at most this many, newest first (default 50)")
     messages.add_argument("--json", action="store_true")
     sub.add_parser("rotate-key", help="re-encrypt all sessions under the newest SESSION_ENCRYPTION_KEY")
+    fleet = sub.add_parser("fleet", help="list the worker replicas: heartbeat, accounts held, target share")
+    fleet.add_argument("--json", action="store_true")
     requeue = sub.add_parser("requeue", help="put failed or dead outbound messages back in the queue")
     requeue.add_argument("ids", nargs="*", type=int, help="message ids (default: every one the other options pick)")
     requeue.add_argument("--account", help="only this account's messages")
@@ -1848,6 +2218,7 @@ def _main(argv: list[str]) -> int:
         refuse_implicit_sandbox_or_exit(settings, "TELEGRAM_API_ID")
     # A command's own output is its answer on stdout; its logs go to stderr, warnings only unless -v.
     configure_logging(settings, stream=sys.stdout if command == "run" else sys.stderr, quiet=command != "run")
+    tracing.setup("worker")  # only when OTEL_EXPORTER_OTLP_ENDPOINT is set: `send` starts a message's trace
     if command == "run":
         return run_bot(Worker(settings).run())
     if command == "accounts":
@@ -1866,6 +2237,8 @@ def _main(argv: list[str]) -> int:
         return asyncio.run(cli_login(settings, args))
     if command == "rotate-key":
         return asyncio.run(cli_rotate_key(settings))
+    if command == "fleet":
+        return asyncio.run(cli_fleet(settings, args.json))
     if command == "requeue":
         return asyncio.run(cli_requeue(settings, args))
     return 2

@@ -14,9 +14,17 @@ reports that process's peak RSS (``ru_maxrss``) and images per second:
 * ``ours+gc``: ours with ``gc.collect()`` after every image, to see whether
   the seed's "gc.collect() every 10 messages" buys anything.
 
+Then the memory ceiling (INGEST_MEMORY_BUDGET_MB, ``--budget-mb``, default
+256): an 8000x8000 RGBA PNG and a 12000x9000 JPEG, each processed alone in a
+process of its own, with the budget (``ours``) and without it (``no-budget``,
+ingest's pipeline before the ceiling existed), peak RSS against the budget
+and what became of the image (stored at which size, or skipped and why).
+
 Prints a table; with ``--json`` the last line is one JSON object with
 ``rss_ratio`` (ours/naive peak RSS), ``speed_ratio`` (ours/naive images per
-second) and the raw numbers. A benchmark, not a test: nothing here asserts.
+second), ``budget_mb``, ``peak_rss_mb`` (the largest peak RSS of ``ours``
+over the large-image cases), ``large_images`` (per case) and the raw
+numbers. A benchmark, not a test: nothing here asserts.
 """
 
 from __future__ import annotations
@@ -40,16 +48,26 @@ import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
 from typing import Any  # noqa: E402
 
 from bench._common import machine, machine_line  # noqa: E402
 
+from shared.config import BY_NAME  # noqa: E402
+
 logger = logging.getLogger("bench.ingest")
 
+DEFAULT_BUDGET_MB = int(BY_NAME["INGEST_MEMORY_BUDGET_MB"].default)
+
 FULL_SIZES = [(8192, 6144), (12000, 9000), (16000, 12000), (16384, 16384)]
-QUICK_SIZES = [(8192, 6144), (12000, 9000), (16000, 12000)]
+QUICK_SIZES = [(8192, 6144), (12000, 9000)]
 VARIANTS = ("ours", "naive", "ours+gc")
+#: The memory-ceiling cases: a PNG cannot be decoded at reduced scale, a JPEG can.
+LARGE_PNG = (8000, 8000)
+LARGE_JPEG = (12000, 9000)
+BUDGET_VARIANTS = ("ours", "no-budget")
+#: Peak RSS the memory ceiling aims at: the budget plus the interpreter, Pillow and our modules.
+HEADROOM_MB = 100
 
 
 @dataclass
@@ -60,6 +78,14 @@ class Run:
     peak_rss_kb: int
     baseline_rss_kb: int
     sizes_out: list[tuple[int, int]]
+    skipped: list[str] = field(default_factory=list)
+
+    def outcome(self) -> str:
+        """What became of a single image: ``stored WxH`` or ``skipped: <reason>``."""
+        if self.sizes_out:
+            width, height = self.sizes_out[0]
+            return f"stored {width}x{height}"
+        return f"skipped: {self.skipped[0]}" if self.skipped else "nothing"
 
     @property
     def per_s(self) -> float:
@@ -102,35 +128,44 @@ def _naive(path: Path, max_dimension: int) -> tuple[int, int]:
     return image.size
 
 
-def _ours(path: Path, max_dimension: int) -> tuple[int, int]:
-    from shared.images import ImagePolicy, process_image
+def _ours(path: Path, max_dimension: int, budget_mb: int | None) -> tuple[int, int]:
+    from shared.images import MB, ImagePolicy, process_image
 
-    result = process_image(path, policy=ImagePolicy(max_dimension=max_dimension))
+    policy = ImagePolicy(max_dimension=max_dimension, memory_budget=None if budget_mb is None else budget_mb * MB)
+    result = process_image(path, policy=policy)
     return result.width, result.height
 
 
-def child(variant: str, files: list[Path], max_dimension: int, repeat: int) -> dict[str, Any]:
+def child(variant: str, files: list[Path], max_dimension: int, repeat: int, budget_mb: int) -> dict[str, Any]:
     import PIL.Image  # noqa: F401 - imported before the baseline is taken, for both variants alike
 
     import shared.images  # noqa: F401
+    from shared.images import ImageRejected
 
     baseline = peak_rss_kb()
-    work = _naive if variant == "naive" else _ours
     sizes: list[tuple[int, int]] = []
+    skipped: list[str] = []
     started = time.perf_counter()
     for _ in range(repeat):
         for path in files:
-            sizes.append(work(path, max_dimension))
+            try:
+                if variant == "naive":
+                    sizes.append(_naive(path, max_dimension))
+                else:
+                    sizes.append(_ours(path, max_dimension, None if variant == "no-budget" else budget_mb))
+            except ImageRejected as rejected:
+                skipped.append(str(rejected))
             if variant == "ours+gc":
                 gc.collect()
     seconds = time.perf_counter() - started
     return {
         "variant": variant,
-        "images": len(sizes),
+        "images": len(sizes) + len(skipped),
         "seconds": seconds,
         "peak_rss_kb": peak_rss_kb(),
         "baseline_rss_kb": baseline,
         "sizes_out": sizes,
+        "skipped": skipped,
     }
 
 
@@ -157,10 +192,25 @@ def generate(directory: Path, sizes: list[tuple[int, int]]) -> list[Path]:
     return files
 
 
-def run_variant(variant: str, files: list[Path], max_dimension: int, repeat: int) -> Run:
+def generate_png(directory: Path, size: tuple[int, int] = LARGE_PNG) -> Path:
+    """A large RGBA PNG (gradients in every channel, alpha included), quick to write."""
+    from PIL import Image
+
+    width, height = size
+    path = directory / f"large-{width}x{height}-rgba.png"
+    ramp = Image.linear_gradient("L").resize((width, height), Image.Resampling.NEAREST)
+    image = Image.merge("RGBA", (ramp, ramp.transpose(Image.Transpose.ROTATE_90), ramp.transpose(Image.Transpose.FLIP_TOP_BOTTOM), ramp))
+    del ramp
+    image.save(path, "PNG", compress_level=1)
+    del image
+    logger.info("generated %s (%.1f MB)", path.name, path.stat().st_size / 1e6)
+    return path
+
+
+def run_variant(variant: str, files: list[Path], max_dimension: int, repeat: int, budget_mb: int = 0) -> Run:
     done = subprocess.run(
         [sys.executable, __file__, "--child", variant, "--max-dimension", str(max_dimension), "--repeat", str(repeat),
-         *map(str, files)],
+         "--budget-mb", str(budget_mb), *map(str, files)],
         capture_output=True,
         text=True,
     )
@@ -174,21 +224,40 @@ def run_variant(variant: str, files: list[Path], max_dimension: int, repeat: int
         peak_rss_kb=data["peak_rss_kb"],
         baseline_rss_kb=data["baseline_rss_kb"],
         sizes_out=[tuple(s) for s in data["sizes_out"]],
+        skipped=list(data.get("skipped", [])),
     )
+
+
+def large_cases(png: Path, jpeg: Path, max_dimension: int, budget_mb: int) -> list[dict[str, Any]]:
+    """Each large image alone, with and without the budget, each run in a process of its own."""
+    cases = []
+    for name, path in ((f"png {LARGE_PNG[0]}x{LARGE_PNG[1]} RGBA", png), (f"jpeg {LARGE_JPEG[0]}x{LARGE_JPEG[1]}", jpeg)):
+        runs = {variant: run_variant(variant, [path], max_dimension, 1, budget_mb) for variant in BUDGET_VARIANTS}
+        ours, before = runs["ours"], runs["no-budget"]
+        cases.append({
+            "case": name,
+            "peak_rss_mb": round(ours.peak_mb, 1),
+            "no_budget_peak_rss_mb": round(before.peak_mb, 1),
+            "outcome": ours.outcome(),
+            "no_budget_outcome": before.outcome(),
+        })
+    return cases
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="./start.sh bench ingest", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="three images up to 16000x12000 instead of four up to 16384x16384")
+    parser.add_argument("--quick", action="store_true", help="two images up to 12000x9000 instead of four up to 16384x16384")
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
     parser.add_argument("--max-dimension", type=int, default=8192, help="MAX_IMAGE_DIMENSION (default 8192)")
     parser.add_argument("--repeat", type=int, default=1, help="passes over the set per variant")
-    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--budget-mb", type=int, default=DEFAULT_BUDGET_MB,
+                        help=f"INGEST_MEMORY_BUDGET_MB (default {DEFAULT_BUDGET_MB})")
+    parser.add_argument("--child", choices=VARIANTS + BUDGET_VARIANTS[1:], help=argparse.SUPPRESS)
     parser.add_argument("files", nargs="*", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.child:
-        sys.stdout.write(json.dumps(child(args.child, args.files, args.max_dimension, args.repeat)) + "\n")
+        sys.stdout.write(json.dumps(child(args.child, args.files, args.max_dimension, args.repeat, args.budget_mb)) + "\n")
         return 0
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -196,7 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     directory = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     try:
         files = generate(directory, sizes)
-        runs = {variant: run_variant(variant, files, args.max_dimension, args.repeat) for variant in VARIANTS}
+        runs = {variant: run_variant(variant, files, args.max_dimension, args.repeat, args.budget_mb) for variant in VARIANTS}
+        jpeg = next((f for f, size in zip(files, sizes, strict=True) if size == LARGE_JPEG), None)
+        if jpeg is None:
+            jpeg = generate(directory, [LARGE_JPEG])[0]
+        large = large_cases(generate_png(directory), jpeg, args.max_dimension, args.budget_mb)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -224,6 +297,20 @@ def main(argv: list[str] | None = None) -> int:
         "max_dimension": args.max_dimension,
         "machine": where,
     }
+    peak = max(case["peak_rss_mb"] for case in large)
+    ceiling = args.budget_mb + HEADROOM_MB
+    result.update({
+        "budget_mb": args.budget_mb,
+        "peak_rss_mb": peak,
+        "ceiling_mb": ceiling,
+        "within_ceiling": peak <= ceiling,
+        "large_images": large,
+    })
+    print(f"memory ceiling: INGEST_MEMORY_BUDGET_MB={args.budget_mb}, aim: peak RSS <= {ceiling} MB (budget + {HEADROOM_MB})")
+    print(f"{'case':<22} {'peak RSS MB':>12} {'no budget MB':>13}  outcome (with the budget | without)")
+    for case in large:
+        print(f"{case['case']:<22} {case['peak_rss_mb']:>12.1f} {case['no_budget_peak_rss_mb']:>13.1f}  "
+              f"{case['outcome']} | {case['no_budget_outcome']}")
     print(f"ours/naive: peak RSS x{result['rss_ratio']:.2f}, speed x{result['speed_ratio']:.2f}; "
           f"gc.collect() after every image: peak RSS x{result['gc_rss_ratio']:.2f}, speed x{result['gc_speed_ratio']:.2f} of ours")
     if args.json:

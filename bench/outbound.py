@@ -1,6 +1,6 @@
 """Benchmark: outbound enqueue-to-delivered latency of worker.py, next to seed 004's polling loop.
 
-    ./start.sh bench outbound [--quick] [--json] [--seconds S] [--rates 50,200,1000] [--accounts 20]
+    ./start.sh bench outbound [--quick] [--json] [--seconds S] [--rates 50,200,1000] [--accounts 20] [--otlp-hung]
 
 What runs: ``python worker.py`` as a child process on an embedded
 PostgreSQL (default settings, fsync on) and the Telegram sandbox with no
@@ -24,6 +24,11 @@ that every 2 s selects the queued rows and sends them one at a time with
 ``client.send_message``. The baseline gets a deadline (load + 30 s, + 5 s
 with --quick); rows still queued then count with their age at the deadline,
 a lower bound (marked with ``>=`` in the table).
+
+With ``--otlp-hung`` the worker traces every send (OTEL_EXPORTER_OTLP_ENDPOINT
+set) to an OTLP/HTTP collector in this process that accepts each request
+and never answers: the cost of tracing when the collector is stuck, to set
+beside a run without the flag.
 
 Read it as: p50/p99/max per load, ours next to the baseline; ``per_s`` is
 what was delivered per second (at most the offered load). Figures depend on
@@ -171,12 +176,37 @@ async def _all_delivered(dsn: str, tag: str, count: int) -> bool:
     return await delivered_count(dsn, tag) >= count
 
 
-async def run(*, rates: list[float], seconds: float, n_accounts: int, baseline_grace: float) -> dict[str, Any]:
+async def hung_collector() -> tuple[Any, str]:
+    """An OTLP/HTTP endpoint that reads each export and never answers (a stuck collector)."""
+    from aiohttp import web
+
+    stuck = asyncio.Event()
+
+    async def never(request: web.Request) -> web.Response:
+        await request.read()
+        await stuck.wait()
+        return web.Response()
+
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_post("/v1/traces", never)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"http://127.0.0.1:{port}"
+
+
+async def run(*, rates: list[float], seconds: float, n_accounts: int, baseline_grace: float, otlp_hung: bool = False) -> dict[str, Any]:
     info = machine()
+    collector, tracing_env = None, {}
+    if otlp_hung:
+        collector, endpoint = await hung_collector()
+        tracing_env = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint}
     async with BenchDatabase("bench-outbound-") as bench_db:
         dsn = await bench_db.create("bench_outbound")
         accounts = await make_accounts(dsn, bench_db.root / "sandbox", n_accounts, recipients=10)
-        env = worker_env(dsn=dsn, accounts=accounts, data_dir=bench_db.root / "worker-data", extra=UNLIMITED_SENDS)
+        env = worker_env(dsn=dsn, accounts=accounts, data_dir=bench_db.root / "worker-data", extra={**UNLIMITED_SENDS, **tracing_env})
         pool = await asyncpg.create_pool(dsn, min_size=4, max_size=16)
         ours: list[LoadResult] = []
         theirs: list[LoadResult] = []
@@ -223,6 +253,8 @@ async def run(*, rates: list[float], seconds: float, n_accounts: int, baseline_g
                     pass
         finally:
             await pool.close()
+            if collector is not None:
+                await collector.cleanup()
     headline_rate = 200.0 if 200.0 in rates else rates[0]
     ours_h = next(r for r in ours if r.offered_per_s == headline_rate)
     theirs_h = next(r for r in theirs if r.offered_per_s == headline_rate)
@@ -244,6 +276,7 @@ async def run(*, rates: list[float], seconds: float, n_accounts: int, baseline_g
         "accounts": n_accounts,
         "recipients_per_account": 10,
         "settings": {**UNLIMITED_SENDS, "other": "defaults"},
+        "tracing": "every send traced to a collector that never answers" if otlp_hung else "off",
         "postgres": bench_db.version,
         "machine": info,
         "load_average_after": [round(v, 2) for v in os.getloadavg()],
@@ -266,6 +299,7 @@ def render(result: dict[str, Any]) -> str:
         f"outbound benchmark: worker.py, {result['accounts']} sandbox accounts x {result['recipients_per_account']} recipients, "
         f"embedded PostgreSQL {result['postgres']}, no added latency, {result['seconds_per_load']:g} s per load",
         "settings raised for the load test: SEND_RATE_PER_ACCOUNT/CHAT and bursts = 100000 (others default)",
+        f"tracing: {result.get('tracing', 'off')}",
         f"machine: {machine_line(m)}; load average after: {' '.join(f'{v:.2f}' for v in result['load_average_after'])}",
         "",
         f"{'offered/s':>9} | {'ours p50':>9} {'p99':>8} {'max':>8} {'per_s':>7} | "
@@ -301,13 +335,14 @@ def main(argv: list[str] | None = None) -> int:
     args_parser.add_argument("--seconds", type=float, default=None, help="seconds per offered load (default 30, 2 with --quick)")
     args_parser.add_argument("--rates", default=None, help="offered loads, messages/s (default 50,200,1000; 200 with --quick)")
     args_parser.add_argument("--accounts", type=int, default=20, help="sandbox accounts (default 20)")
+    args_parser.add_argument("--otlp-hung", action="store_true", help="trace every send to an OTLP collector that never answers")
     args = args_parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     rates = [float(r) for r in (args.rates or ("200" if args.quick else "50,200,1000")).split(",")]
     seconds = args.seconds if args.seconds is not None else (2.0 if args.quick else 30.0)
     started = time.monotonic()
     result = asyncio.run(
-        run(rates=rates, seconds=seconds, n_accounts=args.accounts, baseline_grace=5.0 if args.quick else 30.0)
+        run(rates=rates, seconds=seconds, n_accounts=args.accounts, baseline_grace=5.0 if args.quick else 30.0, otlp_hung=args.otlp_hung)
     )
     result["wall_seconds"] = round(time.monotonic() - started, 1)
     emit(render(result), result, as_json=args.json)

@@ -54,6 +54,26 @@ def load_prompt(path: Path | None) -> str:
     return text
 
 
+def answer_text(payload: Any) -> str:
+    """The assistant's text in a chat-completions answer.
+
+    Raises:
+        TransientError: no choices, no text, or text that is only blanks; the
+            reason names what was missing and the ``finish_reason`` (a
+            moderated model answers ``content: null`` with ``content_filter``).
+    """
+    choices = payload.get("choices") if isinstance(payload, dict) else None
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise TransientError("AI API answered without any choices")
+    choice = choices[0]
+    message = choice.get("message")
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, str) or not content.strip():
+        finish = choice.get("finish_reason")
+        raise TransientError(f"AI API answered without any text (finish_reason {finish})" if finish else "AI API answered without any text")
+    return content
+
+
 class AIClient:
     """An OpenAI-compatible chat-completions client.
 
@@ -114,12 +134,9 @@ class AIClient:
                 raise PermanentError(f"AI API rejected the request ({result.status}): {result.error_detail()}")
             try:
                 payload: Any = result.json()
-                content = payload["choices"][0]["message"]["content"]
-            except (ValueError, KeyError, IndexError, TypeError):
-                raise TransientError("AI API answered with malformed JSON") from None
-            if not isinstance(content, str) or not content.strip():
-                raise TransientError("AI API answered without any text")
-            return content
+            except ValueError:
+                raise TransientError("AI API answered with a body that is not JSON") from None
+            return answer_text(payload)
 
         return await self.http.call("chat", attempt)
 
@@ -209,4 +226,4 @@ class Drafter:
         return Draft(text=reply, weighted_length=weighted_length(reply), regenerations=regenerations, trimmed=trimmed)
 
 
-__all__ = ["AIClient", "BUILTIN_PROMPT", "Draft", "Drafter", "load_prompt"]
+__all__ = ["AIClient", "BUILTIN_PROMPT", "answer_text", "Draft", "Drafter", "load_prompt"]

@@ -24,8 +24,9 @@ from typing import Any, TypeVar
 
 import aiohttp
 
+from shared import metrics
 from shared.alerts import AlertSink, AlertType
-from shared.breaker import CircuitBreaker
+from shared.breaker import CircuitBreaker, CircuitOpenError
 from shared.errors import ErrorKind, RateLimitedError, TransientError, UnknownOutcomeError, classify, describe
 from shared.retry import retry_async
 from shared.timeouts import bounded
@@ -204,18 +205,29 @@ class HttpService:
                 raise
 
         self.calls += 1
-        return await bounded(go(), self.timeout, f"{self.name}.{endpoint}", outcome_unknown=changes_state)
+        return await metrics.api_call(self.name, bounded(go(), self.timeout, f"{self.name}.{endpoint}", outcome_unknown=changes_state))
 
     async def call(self, endpoint: str, attempt: Callable[[], Awaitable[T]], *, retry: bool = True) -> T:
         """Run ``attempt`` through the breaker, retrying transient failures with backoff.
 
         Raises:
-            CircuitOpenError: the breaker is open.
-            Exception: the last failure (already classified by its type).
+            CircuitOpenError: the breaker was open before this call tried anything.
+            Exception: the last failure (already classified by its type). When
+                this call's own failures opened the breaker, that failure is
+                raised, not the "breaker open" of the retry after it: the item
+                being worked on caused it and must have it counted (a poison
+                item would otherwise be handed to every trial call again).
         """
+        own_failures: list[BaseException] = []
 
         async def guarded() -> T:
-            return await self.breaker.call(attempt)
+            try:
+                return await self.breaker.call(attempt)
+            except CircuitOpenError:
+                raise
+            except Exception as exc:
+                own_failures.append(exc)
+                raise
 
         try:
             if retry:
@@ -228,6 +240,13 @@ class HttpService:
                 )
             else:
                 result = await guarded()
+        except CircuitOpenError as exc:
+            if not own_failures:
+                self._failed(endpoint, exc)
+                raise
+            cause = own_failures[-1]
+            self._failed(endpoint, cause)
+            raise cause from exc
         except Exception as exc:
             self._failed(endpoint, exc)
             raise

@@ -5,8 +5,10 @@ short, friendly reply built from the tweet in the prompt: no model, no
 network, deterministic. It serves the embedded default and the tests.
 Faults come from :class:`replyguy.standins.FaultPlan` (endpoint ``chat``):
 ``status``, ``rate_limit`` (429 with ``retry-after``), ``hang``,
-``malformed`` and ``overlong`` (a reply far over X's 280 weighted
-characters). Every request's messages are kept in :attr:`LocalAI.requests`.
+``malformed``, ``overlong`` (a reply far over X's 280 weighted
+characters), ``content_filter`` (``content: null`` with ``finish_reason:
+content_filter``) and ``no_choices``; a rule's ``match`` limits it to
+requests whose prompt contains that text. Every request's messages are kept in :attr:`LocalAI.requests`.
 """
 
 from __future__ import annotations
@@ -73,9 +75,11 @@ class LocalAI(StandInServer):
 
     async def _chat(self, request: web.Request) -> web.Response:
         self.hits["chat"] += 1
-        fault = self.faults.take("chat")
+        raw = await request.text()
+        fault = self.faults.take("chat", raw)
         overlong = fault is not None and fault.kind is FaultKind.OVERLONG
-        if fault is not None and not overlong:
+        with_nul = fault is not None and fault.kind is FaultKind.NUL_IN_TEXT
+        if fault is not None and not overlong and not with_nul:
             if fault.kind is FaultKind.STATUS:
                 return web.json_response({"error": {"message": "stand-in fault", "type": "server_error"}}, status=fault.status)
             if fault.kind is FaultKind.RATE_LIMIT:
@@ -88,6 +92,10 @@ class LocalAI(StandInServer):
                 return await self.hang()
             if fault.kind is FaultKind.MALFORMED:
                 return self.malformed()
+            if fault.kind is FaultKind.CONTENT_FILTER:
+                return web.json_response(self._completion(None, "content_filter"))
+            if fault.kind is FaultKind.NO_CHOICES:
+                return web.json_response({**self._completion(None, "stop"), "choices": []})
         if request.headers.get("Authorization") != f"Bearer {self.api_key}":
             return web.json_response({"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}}, status=401)
         try:
@@ -97,16 +105,20 @@ class LocalAI(StandInServer):
             return web.json_response({"error": {"message": "messages are required", "type": "invalid_request_error"}}, status=400)
         self.requests.append(messages)
         content = _OVERLONG if overlong else self._reply(messages)
-        return web.json_response(
-            {
-                "id": f"chatcmpl-standin-{len(self.requests)}",
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": body.get("model", "local-stand-in"),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
-            }
-        )
+        if with_nul:
+            content = content.replace(" ", " \x00", 1)
+        return web.json_response(self._completion(content, "stop", model=body.get("model", SANDBOX_AI_MODEL)))
+
+    def _completion(self, content: str | None, finish_reason: str, *, model: str = SANDBOX_AI_MODEL) -> dict[str, Any]:
+        """A chat-completions answer body as OpenAI shapes it."""
+        return {
+            "id": f"chatcmpl-standin-{len(self.requests)}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish_reason}],
+            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+        }
 
     def _reply(self, messages: list[dict[str, Any]]) -> str:
         first_user = next((str(m.get("content", "")) for m in messages if m.get("role") == "user"), "")

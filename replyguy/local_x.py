@@ -406,7 +406,7 @@ class LocalX(StandInServer):
 
     async def _post(self, request: web.Request) -> web.Response:
         self.hits["post"] += 1
-        fault = self.faults.take("post")
+        fault = self.faults.take("post", await request.text())
         answer_lost = fault is not None and fault.kind is FaultKind.ANSWER_LOST
         if fault is not None and not answer_lost and (response := await self._fault_response(fault)) is not None:
             return response

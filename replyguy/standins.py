@@ -11,7 +11,14 @@ is the production code. Faults are *server state*: a test (or a person with
 * ``hang``: never answer (until the server stops);
 * ``malformed``: 200 with a body that is not JSON;
 * ``answer_lost``: do the work (store the tweet), then never answer;
-* ``overlong``: the AI answers with a reply far over 280 weighted characters.
+* ``overlong``: the AI answers with a reply far over 280 weighted characters;
+* ``content_filter``: the AI answers 200 with ``content: null`` and
+  ``finish_reason: content_filter`` (what moderated models send);
+* ``no_choices``: the AI answers 200 with an empty ``choices`` list;
+* ``nul_in_text``: the AI's reply carries a NUL character (``\u0000``).
+
+A rule with ``match`` hits only requests whose body contains that text, so
+one tweet can be poison while the others are answered normally.
 
 Rules are set in-process (``server.faults.add(...)``) or over HTTP
 (``POST /_standin/faults`` with the same fields as JSON, ``DELETE
@@ -47,6 +54,9 @@ class FaultKind(str, enum.Enum):
     MALFORMED = "malformed"
     ANSWER_LOST = "answer_lost"
     OVERLONG = "overlong"
+    CONTENT_FILTER = "content_filter"
+    NO_CHOICES = "no_choices"
+    NUL_IN_TEXT = "nul_in_text"
 
 
 @dataclass
@@ -60,6 +70,7 @@ class Fault:
         count: how many matching requests it hits; None means until cleared.
         status: the HTTP status for ``status`` faults.
         reset_in: seconds until the rate limit resets (``rate_limit``).
+        match: only requests whose body contains this text ("" for all).
         id: assigned when added.
     """
 
@@ -68,6 +79,7 @@ class Fault:
     count: int | None = None
     status: int = 500
     reset_in: float = 60.0
+    match: str = ""
     id: int = 0
 
     @classmethod
@@ -80,6 +92,7 @@ class Fault:
                 count=None if data.get("count") is None else int(data["count"]),
                 status=int(data.get("status", 500)),
                 reset_in=float(data.get("reset_in", 60.0)),
+                match=str(data.get("match", "")),
             )
         except (KeyError, TypeError) as exc:
             raise ValueError(f"bad fault rule {data!r}: {exc}") from None
@@ -106,9 +119,10 @@ class FaultPlan:
         count: int | None = None,
         status: int = 500,
         reset_in: float = 60.0,
+        match: str = "",
     ) -> Fault:
         """Add a rule; the newest matching rule wins."""
-        fault = Fault(FaultKind(kind), endpoint=endpoint, count=count, status=status, reset_in=reset_in)
+        fault = Fault(FaultKind(kind), endpoint=endpoint, count=count, status=status, reset_in=reset_in, match=match)
         return self.add_rule(fault)
 
     def add_rule(self, fault: Fault) -> Fault:
@@ -124,11 +138,13 @@ class FaultPlan:
             self._rules.clear()
             return removed
 
-    def take(self, endpoint: str) -> Fault | None:
+    def take(self, endpoint: str, body: str = "") -> Fault | None:
         """The rule that hits this request (using up one of its count), or None."""
         with self._lock:
             for fault in reversed(self._rules):
                 if fault.endpoint not in ("*", endpoint):
+                    continue
+                if fault.match and fault.match not in body:
                     continue
                 if fault.count is not None:
                     fault.count -= 1

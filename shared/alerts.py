@@ -57,8 +57,10 @@ class AlertType(str, Enum):
     LOOP_RESTARTED = "loop_restarted"
     RESTART_STORM = "restart_storm"
     ACCOUNT_NEEDS_LOGIN = "account_needs_login"
+    SESSION_KEY_MISMATCH = "session_key_mismatch"
     ACCOUNT_LIMITED = "account_limited"
     MESSAGE_DEAD = "message_dead"
+    RESOURCES_CRITICAL = "resources_critical"
     SUPERVISOR_RESTART = "supervisor_restart"
     SUPERVISOR_GAVE_UP = "supervisor_gave_up"
     RESOLVED = "resolved"
@@ -74,8 +76,10 @@ _ICONS: dict[AlertType, str] = {
     AlertType.LOOP_RESTARTED: "\U0001f504",  # arrows
     AlertType.RESTART_STORM: "\U0001f6a8",
     AlertType.ACCOUNT_NEEDS_LOGIN: "\U0001f511",  # key
+    AlertType.SESSION_KEY_MISMATCH: "\U0001f510",  # closed lock with key
     AlertType.ACCOUNT_LIMITED: "\u23f3",  # hourglass
     AlertType.MESSAGE_DEAD: "\u26a0\ufe0f",
+    AlertType.RESOURCES_CRITICAL: "\U0001f525",  # fire
     AlertType.SUPERVISOR_RESTART: "\U0001f504",
     AlertType.SUPERVISOR_GAVE_UP: "\U0001f6a8",
     AlertType.RESOLVED: "\u2705",  # check mark

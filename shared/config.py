@@ -222,6 +222,7 @@ SETTINGS: list[Setting] = [
     Setting("STATUS_TOKEN", _text, None, "a non-empty token", "When set, every path but /health and /ready requires it (Bearer or ?token=).", secret=True),
     Setting("RESOURCE_WARN_PERCENT", _percent, 70.0, "a percentage above 0 and at most 100", "CPU, memory or disk use at or above this is degraded (health CLI, /status, /health/detailed)."),
     Setting("RESOURCE_CRITICAL_PERCENT", _percent, 90.0, "a percentage above 0 and at most 100", "CPU, memory or disk use at or above this is an error."),
+    Setting("RESOURCE_AVERAGE_WINDOW", _float(0), 60.0, "a number of seconds >= 0", "CPU and memory are judged by their average over this window, so a short spike changes no verdict (0: the latest sample alone)."),
     Setting("LOG_LEVEL", _log_level, "INFO", "one of DEBUG, INFO, WARNING, ERROR, CRITICAL", "Log verbosity.", PROCESS),
     Setting("LOG_FORMAT", _choice("text", "json"), "text", "text or json", "json writes one JSON object per line (Railway).", PROCESS),
     # Alerts
@@ -240,13 +241,15 @@ SETTINGS: list[Setting] = [
     Setting("TELEGRAM_API_HASH", _text, None, "the API hash from my.telegram.org", "Telegram API hash, with TELEGRAM_API_ID.", TELEGRAM | {"bot"}, secret=True),
     Setting("SESSION_ENCRYPTION_KEY", _fernet_keys, None, "a Fernet key (./start.sh sessions new-key)", "Encrypts Telegram sessions at rest; several comma-separated, newest first, during a rotation. Required outside sandbox mode.", TELEGRAM, secret=True),
     Setting("TIMEOUT_TELEGRAM_CONNECT", _float(0, exclusive=True), 30.0, "a number of seconds > 0", "Deadline of connecting one account.", TELEGRAM),
-    Setting("ACCOUNT_LEASE_SECONDS", _float(1), 90.0, "a number of seconds >= 1", "An account's lease; renewed every third of it, lapses after a kill.", TELEGRAM),
-    Setting("ACCOUNT_CHECK_INTERVAL", _float(0, exclusive=True), 30.0, "a number of seconds > 0", "How often each account's lease and connection are checked.", TELEGRAM),
+    Setting("ACCOUNT_LEASE_SECONDS", _float(1), 20.0, "a number of seconds >= 1", "An account's lease; renewed every third of it, lapses after a kill (another replica takes the account within this plus ACCOUNT_CHECK_INTERVAL and 2 s).", TELEGRAM),
+    Setting("ACCOUNT_CHECK_INTERVAL", _float(0, exclusive=True), 5.0, "a number of seconds > 0", "How often each account's lease and connection, and the worker fleet, are checked.", TELEGRAM),
     Setting("RECONNECT_BACKOFF_MAX", _float(0, exclusive=True), 300.0, "a number of seconds > 0", "Cap of the delay between reconnect attempts.", TELEGRAM),
     Setting("RECONNECT_ALERT_AFTER", _int(1), 10, "a whole number >= 1", "Failed reconnects of one account before the operator is alerted.", TELEGRAM),
     # worker.py
     Setting("WORKER_ID", _text, "telegram-main", "a name", "The worker's heartbeat id.", frozenset({"worker"})),
-    Setting("WORKER_ACCOUNTS", _csv, None, "comma-separated account labels", "The telegram_accounts rows this worker serves (default: every active one). Leave ingest's INGEST_ACCOUNT out when both share a database.", frozenset({"worker"})),
+    Setting("FLEET_LIVENESS_BEATS", _int(2), 3, "a whole number >= 2", "A worker replica is live while its heartbeat is younger than this many heartbeat intervals; a worker beats at least every ACCOUNT_LEASE_SECONDS divided by this.", frozenset({"worker"})),
+    Setting("ACCOUNT_HANDOFF_GRACE", _float(0), 2.0, "a number of seconds >= 0", "Longest wait for an account's work in hand before it is handed to another replica.", frozenset({"worker"})),
+    Setting("WORKER_ACCOUNTS", _csv, None, "comma-separated account labels", "The telegram_accounts rows this worker serves, pinned to it: other replicas leave them to it (default: its fair share of every active one). Leave ingest's INGEST_ACCOUNT out when both share a database.", frozenset({"worker"})),
     Setting("OUTBOUND_BATCH_SIZE", _int(1, 10000), 100, "a whole number 1-10000", "Outbound messages claimed per round trip.", frozenset({"worker"})),
     Setting("OUTBOUND_POLL_INTERVAL", _float(0, exclusive=True), 1.0, "a number of seconds > 0", "Longest wait between two claims when no NOTIFY arrives.", frozenset({"worker"})),
     Setting("SEND_RATE_PER_ACCOUNT", _float(0, exclusive=True), 20.0, "messages per second > 0", "Sustained sends per account.", frozenset({"worker"})),
@@ -262,6 +265,7 @@ SETTINGS: list[Setting] = [
     Setting("INGEST_ACCOUNT", _text, None, "an account label", "The telegram_accounts row ingest logs in with (default: the first active one).", frozenset({"ingest"})),
     Setting("INGEST_BACKFILL_LIMIT", _int(0), 100, "a whole number >= 0", "Messages read back on a channel's first run.", frozenset({"ingest"})),
     Setting("INGEST_OVERSIZE", _choice("resize", "skip"), "resize", "resize or skip", "What happens to images larger than MAX_IMAGE_DIMENSION.", frozenset({"ingest"})),
+    Setting("INGEST_MEMORY_BUDGET_MB", _int(16), 256, "a whole number of megabytes >= 16", "Memory one image may take while ingest decodes and processes it; a JPEG is decoded at a reduced scale to fit, other formats above it are skipped (memory_budget).", frozenset({"ingest"})),
     Setting("INGEST_KEEP_EXIF", _bool, False, "0 or 1", "Keep EXIF metadata (it is stripped by default).", frozenset({"ingest"})),
     Setting("INGEST_GC_INTERVAL", _float(0), 3600.0, "a number of seconds >= 0", "How often orphan objects (stored, no row, older than 24 h) are swept; 0 turns it off.", frozenset({"ingest"})),
     Setting("R2_ACCOUNT_ID", _text, None, "a Cloudflare account id", "Cloudflare R2 account (builds the endpoint); unset with R2_ENDPOINT unset means local storage under DATA_DIR.", frozenset({"ingest", "worker"})),
@@ -292,6 +296,7 @@ SETTINGS: list[Setting] = [
     Setting("POST_DELAY_MIN", _float(0), 0.0, "a number of seconds >= 0", "Least random delay before posting an approved reply.", frozenset({"bot"})),
     Setting("POST_DELAY_MAX", _float(0), 0.0, "a number of seconds >= 0", "Most random delay before posting an approved reply.", frozenset({"bot"})),
     Setting("POST_DAILY_CAP", _int(0), 50, "a whole number >= 0", "Replies posted per UTC day at most.", frozenset({"bot"})),
+    Setting("BOT_LEASE_SECONDS", _float(1), 20.0, "a number of seconds >= 1", "With several bot.py replicas one is active (holds this lease, renewed every quarter of it) and the others stand by; after a kill -9 a standby takes over within this plus a quarter of it.", frozenset({"bot"})),
     Setting("TIMEOUT_HTTP", _float(0, exclusive=True), 30.0, "a number of seconds > 0", "Deadline of one X or AI API call.", frozenset({"bot"})),
     # Supervisor (SUPERVISED=1 ./start.sh)
     Setting("BOT", _choice("worker", "ingest", "bot"), "worker", "worker, ingest or bot", "Which bot ./start.sh and the supervisor run.", SUPERVISOR),
@@ -337,6 +342,7 @@ class CommonSettings:
     status_token: str | None
     resource_warn_percent: float
     resource_critical_percent: float
+    resource_average_window: float
     log_level: str
     log_format: str
     alert_bot_token: str | None
@@ -466,6 +472,8 @@ class WorkerSettings(TelegramSettings, StorageSettings):
     """worker.py."""
 
     worker_id: str
+    fleet_liveness_beats: int
+    account_handoff_grace: float
     outbound_batch_size: int
     outbound_poll_interval: float
     send_rate_per_account: float
@@ -493,6 +501,7 @@ class IngestSettings(TelegramSettings, StorageSettings):
     ingest_account: str | None
     ingest_backfill_limit: int
     ingest_oversize: str
+    ingest_memory_budget_mb: int
     ingest_keep_exif: bool
     ingest_gc_interval: float
     reconcile_interval: float
@@ -530,6 +539,7 @@ class ReplyGuySettings(CommonSettings):
     post_delay_min: float
     post_delay_max: float
     post_daily_cap: int
+    bot_lease_seconds: float
     timeout_http: float
 
     @property

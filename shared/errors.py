@@ -81,6 +81,34 @@ class PermanentError(BotError):
     """This item cannot succeed as it is; the message says why."""
 
 
+class UnresolvedPeerError(PermanentError):
+    """A chat given by numeric id that this account has never seen, so it has no access hash for it."""
+
+    def __init__(self, peer: object) -> None:
+        super().__init__(unresolved_peer_reason(peer))
+        self.peer = peer
+
+
+def unresolved_peer_reason(peer: object) -> str:
+    """What to do about a numeric chat id Telegram will not take without its access hash."""
+    return (
+        f"chat {peer} is unknown to this account: Telegram needs the access hash of a user who is not a contact, "
+        "and of every channel and supergroup, and this account has never seen that chat; "
+        "address it by @username or phone number, or wait until the chat writes to the account first"
+    )
+
+
+#: How Telethon's get_input_entity says it has no access hash for a peer.
+_TELETHON_UNRESOLVED = "Could not find the input entity for"
+
+
+def is_unresolved_peer(exc: BaseException) -> bool:
+    """True for Telethon's "no access hash cached for this id" (a ValueError), or ours."""
+    return isinstance(exc, UnresolvedPeerError) or (
+        type(exc) is ValueError and str(exc).startswith(_TELETHON_UNRESOLVED)
+    )
+
+
 class AccountDeadError(BotError):
     """The account needs a new login."""
 
@@ -159,15 +187,55 @@ def _classify_telethon(exc: BaseException) -> Classification | None:
     return Classification(ErrorKind.TRANSIENT, f"Telegram error ({name}: {text})")
 
 
+_ABOUT_THE_CHAT_TELETHON = {
+    "PeerIdInvalidError",
+    "UsernameNotOccupiedError",
+    "UsernameInvalidError",
+    "UserIsBlockedError",
+    "ChannelPrivateError",
+    "ChannelInvalidError",
+    "ChatIdInvalidError",
+    "InputUserDeactivatedError",
+}
+
+
+def concerns_the_chat(exc: BaseException) -> bool:
+    """Whether a Telegram refusal is about the chat or this account's rights in it, not the message.
+
+    A message Telegram refuses for its own content (too long, empty, bad
+    entities) is that message's problem; "may not write in that chat" is
+    everyone's problem and must not be pinned on the first message that met it.
+    """
+    try:
+        from telethon import errors as tg
+    except ImportError:  # pragma: no cover - telethon is a runtime dependency
+        return False
+    return isinstance(exc, tg.ForbiddenError) or type(exc).__name__ in _ABOUT_THE_CHAT_TELETHON
+
+
 # --- asyncpg and PostgreSQL SQLSTATE -------------------------------------
 
 # SQLSTATE classes that mean "the database is unwell", not "your data is wrong".
 _TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57", "58")
 
 
+NUL_IN_TEXT = "the text contains a NUL character (\\u0000), which PostgreSQL cannot store"
+
+
+def _readable_sqlstate(code: str | None, message: str) -> str | None:
+    """A reason a person understands for the database errors that are about the data itself."""
+    if code == "22P05" or (code == "22021" and "0x00" in message):
+        # 22P05 is what \u0000 in JSON (PostgREST, jsonb) gives; 22021 a raw NUL byte in text.
+        return NUL_IN_TEXT
+    return None
+
+
 def classify_sqlstate(sqlstate: str | None, message: str) -> Classification:
     """Classify a PostgreSQL error code (also used for PostgREST answers)."""
     code = sqlstate or ""
+    readable = _readable_sqlstate(code, message)
+    if readable is not None:
+        return Classification(ErrorKind.PERMANENT, readable)
     if code.startswith(_TRANSIENT_SQLSTATE_CLASSES):
         return Classification(ErrorKind.TRANSIENT, f"database unavailable ({code}: {message})")
     return Classification(ErrorKind.PERMANENT, f"database refused the operation ({code or 'error'}: {message})")
@@ -313,7 +381,8 @@ def classify(exc: BaseException) -> Classification:
     if isinstance(exc, AccountDeadError):
         return Classification(ErrorKind.ACCOUNT_DEAD, _short(exc))
     if isinstance(exc, PermanentError):
-        return Classification(ErrorKind.PERMANENT, _short(exc))
+        readable = _readable_sqlstate(getattr(exc, "code", None), _short(exc))  # a DatabaseRejected
+        return Classification(ErrorKind.PERMANENT, readable or _short(exc))
     if isinstance(exc, UnknownOutcomeError):
         return Classification(ErrorKind.UNKNOWN_OUTCOME, _short(exc))
     retry_after = getattr(exc, "retry_after", None)
@@ -346,8 +415,13 @@ def classify(exc: BaseException) -> Classification:
         return Classification(ErrorKind.PERMANENT, f"file not usable: {_short(exc)}")
     if isinstance(exc, (ConnectionError, OSError, EOFError)):
         return Classification(ErrorKind.TRANSIENT, f"connection problem ({describe(exc)})")
+    if isinstance(exc, UnicodeEncodeError) and "surrogate" in str(exc):
+        return Classification(ErrorKind.PERMANENT, "the text contains a lone surrogate, which is not valid Unicode text")
+    if is_unresolved_peer(exc):
+        number = re.search(r"-?\d+", str(exc).removeprefix(_TELETHON_UNRESOLVED))
+        return Classification(ErrorKind.PERMANENT, unresolved_peer_reason(number.group(0) if number else "(by id)"))
     if isinstance(exc, (ValueError, TypeError, KeyError, LookupError, UnicodeError)):
-        # Telethon raises ValueError for entities it cannot resolve; bad input
+        # Telethon raises ValueError for usernames nobody has and similar; bad input
         # in general does not get better by retrying.
         return Classification(ErrorKind.PERMANENT, describe(exc))
     return Classification(ErrorKind.TRANSIENT, f"unexpected error ({describe(exc)})")

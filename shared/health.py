@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import enum
 import functools
@@ -47,6 +48,7 @@ import stat
 import sys
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -431,6 +433,144 @@ async def resources_status(
     return {**data, "detail": detail}
 
 
+class ResourceMonitor:
+    """CPU and memory judged by their moving average over ``window`` seconds.
+
+    A single sample at 100 % (a garbage collection, a burst of image work, the
+    platform's own agent) must neither turn the status page red nor wake an
+    operator; use that stays high for the window does, with one
+    ``resources_critical`` alert and a ``resolved`` once the average is back
+    below RESOURCE_CRITICAL_PERCENT. Disk and temporary files are judged by
+    the latest sample: they do not spike. The runtime samples every
+    ``interval`` seconds in the background; ``/status`` shows the verdict.
+
+    Args:
+        data_dir: DATA_DIR; its file system is the disk measured.
+        thresholds: warn and critical percentages.
+        window: seconds averaged (RESOURCE_AVERAGE_WINDOW); 0 judges the latest sample alone.
+        sampler: measures one sample (blocking; runs in a thread). Default psutil,
+            with the CPU measured since the previous sample.
+        interval: seconds between background samples.
+        timeout: deadline of one measurement.
+        clock: monotonic seconds (tests drive it).
+        alerts: where the alert and its ``resolved`` go; None: no alerts.
+        bot: names the process in the alert.
+    """
+
+    def __init__(
+        self,
+        *,
+        data_dir: Path | str,
+        thresholds: ResourceThresholds,
+        window: float = 60.0,
+        sampler: ResourceSampler | None = None,
+        interval: float = 5.0,
+        timeout: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+        alerts: Any | None = None,
+        bot: str = "bot",
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.thresholds = thresholds
+        self.window = max(0.0, float(window))
+        self.sampler = sampler or _STATUS_SAMPLER
+        self.interval = interval
+        self.timeout = timeout
+        self._clock = clock
+        self.alerts = alerts
+        self.bot = bot
+        self._samples: deque[tuple[float, ResourceSample]] = deque()
+        self.alerting = False
+        self._task: asyncio.Task[None] | None = None
+
+    def record(self, sample: ResourceSample) -> None:
+        """Add a sample taken now, and forget those older than the window."""
+        now = self._clock()
+        self._samples.append((now, sample))
+        while len(self._samples) > 1 and self._samples[0][0] < now - self.window:
+            self._samples.popleft()
+
+    @property
+    def samples_taken(self) -> int:
+        return len(self._samples)
+
+    def averaged(self) -> ResourceSample | None:
+        """CPU and memory averaged over the window, disk and temporary files as last measured."""
+        if not self._samples:
+            return None
+        latest = self._samples[-1][1]
+        recent = [s for t, s in self._samples if t >= self._clock() - self.window] or [latest]
+        return dataclasses.replace(
+            latest,
+            cpu_percent=sum(s.cpu_percent for s in recent) / len(recent),
+            memory_percent=sum(s.memory_percent for s in recent) / len(recent),
+        )
+
+    def _critical_without_average(self, sample: ResourceSample) -> bool:
+        """Disk and temporary files are not averaged: critical disk needs no window."""
+        return sample.disk_percent >= self.thresholds.critical_percent
+
+    def status(self) -> dict[str, Any]:
+        """The ``resources`` section of /status: the averaged verdict, with the latest figures beside it."""
+        sample = self.averaged()
+        if sample is None:
+            return {"status": HealthStatus.HEALTHY.value, "detail": "not measured yet", "samples": 0}
+        status, detail, data = judge_resources(sample, self.thresholds)
+        latest = self._samples[-1][1]
+        if self.window:
+            detail = detail.replace(" (warn", f" over {self.window:g}s (warn", 1)
+            covered = self._clock() - self._samples[0][0]
+            if status is HealthStatus.ERROR and covered < self.window and not self._critical_without_average(sample):
+                # Right after the start one sample is the whole average: not yet "sustained".
+                data["status"] = HealthStatus.DEGRADED.value
+                detail += f"; measured for {covered:.0f}s of the {self.window:g}s window so far"
+        return {
+            **data,
+            "detail": detail,
+            "cpu_now_percent": round(latest.cpu_percent, 1),
+            "memory_now_percent": round(latest.memory_percent, 1),
+            "average_window_s": self.window,
+            "samples": len(self._samples),
+        }
+
+    async def sample(self) -> dict[str, Any]:
+        """Measure once, then alert or resolve when the averaged verdict crossed critical; the status."""
+        measured = await bounded(asyncio.to_thread(self.sampler, self.data_dir), self.timeout, "health.resources")
+        self.record(measured)
+        status = self.status()
+        critical = status["status"] == HealthStatus.ERROR.value
+        if critical != self.alerting and self.alerts is not None:
+            from shared.alerts import AlertType
+
+            key = f"{self.bot}:resources"
+            if critical:
+                self.alerts.alert(AlertType.RESOURCES_CRITICAL, f"{self.bot}: resources critical: {status['detail']}", key=key)
+            else:
+                self.alerts.resolve(AlertType.RESOURCES_CRITICAL, key=key, message=f"{self.bot}: resources back to normal: {status['detail']}")
+        self.alerting = critical
+        return status
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="resource-monitor")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.sample()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a failed measurement skips one sample, never the monitor
+                logger.debug("resource sample failed: %s", describe(exc))
+            await asyncio.sleep(self.interval)
+
+
 # --- the checks ------------------------------------------------------------------------------
 
 
@@ -613,7 +753,7 @@ class HealthChecker:
 
         interval = float(self.settings.heartbeat_interval)
         stale_after = HEARTBEAT_STALE_INTERVALS * interval
-        mine = [b for b in beats if self.heartbeat_ids is None or b.worker_id in self.heartbeat_ids]
+        mine = [b for b in beats if self.heartbeat_ids is None or _beat_of(b.worker_id, self.heartbeat_ids)]
         data: dict[str, Any] = {"sandbox": sandbox, "stale_after_s": stale_after, "heartbeats": {}, "accounts": {}}
         verdicts: list[HealthStatus] = []
         words: list[str] = []
@@ -825,6 +965,11 @@ def render_table(report: HealthReport) -> str:
         lines.append(f"{name:<{widths[0]}}  {status:<{widths[1]}}  {took:>{widths[2]}}  {detail}")
     lines.append(f"overall: {report.overall.value}")
     return "\n".join(lines) + "\n"
+
+
+def _beat_of(beat_id: str, ids: Sequence[str]) -> bool:
+    """A heartbeat row of one of ``ids``: the id itself, or a replica of it (worker replicas beat as ``WORKER_ID:host:pid:…``)."""
+    return any(beat_id == i or beat_id.startswith(i + ":") for i in ids)
 
 
 # --- the command --------------------------------------------------------------------------------

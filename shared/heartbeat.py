@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from shared.errors import describe
-from shared.metrics import HEARTBEATS
+from shared.metrics import HEARTBEAT_AGE, HEARTBEATS
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +35,16 @@ class HeartbeatRecord:
     version: str
     host: str
     pid: int
+    #: Worker replicas only: what the other replicas need to share the accounts (``{"pinned": [...]}``).
+    fleet: dict[str, Any] | None = None
 
 
 class HeartbeatStore(Protocol):
     async def write_heartbeat(self, record: HeartbeatRecord) -> None: ...
+
+
+class RemovableHeartbeatStore(HeartbeatStore, Protocol):
+    async def remove_heartbeat(self, worker_id: str) -> bool: ...
 
 
 class FileHeartbeatStore:
@@ -68,6 +74,9 @@ class GlobalHeartbeat:
         loops: returns the watchdog's loop status at each beat.
         interval: seconds between beats (HEARTBEAT_INTERVAL).
         timeout: deadline of one write.
+        fleet: returns the record's ``fleet`` part at each beat (worker replicas).
+        remove_on_stop: stopping deletes the record instead of writing a last
+            "stopped" one: a worker replica leaves its fleet at once.
     """
 
     def __init__(
@@ -80,6 +89,8 @@ class GlobalHeartbeat:
         loops: Callable[[], dict[str, Any]] = dict,
         interval: float = 15.0,
         timeout: float = 10.0,
+        fleet: Callable[[], dict[str, Any]] | None = None,
+        remove_on_stop: bool = False,
     ) -> None:
         self.worker_id = worker_id
         self.store = store
@@ -88,6 +99,8 @@ class GlobalHeartbeat:
         self._loops = loops
         self.interval = interval
         self.timeout = timeout
+        self._fleet = fleet
+        self.remove_on_stop = remove_on_stop
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self.beats = 0
@@ -98,6 +111,8 @@ class GlobalHeartbeat:
         self.last_error_at: float | None = None
         self.host = socket.gethostname()
         self.pid = os.getpid()
+        started = time.time()
+        HEARTBEAT_AGE.set_function(lambda: time.time() - (self.last_ok_at or started))
 
     def record(self, status: str | None = None) -> HeartbeatRecord:
         try:
@@ -111,6 +126,7 @@ class GlobalHeartbeat:
             version=self.version,
             host=self.host,
             pid=self.pid,
+            fleet=self._fleet() if self._fleet is not None else None,
         )
 
     async def beat_once(self, status: str | None = None) -> bool:
@@ -151,11 +167,18 @@ class GlobalHeartbeat:
         self._task.add_done_callback(self._done)
 
     async def stop(self, *, final_status: str = "stopped") -> None:
-        """Stop beating and write a last record saying so (best effort)."""
+        """Stop beating and write a last record saying so, or remove the record (best effort)."""
         self._stopping = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.wait({self._task}, timeout=1)
+        remove = getattr(self.store, "remove_heartbeat", None)
+        if self.remove_on_stop and remove is not None:
+            try:
+                await asyncio.wait_for(remove(self.worker_id), self.timeout)
+            except Exception as exc:
+                logger.warning("could not remove the heartbeat record (%s); it ages out", describe(exc))
+            return
         await self.beat_once(final_status)
 
     def get_status(self) -> dict[str, Any]:

@@ -25,6 +25,16 @@ the bytes to store. What it guarantees:
   ``max_dimension`` on the long side, made coarser only when the budget
   demands it. PNG, WebP, GIF, BMP and TIFF cannot be decoded at reduced scale,
   so above the budget they are refused (``too_many_pixels``).
+* **A memory ceiling** (INGEST_MEMORY_BUDGET_MB, :attr:`ImagePolicy.memory_budget`).
+  Before decoding, the memory the image will take is estimated from its
+  header: the decoded pixels (Pillow keeps 1 byte per pixel for ``L``/``P``,
+  2 for 16-bit grey and 4 for every multi-band mode, RGB included), a
+  working copy at the output size when the image is downscaled, oriented or
+  converted, and the encoded output (see :func:`working_memory`). A JPEG is decoded at the first
+  scale whose estimate fits (so the budget may keep less than
+  MAX_IMAGE_DIMENSION); any other format, which cannot be decoded reduced,
+  is refused above the budget (``memory_budget``, a skip whose reason names
+  the budget). Strip-wise decoding would need a decoder Pillow does not have.
 * **Downscaled or skipped.** An image longer than ``max_dimension`` on a side
   is shrunk with ``thumbnail`` (which uses ``reduce()`` for the big integer
   steps) or refused (``oversize``), per :class:`OversizePolicy`.
@@ -84,6 +94,8 @@ class RejectReason(str, enum.Enum):
     """More pixels in the header than any real picture we accept: refused before decoding."""
     TOO_MANY_PIXELS = "too_many_pixels"
     """Not a JPEG and above the decode budget: it cannot be decoded at reduced scale."""
+    MEMORY_BUDGET = "memory_budget"
+    """Cannot be decoded and processed within INGEST_MEMORY_BUDGET_MB, at any scale its format allows."""
     OVERSIZE = "oversize"
     """Longer than the maximum dimension and the policy says skip."""
     NOT_AN_IMAGE = "not_an_image"
@@ -115,16 +127,22 @@ class ImagePolicy:
         oversize: resize or skip images longer than ``max_dimension``.
         keep_exif: keep EXIF metadata (orientation is applied either way).
         quality: JPEG/WebP quality for re-encoded images (an untouched JPEG keeps its own tables).
+        memory_budget: bytes one image may take while it is decoded and
+            processed (INGEST_MEMORY_BUDGET_MB); None: no ceiling beyond the
+            pixel budget.
     """
 
     max_dimension: int = 8192
     oversize: OversizePolicy = OversizePolicy.RESIZE
     keep_exif: bool = False
     quality: int = 90
+    memory_budget: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_dimension < 16:
             raise ValueError("max_dimension must be at least 16 pixels")
+        if self.memory_budget is not None and self.memory_budget < 1024 * 1024:
+            raise ValueError("memory_budget must be at least 1 MB")
         if not 1 <= self.quality <= 100:
             raise ValueError("quality must be 1..100")
 
@@ -292,6 +310,53 @@ def choose_draft_scale(width: int, height: int, *, max_dimension: int, budget: i
     return scale
 
 
+MB = 1024 * 1024
+
+
+def pixel_bytes(mode: str) -> int:
+    """Bytes Pillow keeps per pixel in ``mode`` (multi-band modes, RGB included, take 4)."""
+    if mode in ("1", "L", "P"):
+        return 1
+    if mode.startswith("I;16"):
+        return 2
+    return 4
+
+
+def _output_mode_bytes(mode: str, source_format: str) -> int:
+    """Bytes per pixel of the image that is encoded (4 when it must be converted first)."""
+    out_format = source_format if source_format in _KEPT_FORMATS else "PNG"
+    kept = {"JPEG": _JPEG_MODES, "WEBP": {"RGB", "RGBA"}, "PNG": _PNG_MODES}[out_format]
+    return pixel_bytes(mode) if mode in kept else 4
+
+
+def working_memory(
+    width: int, height: int, mode: str, source_format: str, *, max_dimension: int, reoriented: bool = True
+) -> int:
+    """Estimated bytes to decode a ``width`` x ``height`` image and make its output (see the module docstring).
+
+    The decoded pixels; a copy at the output size when the image is
+    downscaled, converted or (``reoriented``) turned; and the encoded
+    output, at most 1 byte per pixel for JPEG and WebP and up to the raw
+    size for PNG (noise does not compress).
+    """
+    out_width, out_height = fit_within(width, height, max_dimension)
+    out_pixels = out_width * out_height
+    out_bytes = _output_mode_bytes(mode, source_format)
+    copied = (out_width, out_height) != (width, height) or out_bytes != pixel_bytes(mode) or reoriented
+    out_format = source_format if source_format in _KEPT_FORMATS else "PNG"
+    encoded = out_pixels * (1 if out_format in ("JPEG", "WEBP") else out_bytes)
+    return width * height * pixel_bytes(mode) + (out_pixels * out_bytes if copied else 0) + encoded
+
+
+def _over_budget(width: int, height: int, source_format: str, need: int, budget: int, *, scale: int = 1) -> ImageRejected:
+    how = f" even decoded at 1/{scale} scale" if scale > 1 else ""
+    return ImageRejected(
+        RejectReason.MEMORY_BUDGET,
+        f"{width}x{height} {source_format} needs about {need / MB:.0f} MB to decode and process{how}, "
+        f"more than INGEST_MEMORY_BUDGET_MB={budget / MB:.0f}",
+    )
+
+
 def _exif_bytes(image: Image.Image) -> bytes:
     try:
         exif = image.getexif()
@@ -361,10 +426,18 @@ def process_image(source: bytes | Path, *, policy: ImagePolicy) -> ProcessedImag
             raise ImageRejected(
                 RejectReason.OVERSIZE, f"{width}x{height} is longer than {policy.max_dimension} pixels on a side"
             )
-        orientation = _orientation(image)
         scale = 1
+        budget = policy.memory_budget
         if source_format == "JPEG":
             scale = choose_draft_scale(width, height, max_dimension=policy.max_dimension, budget=policy.decode_budget)
+            if budget is not None:
+                mode = "L" if image.mode == "L" else "RGB"  # what draft() decodes to (CMYK also takes 4 bytes)
+                turned = _orientation(image) != 1  # a JPEG's EXIF is read with its header: no decoding
+                while (need := working_memory(-(-width // scale), -(-height // scale), mode, source_format,
+                                              max_dimension=policy.max_dimension, reoriented=turned)) > budget:
+                    if scale == 8:
+                        raise _over_budget(width, height, source_format, need, budget, scale=scale)
+                    scale *= 2
             if scale > 1:
                 image.draft(None, (width // scale, height // scale))
         elif width * height > policy.decode_budget:
@@ -372,6 +445,19 @@ def process_image(source: bytes | Path, *, policy: ImagePolicy) -> ProcessedImag
                 RejectReason.TOO_MANY_PIXELS,
                 f"{width}x{height} {source_format} exceeds the decode budget of {policy.decode_budget} pixels",
             )
+        elif budget is not None:
+            # A PNG's EXIF may follow its pixels (Pillow decodes them all to find it): only an
+            # eXIf chunk read with the header counts here, the rest is checked after decoding.
+            turned = _orientation(image) != 1 if source_format != "PNG" or "exif" in image.info else False
+            need = working_memory(width, height, image.mode, source_format, max_dimension=policy.max_dimension,
+                                  reoriented=turned)
+            if need > budget:
+                raise _over_budget(width, height, source_format, need, budget)
+            if not turned and _orientation(image) != 1:  # decodes the PNG, which the budget allows
+                need = working_memory(width, height, image.mode, source_format, max_dimension=policy.max_dimension)
+                if need > budget:
+                    raise _over_budget(width, height, source_format, need, budget)
+        orientation = _orientation(image)
         try:
             image.load()
         except Image.DecompressionBombError as exc:
@@ -414,7 +500,9 @@ __all__ = [
     "ProcessedImage",
     "RejectReason",
     "choose_draft_scale",
+    "working_memory",
     "fit_within",
+    "pixel_bytes",
     "probe",
     "process_image",
 ]

@@ -30,6 +30,8 @@ from collections.abc import Iterable, Mapping
 from enum import Enum
 from typing import IO, Any
 
+from shared import tracing
+
 logger = logging.getLogger(__name__)
 
 REDACTED = "[REDACTED]"
@@ -277,6 +279,7 @@ class JsonFormatter(logging.Formatter):
         }
         for key, value in _extras(record).items():
             payload[f"extra_{key}" if key in _RESERVED_JSON_KEYS else key] = value
+        payload.update(tracing.current_ids())  # inside a span: the ids a trace search needs
         if record.exc_info and not record.exc_text:
             record.exc_text = redact(self.formatException(record.exc_info))
         if record.exc_text:

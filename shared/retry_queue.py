@@ -30,7 +30,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
-from shared.metrics import RETRY_QUEUE_EVENTS, RETRY_QUEUE_SIZE
+from shared.metrics import RETRY_QUEUE_EVENTS, RETRY_QUEUE_OLDEST_AGE, RETRY_QUEUE_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -274,6 +274,7 @@ class RetryQueue:
         self._counters = {"queued": 0, "retried": 0, "succeeded": 0, "exhausted": 0, "spilled": 0, "fallback_writes": 0}
         self._lock = asyncio.Lock()
         self._changed = asyncio.Event()
+        RETRY_QUEUE_OLDEST_AGE.labels(name).set_function(lambda: self.oldest_age() or 0.0)
 
     # --- helpers ------------------------------------------------------------
 
@@ -484,6 +485,19 @@ class RetryQueue:
                 extra={"queue": self.name, "item": item.id, "kind": item.kind, "attempts": item.attempts, "error": item.last_error},
             )
 
+    async def postpone(self, item: RetryItem, delay: float, *, reason: str | None = None) -> None:
+        """Give back a checked-out item that was not tried (a breaker refused the call), due in ``delay`` s.
+
+        No attempt is counted: the item did nothing wrong. Durable when this returns.
+        """
+        async with self._lock:
+            self._checked_out.pop(item.id, None)
+            later = replace(
+                item, next_attempt_at=self._now() + timedelta(seconds=max(0.0, delay)), last_error=reason or item.last_error
+            )
+            await self._write("upsert", later)
+            self._push_memory(later)
+
     async def release(self, item: RetryItem) -> None:
         """Give back a checked-out item untouched (e.g. at shutdown)."""
         async with self._lock:
@@ -515,11 +529,15 @@ class RetryQueue:
     def __len__(self) -> int:
         return self._total
 
+    def oldest_age(self) -> float | None:
+        """Seconds since the oldest item in memory or in flight was created; None when there is none."""
+        created = [e.item.created_at for e in list(self._heap)] + [i.created_at for i in list(self._checked_out.values())]
+        return (self._now() - min(created)).total_seconds() if created else None
+
     def get_status(self) -> dict[str, Any]:
-        oldest = None
-        if self._heap or self._checked_out:
-            created = [e.item.created_at for e in self._heap] + [i.created_at for i in self._checked_out.values()]
-            oldest = round((self._now() - min(created)).total_seconds(), 1)
+        oldest = self.oldest_age()
+        if oldest is not None:
+            oldest = round(oldest, 1)
         return {
             "name": self.name,
             "size": self._total,

@@ -29,19 +29,22 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import shared
+from shared import tracing
 from shared.alerts import AlertSink, AlertType, build_alert_sink
 from shared.breaker import registry as breakers
 from shared.cli import CliError, cli_log_level, error_line, port_error
 from shared.config import CommonSettings
 from shared.db import Database, DatabaseSettings, open_database
 from shared.errors import ErrorKind, classify, describe
-from shared.health import temp_files
+from shared.health import ResourceMonitor, ResourceThresholds, temp_files
 from shared.heartbeat import GlobalHeartbeat, HeartbeatStore
 from shared.logs import register_secret, setup_logging
+from shared.metrics import GaugeRefresher
 from shared.retry import exponential_delay
 from shared.retry_queue import RetryQueue
 from shared.shutdown import GracefulShutdown
 from shared.status_server import StatusServer
+from shared.trends import trends
 from shared.watchdog import LoopWatchdog, periodic
 
 logger = logging.getLogger(__name__)
@@ -78,13 +81,14 @@ def sweep_temp_files(data_dir: Path, *, older_than: float = TEMP_MAX_AGE) -> tup
 class StartupFailed(Exception):
     """A start-up step failed for a reason waiting cannot fix; ``str()`` is the one line to show.
 
-    ``code`` is the process's exit code: 2 when a setting or the database's
-    schema must change first (a supervisor does not restart it), else 1.
+    ``exit_code`` is the process's: 1 by default, 2 for a configuration the
+    operator must change (a restart cannot help, so a supervisor should not
+    spend its restarts on it).
     """
 
-    def __init__(self, message: str, *, code: int = 1) -> None:
+    def __init__(self, message: str, *, exit_code: int = 1) -> None:
         super().__init__(message)
-        self.code = code
+        self.exit_code = exit_code
 
 
 class StartupAborted(Exception):
@@ -98,6 +102,7 @@ def run_bot(main: Coroutine[Any, Any, None]) -> int:
     start-up step failed for good (logged by :class:`BotRuntime` as one line,
     and alerted) or an unexpected error ended the bot (logged by it with the
     traceback): either way it is already said, so nothing more is printed.
+    2 when start-up found a configuration error (``StartupFailed(exit_code=2)``).
     """
     try:
         asyncio.run(main)
@@ -107,7 +112,7 @@ def run_bot(main: Coroutine[Any, Any, None]) -> int:
         sys.stderr.write(error_line(exc) + "\n")
         return exc.code
     except StartupFailed as exc:
-        return exc.code
+        return exc.exit_code
     except Exception:
         return 1
     return 0
@@ -199,6 +204,14 @@ class BotRuntime:
         )
         self.shutdown = GracefulShutdown(grace=settings.shutdown_grace)
         self.heartbeat: GlobalHeartbeat | None = None
+        self.gauges = GaugeRefresher()
+        self.resources = ResourceMonitor(
+            data_dir=settings.data_dir,
+            thresholds=ResourceThresholds.resolve(settings),
+            window=getattr(settings, "resource_average_window", 60.0),
+            alerts=self.alerts,
+            bot=bot,
+        )
         self.queues: dict[str, RetryQueue] = {}
         self._sections: dict[str, Callable[[], Any]] = {"resources": self._resources}
         self._ready_checks: dict[str, Callable[[], Awaitable[Any]]] = {}
@@ -257,15 +270,26 @@ class BotRuntime:
     def add_cleanup(self, name: str, fn: Callable[[], Awaitable[object]], *, timeout: float = 5.0) -> None:
         self.shutdown.add_cleanup(name, fn, timeout=timeout)
 
-    def start_heartbeat(self, *, worker_id: str, store: HeartbeatStore) -> GlobalHeartbeat:
+    def start_heartbeat(
+        self,
+        *,
+        worker_id: str,
+        store: HeartbeatStore,
+        interval: float | None = None,
+        fleet: Callable[[], dict[str, Any]] | None = None,
+        remove_on_stop: bool = False,
+    ) -> GlobalHeartbeat:
+        """Start the global heartbeat (HEARTBEAT_INTERVAL unless ``interval``); see :class:`GlobalHeartbeat`."""
         self.heartbeat = GlobalHeartbeat(
             worker_id=worker_id,
             store=store,
             version=self.version,
             status=lambda: "online" if self.watchdog.is_healthy() else "degraded",
             loops=self.watchdog.get_status,
-            interval=self.settings.heartbeat_interval,
+            interval=interval or self.settings.heartbeat_interval,
             timeout=self.settings.timeout_db,
+            fleet=fleet,
+            remove_on_stop=remove_on_stop,
         )
         self.heartbeat.start()
         return self.heartbeat
@@ -294,9 +318,9 @@ class BotRuntime:
         return ok, results
 
     async def _resources(self) -> dict[str, Any]:
-        from shared.health import ResourceThresholds, resources_status
-
-        return await resources_status(self.settings.data_dir, thresholds=ResourceThresholds.resolve(self.settings))
+        if not self.resources.samples_taken:
+            return await self.resources.sample()
+        return self.resources.status()
 
     async def _detailed_health(self) -> dict[str, Any]:
         """The bot's own checks, else its readiness checks, in the one shape of :func:`shared.health.report_of`."""
@@ -330,6 +354,7 @@ class BotRuntime:
             "loops": self.watchdog.get_status(),
             "breakers": breakers.status(),
             "queues": {name: queue.get_status() for name, queue in self.queues.items()},
+            "trends": trends.as_dict(),
         }
         if self.heartbeat is not None:
             data["heartbeat"] = self.heartbeat.get_status()
@@ -392,7 +417,7 @@ class BotRuntime:
                         own_fix = getattr(exc, "fix", None)
                         line = f"{self.bot} could not start: {what}: {verdict.reason}"
                         raise StartupFailed(
-                            line if own_fix else f"{line} ({fix})", code=2 if own_fix else 1
+                            line if own_fix else f"{line} ({fix})", exit_code=2 if own_fix else 1
                         ) from exc
                     delay = max(verdict.retry_after or 0.0, exponential_delay(attempt, base=self.startup_retry_base, cap=STARTUP_RETRY_MAX))
                     self._starting = {"waiting_for": what, "attempts": attempt, "last_error": verdict.reason, "fix": fix}
@@ -480,6 +505,8 @@ class BotRuntime:
             if clear is None:
                 raise
             raise clear from exc
+        self.resources.start()
+        tracing.setup(self.bot, version=self.version)
         files, size = await asyncio.to_thread(sweep_temp_files, Path(self.settings.data_dir))
         if files:
             logger.info("removed %d temporary file(s) (%d bytes) left by an earlier process", files, size)
@@ -494,6 +521,7 @@ class BotRuntime:
     async def run_until_stopped(self) -> None:
         """Start the loops and wait for SIGTERM/SIGINT (or :meth:`GracefulShutdown.request_stop`)."""
         await self.watchdog.start()
+        self.gauges.start()
         self._started = True
         await self.shutdown.wait()
 
@@ -503,6 +531,8 @@ class BotRuntime:
         started = time.monotonic()
         drained = await self.shutdown.drain()
         await self.watchdog.stop(timeout=2.0)
+        await self.gauges.stop()
+        await self.resources.stop()
         for queue in self.queues.values():
             try:
                 await queue.close()
@@ -515,6 +545,7 @@ class BotRuntime:
         if callable(closer):
             await closer(timeout=2.0)
         await self.status_server.stop()
+        await tracing.shutdown()
         logger.info(
             "%s stopped in %.1fs (%s)",
             self.bot,

@@ -407,6 +407,10 @@ _PAGE = r"""<!doctype html>
   .lasterror .when { color:var(--muted); font-size:12px; margin-top:2px; }
   pre { margin:0; white-space:pre-wrap; word-break:break-word; color:var(--muted); font-size:12px; }
   .none { color:var(--faint); font-style:italic; }
+  svg.spark { display:block; width:240px; height:30px; background:#161a20; border-radius:3px; }
+  svg.spark polyline { fill:none; stroke:#b48ead; stroke-width:2; stroke-linejoin:round; }
+  svg.spark line.base { stroke:var(--line); stroke-width:1; }
+  td.trend { padding-right:12px; }
 </style>
 </head>
 <body>
@@ -423,6 +427,7 @@ _PAGE = r"""<!doctype html>
   <span class="meta" id="conn">loading...</span>
 </header>
 <main id="sections"></main>
+<template id="spark-template"><svg class="spark" viewBox="0 0 240 30" preserveAspectRatio="none"><line class="base" x1="0" x2="240" y1="28" y2="28"></line><polyline></polyline></svg></template>
 <script nonce="{{NONCE}}">
 "use strict";
 (function () {
@@ -432,9 +437,9 @@ _PAGE = r"""<!doctype html>
   var lastOk = 0;
   var skewMs = 0;  // browser clock minus server clock, from /status's "time"
   var HEADER_KEYS = ["bot", "version", "uptime_seconds", "time", "sandbox", "backend", "stopping", "starting"];
-  var ORDER = ["last_error", "loops", "accounts", "channels", "queues", "breakers", "history_jobs", "resources",
+  var ORDER = ["last_error", "trends", "session_key", "loops", "accounts", "fleet", "channels", "queues", "breakers", "history_jobs", "resources",
                "counters", "outbound", "sync", "jobs", "heartbeat", "alerts", "watchdog", "sandbox_world"];
-  var BAD = ["failing", "failed", "open", "dead", "error", "stopped", "crashed", "exhausted", "down", "unhealthy"];
+  var BAD = ["failing", "failed", "open", "dead", "error", "key_mismatch", "stopped", "crashed", "exhausted", "down", "unhealthy"];
   var WARN = ["half_open", "degraded", "restarting", "retrying", "stale", "rate_limited", "waiting", "paused", "starting",
               "flood_wait", "limited", "backoff", "connecting", "pending", "needs_login"];
   var GOOD = ["ok", "running", "closed", "healthy", "connected", "ready", "idle", "done", "active", "alive", "online", "sent"];
@@ -445,22 +450,26 @@ _PAGE = r"""<!doctype html>
                "flood_wait_until", "limited_until", "last_error", "last_error_at"],
     channels: ["state", "last_message_id", "stored", "skipped", "failed", "last_error", "last_error_at"],
     breakers: ["state", "consecutive_failures", "failures", "retry_in_s", "times_opened", "rejected_calls", "last_error", "last_error_at"],
-    history_jobs: ["job_id", "account", "channel", "chat_id", "fetched", "stored", "target", "done", "percent"]
+    history_jobs: ["job_id", "account", "channel", "chat_id", "fetched", "stored", "target", "done", "percent"],
+    fleet: ["state", "this", "host", "pid", "version", "last_heartbeat_at", "held", "target", "pinned"]
   };
   var HIDE = {
     loops: ["alive", "max_silence_s", "restarts_in_window", "abandoned"],
     accounts: ["id"],
+    fleet: ["heartbeat_age_s"],
     breakers: ["name", "failure_threshold", "recovery_timeout_s", "half_open_max_calls", "success_threshold",
                "total_successes", "total_failures", "last_change_at"]
   };
-  var NAME_LABEL = { loops: "loop", accounts: "account", channels: "channel", breakers: "breaker", queues: "queue" };
+  var NAME_LABEL = { loops: "loop", accounts: "account", channels: "channel", breakers: "breaker", queues: "queue", fleet: "replica" };
   var LABELS = { last_ping_ago_s: "last ping", retry_in_s: "retry in", queue_depth: "queue depth", connected_since: "connected since",
                  flood_wait_until: "flood wait until", limited_until: "limited until", last_error_at: "last error at", last_ok_at: "last ok", uptime_seconds: "uptime" };
   var HEADS = { last_ping: "last ping", consecutive_failures: "failures", queue_depth: "queue", cycle_errors: "errors",
                 last_restart_reason: "restart reason", connected_since: "since", flood_wait_until: "flood wait", limited_until: "limited",
-                times_opened: "opened", rejected_calls: "rejected", last_error_at: "error at", chat_id: "chat", job_id: "job" };
-  var EMPTY = { history_jobs: "no history sync jobs", queues: "no retry queues", accounts: "no accounts", channels: "no channels" };
-  var WIDE = ["loops", "accounts", "channels", "breakers", "history_jobs"];
+                times_opened: "opened", rejected_calls: "rejected", last_error_at: "error at", chat_id: "chat", job_id: "job",
+                last_heartbeat_at: "last heartbeat", held: "accounts held", target: "target share" };
+  var EMPTY = { history_jobs: "no history sync jobs", queues: "no retry queues", accounts: "no accounts", channels: "no channels",
+                fleet: "no replica seen yet" };
+  var WIDE = ["loops", "accounts", "fleet", "channels", "breakers", "history_jobs"];
 
   function el(tag, cls, text) {
     var node = document.createElement(tag);
@@ -690,6 +699,62 @@ _PAGE = r"""<!doctype html>
     }
     return t;
   }
+  var TRENDS = [["sent", "sent per minute", false], ["failed", "failed per minute", false],
+                ["received", "received per minute", false], ["queue_depth", "queue depth", true],
+                ["oldest_queued_age", "oldest queued age", true]];
+  // The SVG comes from a <template> in the page, so the HTML parser gives it its namespace.
+  function sparkline(values) {
+    var w = 240, h = 30, pad = 2;
+    var template = byId("spark-template");
+    if (!template || !template.content) { return el("span", "muted", "-"); }
+    var svg = template.content.firstElementChild.cloneNode(true);
+    var proto = svg.querySelector("polyline");
+    svg.removeChild(proto);
+    var max = 0;
+    values.forEach(function (v) { if (typeof v === "number" && v > max) { max = v; } });
+    var step = values.length > 1 ? w / (values.length - 1) : w;
+    // A minute without a reading (a level before the first one) breaks the line instead of drawing 0.
+    var runs = [], run = [];
+    values.forEach(function (v, i) {
+      if (typeof v !== "number") { if (run.length) { runs.push(run); run = []; } return; }
+      var y = h - pad - (max > 0 ? (h - 2 * pad) * v / max : 0);
+      run.push((i * step).toFixed(1) + "," + y.toFixed(1));
+    });
+    if (run.length) { runs.push(run); }
+    runs.forEach(function (points) {
+      if (points.length === 1) { points.push((parseFloat(points[0]) + 1).toFixed(1) + "," + points[0].split(",")[1]); }
+      var line = proto.cloneNode(false);
+      line.setAttribute("points", points.join(" "));
+      svg.appendChild(line);
+    });
+    return svg;
+  }
+  function renderTrends(value) {
+    var series = isObj(value) && isObj(value.series) ? value.series : {};
+    var t = el("table", "kv");
+    TRENDS.forEach(function (spec) {
+      var values = Array.isArray(series[spec[0]]) ? series[spec[0]] : [];
+      var numbers = values.filter(function (v) { return typeof v === "number"; });
+      var tr = el("tr"), graph = el("td", "trend");
+      tr.id = "trend-" + spec[0];
+      tr.appendChild(el("th", null, spec[1]));
+      graph.appendChild(sparkline(values));
+      tr.appendChild(graph);
+      var last = numbers.length ? numbers[numbers.length - 1] : null;
+      var peak = numbers.length ? Math.max.apply(null, numbers) : null;
+      var fmt = spec[0] === "oldest_queued_age" ? function (v) { return fmtDuration(v); } : function (v) { return String(Math.round(v)); };
+      var summary = !numbers.length ? "no data yet" : spec[2] ?
+        "now " + fmt(last) + ", peak " + fmt(peak) :
+        numbers.reduce(function (a, b) { return a + b; }, 0) + " in the last hour, peak " + peak + "/min";
+      tr.appendChild(el("td", "muted", summary));
+      t.appendChild(tr);
+    });
+    var foot = el("tr");
+    foot.appendChild(el("th", null, "window"));
+    foot.appendChild(el("td", "muted", "last 60 minutes, one point per minute, newest on the right"));
+    t.appendChild(foot);
+    return t;
+  }
   function section(key, value) {
     var s = el("section");
     s.id = "section-" + key;
@@ -699,6 +764,7 @@ _PAGE = r"""<!doctype html>
     s.appendChild(el("h2", null, title(key)));
     if (key === "last_error") { s.className = "wide"; s.appendChild(renderLastError(value)); }
     else if (key === "resources") { s.appendChild(renderResources(value)); }
+    else if (key === "trends") { s.className = "wide"; s.appendChild(renderTrends(value)); }
     else { s.appendChild(render(key, value)); }
     return s;
   }
@@ -723,6 +789,9 @@ _PAGE = r"""<!doctype html>
         else if (c === "warn") { warn.push(pair[1] + " " + r.name + " " + r.data.state); }
       });
     });
+    if (isObj(data.session_key) && data.session_key.status === "key_mismatch") {
+      bad.push("key_mismatch: SESSION_ENCRYPTION_KEY cannot decrypt " + (data.session_key.accounts || []).join(", "));
+    }
     if (isObj(data.resources) && data.resources.status) {
       var rc = stateClass(data.resources.status);
       if (rc === "bad") { bad.push("resources critical"); } else if (rc === "warn") { warn.push("resources high"); }

@@ -10,12 +10,27 @@ Connections are supervised twice: a check on every cycle of the accounts
 loop, and a watcher on the client's ``disconnected`` future that asks for a
 reconnect as soon as Telethon gives up. Reconnects back off exponentially up
 to a cap; after ``alert_after`` failed attempts the operator is told once and
-the attempts go on at the cap. After every (re)connect ``on_connected``
-runs (handlers, ``catch_up()``, a reconciliation pass).
+the attempts go on at the cap. ``on_client`` runs on each new client before
+it connects (handlers: Telethon catches up while it connects), and after
+every (re)connect ``on_connected`` runs (``catch_up()``, a reconciliation pass).
+
+Each connect loads the account's session from the database as a
+:class:`~shared.sessions.DatabaseSession`: the auth key, the update state
+``catch_up()`` resumes from, and every peer the account has seen. Clients
+note what Telegram answers to the update loop's GetDifference
+(:class:`DifferenceWatch`), so the caller knows when the catch-up is over and
+whether Telegram said the gap was too long to fill.
 
 A session that is dead (revoked, unregistered, duplicated, banned) marks the
 account ``needs_login``, disconnects it, alerts once, and is not retried; the
-other accounts go on.
+other accounts go on. A session this process's key cannot decrypt is the
+process's problem, not the account's: the account is left as it is
+(``key_mismatch`` here, its lease released for a process with the right key).
+
+Worker replicas share the accounts (:class:`AccountPool` with a
+:class:`FleetPolicy`, the assignment in :mod:`shared.fleet`), handing them
+over cleanly; each held lease is also fenced by a timer, so an account is
+never connected in two processes.
 """
 
 from __future__ import annotations
@@ -34,7 +49,7 @@ from pathlib import Path
 from shared.config import TelegramSettings
 from shared.errors import ErrorKind, classify, describe
 from shared.retry import exponential_delay
-from shared.sessions import SessionCipher, SessionKeyError, generate_key
+from shared.sessions import DatabaseSession, SessionCipher, SessionKeyError, generate_key
 from shared.timeouts import telegram_op
 
 if TYPE_CHECKING:
@@ -46,26 +61,83 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-ClientFactory = Callable[["Account", str | None], "TelegramClient"]
-"""Builds a client for an account from its decrypted session string (None: no session)."""
+ClientFactory = Callable[["Account", Any], "TelegramClient"]
+"""Builds a client for an account from its session: a Telethon session object, or a
+decrypted ``StringSession`` string (None: no session)."""
 
 
-#: In sandbox mode without SESSION_ENCRYPTION_KEY, the key lives in this file under DATA_DIR.
+class DifferenceWatch:
+    """What Telegram answered to the update loop's GetDifference, since :meth:`reset`.
+
+    ``catch_up()`` only queues a request for the update loop; this tells when
+    the account's difference is complete (``settled``) and whether Telegram
+    answered differenceTooLong or channelDifferenceTooLong (``too_long``):
+    then the updates in between are gone and only reading the dialogs finds
+    their messages.
+    """
+
+    def __init__(self) -> None:
+        self.settled = asyncio.Event()
+        self.too_long = False
+
+    def reset(self) -> None:
+        self.settled = asyncio.Event()
+        self.too_long = False
+
+    def note(self, result: object) -> None:
+        from telethon.tl import types
+
+        if isinstance(result, (types.updates.DifferenceTooLong, types.updates.ChannelDifferenceTooLong)):
+            self.too_long = True
+        if isinstance(result, (types.updates.Difference, types.updates.DifferenceEmpty, types.updates.DifferenceTooLong)):
+            self.settled.set()
+
+    async def wait(self, timeout: float) -> bool:
+        """True when the account's difference completed within ``timeout`` seconds."""
+        try:
+            await asyncio.wait_for(self.settled.wait(), timeout)
+        except (TimeoutError, asyncio.TimeoutError):
+            return False
+        return True
+
+
+def difference_watch(client: Any) -> DifferenceWatch:
+    """The client's :class:`DifferenceWatch` (made on first use)."""
+    watch = getattr(client, "_difference_watch", None)
+    if watch is None:
+        watch = DifferenceWatch()
+        client._difference_watch = watch
+    return watch
+
+
+class _WatchesDifferences:
+    """Mixed into a ``TelegramClient``: every answer passes :func:`difference_watch` on its way back."""
+
+    async def __call__(self, request: Any, ordered: bool = False, flood_sleep_threshold: int | None = None) -> Any:
+        result = await super().__call__(request, ordered, flood_sleep_threshold)  # type: ignore[misc]
+        difference_watch(self).note(result)
+        return result
+
+
+#: In sandbox mode without SESSION_ENCRYPTION_KEY, the key lives in this file in the sandbox world.
 SANDBOX_KEY_FILE = "sandbox-session.key"
 
 
 def session_cipher(settings: TelegramSettings) -> SessionCipher:
-    """SESSION_ENCRYPTION_KEY; in sandbox mode without it, a key file in DATA_DIR made once.
+    """SESSION_ENCRYPTION_KEY; in sandbox mode without it, a key file in the sandbox world, made once.
 
     Sandbox sessions are encrypted at rest like real ones, so the code path is
-    the production one; every bot of one DATA_DIR shares the key file.
+    the production one. The key lives with the world (SANDBOX_DIR) whose
+    sessions it encrypts, so every process sharing a world shares the key,
+    whatever its DATA_DIR. A key an older version kept in DATA_DIR moves in.
     """
     if settings.session_encryption_key:
         return SessionCipher(settings.session_encryption_key)
     if not settings.sandbox:  # pragma: no cover - TelegramSettings.validate refuses this
         raise SessionKeyError("SESSION_ENCRYPTION_KEY is required outside sandbox mode")
-    path = Path(settings.data_dir) / SANDBOX_KEY_FILE
+    path = Path(settings.sandbox_path) / SANDBOX_KEY_FILE
     if not path.exists():
+        legacy = Path(settings.data_dir) / SANDBOX_KEY_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -73,7 +145,7 @@ def session_cipher(settings: TelegramSettings) -> SessionCipher:
             pass
         else:
             with os.fdopen(fd, "w") as handle:
-                handle.write(generate_key())
+                handle.write(legacy.read_text().strip() if legacy.is_file() else generate_key())
     return SessionCipher(path.read_text().strip())
 
 
@@ -86,19 +158,27 @@ def client_factory(settings: TelegramSettings, world: Any | None) -> ClientFacto
     """
     from telethon import TelegramClient
     from telethon.sessions import StringSession
+    from telethon.sessions.abstract import Session
 
-    common: dict[str, Any] = {"flood_sleep_threshold": 0, "raise_last_call_error": True}
+    # catch_up=True: Telethon loads the session's saved update state only then (and catches up at connect).
+    common: dict[str, Any] = {"flood_sleep_threshold": 0, "raise_last_call_error": True, "catch_up": True}
     if world is not None:
         from shared.sandbox import SandboxClient
 
-        def sandbox_client(account: Account, session: str | None) -> TelegramClient:
-            return SandboxClient(world, phone=account.phone, session=session, request_retries=0, **common)
+        class WatchedSandboxClient(_WatchesDifferences, SandboxClient):
+            pass
+
+        def sandbox_client(account: Account, session: Any) -> TelegramClient:
+            return WatchedSandboxClient(world, phone=account.phone, session=session, request_retries=0, **common)
 
         return sandbox_client
 
-    def real_client(account: Account, session: str | None) -> TelegramClient:
-        return TelegramClient(
-            StringSession(session or ""),
+    class WatchedClient(_WatchesDifferences, TelegramClient):
+        pass
+
+    def real_client(account: Account, session: Any) -> TelegramClient:
+        return WatchedClient(
+            session if isinstance(session, Session) else StringSession(session or ""),
             settings.telegram_api_id,
             settings.telegram_api_hash,
             request_retries=1,
@@ -110,6 +190,62 @@ def client_factory(settings: TelegramSettings, world: Any | None) -> ClientFacto
     return real_client
 
 
+@dataclass
+class KeyCheck:
+    """What SESSION_ENCRYPTION_KEY opens among the sessions a process should serve (labels)."""
+
+    opened: list[str]
+    failed: list[str]
+    recovered: list[str]
+
+    @property
+    def opens_none(self) -> bool:
+        return bool(self.failed) and not self.opened
+
+
+async def check_session_key(
+    db: Database, cipher: SessionCipher, *, labels: set[str] | None = None, accepts: Callable[[Account], bool] | None = None
+) -> KeyCheck:
+    """Try the key on every stored session this process should serve, before connecting any.
+
+    Changes no account but one kind: an account an older version marked
+    ``needs_login`` only because its key could not decrypt the session goes
+    back to active when this key opens it (the database checks the recorded
+    reason, so a real logout stays). ``labels`` is WORKER_ACCOUNTS (None: all);
+    ``accepts`` leaves out accounts this process never serves (the sandbox's).
+    """
+    from shared.db.records import AccountStatus
+
+    check = KeyCheck(opened=[], failed=[], recovered=[])
+    for account in await db.list_accounts():
+        if not account.has_session or (labels is not None and account.label not in labels):
+            continue
+        if accepts is not None and not accepts(account):
+            continue
+        if account.status not in (AccountStatus.ACTIVE, AccountStatus.NEEDS_LOGIN):
+            continue
+        stored = await db.get_account_session(account.id)
+        if not stored:
+            continue
+        try:
+            cipher.decrypt(stored)
+        except SessionKeyError:
+            if account.status is AccountStatus.ACTIVE:
+                check.failed.append(account.label)
+            continue
+        if account.status is AccountStatus.ACTIVE:
+            check.opened.append(account.label)
+        elif await db.recover_account_from_key_mismatch(account.id):
+            logger.warning(
+                "account %s: back to active; it was marked needs_login by a process whose key could not decrypt it",
+                account.label,
+                extra={"account": account.label},
+            )
+            check.opened.append(account.label)
+            check.recovered.append(account.label)
+    return check
+
+
 class ConnectionState(str, enum.Enum):
     IDLE = "idle"
     LEASED_ELSEWHERE = "leased_elsewhere"
@@ -117,6 +253,7 @@ class ConnectionState(str, enum.Enum):
     CONNECTED = "connected"
     BACKOFF = "backoff"
     NEEDS_LOGIN = "needs_login"
+    KEY_MISMATCH = "key_mismatch"
     STOPPED = "stopped"
 
 
@@ -143,6 +280,8 @@ class AccountConnection:
         owner: this process's lease owner name.
         policy: lease, timeout and backoff numbers.
         on_connected: awaited after every successful (re)connect.
+        on_client: called with the new client before it connects (its handlers must be
+            in place before the catch-up at connect dispatches what was missed).
         on_change: called when the connection wants the accounts loop to run now.
         alerts: receives account_needs_login and repeated reconnect failures.
         clock: monotonic seconds.
@@ -161,6 +300,7 @@ class AccountConnection:
         on_change: Callable[[], None] | None = None,
         alerts: AlertSink | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_client: Callable[[AccountConnection], None] | None = None,
     ) -> None:
         self.account = account
         self.db = db
@@ -169,6 +309,7 @@ class AccountConnection:
         self.owner = owner
         self.policy = policy
         self.on_connected = on_connected
+        self.on_client = on_client
         self.on_change = on_change or (lambda: None)
         self.alerts = alerts
         self._clock = clock
@@ -180,6 +321,8 @@ class AccountConnection:
         self._next_attempt_at = 0.0
         self._alerted_unreachable = False
         self._watcher: asyncio.Task[None] | None = None
+        self._fence: asyncio.TimerHandle | None = None
+        self.handing_off = False
         self.connected_since: float | None = None
         self.reconnects = 0
         self.last_error: str | None = None
@@ -211,7 +354,7 @@ class AccountConnection:
 
     async def step(self) -> None:
         """Hold the lease and keep the client connected. Never raises for Telegram trouble."""
-        if self.state in (ConnectionState.NEEDS_LOGIN, ConnectionState.STOPPED):
+        if self.state in (ConnectionState.NEEDS_LOGIN, ConnectionState.KEY_MISMATCH, ConnectionState.STOPPED):
             return
         if not await self._hold_lease():
             return
@@ -235,6 +378,7 @@ class AccountConnection:
                 return False
             self.lease_token = token
             self._lease_renewed_at = now
+            self._arm_fence(now)
             logger.info("account %s: lease taken", self.label, extra={"account": self.label})
             return True
         if now - self._lease_renewed_at < self.policy.lease_seconds / 3:
@@ -246,7 +390,7 @@ class AccountConnection:
             if now - self._lease_renewed_at > self.policy.lease_seconds * 0.8:
                 self._error(f"could not renew the lease: {describe(exc)}")
                 logger.error("account %s: lease renewal failing, disconnecting to be safe", self.label)
-                await self._drop_client()
+                await self._drop_client(save=False)
                 self.lease_token = None
                 self.state = ConnectionState.IDLE
                 return False
@@ -256,22 +400,66 @@ class AccountConnection:
             logger.error("account %s: lease lost to another process; disconnecting at once", self.label)
             self._error("lease lost to another process")
             self.lease_token = None
-            await self._drop_client()
+            await self._drop_client(save=False)
             self.state = ConnectionState.LEASED_ELSEWHERE
             return False
         self._lease_renewed_at = now
+        self._arm_fence(now)
         return True
+
+    def _arm_fence(self, renewed_at: float) -> None:
+        """Disconnect by itself when the lease is not renewed in time, whatever the loops are doing.
+
+        The database lease runs from the renewal call's own clock, which is
+        later than ``renewed_at``; cutting at 80 % of it leaves the rest for the
+        disconnect, so this process is off the account before anyone else can
+        take its lease.
+        """
+        if self._fence is not None:
+            self._fence.cancel()
+        delay = max(0.0, self.policy.lease_seconds * 0.8 - (self._clock() - renewed_at))
+        self._fence = asyncio.get_running_loop().call_later(delay, self._fence_fired, self.lease_token)
+
+    def _fence_fired(self, token: str | None) -> None:
+        self._fence = None
+        if token is None or token != self.lease_token:
+            return
+        logger.error(
+            "account %s: the lease was not renewed in time; disconnecting before it lapses",
+            self.label,
+            extra={"account": self.label},
+        )
+        self._error("lease not renewed in time (disconnected to be safe)")
+        self.lease_token = None
+        if self.state is ConnectionState.CONNECTED or self.client is not None:
+            self.state = ConnectionState.IDLE
+        client, self.client = self.client, None
+        if client is not None:
+            asyncio.ensure_future(self._disconnect(client))
+        self.on_change()
+
+    def _disarm_fence(self) -> None:
+        if self._fence is not None:
+            self._fence.cancel()
+            self._fence = None
 
     async def _connect(self) -> None:
         self.state = ConnectionState.CONNECTING
         await self._drop_client()
         try:
             stored = await self.db.get_account_session(self.id)
-            session = None
+            string = None
             if stored:
-                session = self.cipher.decrypt(stored) if self.cipher is not None else stored
+                string = self.cipher.decrypt(stored) if self.cipher is not None else stored
+            # The update state and entities are read once per connect; what Telethon learns is written back.
+            session = await DatabaseSession.load(
+                string, db=self.db, account_id=self.id, cipher=self.cipher, timeout=self.policy.call_timeout
+            )
             client = self.client_factory(self.account, session)
             self.client = client
+            difference_watch(client).reset()
+            if self.on_client is not None:
+                self.on_client(self)
             await telegram_op(client.connect(), self.policy.connect_timeout, "connect", detail=self.label)
             authorized = await telegram_op(client.is_user_authorized(), self.policy.call_timeout, "is_user_authorized")
             if not authorized:
@@ -280,7 +468,7 @@ class AccountConnection:
             if self.on_connected is not None:
                 await self.on_connected(self)
         except SessionKeyError as exc:
-            await self.mark_needs_login(str(exc))
+            await self.key_mismatch(str(exc))
             return
         except asyncio.CancelledError:
             raise
@@ -342,17 +530,28 @@ class AccountConnection:
 
         self._watcher = asyncio.create_task(watch(), name=f"watch-{self.label}")
 
-    async def _drop_client(self) -> None:
+    async def _drop_client(self, *, save: bool = True) -> None:
+        """Disconnect; ``save=False`` (the lease is lost) leaves the session's state to the new holder."""
         client, self.client = self.client, None
         if self._watcher is not None:
             self._watcher.cancel()
             self._watcher = None
         if client is None:
             return
+        await self._disconnect(client)
+
+    async def _disconnect(self, client: TelegramClient) -> None:
         try:
             await telegram_op(client.disconnect(), self.policy.call_timeout, "disconnect", detail=self.label)
         except Exception as exc:
             logger.debug("account %s: disconnect raised %s", self.label, describe(exc))
+        # The disconnect handed the session its final update state: write it before the next connect reads it.
+        session = getattr(client, "session", None)
+        if isinstance(session, DatabaseSession):
+            if save:
+                await session.aclose(self.policy.call_timeout)
+            else:
+                session.discard()
 
     # --- called by the loops ------------------------------------------------------
 
@@ -391,8 +590,28 @@ class AccountConnection:
                 details={"account": self.label, "fix": f"./start.sh worker login --label {self.label}"},
             )
 
+    async def key_mismatch(self, reason: str) -> None:
+        """This process's key cannot open the session: its problem, not the account's.
+
+        The account's status is left alone (only Telegram's own answers mean
+        a new login is needed), the lease is released so a process with the
+        right key can take the account, and the account is not tried again by
+        this process (its key will not change while it runs).
+        """
+        self.state = ConnectionState.KEY_MISMATCH
+        self._error(f"{reason}: the account is left as it is; a process with the right key serves it")
+        logger.error(
+            "account %s: %s; leaving the account's status alone and releasing its lease",
+            self.label,
+            reason,
+            extra={"account": self.label},
+        )
+        await self._drop_client()
+        await self._release_lease()
+
     async def _release_lease(self) -> None:
         token, self.lease_token = self.lease_token, None
+        self._disarm_fence()
         if token is None:
             return
         try:
@@ -402,7 +621,7 @@ class AccountConnection:
 
     async def close(self) -> None:
         """Shutdown: disconnect and release the lease so the next process can start at once."""
-        if self.state is not ConnectionState.NEEDS_LOGIN:
+        if self.state not in (ConnectionState.NEEDS_LOGIN, ConnectionState.KEY_MISMATCH):
             self.state = ConnectionState.STOPPED
         await self._drop_client()
         await self._release_lease()
@@ -416,7 +635,7 @@ class AccountConnection:
             state = "flood_wait"
         return {
             "id": self.id,
-            "state": state,
+            "state": "handing_off" if self.handing_off else state,
             "connected": self.connected,
             "lease": "held" if self.lease_token else ("elsewhere" if self.state is ConnectionState.LEASED_ELSEWHERE else None),
             "connected_since": self.connected_since,
@@ -428,6 +647,19 @@ class AccountConnection:
             "limited_until": self.limited_until,
             "last_error": self.last_error,
             "last_error_at": self.last_error_at,
+            "session": self._session_status(),
+        }
+
+    def _session_status(self) -> dict[str, Any] | None:
+        """What the session keeps in the database: peers known, whether catch-up had a state to resume from."""
+        session = getattr(self.client, "session", None)
+        if not isinstance(session, DatabaseSession):
+            return None
+        return {
+            "known_peers": len(session),
+            "resumed_from_saved_state": session.had_state,
+            "unsaved_changes": session.dirty,
+            "last_save_error": session.last_error,
         }
 
 
@@ -437,10 +669,28 @@ SANDBOX_INGEST_ACCOUNT = "demo_ingest"
 SANDBOX_INGEST_PHONE = "+15550100009"
 
 
-class AccountPool:
-    """Every active account of the database, each as an :class:`AccountConnection`.
+@dataclass(frozen=True)
+class FleetPolicy:
+    """How a worker replica finds the others and hands accounts over (from the settings)."""
 
-    ``labels`` limits it to those accounts; ``exclude`` leaves these out.
+    live_seconds: float
+    handoff_grace: float = 2.0
+
+
+class AccountPool:
+    """The accounts this process serves, each as an :class:`AccountConnection`.
+
+    Alone (no ``fleet``) it serves every active account (or the ``labels``).
+    As a worker replica it serves its share: each cycle reads the live
+    replicas and the accounts, computes the assignment every replica computes
+    (:mod:`shared.fleet`), takes what is assigned to it and hands the rest
+    over cleanly: no new claims for the account, the work in hand finished
+    (at most ``handoff_grace``), disconnect, then release the lease, which
+    wakes the new holder through a notification.
+
+    Connecting runs in a task per account, so one slow connect never delays
+    the lease renewals of the others; each lease also has its own fence
+    timer (:meth:`AccountConnection._arm_fence`).
     """
 
     def __init__(
@@ -454,10 +704,10 @@ class AccountPool:
         on_connected: Callable[[AccountConnection], Awaitable[None]] | None = None,
         alerts: AlertSink | None = None,
         labels: set[str] | None = None,
-        exclude: set[str] | None = None,
+        on_client: Callable[[AccountConnection], None] | None = None,
         accepts: Callable[[Account], bool] | None = None,
+        fleet: FleetPolicy | None = None,
     ) -> None:
-        self.exclude = exclude or set()
         self.db = db
         self.cipher = cipher
         self.client_factory = client_factory
@@ -466,27 +716,70 @@ class AccountPool:
         self.on_connected = on_connected
         self.alerts = alerts
         self.labels = labels
+        self.on_client = on_client
         self.accepts = accepts
+        self.fleet = fleet
         self.wake = asyncio.Event()
         self.connections: dict[int, AccountConnection] = {}
+        self.replicas: list[Any] = []
+        self.assignment: Any | None = None
+        self.handoffs = 0
+        self.last_handoff_s: float | None = None
+        self._steps: dict[int, asyncio.Task[None]] = {}
+        self._handing_off: dict[int, asyncio.Task[None]] = {}
+        self._alerted_key_mismatch = False
+        self._undecryptable: set[str] = set()
+        self._wakeups: Any | None = None
+
+    @property
+    def cadence(self) -> float:
+        """Longest pause between two cycles: renewals must come well inside the lease."""
+        return self.policy.lease_seconds / 4
+
+    async def _share(self, active: list[Account]) -> set[int] | None:
+        """The ids of the active accounts assigned to this replica (None: not in a fleet, all of them)."""
+        if self.fleet is None:
+            return None
+        from shared.fleet import Member, assign
+
+        self.replicas = await self.db.worker_fleet(live_seconds=self.fleet.live_seconds)
+        members = [
+            Member(r.replica, frozenset(r.pinned), frozenset(r.cannot)) for r in self.replicas if r.alive and r.replica != self.owner
+        ]
+        # Ourselves as we are now, seen by the others or not yet (the first beat is on its way, or
+        # our beats fail): the lease keeps it safe while views differ.
+        members.append(Member(self.owner, frozenset(self.labels or ()), frozenset(self._undecryptable)))
+        self.assignment = assign([(a.id, a.label) for a in active], members)
+        return self.assignment.of(self.owner)
 
     async def refresh(self) -> None:
-        """One cycle: pick up new accounts, drop disabled ones, step each."""
+        """One cycle: take the share, hand over the rest, keep the leases, connect what needs it."""
         from shared.db.records import AccountStatus
 
+        if self.fleet is not None and self._wakeups is None:
+            # Listening before the first look: a lease released meanwhile still wakes us.
+            self._wakeups = await self.db.subscribe("accounts")
         accounts = await self.db.list_accounts()
+        mine = await self._share(
+            [a for a in accounts if a.status is AccountStatus.ACTIVE and (self.accepts is None or self.accepts(a))]
+        )
         seen: set[int] = set()
         for account in accounts:
-            if (self.labels is not None and account.label not in self.labels) or account.label in self.exclude:
+            if self.labels is not None and account.label not in self.labels:
                 continue
             if self.accepts is not None and not self.accepts(account):
                 continue
-            seen.add(account.id)
             connection = self.connections.get(account.id)
+            if mine is not None and account.status is AccountStatus.ACTIVE and account.id not in mine:
+                if connection is not None:
+                    self._hand_off(connection)
+                continue
+            if account.id in self._handing_off:
+                continue  # back to us before the handoff finished: the next cycle takes it again
+            seen.add(account.id)
             if account.status is not AccountStatus.ACTIVE:
-                if connection is not None and connection.state is not ConnectionState.NEEDS_LOGIN:
-                    await connection.close()
-                    del self.connections[account.id]
+                if connection is not None and connection.state not in (ConnectionState.NEEDS_LOGIN, ConnectionState.KEY_MISMATCH):
+                    await self._forget(connection)
                 continue
             if connection is None or connection.state is ConnectionState.NEEDS_LOGIN:
                 # New, or logged in again since (status back to active).
@@ -500,14 +793,164 @@ class AccountPool:
                     on_connected=self.on_connected,
                     on_change=self.wake.set,
                     alerts=self.alerts,
+                    on_client=self.on_client,
                 )
                 self.connections[account.id] = connection
             else:
                 connection.account = account
-        for gone in set(self.connections) - seen:
-            await self.connections.pop(gone).close()
-        steps = [self._step(c) for c in self.connections.values()]
-        await asyncio.gather(*steps)
+        for gone in set(self.connections) - seen - set(self._handing_off):
+            await self._forget(self.connections[gone])
+        await self._step_all(seen)
+        self._alert_key_mismatch()
+
+    async def _step_all(self, ids: set[int]) -> None:
+        renewals = []
+        for account_id in ids:
+            connection = self.connections.get(account_id)
+            if connection is None:
+                continue
+            task = self._steps.get(account_id)
+            if task is None or task.done():
+                self._steps[account_id] = asyncio.create_task(self._step(connection), name=f"account-{connection.label}")
+            elif connection.lease_token is not None:
+                renewals.append(self._renew(connection))  # still connecting: the lease must not lapse meanwhile
+        if renewals:
+            await asyncio.gather(*renewals)
+        running = [t for t in self._steps.values() if not t.done()]
+        if running:
+            await asyncio.wait(running, timeout=min(self.policy.call_timeout, self.policy.lease_seconds / 8))
+
+    async def _step(self, connection: AccountConnection) -> None:
+        try:
+            await connection.step()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a database hiccup for one account must not stop the others
+            connection._error(describe(exc))
+            logger.warning("account %s: step failed: %s", connection.label, describe(exc))
+
+    async def _renew(self, connection: AccountConnection) -> None:
+        try:
+            await connection._hold_lease()
+        except Exception as exc:
+            logger.warning("account %s: lease renewal failed: %s", connection.label, describe(exc))
+
+    async def _forget(self, connection: AccountConnection) -> None:
+        task = self._steps.pop(connection.id, None)
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=self.policy.call_timeout)
+        if self.connections.get(connection.id) is connection:
+            del self.connections[connection.id]
+        await connection.close()
+
+    def _hand_off(self, connection: AccountConnection) -> None:
+        if connection.id not in self._handing_off:
+            self._handing_off[connection.id] = asyncio.create_task(self._handoff(connection), name=f"handoff-{connection.label}")
+
+    async def _handoff(self, connection: AccountConnection) -> None:
+        """Give the account to its new holder: stop claiming, finish the work in hand, disconnect, release."""
+        started = time.monotonic()
+        connection.handing_off = True  # connected() leaves it out: no loop claims new work for it
+        grace = self.fleet.handoff_grace if self.fleet is not None else 0.0
+        try:
+            while connection.lease_token is not None and time.monotonic() - started < grace:
+                try:
+                    if await self.db.account_work_in_hand(connection.id, owner=self.owner) == 0:
+                        break
+                except Exception as exc:
+                    logger.warning("account %s: cannot see its work in hand (%s); handing over now", connection.label, describe(exc))
+                    break
+                await asyncio.sleep(0.05)
+            await self._forget(connection)  # disconnect first, then release: never two holders connected
+        finally:
+            self._handing_off.pop(connection.id, None)
+        self.handoffs += 1
+        self.last_handoff_s = time.monotonic() - started
+        logger.info(
+            "account %s handed over to the replica it belongs to now (%.2fs)",
+            connection.label,
+            self.last_handoff_s,
+            extra={"account": connection.label},
+        )
+
+    async def leave(self) -> None:
+        """Shutdown of a replica: hand every account over cleanly, at once."""
+        for connection in list(self.connections.values()):
+            self._hand_off(connection)
+        if self._handing_off:
+            await asyncio.gather(*list(self._handing_off.values()), return_exceptions=True)
+
+    async def idle(self, timeout: float) -> None:
+        """Wait until the next cycle: ``timeout``, a connection asking (``wake``), or a notification
+        on ``accounts`` (a replica joined or left, a lease was released)."""
+        deadline = time.monotonic() + min(timeout, self.cadence)
+        while not self.wake.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            if self._wakeups is None or self._wakeups.closed:
+                self._wakeups = await self.db.subscribe("accounts")
+            woken = asyncio.ensure_future(self.wake.wait())
+            notified = asyncio.ensure_future(self._wakeups.wait(remaining))
+            done, pending = await asyncio.wait({woken, notified}, return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+            if notified in done and not notified.cancelled() and notified.exception() is None and notified.result():
+                return
+
+    def connected(self) -> list[AccountConnection]:
+        return [c for c in self.connections.values() if c.connected and not c.handing_off]
+
+    def get(self, account_id: int) -> AccountConnection | None:
+        return self.connections.get(account_id)
+
+    async def close(self) -> None:
+        if self._wakeups is not None:
+            self._wakeups.close()
+        for task in list(self._steps.values()) + list(self._handing_off.values()):
+            task.cancel()
+        await asyncio.gather(*(c.close() for c in self.connections.values()), return_exceptions=True)
+
+    def cannot_decrypt(self, labels: list[str]) -> None:
+        """Sessions the start-up check found this key cannot open: never taken, shown as key_mismatch."""
+        self._undecryptable.update(labels)
+
+    def key_mismatched(self) -> list[str]:
+        """Labels of the accounts whose session this process's key cannot open (remembered: in a
+        fleet such an account goes to another replica, and must not come back to this one)."""
+        self._undecryptable |= {c.label for c in self.connections.values() if c.state is ConnectionState.KEY_MISMATCH}
+        return sorted(self._undecryptable)
+
+    def _alert_key_mismatch(self) -> None:
+        labels = self.key_mismatched()
+        if not labels or self._alerted_key_mismatch or self.alerts is None:
+            return
+        from shared.alerts import AlertType
+
+        self._alerted_key_mismatch = True  # once per process: its key does not change while it runs
+        self.alerts.alert(
+            AlertType.SESSION_KEY_MISMATCH,
+            f"SESSION_ENCRYPTION_KEY of {self.owner} cannot decrypt the session of {', '.join(labels)}; "
+            "those accounts are left as they are (not needs_login) for a process with the right key",
+            key=f"session-key:{self.owner}",
+            details={"accounts": labels, "fix": "give this process the SESSION_ENCRYPTION_KEY the sessions were stored with"},
+        )
+
+    async def check_key(self) -> None:
+        """For /ready: raises while this process's key cannot open a session it should serve."""
+        labels = self.key_mismatched()
+        if labels:
+            raise SessionKeyError(f"key_mismatch: SESSION_ENCRYPTION_KEY cannot decrypt {', '.join(labels)}")
+
+    def key_status(self) -> dict[str, Any]:
+        """The ``session_key`` section of /status."""
+        labels = self.key_mismatched()
+        return {
+            "status": "key_mismatch" if labels else "ok",
+            "accounts": labels,
+            "fix": "give this process the SESSION_ENCRYPTION_KEY the sessions were stored with" if labels else None,
+        }
 
     async def _step(self, connection: AccountConnection) -> None:
         try:
@@ -529,3 +972,9 @@ class AccountPool:
 
     def status(self) -> dict[str, dict[str, Any]]:
         return {c.label: c.status() for c in self.connections.values()}
+
+    def fleet_status(self) -> dict[str, Any]:
+        """The ``fleet`` section of /status: every replica with its heartbeat, held leases and target share."""
+        from shared.fleet import fleet_rows
+
+        return fleet_rows(self.replicas, self.assignment, me=self.owner)

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import TypeVar
 
+from shared import tracing
 from shared.metrics import OP_CALLS, OP_LATENCY
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,21 @@ def _forget(task: asyncio.Future[object]) -> None:
 
 
 async def _run_with_deadline(aw: Awaitable[T], timeout: float, name: str, outcome_unknown: bool, detail: str) -> T:
+    # Inside a trace every bounded call is a child span (the task below copies the context).
+    with tracing.operation_span(name, timeout=timeout, outcome_unknown=outcome_unknown) as span:
+        try:
+            result = await _run_untraced(aw, timeout, name, outcome_unknown, detail)
+        except OperationTimeout as exc:
+            tracing.finish_operation(span, "timeout", exc)
+            raise
+        except BaseException as exc:
+            tracing.finish_operation(span, "cancelled" if isinstance(exc, asyncio.CancelledError) else "error", exc)
+            raise
+        tracing.finish_operation(span, "ok")
+        return result
+
+
+async def _run_untraced(aw: Awaitable[T], timeout: float, name: str, outcome_unknown: bool, detail: str) -> T:
     started = time.perf_counter()
     task = asyncio.ensure_future(aw)
     try:

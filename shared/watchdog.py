@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from shared.errors import classify, describe
-from shared.metrics import LOOP_ABANDONED, LOOP_CYCLE_ERRORS, LOOP_RESTARTS
+from shared.metrics import LOOP_ABANDONED, LOOP_CYCLE_ERRORS, LOOP_CYCLE_SECONDS, LOOP_CYCLES, LOOP_RESTARTS
 from shared.retry import exponential_delay
 from shared.timeouts import OperationTimeout
 
@@ -450,13 +450,18 @@ def periodic(
         while True:
             watchdog.ping(name)
             pause: float | None
+            started = time.monotonic()
             try:
                 async with asyncio.timeout(cycle_timeout):
                     pause = await cycle()
                 failures = 0
+                LOOP_CYCLES.labels(name, "ok").inc()
+                LOOP_CYCLE_SECONDS.labels(name).observe(time.monotonic() - started)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                LOOP_CYCLES.labels(name, "error").inc()
+                LOOP_CYCLE_SECONDS.labels(name).observe(time.monotonic() - started)
                 if isinstance(exc, TimeoutError) and not isinstance(exc, OperationTimeout):
                     exc = OperationTimeout(f"{name}.cycle", cycle_timeout)
                 failures += 1

@@ -23,6 +23,8 @@ TESTS = Path(__file__).resolve().parent
 
 PROCESS_MODULES = frozenset({
     "test_worker_process.py",
+    "test_fleet_process.py",
+    "test_bot_replicas.py",
     "test_bot.py",
     "test_supervisor.py",
     "test_status_page.py",

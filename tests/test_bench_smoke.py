@@ -26,6 +26,8 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "outbound": ("p50_ms", "p99_ms", "per_s", "baseline_p50_ms", "loads", "machine"),
     "recovery": ("cases", "worst_ratio", "machine"),
     "footprint": ("cases", "rss_mb", "cpu_percent", "machine"),
+    "ingest": ("rss_ratio", "speed_ratio", "budget_mb", "peak_rss_mb", "ceiling_mb", "large_images", "machine"),
+    "fleet": ("balanced", "max_minus_min", "handoff_kill_s", "handoff_bound_s", "lost", "duplicated", "scaling_3x", "phases", "machine"),
 }
 
 RUN_TIMEOUT = 110.0
@@ -59,7 +61,17 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, subproc
                 proc.wait()
 
 
+_RESULTS: dict[int, dict[str, Any]] = {}
+
+
 def last_json_line(proc: subprocess.Popen[str], name: str) -> dict[str, Any]:
+    """The benchmark's JSON line (read once per process: several tests look at it)."""
+    if proc.pid not in _RESULTS:
+        _RESULTS[proc.pid] = _read_json_line(proc, name)
+    return _RESULTS[proc.pid]
+
+
+def _read_json_line(proc: subprocess.Popen[str], name: str) -> dict[str, Any]:
     try:
         out, _ = proc.communicate(timeout=RUN_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -83,3 +95,15 @@ def test_quick_json_run_ends_with_an_object_carrying_the_required_fields(
     missing = [field for field in REQUIRED[name] if field not in result]
     assert not missing, f"bench {name}: JSON lacks {missing}"
     assert {"date", "commit", "load_average"} <= set(result["machine"]), "where the figures come from"
+
+
+def test_bench_ingest_reports_peak_rss_of_the_large_images_against_the_memory_budget(
+    runs: dict[str, subprocess.Popen[str]],
+) -> None:
+    result = last_json_line(runs["ingest"], "ingest")
+    assert isinstance(result["budget_mb"], int) and isinstance(result["peak_rss_mb"], (int, float))
+    cases = result["large_images"]
+    assert [case["case"] for case in cases] == ["png 8000x8000 RGBA", "jpeg 12000x9000"]
+    for case in cases:
+        assert {"peak_rss_mb", "no_budget_peak_rss_mb", "outcome", "no_budget_outcome"} <= set(case)
+    assert result["peak_rss_mb"] == max(case["peak_rss_mb"] for case in cases)

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from replyguy.local_ai import LocalAI
 from replyguy.local_x import LocalX
@@ -194,6 +195,18 @@ async def test_the_embedded_default_takes_a_tweet_from_discovery_to_a_posted_rep
     stored = json.loads((tmp_path / "data" / "replyguy" / "local_x.json").read_text())
     replies = [t for t in stored["tweets"] if t.get("in_reply_to") == posted.group(1)]
     assert [r["id"] for r in replies] == [posted.group(2)]
+
+    # What an operator's Prometheus sees of it.
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
+            metrics = {
+                (s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(await response.text()) for s in family.samples
+            }
+    assert metrics[("replyguy_posts_total", ())] == 1 and metrics[("replyguy_drafts_total", ())] == 3
+    assert metrics[("replyguy_decisions_total", (("decision", "approve"),))] == 1
+    assert metrics[("replyguy_tweet_transitions_total", (("to", "posted"),))] == 1
+    assert metrics[("replyguy_api_call_seconds_count", (("api", "ai"), ("outcome", "ok")))] >= 3
 
     assert await bot.stop() == 0
     assert "stopped in" in bot.output()

@@ -20,6 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 import pytest
+from prometheus_client import REGISTRY
 from PIL import Image
 from telethon.tl import types
 
@@ -163,7 +164,12 @@ def h(
     return Harness(sandbox_world, database, database_url, s3_server, s3_bucket, env)
 
 
+def _metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
 async def test_jpeg_png_and_webp_are_stored_with_rows_pointing_at_their_objects(h: Harness) -> None:
+    before = {n: _metric(n) for n in ("ingest_images_stored_total", "ingest_stored_bytes_total", "ingest_download_seconds_count")}
     async with h.running() as bot:
         posted = [h.world.post_to_channel(CHANNEL, kind) for kind in (ImageKind.JPEG, ImageKind.PNG, ImageKind.WEBP)]
         h.world.post_to_channel(CHANNEL, text="just words")
@@ -188,6 +194,10 @@ async def test_jpeg_png_and_webp_are_stored_with_rows_pointing_at_their_objects(
     assert channel["cursor"] == last and channel["lag"] == 0 and channel["stored"] == 3
     assert body["counters"]["processed"] == 3 and body["ingest"]["queue_size"] == 0
     assert body["breakers"] is not None and body["sandbox"] is True and "sandbox_world" in body
+    moved = {n: _metric(n) - v for n, v in before.items()}
+    assert moved == {
+        "ingest_images_stored_total": 3, "ingest_stored_bytes_total": sum(r.bytes for r in rows), "ingest_download_seconds_count": 3,
+    }
 
 
 async def test_a_60_mb_document_is_skipped_from_its_metadata_without_downloading_a_byte(h: Harness) -> None:
@@ -232,7 +242,9 @@ async def test_a_20000x20000_bomb_is_skipped_a_truncated_file_fails_with_its_rea
 
 
 async def test_a_9000x6000_photo_is_stored_at_most_8192_on_its_long_side(h: Harness) -> None:
-    async with h.running():
+    # Keeping 8192 of a 9000 px side takes the decoded photo plus its downscaled copy
+    # (about 380 MB): a budget that allows it. The default 256 MB decodes it at 1/2 scale.
+    async with h.running(env={"INGEST_MEMORY_BUDGET_MB": "512"}):
         h.world.post_to_channel(CHANNEL, ImageKind.LARGE)
         await wait_until(lambda: h.count(1), timeout=60, what="the large photo stored")
 

@@ -101,6 +101,15 @@ async def fetch(database_url: str, query: str, *args: Any) -> list[asyncpg.Recor
         await conn.close()
 
 
+async def _one_each(database_url: str) -> bool:
+    rows = await fetch(
+        database_url,
+        "select count(distinct lease_owner) as owners, count(*) as n from telegram_accounts "
+        "where lease_owner is not null and lease_expires_at > now()",
+    )
+    return rows[0]["owners"] == 2 and rows[0]["n"] == 2
+
+
 async def accounts_connected(database_url: str) -> bool:
     rows = await fetch(database_url, "select count(*) as n from telegram_accounts where lease_owner is not null and lease_expires_at > now()")
     return rows[0]["n"] == 2
@@ -177,7 +186,7 @@ async def test_kill_9_mid_batch_then_restart_delivers_each_message_once_and_in_o
             await second.reap()
 
 
-async def test_two_workers_on_one_database_serve_each_account_from_one_process_only(
+async def test_two_workers_on_one_database_take_one_account_each_and_serve_it_from_that_process_only(
     env: dict[str, str], database_url: str, tmp_path: Path
 ) -> None:
     world = World.open(Path(env["SANDBOX_DIR"]))
@@ -185,7 +194,7 @@ async def test_two_workers_on_one_database_serve_each_account_from_one_process_o
     one = await WorkerProcess(env, tmp_path / "one.log").start()
     two = await WorkerProcess(env, tmp_path / "two.log").start()
     try:
-        await wait_until(lambda: accounts_connected(database_url), timeout=30, what="accounts leased", proc=one)
+        await wait_until(lambda: _one_each(database_url), timeout=30, what="one account leased by each worker", proc=one)
         for label in ("demo_one", "demo_two"):
             acct = await account_id(database_url, label)
             for n in range(30):

@@ -52,6 +52,7 @@ from shared.db.records import (
     IngestRecorded,
     IngestStatus,
     JobStatus,
+    KnownEntity,
     MessageJob,
     MessageJobKind,
     OutboundMessage,
@@ -67,6 +68,7 @@ from shared.db.records import (
     Tweet,
     TweetInserted,
     TweetStatus,
+    UpdateState,
 )
 from shared.db.supabase_http import SupabaseDatabase
 
@@ -228,6 +230,7 @@ __all__ = [
     "IngestRecorded",
     "IngestStatus",
     "JobStatus",
+    "KnownEntity",
     "MESSAGE_JOBS_CHANNEL",
     "MIGRATIONS_DIR",
     "MessageJob",
@@ -253,6 +256,7 @@ __all__ = [
     "Tweet",
     "TweetInserted",
     "TweetStatus",
+    "UpdateState",
     "apply_migrations",
     "database_breaker",
     "discover",

@@ -20,6 +20,8 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+from shared import tracing
+from shared.metrics import TWEET_TRANSITIONS
 from shared.db.records import (
     Account,
     AccountStatus,
@@ -27,6 +29,7 @@ from shared.db.records import (
     Chat,
     ChatKind,
     Enqueued,
+    FleetReplica,
     Heartbeat,
     HistoryJob,
     InboundMessage,
@@ -43,17 +46,23 @@ from shared.db.records import (
     RequeueResult,
     RetryRow,
     RetryItemStatus,
+    QueueStats,
     SendHold,
     SendHoldKind,
     StatusCount,
     StoredMessage,
     Takeover,
+    KnownEntity,
+    UpdateState,
     Tweet,
     TweetInserted,
     TweetStatus,
     from_row,
     parse_datetime,
 )
+
+from shared.db.errors import DatabaseRejected
+from shared.text import storable, unstorable_reason
 
 if TYPE_CHECKING:
     from shared.heartbeat import HeartbeatRecord
@@ -326,6 +335,60 @@ class Database(abc.ABC):
     async def release_account_lease(self, account_id: int, token: str) -> bool:
         return bool(await self._scalar("account_lease_release", {"p_account_id": account_id, "p_token": token}))
 
+    # --- a Telegram session's state beyond its auth key ---------------------------
+
+    async def get_update_states(self, account_id: int) -> list[UpdateState]:
+        """The account's saved update state (entity 0) and its channels' pts, read in pages."""
+        rows = await self._pages("telegram_state_get", {"p_account_id": account_id}, lambda r: {"p_after": r["entity_id"]})
+        return [from_row(UpdateState, r) for r in rows]
+
+    async def save_update_states(self, account_id: int, states: Sequence[UpdateState]) -> int:
+        if not states:
+            return 0
+        payload = [json_safe(s) for s in states]
+        return int(await self._scalar("telegram_state_save", {"p_account_id": account_id, "p_states": payload}) or 0)
+
+    async def clear_update_states(self, account_id: int) -> int:
+        """Forget the update state: the next connect starts from now and relies on the dialog scan."""
+        return int(await self._scalar("telegram_state_clear", {"p_account_id": account_id}) or 0)
+
+    async def save_entities(self, account_id: int, entities: Sequence[KnownEntity]) -> int:
+        if not entities:
+            return 0
+        payload = [json_safe(e) for e in entities]
+        return int(await self._scalar("telegram_entities_save", {"p_account_id": account_id, "p_entities": payload}) or 0)
+
+    async def list_entities(self, account_id: int) -> list[KnownEntity]:
+        """Every entity the account has seen, read in pages."""
+        rows = await self._pages("telegram_entities_page", {"p_account_id": account_id}, lambda r: {"p_after": r["peer_id"]})
+        return [from_row(KnownEntity, r) for r in rows]
+
+    # --- named process leases (one active replica) -----------------------------------------
+
+    async def acquire_process_lease(self, name: str, *, owner: str, seconds: float) -> str | None:
+        """Take the lease ``name`` for ``seconds``: its token, or None while another live owner holds it."""
+        args = {"p_name": name, "p_owner": owner, "p_lease_seconds": float(seconds)}
+        token = await self._scalar("process_lease_acquire", args)
+        return str(token) if token else None
+
+    async def renew_process_lease(self, name: str, token: str, *, seconds: float) -> bool:
+        """Extend our lease; False means it was lost (stop acting as the active one now)."""
+        args = {"p_name": name, "p_token": token, "p_lease_seconds": float(seconds)}
+        return bool(await self._scalar("process_lease_renew", args))
+
+    async def release_process_lease(self, name: str, token: str) -> bool:
+        return bool(await self._scalar("process_lease_release", {"p_name": name, "p_token": token}))
+
+    async def process_lease_holder(self, name: str) -> str | None:
+        """The owner holding the lease ``name`` now, if any."""
+        rows = await self.call("process_lease_holder", {"p_name": name}, read_only=True)
+        return str(rows[0]["owner"]) if rows else None
+
+    async def recover_account_from_key_mismatch(self, account_id: int) -> bool:
+        """Back to active an account an older process marked needs_login only because its key could not decrypt
+        the session; False (and unchanged) for any other account, a real logout included."""
+        return bool(await self._scalar("account_key_recovered", {"p_account_id": account_id}))
+
     # --- chats and inbound messages ------------------------------------------------
 
     async def upsert_chat(
@@ -356,6 +419,16 @@ class Database(abc.ABC):
         rows = await self.call("chat_get", args, read_only=True)
         return from_row(Chat, rows[0]) if rows else None
 
+    async def chat_cursors(self, account_id: int, telegram_chat_ids: Sequence[int]) -> dict[int, int]:
+        """Stored cursors (last message id) of these chats; chats never stored are absent."""
+        cursors: dict[int, int] = {}
+        ids = list(dict.fromkeys(telegram_chat_ids))
+        for start in range(0, len(ids), self.page_size):
+            args = {"p_account_id": account_id, "p_telegram_chat_ids": ids[start : start + self.page_size]}
+            for row in await self.call("chats_cursors", args, read_only=True):
+                cursors[int(row["telegram_chat_id"])] = int(row["last_message_id"])
+        return cursors
+
     async def recent_chats(self, account_id: int, *, since: datetime | None = None, limit: int = 100) -> list[Chat]:
         """Chats of an account with their cursors, most recently active first."""
         args = {"p_account_id": account_id, "p_since": _when(since)}
@@ -380,12 +453,12 @@ class Database(abc.ABC):
                 "telegram_message_id": m.telegram_message_id,
                 "direction": _value(m.direction),
                 "sender_id": m.sender_id,
-                "text": m.text,
+                "text": storable(m.text),
                 "attachments": json_safe(list(m.attachments)),
                 "reply_to": m.reply_to,
                 "sent_at": json_safe(m.sent_at),
                 "chat_kind": _value(m.chat_kind),
-                "chat_title": m.chat_title,
+                "chat_title": storable(m.chat_title),
                 "chat_username": m.chat_username,
             }
             for m in messages
@@ -443,19 +516,30 @@ class Database(abc.ABC):
             send_at: not before this time.
 
         Raises:
-            DatabaseRejected: no peer, or neither text nor attachments.
+            DatabaseRejected: no peer, or neither text nor attachments, or
+                text PostgreSQL cannot store ("the text contains a NUL
+                character at position N"): a message goes out exactly as
+                written or not at all, never silently changed.
         """
-        args = {
-            "p_account_id": account_id,
-            "p_peer": str(peer),
-            "p_text": text,
-            "p_attachments": json_safe(list(attachments)),
-            "p_reply_to": reply_to,
-            "p_chat_id": chat_id,
-            "p_dedupe_key": dedupe_key,
-            "p_send_at": _when(send_at),
-        }
-        return from_row(Enqueued, (await self.call("outbound_enqueue", args))[0])
+        refused = unstorable_reason(text)
+        if refused is not None:
+            raise DatabaseRejected(refused)
+        # The trace of this message starts here; the row carries it to the worker that sends it.
+        with tracing.span("outbound.enqueue", attributes={"account_id": account_id}, kind=tracing.SpanKind.PRODUCER):
+            args = {
+                "p_account_id": account_id,
+                "p_peer": str(peer),
+                "p_text": text,
+                "p_attachments": json_safe(list(attachments)),
+                "p_reply_to": reply_to,
+                "p_chat_id": chat_id,
+                "p_dedupe_key": dedupe_key,
+                "p_send_at": _when(send_at),
+                "p_traceparent": tracing.current_traceparent(),
+            }
+            enqueued = from_row(Enqueued, (await self.call("outbound_enqueue", args))[0])
+            tracing.annotate(message_id=enqueued.id, created=enqueued.created)
+            return enqueued
 
     async def claim_outbound(
         self,
@@ -604,6 +688,11 @@ class Database(abc.ABC):
         )
         return [from_row(StatusCount, r) for r in rows]
 
+    async def outbound_queue_stats(self) -> list[QueueStats]:
+        """Per account with rows to send: depth, due now, and the oldest due row's seconds since enqueue."""
+        rows = await self._pages("outbound_queue_stats", {}, lambda r: {"p_after": r["account_id"]})
+        return [from_row(QueueStats, r) for r in rows]
+
     async def requeue_outbound(
         self,
         *,
@@ -646,7 +735,22 @@ class Database(abc.ABC):
             "p_host": record.host,
             "p_pid": record.pid,
         }
+        if record.fleet is not None:
+            args["p_fleet"] = json_safe(record.fleet)
         await self.call("worker_heartbeat_upsert", args)
+
+    async def remove_heartbeat(self, worker_id: str) -> bool:
+        """Delete a heartbeat row: a worker replica leaving the fleet on purpose."""
+        return bool(await self._scalar("worker_heartbeat_remove", {"p_worker_id": worker_id}))
+
+    async def worker_fleet(self, *, live_seconds: float) -> list[FleetReplica]:
+        """Every worker replica's heartbeat row, live (younger than ``live_seconds``) or not, with its held leases."""
+        rows = await self.call("worker_fleet", {"p_live_seconds": float(live_seconds)})
+        return [from_row(FleetReplica, r) for r in rows]
+
+    async def account_work_in_hand(self, account_id: int, *, owner: str) -> int:
+        """Rows ``owner`` is still sending or running for the account (a clean handoff waits for none)."""
+        return int(await self._scalar("account_work_in_hand", {"p_account_id": account_id, "p_owner": owner}, read_only=True) or 0)
 
     async def list_heartbeats(self) -> list[Heartbeat]:
         rows = await self._pages("worker_heartbeats_list", {}, lambda r: {"p_after": r["worker_id"]})
@@ -733,7 +837,15 @@ class Database(abc.ABC):
         run_at: datetime | None = None,
         dedupe_key: str | None = None,
     ) -> MessageJob:
-        """Schedule work; a repeated ``dedupe_key`` returns the first job."""
+        """Schedule work; a repeated ``dedupe_key`` returns the first job.
+
+        Raises:
+            DatabaseRejected: the payload's text cannot be stored (a send or an
+                edit goes out exactly as written or not at all).
+        """
+        refused = unstorable_reason(payload.get("text") if isinstance(payload.get("text"), str) else None)
+        if refused is not None:
+            raise DatabaseRejected(refused)
         args = {
             "p_account_id": account_id,
             "p_kind": _value(kind),
@@ -894,7 +1006,7 @@ class Database(abc.ABC):
             "p_height": height,
             "p_bytes": size_bytes,
             "p_mime": mime,
-            "p_error": error,
+            "p_error": storable(error),
         }
         row = (await self.call("ingest_image_record", args))[0]
         return IngestRecorded(applied=bool(row["applied"]), image=from_row(IngestImage, row))
@@ -931,8 +1043,10 @@ class Database(abc.ABC):
 
     async def insert_tweet(self, target_tweet_id: str, *, author: str | None = None, text: str | None = None) -> TweetInserted:
         """Queue a discovered tweet once per target tweet id."""
-        args = {"p_target_tweet_id": target_tweet_id, "p_author": author, "p_tweet_text": text}
+        args = {"p_target_tweet_id": target_tweet_id, "p_author": storable(author), "p_tweet_text": storable(text)}
         row = (await self.call("tweet_insert", args))[0]
+        if row["created"]:
+            TWEET_TRANSITIONS.labels("discovered").inc()
         return TweetInserted(created=bool(row["created"]), tweet=from_row(Tweet, row))
 
     async def tweet_transition(
@@ -951,10 +1065,10 @@ class Database(abc.ABC):
         fields = {
             key: value
             for key, value in (
-                ("draft", draft),
+                ("draft", storable(draft)),
                 ("approval_message_id", approval_message_id),
                 ("posted_tweet_id", posted_tweet_id),
-                ("last_error", last_error),
+                ("last_error", storable(last_error)),
             )
             if value is not None
         }
@@ -964,7 +1078,10 @@ class Database(abc.ABC):
             "p_to": _value(to_status),
             "p_fields": fields,
         }
-        return bool(await self._scalar("tweet_transition", args))
+        moved = bool(await self._scalar("tweet_transition", args))
+        if moved:
+            TWEET_TRANSITIONS.labels(_value(to_status)).inc()
+        return moved
 
     async def get_tweet(self, tweet_id: str) -> Tweet | None:
         rows = await self.call("tweet_get", {"p_id": str(tweet_id)}, read_only=True)

@@ -168,6 +168,8 @@ class OutboundMessage:
     created_at: datetime
     updated_at: datetime
     sent_at: datetime | None
+    #: W3C trace context of the enqueue (None when the enqueuing process did not trace).
+    traceparent: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,6 +217,16 @@ class StoredMessage:
     telegram_message_id: int
     id: int | None
     inserted: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class QueueStats:
+    """The outbound queue of one account: rows still to send, those due now, the oldest due one's wait."""
+
+    account_id: int
+    depth: int
+    due: int
+    oldest_due_age_seconds: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,6 +286,29 @@ class SendHold:
 
 
 @dataclasses.dataclass(frozen=True)
+class UpdateState:
+    """Telegram's update state of an account (``entity_id`` 0) or the pts of one channel."""
+
+    entity_id: int
+    pts: int
+    qts: int = 0
+    date: datetime | None = None
+    seq: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class KnownEntity:
+    """A peer an account has seen: its marked id and the access hash Telegram gave this account."""
+
+    peer_id: int
+    access_hash: int
+    kind: str
+    username: str | None = None
+    phone: str | None = None
+    name: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Heartbeat:
     """A worker's last heartbeat."""
 
@@ -285,6 +320,24 @@ class Heartbeat:
     host: str | None
     pid: int | None
     started_at: datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class FleetReplica:
+    """A worker replica as its heartbeat row shows it, with the account leases it holds."""
+
+    replica: str
+    status: str
+    host: str | None
+    pid: int | None
+    version: str | None
+    last_heartbeat_at: datetime
+    started_at: datetime
+    pinned: tuple[str, ...]
+    alive: bool
+    held: int
+    age_s: float
+    cannot: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

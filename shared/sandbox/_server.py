@@ -31,12 +31,19 @@ from ._store import (
     parse_tl,
     peer_tl,
     utf16_len,
+    view_hash,
 )
 
 logger = logging.getLogger(__name__)
 
 DIFFERENCE_LIMIT = 1000
 """Most updates one ``GetDifference`` answer carries (then a slice)."""
+TOO_LONG_PTS = 100_000
+"""Default: a state this many pts behind is answered differenceTooLong (``World.set_difference_limits``)."""
+TOO_LONG_SECONDS = 7 * 24 * 3600.0
+"""Default: a state older than this is answered differenceTooLong."""
+DIALOGS_PAGE_LIMIT = 100
+"""Most dialogs one ``GetDialogs`` answer carries, as on Telegram."""
 
 
 @dataclass
@@ -254,7 +261,13 @@ class Server:
     # ------------------------------------------------------------- peers
 
     def input_peer(self, peer: object) -> Peer:
-        """Resolve an InputPeer (or InputUser/InputChannel) to a world peer.
+        """Resolve an InputPeer (or InputUser/InputChannel) to a world peer, as strictly as Telegram.
+
+        A user or channel must come with the access hash Telegram gave the
+        caller for it (hashes are per account). An access hash of 0 is taken
+        only where Telegram takes it: for the caller itself, for a user in
+        the caller's contacts, and from bots (which may address users and
+        channels they know by id alone).
 
         Raises:
             RpcFailure: PEER_ID_INVALID, CHANNEL_INVALID or CHAT_ID_INVALID.
@@ -262,13 +275,18 @@ class Server:
         store = self.store
         if isinstance(peer, (types.InputPeerSelf, types.InputUserSelf)):
             return self.me()
-        if isinstance(peer, (types.InputPeerUserFromMessage, types.InputUserFromMessage)):
-            return self.input_peer(types.InputPeerUser(peer.user_id, 0))
-        if isinstance(peer, types.InputPeerChannelFromMessage):
-            return self.input_peer(types.InputPeerChannel(peer.channel_id, 0))
+        if isinstance(peer, (types.InputPeerUserFromMessage, types.InputUserFromMessage,
+                             types.InputPeerChannelFromMessage)):
+            # Valid when the caller can see the chat the message is in (the hash comes from there).
+            self.input_peer(peer.peer)
+            wanted = getattr(peer, "user_id", None) or getattr(peer, "channel_id", None)
+            found = store.peer(wanted) if wanted else None
+            if found is None:
+                raise RpcFailure(400, "PEER_ID_INVALID" if hasattr(peer, "user_id") else "CHANNEL_INVALID")
+            return found
         if isinstance(peer, (types.InputPeerUser, types.InputUser)):
             found = store.peer(peer.user_id)
-            if found is None or not found.kind.is_user or peer.access_hash not in (0, found.access_hash):
+            if found is None or not found.kind.is_user or not self._hash_ok(found, peer.access_hash):
                 raise RpcFailure(400, "PEER_ID_INVALID")
             return found
         if isinstance(peer, types.InputPeerChat):
@@ -278,10 +296,23 @@ class Server:
             return found
         if isinstance(peer, (types.InputPeerChannel, types.InputChannel)):
             found = store.peer(peer.channel_id)
-            if found is None or not found.kind.is_channel or peer.access_hash not in (0, found.access_hash):
+            if found is None or not found.kind.is_channel or not self._hash_ok(found, peer.access_hash):
                 raise RpcFailure(400, "CHANNEL_INVALID")
             return found
         raise RpcFailure(400, "PEER_ID_INVALID")
+
+    def _hash_ok(self, found: Peer, access_hash: int) -> bool:
+        viewer = self.caller.account_id
+        if access_hash == view_hash(found.access_hash, viewer):
+            return True
+        if access_hash != 0 or viewer is None:
+            return False
+        if found.id == viewer:
+            return True
+        me = self.store.peer(viewer)
+        if me is not None and me.kind is PeerKind.BOT:
+            return True
+        return found.kind.is_user and self.store.is_contact(viewer, found.id)
 
     def input_channel(self, channel: object) -> Peer:
         peer = self.input_peer(channel)
@@ -395,9 +426,23 @@ class Server:
     def get_state(self, request: object) -> types.updates.State:
         return self._state(self.me())
 
+    def _too_long(self, current_pts: int, pts: int, date: float | None) -> bool:
+        """Whether a client state is too far behind to be brought up to date (Telegram keeps a bounded log)."""
+        max_pts = int(self.store.meta("difference_too_long_pts", str(TOO_LONG_PTS)) or TOO_LONG_PTS)
+        max_age = float(self.store.meta("difference_too_long_seconds", str(TOO_LONG_SECONDS)) or TOO_LONG_SECONDS)
+        if current_pts - pts > max_pts:
+            return True
+        return date is not None and self.store.clock() - date > max_age
+
     def get_difference(self, request: functions.updates.GetDifferenceRequest) -> object:
         me = self.me()
         state = self._state(me)
+        since_date = request.date.timestamp() if request.date else None
+        # A state ahead of the server's (a world reset under a saved session) cannot be brought up to date either.
+        if request.pts > state.pts or self._too_long(state.pts, request.pts, since_date):
+            # Telegram's answer to a state it can no longer bring up to date: start again from
+            # this pts; whatever happened in between must be read from the dialogs.
+            return types.updates.DifferenceTooLong(pts=state.pts)
         other_updates: list = []
         # Channels with news since the client's date: tell it to fetch their difference.
         since = request.date.timestamp() if request.date else 0.0
@@ -459,6 +504,8 @@ class Server:
         if self.store.membership(channel.id, me.id) is None and not channel.username:
             raise RpcFailure(400, "CHANNEL_PRIVATE")
         current = self.store.conn.execute("SELECT pts FROM peers WHERE id = ?", (channel.id,)).fetchone()[0]
+        if self._too_long(current, request.pts, None):
+            return self._channel_too_long(me, channel, current)
         limit = max(1, min(int(request.limit or 100), 100000))
         rows = self.store.conn.execute(
             "SELECT pts, box, pts, pts_count, date, msg_id, entity_ids, payload FROM events"
@@ -475,6 +522,24 @@ class Server:
         return types.updates.ChannelDifference(
             pts=current if final else rows[-1][0], new_messages=new_messages, other_updates=other_updates,
             chats=chats, users=users, final=final or None,
+        )
+
+    def _channel_too_long(self, me: Peer, channel: Peer, current: int) -> types.updates.ChannelDifferenceTooLong:
+        """channelDifferenceTooLong: the channel's dialog and its latest messages, and a fresh pts."""
+        rows = self.store.conn.execute(
+            "SELECT id, tl FROM messages WHERE box = ? AND deleted = 0 ORDER BY id DESC LIMIT 20", (channel.id,)
+        ).fetchall()
+        messages = [parse_tl(tl) for _, tl in rows]
+        top = rows[0][0] if rows else 0
+        dialog = types.Dialog(
+            peer=peer_tl(channel), top_message=top, read_inbox_max_id=top, read_outbox_max_id=top, unread_count=0,
+            unread_mentions_count=0, unread_reactions_count=0, unread_poll_votes_count=0,
+            notify_settings=types.PeerNotifySettings(), pts=current,
+        )
+        ids = [channel.id, *(getattr(m.from_id, "user_id", 0) for m in messages)]
+        users, chats = self.entities(ids)
+        return types.updates.ChannelDifferenceTooLong(
+            dialog=dialog, messages=messages, chats=chats, users=users, final=True
         )
 
     # ---------------------------------------------------------- sending
@@ -789,10 +854,24 @@ class Server:
             row = conn.execute(
                 "SELECT id, date, tl FROM messages WHERE box = ? AND deleted = 0 ORDER BY id DESC LIMIT 1", (channel.id,)
             ).fetchone()
-            pts = conn.execute("SELECT pts FROM peers WHERE id = ?", (channel.id,)).fetchone()[0]
+            pts, created = conn.execute("SELECT pts, created FROM peers WHERE id = ?", (channel.id,)).fetchone()
             if row:
                 entries.append((row[1], channel.id, row[0], row[2], pts))
-        entries.sort(key=lambda e: e[0], reverse=True)
+            else:  # a joined channel is a dialog even before its first post
+                entries.append((created, channel.id, 0, None, pts))
+        # Newest first, and one page at a time below the offset (date, message id, peer), as Telegram pages.
+        entries.sort(key=lambda e: (int(e[0]), e[2], e[1]), reverse=True)
+        total = len(entries)
+        if request.offset_date or request.offset_id:
+            offset_date = int(request.offset_date.timestamp()) if request.offset_date else 2**31
+            offset_peer = request.offset_peer
+            offset_peer_id = (getattr(offset_peer, "user_id", None) or getattr(offset_peer, "chat_id", None)
+                              or getattr(offset_peer, "channel_id", None) or 0)
+            offset = (offset_date, request.offset_id or 2**31, offset_peer_id)
+            entries = [e for e in entries if (int(e[0]), e[2], e[1]) < offset]
+        limit = max(1, min(int(request.limit or DIALOGS_PAGE_LIMIT), DIALOGS_PAGE_LIMIT))
+        sliced = len(entries) > limit
+        entries = entries[:limit]
         dialogs = []
         messages = []
         ids: list[int] = []
@@ -805,11 +884,15 @@ class Server:
                 unread_count=0, unread_mentions_count=0, unread_reactions_count=0, unread_poll_votes_count=0,
                 notify_settings=types.PeerNotifySettings(), pts=pts,
             ))
+            ids.append(chat_id)
+            if tl is None:
+                continue
             message = parse_tl(tl)
             messages.append(message)
-            ids.append(chat_id)
             ids.append(getattr(message.from_id, "user_id", 0))
         users, chats = self.entities(ids + [me.id])
+        if sliced:
+            return types.messages.DialogsSlice(count=total, dialogs=dialogs, messages=messages, chats=chats, users=users)
         return types.messages.Dialogs(dialogs=dialogs, messages=messages, chats=chats, users=users)
 
     # ------------------------------------------------------------- bots

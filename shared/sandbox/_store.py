@@ -223,6 +223,19 @@ def rand63() -> int:
     return random.getrandbits(62) + 1
 
 
+def view_hash(base: int, viewer_id: int | None) -> int:
+    """The access hash ``viewer_id`` is given for a peer whose own hash is ``base``.
+
+    Telegram's access hashes are per account: the hash one account holds for a
+    user or channel is refused from another. Without a viewer (the world's own
+    view) the base hash is returned.
+    """
+    if not viewer_id:
+        return base
+    mixed = (base ^ ((viewer_id * 0x9E3779B97F4A7C15) & ((1 << 64) - 1))) & ((1 << 63) - 1)
+    return mixed or 1
+
+
 def peer_tl(peer: Peer) -> types.PeerUser | types.PeerChat | types.PeerChannel:
     """The TL ``Peer`` of a world peer."""
     if peer.kind.is_user:
@@ -491,7 +504,7 @@ class Store:
             mutual_contact=mutual or None,
             deleted=peer.deactivated or None,
             bot=bot or None,
-            access_hash=peer.access_hash,
+            access_hash=view_hash(peer.access_hash, viewer_id),
             first_name=peer.first_name if not peer.deactivated else None,
             last_name=peer.last_name if not peer.deactivated else None,
             username=peer.username if not peer.deactivated else None,
@@ -524,7 +537,7 @@ class Store:
             left=(viewer_id is not None and member is None) or None,
             broadcast=(peer.kind is PeerKind.CHANNEL) or None,
             megagroup=(peer.kind is PeerKind.MEGAGROUP) or None,
-            access_hash=peer.access_hash,
+            access_hash=view_hash(peer.access_hash, viewer_id),
             username=peer.username,
             participants_count=self.member_count(peer.id),
         )

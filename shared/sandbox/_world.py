@@ -53,6 +53,7 @@ from ._store import (
     UnknownPeerError,
     WorldMessage,
     new_auth_key,
+    view_hash,
 )
 
 if TYPE_CHECKING:
@@ -706,6 +707,26 @@ class World:
                 (scope, account_id, float(rate), float(burst)),
             )
             return int(cursor.lastrowid or 0)
+
+    def set_difference_limits(self, *, max_pts: int | None = None, max_age: float | None = None) -> None:
+        """When GetDifference answers differenceTooLong (channelDifferenceTooLong for a channel).
+
+        Args:
+            max_pts: a client state more than this many pts behind is too long (default 100000).
+            max_age: an account state older than this many seconds is too long (default 7 days).
+        """
+        with self._write() as store:
+            if max_pts is not None:
+                store.set_meta("difference_too_long_pts", int(max_pts))
+            if max_age is not None:
+                store.set_meta("difference_too_long_seconds", float(max_age))
+
+    def access_hash(self, peer: PeerRef, *, viewer: PeerRef) -> int:
+        """The access hash ``viewer`` is given for ``peer`` (hashes are per account, as on Telegram)."""
+        with self._read() as store:
+            target = store.find_peer(peer)
+            seen_by = store.find_peer(viewer)
+        return view_hash(target.access_hash, seen_by.id)
 
     def limit_answers(self, account: PeerRef | None = None) -> dict[str, int]:
         """How often Telegram's limits answered a request, by error: ``FLOOD_WAIT``,

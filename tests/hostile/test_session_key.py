@@ -1,7 +1,9 @@
-"""A well-formed but wrong SESSION_ENCRYPTION_KEY: the account it cannot open is parked with a reason.
+"""A well-formed but wrong SESSION_ENCRYPTION_KEY: the account it cannot open is left alone, shown as key_mismatch.
 
-The worker stays up, the other account keeps sending, and the parked
-account's queued message is kept (not failed, not lost) for after a login.
+A key that cannot decrypt is this process's problem, not the account's: its
+status stays active (a process with the right key serves it), the worker
+stays up, the other account keeps sending, and the account's queued message
+is kept (not failed, not lost) for a process with the right key.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from worker import Worker
 pytestmark = pytest.mark.slow
 
 
-async def test_an_account_sealed_under_another_key_is_parked_with_a_reason_and_the_rest_runs(
+async def test_an_account_sealed_under_another_key_is_left_alone_shown_with_a_reason_and_the_rest_runs(
     worker_env: dict[str, str], database_url: str
 ) -> None:
     world = World.open(Path(worker_env["SANDBOX_DIR"]))
@@ -49,21 +51,19 @@ async def test_an_account_sealed_under_another_key_is_parked_with_a_reason_and_t
         assert worker.db is not None and worker.pool is not None
         await wait_until(lambda: len(worker.pool.connected()) == 1, what="demo_two connected")  # type: ignore[union-attr]
 
-        async def parked() -> bool:
-            accounts = {a.label: a for a in await worker.db.list_accounts()}  # type: ignore[union-attr]
-            return accounts["demo_one"].status is AccountStatus.NEEDS_LOGIN
-
-        await wait_until(parked, what="demo_one parked")
+        pool = worker.pool
+        await wait_until(lambda: pool.key_mismatched() == ["demo_one"], what="demo_one key_mismatch")
         accounts = {a.label: a for a in await worker.db.list_accounts()}
-        reason = accounts["demo_one"].last_error or ""
+        assert accounts["demo_one"].status is AccountStatus.ACTIVE, "the account is fine; this process's key is not"
+        reason = (await runtime.status())["accounts"]["demo_one"]["last_error"] or ""
         assert "key" in reason.lower(), f"the reason names the key: {reason!r}"
         assert "gAAAA" not in reason and old_key not in reason and new_key not in reason, "no secret in the reason"
 
-        await worker.db.enqueue_outbound(accounts["demo_one"].id, "alice", "waits for a login")
+        await worker.db.enqueue_outbound(accounts["demo_one"].id, "alice", "waits for the right key")
         await worker.db.enqueue_outbound(accounts["demo_two"].id, "bob", "goes out now")
         await wait_until(lambda: texts_received(world, "bob") == ["goes out now"], what="demo_two delivers")
         rows = {r["text"]: r for r in await outbound_rows(database_url)}
-        assert rows["waits for a login"]["status"] == "queued", "kept for after a login, not failed"
+        assert rows["waits for the right key"]["status"] == "queued", "kept for a process with the right key, not failed"
         assert not task.done(), "the worker is still running"
     finally:
         runtime.shutdown.request_stop("test over")

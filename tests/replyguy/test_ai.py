@@ -10,6 +10,7 @@ from replyguy.ai import AIClient, Drafter, load_prompt
 from replyguy.length import ELLIPSIS, MAX_WEIGHTED_LENGTH, weighted_length
 from replyguy.local_ai import LocalAI
 from shared.alerts import LogAlertSink
+from shared.errors import TransientError
 from shared.breaker import CircuitBreaker, CircuitOpenError, CircuitState
 from shared.errors import PermanentError, RateLimitedError
 from tests.replyguy.helpers import active_alerts
@@ -80,12 +81,14 @@ async def test_malformed_json_is_retried_until_the_ai_breaker_opens(
 ) -> None:
     local_ai.faults.add("malformed")
 
-    with pytest.raises(CircuitOpenError):
+    with pytest.raises(TransientError, match="not JSON") as raised:
         await drafter.draft(text=TWEET, author="demo_dev")
 
-    # ai_service opens after 3 failures: the fourth attempt never reaches the server.
+    # ai_service opens after 3 failures: the fourth attempt never reaches the server, and the
+    # caller gets the failure that opened it (to count against its item), not "breaker open".
+    assert isinstance(raised.value.__context__, CircuitOpenError)
     assert local_ai.hits["chat"] == 3 and breakers["ai_service"].state is CircuitState.OPEN
-    assert "malformed" in (breakers["ai_service"].get_status()["last_error"] or "")
+    assert "not JSON" in (breakers["ai_service"].get_status()["last_error"] or "")
 
 
 async def test_a_wrong_key_is_permanent_and_not_retried(local_ai: LocalAI, breakers: dict) -> None:

@@ -29,9 +29,11 @@ from shared.errors import (
     RateLimitedError,
     TransientError,
     UnknownOutcomeError,
+    UnresolvedPeerError,
     classify,
     classify_http_status,
     describe,
+    is_unresolved_peer,
 )
 from shared.timeouts import OperationTimeout
 
@@ -243,3 +245,17 @@ def test_describe_is_one_line_and_bounded() -> None:
     assert "\n" not in text
     assert len(text) < 350
     assert describe(KeyError()) == "KeyError"
+
+
+def test_a_numeric_id_telethon_cannot_resolve_is_permanent_and_says_what_to_do() -> None:
+    telethon_says = ValueError(
+        "Could not find the input entity for PeerUser(user_id=4242) (PeerUser). Please read https://docs.telethon.dev"
+    )
+    ours = UnresolvedPeerError("4242")
+
+    for exc in (telethon_says, ours):
+        verdict = classify(exc)
+        assert verdict.kind is ErrorKind.PERMANENT
+        assert "chat 4242 is unknown to this account" in verdict.reason
+        assert "address it by @username or phone number, or wait until the chat writes to the account first" in verdict.reason
+    assert not is_unresolved_peer(ValueError('No user has "nobody" as username'))

@@ -14,6 +14,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from shared.alerts import AlertType
 from shared.config import ConfigError, ReplyGuySettings, WorkerSettings, load_settings
 from shared.db import AccountStatus, PostgresDatabase, utc_now
 from shared.db.records import SendHoldKind
@@ -22,6 +23,7 @@ from shared.health import (
     HealthChecker,
     HealthStatus,
     PsutilSampler,
+    ResourceMonitor,
     ResourceSample,
     ResourceThresholds,
     render_table,
@@ -30,6 +32,7 @@ from shared.health import (
     temp_usage,
 )
 from shared.heartbeat import HeartbeatRecord
+from tests.helpers import RecordingAlerts
 from tests.ingest.s3_server import S3Server, s3_bucket, s3_server  # noqa: F401 - fixtures
 from tests.fixtures.bot_api import BotApiStandIn
 
@@ -442,3 +445,78 @@ async def test_cli_exits_2_with_one_line_for_a_bad_setting_or_an_unknown_check(t
     assert err.strip().splitlines() == ["CONFIG ERROR: RESOURCE_WARN_PERCENT must be a percentage above 0 and at most 100, got 'lots'"]
     code, out, err = await run_cli(tmp_path, {}, "dns")
     assert code == 2 and "unknown check 'dns'" in err
+
+
+# --- the resources verdict over a moving window ---------------------------------------------------
+
+
+class ScriptedSampler:
+    """A sampler whose CPU figure the test sets; memory and disk stay low."""
+
+    def __init__(self) -> None:
+        self.cpu = 10.0
+
+    def __call__(self, path: Path) -> ResourceSample:
+        return ResourceSample(cpu_percent=self.cpu, memory_percent=30.0, disk_percent=40.0, disk_path=str(path))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def run_for(monitor: ResourceMonitor, clock: Clock, seconds: float, step: float = 1.0) -> list[str]:
+    """Sample once per ``step`` of the test's clock for ``seconds``; the verdicts seen."""
+    verdicts = []
+    for _ in range(int(seconds / step)):
+        clock.now += step
+        verdicts.append((await monitor.sample())["status"])
+    return verdicts
+
+
+async def test_a_five_second_cpu_spike_changes_no_verdict_and_raises_no_alert(tmp_path: Path) -> None:
+    sampler, clock, alerts = ScriptedSampler(), Clock(), RecordingAlerts()
+    monitor = ResourceMonitor(data_dir=tmp_path, thresholds=ResourceThresholds(70, 90), window=60, sampler=sampler, clock=clock, alerts=alerts)
+    assert set(await run_for(monitor, clock, 60)) == {"healthy"}
+    sampler.cpu = 100.0
+    during = await run_for(monitor, clock, 5)
+    sampler.cpu = 10.0
+    after = await run_for(monitor, clock, 60)
+    assert set(during + after) == {"healthy"}
+    assert alerts.alerts == [] and alerts.resolved == []
+    spike = monitor.status()
+    assert spike["cpu_now_percent"] == 10.0 and "over 60s" in spike["detail"]
+
+
+async def test_sustained_cpu_turns_the_verdict_critical_with_one_alert_and_one_resolved(tmp_path: Path) -> None:
+    sampler, clock, alerts = ScriptedSampler(), Clock(), RecordingAlerts()
+    monitor = ResourceMonitor(data_dir=tmp_path, thresholds=ResourceThresholds(70, 90), window=60, sampler=sampler, clock=clock, alerts=alerts)
+    await run_for(monitor, clock, 60)
+    sampler.cpu = 100.0
+    high = await run_for(monitor, clock, 120)
+    assert high[0] == "healthy" and high[-1] == "error"
+    sampler.cpu = 10.0
+    low = await run_for(monitor, clock, 120)
+    assert low[-1] == "healthy"
+    assert [(a[0], a[2]) for a in alerts.alerts] == [(AlertType.RESOURCES_CRITICAL, "bot:resources")]
+    assert alerts.resolved == [(AlertType.RESOURCES_CRITICAL, "bot:resources")]
+
+
+async def test_a_zero_window_judges_the_latest_sample_alone(tmp_path: Path) -> None:
+    sampler, clock = ScriptedSampler(), Clock()
+    monitor = ResourceMonitor(data_dir=tmp_path, thresholds=ResourceThresholds(70, 90), window=0, sampler=sampler, clock=clock)
+    await run_for(monitor, clock, 10)
+    sampler.cpu = 95.0
+    assert await run_for(monitor, clock, 1) == ["error"]
+
+
+async def test_right_after_the_start_one_high_sample_is_not_yet_critical(tmp_path: Path) -> None:
+    sampler, clock, alerts = ScriptedSampler(), Clock(), RecordingAlerts()
+    sampler.cpu = 100.0
+    monitor = ResourceMonitor(data_dir=tmp_path, thresholds=ResourceThresholds(70, 90), window=60, sampler=sampler, clock=clock, alerts=alerts)
+    first = await monitor.sample()
+    assert first["status"] == "degraded" and "measured for 0s of the 60s window" in first["detail"]
+    assert alerts.alerts == []

@@ -291,6 +291,31 @@ async def test_counts_and_queue_depth_per_account(backend_db: Database) -> None:
     assert await backend_db.queue_depth(one) == 2
 
 
+async def test_queue_stats_give_depth_due_rows_and_the_oldest_due_wait_per_account(backend_db: Database) -> None:
+    one = await _account(backend_db, "one")
+    two = await _account(backend_db, "two")
+    for n in range(3):
+        await backend_db.enqueue_outbound(one, f"p{n}", "x")
+    await backend_db.enqueue_outbound(two, "p", "later", send_at=utc_now() + timedelta(hours=1))
+    row = (await backend_db.claim_outbound([one], owner="w", limit=1))[0]
+    await backend_db.mark_sent(row.id, row.lease_token or "", telegram_message_id=1, chat_id=1)
+    stats = {s.account_id: s for s in await backend_db.outbound_queue_stats()}
+    assert (stats[one].depth, stats[one].due) == (2, 2)
+    assert stats[one].oldest_due_age_seconds is not None and 0 <= stats[one].oldest_due_age_seconds < 60
+    # A message scheduled for later is in the queue but not due, so it does not age.
+    assert (stats[two].depth, stats[two].due, stats[two].oldest_due_age_seconds) == (1, 0, None)
+
+
+async def test_the_enqueuers_trace_context_travels_with_the_row_and_a_malformed_one_is_dropped(backend_db: Database) -> None:
+    account = await _account(backend_db)
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    for text, value in (("traced", traceparent), ("garbled", "00-not-a-trace-context")):
+        await backend_db.call("outbound_enqueue", {"p_account_id": account, "p_peer": "alice", "p_text": text, "p_traceparent": value})
+    rows = {r.text: r for r in await backend_db.claim_outbound([account], owner="w", limit=10)}
+    assert rows["traced"].traceparent == traceparent
+    assert rows["garbled"].traceparent is None and rows["garbled"].status is OutboundStatus.SENDING
+
+
 async def test_enqueue_wakes_a_waiting_claimer_through_notify(database: PostgresDatabase, database_url: str) -> None:
     account = await _account(database)
     subscription = await database.subscribe("outbound")

@@ -93,6 +93,7 @@ async def test_chats_we_may_not_write_to_raise_chat_write_forbidden(sandbox_worl
 async def test_a_private_channel_we_left_raises_channel_private(sandbox_world, sandbox_demo, sandbox_connect):
     secret = sandbox_world.create_channel("Secret", creator="operator", members=["demo_one"])
     client = await sandbox_connect(sandbox_demo.accounts[0])
+    await client.get_dialogs()  # how an account learns a private channel's access hash
     entity = await client.get_input_entity(secret.marked_id)
     sandbox_world.remove_member(secret, "demo_one")
 
@@ -182,3 +183,80 @@ async def test_search_and_get_messages_by_id(sandbox_world, sandbox_demo, sandbo
 
     assert found == ["apple tart", "apple pie"]
     assert by_id[0].text == "banana" and by_id[1] is None
+
+
+# --- access hashes and the update difference, as strict as Telegram ------------------------
+
+
+async def test_a_user_who_is_not_a_contact_needs_the_hash_this_account_was_given(sandbox_world, sandbox_demo, sandbox_connect):
+    stranger = sandbox_world.create_user("stranger")
+    client = await sandbox_connect(sandbox_demo.accounts[0])
+    mine = sandbox_world.access_hash(stranger, viewer=sandbox_demo.accounts[0])
+    theirs = sandbox_world.access_hash(stranger, viewer=sandbox_demo.accounts[1])
+
+    for wrong in (0, theirs):
+        with pytest.raises(errors.PeerIdInvalidError):
+            await client(functions.messages.SendMessageRequest(peer=types.InputPeerUser(stranger.id, wrong), message="hi"))
+    await client(functions.messages.SendMessageRequest(peer=types.InputPeerUser(stranger.id, mine), message="hi"))
+
+    assert [m.text for m in sandbox_world.received("stranger")] == ["hi"]
+    assert mine != theirs
+
+
+async def test_a_contact_is_taken_with_hash_zero_a_channel_never(sandbox_world, sandbox_demo, sandbox_connect):
+    client = await sandbox_connect(sandbox_demo.accounts[0])
+    alice = sandbox_world.peer("alice")
+
+    await client(functions.messages.SendMessageRequest(peer=types.InputPeerUser(alice.id, 0), message="hi"))
+    with pytest.raises(errors.ChannelInvalidError):
+        await client(functions.channels.GetChannelsRequest([types.InputChannel(sandbox_demo.channel.id, 0)]))
+    with pytest.raises(ValueError):  # Telethon's own fallback (GetUsers with hash 0) finds nothing either
+        await client.get_input_entity(sandbox_world.create_user("nobody_yet").id)
+
+
+async def test_get_difference_from_a_state_far_behind_answers_difference_too_long(sandbox_world, sandbox_demo, sandbox_connect):
+    client = await sandbox_connect(sandbox_demo.accounts[0])
+    state = await client(functions.updates.GetStateRequest())
+    sandbox_world.set_difference_limits(max_pts=2)
+
+    sandbox_world.send_incoming("alice", "demo_one", "one", gap=True)
+    near = await client(functions.updates.GetDifferenceRequest(pts=state.pts, date=state.date, qts=0))
+    for text in ("two", "three"):
+        sandbox_world.send_incoming("alice", "demo_one", text, gap=True)
+    far = await client(functions.updates.GetDifferenceRequest(pts=state.pts, date=state.date, qts=0))
+
+    assert isinstance(near, types.updates.Difference) and [m.message for m in near.new_messages] == ["one"]
+    assert isinstance(far, types.updates.DifferenceTooLong) and far.pts == state.pts + 3
+
+
+async def test_a_very_old_state_is_too_long_and_so_is_a_channel_far_behind(sandbox_world, sandbox_demo, sandbox_connect):
+    client = await sandbox_connect(sandbox_demo.accounts[0])
+    state = await client(functions.updates.GetStateRequest())
+    sandbox_world.set_difference_limits(max_age=60, max_pts=1)
+    old = state.date.replace(year=state.date.year - 1)
+    for text in ("a", "b"):
+        sandbox_world.post_to_channel("demo_photos", text=text, gap=True)
+    channel = await client.get_input_entity("demo_photos")
+
+    account = await client(functions.updates.GetDifferenceRequest(pts=state.pts, date=old, qts=0))
+    behind = await client(functions.updates.GetChannelDifferenceRequest(
+        channel=channel, filter=types.ChannelMessagesFilterEmpty(), pts=1, limit=100))
+
+    assert isinstance(account, types.updates.DifferenceTooLong)
+    assert isinstance(behind, types.updates.ChannelDifferenceTooLong) and behind.final
+    assert [m.message for m in behind.messages][:2] == ["b", "a"]
+
+
+async def test_dialogs_come_in_pages_newest_first(sandbox_world, sandbox_demo, sandbox_connect):
+    for name in ("pen_one", "pen_two", "pen_three"):
+        sandbox_world.send_incoming(sandbox_world.create_user(name), "demo_one", f"from {name}")
+    client = await sandbox_connect(sandbox_demo.accounts[0])
+
+    first = await client(functions.messages.GetDialogsRequest(
+        offset_date=None, offset_id=0, offset_peer=types.InputPeerEmpty(), limit=2, hash=0))
+    every = await client.get_dialogs()
+
+    assert isinstance(first, types.messages.DialogsSlice) and len(first.dialogs) == 2 and first.count >= 4
+    names = [d.name for d in every]
+    assert {"Pen_one", "Pen_two", "Pen_three", "Demo Photos"} <= set(names) and len(names) == len(set(names))
+    assert names.index("Pen_three") < names.index("Pen_one")
