@@ -14,6 +14,7 @@ as $$
          + coalesce((select count(*)::integer from regexp_matches(p_text, '[\U00010000-\U0010FFFF]', 'g')), 0)
 $$;
 
+-- The same arguments as before (with the trace context), so no second overload appears.
 create or replace function outbound_enqueue(
     p_account_id bigint,
     p_peer text,
@@ -22,7 +23,8 @@ create or replace function outbound_enqueue(
     p_reply_to bigint default null,
     p_chat_id bigint default null,
     p_dedupe_key text default null,
-    p_send_at timestamptz default null
+    p_send_at timestamptz default null,
+    p_traceparent text default null
 ) returns table (created boolean, id bigint, random_id bigint, status text, next_attempt_at timestamptz, created_at timestamptz)
 language plpgsql volatile
 set search_path = public, pg_temp
@@ -57,9 +59,10 @@ begin
     end if;
 
     insert into messages (account_id, direction, chat_id, peer, text, attachments, reply_to,
-                          status, next_attempt_at, random_id, dedupe_key)
+                          status, next_attempt_at, random_id, dedupe_key, traceparent)
     values (p_account_id, 'outbound', p_chat_id, btrim(p_peer), p_text, coalesce(p_attachments, '[]'::jsonb), p_reply_to,
-            'queued', coalesce(p_send_at, now()), new_random_id(), p_dedupe_key)
+            'queued', coalesce(p_send_at, now()), new_random_id(), p_dedupe_key,
+            case when p_traceparent ~ '^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$' then p_traceparent end)
     on conflict (dedupe_key) do nothing
     returning messages.id into v_id;
 
