@@ -435,7 +435,7 @@ class AccountConnection:
             self.state = ConnectionState.IDLE
         client, self.client = self.client, None
         if client is not None:
-            asyncio.ensure_future(self._disconnect(client))
+            asyncio.ensure_future(self._disconnect(client, save=False))  # the lease lapsed: the state is the next holder's
         self.on_change()
 
     def _disarm_fence(self) -> None:
@@ -538,9 +538,9 @@ class AccountConnection:
             self._watcher = None
         if client is None:
             return
-        await self._disconnect(client)
+        await self._disconnect(client, save=save)
 
-    async def _disconnect(self, client: TelegramClient) -> None:
+    async def _disconnect(self, client: TelegramClient, *, save: bool = True) -> None:
         try:
             await telegram_op(client.disconnect(), self.policy.call_timeout, "disconnect", detail=self.label)
         except Exception as exc:
@@ -951,24 +951,6 @@ class AccountPool:
             "accounts": labels,
             "fix": "give this process the SESSION_ENCRYPTION_KEY the sessions were stored with" if labels else None,
         }
-
-    async def _step(self, connection: AccountConnection) -> None:
-        try:
-            await connection.step()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a database hiccup for one account must not stop the others
-            connection._error(describe(exc))
-            logger.warning("account %s: step failed: %s", connection.label, describe(exc))
-
-    def connected(self) -> list[AccountConnection]:
-        return [c for c in self.connections.values() if c.connected]
-
-    def get(self, account_id: int) -> AccountConnection | None:
-        return self.connections.get(account_id)
-
-    async def close(self) -> None:
-        await asyncio.gather(*(c.close() for c in self.connections.values()), return_exceptions=True)
 
     def status(self) -> dict[str, dict[str, Any]]:
         return {c.label: c.status() for c in self.connections.values()}
