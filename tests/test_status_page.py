@@ -422,7 +422,7 @@ async def test_operator_page_draws_the_last_hours_trends_as_sparklines_after_a_b
         ids = await account_ids(worker)
         for n in range(30):
             await db.enqueue_outbound(ids["demo_one"], "alice", f"burst {n}")
-        await db.enqueue_outbound(ids["demo_one"], "alice", "   ")  # fails: empty
+        await db.enqueue_outbound(ids["demo_one"], "alice", "with a missing file", attachments=[str(tmp_path / "missing.jpg")])  # fails at send
         for n in range(4):
             world.send_incoming("@bob", "@demo_one", f"hello {n}")
         await wait_until(lambda: sum(v or 0 for v in trends.series("sent")) >= 30, timeout=20, what="the burst sent")
