@@ -58,6 +58,7 @@ from shared import metrics, tracing
 from shared.alerts import AlertType
 from shared.breaker import BreakerRegistry, CircuitBreaker, CircuitOpenError, CircuitState
 from shared.breaker import registry as breaker_registry
+from shared.cli import ArgumentParser, run_cli
 from shared.config import BY_NAME, ReplyGuySettings, load_or_exit, refuse_implicit_sandbox_or_exit
 from shared.db import Database, Tweet, TweetStatus
 from shared.db.retry_store import DbRetryStore
@@ -835,7 +836,7 @@ def _banner(*, x_url: str, ai_url: str, sandbox_dir: Path, operator_chat: Any) -
         f"*** AI API: local stand-in at {ai_url} (no model is called). ***",
         banner(sandbox_dir),
         f"Drafts go to the sandbox chat {operator_chat!r}; press Approve with:",
-        f"  python -m shared.sandbox --dir {sandbox_dir} press operator --chat \"Demo Operators\" --button Approve --wait 5",
+        f"  ./start.sh sandbox --dir {sandbox_dir} press operator --chat \"Demo Operators\" --button Approve --wait 5",
         "*" * 78,
     ]
     for line in lines:
@@ -1008,16 +1009,16 @@ async def cli_health(settings: ReplyGuySettings, args: argparse.Namespace) -> in
                 code = response.status
                 text = await response.text()
     except (aiohttp.ClientError, TimeoutError) as exc:
-        print(f"error: the Reply Guy is not answering at {url} ({describe(exc)})")
+        print(f"error: the Reply Guy is not answering at {url} ({describe(exc)}; is it running? ./start.sh bot)", file=sys.stderr)
         return Health.ERROR.exit_code
     if code == 401:
-        print("error: /health/detailed refused the token; set STATUS_TOKEN to the bot's")
+        print("error: /health/detailed refused the token (set STATUS_TOKEN to the bot's)", file=sys.stderr)
         return Health.ERROR.exit_code
     try:
         data = json.loads(text)
         state = Health(data["overall"])
     except (ValueError, KeyError, TypeError):
-        print(f"error: unexpected answer from {url}/health/detailed ({code})")
+        print(f"error: unexpected answer from {url}/health/detailed (HTTP {code}; is that the Reply Guy's port?)", file=sys.stderr)
         return Health.ERROR.exit_code
     if args.json:
         print(json.dumps(data, indent=2, sort_keys=True))
@@ -1030,7 +1031,11 @@ async def cli_health(settings: ReplyGuySettings, args: argparse.Namespace) -> in
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bot.py", description="The Reply Guy: tweets in, approved replies out.")
+    parser = ArgumentParser(
+        prog="./start.sh bot",
+        description="The Reply Guy: tweets in, approved replies out.",
+        epilog="Global flags: -v shows INFO logs, --debug shows a traceback on errors. Manual: docs/reply-guy.md",
+    )
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("run", help="run the bot (the default)")
     health = sub.add_parser("health", help="ask the running bot how it is: exit 0 healthy, 1 degraded, 2 error")
@@ -1042,12 +1047,17 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    """Entry point: bad input and failures end as one line (see shared.cli), never a traceback."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    args = parse_args(argv)
     settings = load_or_exit(ReplyGuySettings)
     command = args.command or "run"
     if command == "run":
         refuse_implicit_sandbox_or_exit(settings, "TELEGRAM_API_ID")
-    configure_logging(settings, stream=sys.stdout if command == "run" else sys.stderr)
+    configure_logging(settings, stream=sys.stdout if command == "run" else sys.stderr, quiet=command != "run")
     if command == "health":
         return asyncio.run(cli_health(settings, args))
     return run_bot(serve(settings, plan_for(settings)))

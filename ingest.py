@@ -65,11 +65,21 @@ from shared.errors import ErrorKind, PermanentError, classify, describe
 from shared.health import TEMP_SUBDIR
 from shared.images import ImagePolicy, ImageRejected, OversizePolicy, ProcessedImage, process_image
 from shared.retry_queue import JsonlRetryStore, RetryItem, RetryQueue
+from shared.cli import ArgumentParser, run_cli
 from shared.runtime import BotRuntime, Stats, configure_logging, run_bot
 from shared.sessions import SessionCipher
 from shared.shutdown import GracefulShutdown
 from shared.storage import ObjectInfo, Storage, open_storage
-from shared.telegram import AccountConnection, ClientFactory, ConnectionPolicy, ConnectionState, client_factory, session_cipher
+from shared.telegram import (
+    SANDBOX_INGEST_ACCOUNT,
+    SANDBOX_INGEST_PHONE,
+    AccountConnection,
+    ClientFactory,
+    ConnectionPolicy,
+    ConnectionState,
+    client_factory,
+    session_cipher,
+)
 from shared.timeouts import telegram_op
 
 logger = logging.getLogger("ingest")
@@ -923,9 +933,11 @@ def _refetch_fixes(exc: BaseException) -> bool:
 class AccountKeeper:
     """The one account ingest logs in with: chosen, leased, connected and supervised.
 
-    The account is INGEST_ACCOUNT, else the first active one. In sandbox mode
-    the demo account is provisioned when there is none, and given a fresh
-    session when its old one stopped working. Everything else (lease,
+    The account is INGEST_ACCOUNT, else the first active one; in sandbox mode
+    it is ingest's own sandbox account (``demo_ingest``, a member of the demo
+    channel), so a worker running at the same time keeps the demo accounts.
+    In sandbox mode the account is provisioned when there is none, and given
+    a fresh session when its old one stopped working. Everything else (lease,
     reconnect with backoff, alert after RECONNECT_ALERT_AFTER failures, dead
     sessions) is :class:`shared.telegram.AccountConnection`.
     """
@@ -963,7 +975,7 @@ class AccountKeeper:
 
     async def _choose(self) -> Account | None:
         accounts = sorted(await self.db.list_accounts(), key=lambda a: a.id)
-        wanted = self.settings.ingest_account
+        wanted = self.settings.ingest_account or (SANDBOX_INGEST_ACCOUNT if self.world is not None else None)
         if wanted:
             return next((a for a in accounts if a.label == wanted), None)
         return next((a for a in accounts if a.status is AccountStatus.ACTIVE), None)
@@ -973,7 +985,10 @@ class AccountKeeper:
         assert self.world is not None
         demo = await asyncio.to_thread(self.world.seed_demo)
         peer = demo.accounts[0]
-        if label:
+        label = label or SANDBOX_INGEST_ACCOUNT
+        if label == SANDBOX_INGEST_ACCOUNT:
+            peer = await asyncio.to_thread(self._sandbox_ingest_peer, demo)
+        elif label:
             with contextlib.suppress(Exception):
                 peer = await asyncio.to_thread(self.world.peer, f"@{label}")
         session = await asyncio.to_thread(self.world.session_string, peer.phone)
@@ -985,6 +1000,17 @@ class AccountKeeper:
         )
         logger.info("sandbox: account %s provisioned with a fresh session", account.label)
         return account
+
+    def _sandbox_ingest_peer(self, demo: Any) -> Any:
+        """Ingest's own sandbox user, a member of the demo channel (created once)."""
+        from shared.sandbox import SandboxError
+
+        try:
+            peer = self.world.peer(f"@{SANDBOX_INGEST_ACCOUNT}")
+        except (SandboxError, ValueError):
+            peer = self.world.create_user(SANDBOX_INGEST_ACCOUNT, phone=SANDBOX_INGEST_PHONE, first_name="Demo", last_name="Ingest")
+        self.world.add_member(demo.channel, peer)
+        return peer
 
     async def cycle(self) -> float:
         """The accounts loop: pick the account once, then keep its lease and connection."""
@@ -998,7 +1024,7 @@ class AccountKeeper:
                 self.problem = (
                     f"account {self.settings.ingest_account!r} not found or not active"
                     if self.settings.ingest_account
-                    else "no active account in telegram_accounts (python worker.py login)"
+                    else "no active account in telegram_accounts (./start.sh worker login)"
                 )
                 logger.error("ingest cannot start reading: %s", self.problem)
                 if self.alerts is not None:
@@ -1006,7 +1032,7 @@ class AccountKeeper:
                         AlertType.ACCOUNT_NEEDS_LOGIN,
                         f"ingest has no Telegram account to read with: {self.problem}",
                         key="ingest:no-account",
-                        details={"fix": "python worker.py login, or set INGEST_ACCOUNT to an active account's label"},
+                        details={"fix": "./start.sh worker login, or set INGEST_ACCOUNT to an active account's label"},
                     )
                 return self.settings.account_check_interval
             if self.problem is not None and self.alerts is not None:
@@ -1239,7 +1265,7 @@ class IngestBot:
             "*" * 78,
             banner(world.directory),
             "No TELEGRAM_API_ID/TELEGRAM_API_HASH set: ingest reads the sandbox's @demo_photos channel.",
-            "Try:  python -m shared.sandbox --help   (post images to the channel, then watch /status)",
+            "Try:  ./start.sh sandbox --help   (post images to the channel, then watch /status)",
             "*" * 78,
         ):
             logger.warning("%s", line)
@@ -1290,7 +1316,11 @@ async def cli_gc(settings: IngestSettings, *, dry_run: bool, older_than_hours: f
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="ingest.py", description="Store the images of Telegram channels in R2.")
+    parser = ArgumentParser(
+        prog="./start.sh ingest",
+        description="Store the images of Telegram channels in R2.",
+        epilog="Global flags: -v shows INFO logs, --debug shows a traceback on errors. Manual: docs/ingest.md",
+    )
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("run", help="run the bot (the default)")
     gc = sub.add_parser("gc", help="delete stored objects that no row points at (try --dry-run first)")
@@ -1303,12 +1333,17 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    """Entry point: bad input and failures end as one line (see shared.cli), never a traceback."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    args = parse_args(argv)
     settings = load_or_exit(IngestSettings)
     command = args.command or "run"
     if command == "run":
         refuse_implicit_sandbox_or_exit(settings, "TELEGRAM_API_ID")
-    configure_logging(settings, stream=sys.stdout if command == "run" else sys.stderr)
+    configure_logging(settings, stream=sys.stdout if command == "run" else sys.stderr, quiet=command != "run")
     logging.getLogger("telethon.client.downloads").setLevel(logging.WARNING)  # one INFO line per download otherwise
     if command == "gc":
         return asyncio.run(

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The one entry point.
-#   ./start.sh                      run the bot named by BOT (worker by default)
+#   ./start.sh                      run the bot named by BOT (worker by default; .env counts)
 #   ./start.sh test [pytest args]   run the test suite
 #   ./start.sh bench NAME [args]    run bench/NAME.py (--quick, --json)
+#   ./start.sh worker|ingest|bot [COMMAND ...]   that bot, or one of its commands (--help lists them)
+#   ./start.sh sandbox|db|health|config|sessions [...]  python -m shared.<that> in the venv
+#   ./start.sh supervisor [...]     supervisor.py (restarts the bot when it crashes or hangs)
 #
 # Creates .venv on first use and reinstalls only when the requirements change
 # (a hash stamp inside .venv). On Railway (RAILWAY_ENVIRONMENT set) or with
@@ -11,7 +14,33 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
-die() { echo "start.sh: $*" >&2; exit 2; }
+die() { echo "error: $*" >&2; exit 2; }
+
+# benchmarks: the runnable modules of bench/ (a leading _ marks a helper module).
+benchmarks() {
+    local file names=()
+    for file in bench/*.py; do
+        [[ -f "$file" ]] || continue
+        file=$(basename "$file" .py)
+        [[ "$file" == _* ]] || names+=("$file")
+    done
+    echo "${names[*]}"
+}
+
+# env_or_dotenv NAME: the variable from the environment, else its value in .env (real variables win, as in the bots).
+env_or_dotenv() {
+    local name=$1 line value
+    if [[ -n "${!name:-}" ]]; then
+        echo "${!name}"
+        return 0
+    fi
+    [[ -f .env ]] || return 0
+    line=$(grep -E "^[[:space:]]*(export[[:space:]]+)?${name}[[:space:]]*=" .env | tail -n 1) || return 0
+    value=${line#*=}
+    value=${value%%#*}
+    value=$(echo "$value" | sed -e 's/^[[:space:]]*//' -e 's/[[:space:]]*$//' -e "s/^[\"']//" -e "s/[\"']\$//")
+    echo "$value"
+}
 
 find_python() {
     local candidate
@@ -59,26 +88,53 @@ case "${1:-run}" in
         ;;
     bench)
         shift
-        [[ $# -ge 1 ]] || die "usage: ./start.sh bench NAME [--quick] [--json]  (available: $(ls bench/*.py 2>/dev/null | xargs -n1 basename 2>/dev/null | sed 's/\.py$//' | tr '\n' ' '))"
+        [[ $# -ge 1 ]] || die "name a benchmark: ./start.sh bench NAME [--quick] [--json] (available: $(benchmarks))"
+        if [[ "$1" == "-h" || "$1" == "--help" ]]; then
+            echo "usage: ./start.sh bench NAME [--quick] [--json]   (available: $(benchmarks))"
+            exit 0
+        fi
         name=$1
         shift
-        [[ -f "bench/$name.py" ]] || die "no benchmark named '$name' (available: $(ls bench/*.py 2>/dev/null | xargs -n1 basename 2>/dev/null | sed 's/\.py$//' | tr '\n' ' '))"
+        [[ "$name" != _* && -f "bench/$name.py" ]] || die "no benchmark named '$name' (available: $(benchmarks))"
         ensure_env requirements-bench.txt
         exec "$PY" "bench/$name.py" "$@"
         ;;
     run)
         ensure_env requirements.txt
-        bot=${BOT:-worker}
+        bot=$(env_or_dotenv BOT)
+        bot=${bot:-worker}
         case "$bot" in
             worker | ingest | bot) ;;
-            *) die "BOT must be one of worker, ingest, bot (got '$bot')" ;;
+            *) die "BOT must be one of worker, ingest, bot, got '$bot' (fix it in .env or the environment)" ;;
         esac
-        if [[ "${SUPERVISED:-}" == "1" ]]; then
+        export BOT=$bot
+        if [[ "$(env_or_dotenv SUPERVISED)" == "1" ]]; then
             exec "$PY" supervisor.py
         fi
         exec "$PY" "$bot.py"
         ;;
+    worker | ingest | bot)
+        bot=$1
+        shift
+        ensure_env requirements.txt
+        exec "$PY" "$bot.py" "$@"
+        ;;
+    supervisor)
+        shift
+        ensure_env requirements.txt
+        exec "$PY" supervisor.py "$@"
+        ;;
+    sandbox | db | health | config | sessions)
+        module=$1
+        shift
+        ensure_env requirements.txt
+        exec "$PY" -m "shared.$module" "$@"
+        ;;
+    -h | --help | help)
+        # the usage lines of the header comment above
+        sed -n '3,/^#$/p' "$0" | sed -e '/^#$/d' -e 's/^# //'
+        ;;
     *)
-        die "unknown command '$1' (use: ./start.sh, ./start.sh test, ./start.sh bench NAME)"
+        die "unknown command '$1' (./start.sh --help lists them: run, test, bench, worker, ingest, bot, sandbox, db, health, config, sessions, supervisor)"
         ;;
 esac

@@ -51,6 +51,7 @@ from typing import Any, Protocol
 import aiohttp
 
 from shared.alerts import AlertType, build_alert_sink
+from shared.cli import ArgumentParser, run_cli
 from shared.config import ConfigError, load_settings
 from shared.logs import setup_logging
 from shared.retry import exponential_delay
@@ -642,8 +643,8 @@ def _parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     if "--" in argv:
         cut = argv.index("--")
         argv, command = argv[:cut], argv[cut + 1 :]
-    parser = argparse.ArgumentParser(
-        prog="supervisor.py",
+    parser = ArgumentParser(
+        prog="./start.sh supervisor",
         description="Run $BOT.py (or the command after --), restarting it when it crashes or hangs.",
         epilog="Settings come from the environment and .env: BOT, MAX_RESTARTS, RESTART_WINDOW, "
         "HEALTH_FAIL_AFTER, HEALTH_CHECK_INTERVAL, HEALTH_STARTUP_GRACE, PORT, SHUTDOWN_GRACE, "
@@ -660,8 +661,12 @@ def _parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the process exit code (2 for a bad setting)."""
-    args, command = _parse_args(sys.argv[1:] if argv is None else argv)
+    """Command-line entry point; returns the process exit code (2 for a bad setting, see shared.cli)."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    args, command = _parse_args(argv)
     env = load_environment(args.env_file)
     try:
         settings = SupervisorSettings.from_env(env)

@@ -14,7 +14,8 @@ The story, top to bottom:
 4. history: page through ``get_messages(offset_id=...)``, saving the cursor;
 5. jobs: scheduled sends, edits, deletes, mark-read;
 6. the process: runtime, loops, heartbeat, shutdown;
-7. the command line: run, login, accounts, fleet, send, rotate-key.
+7. the command line: run, login, accounts, fleet, send, messages, history,
+   schedule, jobs, requeue, rotate-key.
 
 Exactly once, in short: every message is in the database before anything is
 sent; its ``random_id`` is fixed at enqueue; every attempt, including one
@@ -27,13 +28,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import getpass
 import json
 import logging
 import os
+import re
 import socket
 import sys
 import time
+import unicodedata
 import uuid
 from collections import OrderedDict, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -48,6 +52,7 @@ from telethon import events, functions, types, utils
 from shared.alerts import AlertType
 from shared.breaker import CircuitOpenError
 from shared import metrics, tracing
+from shared.cli import ArgumentParser, CliError, run_cli
 from shared.config import WorkerSettings, load_or_exit, refuse_implicit_sandbox_or_exit
 from shared.db import Database, open_database
 from shared.db.records import (
@@ -66,11 +71,13 @@ from shared.db.records import (
 )
 from shared.errors import ErrorKind, LimitScope, PermanentError, UnresolvedPeerError, classify, describe, is_unresolved_peer
 from shared.health import TEMP_SUBDIR, run_checks
+from shared.logs import mask_phone
 from shared.ratelimit import KeyedBuckets
 from shared.runtime import BotRuntime, StartupFailed, configure_logging, run_bot
 from shared.sessions import SessionCipher
 from shared.storage import Storage, open_storage
 from shared.telegram import (
+    SANDBOX_INGEST_ACCOUNT,
     AccountConnection,
     AccountPool,
     ConnectionPolicy,
@@ -126,6 +133,104 @@ def check_attachment(path: Path, attachment: Any) -> None:
         raise PermanentError(f"attachment too large: {size} bytes, Telegram accepts at most {FILE_LIMIT}")
     if size == 0:
         raise PermanentError(f"attachment is empty: {attachment}")
+
+
+def check_message(text: str | None, attachments: Sequence[Any]) -> None:
+    """Refuse, naming the limit and the measured length, a message Telegram would refuse.
+
+    The same checks run at enqueue (the ``outbound_enqueue`` SQL function and
+    ``send``) and before each send, so bad input never waits in the queue.
+    """
+    text = text or ""
+    if not text.strip() and not attachments:
+        raise PermanentError("empty message: no text (or only whitespace) and no attachment")
+    if len(attachments) > 1:
+        raise PermanentError(f"{len(attachments)} attachments: Telegram sends at most 1 attachment per message")
+    limit = CAPTION_LIMIT if attachments else TEXT_LIMIT
+    length = utf16_len(text)
+    if length > limit:
+        what = "caption" if attachments else "text"
+        raise PermanentError(f"{what} too long: {length} UTF-16 code units, Telegram accepts at most {limit}")
+
+
+def _joins_previous(char: str) -> bool:
+    """True when ``char`` belongs to the grapheme cluster before it (a cut before it would split one)."""
+    code = ord(char)
+    return (
+        unicodedata.combining(char) != 0
+        or unicodedata.category(char) in ("Mn", "Me", "Mc")
+        or code == 0x200D  # zero-width joiner
+        or 0xFE00 <= code <= 0xFE0F  # variation selectors
+        or 0x1F3FB <= code <= 0x1F3FF  # skin tone modifiers
+        or 0xE0020 <= code <= 0xE007F  # tag characters (subdivision flags)
+    )
+
+
+def _is_regional_indicator(char: str) -> bool:
+    return 0x1F1E6 <= ord(char) <= 0x1F1FF
+
+
+def _cluster_boundary(text: str, index: int) -> bool:
+    """True when cutting ``text`` before ``index`` splits no grapheme cluster."""
+    if index <= 0 or index >= len(text):
+        return True
+    if _joins_previous(text[index]) or text[index - 1] == "\u200d":
+        return False
+    if _is_regional_indicator(text[index]) and _is_regional_indicator(text[index - 1]):
+        # A flag is a pair of regional indicators: cut only after an even run of them.
+        run = 0
+        while index - 1 - run >= 0 and _is_regional_indicator(text[index - 1 - run]):
+            run += 1
+        return run % 2 == 0
+    return True
+
+
+_SENTENCE_END = re.compile(r"[.!?…。！？]['\")\]]*\s+|\n")
+
+
+def split_text(text: str, limit: int = TEXT_LIMIT, *, first_limit: int | None = None) -> list[str]:
+    """``text`` in consecutive parts of at most ``limit`` UTF-16 code units; joined, they are ``text``.
+
+    Each cut is at the last paragraph break that fits, else the last sentence
+    end, else the last space, else the last grapheme-cluster boundary (never
+    inside a surrogate pair, an emoji sequence or a letter with its marks).
+    The break's whitespace stays at the end of the part before it.
+    ``first_limit`` caps the first part (a caption).
+    """
+    parts: list[str] = []
+    rest = text
+    cap = first_limit or limit
+    while utf16_len(rest) > cap:
+        # The longest prefix that fits, in code points.
+        fit, units = 0, 0
+        for char in rest:
+            units += 2 if ord(char) > 0xFFFF else 1
+            if units > cap:
+                break
+            fit += 1
+        window = rest[:fit]
+        cut = 0
+        paragraph = window.rfind("\n\n")
+        if paragraph > 0:
+            cut = paragraph + 2
+            while cut < fit and rest[cut] == "\n":
+                cut += 1
+        if not cut:
+            ends = [m.end() for m in _SENTENCE_END.finditer(window)]
+            cut = ends[-1] if ends else 0
+        if not cut:
+            space = max(window.rfind(" "), window.rfind("\t"), window.rfind("\n"))
+            cut = space + 1 if space >= 0 else 0
+        if not cut:
+            cut = fit
+            while cut > 1 and not _cluster_boundary(rest, cut):
+                cut -= 1
+        parts.append(rest[:cut])
+        rest = rest[cut:]
+        cap = limit
+    if rest or not parts:
+        parts.append(rest)
+    return parts
 
 
 async def seed_sandbox_accounts(db: Database, world: Any, cipher: SessionCipher) -> list[str]:
@@ -885,22 +990,19 @@ class Outbound:
                 self.sent += 1
                 connection.sent += 1
                 self.runtime.stats.processed += 1
+                # One line per message, never its text: what an operator greps for.
+                logger.info(
+                    "message %d sent: account %s, chat %s, attempt %d, Telegram message %d",
+                    row.id, connection.label, chat_id, row.attempts, telegram_id,
+                    extra={"message_id": row.id, "account": connection.label, "chat": chat_id, "attempt": row.attempts},
+                )
             else:
                 logger.warning("lease of message %d was lost before it was marked sent", row.id)
         return True
 
     def _validate(self, row: OutboundMessage) -> None:
         """Bad input fails here, with a reason a person can act on, before any network call."""
-        text = row.text or ""
-        if not text.strip() and not row.attachments:
-            raise PermanentError("empty message: no text and no attachment")
-        if len(row.attachments) > 1:
-            raise PermanentError(f"{len(row.attachments)} attachments: send at most one attachment per message")
-        limit = CAPTION_LIMIT if row.attachments else TEXT_LIMIT
-        length = utf16_len(text)
-        if length > limit:
-            what = "caption" if row.attachments else "text"
-            raise PermanentError(f"{what} too long: {length} UTF-16 code units, Telegram accepts at most {limit}")
+        check_message(row.text, row.attachments)
         if row.attachments and storage_key(row.attachments[0]) is None:
             check_attachment(self._attachment_path(row.attachments[0]), row.attachments[0])
 
@@ -1212,19 +1314,21 @@ class Outbound:
         self.runtime.stats.error(f"message {row.id}", reason)
         log = logger.error if dead else logger.warning
         log(
-            "message %d to %s %s: %s",
+            "message %d %s: account %s, chat %s, attempt %d: %s",
             row.id,
-            row.peer,
             "is dead after its retries" if dead else "failed",
+            connection.label,
+            row.chat_id or row.peer,
+            row.attempts,
             reason,
-            extra={"message_id": row.id, "account": connection.label},
+            extra={"message_id": row.id, "account": connection.label, "chat": row.chat_id or row.peer, "attempt": row.attempts},
         )
         if dead:
             self.runtime.alerts.alert(
                 AlertType.MESSAGE_DEAD,
                 f"Message {row.id} from {connection.label} to {row.peer} is dead after {self.settings.max_message_retries} retries",
                 key=f"dead:{connection.label}",
-                details={"message_id": row.id, "error": reason, "fix": f"once the cause is fixed: python worker.py requeue {row.id}"},
+                details={"message_id": row.id, "error": reason, "fix": f"once the cause is fixed: ./start.sh worker requeue {row.id}"},
             )
 
     def status(self) -> dict[str, Any]:
@@ -1580,6 +1684,7 @@ class Worker:
             runtime.add_loop("jobs", jobs.cycle, interval=2.0)
             runtime.gauges.add("outbound_queue", lambda: metrics.refresh_worker_gauges(db, pool), timeout=settings.timeout_db)
             runtime.add_section("accounts", self.accounts_status)
+            runtime.add_ready_check("accounts", self.can_send)
             runtime.add_section("fleet", pool.fleet_status)
             runtime.add_section("outbound", outbound.status)
             runtime.add_section("sync", sync.status)
@@ -1608,7 +1713,11 @@ class Worker:
     def _accepts(self) -> Any:
         """The sandbox serves only its own accounts: a real one would be logged out by it."""
         world = self.world
-        return (lambda account: world.has_account(account.phone)) if world is not None else None
+        if world is None:
+            return None
+        # Ingest's own sandbox account is ingest's, so the two walk-throughs run side by side.
+        exclude = set() if self.settings.worker_accounts else {SANDBOX_INGEST_ACCOUNT}
+        return lambda account: world.has_account(account.phone) and account.label not in exclude
 
     async def _check_session_key(self, db: Database, cipher: SessionCipher) -> KeyCheck:
         """A key that opens none of the sessions this worker should serve is a configuration error: exit 2.
@@ -1667,30 +1776,82 @@ class Worker:
             "*" * 78,
             banner(directory),
             "No TELEGRAM_API_ID/TELEGRAM_API_HASH set: the worker runs on the local sandbox.",
-            "Try:  python worker.py send --account demo_one --to alice 'hello'",
-            "Then: python -m shared.sandbox inbox alice",
+            "Try:  ./start.sh worker send --account demo_one --to alice --wait 'hello'",
+            "Then: ./start.sh sandbox inbox alice",
             "*" * 78,
         ):
             logger.warning("%s", line)
 
     async def accounts_status(self) -> dict[str, Any]:
-        """Per account: connection, lease, queue depth, counts, flood wait, last error."""
+        """Per account: connection, lease, queue depth, counts, flood wait, last error.
+
+        Accounts the pool does not connect (needs_login, disabled) are listed
+        too, with the command that fixes them: they are why messages wait.
+        """
         assert self.db is not None and self.pool is not None
         depth: dict[int, int] = {}
         for count in await self.db.outbound_counts():
             if count.status in (OutboundStatus.QUEUED, OutboundStatus.SENDING):
                 depth[count.account_id] = depth.get(count.account_id, 0) + count.count
         status = self.pool.status()
-        for entry in status.values():
+        for account in await self.db.list_accounts():
+            if account.label in status or not self._serves(account.label):
+                continue
+            status[account.label] = {
+                "id": account.id,
+                "state": account.status.value,
+                "connected": False,
+                "last_error": account.last_error,
+            }
+        for label, entry in status.items():
             entry["queue_depth"] = depth.get(entry["id"], 0)
+            if entry.get("state") == AccountStatus.NEEDS_LOGIN.value:
+                entry["fix"] = f"./start.sh worker login --label {label}"
         return status
+
+    def _serves(self, label: str) -> bool:
+        return not self.settings.worker_accounts or label in self.settings.worker_accounts
+
+    async def can_send(self) -> None:
+        """The ``/ready`` check: at least one account is connected.
+
+        Raises:
+            PermanentError: none is, naming the accounts that need a login.
+        """
+        assert self.pool is not None
+        if self.pool.connected():
+            return
+        waiting = [c.label for c in self.pool.connections.values() if c.state.value == AccountStatus.NEEDS_LOGIN.value]
+        if self.db is not None:
+            with contextlib.suppress(Exception):
+                waiting += [
+                    a.label for a in await self.db.list_accounts(statuses=[AccountStatus.NEEDS_LOGIN])
+                    if self._serves(a.label) and a.label not in waiting
+                ]
+        if waiting:
+            raise PermanentError(f"no account can send: {', '.join(waiting)} need(s) a login (./start.sh worker login --label LABEL)")
+        raise PermanentError("no account can send: none is connected yet")
 
 
 # --- 7. the command line ----------------------------------------------------------
 
 
-async def cli_accounts(settings: WorkerSettings, as_json: bool) -> int:
+async def open_cli_database(settings: WorkerSettings) -> Database:
+    """The database for a command; in sandbox mode with the sandbox's demo accounts in it (once)."""
     db = await open_database(settings)
+    if settings.sandbox:
+        from shared.sandbox import World
+
+        try:
+            await seed_sandbox_accounts(db, World.open(settings.sandbox_path), session_cipher(settings))
+        except BaseException:
+            await db.close()
+            raise
+    return db
+
+
+async def cli_accounts(settings: WorkerSettings, as_json: bool) -> int:
+    db = await open_cli_database(settings)
     try:
         accounts = await db.list_accounts()
     finally:
@@ -1698,7 +1859,7 @@ async def cli_accounts(settings: WorkerSettings, as_json: bool) -> int:
     rows = [
         {
             "label": a.label,
-            "phone": (a.phone[:3] + "…" + a.phone[-2:]) if a.phone else None,
+            "phone": mask_phone(a.phone) if a.phone else None,
             "status": a.status.value,
             "has_session": a.has_session,
             "lease_owner": a.lease_owner,
@@ -1710,12 +1871,12 @@ async def cli_accounts(settings: WorkerSettings, as_json: bool) -> int:
     if as_json:
         print(json.dumps(rows, indent=2))
     elif not rows:
-        print("no accounts (python worker.py login adds one)")
+        print("no accounts (./start.sh worker login adds one)")
     else:
-        print(f"{'label':<20} {'status':<12} {'session':<8} {'phone':<10} lease / last error")
+        print(f"{'label':<20} {'status':<12} {'session':<8} {'phone':<16} lease / last error")
         for r in rows:
             lease = f"held by {r['lease_owner']}" if r["lease_owner"] else "-"
-            print(f"{r['label']:<20} {r['status']:<12} {'yes' if r['has_session'] else 'no':<8} {r['phone'] or '-':<10} {lease} {r['last_error'] or ''}")
+            print(f"{r['label']:<20} {r['status']:<12} {'yes' if r['has_session'] else 'no':<8} {r['phone'] or '-':<16} {lease} {r['last_error'] or ''}")
     return 0
 
 
@@ -1755,39 +1916,185 @@ async def cli_fleet(settings: WorkerSettings, as_json: bool) -> int:
     return 0
 
 
-async def account_by_label(db: Database, label: str) -> Account | None:
-    """The account labelled ``label``, or None after saying on stderr which labels exist."""
+async def account_by_label(db: Database, label: str) -> Account:
+    """The account labelled ``label``.
+
+    Raises:
+        CliError: no such account (the message lists the labels that exist).
+    """
     accounts = {a.label: a for a in await db.list_accounts()}
     if label not in accounts:
-        print(f"no account labelled {label!r} (known: {', '.join(sorted(accounts)) or 'none'})", file=sys.stderr)
-        return None
+        known = ", ".join(sorted(accounts)) or "none"
+        raise CliError(f"no account labelled {label!r}", f"known: {known}; ./start.sh worker accounts lists them")
     return accounts[label]
 
 
-async def cli_send(settings: WorkerSettings, args: argparse.Namespace) -> int:
-    db = await open_database(settings)
-    try:
-        if settings.sandbox:
-            from shared.sandbox import World
-
-            await seed_sandbox_accounts(db, World.open(settings.sandbox_path), session_cipher(settings))
-        account = await account_by_label(db, args.account)
-        if account is None:
-            return 1
-        attachments: list[Any] = [str(Path(args.file).expanduser().resolve())] if args.file else []
-        if args.storage_key:
-            attachments.append({"key": args.storage_key})
+def _attachments_of(args: argparse.Namespace) -> list[Any]:
+    """The send's attachment list, each local file checked now: missing, empty or too large is bad input."""
+    attachments: list[Any] = []
+    if args.file:
+        path = Path(args.file).expanduser().resolve()
         try:
+            check_attachment(path, args.file)
+        except PermanentError as exc:
+            raise CliError(str(exc), "check the path given to --file") from None
+        attachments.append(str(path))
+    if args.storage_key:
+        attachments.append({"key": args.storage_key})
+    return attachments
+
+
+def _message_parts(args: argparse.Namespace, attachments: Sequence[Any]) -> list[str | None]:
+    """The text of each message to queue: one, or several with ``--split``; refused at once when Telegram would refuse it."""
+    text = args.text
+    if args.split and text and not (not text.strip() and not attachments):
+        parts: list[str | None] = list(split_text(text, TEXT_LIMIT, first_limit=CAPTION_LIMIT if attachments else None))
+    else:
+        parts = [text]
+    for index, part in enumerate(parts):
+        try:
+            check_message(part, attachments if index == 0 else ())
+        except PermanentError as exc:
+            hint = "use --split to send it as several messages" if "too long" in str(exc) else "give a text, --file or --storage-key"
+            if len(attachments) > 1:
+                hint = "send one attachment per message"
+            raise CliError(str(exc), hint) from None
+    return parts
+
+
+async def cli_send(settings: WorkerSettings, args: argparse.Namespace) -> int:
+    """Queue a message (checked now against Telegram's limits); with ``--wait``, report its outcome."""
+    attachments = _attachments_of(args)
+    parts = _message_parts(args, attachments)
+    db = await open_cli_database(settings)
+    try:
+        account = await account_by_label(db, args.account)
+        ids = []
+        for index, part in enumerate(parts):
+            # Each part is its own row with its own random_id; enqueue order is send order within the chat.
+            key = args.key if args.key is None or len(parts) == 1 else f"{args.key}:{index + 1}/{len(parts)}"
             enqueued = await db.enqueue_outbound(
-                account.id, args.to, args.text, attachments=attachments, reply_to=args.reply_to, dedupe_key=args.key
+                account.id,
+                args.to,
+                part,
+                attachments=attachments if index == 0 else (),
+                reply_to=args.reply_to if index == 0 else None,
+                dedupe_key=key,
             )
-        except PermanentError as exc:  # bad input: one line, nothing queued
-            print(f"error: {classify(exc).reason}", file=sys.stderr)
-            return 1
+            ids.append(enqueued.id)
+        if args.wait is None:
+            for message_id in ids:
+                print(message_id)
+            return 0
+        return await wait_for_outcome(db, account, ids, timeout=args.wait)
     finally:
         await db.close()
         await tracing.shutdown()
-    print(enqueued.id)
+
+
+#: ``send --wait``: exit 3 when the message is still queued when the wait ends.
+EXIT_STILL_QUEUED = 3
+
+
+async def wait_for_outcome(db: Database, account: Account, ids: Sequence[int], *, timeout: float) -> int:
+    """Follow queued messages until each is sent or failed, or ``timeout`` passes; print each outcome.
+
+    Exit code: 0 all sent, 1 any failed (or dead), 3 any still queued.
+    """
+    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    pending = list(ids)
+    code = 0
+    while pending:
+        row = await db.get_outbound(pending[0])
+        if row is None:
+            print(f"failed: message {pending[0]} is no longer in the database")
+            return 1
+        if row.status is OutboundStatus.SENT:
+            took = (row.sent_at - row.created_at).total_seconds() * 1000 if row.sent_at else 0.0
+            print(f"sent: message {row.id} delivered as Telegram message {row.telegram_message_id} in {took:.0f} ms")
+            pending.pop(0)
+            continue
+        if row.status in (OutboundStatus.FAILED, OutboundStatus.DEAD):
+            print(f"failed: message {row.id}: {row.last_error or row.status.value} (after {row.attempts} attempt(s))")
+            pending.pop(0)
+            code = 1
+            continue
+        if time.monotonic() >= deadline:
+            why = await _why_queued(db, account, row)
+            for message_id in pending:
+                print(f"still queued after {time.monotonic() - started:.0f} s: message {message_id}: {why}")
+            return EXIT_STILL_QUEUED
+        # The worker NOTIFYs nothing for "sent": poll, gently.
+        await asyncio.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+    return code
+
+
+async def _why_queued(db: Database, account: Account, row: OutboundMessage) -> str:
+    """Why a message is still waiting, in words the operator can act on."""
+    current = next((a for a in await db.list_accounts() if a.id == account.id), account)
+    if current.status is AccountStatus.NEEDS_LOGIN:
+        return f"account {current.label} needs login (run: ./start.sh worker login --label {current.label})"
+    if current.status is AccountStatus.DISABLED:
+        return f"account {current.label} is disabled"
+    now = datetime.now(UTC)
+    try:
+        holds = await db.account_send_holds([current.id])
+    except Exception:  # an older schema without send holds: the row's own times still tell
+        holds = []
+    for hold in holds:
+        if hold.flood_until and hold.flood_until > now:
+            return f"flood wait until {hold.flood_until:%H:%M:%S} UTC ({hold.flood_reason or 'Telegram asked to wait'})"
+        if hold.limited_until and hold.limited_until > now:
+            return (f"account limited until {hold.limited_until:%H:%M:%S} UTC: Telegram's spam limit (PEER_FLOOD) "
+                    "holds messages to non-contacts")
+    if row.next_attempt_at and row.next_attempt_at > now + timedelta(seconds=1):
+        reason = row.last_error or "a retry is scheduled"
+        if "flood" in reason.lower() or "wait" in reason.lower():
+            return f"flood wait until {row.next_attempt_at:%H:%M:%S} UTC ({reason})"
+        return f"account limited: next attempt at {row.next_attempt_at:%H:%M:%S} UTC ({reason})"
+    if current.lease_owner is None or (current.lease_expires_at and current.lease_expires_at < now):
+        return f"no worker is serving account {current.label} (start one: ./start.sh worker)"
+    if row.last_error:
+        return f"retrying after: {row.last_error}"
+    return "the worker has not sent it yet"
+
+
+async def cli_messages(settings: WorkerSettings, args: argparse.Namespace) -> int:
+    """List outbound messages with their status and reason, newest first."""
+    db = await open_cli_database(settings)
+    try:
+        account_id = (await account_by_label(db, args.account)).id if args.account else None
+        labels = {a.id: a.label for a in await db.list_accounts()}
+        statuses = [OutboundStatus(s) for s in args.status] if args.status else None
+        rows = await db.list_outbound(statuses=statuses, account_id=account_id, limit=args.limit)
+    finally:
+        await db.close()
+    listed = [
+        {
+            "id": r.id,
+            "account": labels.get(r.account_id, str(r.account_id)),
+            "to": r.peer,
+            "status": r.status.value,
+            "attempts": r.attempts,
+            "telegram_message_id": r.telegram_message_id,
+            "created_at": r.created_at.isoformat(),
+            "sent_at": r.sent_at.isoformat() if r.sent_at else None,
+            "next_attempt_at": r.next_attempt_at.isoformat() if r.next_attempt_at else None,
+            "reason": r.last_error,
+        }
+        for r in rows
+    ]
+    if args.json:
+        print(json.dumps(listed, indent=2))
+        return 0
+    if not listed:
+        print("no outbound messages" + (" with that status" if statuses else ""))
+        return 0
+    print(f"{'id':>8}  {'account':<14} {'to':<18} {'status':<8} {'tries':>5}  reason")
+    for m in listed:
+        reason = m["reason"] or (f"Telegram message {m['telegram_message_id']}" if m["status"] == "sent" else "")
+        print(f"{m['id']:>8}  {m['account']:<14} {m['to']:<18} {m['status']:<8} {m['attempts']:>5}  {reason}")
     return 0
 
 
@@ -1796,14 +2103,11 @@ async def cli_requeue(settings: WorkerSettings, args: argparse.Namespace) -> int
     if not (args.ids or args.account or args.all):
         print("name message ids, --account LABEL or --all (try --dry-run first)", file=sys.stderr)
         return 2
-    db = await open_database(settings)
+    db = await open_cli_database(settings)
     try:
         account_id = None
         if args.account:
-            account = await account_by_label(db, args.account)
-            if account is None:
-                return 1
-            account_id = account.id
+            account_id = (await account_by_label(db, args.account)).id
         statuses = [OutboundStatus(s) for s in args.status] if args.status else [OutboundStatus.FAILED, OutboundStatus.DEAD]
         rows = await db.requeue_outbound(ids=args.ids or None, account_id=account_id, statuses=statuses, dry_run=args.dry_run)
     finally:
@@ -1818,6 +2122,153 @@ async def cli_requeue(settings: WorkerSettings, args: argparse.Namespace) -> int
     for r in rows:
         print(f"{verb} {r.id} to {r.peer} (was {r.previous_status.value}: {r.last_error or 'no error recorded'})")
     print(f"{len(rows)} message(s) {outcome}")
+    return 0
+
+
+async def chat_id_of(db: Database, settings: WorkerSettings, account: Account, peer: str) -> int:
+    """The numeric chat id of ``peer`` for a job: a number as given, else a chat the worker already stored.
+
+    A job cannot resolve a username itself without logging in a second copy
+    of a session a running worker holds; the sandbox can answer directly.
+    """
+    text = peer.strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    chat = await db.find_chat(account.id, text)
+    if chat is not None:
+        return chat.telegram_chat_id
+    if settings.sandbox:
+        from shared.sandbox import World, SandboxError
+
+        try:
+            found = World.open(settings.sandbox_path).peer(text)
+        except (SandboxError, ValueError):
+            found = None
+        if found is not None:
+            if found.kind.is_user:
+                return utils.get_peer_id(types.PeerUser(found.id))
+            if found.kind.is_channel:
+                return utils.get_peer_id(types.PeerChannel(found.id))
+            return utils.get_peer_id(types.PeerChat(found.id))
+    raise CliError(
+        f"account {account.label} knows no chat {peer!r}",
+        "give the numeric chat id, or let the worker receive a message from that chat first",
+    )
+
+
+_RELATIVE = re.compile(r"^\+?(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d)$")
+
+
+def parse_when(raw: str, *, now: datetime | None = None) -> datetime:
+    """``--at``: ``now``, ``+30s`` / ``+10m`` / ``+2h`` / ``+1d``, or an ISO 8601 time (UTC when no zone is given)."""
+    now = now or datetime.now(UTC)
+    text = raw.strip().lower()
+    if text == "now":
+        return now
+    relative = _RELATIVE.match(text)
+    if relative:
+        unit = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}[relative.group(2)]
+        return now + timedelta(seconds=float(relative.group(1)) * unit)
+    try:
+        when = datetime.fromisoformat(raw.strip())
+    except ValueError:
+        raise CliError(f"--at {raw!r} is not a time", "use now, +10m, +2h, +1d or 2026-12-24T18:00 (UTC unless a zone is given)") from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+async def cli_history(settings: WorkerSettings, args: argparse.Namespace) -> int:
+    """Ask the worker to fetch a chat's past messages (a history job)."""
+    if args.limit is not None and args.limit <= 0:
+        raise CliError(f"--limit must be above 0, got {args.limit}", "leave it out for the whole history")
+    db = await open_cli_database(settings)
+    try:
+        account = await account_by_label(db, args.account)
+        chat_id = await chat_id_of(db, settings, account, args.chat)
+        job = await db.create_history_job(account.id, chat_id, target_count=args.limit)
+    finally:
+        await db.close()
+    what = f"the last {args.limit} messages" if args.limit else "the whole history"
+    print(f"history job {job.id} ({job.status.value}): {what} of chat {chat_id} for {account.label}; "
+          "follow it with ./start.sh worker jobs")
+    return 0
+
+
+async def cli_schedule(settings: WorkerSettings, args: argparse.Namespace) -> int:
+    """Schedule a send (or an edit, a delete) for a later time (a message job)."""
+    when = parse_when(args.at)
+    payload: dict[str, Any] = {"peer": args.to}
+    if args.delete is not None:
+        kind = MessageJobKind.DELETE
+        payload["message_ids"] = [args.delete]
+    elif args.edit is not None:
+        kind = MessageJobKind.EDIT
+        if not (args.text or "").strip():
+            raise CliError("an edit needs the new text", "give it after the options")
+        payload.update(message_id=args.edit, text=args.text)
+    else:
+        kind = MessageJobKind.SEND
+        payload["text"] = args.text
+    if kind is not MessageJobKind.DELETE:
+        try:
+            check_message(args.text, ())
+        except PermanentError as exc:
+            raise CliError(str(exc), "shorten it, or schedule several messages") from None
+    db = await open_cli_database(settings)
+    try:
+        account = await account_by_label(db, args.account)
+        job = await db.create_message_job(account.id, kind, payload, run_at=when, dedupe_key=args.key)
+    finally:
+        await db.close()
+    print(f"{kind.value} job {job.id} for {account.label} to {args.to} at {job.run_at:%Y-%m-%d %H:%M:%S} UTC; "
+          "follow it with ./start.sh worker jobs")
+    return 0
+
+
+async def cli_jobs(settings: WorkerSettings, args: argparse.Namespace) -> int:
+    """History and message jobs with their progress, newest first."""
+    statuses = [JobStatus(s) for s in args.status] if args.status else None
+    db = await open_cli_database(settings)
+    try:
+        labels = {a.id: a.label for a in await db.list_accounts()}
+        history = await db.list_history_jobs(statuses=statuses, limit=args.limit)
+        scheduled = await db.list_message_jobs(statuses=statuses, limit=args.limit)
+    finally:
+        await db.close()
+    rows: list[dict[str, Any]] = []
+    for h in history:
+        percent = round(min(100.0, 100.0 * h.fetched_count / h.target_count), 1) if h.target_count else (
+            100.0 if h.status is JobStatus.DONE else None
+        )
+        rows.append({
+            "id": h.id, "type": "history", "account": labels.get(h.account_id, str(h.account_id)), "status": h.status.value,
+            "chat_id": h.chat_id, "fetched": h.fetched_count, "stored": h.stored_count, "target": h.target_count,
+            "percent": percent, "run_at": h.run_at.isoformat(), "attempts": h.attempts, "reason": h.last_error,
+        })
+    for m in scheduled:
+        rows.append({
+            "id": m.id, "type": m.kind.value, "account": labels.get(m.account_id, str(m.account_id)), "status": m.status.value,
+            "to": m.payload.get("peer"), "run_at": m.run_at.isoformat(), "attempts": m.attempts, "result": m.result,
+            "reason": m.last_error,
+        })
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    if not rows:
+        print("no jobs (./start.sh worker history ... or ./start.sh worker schedule ... adds one)")
+        return 0
+    print(f"{'id':>6}  {'type':<9} {'account':<14} {'status':<8} progress / when")
+    for r in rows:
+        if r["type"] == "history":
+            target = f"/{r['target']}" if r["target"] else ""
+            percent = f" ({r['percent']:g}%)" if r["percent"] is not None else ""
+            detail = f"chat {r['chat_id']}: {r['fetched']}{target} fetched, {r['stored']} new{percent}"
+        else:
+            detail = f"to {r['to']} at {r['run_at'][:19].replace('T', ' ')} UTC"
+            if r["result"]:
+                detail += f" -> {json.dumps(r['result'])}"
+        if r["reason"]:
+            detail += f"; {r['reason']}"
+        print(f"{r['id']:>6}  {r['type']:<9} {r['account']:<14} {r['status']:<8} {detail}")
     return 0
 
 
@@ -1875,8 +2326,19 @@ async def cli_rotate_key(settings: WorkerSettings) -> int:
     return 0
 
 
+def _seconds(raw: str) -> float:
+    value = float(raw)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0 seconds, got {raw}")
+    return value
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="worker.py", description="The Telegram account worker.")
+    parser = ArgumentParser(
+        prog="./start.sh worker",
+        description="The Telegram account worker.",
+        epilog="Global flags: -v shows INFO logs, --debug shows a traceback on errors. Manual: docs/worker.md",
+    )
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("run", help="run the worker (the default)")
     login = sub.add_parser("login", help="log in an account and store its encrypted session")
@@ -1884,7 +2346,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     login.add_argument("--phone")
     accounts = sub.add_parser("accounts", help="list accounts and their state (no secrets)")
     accounts.add_argument("--json", action="store_true")
-    send = sub.add_parser("send", help="queue an outbound message and print its id")
+    send = sub.add_parser(
+        "send",
+        help="queue an outbound message and print its id",
+        epilog="Refused at once (exit 2) when Telegram would refuse it: empty text, text over 4096 "
+        "or caption over 1024 UTF-16 units, a missing file. With --wait: exit 0 sent, 1 failed, "
+        "3 still queued. Example: ./start.sh worker send --account demo_one --to alice --wait 'hello'",
+    )
     send.add_argument("--account", required=True, help="the sending account's label")
     send.add_argument("--to", required=True, help="username, phone or numeric chat id")
     send.add_argument("text", nargs="?", default=None)
@@ -1892,6 +2360,42 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     send.add_argument("--storage-key", help="attach this object from storage (R2, or DATA_DIR/objects)")
     send.add_argument("--reply-to", type=int)
     send.add_argument("--key", help="dedupe key: the same key never queues twice")
+    send.add_argument(
+        "--split", action="store_true", help="a text over Telegram's limit goes as several messages, cut at paragraphs, sentences or words"
+    )
+    send.add_argument(
+        "--wait", nargs="?", const="30", default=None, metavar="SECONDS",
+        help="wait up to SECONDS (default 30) for the outcome and print it",
+    )
+    history = sub.add_parser("history", help="fetch a chat's past messages into the database (a history job)")
+    history.add_argument("--account", required=True, help="the account whose chat it is")
+    history.add_argument("--chat", required=True, help="numeric chat id, or a username / title the worker has seen")
+    history.add_argument("--limit", type=int, help="only the newest N messages (default: the whole history)")
+    schedule = sub.add_parser(
+        "schedule",
+        help="send (or edit, delete) a message at a later time (a message job)",
+        epilog="--at takes now, +30s, +10m, +2h, +1d or an ISO time such as 2026-12-24T18:00 (UTC unless a zone is given). "
+        "Example: ./start.sh worker schedule --account demo_one --to alice --at +1m 'see you'",
+    )
+    schedule.add_argument("--account", required=True, help="the sending account's label")
+    schedule.add_argument("--to", required=True, help="username, phone or numeric chat id")
+    schedule.add_argument("--at", required=True, metavar="TIME", help="when to run it")
+    change = schedule.add_mutually_exclusive_group()
+    change.add_argument("--edit", type=int, metavar="MESSAGE_ID", help="edit this Telegram message to TEXT instead of sending")
+    change.add_argument("--delete", type=int, metavar="MESSAGE_ID", help="delete this Telegram message instead of sending")
+    schedule.add_argument("--key", help="dedupe key: the same key never schedules twice")
+    schedule.add_argument("text", nargs="?", default=None)
+    jobs = sub.add_parser("jobs", help="list history and message jobs with their progress")
+    jobs.add_argument("--status", action="append", choices=[s.value for s in JobStatus], help="only this status (repeatable)")
+    jobs.add_argument("--limit", type=int, default=50, help="at most this many of each type, newest first (default 50)")
+    jobs.add_argument("--json", action="store_true")
+    messages = sub.add_parser("messages", help="list outbound messages with their status and reason")
+    messages.add_argument(
+        "--status", action="append", choices=[s.value for s in OutboundStatus], help="only this status (repeatable)"
+    )
+    messages.add_argument("--account", help="only this account's messages")
+    messages.add_argument("--limit", type=int, default=50, help="at most this many, newest first (default 50)")
+    messages.add_argument("--json", action="store_true")
     sub.add_parser("rotate-key", help="re-encrypt all sessions under the newest SESSION_ENCRYPTION_KEY")
     fleet = sub.add_parser("fleet", help="list the worker replicas: heartbeat, accounts held, target share")
     fleet.add_argument("--json", action="store_true")
@@ -1902,17 +2406,31 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     requeue.add_argument("--status", action="append", choices=["failed", "dead"], help="only this status (repeatable)")
     requeue.add_argument("--dry-run", action="store_true", help="list what would be requeued, change nothing")
     requeue.add_argument("--json", action="store_true")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if getattr(args, "wait", None) is not None:
+        # `--wait 'hello'`: a word after --wait is the text, not the seconds.
+        try:
+            args.wait = _seconds(args.wait)
+        except (ValueError, argparse.ArgumentTypeError) as exc:
+            if args.text is not None or isinstance(exc, argparse.ArgumentTypeError):
+                parser.error(f"argument --wait: {exc}" if isinstance(exc, argparse.ArgumentTypeError) else f"argument --wait: not a number of seconds: {args.wait!r}")
+            args.text, args.wait = args.wait, 30.0
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    """Entry point: bad input and failures end as one line (see shared.cli), never a traceback."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    args = parse_args(argv)
     settings = load_or_exit(WorkerSettings)
     command = args.command or "run"
     if command == "run":
         refuse_implicit_sandbox_or_exit(settings, "TELEGRAM_API_ID")
-    # A command's own output is its answer on stdout; its logs go to stderr.
-    configure_logging(settings, stream=sys.stdout if command == "run" else sys.stderr)
+    # A command's own output is its answer on stdout; its logs go to stderr, warnings only unless -v.
+    configure_logging(settings, stream=sys.stdout if command == "run" else sys.stderr, quiet=command != "run")
     tracing.setup("worker")  # only when OTEL_EXPORTER_OTLP_ENDPOINT is set: `send` starts a message's trace
     if command == "run":
         return run_bot(Worker(settings).run())
@@ -1920,6 +2438,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(cli_accounts(settings, args.json))
     if command == "send":
         return asyncio.run(cli_send(settings, args))
+    if command == "messages":
+        return asyncio.run(cli_messages(settings, args))
+    if command == "history":
+        return asyncio.run(cli_history(settings, args))
+    if command == "schedule":
+        return asyncio.run(cli_schedule(settings, args))
+    if command == "jobs":
+        return asyncio.run(cli_jobs(settings, args))
     if command == "login":
         return asyncio.run(cli_login(settings, args))
     if command == "rotate-key":

@@ -3,9 +3,9 @@
 Each variable is a :class:`Setting` in :data:`SETTINGS` with its parser, its
 default, the form it expects and a comment. The settings classes are frozen
 dataclasses whose field names are the lower-cased variable names, so one
-declaration serves the code, ``.env.example`` and the README table
-(``python -m shared.config env-example`` / ``markdown`` print them, and a
-test checks both files against this registry).
+declaration serves the code, ``.env.example`` and docs/configuration.md
+(``./start.sh config env-example`` prints the one, ``./start.sh config docs``
+writes the other, and a test checks both files against this registry).
 
 A wrong or missing value raises :class:`ConfigError` naming the variable and
 the expected form; :func:`load_or_exit` turns that into one line on stderr
@@ -214,7 +214,7 @@ SETTINGS: list[Setting] = [
     Setting("MAX_IMAGE_SIZE_BYTES", _int(1), 52428800, "a whole number of bytes >= 1", "Larger media is skipped before download.", frozenset({"ingest"})),
     Setting("MAX_IMAGE_DIMENSION", _int(16), 8192, "a whole number of pixels >= 16", "Longest side kept; larger images are downscaled or skipped.", frozenset({"ingest"})),
     # Process and server
-    Setting("PORT", _int(0, 65535), 8080, "a port number 0-65535", "Port of the status server (Railway sets it).", PROCESS),
+    Setting("PORT", _int(0, 65535), None, "a port number 0-65535", "Port of the status server (Railway sets it). Unset: worker 8080, ingest 8081, bot 8082, so the three run side by side.", PROCESS),
     Setting("DATA_DIR", _path, Path("./.data"), "a directory path", "Local state: embedded PostgreSQL, sandbox world, spill files."),
     Setting("SANDBOX", _bool, False, "0 or 1", "Run on the local sandbox although a database is configured (without it, a bot with DATABASE_URL or SUPABASE_URL but no credentials refuses to start). Only sandbox accounts are used.", field_name="sandbox_requested"),
     Setting("SANDBOX_DIR", _path, None, "a directory path", "Telegram sandbox world (default <DATA_DIR>/sandbox), used when no Telegram credentials are set."),
@@ -240,7 +240,7 @@ SETTINGS: list[Setting] = [
     # Telegram user accounts (worker, ingest)
     Setting("TELEGRAM_API_ID", _int(1), None, "a whole number from my.telegram.org", "Telegram API id (bots need one too); unset means sandbox mode (no real Telegram).", TELEGRAM | {"bot"}),
     Setting("TELEGRAM_API_HASH", _text, None, "the API hash from my.telegram.org", "Telegram API hash, with TELEGRAM_API_ID.", TELEGRAM | {"bot"}, secret=True),
-    Setting("SESSION_ENCRYPTION_KEY", _fernet_keys, None, "a Fernet key (python -m shared.sessions new-key)", "Encrypts Telegram sessions at rest; several comma-separated, newest first, during a rotation. Required outside sandbox mode.", TELEGRAM, secret=True),
+    Setting("SESSION_ENCRYPTION_KEY", _fernet_keys, None, "a Fernet key (./start.sh sessions new-key)", "Encrypts Telegram sessions at rest; several comma-separated, newest first, during a rotation. Required outside sandbox mode.", TELEGRAM, secret=True),
     Setting("TIMEOUT_TELEGRAM_CONNECT", _float(0, exclusive=True), 30.0, "a number of seconds > 0", "Deadline of connecting one account.", TELEGRAM),
     Setting("ACCOUNT_LEASE_SECONDS", _float(1), 20.0, "a number of seconds >= 1", "An account's lease; renewed every third of it, lapses after a kill (another replica takes the account within this plus ACCOUNT_CHECK_INTERVAL and 2 s).", TELEGRAM),
     Setting("ACCOUNT_CHECK_INTERVAL", _float(0, exclusive=True), 5.0, "a number of seconds > 0", "How often each account's lease and connection, and the worker fleet, are checked.", TELEGRAM),
@@ -382,7 +382,9 @@ class CommonSettings:
             )
 
     def validate(self) -> None:
-        if self.sandbox_requested and not self.sandbox:
+        # Settings of no particular bot (./start.sh db, ./start.sh config check) have no mode to contradict.
+        own_mode = type(self).sandbox is not CommonSettings.sandbox
+        if self.sandbox_requested and own_mode and not self.sandbox:
             raise ConfigError("SANDBOX", "0 (or unset) while real credentials are set: pick one", "1")
         if self.resource_critical_percent < self.resource_warn_percent:
             raise ConfigError(
@@ -592,6 +594,19 @@ def parse_setting(setting: Setting, env: Mapping[str, str]) -> Any:
         raise ConfigError(setting.name, setting.expected, raw, secret=setting.secret) from None
 
 
+#: The status server's port per bot when PORT is unset: the walk-throughs run side by side.
+DEFAULT_PORTS = {"worker": 8080, "ingest": 8081, "bot": 8082}
+
+#: Which bot a settings class belongs to (for its default port).
+_BOT_OF_CLASS = {"WorkerSettings": "worker", "IngestSettings": "ingest", "ReplyGuySettings": "bot"}
+
+
+def default_port(cls: type, values: Mapping[str, Any]) -> int:
+    """PORT's default for the bot ``cls`` configures (a supervisor probes the bot it runs: BOT)."""
+    bot = _BOT_OF_CLASS.get(cls.__name__) or str(values.get("bot") or "worker")
+    return DEFAULT_PORTS.get(bot, DEFAULT_PORTS["worker"])
+
+
 def load_settings(cls: type[S], env: Mapping[str, str] | None = None) -> S:
     """Build ``cls`` from ``env`` (default: :func:`read_environment`).
 
@@ -605,6 +620,8 @@ def load_settings(cls: type[S], env: Mapping[str, str] | None = None) -> S:
         if setting is None:
             raise RuntimeError(f"settings field {cls.__name__}.{f.name} has no Setting in shared.config.SETTINGS")
         values[f.name] = parse_setting(setting, source)
+    if "port" in values and values["port"] is None:
+        values["port"] = default_port(cls, values)
     settings = cls(**values)
     check = getattr(settings, "validate", None)
     if callable(check):
@@ -653,7 +670,7 @@ def _used_by(setting: Setting) -> str:
 def render_env_example() -> str:
     lines = [
         "# Every setting the bots read, with its default. Copy to .env and edit.",
-        "# Generated from shared/config.py: python -m shared.config env-example > .env.example",
+        "# Generated from shared/config.py: ./start.sh config env-example > .env.example",
         "# An empty value means unset (the default applies).",
     ]
     for s in SETTINGS:
@@ -673,28 +690,37 @@ def render_markdown_table() -> str:
     return "\n".join(rows) + "\n"
 
 
-README_START = "<!-- settings:start -->"
-README_END = "<!-- settings:end -->"
+#: The generated settings reference.
+CONFIGURATION_DOC = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 
 
-def update_readme(path: Path) -> bool:
-    """Rewrite the settings table between the README's markers. True when it changed."""
-    text = path.read_text(encoding="utf-8")
-    head, start, rest = text.partition(README_START)
-    _, end, tail = rest.partition(README_END)
-    if not start or not end:
-        raise ValueError(f"{path} has no {README_START} ... {README_END} markers")
-    updated = f"{head}{README_START}\n{render_markdown_table()}{README_END}{tail}"
-    if updated != text:
-        path.write_text(updated, encoding="utf-8")
-    return updated != text
+def render_configuration_doc() -> str:
+    """docs/configuration.md: every setting, generated from :data:`SETTINGS` (a test keeps it current)."""
+    return (
+        "# Configuration\n\n"
+        "<!-- Generated from shared/config.py: ./start.sh config docs. Edit the Setting there, not this file. -->\n\n"
+        "Every variable the bots and the supervisor read, its default and what it does. "
+        "`.env.example` lists the same with comments: copy it to `.env` for local runs "
+        "(real environment variables win over `.env`). A bad value stops start-up with one line naming "
+        "the variable and the form it expects (exit 2).\n\n"
+        "The few a real deployment needs are listed in the [README](../README.md#going-real); "
+        "everything else has a default that works.\n\n"
+        + render_markdown_table()
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if args == ["update-readme"]:
-        changed = update_readme(Path("README.md"))
-        sys.stdout.write("README.md updated\n" if changed else "README.md already up to date\n")
+    if args in (["-h"], ["--help"]) or args[1:] in (["-h"], ["--help"]):
+        sys.stdout.write(
+            "usage: ./start.sh config env-example | markdown | docs | check\n"
+            "  env-example  print .env.example\n  markdown     print the settings table\n"
+            "  docs         write docs/configuration.md\n  check        load the settings, exit 2 naming a bad one\n"
+        )
+        return 0
+    if args == ["docs"]:
+        CONFIGURATION_DOC.write_text(render_configuration_doc(), encoding="utf-8")
+        sys.stdout.write(f"{CONFIGURATION_DOC.relative_to(CONFIGURATION_DOC.parent.parent)} written\n")
         return 0
     if args == ["env-example"]:
         sys.stdout.write(render_env_example())
@@ -706,7 +732,7 @@ def main(argv: list[str] | None = None) -> int:
         load_or_exit(CommonSettings)
         sys.stdout.write("configuration OK\n")
         return 0
-    sys.stderr.write("usage: python -m shared.config env-example | markdown | update-readme | check\n")
+    sys.stderr.write("usage: ./start.sh config env-example | markdown | docs | check\n")
     return 2
 
 

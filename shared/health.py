@@ -69,6 +69,7 @@ from shared.config import (
     load_settings,
     read_environment,
 )
+from shared.cli import ArgumentParser
 from shared.errors import describe
 from shared.logs import redact, register_secret, setup_logging
 from shared.timeouts import OperationTimeout, bounded, deadline
@@ -804,7 +805,7 @@ class HealthChecker:
             words.append(f"limited by Telegram (PEER_FLOOD, messages to non-contacts wait): {', '.join(sorted(limited))}")
         if not accounts:
             verdicts.append(HealthStatus.DEGRADED)
-            words.append("no Telegram accounts (python worker.py login)")
+            words.append("no Telegram accounts (./start.sh worker login)")
         else:
             words.append(f"{len(active)} of {len(accounts)} accounts active")
         return HealthStatus.worst(verdicts), prefix + "; ".join(words), data
@@ -986,8 +987,8 @@ _HEARTBEAT_IDS_BY_BOT: dict[str, Callable[[Any], tuple[str, ...] | None]] = {
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m shared.health",
+    parser = ArgumentParser(
+        prog="./start.sh health",
         description="Check the bot's dependencies. Exit 0 healthy, 1 degraded, 2 error.",
         epilog="Settings come from the environment and .env (BOT picks the bot: worker, ingest or bot). "
         "Resource thresholds: RESOURCE_WARN_PERCENT (70), RESOURCE_CRITICAL_PERCENT (90).",
@@ -1023,21 +1024,26 @@ async def _main(names: list[str], *, as_json: bool, timeout: float, env: Mapping
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m shared.health``: run the checks, print them, return the exit code."""
+    from shared.cli import run_cli
+
+    return run_cli(_main_cli, argv)
+
+
+def _main_cli(argv: list[str]) -> int:
     parser = _parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
     try:
         names = expand_names(args.checks)
     except ValueError as exc:
-        parser.print_usage(sys.stderr)
-        sys.stderr.write(f"{parser.prog}: {exc}\n")
-        return 2
+        parser.error(str(exc))
     if not args.timeout > 0:
-        sys.stderr.write(f"{parser.prog}: --timeout must be above 0\n")
-        return 2
+        parser.error("--timeout must be above 0")
     env = read_environment()
     # The table is the output: logs (to stderr) only for errors, or everything with LOG_LEVEL=DEBUG.
+    from shared.cli import verbose
+
     debug = (env.get("LOG_LEVEL") or "").strip().upper() == "DEBUG"
-    setup_logging(level="DEBUG" if debug else "ERROR", fmt="text", stream=sys.stderr)
+    setup_logging(level="DEBUG" if debug else "INFO" if verbose() else "ERROR", fmt="text", stream=sys.stderr)
     try:
         return asyncio.run(_main(names, as_json=args.json, timeout=args.timeout, env=env))
     except KeyboardInterrupt:

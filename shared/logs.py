@@ -70,6 +70,15 @@ def _mask_phone(match: re.Match[str]) -> str:
     return "".join(out)
 
 
+def mask_phone(phone: str) -> str:
+    """A phone number as every output shows it: the last two digits only (``+*********67``).
+
+    The log redaction masks numbers found in text the same way.
+    """
+    text = phone if phone.startswith("+") or not phone[:1].isdigit() else f"+{phone}"
+    return _mask_phone(re.match(r".*", text, flags=re.DOTALL))  # type: ignore[arg-type]
+
+
 _B64URL = r"A-Za-z0-9_\-"
 
 # (pattern, replacement) applied in order, after the registered secrets.

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ import shared
 from shared import tracing
 from shared.alerts import AlertSink, AlertType, build_alert_sink
 from shared.breaker import registry as breakers
+from shared.cli import CliError, cli_log_level, error_line, port_error
 from shared.config import CommonSettings
 from shared.db import Database, DatabaseSettings, open_database
 from shared.errors import ErrorKind, classify, describe
@@ -106,6 +108,9 @@ def run_bot(main: Coroutine[Any, Any, None]) -> int:
         asyncio.run(main)
     except StartupAborted:
         return 0
+    except CliError as exc:  # raised before logging could say it (a port in use): one line on stderr
+        sys.stderr.write(error_line(exc) + "\n")
+        return exc.code
     except StartupFailed as exc:
         return exc.exit_code
     except Exception:
@@ -119,9 +124,14 @@ def code_version() -> str:
     return f"{shared.__version__}+{sha}" if sha else shared.__version__
 
 
-def configure_logging(settings: CommonSettings, *, stream: Any = None) -> None:
-    """Logging per LOG_LEVEL / LOG_FORMAT, with every configured secret redacted."""
-    setup_logging(level=settings.log_level, fmt=settings.log_format, stream=stream)
+def configure_logging(settings: CommonSettings, *, stream: Any = None, quiet: bool = False) -> None:
+    """Logging per LOG_LEVEL / LOG_FORMAT, with every configured secret redacted.
+
+    ``quiet``: a one-shot command, whose answer is its output: warnings and
+    errors only, unless ``-v`` (or LOG_LEVEL=DEBUG).
+    """
+    level = cli_log_level(settings.log_level) if quiet else settings.log_level
+    setup_logging(level=level, fmt=settings.log_format, stream=stream)
     for secret in settings.secrets():
         register_secret(secret)
 
@@ -401,9 +411,14 @@ class BotRuntime:
                             AlertType.INITIALIZATION_FAILED,
                             f"{self.bot} could not start: {what}: {verdict.reason}",
                             key=key,
-                            details={"fix": fix},
+                            details={"fix": getattr(exc, "fix", None) or fix},
                         )
-                        raise StartupFailed(f"{self.bot} could not start: {what}: {verdict.reason} ({fix})") from exc
+                        # An error that knows its own fix (a database without the schema) names it.
+                        own_fix = getattr(exc, "fix", None)
+                        line = f"{self.bot} could not start: {what}: {verdict.reason}"
+                        raise StartupFailed(
+                            line if own_fix else f"{line} ({fix})", exit_code=2 if own_fix else 1
+                        ) from exc
                     delay = max(verdict.retry_after or 0.0, exponential_delay(attempt, base=self.startup_retry_base, cap=STARTUP_RETRY_MAX))
                     self._starting = {"waiting_for": what, "attempts": attempt, "last_error": verdict.reason, "fix": fix}
                     logger.warning(
@@ -484,7 +499,13 @@ class BotRuntime:
             self.shutdown.install()
         except (NotImplementedError, RuntimeError):  # not the main thread (tests)
             logger.debug("signal handlers not installed")
-        await self.status_server.start()
+        try:
+            await self.status_server.start()
+        except OSError as exc:
+            clear = port_error(exc, self.settings.port)
+            if clear is None:
+                raise
+            raise clear from exc
         self.resources.start()
         tracing.setup(self.bot, version=self.version)
         files, size = await asyncio.to_thread(sweep_temp_files, Path(self.settings.data_dir))

@@ -60,7 +60,7 @@ def _fernet(key: str) -> Fernet:
     except (ValueError, UnicodeEncodeError) as exc:
         raise SessionKeyError(
             "SESSION_ENCRYPTION_KEY must be a Fernet key (32 url-safe base64-encoded bytes); "
-            "make one with: python -m shared.sessions new-key"
+            "make one with: ./start.sh sessions new-key"
         ) from exc
 
 
@@ -411,5 +411,5 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["new-key"]:
         sys.stdout.write(generate_key() + "\n")
         raise SystemExit(0)
-    sys.stderr.write("usage: python -m shared.sessions new-key\n")
+    sys.stderr.write("usage: ./start.sh sessions new-key\n")
     raise SystemExit(2)

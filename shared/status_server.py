@@ -439,14 +439,14 @@ _PAGE = r"""<!doctype html>
   var HEADER_KEYS = ["bot", "version", "uptime_seconds", "time", "sandbox", "backend", "stopping", "starting"];
   var ORDER = ["last_error", "trends", "session_key", "loops", "accounts", "fleet", "channels", "queues", "breakers", "history_jobs", "resources",
                "counters", "outbound", "sync", "jobs", "heartbeat", "alerts", "watchdog", "sandbox_world"];
-  var BAD = ["failing", "failed", "open", "dead", "error", "needs_login", "key_mismatch", "stopped", "crashed", "exhausted", "down", "unhealthy"];
+  var BAD = ["failing", "failed", "open", "dead", "error", "key_mismatch", "stopped", "crashed", "exhausted", "down", "unhealthy"];
   var WARN = ["half_open", "degraded", "restarting", "retrying", "stale", "rate_limited", "waiting", "paused", "starting",
-              "flood_wait", "limited", "backoff", "connecting", "pending"];
+              "flood_wait", "limited", "backoff", "connecting", "pending", "needs_login"];
   var GOOD = ["ok", "running", "closed", "healthy", "connected", "ready", "idle", "done", "active", "alive", "online", "sent"];
   // Per section: the columns worth a glance, in order; then the rest minus HIDE.
   var COLUMNS = {
     loops: ["state", "last_ping", "last_ping_ago_s", "restarts", "cycles", "cycle_errors", "last_error", "last_error_at", "last_restart_reason"],
-    accounts: ["state", "connected", "lease", "queue_depth", "sent", "failed", "received", "reconnects", "connected_since",
+    accounts: ["state", "fix", "connected", "lease", "queue_depth", "sent", "failed", "received", "reconnects", "connected_since",
                "flood_wait_until", "limited_until", "last_error", "last_error_at"],
     channels: ["state", "last_message_id", "stored", "skipped", "failed", "last_error", "last_error_at"],
     breakers: ["state", "consecutive_failures", "failures", "retry_in_s", "times_opened", "rejected_calls", "last_error", "last_error_at"],
@@ -775,8 +775,15 @@ _PAGE = r"""<!doctype html>
   }
   function overall(data) {
     var bad = [], warn = [];
+    // An account that needs a login is a degraded bot while another still sends, and down when none does.
+    var anyConnected = rowsOf(data.accounts).some(function (r) { return r.data.connected === true; });
     [["loops", "loop"], ["breakers", "breaker"], ["accounts", "account"], ["channels", "channel"]].forEach(function (pair) {
       rowsOf(data[pair[0]]).forEach(function (r) {
+        if (pair[0] === "accounts" && r.data.state === "needs_login") {
+          var line = "account " + r.name + " needs login" + (r.data.fix ? " (run: " + r.data.fix + ")" : "");
+          if (anyConnected) { warn.push(line); } else { bad.push(line); }
+          return;
+        }
         var c = stateClass(r.data.state);
         if (c === "bad") { bad.push(pair[1] + " " + r.name + " " + r.data.state); }
         else if (c === "warn") { warn.push(pair[1] + " " + r.name + " " + r.data.state); }

@@ -463,7 +463,7 @@ class AccountConnection:
             await telegram_op(client.connect(), self.policy.connect_timeout, "connect", detail=self.label)
             authorized = await telegram_op(client.is_user_authorized(), self.policy.call_timeout, "is_user_authorized")
             if not authorized:
-                await self.mark_needs_login("the session is not logged in (run: python worker.py login)")
+                await self.mark_needs_login("the session is not logged in (run: ./start.sh worker login)")
                 return
             if self.on_connected is not None:
                 await self.on_connected(self)
@@ -587,7 +587,7 @@ class AccountConnection:
                 AlertType.ACCOUNT_NEEDS_LOGIN,
                 f"Account {self.label} needs a new login: {reason}",
                 key=f"login:{self.label}",
-                details={"account": self.label, "fix": "python worker.py login"},
+                details={"account": self.label, "fix": f"./start.sh worker login --label {self.label}"},
             )
 
     async def key_mismatch(self, reason: str) -> None:
@@ -679,6 +679,12 @@ class AccountConnection:
             "unsaved_changes": session.dirty,
             "last_save_error": session.last_error,
         }
+
+
+#: Ingest's own account in sandbox mode, so the worker's and ingest's walk-throughs run side by
+#: side (one account is served by one process at a time: its lease).
+SANDBOX_INGEST_ACCOUNT = "demo_ingest"
+SANDBOX_INGEST_PHONE = "+15550100009"
 
 
 @dataclass(frozen=True)

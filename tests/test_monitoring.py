@@ -83,7 +83,7 @@ async def test_twenty_sends_move_the_per_account_counters_the_latency_histogram_
         before = await scrape(worker)
         for n in range(20):
             await db.enqueue_outbound(ids["demo_one"], "alice", f"metric {n}")
-        await db.enqueue_outbound(ids["demo_one"], "alice", "   ")  # fails permanently: empty
+        await db.enqueue_outbound(ids["demo_one"], "alice", "caption", attachments=["/nonexistent/missing.jpg"])  # fails permanently: no such file
         await db.enqueue_outbound(ids["demo_two"], "bob", "tomorrow", send_at=utc_now() + timedelta(days=1))
         await wait_until(lambda: len(texts_received(world, "alice")) >= 20, timeout=20, what="20 messages at alice")
 

@@ -342,6 +342,70 @@ async def test_operator_page_says_what_start_up_is_waiting_for(browser: str, tmp
     assert page.by_id("overall").text == "trouble: waiting for the database"
 
 
+async def test_accounts_that_need_a_login_show_with_their_fix_and_turn_the_verdict_degraded_then_red(
+    browser: str, page_env: dict[str, str], tmp_path: Path
+) -> None:
+    import aiohttp
+
+    from shared.config import WorkerSettings, load_settings
+    from shared.db import open_database
+    from shared.db.records import AccountStatus
+    from worker import seed_sandbox_accounts
+    from shared.telegram import session_cipher
+
+    settings = load_settings(WorkerSettings, page_env)
+    world = World.open(Path(page_env["SANDBOX_DIR"]))
+    db = await open_database(settings)
+    try:
+        await seed_sandbox_accounts(db, world, session_cipher(settings))
+        ids = {a.label: a.id for a in await db.list_accounts()}
+        await db.set_account_status(ids["demo_two"], AccountStatus.NEEDS_LOGIN, last_error="session revoked")
+    finally:
+        await db.close()
+
+    async def status_and_ready(url: str) -> tuple[dict[str, Any], int]:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+            async with http.get(f"{url}/status") as response:
+                status = await response.json()
+            async with http.get(f"{url}/ready") as response:
+                return status, response.status
+
+    def calm(path: Path) -> ResourceSample:  # the machine's own load must not decide the verdict
+        return ResourceSample(cpu_percent=10.0, memory_percent=10.0, disk_percent=10.0, disk_path=str(path))
+
+    def fixed_resources(worker: Any) -> None:
+        worker.runtime.add_section(
+            "resources", lambda: resources_status(Path(page_env["DATA_DIR"]), thresholds=ResourceThresholds(), sampler=calm)
+        )
+
+    async with running_worker(page_env, accounts=1) as worker:
+        fixed_resources(worker)
+        url = worker.runtime.status_server.url
+        status, ready = await status_and_ready(url)
+        demo_two = status["accounts"]["demo_two"]
+        assert demo_two["state"] == "needs_login" and demo_two["fix"] == "./start.sh worker login --label demo_two"
+        assert ready == 200, "demo_one still sends"
+        dom = await render(browser, f"{url}/?token={TOKEN}", tmp_path / "profile")
+        overall = parse(dom).by_id("overall")
+        assert "warn" in overall.classes
+        assert overall.text == "degraded: account demo_two needs login (run: ./start.sh worker login --label demo_two)"
+
+    db = await open_database(settings)
+    try:
+        await db.set_account_status(ids["demo_one"], AccountStatus.NEEDS_LOGIN, last_error="session revoked")
+    finally:
+        await db.close()
+    async with running_worker(page_env, accounts=0) as worker:
+        fixed_resources(worker)
+        url = worker.runtime.status_server.url
+        status, ready = await status_and_ready(url)
+        assert {status["accounts"][label]["state"] for label in ("demo_one", "demo_two")} == {"needs_login"}
+        assert ready == 503, "no account can send"
+        dom = await render(browser, f"{url}/?token={TOKEN}", tmp_path / "profile-2")
+        overall = parse(dom).by_id("overall")
+        assert "bad" in overall.classes and "account demo_one needs login" in overall.text
+
+
 async def test_operator_page_draws_the_last_hours_trends_as_sparklines_after_a_burst(
     browser: str, page_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -358,7 +422,7 @@ async def test_operator_page_draws_the_last_hours_trends_as_sparklines_after_a_b
         ids = await account_ids(worker)
         for n in range(30):
             await db.enqueue_outbound(ids["demo_one"], "alice", f"burst {n}")
-        await db.enqueue_outbound(ids["demo_one"], "alice", "   ")  # fails: empty
+        await db.enqueue_outbound(ids["demo_one"], "alice", "with a missing file", attachments=[str(tmp_path / "missing.jpg")])  # fails at send
         for n in range(4):
             world.send_incoming("@bob", "@demo_one", f"hello {n}")
         await wait_until(lambda: sum(v or 0 for v in trends.series("sent")) >= 30, timeout=20, what="the burst sent")

@@ -400,7 +400,7 @@ def test_settings_defaults_are_the_documented_ones() -> None:
 def test_empty_variables_count_as_unset_and_zero_fail_after_disables_the_probe() -> None:
     settings = SupervisorSettings.from_env({"MAX_RESTARTS": "", "PORT": " ", "HEALTH_FAIL_AFTER": "0", "BOT": "Ingest"})
 
-    assert settings.max_restarts == 10 and settings.port == 8080
+    assert settings.max_restarts == 10 and settings.port == 8081, "ingest's own default port: the bot it probes"
     assert settings.bot == "ingest"
     assert not settings.health_enabled
 

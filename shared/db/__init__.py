@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from shared.breaker import CircuitBreaker
 from shared.db.base import (
@@ -33,7 +33,8 @@ from shared.db.base import (
     utc_now,
 )
 from shared.db.embedded import EmbeddedPostgres
-from shared.db.errors import DatabaseOutcomeUnknown, DatabaseRejected, DatabaseUnavailable, MigrationError
+from shared.db.errors import DatabaseOutcomeUnknown, DatabaseRejected, DatabaseUnavailable, MigrationError, SchemaMissing
+from shared.db.errors import MIGRATE_FIX
 from shared.db.migrations import MIGRATIONS_DIR, MigrationReport, apply_migrations, discover, migration_status
 from shared.db.postgres import PostgresDatabase, database_breaker
 from shared.db.records import (
@@ -73,8 +74,25 @@ from shared.db.supabase_http import SupabaseDatabase
 
 logger = logging.getLogger(__name__)
 
-#: Where the embedded server keeps its data, under DATA_DIR.
+#: Where the embedded server keeps its data, under DATA_DIR (or the sandbox's directory).
 EMBEDDED_SUBDIR = "postgres"
+
+
+def embedded_dir(settings: Any, *, sandbox: bool | None = None) -> Path:
+    """The embedded server's data directory: the sandbox's own under its world, else DATA_DIR/postgres.
+
+    Sandbox and real mode never share state: a start with real Telegram
+    credentials cannot mark the sandbox's accounts needs_login, and the
+    sandbox's demo accounts never appear among the real ones. ``sandbox``
+    overrides the settings' own mode (the migration command reads no
+    Telegram settings and decides from the environment).
+    """
+    if sandbox is None:
+        sandbox = bool(getattr(settings, "sandbox", False))
+    if not sandbox:
+        return Path(settings.data_dir) / EMBEDDED_SUBDIR
+    world = getattr(settings, "sandbox_dir", None) or Path(settings.data_dir) / "sandbox"
+    return Path(world) / EMBEDDED_SUBDIR
 
 
 class DatabaseSettings(Protocol):
@@ -120,6 +138,8 @@ async def open_database(
         db = postgres
         if migrate if migrate is not None else settings.db_auto_migrate:
             await _migrate_or_close(postgres, postgres.dsn)
+        else:
+            await _check_schema(postgres, dsn=postgres.dsn)
     elif settings.supabase_url:
         key = settings.supabase_service_role_key
         if not key:
@@ -127,11 +147,12 @@ async def open_database(
         if migrate if migrate is not None else settings.db_auto_migrate:
             logger.warning(
                 "DB_AUTO_MIGRATE is ignored over Supabase's HTTP API: apply supabase/migrations with "
-                "`supabase db push` or `DATABASE_URL=... python -m shared.db migrate`"
+                "`supabase db push` or `DATABASE_URL=... ./start.sh db migrate`"
             )
         db = await SupabaseDatabase(settings.supabase_url, key, timeout=timeout, breaker=breaker).open()
+        await _check_schema(db, dsn=None)
     else:
-        embedded = EmbeddedPostgres(Path(settings.data_dir) / EMBEDDED_SUBDIR)
+        embedded = EmbeddedPostgres(embedded_dir(settings))
         dsn = await embedded.start()
         postgres = PostgresDatabase(
             dsn,
@@ -147,6 +168,34 @@ async def open_database(
             await _migrate_or_close(postgres, dsn)
     logger.info("database backend: %s", db.backend.value, extra={"database": db.describe()})
     return db
+
+
+async def _check_schema(db: Database, *, dsn: str | None) -> None:
+    """Name a database without our schema at once, instead of at the first call that needs it.
+
+    Raises:
+        SchemaMissing: ``db_ping`` does not exist: never migrated (the database is closed again).
+    Over SQL (``dsn``) pending migrations are named in a warning. A database
+    that does not answer now is left to the caller, who waits for it.
+    """
+    try:
+        await db.ping()
+    except SchemaMissing:
+        await db.close()
+        raise
+    except Exception:
+        return
+    if dsn is None:
+        return
+    try:
+        pending = [f"{m.version}_{m.name}" for m, applied in await migration_status(dsn, timeout=db.timeout) if not applied]
+    except Exception as exc:
+        logger.debug("could not list the applied migrations: %s", exc)
+        return
+    if pending:
+        logger.warning(
+            "the database misses %d migration(s): %s (%s)", len(pending), ", ".join(pending), MIGRATE_FIX
+        )
 
 
 async def _migrate_or_close(db: PostgresDatabase, dsn: str) -> None:
@@ -187,6 +236,8 @@ __all__ = [
     "MessageJob",
     "MessageJobKind",
     "MigrationError",
+    "embedded_dir",
+    "SchemaMissing",
     "MigrationReport",
     "OUTBOUND_CHANNEL",
     "OutboundMessage",

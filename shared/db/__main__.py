@@ -18,8 +18,9 @@ import asyncio
 import sys
 from pathlib import Path
 
-from shared.config import CommonSettings, load_or_exit
-from shared.db import EMBEDDED_SUBDIR
+from shared.cli import ArgumentParser, run_cli
+from shared.config import CommonSettings, load_or_exit, read_environment
+from shared.db import embedded_dir
 from shared.db.embedded import EmbeddedPostgres
 from shared.db.errors import MigrationError
 from shared.db.migrations import MIGRATIONS_DIR, apply_migrations, migration_status
@@ -28,7 +29,11 @@ from shared.runtime import configure_logging
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m shared.db", description="Database migrations.")
+    parser = ArgumentParser(
+        prog="./start.sh db",
+        description="Database migrations.",
+        epilog="Example: ./start.sh db migrate --dry-run. Manual: docs/architecture.md#data-postgresql-and-supabase",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("migrate", "apply pending migrations"), ("status", "list migrations and whether each is applied")):
         command = sub.add_parser(name, help=text)
@@ -49,7 +54,9 @@ async def _run(args: argparse.Namespace, settings: CommonSettings) -> int:
                 "(the project's direct or session-pooler connection string) or run `supabase db push`\n"
             )
             return 2
-        embedded = EmbeddedPostgres(Path(settings.data_dir) / EMBEDDED_SUBDIR)
+        env = read_environment()
+        sandbox = not (env.get("TELEGRAM_API_ID") or env.get("TELEGRAM_API_HASH"))
+        embedded = EmbeddedPostgres(embedded_dir(settings, sandbox=sandbox))
         url = await embedded.start()
         print(f"embedded PostgreSQL in {embedded.data_dir}")
     else:
@@ -78,9 +85,14 @@ async def _run(args: argparse.Namespace, settings: CommonSettings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point: errors end as one line (see shared.cli), never a traceback."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     settings = load_or_exit(CommonSettings)
-    configure_logging(settings)
+    configure_logging(settings, stream=sys.stderr, quiet=True)
     return asyncio.run(_run(args, settings))
 
 

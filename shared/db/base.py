@@ -409,6 +409,11 @@ class Database(abc.ABC):
         }
         return from_row(Chat, (await self.call("chat_upsert", args))[0])
 
+    async def find_chat(self, account_id: int, ref: str) -> Chat | None:
+        """A chat of the account known by username (``@name``) or title, or None."""
+        rows = await self.call("chat_find", {"p_account_id": account_id, "p_ref": ref}, read_only=True)
+        return from_row(Chat, rows[0]) if rows else None
+
     async def get_chat(self, account_id: int, telegram_chat_id: int) -> Chat | None:
         args = {"p_account_id": account_id, "p_telegram_chat_id": telegram_chat_id}
         rows = await self.call("chat_get", args, read_only=True)
@@ -690,6 +695,18 @@ class Database(abc.ABC):
         rows = await self.call("outbound_get", {"p_id": message_id}, read_only=True)
         return from_row(OutboundMessage, rows[0]) if rows else None
 
+    async def list_outbound(
+        self, *, statuses: Iterable[OutboundStatus] | None = None, account_id: int | None = None, limit: int = 50
+    ) -> list[OutboundMessage]:
+        """Outbound messages, newest first (the operator's ``messages``)."""
+        args = {
+            "p_statuses": [s.value for s in statuses] if statuses is not None else None,
+            "p_account_id": account_id,
+            "p_limit": limit,
+        }
+        rows = await self.call("outbound_list", args, read_only=True)
+        return [from_row(OutboundMessage, r) for r in rows]
+
     async def outbound_counts(self, account_id: int | None = None) -> list[StatusCount]:
         """Outbound rows per account and status (for /status)."""
         rows = await self._pages(
@@ -904,6 +921,16 @@ class Database(abc.ABC):
         if not job_ids:
             return 0
         return int(await self._scalar("message_job_release", {"p_ids": list(job_ids), "p_token": token}) or 0)
+
+    async def list_history_jobs(self, *, statuses: Iterable[JobStatus] | None = None, limit: int = 50) -> list[HistoryJob]:
+        """History jobs, newest first (the operator's ``jobs``)."""
+        args = {"p_statuses": [s.value for s in statuses] if statuses is not None else None, "p_limit": limit}
+        return [from_row(HistoryJob, r) for r in await self.call("history_jobs_list", args, read_only=True)]
+
+    async def list_message_jobs(self, *, statuses: Iterable[JobStatus] | None = None, limit: int = 50) -> list[MessageJob]:
+        """Message jobs, newest first (the operator's ``jobs``)."""
+        args = {"p_statuses": [s.value for s in statuses] if statuses is not None else None, "p_limit": limit}
+        return [from_row(MessageJob, r) for r in await self.call("message_jobs_list", args, read_only=True)]
 
     async def get_message_job(self, job_id: int) -> MessageJob | None:
         rows = await self.call("message_job_get", {"p_id": job_id}, read_only=True)

@@ -21,6 +21,8 @@ both are transient for :func:`shared.errors.classify`.
 
 from __future__ import annotations
 
+import re
+
 from shared.errors import PermanentError, TransientError, UnknownOutcomeError
 
 
@@ -59,3 +61,45 @@ class DatabaseRejected(PermanentError):
 
 class MigrationError(PermanentError):
     """A migration could not be applied (bad file name, SQL error, unreachable database)."""
+
+
+MIGRATE_FIX = "run ./start.sh db migrate, or set DB_AUTO_MIGRATE=1"
+
+
+class SchemaMissing(DatabaseRejected):
+    """The database lacks our SQL functions: it was never migrated, or misses newer migrations.
+
+    Attributes:
+        function: the function the server did not find (e.g. ``public.db_ping``).
+        fix: what to run (the start-up and command-line handlers show it).
+    """
+
+    def __init__(self, function: str, *, code: str | None = None) -> None:
+        bare = function.split(".")[-1]
+        if bare == "db_ping":
+            what = "the database has no schema yet"
+        else:
+            what = f"the database misses a migration: function {function} does not exist"
+        super().__init__(f"{what} ({MIGRATE_FIX})", code=code)
+        self.function = function
+        self.fix = MIGRATE_FIX
+
+
+_MISSING_FUNCTION = re.compile(
+    r"(?:function ([\w.]+)\(.*?\) does not exist|Could not find the function ([\w.]+)\b.*? in the schema cache)"
+)
+
+
+def schema_missing(code: str | None, message: str) -> SchemaMissing | None:
+    """The server's "no such function" answer as :class:`SchemaMissing`, or None.
+
+    PostgreSQL says ``42883: function public.db_ping() does not exist``;
+    PostgREST says ``PGRST202: Could not find the function public.db_ping
+    without parameters in the schema cache``.
+    """
+    if code not in ("42883", "PGRST202"):
+        return None
+    match = _MISSING_FUNCTION.search(message)
+    if match is None:
+        return None
+    return SchemaMissing(match.group(1) or match.group(2), code=code)

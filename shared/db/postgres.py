@@ -33,7 +33,7 @@ import asyncpg
 
 from shared.breaker import CircuitBreaker, registry
 from shared.db.base import DEFAULT_POLL_INTERVAL, Database, Subscription, json_safe
-from shared.db.errors import DatabaseOutcomeUnknown, DatabaseRejected, DatabaseUnavailable
+from shared.db.errors import DatabaseOutcomeUnknown, DatabaseRejected, DatabaseUnavailable, schema_missing
 from shared.db.records import Backend
 from shared.errors import ErrorKind, classify_sqlstate, describe
 from shared.retry import exponential_delay
@@ -135,6 +135,9 @@ def translate_postgres_error(exc: asyncpg.PostgresError) -> DatabaseUnavailable 
     message = getattr(exc, "message", None) or str(exc)
     if classify_sqlstate(state, message).kind is ErrorKind.TRANSIENT:
         return DatabaseUnavailable(f"database unavailable ({state}: {message})", code=state)
+    missing = schema_missing(state, message)
+    if missing is not None:
+        return missing
     return DatabaseRejected(
         f"database rejected the call ({state}: {message})",
         code=state,

@@ -21,7 +21,7 @@ import httpx
 
 from shared.breaker import CircuitBreaker
 from shared.db.base import DEFAULT_POLL_INTERVAL, Database, Subscription, json_safe
-from shared.db.errors import DatabaseOutcomeUnknown, DatabaseRejected, DatabaseUnavailable
+from shared.db.errors import DatabaseOutcomeUnknown, DatabaseRejected, DatabaseUnavailable, schema_missing
 from shared.db.postgres import database_breaker
 from shared.db.records import Backend
 from shared.errors import ErrorKind, classify_sqlstate, describe
@@ -40,6 +40,9 @@ def translate_api_error(exc: Exception, *, read_only: bool) -> Exception:
     message = str(getattr(exc, "message", None) or exc)
     detail = getattr(exc, "details", None)
     hint = getattr(exc, "hint", None)
+    missing = schema_missing(code, message)
+    if missing is not None:
+        return missing
     if _SQLSTATE.match(code):
         if classify_sqlstate(code, message).kind is ErrorKind.TRANSIENT:
             if code.startswith(("08", "57P0")) and not read_only:

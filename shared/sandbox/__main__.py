@@ -4,8 +4,8 @@ Everything acts on the world in ``--dir`` (default: ``SANDBOX_DIR``, else
 ``<DATA_DIR>/sandbox``), the same file running bots use, so a message sent
 here reaches a running worker within a fraction of a second.
 
-Exit codes: 0 done, 1 the sandbox refused (unknown peer, bad fault...),
-2 bad usage.
+Exit codes: 0 done, 1 a failure (a bot did not answer a button in time),
+2 bad usage or a request the sandbox refused (unknown peer, bad fault...).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+from shared.cli import ArgumentParser
+
 from . import default_sandbox_dir
 from ._faults import AfterLoss, FaultKind
 from ._media import ImageKind
@@ -26,9 +28,10 @@ from ._world import World
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m shared.sandbox",
+    parser = ArgumentParser(
+        prog="./start.sh sandbox",
         description="Drive the local Telegram sandbox world that bots use in sandbox mode.",
+        epilog="Example: ./start.sh sandbox inbox alice. Manual: docs/sandbox.md",
     )
     parser.add_argument("--dir", type=Path, default=None,
                         help="world directory (default: SANDBOX_DIR or <DATA_DIR>/sandbox)")
@@ -147,8 +150,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _message_line(message: WorldMessage, duplicate: bool) -> str:
+    """One message as a person reads it: the text as written, its further lines indented under the first."""
     parts = [f"#{message.id}", message.date.strftime("%Y-%m-%d %H:%M:%S"), f"{message.sender}:"]
-    parts.append(repr(message.text) if message.text else "''")
+    if message.text:
+        parts.append(message.text.replace("\r\n", "\n").replace("\n", "\n    "))
+    elif not message.media:
+        parts.append("(no text)")
     if message.media:
         media = message.media
         size = f" {media.width}x{media.height}" if media.width else ""
@@ -312,13 +319,15 @@ def _dispatch(world: World, args: argparse.Namespace) -> int:  # noqa: C901 - a 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit code."""
-    args = _parser().parse_args(argv)
-    try:
-        return run(args)
-    except (SandboxError, ValueError) as exc:
-        sys.stderr.write(f"sandbox: {exc}\n")
-        return 1
+    """Entry point; returns the exit code (errors end as one line, see shared.cli)."""
+    from shared.cli import run_cli
+
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    # A SandboxError (unknown peer, bad fault ...) is bad input: shared.cli says it in one line, exit 2.
+    return run(_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

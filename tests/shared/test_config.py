@@ -54,7 +54,7 @@ DEFAULTS = {
     "RETRY_QUEUE_CAPACITY": 1000,
     "MAX_IMAGE_SIZE_BYTES": 52428800,
     "MAX_IMAGE_DIMENSION": 8192,
-    "PORT": 8080,
+    "PORT": None,  # unset: each bot's own default port (worker 8080, ingest 8081, bot 8082)
     "DATA_DIR": Path("./.data"),
 }
 
@@ -68,8 +68,9 @@ def test_common_settings_load_from_an_empty_environment_with_those_defaults() ->
     settings = load_settings(CommonSettings, {})
     for name, expected in DEFAULTS.items():
         field = name.lower()
-        if hasattr(settings, field):
+        if hasattr(settings, field) and expected is not None:
             assert getattr(settings, field) == expected, name
+    assert settings.port == 8080, "PORT unset: the worker's port for settings of no particular bot"
     assert settings.database_url is None and settings.supabase_key is None
     assert settings.log_format == "text" and settings.log_level == "INFO"
     assert settings.alert_api_base == "https://api.telegram.org"

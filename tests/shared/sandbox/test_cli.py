@@ -63,7 +63,8 @@ def test_cli_inbox_marks_duplicates_and_lists_media(sandbox_world, sandbox_demo,
 
     out = capsys.readouterr().out
     assert "posted #1 to demo_photos" in out
-    assert out.count("'twice'") == 2 and out.count("DUPLICATE") == 1
+    assert out.count("bob: twice") == 2 and out.count("DUPLICATE") == 1
+    assert "'twice'" not in out, "the text as written, not a Python repr"
     assert "image/webp 640x480" in out
 
 
@@ -107,4 +108,4 @@ def test_cli_reports_unknown_peers_in_one_line(sandbox_world, capsys):
     code = main(["--dir", str(sandbox_world.directory), "inbox", "@ghost"])
 
     err = capsys.readouterr().err
-    assert code == 1 and err.startswith("sandbox: no peer") and err.count("\n") == 1
+    assert code == 2 and err.startswith("error: no peer") and err.count("\n") == 1
