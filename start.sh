@@ -84,7 +84,13 @@ case "${1:-run}" in
     test)
         shift
         ensure_env requirements-dev.txt
-        exec "$PY" -m pytest "$@"
+        # Two workers by default (pytest-xdist; TEST_WORKERS=0 for one process); a -n of your own wins.
+        workers=()
+        case " $* " in
+            *" -n "* | *" -n="* | *" --numprocesses"*) ;;
+            *) workers=(-n "${TEST_WORKERS:-2}") ;;
+        esac
+        exec "$PY" -m pytest "${workers[@]}" "$@"
         ;;
     bench)
         shift

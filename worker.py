@@ -88,6 +88,7 @@ from shared.telegram import (
     difference_watch,
     session_cipher,
 )
+from shared.text import unstorable_reason
 from shared.timeouts import OperationTimeout, telegram_op
 
 logger = logging.getLogger("worker")
@@ -142,6 +143,9 @@ def check_message(text: str | None, attachments: Sequence[Any]) -> None:
     ``send``) and before each send, so bad input never waits in the queue.
     """
     text = text or ""
+    refused = unstorable_reason(text)  # a NUL or a lone surrogate: first, it cannot even be measured
+    if refused is not None:
+        raise PermanentError(refused)
     if not text.strip() and not attachments:
         raise PermanentError("empty message: no text (or only whitespace) and no attachment")
     if len(attachments) > 1:
@@ -713,9 +717,10 @@ class Outbound:
     the time asked, SLOWMODE_WAIT only that chat, PEER_FLOOD the account's
     sends to non-contacts for PEER_FLOOD_PAUSE. The account holds are stored
     (``account_send_holds``) and read when an account connects here, so
-    whichever process holds the account next keeps to them. One send per account is in
-    flight at a time, so the answer to one send is known before the next
-    goes: a flood wait is never drawn twice by sends already on their way.
+    whichever process holds the account next keeps to them. At most
+    SEND_IN_FLIGHT_PER_ACCOUNT sends of an account wait for Telegram at once;
+    each checks the account's holds when its turn comes, so no send starts
+    after a flood wait is known (with 1, none is even on its way).
     """
 
     def __init__(
@@ -743,7 +748,9 @@ class Outbound:
         self._alerted_limits: set[int] = set()
         self._holds_read: dict[int, float | None] = {}  # account id -> its connected_since when its holds were read
         self._holds_read_at = float("-inf")
-        self._turns: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._turns: defaultdict[int, asyncio.Semaphore] = defaultdict(
+            lambda: asyncio.Semaphore(settings.send_in_flight_per_account)
+        )
         self.sent = 0
         self.failed = 0
         self.dead = 0

@@ -255,6 +255,7 @@ SETTINGS: list[Setting] = [
     Setting("OUTBOUND_POLL_INTERVAL", _float(0, exclusive=True), 1.0, "a number of seconds > 0", "Longest wait between two claims when no NOTIFY arrives.", frozenset({"worker"})),
     Setting("SEND_RATE_PER_ACCOUNT", _float(0, exclusive=True), 20.0, "messages per second > 0", "Sustained sends per account.", frozenset({"worker"})),
     Setting("SEND_BURST_PER_ACCOUNT", _int(1), 20, "a whole number >= 1", "Sends an account may make at once after a quiet spell.", frozenset({"worker"})),
+    Setting("SEND_IN_FLIGHT_PER_ACCOUNT", _int(1, 32), 4, "a whole number 1-32", "Sends of one account waiting for Telegram's answer at once (paced by the rate limits above). With 1 no send ever starts before the previous answer is known, so a FLOOD_WAIT is never drawn twice; more keep up with the account's rate when each request takes 100 ms or more, at the cost that sends already on their way when a FLOOD_WAIT comes back may draw it too.", frozenset({"worker"})),
     Setting("SEND_RATE_PER_CHAT", _float(0, exclusive=True), 1.0, "messages per second > 0", "Sustained sends into one chat.", frozenset({"worker"})),
     Setting("SEND_BURST_PER_CHAT", _int(1), 5, "a whole number >= 1", "Sends into one chat at once after a quiet spell.", frozenset({"worker"})),
     Setting("PEER_FLOOD_PAUSE", _float(0, exclusive=True), 3600.0, "a number of seconds > 0", "After Telegram answers PEER_FLOOD (its spam limit), the account sends nothing to non-contacts for this long; the messages wait in the queue.", frozenset({"worker"})),
@@ -479,6 +480,7 @@ class WorkerSettings(TelegramSettings, StorageSettings):
     outbound_batch_size: int
     outbound_poll_interval: float
     send_rate_per_account: float
+    send_in_flight_per_account: int
     send_burst_per_account: int
     send_rate_per_chat: float
     send_burst_per_chat: int

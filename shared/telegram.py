@@ -139,13 +139,18 @@ def session_cipher(settings: TelegramSettings) -> SessionCipher:
     if not path.exists():
         legacy = Path(settings.data_dir) / SANDBOX_KEY_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
+        # Written aside, then linked in: a process starting at the same moment sees
+        # no key file or the whole key, never an empty file, and the first link wins.
+        draft = path.with_name(f".{SANDBOX_KEY_FILE}.{os.getpid()}")
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(legacy.read_text().strip() if legacy.is_file() else generate_key())
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # another process made it first
+            os.link(draft, path)
+        except FileExistsError:  # another process made it first: its key is the world's
             pass
-        else:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(legacy.read_text().strip() if legacy.is_file() else generate_key())
+        finally:
+            draft.unlink(missing_ok=True)
     return SessionCipher(path.read_text().strip())
 
 

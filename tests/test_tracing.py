@@ -22,6 +22,7 @@ from tests.test_worker_process import WorkerProcess, env, fetch, wait_until  # n
 
 pytestmark = pytest.mark.slow
 
+FAILING = "a message bob will never get"
 TEXT = "a message whose text never reaches a span"
 
 
@@ -45,13 +46,16 @@ async def _statuses(database_url: str) -> dict[str, str]:
 async def test_an_enqueue_in_one_process_and_its_send_in_another_are_one_trace(
     env: dict[str, str], database_url: str, tmp_path: Path, otlp_receiver: OtlpReceiver
 ) -> None:
-    World.open(Path(env["SANDBOX_DIR"])).seed_demo()
+    world = World.open(Path(env["SANDBOX_DIR"]))
+    world.seed_demo()
+    world.block("@bob", "@demo_one")
     worker = await WorkerProcess(traced_env(env, otlp_receiver, "worker"), tmp_path / "worker.log").start()
     try:
         cli = traced_env(env, otlp_receiver, "worker-cli")
         code, _, err = await worker_cli(cli, "send", "--account", "demo_one", "--to", "alice", TEXT)
         assert code == 0, err
-        code, _, err = await worker_cli(cli, "send", "--account", "demo_one", "--to", "alice", "   ")  # fails: empty
+        # Queued, then refused by Telegram: bob has blocked demo_one (USER_IS_BLOCKED).
+        code, _, err = await worker_cli(cli, "send", "--account", "demo_one", "--to", "bob", FAILING)
         assert code == 0, err
         await wait_until(
             lambda: _settled(database_url), timeout=30, what="both messages settled", proc=worker
@@ -78,7 +82,7 @@ async def test_an_enqueue_in_one_process_and_its_send_in_another_are_one_trace(
 
     children = [s for s in otlp_receiver.spans if s.parent_span_id == sent.span_id]
     names = {s.name for s in children}
-    assert {"telegram.send_message", "db.outbound_mark_sent"} <= names, names
+    assert "telegram.send_message" in names and names & {"db.outbound_mark_sent", "db.outbound_mark_sent_many"}, names
     request = next(s for s in children if s.name == "telegram.send_message")
     assert request.trace_id == sent.trace_id
     assert request.attributes["outcome"] == "ok" and request.attributes["account"] == "demo_one"
@@ -92,14 +96,14 @@ async def test_an_enqueue_in_one_process_and_its_send_in_another_are_one_trace(
 
     # The worker's JSON log line about the failed message carries that send's trace and span ids.
     lines = [json.loads(line) for line in worker.output().splitlines() if line.startswith("{")]
-    failure = next(line for line in lines if "failed: empty message" in line["message"])
+    failure = next(line for line in lines if "USER_IS_BLOCKED" in line["message"] or "blocked" in line["message"])
     assert failure["trace_id"] == failed.trace_id and failure["span_id"] == failed.span_id
     assert all("trace_id" not in line for line in lines if "started; status server" in line["message"])
 
 
 async def _settled(database_url: str) -> bool:
     statuses = await _statuses(database_url)
-    return statuses.get(TEXT) == "sent" and statuses.get("   ") == "failed"
+    return statuses.get(TEXT) == "sent" and statuses.get(FAILING) == "failed"
 
 
 async def test_a_hung_collector_neither_slows_nor_blocks_the_worker(

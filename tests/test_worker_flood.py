@@ -30,7 +30,12 @@ PEER_FLOOD_PAUSE = 8
 
 @pytest.fixture
 def worker_env(tmp_path: Path, database_url: str) -> dict[str, str]:
-    return {**FAST, "DATABASE_URL": database_url, "SANDBOX_DIR": str(tmp_path / "sandbox"), "DATA_DIR": str(tmp_path / "data")}
+    # One send of an account in flight at a time: the strict policy, where the answer to one
+    # send is known before the next starts, so the FLOOD_WAIT answers can be counted exactly.
+    return {
+        **FAST, "DATABASE_URL": database_url, "SANDBOX_DIR": str(tmp_path / "sandbox"), "DATA_DIR": str(tmp_path / "data"),
+        "SEND_IN_FLIGHT_PER_ACCOUNT": "1",
+    }
 
 
 async def _row(database_url: str, text: str) -> asyncpg.Record:

@@ -41,6 +41,7 @@ def _received(world: World, peer: str) -> list[str]:
 async def test_the_next_process_keeps_to_a_flood_wait_drawn_before_a_kill_9(
     env: dict[str, str], database_url: str, tmp_path: Path  # noqa: F811
 ) -> None:
+    env = {**env, "SEND_IN_FLIGHT_PER_ACCOUNT": "1"}  # the strict policy: FLOOD_WAIT answers counted exactly
     world = World.open(Path(env["SANDBOX_DIR"]))
     world.seed_demo()
     first = await WorkerProcess(env, tmp_path / "first.log").start()
