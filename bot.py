@@ -991,12 +991,25 @@ async def serve(settings: ReplyGuySettings, plan: Plan, *, runtime: BotRuntime |
             runtime.add_loop(name, guy.watched(name, cycle), interval=interval, wake=guy.wake.get(name), max_silence=silence)
         runtime.add_section("reply_guy", guy.status)
         runtime.set_detailed_health(guy.health_check_all)
+        for name, health in (("twitter", guy.x.health), ("ai", guy.ai.health), ("telegram", guy.desk.health)):
+            runtime.add_ready_check(name, ready_unless_failing(health))  # the database's check is the runtime's
         runtime.start_heartbeat(worker_id=HEARTBEAT_ID, store=guy.db)
         await runtime.run_until_stopped()
     if lease is not None and lease.lost:
         # Exit non-zero: the platform restarts this replica, which then stands by.
         logger.critical("the Reply Guy stopped: it is no longer the active replica (%s)", lease.lost_reason)
         raise StartupFailed(f"no longer the active replica: {lease.lost_reason}", exit_code=1)
+
+
+def ready_unless_failing(health: Callable[[], dict[str, Any]]) -> Callable[[], Awaitable[None]]:
+    """A /ready check from a client's own verdict: not ready while it says ``error`` (breaker open, disconnected)."""
+
+    async def check() -> None:
+        state = health()
+        if state.get("status") == Health.ERROR.value:
+            raise ConnectionError(str(state.get("last_error") or state.get("error") or "failing"))
+
+    return check
 
 
 async def cli_health(settings: ReplyGuySettings, args: argparse.Namespace) -> int:

@@ -294,6 +294,8 @@ async def test_health_exit_codes_follow_the_bots_state(
     local_ai.faults.add("status", status=500)
     local_x.add_tweet("demo_news", "Breaking: a new tweet to draft a reply for.")
     await eventually(lambda: _component(port, token, "ai", "error"), what="ai error", timeout=30, interval=0.1)
+    status, ready = await get_json(f"http://127.0.0.1:{port}/ready")
+    assert status == 503 and ready["checks"]["ai"] != "ok" and ready["checks"]["database"] == "ok", ready
     code, out = await run_cli(*health, "--json", env=env)
     assert code == 2 and json.loads(out)["checks"]["ai"]["data"]["circuit_breaker"] == "open", out
 
