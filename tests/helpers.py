@@ -13,19 +13,19 @@ from shared.alerts import AlertType
 T = TypeVar("T")
 
 
-async def wait_until(
-    condition: Callable[[], Any],
+async def eventually(
+    probe: Callable[[], T | Awaitable[T]],
     *,
-    timeout: float = 15.0,
+    timeout: float = 10.0,
+    interval: float = 0.02,
     what: str = "condition",
-    poll: float = 0.02,
     gone: Callable[[], str | None] | None = None,
     context: Callable[[], str] | None = None,
-) -> None:
-    """Poll ``condition`` (sync, or returning a coroutine) until it is truthy.
+) -> T:
+    """Poll ``probe`` (sync or async) until it returns something truthy, and return that value.
 
-    Never a bare sleep: it returns as soon as the condition holds, and fails
-    with ``what`` when ``timeout`` passes.
+    Never a bare sleep: it returns as soon as the value is truthy, and fails
+    with ``what`` (and the last value) when ``timeout`` passes.
 
     Args:
         gone: called on every poll; a text means the thing being watched died
@@ -35,39 +35,32 @@ async def wait_until(
     """
     deadline = time.monotonic() + timeout
     while True:
-        result = condition()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
+        value = probe()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value  # type: ignore[return-value]
         if gone is not None:
             death = gone()
             if death:
                 raise AssertionError(f"{what}: {death}")
         if time.monotonic() > deadline:
             detail = "\n" + context() if context is not None else ""
-            raise AssertionError(f"{what} not met within {timeout}s{detail}")
-        await asyncio.sleep(poll)
-
-
-async def eventually(
-    probe: Callable[[], T | Awaitable[T]], *, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"
-) -> T:
-    """Poll ``probe`` (sync or async) until it returns something truthy, and return that value.
-
-    Raises:
-        AssertionError: still falsy after ``timeout`` seconds (the last value is named).
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value  # type: ignore[return-value]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout}s (last value {value!r})")
+            raise AssertionError(f"{what} not met within {timeout}s (last value {value!r}){detail}")
         await asyncio.sleep(interval)
+
+
+async def wait_until(
+    condition: Callable[[], Any],
+    *,
+    timeout: float = 15.0,
+    what: str = "condition",
+    poll: float = 0.02,
+    gone: Callable[[], str | None] | None = None,
+    context: Callable[[], str] | None = None,
+) -> None:
+    """:func:`eventually` for a condition whose value is not needed (15 s by default)."""
+    await eventually(condition, timeout=timeout, interval=poll, what=what, gone=gone, context=context)
 
 
 class FakeClock:
