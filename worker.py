@@ -40,7 +40,7 @@ import time
 import unicodedata
 import uuid
 from collections import OrderedDict, defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -348,8 +348,7 @@ class EntityCache:
         return entity
 
     async def _lookup(self, connection: AccountConnection, target: str | int) -> Any:
-        assert connection.client is not None
-        return await telegram_op(connection.client.get_input_entity(target), self.timeout, "get_input_entity", detail=str(target))
+        return await telegram_op(connection.live_client().get_input_entity(target), self.timeout, "get_input_entity", detail=str(target))
 
     def forget(self, account_id: int, peer: str | int) -> None:
         self._cache.pop((account_id, str(peer)), None)
@@ -389,7 +388,6 @@ class Sync:
         self.db = db
         self.runtime = runtime
         self.settings = settings
-        self.pool: AccountPool | None = None
         self.handler_errors = 0
         self.reconciled = 0
         self.scans = 0
@@ -406,8 +404,7 @@ class Sync:
         The handler is already attached (:meth:`attach` runs before the client
         connects, since Telethon catches up as it connects).
         """
-        client = connection.client
-        assert client is not None
+        client = connection.live_client()
         watch = difference_watch(client)
         try:
             await telegram_op(client.catch_up(), self.settings.timeout_telegram_entity, "catch_up")
@@ -465,8 +462,7 @@ class Sync:
         end the walk. Returns how many messages were new.
         """
         async with self._scan_locks[connection.id]:
-            client = connection.client
-            assert client is not None
+            client = connection.live_client()
             self.scans += 1
             dialogs = client.iter_dialogs(limit=limit)
             page: list[Any] = []
@@ -496,7 +492,6 @@ class Sync:
         return stored
 
     async def _read_dialogs(self, connection: AccountConnection, dialogs: list[Any]) -> int:
-        assert connection.client is not None
         cursors = await self.db.chat_cursors(connection.id, [d.id for d in dialogs])
         stored = 0
         for dialog in dialogs:
@@ -510,8 +505,7 @@ class Sync:
 
     async def _read_chat(self, connection: AccountConnection, peer: Any, entity: Any, cursor: int | None) -> int:
         """Store a chat's messages after ``cursor`` (None: its newest few). Returns how many were new."""
-        client = connection.client
-        assert client is not None
+        client = connection.live_client()
         stored = 0
         for _ in range(self.SCAN_PAGES_PER_CHAT):
             if cursor is None:
@@ -549,7 +543,6 @@ class Sync:
 
     def attach(self, connection: AccountConnection) -> None:
         """Register the handler on a fresh client, before it connects."""
-        assert connection.client is not None
 
         async def on_message(event: events.NewMessage.Event) -> None:
             # Telethon only logs a handler's exception: catch, record and count our own.
@@ -570,11 +563,12 @@ class Sync:
                     extra={"account": connection.label, "error": describe(exc)},
                 )
 
-        connection.client.add_event_handler(on_message, events.NewMessage())
+        connection.live_client().add_event_handler(on_message, events.NewMessage())
 
     async def reconcile_account(self, connection: AccountConnection) -> int:
         """Store every message after each active chat's cursor. Returns how many were new."""
-        if connection.client is None:
+        client = connection.client
+        if client is None:
             return 0
         since = datetime.now(UTC) - timedelta(seconds=self.settings.reconcile_window)
         chats = await self.db.recent_chats(connection.id, since=since, limit=50)
@@ -583,13 +577,13 @@ class Sync:
             self.runtime.watchdog.ping("sync")
             try:
                 entity = await telegram_op(
-                    connection.client.get_input_entity(chat.telegram_chat_id),
+                    client.get_input_entity(chat.telegram_chat_id),
                     self.settings.timeout_telegram_entity,
                     "get_input_entity",
                 )
                 messages = await telegram_op(
                     # Oldest first from the cursor, so a busy chat is read in order, never skipped.
-                    connection.client.get_messages(entity, min_id=chat.last_message_id, limit=100, reverse=True, wait_time=0),
+                    client.get_messages(entity, min_id=chat.last_message_id, limit=100, reverse=True, wait_time=0),
                     self.settings.timeout_telegram_send,
                     "get_messages",
                 )
@@ -615,18 +609,16 @@ class Sync:
         return stored
 
     async def _chat_entity(self, connection: AccountConnection, chat_id: int) -> Any:
-        assert connection.client is not None
         try:
-            return await telegram_op(connection.client.get_entity(chat_id), self.settings.timeout_telegram_entity, "get_entity")
+            return await telegram_op(connection.live_client().get_entity(chat_id), self.settings.timeout_telegram_entity, "get_entity")
         except Exception:
             return None
 
-    async def cycle(self) -> float:
+    async def cycle(self, connected: Sequence[AccountConnection]) -> float:
         """The sync loop: reconcile each connected account whose turn has come."""
-        assert self.pool is not None
         now = time.monotonic()
-        for connection in self.pool.connected():
-            watch = difference_watch(connection.client)
+        for connection in connected:
+            watch = difference_watch(connection.live_client())
             if watch.too_long:  # a channel's gap, found after the connect's catch-up
                 watch.too_long = False
                 self._scan_due.setdefault(connection.id, None)
@@ -647,6 +639,731 @@ class Sync:
 
 
 # --- 3. outbound: exactly once, in order per chat --------------------------------------
+
+
+class Outbound:
+    """The outbound loop: claim a batch under lease, send each chat's rows in order, in a task of its own.
+
+    See the module docstring for why nothing goes out twice. The parts, in the
+    order a message meets them: :class:`MessageSender` sends one row with its
+    own ``random_id`` and marks it sent (:class:`SentMarks`);
+    :class:`SendLimits` keeps Telegram's limits on the account;
+    :class:`SendWatch` cuts a send Telegram will never answer.
+    """
+
+    def __init__(
+        self,
+        *,
+        db: Database,
+        runtime: BotRuntime,
+        settings: WorkerSettings,
+        owner: str,
+        pool: AccountPool,
+        sender: MessageSender,
+        limits: SendLimits,
+        watch: SendWatch,
+    ) -> None:
+        self.db = db
+        self.runtime = runtime
+        self.settings = settings
+        self.owner = owner
+        self.pool = pool
+        self.sender = sender
+        self.limits = limits
+        self.watch = watch
+        self.lease_seconds = settings.timeout_telegram_send + settings.timeout_telegram_media + 30
+        self._in_hand: dict[asyncio.Task[None], list[OutboundMessage]] = {}
+        self._finished = asyncio.Event()
+        self._late_error: BaseException | None = None
+        self._take_back_due = False
+
+    async def cycle(self) -> float:
+        if self.runtime.shutdown.stopping:
+            return 1.0
+        try:
+            return await self._claim_and_send()
+        except asyncio.CancelledError:
+            await self._cut()
+            raise
+        except Exception:
+            # A database failure may have left claimed rows whose release could not reach it.
+            self._take_back_due = True
+            raise
+
+    async def _claim_and_send(self) -> float:
+        self._raise_late_error()
+        await self.watch.cut_stuck_sends(self._in_hand)
+        if self._take_back_due:
+            await self._take_back_own_rows()
+        self._finished.clear()  # a chat finishing from here on wakes the idle wait below
+        connected = self.pool.connected()
+        await self.limits.read_holds(connected)
+        self.limits.end_pauses()
+        accounts = [c.id for c in connected if not self.limits.flood_held(c.id)]
+        rows = await self.db.claim_outbound(
+            accounts,
+            owner=self.owner,
+            limit=self.settings.outbound_batch_size,
+            lease_seconds=self.lease_seconds,
+            max_retries=self.settings.max_message_retries,
+        ) if accounts else []
+        if rows:
+            chats: dict[tuple[int, str], list[OutboundMessage]] = defaultdict(list)
+            for row in rows:
+                chats[(row.account_id, row.peer)].append(row)
+            # Each chat in a task of its own; the cycle waits for the batch only so long, so one
+            # slow chat (a hung lookup) never holds the other chats' next messages. The claim
+            # never hands out a chat's later rows while an earlier one is still being sent.
+            patience = min(CHAT_PATIENCE, self.settings.watchdog_max_silence / 4)  # the loop never looks silent
+            await asyncio.wait([self._start_chat(group) for group in chats.values()], timeout=patience)
+            self._raise_late_error()
+            if len(rows) >= self.db.batch_limit(self.settings.outbound_batch_size):
+                return 0.0
+        await self._idle()
+        return 0.0
+
+    async def _idle(self) -> None:
+        """Sleep until an enqueue NOTIFYs us, a chat in hand finishes, or the poll interval passes."""
+        wakeup = asyncio.ensure_future(self.db.wait_for_wakeup("outbound", self.settings.outbound_poll_interval))
+        if not self._in_hand:
+            await wakeup
+            return
+        finished = asyncio.ensure_future(self._finished.wait())
+        try:
+            await asyncio.wait({wakeup, finished}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in (wakeup, finished):
+                waiter.cancel()
+
+    def _start_chat(self, rows: list[OutboundMessage]) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._send_chat(rows), name=f"outbound-chat-{rows[0].account_id}")
+        self._in_hand[task] = rows
+        task.add_done_callback(self._chat_done)
+        return task
+
+    def _chat_done(self, task: asyncio.Task[None]) -> None:
+        self._in_hand.pop(task, None)
+        self.watch.forget(task)
+        self._finished.set()
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self._take_back_due = True
+            if self._late_error is None:
+                self._late_error = exc
+
+    async def _send_chat(self, rows: list[OutboundMessage]) -> None:
+        """Send one chat's rows in order; stop at the first that must wait."""
+        index = 0
+        try:
+            for index, row in enumerate(rows):
+                connection = self.pool.get(row.account_id)
+                if connection is None or not connection.connected or self.runtime.shutdown.stopping:
+                    await release(self.db, rows[index:])
+                    return
+                proceed = await tracing.traced(
+                    "outbound.send", self.sender.send(connection, row), **tracing.of_outbound(row, connection.label)
+                )
+                if not proceed:
+                    await release(self.db, rows[index + 1 :])
+                    return
+        except asyncio.CancelledError:
+            # Cut mid-batch: the rows not yet tried go back now (the sender gave back its own row).
+            await release_quietly(self.db, rows[index + 1 :])
+            raise
+        except Exception:
+            # The database failed mid-batch: give back what is left, or the take-back will.
+            await release_quietly(self.db, rows[index:])
+            raise
+
+    def _raise_late_error(self) -> None:
+        """A chat that failed after its cycle moved on reports through the next cycle (the watchdog backs off)."""
+        exc, self._late_error = self._late_error, None
+        if exc is not None:
+            raise exc
+
+    async def _cut(self) -> None:
+        """The loop was cancelled (shutdown, restart): cut the chats in hand; each gives its rows back."""
+        tasks = list(self._in_hand)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5.0)
+
+    async def _take_back_own_rows(self) -> None:
+        """After a failure, take back at once the rows we claimed and no longer have in hand (fenced by the
+        account lease in SQL), instead of letting them wait out their message lease."""
+        keep = sorted({r.lease_token for rows in self._in_hand.values() for r in rows if r.lease_token})
+        total = 0
+        for connection in list(self.pool.connections.values()):
+            if connection.lease_token:
+                total += await self.db.take_back_own_outbound(
+                    connection.id, owner=self.owner, account_token=connection.lease_token, keep_tokens=keep
+                )
+        self._take_back_due = False
+        if total:
+            logger.info("took back %d claimed message(s) a failure had left behind", total)
+
+    def status(self) -> dict[str, Any]:
+        return self.sender.status()
+
+
+async def release(db: Database, rows: Sequence[OutboundMessage]) -> None:
+    """Give claimed rows back to the queue (fenced by their lease token)."""
+    if rows:
+        await db.release_outbound([r.id for r in rows], rows[0].lease_token or "")
+
+
+async def release_quietly(db: Database, rows: Sequence[OutboundMessage]) -> None:
+    """:func:`release` on the way out of a cut or a failure: at most 2 s, never raising."""
+    if not rows:
+        return
+    task = asyncio.ensure_future(release(db, rows))
+    try:
+        await asyncio.wait_for(asyncio.shield(task), 2.0)
+    except BaseException:  # cancelled again or the database is away: the take-back or the lease does it
+        logger.debug("could not release %d message(s) at once; they are taken back later", len(rows))
+
+
+class MessageSender:
+    """One row, exactly once: paced, checked, sent with its own ``random_id``, marked sent;
+    a failure is settled as the classifier says (retried, held, failed or dead-lettered)."""
+
+    def __init__(
+        self,
+        *,
+        db: Database,
+        runtime: BotRuntime,
+        settings: WorkerSettings,
+        storage: Storage,
+        entities: EntityCache,
+        limits: SendLimits,
+        watch: SendWatch,
+        marks: SentMarks,
+    ) -> None:
+        self.db = db
+        self.runtime = runtime
+        self.settings = settings
+        self.storage = storage
+        self.entities = entities
+        self.limits = limits
+        self.watch = watch
+        self.marks = marks
+        self.sent = 0
+        self.failed = 0
+        self.dead = 0
+
+    async def send(self, connection: AccountConnection, row: OutboundMessage) -> bool:
+        """Send ``row``; True when the next row of its chat may go now."""
+        self.runtime.watchdog.ping("outbound")  # progress, even within a long batch
+        self.watch.clock(running=True)  # the recipient's lookup counts
+        token = row.lease_token or ""
+        wait = self.limits.pace(row)
+        if wait > 0:
+            if wait > 1.0:
+                # Behind the account's flood wait the row says so; a full token bucket is no news.
+                reason = "waiting for the account's flood wait to end" if self.limits.flood_held(row.account_id) else None
+                await self.db.reschedule_outbound(row.id, token, at=datetime.now(UTC) + timedelta(seconds=wait), reason=reason)
+                return False
+            await asyncio.sleep(wait)
+        self.limits.spend(row)
+        async with self.runtime.shutdown.in_flight():
+            try:
+                self._validate(row)
+                telegram_id, chat_id = await self._deliver(connection, row)
+            except SendsHeld as held:
+                # Not an attempt: the row goes back to the queue until the hold ends, with the reason.
+                await self.db.reschedule_outbound(row.id, token, at=datetime.fromtimestamp(held.until, UTC), reason=held.reason)
+                return False
+            except asyncio.CancelledError:
+                # A restart or shutdown cut the send: give the row back now rather than
+                # when its lease expires. The retry reuses its random_id, and a late
+                # answer to this attempt is fenced out by the lease token.
+                await release_quietly(self.db, [row])
+                raise
+            except Exception as exc:
+                return await self._failed(connection, row, exc)
+            if await self.marks.mark(row.id, token, telegram_message_id=telegram_id, chat_id=chat_id):
+                self._count_sent(connection, row)
+                # One line per message, never its text: what an operator greps for.
+                logger.info(
+                    "message %d sent: account %s, chat %s, attempt %d, Telegram message %d",
+                    row.id, connection.label, chat_id, row.attempts, telegram_id,
+                    extra={"message_id": row.id, "account": connection.label, "chat": chat_id, "attempt": row.attempts},
+                )
+            else:
+                logger.warning("lease of message %d was lost before it was marked sent", row.id)
+        return True
+
+    def _validate(self, row: OutboundMessage) -> None:
+        """Bad input fails here, with a reason a person can act on, before any network call."""
+        check_message(row.text, row.attachments)
+        if row.attachments and storage_key(row.attachments[0]) is None:
+            check_attachment(self._attachment_path(row.attachments[0]), row.attachments[0])
+
+    def _attachment_path(self, attachment: Any) -> Path:
+        name = attachment.get("path") if isinstance(attachment, dict) else str(attachment)
+        path = Path(str(name)).expanduser()
+        return path if path.is_absolute() else Path(self.settings.data_dir) / "attachments" / path
+
+    @asynccontextmanager
+    async def _attachment_file(self, row: OutboundMessage) -> AsyncIterator[Path]:
+        """The attachment as a local file: a path as given, or a storage object fetched to a temporary file."""
+        attachment = row.attachments[0]
+        key = storage_key(attachment)
+        if key is None:
+            yield self._attachment_path(attachment)
+            return
+        tmp = Path(self.settings.data_dir) / TEMP_SUBDIR / f"outbound-{row.id}-{Path(key).name}"
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            await self.storage.download_to(key, tmp)
+            check_attachment(tmp, attachment)
+            yield tmp
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    async def _deliver(self, connection: AccountConnection, row: OutboundMessage) -> tuple[int, int]:
+        """One raw request carrying the row's ``random_id``; returns (message id, chat id)."""
+        client = connection.live_client()
+        self.limits.check_flood(connection)
+        entity = await self.entities.resolve(connection, row.peer)
+        self.watch.clock(running=False)  # waiting for the account's turn is not a stuck send
+        await self.limits.check_limited(connection, entity)
+        chat_id = utils.get_peer_id(entity)
+        reply_to = types.InputReplyToMessage(reply_to_msg_id=row.reply_to) if row.reply_to else None
+        request: Any
+        if row.attachments:
+            async with self._attachment_file(row) as path:
+                _, media, _ = await telegram_op(
+                    client._file_to_media(str(path)), self.settings.timeout_telegram_media, "upload_media", detail=path.name
+                )
+            request = functions.messages.SendMediaRequest(
+                peer=entity, media=media, message=row.text or "", random_id=row.random_id, reply_to=reply_to
+            )
+            timeout = self.settings.timeout_telegram_media
+        else:
+            request = functions.messages.SendMessageRequest(
+                peer=entity, message=row.text or "", random_id=row.random_id, reply_to=reply_to
+            )
+            timeout = self.settings.timeout_telegram_send
+        async with self.limits.turn(connection):
+            self.watch.clock(running=True)
+            self.runtime.watchdog.ping("outbound")  # a turn is progress, however many chats wait for theirs
+            # Checked again in turn: the send before this one may have drawn a limit.
+            self.limits.check_flood(connection)
+            await self.limits.check_limited(connection, entity)
+            try:
+                result = await telegram_op(client(request), timeout, "send_message", outcome_unknown=True, detail=str(row.id))
+            except Exception as exc:
+                self.limits.note_send_limit(connection, exc)  # before the next send of the account takes its turn
+                raise
+        message = client._get_response_message(request, result, entity)
+        message_id = getattr(message, "id", None) or getattr(result, "id", None)
+        if not isinstance(message_id, int):
+            raise PermanentError(f"Telegram's answer carried no message id ({type(result).__name__})")
+        return message_id, chat_id
+
+    async def _failed(self, connection: AccountConnection, row: OutboundMessage, exc: BaseException) -> bool:
+        """Decide the row's fate from the classifier. True when the chat's next row may go."""
+        token = row.lease_token or ""
+        verdict = classify(exc)
+        kind = verdict.kind
+        if kind is ErrorKind.ALREADY_DONE:
+            # An earlier attempt whose answer was lost did arrive; Telegram dropped this copy.
+            message_id = await self._find_sent_id(connection, row)
+            logger.info("message %d was already delivered (duplicate random_id)", row.id)
+            await self.db.mark_sent(row.id, token, telegram_message_id=message_id, chat_id=row.chat_id)  # type: ignore[arg-type]
+            self._count_sent(connection, row)
+            return True
+        if kind is ErrorKind.RATE_LIMITED:
+            seconds = verdict.retry_after or 30.0
+            until = datetime.now(UTC) + timedelta(seconds=seconds)
+            metrics.flood_wait(connection.label, seconds)
+            if verdict.scope is LimitScope.ACCOUNT and self.limits.flood_held(row.account_id):
+                # The send itself drew it (see note_send_limit): every send of the account waits, here and elsewhere.
+                await self.limits.store_hold(connection, SendHoldKind.FLOOD, until, verdict.reason)
+            else:
+                # Slow mode, or a wait on resolving or uploading for this row: only this chat waits.
+                self.limits.hold_chat(row, seconds)
+                logger.warning("%s: chat %s of %s waits %.0fs; the account's other chats go on", verdict.reason, row.peer, connection.label, seconds)
+            await self.db.reschedule_outbound(row.id, token, at=until, reason=verdict.reason)
+            return False
+        if kind is ErrorKind.ACCOUNT_LIMITED:
+            until = self.limits.limit_account(connection, exc)
+            await self.limits.store_hold(connection, SendHoldKind.LIMITED, until, verdict.reason)
+            self.limits.alert_limited(connection, until)
+            await self.db.reschedule_outbound(row.id, token, at=until, reason=verdict.reason)
+            return False
+        if kind is ErrorKind.ACCOUNT_DEAD:
+            await self.db.release_outbound([row.id], token)
+            await connection.handle_error(exc)
+            return False
+        if isinstance(exc, CircuitOpenError):
+            # Refused before anything was tried (storage's breaker, opened by some other
+            # row's failures): no attempt of this row is spent; it comes back after the wait.
+            at = datetime.now(UTC) + timedelta(seconds=max(1.0, exc.retry_after))
+            await self.db.reschedule_outbound(row.id, token, at=at, reason=verdict.reason)
+            return False
+        if kind is ErrorKind.PERMANENT:
+            self.entities.forget(row.account_id, row.peer)
+            await self.db.mark_failed(row.id, token, verdict.reason, permanent=True)
+            metrics.message_failed(connection.label, kind.value)
+            self._count_failure(connection, row, verdict.reason)
+            return True  # this row is settled; the chat goes on
+        # Transient or unknown outcome: retry with the same random_id.
+        retry_at = None
+        if kind is ErrorKind.UNKNOWN_OUTCOME or isinstance(exc, (ConnectionError, OperationTimeout)):
+            # Telegram did not answer in time (a send, or the recipient's lookup before it) or the
+            # connection broke: try again soon, as the connection checks bring it back within seconds.
+            retry_at = datetime.now(UTC) + timedelta(seconds=min(2.0, self.settings.retry_base_delay))
+        status = await self.db.mark_failed(
+            row.id,
+            token,
+            verdict.reason,
+            permanent=False,
+            retry_at=retry_at,
+            max_retries=self.settings.max_message_retries,
+            base_delay=self.settings.retry_base_delay,
+        )
+        self.runtime.stats.retried += 1
+        if status is OutboundStatus.DEAD:
+            metrics.message_failed(connection.label, kind.value, dead=True)
+            self.dead += 1
+            self._count_failure(connection, row, verdict.reason, dead=True)
+            return True
+        metrics.message_retry(connection.label, kind.value)
+        await connection.handle_error(exc)
+        return False
+
+    async def _find_sent_id(self, connection: AccountConnection, row: OutboundMessage) -> int | None:
+        """Best effort: the id of our earlier copy, from the chat's latest messages."""
+        try:
+            entity = await self.entities.resolve(connection, row.peer)
+            client = connection.live_client()
+            recent = await telegram_op(client.get_messages(entity, limit=20), self.settings.timeout_telegram_send, "get_messages")
+            for message in recent:
+                if getattr(message, "out", False) and (message.message or "") == (row.text or ""):
+                    return int(message.id)
+        except Exception as exc:
+            logger.debug("could not look up the earlier copy of message %d: %s", row.id, describe(exc))
+        return None
+
+    def _count_sent(self, connection: AccountConnection, row: OutboundMessage) -> None:
+        metrics.message_sent(connection.label, row.created_at)
+        self.sent += 1
+        connection.sent += 1
+        self.runtime.stats.processed += 1
+
+    def _count_failure(self, connection: AccountConnection, row: OutboundMessage, reason: str, *, dead: bool = False) -> None:
+        self.failed += 1
+        connection.failed += 1
+        self.runtime.stats.failed += 1
+        self.runtime.stats.error(f"message {row.id}", reason)
+        log = logger.error if dead else logger.warning
+        log(
+            "message %d %s: account %s, chat %s, attempt %d: %s",
+            row.id,
+            "is dead after its retries" if dead else "failed",
+            connection.label,
+            row.chat_id or row.peer,
+            row.attempts,
+            reason,
+            extra={"message_id": row.id, "account": connection.label, "chat": row.chat_id or row.peer, "attempt": row.attempts},
+        )
+        if dead:
+            self.runtime.alerts.alert(
+                AlertType.MESSAGE_DEAD,
+                f"Message {row.id} from {connection.label} to {row.peer} is dead after {self.settings.max_message_retries} retries",
+                key=f"dead:{connection.label}",
+                details={"message_id": row.id, "error": reason, "fix": f"once the cause is fixed: ./start.sh worker requeue {row.id}"},
+            )
+
+    def status(self) -> dict[str, Any]:
+        return {"sent": self.sent, "failed": self.failed, "dead": self.dead}
+
+
+class SendsHeld(Exception):
+    """Telegram's limit holds this send until ``until`` (wall time): the row waits, nothing failed."""
+
+    def __init__(self, until: float, reason: str) -> None:
+        super().__init__(reason)
+        self.until = until
+        self.reason = reason
+
+
+class SendLimits:
+    """Telegram's limits on sending, as Telegram applies them (docs/flood-limits.md), and our own pace.
+
+    FLOOD_WAIT (and FLOOD_PREMIUM_WAIT) holds every send of the account for
+    the time asked, SLOWMODE_WAIT only that chat, PEER_FLOOD the account's
+    sends to non-contacts for PEER_FLOOD_PAUSE. The account holds are stored
+    (``account_send_holds``) and read when an account connects here, so
+    whichever process holds the account next keeps to them. At most
+    SEND_IN_FLIGHT_PER_ACCOUNT sends of an account wait for Telegram at once
+    (:meth:`turn`); each checks the account's holds when its turn comes, so
+    no send starts after a flood wait is known (with 1, none is even on its way).
+    """
+
+    def __init__(self, *, db: Database, runtime: BotRuntime, settings: WorkerSettings, pool: AccountPool) -> None:
+        self.db = db
+        self.runtime = runtime
+        self.settings = settings
+        self.pool = pool
+        self.per_account = KeyedBuckets(rate=settings.send_rate_per_account, burst=settings.send_burst_per_account)
+        self.per_chat = KeyedBuckets(rate=settings.send_rate_per_chat, burst=settings.send_burst_per_chat)
+        #: PEER_FLOOD: account id -> wall time its sends to non-contacts may start again.
+        self.limited: dict[int, float] = {}
+        self._contacts: dict[int, frozenset[int]] = {}
+        self._alerted_limits: set[int] = set()
+        self._holds_read: dict[int, float | None] = {}  # account id -> its connected_since when its holds were read
+        self._holds_read_at = float("-inf")
+        self._turns: defaultdict[int, asyncio.Semaphore] = defaultdict(
+            lambda: asyncio.Semaphore(settings.send_in_flight_per_account)
+        )
+
+    # Our pace ---------------------------------------------------------------------------
+
+    def pace(self, row: OutboundMessage) -> float:
+        """Seconds ``row`` must wait for its account's and its chat's token buckets."""
+        # A token or two in reserve: Telegram counts on its own clock, and network jitter must not
+        # make a send that our bucket allows arrive early enough to provoke a FloodWait.
+        return max(
+            self.per_account.delay(row.account_id, reserve=2.0), self.per_chat.delay((row.account_id, row.peer), reserve=1.0)
+        )
+
+    def spend(self, row: OutboundMessage) -> None:
+        self.per_account.take(row.account_id)
+        self.per_chat.take((row.account_id, row.peer))
+
+    def turn(self, connection: AccountConnection) -> asyncio.Semaphore:
+        """The account's SEND_IN_FLIGHT_PER_ACCOUNT turns: hold one while a send waits for Telegram."""
+        return self._turns[connection.id]
+
+    def hold_chat(self, row: OutboundMessage, seconds: float) -> None:
+        """Slow mode (or a wait drawn for this row alone): only this chat waits."""
+        self.per_chat.hold((row.account_id, row.peer), seconds)
+
+    def flood_held(self, account_id: int) -> bool:
+        """Whether a flood wait holds every send of the account now."""
+        return self.per_account.held_until(account_id) is not None
+
+    # A send drew a limit ---------------------------------------------------------------
+
+    def note_send_limit(self, connection: AccountConnection, exc: BaseException) -> None:
+        """A send drew a limit of the account: hold it in this process at once (no await before the next send)."""
+        verdict = classify(exc)
+        if verdict.kind is ErrorKind.RATE_LIMITED and verdict.scope is LimitScope.ACCOUNT:
+            seconds = verdict.retry_after or 30.0
+            self.per_account.hold(connection.id, seconds)
+            connection.flood_wait_until = max(connection.flood_wait_until or 0.0, time.time() + seconds)
+            self._forget_local_flood(connection)
+            logger.warning(
+                "flood wait of %.0fs for %s: every send of the account waits (other accounts go on)",
+                seconds, connection.label, extra={"account": connection.label},
+            )
+        elif verdict.kind is ErrorKind.ACCOUNT_LIMITED:
+            until = time.time() + self.settings.peer_flood_pause
+            if self.limited.get(connection.id, 0.0) >= until - 1.0:
+                return
+            self.limited[connection.id] = until
+            connection.limited_until = until
+            self._contacts.pop(connection.id, None)  # read them afresh for this pause
+            logger.warning(
+                "%s is limited by Telegram (PEER_FLOOD): no messages to non-contacts for %.0fs; they wait in the queue",
+                connection.label, self.settings.peer_flood_pause, extra={"account": connection.label},
+            )
+
+    def limit_account(self, connection: AccountConnection, exc: BaseException) -> datetime:
+        """PEER_FLOOD: the account's pause (noted now unless the send already did); returns when it ends."""
+        self.note_send_limit(connection, exc)
+        return datetime.fromtimestamp(self.limited[connection.id], UTC)
+
+    async def store_hold(self, connection: AccountConnection, kind: SendHoldKind, until: datetime, reason: str) -> None:
+        """Store the hold, so the next process that holds this account keeps to it too."""
+        try:
+            await self.db.hold_account_sends(connection.id, kind, until=until, reason=reason)
+        except Exception as exc:
+            logger.warning("could not store the %s hold of %s (%s); this process keeps to it", kind.value, connection.label, describe(exc))
+
+    def alert_limited(self, connection: AccountConnection, until: datetime) -> None:
+        """``account_limited``, once per pause (``resolved`` follows when it ends)."""
+        if connection.id in self._alerted_limits:
+            return
+        self._alerted_limits.add(connection.id)
+        self.runtime.alerts.alert(
+            AlertType.ACCOUNT_LIMITED,
+            f"Account {connection.label} is limited by Telegram (PEER_FLOOD): its messages to non-contacts "
+            f"wait in the queue until {until.strftime('%Y-%m-%d %H:%M UTC')}; messages to contacts go on",
+            key=f"limited:{connection.label}",
+            details={"account": connection.label, "until": until.isoformat(), "runbook": "docs/flood-limits.md"},
+        )
+
+    @staticmethod
+    def _forget_local_flood(connection: AccountConnection) -> None:
+        # After a FloodWaitError Telethon refuses further requests of that type
+        # locally, until its own record lapses. Our hold (per account, stored,
+        # covering text and media alike) is the one authority on when sends
+        # resume: drop Telethon's copy so the two never disagree.
+        flooded = getattr(connection.client, "_flood_waited_requests", None)
+        if isinstance(flooded, dict):
+            flooded.pop(functions.messages.SendMessageRequest.CONSTRUCTOR_ID, None)
+            flooded.pop(functions.messages.SendMediaRequest.CONSTRUCTOR_ID, None)
+
+    # Holds from before, and holds that end ----------------------------------------------
+
+    async def read_holds(self, connected: Sequence[AccountConnection]) -> None:
+        """Read the stored holds of accounts that (re)connected here, and of all every HOLDS_REFRESH seconds.
+
+        A hold drawn in this process is known at once; one drawn by the
+        account's previous holder (before a restart, a deploy or a lease
+        takeover) is read before this process claims anything for it.
+        """
+        now = time.monotonic()
+        due = now - self._holds_read_at >= HOLDS_REFRESH
+        ids = [c.id for c in connected if due or self._holds_read.get(c.id) != c.connected_since]
+        if not ids:
+            return
+        self._apply_holds(await self.db.account_send_holds(ids))
+        for connection in connected:
+            if connection.id in ids:
+                self._holds_read[connection.id] = connection.connected_since
+        if due:
+            self._holds_read_at = now
+
+    def _apply_holds(self, holds: Sequence[SendHold]) -> None:
+        """Take over the stored holds (another process may have drawn them before the account moved here)."""
+        now = time.time()
+        for hold in holds:
+            connection = self.pool.get(hold.account_id)
+            if hold.flood_until is not None:
+                until = hold.flood_until.timestamp()
+                self.per_account.hold(hold.account_id, until - now)
+                if connection is not None:
+                    connection.flood_wait_until = max(connection.flood_wait_until or 0.0, until)
+            if hold.limited_until is not None:
+                until = max(self.limited.get(hold.account_id, 0.0), hold.limited_until.timestamp())
+                self.limited[hold.account_id] = until
+                if connection is not None:
+                    connection.limited_until = until
+
+    def end_pauses(self) -> None:
+        """A PEER_FLOOD pause that ran out: sends to non-contacts go again, and the alert resolves."""
+        now = time.time()
+        for account_id, until in list(self.limited.items()):
+            if until > now:
+                continue
+            del self.limited[account_id]
+            self._contacts.pop(account_id, None)
+            self._alerted_limits.discard(account_id)
+            connection = self.pool.get(account_id)
+            label = connection.label if connection is not None else str(account_id)
+            if connection is not None:
+                connection.limited_until = None
+            logger.info("%s may message non-contacts again (the PEER_FLOOD pause ended)", label, extra={"account": label})
+            self.runtime.alerts.resolve(
+                AlertType.ACCOUNT_LIMITED, key=f"limited:{label}", message=f"Account {label} may message non-contacts again"
+            )
+
+    # Before each send ----------------------------------------------------------------------
+
+    def check_flood(self, connection: AccountConnection) -> None:
+        """Raise :class:`SendsHeld` while a flood wait holds every send of the account."""
+        flood = self.per_account.held_until(connection.id)
+        if flood is not None:
+            raise SendsHeld(time.time() + (flood - time.monotonic()), "waiting for the account's flood wait to end")
+
+    async def check_limited(self, connection: AccountConnection, entity: Any) -> None:
+        """Raise :class:`SendsHeld` while PEER_FLOOD holds this account's sends to ``entity`` (a non-contact)."""
+        limited = self.limited.get(connection.id)
+        if limited is not None and limited > time.time() and not await self._is_contact(connection, entity):
+            raise SendsHeld(limited, "waiting: Telegram limits this account's messages to non-contacts (PEER_FLOOD)")
+
+    async def _is_contact(self, connection: AccountConnection, entity: Any) -> bool:
+        """Whether Telegram's spam limit spares this chat: a contact, the account itself, or a group it is in."""
+        if isinstance(entity, types.InputPeerSelf):
+            return True
+        user_id = getattr(entity, "user_id", None)
+        if not isinstance(entity, types.InputPeerUser) or user_id is None:
+            return True  # groups and channels the account writes in are not "strangers"
+        contacts = self._contacts.get(connection.id)
+        if contacts is None:
+            try:
+                answer = await telegram_op(
+                    connection.live_client()(functions.contacts.GetContactsRequest(hash=0)),
+                    self.settings.timeout_telegram_entity,
+                    "get_contacts",
+                )
+                contacts = frozenset(c.user_id for c in getattr(answer, "contacts", ()))
+            except Exception as exc:
+                # Unknown contacts: everyone waits, which is safe; read again next time.
+                logger.info("could not read the contacts of %s (%s); all its private chats wait", connection.label, describe(exc))
+                return False
+            self._contacts[connection.id] = contacts
+        return user_id in contacts
+
+
+class SendWatch:
+    """The clock on each chat's current request, to cut a send (or its recipient's lookup) that Telegram
+    will never answer; its row goes back and is tried again at once with its random_id (a copy that
+    did arrive is dropped by Telegram).
+
+    Two signs: the send has been silent past WATCHDOG_MAX_SILENCE (as the watchdog cut the whole
+    loop when chats were sent inside the cycle), or it has waited longer than STUCK_SEND_AFTER
+    while the account's connection check (a ping, at most every BREAKER_PROBE_INTERVAL) is
+    answered: after an outage Telegram answers new requests but never the ones it lost.
+    """
+
+    def __init__(self, *, settings: WorkerSettings, pool: AccountPool) -> None:
+        self.settings = settings
+        self.pool = pool
+        self._started: dict[asyncio.Task[Any], float] = {}
+        self._pinged_at: dict[int, float] = {}
+
+    def clock(self, *, running: bool) -> None:
+        """Start (or stop) the clock on the current chat task's request."""
+        task = asyncio.current_task()
+        if task is None:
+            return
+        if running:
+            self._started[task] = time.monotonic()
+        else:
+            self._started.pop(task, None)
+
+    def forget(self, task: asyncio.Task[Any]) -> None:
+        self._started.pop(task, None)
+
+    async def cut_stuck_sends(self, in_hand: Mapping[asyncio.Task[None], Sequence[OutboundMessage]]) -> None:
+        """Cut the chat tasks whose current request shows either sign."""
+        now = time.monotonic()
+        suspects: dict[int, list[asyncio.Task[Any]]] = defaultdict(list)
+        for task, since in list(self._started.items()):
+            rows = in_hand.get(task)
+            if rows is None or task.done():
+                continue
+            if now - since > self.settings.watchdog_max_silence:
+                self._cut(task, now - since, "silent")
+            elif now - since > STUCK_SEND_AFTER:
+                suspects[rows[0].account_id].append(task)
+
+        async def check(account_id: int, tasks: list[asyncio.Task[Any]]) -> None:
+            connection = self.pool.get(account_id)
+            if connection is None or now - self._pinged_at.get(account_id, 0.0) < self.settings.breaker_probe_interval:
+                return
+            self._pinged_at[account_id] = now
+            if await connection.answers(min(2.0, self.settings.timeout_telegram_send)):
+                for task in tasks:
+                    if not task.done():
+                        self._cut(task, now - self._started.get(task, now), "unanswered while Telegram answers")
+
+        if suspects:
+            await asyncio.gather(*(check(account_id, tasks) for account_id, tasks in suspects.items()))
+
+    def _cut(self, task: asyncio.Task[Any], waited: float, why: str) -> None:
+        logger.warning("a send waited %.0fs (%s); cutting it, its message is tried again", waited, why)
+        self._started.pop(task, None)
+        task.cancel()
 
 
 class SentMarks:
@@ -699,647 +1416,6 @@ def _settle(future: asyncio.Future[bool], outcome: bool | BaseException) -> None
         future.set_exception(outcome)
     else:
         future.set_result(outcome)
-
-class SendsHeld(Exception):
-    """Telegram's limit holds this send until ``until`` (wall time): the row waits, nothing failed."""
-
-    def __init__(self, until: float, reason: str) -> None:
-        super().__init__(reason)
-        self.until = until
-        self.reason = reason
-
-
-class Outbound:
-    """Sends the queue. See the module docstring for why nothing goes out twice.
-
-    Telegram's limits, as Telegram applies them (docs/flood-limits.md):
-    FLOOD_WAIT (and FLOOD_PREMIUM_WAIT) holds every send of the account for
-    the time asked, SLOWMODE_WAIT only that chat, PEER_FLOOD the account's
-    sends to non-contacts for PEER_FLOOD_PAUSE. The account holds are stored
-    (``account_send_holds``) and read when an account connects here, so
-    whichever process holds the account next keeps to them. At most
-    SEND_IN_FLIGHT_PER_ACCOUNT sends of an account wait for Telegram at once;
-    each checks the account's holds when its turn comes, so no send starts
-    after a flood wait is known (with 1, none is even on its way).
-    """
-
-    def __init__(
-        self,
-        *,
-        db: Database,
-        runtime: BotRuntime,
-        settings: WorkerSettings,
-        owner: str,
-        storage: Storage | None = None,
-        entities: EntityCache | None = None,
-    ) -> None:
-        self.db = db
-        self.runtime = runtime
-        self.settings = settings
-        self.owner = owner
-        self.storage = storage
-        self.pool: AccountPool | None = None
-        self.entities = entities or EntityCache(timeout=settings.timeout_telegram_entity)
-        self.per_account = KeyedBuckets(rate=settings.send_rate_per_account, burst=settings.send_burst_per_account)
-        self.per_chat = KeyedBuckets(rate=settings.send_rate_per_chat, burst=settings.send_burst_per_chat)
-        #: PEER_FLOOD: account id -> wall time its sends to non-contacts may start again.
-        self.limited: dict[int, float] = {}
-        self._contacts: dict[int, frozenset[int]] = {}
-        self._alerted_limits: set[int] = set()
-        self._holds_read: dict[int, float | None] = {}  # account id -> its connected_since when its holds were read
-        self._holds_read_at = float("-inf")
-        self._turns: defaultdict[int, asyncio.Semaphore] = defaultdict(
-            lambda: asyncio.Semaphore(settings.send_in_flight_per_account)
-        )
-        self.sent = 0
-        self.failed = 0
-        self.dead = 0
-        self.lease_seconds = settings.timeout_telegram_send + settings.timeout_telegram_media + 30
-        self.marks = SentMarks(db)
-        self._in_hand: dict[asyncio.Task[None], list[OutboundMessage]] = {}
-        self._finished = asyncio.Event()
-        self._late_error: BaseException | None = None
-        self._take_back_due = False
-        self._send_started: dict[asyncio.Task[Any], float] = {}
-        self._pinged_at: dict[int, float] = {}
-
-    # The loop ------------------------------------------------------------------------
-
-    async def cycle(self) -> float:
-        assert self.pool is not None
-        if self.runtime.shutdown.stopping:
-            return 1.0
-        try:
-            return await self._claim_and_send()
-        except asyncio.CancelledError:
-            await self._cut()
-            raise
-        except Exception:
-            # A database failure may have left claimed rows whose release could not reach it.
-            self._take_back_due = True
-            raise
-
-    async def _claim_and_send(self) -> float:
-        assert self.pool is not None
-        self._raise_late_error()
-        await self._cut_stuck_sends()
-        if self._take_back_due:
-            await self._take_back_own_rows()
-        self._finished.clear()  # a chat finishing from here on wakes the idle wait below
-        connected = self.pool.connected()
-        await self._read_holds(connected)
-        self._end_pauses()
-        accounts = [c.id for c in connected if self.per_account.held_until(c.id) is None]
-        rows = await self.db.claim_outbound(
-            accounts,
-            owner=self.owner,
-            limit=self.settings.outbound_batch_size,
-            lease_seconds=self.lease_seconds,
-            max_retries=self.settings.max_message_retries,
-        ) if accounts else []
-        if rows:
-            chats: dict[tuple[int, str], list[OutboundMessage]] = defaultdict(list)
-            for row in rows:
-                chats[(row.account_id, row.peer)].append(row)
-            # Each chat in a task of its own; the cycle waits for the batch only so long, so one
-            # slow chat (a hung lookup) never holds the other chats' next messages. The claim
-            # never hands out a chat's later rows while an earlier one is still being sent.
-            patience = min(CHAT_PATIENCE, self.settings.watchdog_max_silence / 4)  # the loop never looks silent
-            await asyncio.wait([self._start_chat(group) for group in chats.values()], timeout=patience)
-            self._raise_late_error()
-            if len(rows) >= self.db.batch_limit(self.settings.outbound_batch_size):
-                return 0.0
-        await self._idle()
-        return 0.0
-
-    async def _idle(self) -> None:
-        """Sleep until an enqueue NOTIFYs us, a chat in hand finishes, or the poll interval passes."""
-        wakeup = asyncio.ensure_future(self.db.wait_for_wakeup("outbound", self.settings.outbound_poll_interval))
-        if not self._in_hand:
-            await wakeup
-            return
-        finished = asyncio.ensure_future(self._finished.wait())
-        try:
-            await asyncio.wait({wakeup, finished}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in (wakeup, finished):
-                waiter.cancel()
-
-    def _start_chat(self, rows: list[OutboundMessage]) -> asyncio.Task[None]:
-        task = asyncio.create_task(self._send_chat(rows), name=f"outbound-chat-{rows[0].account_id}")
-        self._in_hand[task] = rows
-        task.add_done_callback(self._chat_done)
-        return task
-
-    def _chat_done(self, task: asyncio.Task[None]) -> None:
-        self._in_hand.pop(task, None)
-        self._send_started.pop(task, None)
-        self._finished.set()
-        if task.cancelled():
-            return
-        exc = task.exception()
-        if exc is not None:
-            self._take_back_due = True
-            if self._late_error is None:
-                self._late_error = exc
-
-    async def _cut_stuck_sends(self) -> None:
-        """Cut a send (or its recipient's lookup) that Telegram will never answer; its row goes back
-        and is tried again at once with its random_id (a copy that did arrive is dropped by Telegram).
-
-        Two signs: the send has been silent past WATCHDOG_MAX_SILENCE (as the watchdog cut the whole
-        loop when chats were sent inside the cycle), or it has waited longer than STUCK_SEND_AFTER
-        while the account's connection check (a ping, at most every BREAKER_PROBE_INTERVAL) is
-        answered: after an outage Telegram answers new requests but never the ones it lost.
-        """
-        now = time.monotonic()
-        suspects: dict[int, list[asyncio.Task[Any]]] = defaultdict(list)
-        for task, since in list(self._send_started.items()):
-            rows = self._in_hand.get(task)
-            if rows is None or task.done():
-                continue
-            if now - since > self.settings.watchdog_max_silence:
-                self._cut_send(task, now - since, "silent")
-            elif now - since > STUCK_SEND_AFTER:
-                suspects[rows[0].account_id].append(task)
-        async def check(account_id: int, tasks: list[asyncio.Task[Any]]) -> None:
-            connection = self.pool.get(account_id) if self.pool else None
-            if connection is None or now - self._pinged_at.get(account_id, 0.0) < self.settings.breaker_probe_interval:
-                return
-            self._pinged_at[account_id] = now
-            if await connection.answers(min(2.0, self.settings.timeout_telegram_send)):
-                for task in tasks:
-                    if not task.done():
-                        self._cut_send(task, now - self._send_started.get(task, now), "unanswered while Telegram answers")
-
-        if suspects:
-            await asyncio.gather(*(check(account_id, tasks) for account_id, tasks in suspects.items()))
-
-    def _clock_send(self, *, running: bool) -> None:
-        """Start (or stop) the clock :meth:`_cut_stuck_sends` reads for this chat's current request."""
-        task = asyncio.current_task()
-        if task is None:
-            return
-        if running:
-            self._send_started[task] = time.monotonic()
-        else:
-            self._send_started.pop(task, None)
-
-    def _cut_send(self, task: asyncio.Task[Any], waited: float, why: str) -> None:
-        logger.warning("a send waited %.0fs (%s); cutting it, its message is tried again", waited, why)
-        self._send_started.pop(task, None)
-        task.cancel()
-
-    def _raise_late_error(self) -> None:
-        """A chat that failed after its cycle moved on reports through the next cycle (the watchdog backs off)."""
-        exc, self._late_error = self._late_error, None
-        if exc is not None:
-            raise exc
-
-    async def _cut(self) -> None:
-        """The loop was cancelled (shutdown, restart): cut the chats in hand; each gives its rows back."""
-        tasks = list(self._in_hand)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=5.0)
-
-    async def _take_back_own_rows(self) -> None:
-        """After a failure, take back at once the rows we claimed and no longer have in hand (fenced by the
-        account lease in SQL), instead of letting them wait out their message lease."""
-        assert self.pool is not None
-        keep = sorted({r.lease_token for rows in self._in_hand.values() for r in rows if r.lease_token})
-        total = 0
-        for connection in list(self.pool.connections.values()):
-            if connection.lease_token:
-                total += await self.db.take_back_own_outbound(
-                    connection.id, owner=self.owner, account_token=connection.lease_token, keep_tokens=keep
-                )
-        self._take_back_due = False
-        if total:
-            logger.info("took back %d claimed message(s) a failure had left behind", total)
-
-    async def _send_chat(self, rows: list[OutboundMessage]) -> None:
-        """Send one chat's rows in order; stop at the first that must wait."""
-        index = 0
-        try:
-            for index, row in enumerate(rows):
-                connection = self.pool.get(row.account_id) if self.pool else None
-                if connection is None or not connection.connected or self.runtime.shutdown.stopping:
-                    await self._release(rows[index:])
-                    return
-                proceed = await tracing.traced(
-                    "outbound.send", self._send_one(connection, row), **tracing.of_outbound(row, connection.label)
-                )
-                if not proceed:
-                    await self._release(rows[index + 1 :])
-                    return
-        except asyncio.CancelledError:
-            # Cut mid-batch: the rows not yet tried go back now (_send_one gave back its own row).
-            await self._release_quietly(rows[index + 1 :])
-            raise
-        except Exception:
-            # The database failed mid-batch: give back what is left, or the take-back will.
-            await self._release_quietly(rows[index:])
-            raise
-
-    async def _release_quietly(self, rows: Sequence[OutboundMessage]) -> None:
-        if not rows:
-            return
-        task = asyncio.ensure_future(self.db.release_outbound([r.id for r in rows], rows[0].lease_token or ""))
-        try:
-            await asyncio.wait_for(asyncio.shield(task), 2.0)
-        except BaseException:  # cancelled again or the database is away: the take-back or the lease does it
-            logger.debug("could not release %d message(s) at once; they are taken back later", len(rows))
-
-    async def _release(self, rows: Sequence[OutboundMessage]) -> None:
-        if rows:
-            await self.db.release_outbound([r.id for r in rows], rows[0].lease_token or "")
-
-    # One message ---------------------------------------------------------------------
-
-    async def _send_one(self, connection: AccountConnection, row: OutboundMessage) -> bool:
-        """Send ``row``; True when the next row of its chat may go now."""
-        self.runtime.watchdog.ping("outbound")  # progress, even within a long batch
-        self._clock_send(running=True)  # the recipient's lookup counts
-        token = row.lease_token or ""
-        chat_key = (row.account_id, row.peer)
-        # A token or two in reserve: Telegram counts on its own clock, and network jitter must not
-        # make a send that our bucket allows arrive early enough to provoke a FloodWait.
-        wait = max(self.per_account.delay(row.account_id, reserve=2.0), self.per_chat.delay(chat_key, reserve=1.0))
-        if wait > 0:
-            if wait > 1.0:
-                # Behind the account's flood wait the row says so; a full token bucket is no news.
-                reason = "waiting for the account's flood wait to end" if self.per_account.held_until(row.account_id) else None
-                await self.db.reschedule_outbound(row.id, token, at=datetime.now(UTC) + timedelta(seconds=wait), reason=reason)
-                return False
-            await asyncio.sleep(wait)
-        self.per_account.take(row.account_id)
-        self.per_chat.take(chat_key)
-        async with self.runtime.shutdown.in_flight():
-            try:
-                self._validate(row)
-                telegram_id, chat_id = await self._deliver(connection, row)
-            except SendsHeld as held:
-                # Not an attempt: the row goes back to the queue until the hold ends, with the reason.
-                await self.db.reschedule_outbound(row.id, token, at=datetime.fromtimestamp(held.until, UTC), reason=held.reason)
-                return False
-            except asyncio.CancelledError:
-                # A restart or shutdown cut the send: give the row back now rather than
-                # when its lease expires. The retry reuses its random_id, and a late
-                # answer to this attempt is fenced out by the lease token.
-                await self._release_quietly([row])
-                raise
-            except Exception as exc:
-                return await self._failed(connection, row, exc)
-            if await self.marks.mark(row.id, token, telegram_message_id=telegram_id, chat_id=chat_id):
-                metrics.message_sent(connection.label, row.created_at)
-                self.sent += 1
-                connection.sent += 1
-                self.runtime.stats.processed += 1
-                # One line per message, never its text: what an operator greps for.
-                logger.info(
-                    "message %d sent: account %s, chat %s, attempt %d, Telegram message %d",
-                    row.id, connection.label, chat_id, row.attempts, telegram_id,
-                    extra={"message_id": row.id, "account": connection.label, "chat": chat_id, "attempt": row.attempts},
-                )
-            else:
-                logger.warning("lease of message %d was lost before it was marked sent", row.id)
-        return True
-
-    def _validate(self, row: OutboundMessage) -> None:
-        """Bad input fails here, with a reason a person can act on, before any network call."""
-        check_message(row.text, row.attachments)
-        if row.attachments and storage_key(row.attachments[0]) is None:
-            check_attachment(self._attachment_path(row.attachments[0]), row.attachments[0])
-
-    def _attachment_path(self, attachment: Any) -> Path:
-        name = attachment.get("path") if isinstance(attachment, dict) else str(attachment)
-        path = Path(str(name)).expanduser()
-        return path if path.is_absolute() else Path(self.settings.data_dir) / "attachments" / path
-
-    @asynccontextmanager
-    async def _attachment_file(self, row: OutboundMessage) -> AsyncIterator[Path]:
-        """The attachment as a local file: a path as given, or a storage object fetched to a temporary file."""
-        attachment = row.attachments[0]
-        key = storage_key(attachment)
-        if key is None:
-            yield self._attachment_path(attachment)
-            return
-        if self.storage is None:
-            raise PermanentError(f"attachment {key!r} is a storage key but no storage is configured")
-        tmp = Path(self.settings.data_dir) / TEMP_SUBDIR / f"outbound-{row.id}-{Path(key).name}"
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            await self.storage.download_to(key, tmp)
-            check_attachment(tmp, attachment)
-            yield tmp
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    async def _deliver(self, connection: AccountConnection, row: OutboundMessage) -> tuple[int, int]:
-        """One raw request carrying the row's ``random_id``; returns (message id, chat id)."""
-        client = connection.client
-        assert client is not None
-        self._check_flood(connection)
-        entity = await self.entities.resolve(connection, row.peer)
-        self._clock_send(running=False)  # waiting for the account's turn is not a stuck send
-        await self._check_limited(connection, entity)
-        chat_id = utils.get_peer_id(entity)
-        reply_to = types.InputReplyToMessage(reply_to_msg_id=row.reply_to) if row.reply_to else None
-        request: Any
-        if row.attachments:
-            async with self._attachment_file(row) as path:
-                _, media, _ = await telegram_op(
-                    client._file_to_media(str(path)), self.settings.timeout_telegram_media, "upload_media", detail=path.name
-                )
-            request = functions.messages.SendMediaRequest(
-                peer=entity, media=media, message=row.text or "", random_id=row.random_id, reply_to=reply_to
-            )
-            timeout = self.settings.timeout_telegram_media
-        else:
-            request = functions.messages.SendMessageRequest(
-                peer=entity, message=row.text or "", random_id=row.random_id, reply_to=reply_to
-            )
-            timeout = self.settings.timeout_telegram_send
-        async with self._turns[connection.id]:
-            self._clock_send(running=True)
-            self.runtime.watchdog.ping("outbound")  # a turn is progress, however many chats wait for theirs
-            # Checked again in turn: the send before this one may have drawn a limit.
-            self._check_flood(connection)
-            await self._check_limited(connection, entity)
-            try:
-                result = await telegram_op(client(request), timeout, "send_message", outcome_unknown=True, detail=str(row.id))
-            except Exception as exc:
-                self._note_send_limit(connection, exc)  # before the next send of the account takes its turn
-                raise
-        message = client._get_response_message(request, result, entity)
-        message_id = getattr(message, "id", None) or getattr(result, "id", None)
-        if not isinstance(message_id, int):
-            raise PermanentError(f"Telegram's answer carried no message id ({type(result).__name__})")
-        return message_id, chat_id
-
-    async def _failed(self, connection: AccountConnection, row: OutboundMessage, exc: BaseException) -> bool:
-        """Decide the row's fate from the classifier. True when the chat's next row may go."""
-        token = row.lease_token or ""
-        verdict = classify(exc)
-        kind = verdict.kind
-        if kind is ErrorKind.ALREADY_DONE:
-            # An earlier attempt whose answer was lost did arrive; Telegram dropped this copy.
-            message_id = await self._find_sent_id(connection, row)
-            logger.info("message %d was already delivered (duplicate random_id)", row.id)
-            await self.db.mark_sent(row.id, token, telegram_message_id=message_id, chat_id=row.chat_id)  # type: ignore[arg-type]
-            metrics.message_sent(connection.label, row.created_at)
-            self.sent += 1
-            connection.sent += 1
-            self.runtime.stats.processed += 1
-            return True
-        if kind is ErrorKind.RATE_LIMITED:
-            seconds = verdict.retry_after or 30.0
-            until = datetime.now(UTC) + timedelta(seconds=seconds)
-            metrics.flood_wait(connection.label, seconds)
-            if verdict.scope is LimitScope.ACCOUNT and self.per_account.held_until(row.account_id) is not None:
-                # The send itself drew it (see _note_send_limit): every send of the account waits, here and elsewhere.
-                await self._store_hold(connection, SendHoldKind.FLOOD, until, verdict.reason)
-            else:
-                # Slow mode, or a wait on resolving or uploading for this row: only this chat waits.
-                self.per_chat.hold((row.account_id, row.peer), seconds)
-                logger.warning("%s: chat %s of %s waits %.0fs; the account's other chats go on", verdict.reason, row.peer, connection.label, seconds)
-            await self.db.reschedule_outbound(row.id, token, at=until, reason=verdict.reason)
-            return False
-        if kind is ErrorKind.ACCOUNT_LIMITED:
-            self._note_send_limit(connection, exc)  # a no-op when the send already noted it
-            until = datetime.fromtimestamp(self.limited[connection.id], UTC)
-            await self._store_hold(connection, SendHoldKind.LIMITED, until, verdict.reason)
-            self._alert_limited(connection, until)
-            await self.db.reschedule_outbound(row.id, token, at=until, reason=verdict.reason)
-            return False
-        if kind is ErrorKind.ACCOUNT_DEAD:
-            await self.db.release_outbound([row.id], token)
-            await connection.handle_error(exc)
-            return False
-        if isinstance(exc, CircuitOpenError):
-            # Refused before anything was tried (storage's breaker, opened by some other
-            # row's failures): no attempt of this row is spent; it comes back after the wait.
-            at = datetime.now(UTC) + timedelta(seconds=max(1.0, exc.retry_after))
-            await self.db.reschedule_outbound(row.id, token, at=at, reason=verdict.reason)
-            return False
-        if kind is ErrorKind.PERMANENT:
-            self.entities.forget(row.account_id, row.peer)
-            await self.db.mark_failed(row.id, token, verdict.reason, permanent=True)
-            metrics.message_failed(connection.label, kind.value)
-            self._count_failure(connection, row, verdict.reason)
-            return True  # this row is settled; the chat goes on
-        # Transient or unknown outcome: retry with the same random_id.
-        retry_at = None
-        if kind is ErrorKind.UNKNOWN_OUTCOME or isinstance(exc, (ConnectionError, OperationTimeout)):
-            # Telegram did not answer in time (a send, or the recipient's lookup before it) or the
-            # connection broke: try again soon, as the connection checks bring it back within seconds.
-            retry_at = datetime.now(UTC) + timedelta(seconds=min(2.0, self.settings.retry_base_delay))
-        status = await self.db.mark_failed(
-            row.id,
-            token,
-            verdict.reason,
-            permanent=False,
-            retry_at=retry_at,
-            max_retries=self.settings.max_message_retries,
-            base_delay=self.settings.retry_base_delay,
-        )
-        self.runtime.stats.retried += 1
-        if status is OutboundStatus.DEAD:
-            metrics.message_failed(connection.label, kind.value, dead=True)
-            self.dead += 1
-            self._count_failure(connection, row, verdict.reason, dead=True)
-            return True
-        metrics.message_retry(connection.label, kind.value)
-        await connection.handle_error(exc)
-        return False
-
-    async def _find_sent_id(self, connection: AccountConnection, row: OutboundMessage) -> int | None:
-        """Best effort: the id of our earlier copy, from the chat's latest messages."""
-        try:
-            entity = await self.entities.resolve(connection, row.peer)
-            assert connection.client is not None
-            recent = await telegram_op(connection.client.get_messages(entity, limit=20), self.settings.timeout_telegram_send, "get_messages")
-            for message in recent:
-                if getattr(message, "out", False) and (message.message or "") == (row.text or ""):
-                    return int(message.id)
-        except Exception as exc:
-            logger.debug("could not look up the earlier copy of message %d: %s", row.id, describe(exc))
-        return None
-
-    # Telegram's limits on the account -----------------------------------------------------
-
-    def _note_send_limit(self, connection: AccountConnection, exc: BaseException) -> None:
-        """A send drew a limit of the account: hold it in this process at once (no await before the next send)."""
-        verdict = classify(exc)
-        if verdict.kind is ErrorKind.RATE_LIMITED and verdict.scope is LimitScope.ACCOUNT:
-            seconds = verdict.retry_after or 30.0
-            self.per_account.hold(connection.id, seconds)
-            connection.flood_wait_until = max(connection.flood_wait_until or 0.0, time.time() + seconds)
-            self._forget_local_flood(connection)
-            logger.warning(
-                "flood wait of %.0fs for %s: every send of the account waits (other accounts go on)",
-                seconds, connection.label, extra={"account": connection.label},
-            )
-        elif verdict.kind is ErrorKind.ACCOUNT_LIMITED:
-            until = time.time() + self.settings.peer_flood_pause
-            if self.limited.get(connection.id, 0.0) >= until - 1.0:
-                return
-            self.limited[connection.id] = until
-            connection.limited_until = until
-            self._contacts.pop(connection.id, None)  # read them afresh for this pause
-            logger.warning(
-                "%s is limited by Telegram (PEER_FLOOD): no messages to non-contacts for %.0fs; they wait in the queue",
-                connection.label, self.settings.peer_flood_pause, extra={"account": connection.label},
-            )
-
-    async def _store_hold(self, connection: AccountConnection, kind: SendHoldKind, until: datetime, reason: str) -> None:
-        """Store the hold, so the next process that holds this account keeps to it too."""
-        try:
-            await self.db.hold_account_sends(connection.id, kind, until=until, reason=reason)
-        except Exception as exc:
-            logger.warning("could not store the %s hold of %s (%s); this process keeps to it", kind.value, connection.label, describe(exc))
-
-    def _alert_limited(self, connection: AccountConnection, until: datetime) -> None:
-        """``account_limited``, once per pause (``resolved`` follows when it ends)."""
-        if connection.id in self._alerted_limits:
-            return
-        self._alerted_limits.add(connection.id)
-        self.runtime.alerts.alert(
-            AlertType.ACCOUNT_LIMITED,
-            f"Account {connection.label} is limited by Telegram (PEER_FLOOD): its messages to non-contacts "
-            f"wait in the queue until {until.strftime('%Y-%m-%d %H:%M UTC')}; messages to contacts go on",
-            key=f"limited:{connection.label}",
-            details={"account": connection.label, "until": until.isoformat(), "runbook": "docs/flood-limits.md"},
-        )
-
-    async def _read_holds(self, connected: Sequence[AccountConnection]) -> None:
-        """Read the stored holds of accounts that (re)connected here, and of all every HOLDS_REFRESH seconds.
-
-        A hold drawn in this process is known at once; one drawn by the
-        account's previous holder (before a restart, a deploy or a lease
-        takeover) is read before this process claims anything for it.
-        """
-        now = time.monotonic()
-        due = now - self._holds_read_at >= HOLDS_REFRESH
-        ids = [c.id for c in connected if due or self._holds_read.get(c.id) != c.connected_since]
-        if not ids:
-            return
-        self._apply_holds(await self.db.account_send_holds(ids))
-        for connection in connected:
-            if connection.id in ids:
-                self._holds_read[connection.id] = connection.connected_since
-        if due:
-            self._holds_read_at = now
-
-    def _apply_holds(self, holds: Sequence[SendHold]) -> None:
-        """Take over the stored holds (another process may have drawn them before the account moved here)."""
-        now = time.time()
-        for hold in holds:
-            connection = self.pool.get(hold.account_id) if self.pool else None
-            if hold.flood_until is not None:
-                until = hold.flood_until.timestamp()
-                self.per_account.hold(hold.account_id, until - now)
-                if connection is not None:
-                    connection.flood_wait_until = max(connection.flood_wait_until or 0.0, until)
-            if hold.limited_until is not None:
-                until = max(self.limited.get(hold.account_id, 0.0), hold.limited_until.timestamp())
-                self.limited[hold.account_id] = until
-                if connection is not None:
-                    connection.limited_until = until
-
-    def _end_pauses(self) -> None:
-        """A PEER_FLOOD pause that ran out: sends to non-contacts go again, and the alert resolves."""
-        now = time.time()
-        for account_id, until in list(self.limited.items()):
-            if until > now:
-                continue
-            del self.limited[account_id]
-            self._contacts.pop(account_id, None)
-            self._alerted_limits.discard(account_id)
-            connection = self.pool.get(account_id) if self.pool else None
-            label = connection.label if connection is not None else str(account_id)
-            if connection is not None:
-                connection.limited_until = None
-            logger.info("%s may message non-contacts again (the PEER_FLOOD pause ended)", label, extra={"account": label})
-            self.runtime.alerts.resolve(
-                AlertType.ACCOUNT_LIMITED, key=f"limited:{label}", message=f"Account {label} may message non-contacts again"
-            )
-
-    def _check_flood(self, connection: AccountConnection) -> None:
-        """Raise :class:`SendsHeld` while a flood wait holds every send of the account."""
-        flood = self.per_account.held_until(connection.id)
-        if flood is not None:
-            raise SendsHeld(time.time() + (flood - time.monotonic()), "waiting for the account's flood wait to end")
-
-    async def _check_limited(self, connection: AccountConnection, entity: Any) -> None:
-        """Raise :class:`SendsHeld` while PEER_FLOOD holds this account's sends to ``entity`` (a non-contact)."""
-        limited = self.limited.get(connection.id)
-        if limited is not None and limited > time.time() and not await self._is_contact(connection, entity):
-            raise SendsHeld(limited, "waiting: Telegram limits this account's messages to non-contacts (PEER_FLOOD)")
-
-    async def _is_contact(self, connection: AccountConnection, entity: Any) -> bool:
-        """Whether Telegram's spam limit spares this chat: a contact, the account itself, or a group it is in."""
-        if isinstance(entity, types.InputPeerSelf):
-            return True
-        user_id = getattr(entity, "user_id", None)
-        if not isinstance(entity, types.InputPeerUser) or user_id is None:
-            return True  # groups and channels the account writes in are not "strangers"
-        contacts = self._contacts.get(connection.id)
-        if contacts is None:
-            assert connection.client is not None
-            try:
-                answer = await telegram_op(
-                    connection.client(functions.contacts.GetContactsRequest(hash=0)),
-                    self.settings.timeout_telegram_entity,
-                    "get_contacts",
-                )
-                contacts = frozenset(c.user_id for c in getattr(answer, "contacts", ()))
-            except Exception as exc:
-                # Unknown contacts: everyone waits, which is safe; read again next time.
-                logger.info("could not read the contacts of %s (%s); all its private chats wait", connection.label, describe(exc))
-                return False
-            self._contacts[connection.id] = contacts
-        return user_id in contacts
-
-    @staticmethod
-    def _forget_local_flood(connection: AccountConnection) -> None:
-        # After a FloodWaitError Telethon refuses further requests of that type
-        # locally, until its own record lapses. Our hold (per account, stored,
-        # covering text and media alike) is the one authority on when sends
-        # resume: drop Telethon's copy so the two never disagree.
-        flooded = getattr(connection.client, "_flood_waited_requests", None)
-        if isinstance(flooded, dict):
-            flooded.pop(functions.messages.SendMessageRequest.CONSTRUCTOR_ID, None)
-            flooded.pop(functions.messages.SendMediaRequest.CONSTRUCTOR_ID, None)
-
-    def _count_failure(self, connection: AccountConnection, row: OutboundMessage, reason: str, *, dead: bool = False) -> None:
-        self.failed += 1
-        connection.failed += 1
-        self.runtime.stats.failed += 1
-        self.runtime.stats.error(f"message {row.id}", reason)
-        log = logger.error if dead else logger.warning
-        log(
-            "message %d %s: account %s, chat %s, attempt %d: %s",
-            row.id,
-            "is dead after its retries" if dead else "failed",
-            connection.label,
-            row.chat_id or row.peer,
-            row.attempts,
-            reason,
-            extra={"message_id": row.id, "account": connection.label, "chat": row.chat_id or row.peer, "attempt": row.attempts},
-        )
-        if dead:
-            self.runtime.alerts.alert(
-                AlertType.MESSAGE_DEAD,
-                f"Message {row.id} from {connection.label} to {row.peer} is dead after {self.settings.max_message_retries} retries",
-                key=f"dead:{connection.label}",
-                details={"message_id": row.id, "error": reason, "fix": f"once the cause is fixed: ./start.sh worker requeue {row.id}"},
-            )
-
-    def status(self) -> dict[str, Any]:
-        return {"sent": self.sent, "failed": self.failed, "dead": self.dead}
 
 
 # --- 4. history: page by page, the cursor saved after each page ---------------------------
@@ -1396,18 +1472,24 @@ class History:
     PAGES_PER_CYCLE = 20
 
     def __init__(
-        self, *, db: Database, runtime: BotRuntime, settings: WorkerSettings, owner: str, entities: EntityCache | None = None
+        self,
+        *,
+        db: Database,
+        runtime: BotRuntime,
+        settings: WorkerSettings,
+        owner: str,
+        pool: AccountPool,
+        entities: EntityCache,
     ) -> None:
         self.db = db
         self.runtime = runtime
         self.settings = settings
         self.owner = owner
-        self.entities = entities or EntityCache(timeout=settings.timeout_telegram_entity)
-        self.pool: AccountPool | None = None
+        self.pool = pool
+        self.entities = entities
         self.progress: dict[int, HistoryProgress] = {}
 
     async def cycle(self) -> float:
-        assert self.pool is not None
         connected = {c.id: c for c in self.pool.connected()}
         if not connected or self.runtime.shutdown.stopping:
             return 5.0
@@ -1423,15 +1505,15 @@ class History:
         )
         cursor = job.cursor
         try:
-            assert connection.client is not None
+            client = connection.live_client()
             entity = await self.entities.resolve(connection, job.chat_id)
-            chat = await telegram_op(connection.client.get_entity(entity), self.settings.timeout_telegram_entity, "get_entity")
+            chat = await telegram_op(client.get_entity(entity), self.settings.timeout_telegram_entity, "get_entity")
             for _ in range(self.PAGES_PER_CYCLE):
                 self.runtime.watchdog.ping("history")
                 if self.runtime.shutdown.stopping:
                     break
                 page = await telegram_op(
-                    connection.client.get_messages(entity, limit=self.settings.history_page_size, offset_id=cursor),
+                    client.get_messages(entity, limit=self.settings.history_page_size, offset_id=cursor),
                     self.settings.timeout_telegram_send,
                     "get_messages",
                 )
@@ -1480,18 +1562,26 @@ class History:
 class Jobs:
     """``message_jobs`` at their run time. Each kind is idempotent."""
 
-    def __init__(self, *, db: Database, runtime: BotRuntime, settings: WorkerSettings, owner: str, entities: EntityCache) -> None:
+    def __init__(
+        self,
+        *,
+        db: Database,
+        runtime: BotRuntime,
+        settings: WorkerSettings,
+        owner: str,
+        pool: AccountPool,
+        entities: EntityCache,
+    ) -> None:
         self.db = db
         self.runtime = runtime
         self.settings = settings
         self.owner = owner
+        self.pool = pool
         self.entities = entities
-        self.pool: AccountPool | None = None
         self.done = 0
         self.failed = 0
 
     async def cycle(self) -> float:
-        assert self.pool is not None
         connected = {c.id: c for c in self.pool.connected()}
         if not connected or self.runtime.shutdown.stopping:
             return 2.0
@@ -1538,8 +1628,7 @@ class Jobs:
                 dedupe_key=f"job:{job.id}",
             )
             return {"message_id": enqueued.id}
-        client = connection.client
-        assert client is not None
+        client = connection.live_client()
         entity = await self.entities.resolve(connection, payload["peer"])
         timeout = self.settings.timeout_telegram_send
         if job.kind is MessageJobKind.EDIT:
@@ -1584,210 +1673,264 @@ def fleet_live_seconds(settings: WorkerSettings) -> float:
     return fleet_beat_interval(settings) * settings.fleet_liveness_beats
 
 
-class Worker:
-    """The worker process: one database, one account pool, the loops.
+async def run_worker(
+    settings: WorkerSettings, runtime: BotRuntime | None = None, *, started: Callable[[Worker], None] | None = None
+) -> None:
+    """The worker process: assemble it (waiting while the database is away), serve until SIGTERM/SIGINT
+    (or ``runtime.shutdown.request_stop()``), then drain and stop.
 
     Args:
         settings: the worker's settings.
         runtime: the kit (tests pass their own; ``main`` makes one).
+        started: called with the assembled worker once its loops run (tests wait for it).
+    """
+    runtime = runtime or BotRuntime(bot="worker", settings=settings)
+    async with runtime:
+        worker = await assemble_worker(settings, runtime)
+        await worker.serve(started)
+
+
+async def assemble_worker(settings: WorkerSettings, runtime: BotRuntime) -> Worker:
+    """Every part of the worker, built once, in the order each needs the others; nothing is wired later."""
+    world = open_sandbox(settings, runtime) if settings.sandbox else None
+    db = await runtime.open_database(settings)  # waits while the database is away
+    runtime.set_detailed_health(lambda: run_checks(settings, database=db, timeout=4))
+    cipher = session_cipher(settings)
+    if world is not None:
+        labels = await runtime.until_started(
+            "the sandbox accounts", lambda: seed_sandbox_accounts(db, world, cipher), fix="check the database"
+        )
+        logger.info("sandbox accounts: %s", ", ".join(labels))
+    accepts = sandbox_accepts(settings, world)
+    key_check = await check_worker_key(settings, runtime, db, cipher, accepts)
+
+    owner = owner_name(settings)
+    sync = Sync(db=db, runtime=runtime, settings=settings)
+    # One resolver for every loop: a numeric id not known yet waits for one dialog scan.
+    entities = EntityCache(timeout=settings.timeout_telegram_entity, refresh=sync.refresh_peers)
+
+    async def on_connected(connection: AccountConnection) -> None:
+        # Work a previous holder of this account had in hand comes back now (see the migration).
+        taken = await db.take_over_account(connection.id, owner=owner)
+        if taken.outbound or taken.history_jobs or taken.message_jobs:
+            logger.info("took over the previous holder's work for %s: %s", connection.label, taken)
+        metrics.account_seen(connection.label)
+        await sync.after_connect(connection)
+
+    pool = AccountPool(
+        db=db,
+        cipher=cipher,
+        client_factory=client_factory(settings, world),
+        owner=owner,
+        policy=ConnectionPolicy(
+            lease_seconds=settings.account_lease_seconds,
+            connect_timeout=settings.timeout_telegram_connect,
+            call_timeout=settings.timeout_telegram_entity,
+            backoff_max=settings.reconnect_backoff_max,
+            alert_after=settings.reconnect_alert_after,
+        ),
+        on_connected=on_connected,
+        alerts=runtime.alerts,
+        labels=set(settings.worker_accounts) if settings.worker_accounts else None,
+        on_client=sync.attach,
+        accepts=accepts,
+        fleet=FleetPolicy(live_seconds=fleet_live_seconds(settings), handoff_grace=settings.account_handoff_grace),
+    )
+    pool.cannot_decrypt(key_check.failed)  # said in our heartbeat: the other replicas take those
+    if settings.worker_accounts:
+        await check_worker_accounts(db, settings.worker_accounts)
+
+    limits = SendLimits(db=db, runtime=runtime, settings=settings, pool=pool)
+    watch = SendWatch(settings=settings, pool=pool)
+    sender = MessageSender(
+        db=db,
+        runtime=runtime,
+        settings=settings,
+        storage=await open_storage(settings),
+        entities=entities,
+        limits=limits,
+        watch=watch,
+        marks=SentMarks(db),
+    )
+    return Worker(
+        settings=settings,
+        runtime=runtime,
+        db=db,
+        pool=pool,
+        sync=sync,
+        outbound=Outbound(
+            db=db, runtime=runtime, settings=settings, owner=owner, pool=pool, sender=sender, limits=limits, watch=watch
+        ),
+        history=History(db=db, runtime=runtime, settings=settings, owner=owner, pool=pool, entities=entities),
+        jobs=Jobs(db=db, runtime=runtime, settings=settings, owner=owner, pool=pool, entities=entities),
+    )
+
+
+def open_sandbox(settings: WorkerSettings, runtime: BotRuntime) -> Any:
+    """The local Telegram sandbox's world, announced loudly: no real account is touched."""
+    from devkit.sandbox import World, banner
+    from devkit.sandbox import describe as describe_sandbox
+
+    directory = settings.sandbox_path
+    world = World.open(directory)
+    runtime.sandbox = True
+    runtime.add_section("sandbox_world", lambda: describe_sandbox(world))
+    for line in (
+        "*" * 78,
+        banner(directory),
+        "No TELEGRAM_API_ID/TELEGRAM_API_HASH set: the worker runs on the local sandbox.",
+        "Try:  ./start.sh worker send --account demo_one --to alice --wait 'hello'",
+        "Then: ./start.sh sandbox inbox alice",
+        "*" * 78,
+    ):
+        logger.warning("%s", line)
+    return world
+
+
+def sandbox_accepts(settings: WorkerSettings, world: Any | None) -> Callable[[Account], bool] | None:
+    """The sandbox serves only its own accounts: a real one would be logged out by it (None: every account)."""
+    if world is None:
+        return None
+    # Ingest's own sandbox account is ingest's, so the two walk-throughs run side by side.
+    exclude = set() if settings.worker_accounts else {SANDBOX_INGEST_ACCOUNT}
+    return lambda account: world.has_account(account.phone) and account.label not in exclude
+
+
+async def check_worker_key(
+    settings: WorkerSettings,
+    runtime: BotRuntime,
+    db: Database,
+    cipher: SessionCipher,
+    accepts: Callable[[Account], bool] | None,
+) -> KeyCheck:
+    """A key that opens none of the sessions this worker should serve is a configuration error: exit 2.
+
+    Nothing is changed on the way out: the accounts are fine, this
+    process's SESSION_ENCRYPTION_KEY is not, and a replica with the right
+    key goes on serving them.
+    """
+    labels = set(settings.worker_accounts) if settings.worker_accounts else None
+    check = await runtime.until_started(
+        "the session key check",
+        lambda: check_session_key(db, cipher, labels=labels, accepts=accepts),
+        fix="check the database",
+    )
+    if check.opens_none:
+        line = (
+            f"CONFIG ERROR: SESSION_ENCRYPTION_KEY decrypts none of the {len(check.failed)} stored "
+            "session(s) this worker should serve (a different key from the one that encrypted them); "
+            "no account was changed: set the key they were stored with"
+        )
+        runtime.alerts.alert(AlertType.SESSION_KEY_MISMATCH, line, key="session-key:start")
+        raise StartupFailed(line, exit_code=2)
+    if check.failed:
+        logger.error(
+            "SESSION_ENCRYPTION_KEY cannot decrypt the session of %s; those accounts are left as they are (key_mismatch)",
+            ", ".join(check.failed),
+        )
+    return check
+
+
+async def check_worker_accounts(db: Database, labels: Sequence[str]) -> None:
+    """WORKER_ACCOUNTS: say which accounts this worker serves, and which named ones do not exist (yet)."""
+    try:
+        known = {a.label for a in await db.list_accounts()}
+    except Exception as exc:
+        logger.warning("could not check WORKER_ACCOUNTS (%s); the accounts loop will", describe(exc))
+        return
+    missing = [label for label in labels if label not in known]
+    logger.info("serving the accounts named by WORKER_ACCOUNTS: %s", ", ".join(labels))
+    if missing:
+        logger.warning(
+            "WORKER_ACCOUNTS names %s, not in telegram_accounts (yet): added later, they are picked up",
+            ", ".join(missing),
+        )
+
+
+class Worker:
+    """The assembled worker (see :func:`assemble_worker`): one database, one account pool, the loops.
+
+    :meth:`serve` hands the loops, checks and status sections to the runtime
+    and runs until shutdown; :meth:`leave` hands the accounts over.
     """
 
-    def __init__(self, settings: WorkerSettings, *, runtime: BotRuntime | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        settings: WorkerSettings,
+        runtime: BotRuntime,
+        db: Database,
+        pool: AccountPool,
+        sync: Sync,
+        outbound: Outbound,
+        history: History,
+        jobs: Jobs,
+    ) -> None:
         self.settings = settings
-        self.runtime = runtime or BotRuntime(bot="worker", settings=settings)
-        self.ready = asyncio.Event()
-        self.db: Database | None = None
-        self.world: Any | None = None
-        self.pool: AccountPool | None = None
-        self.sync: Sync | None = None
-        self.outbound: Outbound | None = None
-        self.history: History | None = None
-        self.jobs: Jobs | None = None
+        self.runtime = runtime
+        self.db = db
+        self.pool = pool
+        self.sync = sync
+        self.outbound = outbound
+        self.history = history
+        self.jobs = jobs
 
-    async def run(self) -> None:
-        """Run until SIGTERM/SIGINT (or ``runtime.shutdown.request_stop()``), then drain and stop."""
-        settings, runtime = self.settings, self.runtime
-        async with runtime:
-            if settings.sandbox:
-                self._announce_sandbox()
-            db = self.db = await runtime.open_database(settings)  # waits while the database is away
-            runtime.set_detailed_health(lambda: run_checks(settings, database=db, timeout=4))
-            cipher = session_cipher(settings)
-            if self.world is not None:
-                world = self.world
-                labels = await runtime.until_started(
-                    "the sandbox accounts", lambda: seed_sandbox_accounts(db, world, cipher), fix="check the database"
-                )
-                logger.info("sandbox accounts: %s", ", ".join(labels))
-            key_check = await self._check_session_key(db, cipher)
+    async def serve(self, started: Callable[[Worker], None] | None = None) -> None:
+        """Run the loops until shutdown, then leave the fleet; ``started(self)`` once they run."""
+        settings, runtime, db, pool = self.settings, self.runtime, self.db, self.pool
+        runtime.add_ready_check("session_key", pool.check_key)
+        runtime.add_section("session_key", pool.key_status)
+        runtime.add_cleanup("accounts", pool.close, timeout=settings.timeout_telegram_entity + 5)
 
-            owner = owner_name(settings)
-            sync = self.sync = Sync(db=db, runtime=runtime, settings=settings)
-            storage = await open_storage(settings)
-            # One resolver for every loop: a numeric id not known yet waits for one dialog scan.
-            entities = EntityCache(timeout=settings.timeout_telegram_entity, refresh=sync.refresh_peers)
-            outbound = self.outbound = Outbound(
-                db=db, runtime=runtime, settings=settings, owner=owner, storage=storage, entities=entities
-            )
-            history = self.history = History(db=db, runtime=runtime, settings=settings, owner=owner, entities=entities)
-            jobs = self.jobs = Jobs(db=db, runtime=runtime, settings=settings, owner=owner, entities=outbound.entities)
+        async def accounts_cycle() -> float:
+            if runtime.shutdown.stopping:
+                return 1.0  # leaving: the accounts are being handed over
+            await pool.refresh()
+            pool.wake.clear()
+            # Until the next check, a joining or leaving replica or a released lease wakes us early.
+            await pool.idle(settings.account_check_interval)
+            return 0.0
 
-            async def on_connected(connection: AccountConnection) -> None:
-                # Work a previous holder of this account had in hand comes back now (see the migration).
-                taken = await db.take_over_account(connection.id, owner=owner)
-                if taken.outbound or taken.history_jobs or taken.message_jobs:
-                    logger.info("took over the previous holder's work for %s: %s", connection.label, taken)
-                metrics.account_seen(connection.label)
-                await sync.after_connect(connection)
+        # Connecting an account (connect, catch_up, a reconciliation pass) may take
+        # longer than a plain cycle: the accounts loop gets that much more silence.
+        runtime.add_loop(
+            "accounts",
+            accounts_cycle,
+            interval=settings.account_check_interval,
+            wake=pool.wake,
+            max_silence=settings.watchdog_max_silence + settings.timeout_loop_cycle,
+        )
+        runtime.add_loop("sync", lambda: self.sync.cycle(pool.connected()), interval=10.0)
+        runtime.add_loop("outbound", self.outbound.cycle, interval=settings.outbound_poll_interval)
+        runtime.add_loop("history", self.history.cycle, interval=5.0)
+        runtime.add_loop("jobs", self.jobs.cycle, interval=2.0)
+        runtime.gauges.add("outbound_queue", lambda: metrics.refresh_worker_gauges(db, pool), timeout=settings.timeout_db)
+        runtime.add_section("accounts", self.accounts_status)
+        runtime.add_ready_check("accounts", self.can_send)
+        runtime.add_section("fleet", pool.fleet_status)
+        runtime.add_section("outbound", self.outbound.status)
+        runtime.add_section("sync", self.sync.status)
+        runtime.add_section("history_jobs", self.history.status)
+        runtime.add_section("jobs", self.jobs.status)
+        # One heartbeat row per replica, keyed by its lease owner name: the fleet's membership.
+        pinned = sorted(settings.worker_accounts or ())
+        runtime.start_heartbeat(
+            worker_id=pool.owner,
+            store=db,
+            interval=fleet_beat_interval(settings),
+            fleet=lambda: {"pinned": pinned, "cannot": pool.key_mismatched()},
+            remove_on_stop=True,
+        )
+        if started is not None:
+            started(self)
+        await runtime.run_until_stopped()
+        await self.leave()
 
-            pool = self.pool = AccountPool(
-                db=db,
-                cipher=cipher,
-                client_factory=client_factory(settings, self.world),
-                owner=owner,
-                policy=ConnectionPolicy(
-                    lease_seconds=settings.account_lease_seconds,
-                    connect_timeout=settings.timeout_telegram_connect,
-                    call_timeout=settings.timeout_telegram_entity,
-                    backoff_max=settings.reconnect_backoff_max,
-                    alert_after=settings.reconnect_alert_after,
-                ),
-                on_connected=on_connected,
-                alerts=runtime.alerts,
-                labels=set(settings.worker_accounts) if settings.worker_accounts else None,
-                on_client=sync.attach,
-                accepts=self._accepts(),
-                fleet=FleetPolicy(live_seconds=fleet_live_seconds(settings), handoff_grace=settings.account_handoff_grace),
-            )
-            sync.pool = outbound.pool = history.pool = jobs.pool = pool
-            pool.cannot_decrypt(key_check.failed)  # said in our heartbeat: the other replicas take those
-            runtime.add_ready_check("session_key", pool.check_key)
-            runtime.add_section("session_key", pool.key_status)
-            if settings.worker_accounts:
-                await self._check_worker_accounts(db, settings.worker_accounts)
-            runtime.add_cleanup("accounts", pool.close, timeout=settings.timeout_telegram_entity + 5)
-
-            async def accounts_cycle() -> float:
-                if runtime.shutdown.stopping:
-                    return 1.0  # leaving: the accounts are being handed over
-                await pool.refresh()
-                pool.wake.clear()
-                # Until the next check, a joining or leaving replica or a released lease wakes us early.
-                await pool.idle(settings.account_check_interval)
-                return 0.0
-
-            # Connecting an account (connect, catch_up, a reconciliation pass) may take
-            # longer than a plain cycle: the accounts loop gets that much more silence.
-            runtime.add_loop(
-                "accounts",
-                accounts_cycle,
-                interval=settings.account_check_interval,
-                wake=pool.wake,
-                max_silence=settings.watchdog_max_silence + settings.timeout_loop_cycle,
-            )
-            runtime.add_loop("sync", sync.cycle, interval=10.0)
-            runtime.add_loop("outbound", outbound.cycle, interval=settings.outbound_poll_interval)
-            runtime.add_loop("history", history.cycle, interval=5.0)
-            runtime.add_loop("jobs", jobs.cycle, interval=2.0)
-            runtime.gauges.add("outbound_queue", lambda: metrics.refresh_worker_gauges(db, pool), timeout=settings.timeout_db)
-            runtime.add_section("accounts", self.accounts_status)
-            runtime.add_ready_check("accounts", self.can_send)
-            runtime.add_section("fleet", pool.fleet_status)
-            runtime.add_section("outbound", outbound.status)
-            runtime.add_section("sync", sync.status)
-            runtime.add_section("history_jobs", history.status)
-            runtime.add_section("jobs", jobs.status)
-            # One heartbeat row per replica, keyed by its lease owner name: the fleet's membership.
-            pinned = sorted(settings.worker_accounts or ())
-            runtime.start_heartbeat(
-                worker_id=owner,
-                store=db,
-                interval=fleet_beat_interval(settings),
-                fleet=lambda: {"pinned": pinned, "cannot": pool.key_mismatched()},
-                remove_on_stop=True,
-            )
-            self.ready.set()
-            await runtime.run_until_stopped()
-            await self._leave()
-
-    async def _leave(self) -> None:
+    async def leave(self) -> None:
         """SIGTERM: out of the fleet at once (the heartbeat row goes), then every account handed over cleanly."""
-        assert self.pool is not None
         if self.runtime.heartbeat is not None:
             await self.runtime.heartbeat.stop()
         await self.pool.leave()
-
-    def _accepts(self) -> Any:
-        """The sandbox serves only its own accounts: a real one would be logged out by it."""
-        world = self.world
-        if world is None:
-            return None
-        # Ingest's own sandbox account is ingest's, so the two walk-throughs run side by side.
-        exclude = set() if self.settings.worker_accounts else {SANDBOX_INGEST_ACCOUNT}
-        return lambda account: world.has_account(account.phone) and account.label not in exclude
-
-    async def _check_session_key(self, db: Database, cipher: SessionCipher) -> KeyCheck:
-        """A key that opens none of the sessions this worker should serve is a configuration error: exit 2.
-
-        Nothing is changed on the way out: the accounts are fine, this
-        process's SESSION_ENCRYPTION_KEY is not, and a replica with the right
-        key goes on serving them.
-        """
-        labels = set(self.settings.worker_accounts) if self.settings.worker_accounts else None
-        check = await self.runtime.until_started(
-            "the session key check",
-            lambda: check_session_key(db, cipher, labels=labels, accepts=self._accepts()),
-            fix="check the database",
-        )
-        if check.opens_none:
-            line = (
-                f"CONFIG ERROR: SESSION_ENCRYPTION_KEY decrypts none of the {len(check.failed)} stored "
-                "session(s) this worker should serve (a different key from the one that encrypted them); "
-                "no account was changed: set the key they were stored with"
-            )
-            from shared.alerts import AlertType
-
-            self.runtime.alerts.alert(AlertType.SESSION_KEY_MISMATCH, line, key="session-key:start")
-            raise StartupFailed(line, exit_code=2)
-        if check.failed:
-            logger.error(
-                "SESSION_ENCRYPTION_KEY cannot decrypt the session of %s; those accounts are left as they are (key_mismatch)",
-                ", ".join(check.failed),
-            )
-        return check
-
-    async def _check_worker_accounts(self, db: Database, labels: Sequence[str]) -> None:
-        """WORKER_ACCOUNTS: say which accounts this worker serves, and which named ones do not exist (yet)."""
-        try:
-            known = {a.label for a in await db.list_accounts()}
-        except Exception as exc:
-            logger.warning("could not check WORKER_ACCOUNTS (%s); the accounts loop will", describe(exc))
-            return
-        missing = [label for label in labels if label not in known]
-        logger.info("serving the accounts named by WORKER_ACCOUNTS: %s", ", ".join(labels))
-        if missing:
-            logger.warning(
-                "WORKER_ACCOUNTS names %s, not in telegram_accounts (yet): added later, they are picked up",
-                ", ".join(missing),
-            )
-
-    def _announce_sandbox(self) -> None:
-        from devkit.sandbox import World, banner
-        from devkit.sandbox import describe as describe_sandbox
-
-        directory = self.settings.sandbox_path
-        self.world = World.open(directory)
-        self.runtime.sandbox = True
-        self.runtime.add_section("sandbox_world", lambda: describe_sandbox(self.world))
-        for line in (
-            "*" * 78,
-            banner(directory),
-            "No TELEGRAM_API_ID/TELEGRAM_API_HASH set: the worker runs on the local sandbox.",
-            "Try:  ./start.sh worker send --account demo_one --to alice --wait 'hello'",
-            "Then: ./start.sh sandbox inbox alice",
-            "*" * 78,
-        ):
-            logger.warning("%s", line)
 
     async def accounts_status(self) -> dict[str, Any]:
         """Per account: connection, lease, queue depth, counts, flood wait, last error.
@@ -1795,7 +1938,6 @@ class Worker:
         Accounts the pool does not connect (needs_login, disabled) are listed
         too, with the command that fixes them: they are why messages wait.
         """
-        assert self.db is not None and self.pool is not None
         depth: dict[int, int] = {}
         for count in await self.db.outbound_counts():
             if count.status in (OutboundStatus.QUEUED, OutboundStatus.SENDING):
@@ -1825,16 +1967,14 @@ class Worker:
         Raises:
             PermanentError: none is, naming the accounts that need a login.
         """
-        assert self.pool is not None
         if self.pool.connected():
             return
         waiting = [c.label for c in self.pool.connections.values() if c.state.value == AccountStatus.NEEDS_LOGIN.value]
-        if self.db is not None:
-            with contextlib.suppress(Exception):
-                waiting += [
-                    a.label for a in await self.db.list_accounts(statuses=[AccountStatus.NEEDS_LOGIN])
-                    if self._serves(a.label) and a.label not in waiting
-                ]
+        with contextlib.suppress(Exception):
+            waiting += [
+                a.label for a in await self.db.list_accounts(statuses=[AccountStatus.NEEDS_LOGIN])
+                if self._serves(a.label) and a.label not in waiting
+            ]
         if waiting:
             raise PermanentError(f"no account can send: {', '.join(waiting)} need(s) a login (./start.sh worker login --label LABEL)")
         raise PermanentError("no account can send: none is connected yet")
@@ -2431,7 +2571,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv,
         parse_args=parse_args,
         settings_type=WorkerSettings,
-        serve=lambda settings: Worker(settings).run(),
+        serve=run_worker,
         commands={
             "accounts": lambda settings, args: cli_accounts(settings, args.json),
             "send": cli_send,

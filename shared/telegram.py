@@ -262,6 +262,14 @@ class ConnectionState(str, enum.Enum):
     STOPPED = "stopped"
 
 
+class AccountDisconnected(ConnectionError):
+    """A loop asked for an account's client while it has none (dropped, lease lost, not connected yet).
+
+    A :class:`ConnectionError`, so every loop already treats it as transient:
+    the work goes back and is tried again once the account is connected.
+    """
+
+
 @dataclass(frozen=True)
 class ConnectionPolicy:
     """Numbers of the account lifecycle (from the settings)."""
@@ -350,6 +358,17 @@ class AccountConnection:
     @property
     def connected(self) -> bool:
         return self.state is ConnectionState.CONNECTED and self.client is not None and self.client.is_connected()
+
+    def live_client(self) -> TelegramClient:
+        """The account's client, for a loop about to use it.
+
+        Raises:
+            AccountDisconnected: it has none now (the connection dropped or the lease was lost).
+        """
+        client = self.client
+        if client is None:
+            raise AccountDisconnected(f"account {self.label} is not connected")
+        return client
 
     def _error(self, text: str) -> None:
         self.last_error = text

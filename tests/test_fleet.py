@@ -44,7 +44,6 @@ async def test_a_session_the_key_cannot_open_is_key_mismatch_not_needs_login_and
         await db.close()
     alerts = RecordingAlerts()
     async with running_worker(worker_env, alerts=alerts, accounts=1) as worker:
-        assert worker.pool is not None and worker.db is not None
         await wait_until(lambda: worker.pool.key_mismatched() == ["demo_two"], what="demo_two key_mismatch")
         status = await worker.runtime.status()
         assert status["session_key"]["status"] == "key_mismatch"
@@ -85,7 +84,6 @@ async def test_the_fleet_view_shows_each_replica_with_its_heartbeat_held_account
     worker_env: dict[str, str],
 ) -> None:
     async with running_worker(worker_env) as worker:
-        assert worker.pool is not None
         pool = worker.pool
         await wait_until(lambda: _fleet_row(pool) is not None and _fleet_row(pool)["held"] == 2, what="held 2 in the fleet view")
         status = await worker.runtime.status()

@@ -25,7 +25,7 @@ from shared.db import DatabaseRejected
 from shared.runtime import BotRuntime
 from devkit.sandbox import FaultKind, World
 from tests.helpers import RecordingAlerts, wait_until
-from worker import Worker
+from worker import Worker, run_worker
 
 FAST = {
     "PORT": "0",
@@ -62,13 +62,13 @@ async def running_worker(
 ) -> AsyncIterator[Worker]:
     settings = load_settings(WorkerSettings, env)
     runtime = BotRuntime(bot="worker", settings=settings, host="127.0.0.1", alerts=alerts)
-    worker = Worker(settings, runtime=runtime)
-    task = asyncio.create_task(worker.run())
+    started: asyncio.Future[Worker] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(run_worker(settings, runtime, started=started.set_result))
     try:
-        await wait_until(lambda: worker.ready.is_set() or task.done(), what="worker ready")
+        await wait_until(lambda: started.done() or task.done(), what="worker ready")
         if task.done():
             task.result()
-        assert worker.pool is not None
+        worker = started.result()
         await wait_until(lambda: len(worker.pool.connected()) == accounts, what=f"{accounts} sandbox account(s) connected")
         yield worker
     finally:
@@ -81,7 +81,6 @@ def world_of(env: dict[str, str]) -> World:
 
 
 async def account_ids(worker: Worker) -> dict[str, int]:
-    assert worker.db is not None
     return {a.label: a.id for a in await worker.db.list_accounts()}
 
 
@@ -106,7 +105,7 @@ async def test_five_sequential_messages_all_arrive_within_seconds_in_order(worke
         world = world_of(worker_env)
         started = time.monotonic()
         for n in range(5):
-            await worker.db.enqueue_outbound(ids["demo_one"], "alice", f"seq {n}")  # type: ignore[union-attr]
+            await worker.db.enqueue_outbound(ids["demo_one"], "alice", f"seq {n}")
         await wait_until(lambda: len(texts_received(world, "alice")) >= 5, timeout=10, what="5 messages at alice")
         assert time.monotonic() - started < 10
         assert texts_received(world, "alice") == [f"seq {n}" for n in range(5)]
@@ -118,10 +117,10 @@ async def test_worker_accounts_limits_the_worker_to_the_accounts_it_names(
     world = world_of(worker_env)
     async with running_worker({**worker_env, "WORKER_ACCOUNTS": "demo_one"}, accounts=1) as worker:
         ids = await account_ids(worker)
-        await worker.db.enqueue_outbound(ids["demo_two"], "alice", "for the other process")  # type: ignore[union-attr]
-        await worker.db.enqueue_outbound(ids["demo_one"], "alice", "ours")  # type: ignore[union-attr]
+        await worker.db.enqueue_outbound(ids["demo_two"], "alice", "for the other process")
+        await worker.db.enqueue_outbound(ids["demo_one"], "alice", "ours")
         await wait_until(lambda: _status_of(database_url, "ours", "sent"), what="our account's message sent")
-        assert [c.label for c in worker.pool.connected()] == ["demo_one"]  # type: ignore[union-attr]
+        assert [c.label for c in worker.pool.connected()] == ["demo_one"]
         conn = await asyncpg.connect(database_url)
         try:
             leases = dict(await conn.fetch("select label, lease_owner from telegram_accounts order by label"))
@@ -139,7 +138,7 @@ async def test_delivered_but_the_answer_lost_gives_exactly_one_message(worker_en
     async with running_worker(worker_env) as worker:
         ids = await account_ids(worker)
         world.set_fault(FaultKind.ANSWER_LOST, method="SendMessage", peer="@bob", count=1, then="drop")
-        await worker.db.enqueue_outbound(ids["demo_one"], "bob", "only once please")  # type: ignore[union-attr]
+        await worker.db.enqueue_outbound(ids["demo_one"], "bob", "only once please")
         await wait_until(
             lambda: _status_of(database_url, "only once please", "sent"), timeout=20, what="the message marked sent"
         )
@@ -159,20 +158,20 @@ async def test_a_dead_session_on_one_account_does_not_disturb_the_others(worker_
     async with running_worker(worker_env, alerts=alerts) as worker:
         ids = await account_ids(worker)
         world.logout("@demo_two", error="SESSION_REVOKED")
-        await worker.db.enqueue_outbound(ids["demo_two"], "alice", "from the revoked account")  # type: ignore[union-attr]
-        await worker.db.enqueue_outbound(ids["demo_one"], "alice", "from the healthy account")  # type: ignore[union-attr]
+        await worker.db.enqueue_outbound(ids["demo_two"], "alice", "from the revoked account")
+        await worker.db.enqueue_outbound(ids["demo_one"], "alice", "from the healthy account")
         await wait_until(lambda: "from the healthy account" in texts_received(world, "alice"), what="healthy account's send")
         await wait_until(
             lambda: any(t is AlertType.ACCOUNT_NEEDS_LOGIN for t, _, _ in alerts.alerts), what="needs-login alert"
         )
-        accounts = {a.label: a for a in await worker.db.list_accounts()}  # type: ignore[union-attr]
+        accounts = {a.label: a for a in await worker.db.list_accounts()}
         assert accounts["demo_two"].status.value == "needs_login"
         assert accounts["demo_one"].status.value == "active"
         assert "from the revoked account" not in texts_received(world, "alice")
         row = next(r for r in await outbound_rows(database_url) if r["text"] == "from the revoked account")
         assert row["status"] == "queued", "the message waits for a new login; nothing is lost"
         assert sum(1 for t, _, _ in alerts.alerts if t is AlertType.ACCOUNT_NEEDS_LOGIN) == 1
-        await worker.db.enqueue_outbound(ids["demo_one"], "bob", "still going")  # type: ignore[union-attr]
+        await worker.db.enqueue_outbound(ids["demo_one"], "bob", "still going")
         await wait_until(lambda: "still going" in texts_received(world, "bob"), what="demo_one keeps sending")
 
 
@@ -260,7 +259,6 @@ async def test_a_failed_message_requeued_by_the_operator_after_the_fix_is_delive
     photo = tmp_path / "later.jpg"
     async with running_worker(worker_env) as worker:
         ids = await account_ids(worker)
-        assert worker.db is not None
         queued = await worker.db.enqueue_outbound(ids["demo_one"], "bob", "the photo", attachments=[str(photo)])
         await wait_until(lambda: _status_of(database_url, "the photo", "failed"), what="failed: the file is missing")
 
@@ -302,7 +300,7 @@ async def test_a_send_stuck_past_the_watchdogs_patience_is_cut_and_the_loop_and_
     async with running_worker(env) as worker:
         ids = await account_ids(worker)
         world.set_fault(FaultKind.HANG, method="SendMessage")
-        await worker.db.enqueue_outbound(ids["demo_one"], "alice", "stuck for now")  # type: ignore[union-attr]
+        await worker.db.enqueue_outbound(ids["demo_one"], "alice", "stuck for now")
         watchdog = worker.runtime.watchdog
         await wait_until(lambda: _heartbeat_at(database_url), what="a first heartbeat")
         first_beat = await _heartbeat_at(database_url)
@@ -476,7 +474,7 @@ async def test_a_timed_out_recipient_lookup_is_retried_as_soon_as_a_timed_out_se
         ids = await account_ids(worker)
         fault = world.set_fault(FaultKind.HANG, method="ResolveUsername", count=1)
         started = time.monotonic()
-        await worker.db.enqueue_outbound(ids["demo_one"], "alice", "after a slow lookup")  # type: ignore[union-attr]
+        await worker.db.enqueue_outbound(ids["demo_one"], "alice", "after a slow lookup")
         await wait_until(lambda: _fault_hits(world, fault.id) >= 1, timeout=10, what="the lookup hung")
         await wait_until(lambda: "after a slow lookup" in texts_received(world, "alice"), timeout=15, what="delivery")
         # The lookup's deadline (1 s) + the short retry (2 s) + a poll, far below RETRY_BASE_DELAY (60 s).
@@ -491,10 +489,10 @@ async def test_one_chats_hung_lookup_never_delays_another_chat(worker_env: dict[
     async with running_worker(env) as worker:
         ids = await account_ids(worker)
         fault = world.set_fault(FaultKind.HANG, method="ResolveUsername", count=1)
-        await worker.db.enqueue_outbound(ids["demo_one"], "alice", "stuck behind its lookup")  # type: ignore[union-attr]
+        await worker.db.enqueue_outbound(ids["demo_one"], "alice", "stuck behind its lookup")
         await wait_until(lambda: _fault_hits(world, fault.id) >= 1, timeout=10, what="alice's lookup hung")
         started = time.monotonic()
-        await worker.db.enqueue_outbound(ids["demo_one"], "bob", "not held by alice")  # type: ignore[union-attr]
+        await worker.db.enqueue_outbound(ids["demo_one"], "bob", "not held by alice")
         await wait_until(lambda: "not held by alice" in texts_received(world, "bob"), timeout=10, what="bob's message")
         assert time.monotonic() - started < 10, "bob's message went while alice's lookup (30 s deadline) still hung"
         assert "stuck behind its lookup" not in texts_received(world, "alice")
@@ -510,7 +508,7 @@ async def test_a_send_telegram_lost_is_cut_as_soon_as_the_connection_check_is_an
         ids = await account_ids(worker)
         fault = world.set_fault(FaultKind.HANG, method="SendMessage", count=1)
         started = time.monotonic()
-        await worker.db.enqueue_outbound(ids["demo_one"], "alice", "lost in the outage")  # type: ignore[union-attr]
+        await worker.db.enqueue_outbound(ids["demo_one"], "alice", "lost in the outage")
         await wait_until(lambda: _fault_hits(world, fault.id) >= 1, timeout=10, what="the send hung")
         await wait_until(lambda: "lost in the outage" in texts_received(world, "alice"), timeout=20, what="delivery")
         # STUCK_SEND_AFTER (5 s) + a ping answered + the retry, far below the 600 s send deadline.

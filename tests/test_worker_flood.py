@@ -134,7 +134,6 @@ async def test_the_stored_flood_wait_holds_the_account_in_the_next_process_too(
     world.set_flood_limit("account", rate=1 / 30, burst=1, account="demo_one")
     async with running_worker(worker_env) as worker:
         ids = await account_ids(worker)
-        assert worker.db is not None
         await worker.db.enqueue_outbound(ids["demo_one"], "alice", "uses the one message")
         await worker.db.enqueue_outbound(ids["demo_one"], "bob", "draws FLOOD_WAIT_30")
         await wait_until(lambda: _hold(database_url, "demo_one"), what="the account's flood wait stored")
@@ -142,7 +141,6 @@ async def test_the_stored_flood_wait_holds_the_account_in_the_next_process_too(
 
     # A new process takes the account over (a restart, a deploy): it keeps to the stored hold.
     async with running_worker(worker_env) as worker:
-        assert worker.db is not None
         await worker.db.enqueue_outbound(ids["demo_one"], "carol", "queued during the hold")
         await worker.db.enqueue_outbound(ids["demo_two"], "carol", "from the other account")
         await wait_until(lambda: "from the other account" in texts_received(world, "carol"), what="the other account's send")
@@ -157,7 +155,6 @@ async def test_flood_premium_wait_holds_the_account_like_flood_wait(worker_env: 
     world.seed_demo()
     async with running_worker(worker_env) as worker:
         ids = await account_ids(worker)
-        assert worker.db is not None
         world.set_fault(FaultKind.ERROR, method="SendMessage", peer="@alice", error="FLOOD_PREMIUM_WAIT_60", count=1)
         await worker.db.enqueue_outbound(ids["demo_one"], "alice", "draws FLOOD_PREMIUM_WAIT")
         await wait_until(lambda: _hold(database_url, "demo_one"), what="the account's hold stored")
@@ -174,7 +171,6 @@ async def test_slow_mode_holds_only_its_chat(worker_env: dict[str, str], databas
     world.seed_demo()
     async with running_worker(worker_env) as worker:
         ids = await account_ids(worker)
-        assert worker.db is not None
         world.set_fault(FaultKind.ERROR, method="SendMessage", peer="@alice", error="SLOWMODE_WAIT_60", count=1)
         await worker.db.enqueue_outbound(ids["demo_one"], "alice", "into slow mode")
         await wait_until(lambda: _slowed(database_url), what="slow mode answered")
@@ -197,7 +193,6 @@ async def test_a_flood_wait_on_resolving_a_username_holds_only_that_chat(worker_
     world.seed_demo()
     async with running_worker(worker_env) as worker:
         ids = await account_ids(worker)
-        assert worker.db is not None
         await worker.db.enqueue_outbound(ids["demo_one"], "alice", "alice is resolved now")
         await wait_until(lambda: "alice is resolved now" in texts_received(world, "alice"), what="the first message")
         world.create_user("newcomer", first_name="New")
@@ -233,7 +228,6 @@ async def test_peer_flood_pauses_messages_to_strangers_alerts_once_and_loses_not
     env = {**worker_env, "PEER_FLOOD_PAUSE": str(PEER_FLOOD_PAUSE)}
     async with running_worker(env, alerts=alerts) as worker:
         ids = await account_ids(worker)
-        assert worker.db is not None
         # Telegram's spam limit: one cold message, then PEER_FLOOD for any non-contact.
         world.set_flood_limit("non_contacts", rate=0.0001, burst=1, account="demo_one")
         await worker.db.enqueue_outbound(ids["demo_one"], "stranger_one", "a cold message")

@@ -116,12 +116,12 @@ async def test_a_row_refused_by_the_open_storage_breaker_spends_no_attempt(worke
     world = world_of(env)
     world.seed_demo()
     async with running_worker(env) as worker:
-        storage = worker.outbound.storage  # type: ignore[union-attr]
+        storage = worker.outbound.sender.storage
         assert storage is not None
         for _ in range(storage.breaker.failure_threshold):  # other rows' downloads failed: the breaker is open
             storage.breaker.record_failure(TransientError("storage unreachable"))
         one = (await account_ids(worker))["demo_one"]
-        await worker.db.enqueue_outbound(one, "alice", "a picture", attachments=[{"key": "outbound/any.jpg"}])  # type: ignore[union-attr]
+        await worker.db.enqueue_outbound(one, "alice", "a picture", attachments=[{"key": "outbound/any.jpg"}])
 
         async def refused() -> bool:
             rows = await outbound_rows(database_url)

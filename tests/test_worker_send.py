@@ -80,7 +80,6 @@ async def test_send_wait_reports_sent_failed_and_still_queued_with_exit_codes_0_
         assert code == 1, out + err
         assert out.startswith("failed: message ") and "username" in out
 
-        assert worker.db is not None
         ids = await account_ids(worker)
         lines = [r.getMessage() for r in caplog.records if r.name == "worker" and r.levelno >= logging.INFO]
         assert any(line.startswith("message ") and " sent: account demo_one, chat " in line and "attempt 1" in line for line in lines)

@@ -84,7 +84,6 @@ async def test_each_hostile_outbound_item_fails_alone_with_a_reason_and_the_rest
     world = world_of(worker_env)
     world.seed_demo()
     async with running_worker(worker_env) as worker:
-        assert worker.db is not None
         ids = {a.label: a.id for a in await worker.db.list_accounts()}
         queued: dict[int, Case] = {}
         good: list[str] = []

@@ -21,7 +21,7 @@ from devkit.sandbox import World
 from shared.sessions import SessionCipher, generate_key
 from tests.fixtures.postgres import fresh_breaker
 from tests.test_worker import outbound_rows, texts_received, wait_until, worker_env  # noqa: F401 (worker_env is a fixture)
-from worker import Worker
+from worker import Worker, run_worker
 
 pytestmark = pytest.mark.slow
 
@@ -42,14 +42,14 @@ async def test_an_account_sealed_under_another_key_is_left_alone_shown_with_a_re
 
     settings = load_settings(WorkerSettings, {**worker_env, "SESSION_ENCRYPTION_KEY": new_key})
     runtime = BotRuntime(bot="worker", settings=settings, host="127.0.0.1")
-    worker = Worker(settings, runtime=runtime)
-    task = asyncio.create_task(worker.run())
+    started: asyncio.Future[Worker] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(run_worker(settings, runtime, started=started.set_result))
     try:
-        await wait_until(lambda: worker.ready.is_set() or task.done(), what="worker ready")
+        await wait_until(lambda: started.done() or task.done(), what="worker ready")
         if task.done():
             task.result()
-        assert worker.db is not None and worker.pool is not None
-        await wait_until(lambda: len(worker.pool.connected()) == 1, what="demo_two connected")  # type: ignore[union-attr]
+        worker = started.result()
+        await wait_until(lambda: len(worker.pool.connected()) == 1, what="demo_two connected")
 
         pool = worker.pool
         await wait_until(lambda: pool.key_mismatched() == ["demo_one"], what="demo_one key_mismatch")
