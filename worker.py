@@ -567,8 +567,7 @@ class Sync:
 
     async def reconcile_account(self, connection: AccountConnection) -> int:
         """Store every message after each active chat's cursor. Returns how many were new."""
-        client = connection.client
-        if client is None:
+        if connection.client is None:
             return 0
         since = datetime.now(UTC) - timedelta(seconds=self.settings.reconcile_window)
         chats = await self.db.recent_chats(connection.id, since=since, limit=50)
@@ -576,6 +575,7 @@ class Sync:
         for chat in chats:
             self.runtime.watchdog.ping("sync")
             try:
+                client = connection.live_client()  # the account may have reconnected since the last chat
                 entity = await telegram_op(
                     client.get_input_entity(chat.telegram_chat_id),
                     self.settings.timeout_telegram_entity,
