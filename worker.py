@@ -61,9 +61,10 @@ from shared.db.records import (
     ChatKind,
     Direction,
     InboundMessage,
+    MESSAGE_JOB_KINDS,
+    Job,
+    JobKind,
     JobStatus,
-    MessageJob,
-    MessageJobKind,
     OutboundMessage,
     OutboundStatus,
     SendHold,
@@ -1422,9 +1423,9 @@ def _settle(future: asyncio.Future[bool], outcome: bool | BaseException) -> None
 
 
 async def fail_job(
-    fail: Any, job_id: int, token: str, exc: BaseException, connection: AccountConnection, settings: WorkerSettings
+    db: Database, job: Job, exc: BaseException, connection: AccountConnection, settings: WorkerSettings
 ) -> tuple[str, JobStatus | None]:
-    """Record a failed history or message job as the classifier says; returns the reason and its new status.
+    """Record a failed job (any kind) as the classifier says; returns the reason and its new status.
 
     A dead session also stops its account; a rate limit retries after the wait
     Telegram asked for; other transient errors back off from RETRY_BASE_DELAY,
@@ -1435,9 +1436,9 @@ async def fail_job(
     if verdict.kind is ErrorKind.ACCOUNT_DEAD:
         await connection.handle_error(exc)
     retry_at = datetime.now(UTC) + timedelta(seconds=verdict.retry_after) if verdict.retry_after else None
-    status = await fail(
-        job_id,
-        token,
+    status = await db.fail_job(
+        job.id,
+        job.lease_token or "",
         verdict.reason,
         permanent=verdict.kind is ErrorKind.PERMANENT,
         retry_at=retry_at,
@@ -1467,7 +1468,7 @@ class HistoryProgress:
 
 
 class History:
-    """``history_sync_jobs``: fetch a chat's past, resumable at its cursor."""
+    """History jobs (``jobs`` of kind ``history``): fetch a chat's past, resumable at its cursor."""
 
     PAGES_PER_CYCLE = 20
 
@@ -1493,20 +1494,21 @@ class History:
         connected = {c.id: c for c in self.pool.connected()}
         if not connected or self.runtime.shutdown.stopping:
             return 5.0
-        jobs = await self.db.claim_history_jobs(list(connected), owner=self.owner, limit=1, lease_seconds=300)
+        jobs = await self.db.claim_jobs(list(connected), [JobKind.HISTORY], owner=self.owner, limit=1, lease_seconds=300)
         for job in jobs:
             await self._run(connected[job.account_id], job)
         return 0.0 if jobs else 5.0
 
-    async def _run(self, connection: AccountConnection, job: Any) -> None:
+    async def _run(self, connection: AccountConnection, job: Job) -> None:
         token = job.lease_token or ""
+        chat_id = int(job.payload["chat_id"])
         progress = self.progress.setdefault(
-            job.id, HistoryProgress(job.id, connection.label, job.chat_id, job.fetched_count, job.stored_count, job.target_count)
+            job.id, HistoryProgress(job.id, connection.label, chat_id, job.fetched_count, job.stored_count, job.target_count)
         )
         cursor = job.cursor
         try:
             client = connection.live_client()
-            entity = await self.entities.resolve(connection, job.chat_id)
+            entity = await self.entities.resolve(connection, chat_id)
             chat = await telegram_op(client.get_entity(entity), self.settings.timeout_telegram_entity, "get_entity")
             for _ in range(self.PAGES_PER_CYCLE):
                 self.runtime.watchdog.ping("history")
@@ -1519,29 +1521,29 @@ class History:
                 )
                 messages = [m for m in page if isinstance(m, types.Message)]
                 if not messages:
-                    await self.db.complete_history_job(job.id, token)
+                    await self.db.complete_job(job.id, token)
                     progress.done = True
                     metrics.HISTORY_JOBS.labels("done").inc()
                     return
                 results = await self.db.store_messages(connection.id, [inbound_from(m, chat) for m in messages], advance_cursor=False)
                 new = sum(1 for r in results if r.inserted)
                 cursor = min(m.id for m in messages)
-                if not await self.db.save_history_cursor(job.id, token, cursor=cursor, fetched=len(messages), stored=new):
+                if not await self.db.save_job_progress(job.id, token, cursor=cursor, fetched=len(messages), stored=new):
                     logger.warning("history job %d: lease lost; another worker goes on", job.id)
                     return
                 metrics.HISTORY_PAGES.labels(connection.label).inc()
                 progress.fetched += len(messages)
                 progress.stored += new
                 if cursor <= 1 or (job.target_count and progress.fetched >= job.target_count):
-                    await self.db.complete_history_job(job.id, token)
+                    await self.db.complete_job(job.id, token)
                     progress.done = True
                     metrics.HISTORY_JOBS.labels("done").inc()
                     return
-            await self.db.release_history_job(job.id, token)
+            await self.db.release_jobs([job.id], token)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            reason, status = await fail_job(self.db.fail_history_job, job.id, token, exc, connection, self.settings)
+            reason, status = await fail_job(self.db, job, exc, connection, self.settings)
             metrics.HISTORY_JOBS.labels("failed").inc()
             self.runtime.stats.error(f"history job {job.id}", reason)
             if status is JobStatus.DEAD:
@@ -1549,7 +1551,7 @@ class History:
                     AlertType.PROCESSING_FAILED,
                     f"History job {job.id} of {connection.label} is dead after {self.settings.max_message_retries} retries: {reason}",
                     key=f"history-dead:{job.id}",
-                    details={"job_id": job.id, "chat_id": job.chat_id, "error": reason},
+                    details={"job_id": job.id, "chat_id": chat_id, "error": reason},
                 )
 
     def status(self) -> list[dict[str, Any]]:
@@ -1560,7 +1562,7 @@ class History:
 
 
 class Jobs:
-    """``message_jobs`` at their run time. Each kind is idempotent."""
+    """Scheduled message work (``jobs`` of kinds send, edit, delete, mark_read) at its run time. Each kind is idempotent."""
 
     def __init__(
         self,
@@ -1585,20 +1587,20 @@ class Jobs:
         connected = {c.id: c for c in self.pool.connected()}
         if not connected or self.runtime.shutdown.stopping:
             return 2.0
-        jobs = await self.db.claim_message_jobs(list(connected), owner=self.owner, limit=20)
+        jobs = await self.db.claim_jobs(list(connected), MESSAGE_JOB_KINDS, owner=self.owner, limit=20)
         for job in jobs:
             self.runtime.watchdog.ping("jobs")
             await self._run(connected[job.account_id], job)
         return 0.0 if jobs else 2.0
 
-    async def _run(self, connection: AccountConnection, job: MessageJob) -> None:
+    async def _run(self, connection: AccountConnection, job: Job) -> None:
         token = job.lease_token or ""
         try:
             result = await self._do(connection, job)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            reason, status = await fail_job(self.db.fail_message_job, job.id, token, exc, connection, self.settings)
+            reason, status = await fail_job(self.db, job, exc, connection, self.settings)
             self.failed += 1
             metrics.MESSAGE_JOBS.labels(job.kind.value, "failed").inc()
             self.runtime.stats.error(f"job {job.id} ({job.kind.value})", reason)
@@ -1611,13 +1613,13 @@ class Jobs:
                     details={"job_id": job.id, "kind": job.kind.value, "error": reason},
                 )
             return
-        await self.db.complete_message_job(job.id, token, result=result)
+        await self.db.complete_job(job.id, token, result=result)
         self.done += 1
         metrics.MESSAGE_JOBS.labels(job.kind.value, "done").inc()
 
-    async def _do(self, connection: AccountConnection, job: MessageJob) -> Any:
+    async def _do(self, connection: AccountConnection, job: Job) -> Any:
         payload = job.payload
-        if job.kind is MessageJobKind.SEND:
+        if job.kind is JobKind.SEND:
             # Into the outbound queue, keyed by the job: running it twice queues one message.
             enqueued = await self.db.enqueue_outbound(
                 job.account_id,
@@ -1631,7 +1633,7 @@ class Jobs:
         client = connection.live_client()
         entity = await self.entities.resolve(connection, payload["peer"])
         timeout = self.settings.timeout_telegram_send
-        if job.kind is MessageJobKind.EDIT:
+        if job.kind is JobKind.EDIT:
             try:
                 await telegram_op(
                     client(functions.messages.EditMessageRequest(peer=entity, id=int(payload["message_id"]), message=payload["text"])),
@@ -1642,11 +1644,11 @@ class Jobs:
                 if type(exc).__name__ != "MessageNotModifiedError":  # already edited: done
                     raise
             return {"edited": payload["message_id"]}
-        if job.kind is MessageJobKind.DELETE:
+        if job.kind is JobKind.DELETE:
             ids = [int(i) for i in payload.get("message_ids") or [payload["message_id"]]]
             await telegram_op(client.delete_messages(entity, ids, revoke=bool(payload.get("revoke", True))), timeout, "delete_messages")
             return {"deleted": ids}
-        if job.kind is MessageJobKind.MARK_READ:
+        if job.kind is JobKind.MARK_READ:
             await telegram_op(client.send_read_acknowledge(entity, max_id=payload.get("max_id")), timeout, "mark_read")
             return {"read": payload.get("max_id")}
         raise PermanentError(f"unknown job kind {job.kind}")
@@ -1712,7 +1714,7 @@ async def assemble_worker(settings: WorkerSettings, runtime: BotRuntime) -> Work
     async def on_connected(connection: AccountConnection) -> None:
         # Work a previous holder of this account had in hand comes back now (see the migration).
         taken = await db.take_over_account(connection.id, owner=owner)
-        if taken.outbound or taken.history_jobs or taken.message_jobs:
+        if taken.outbound or taken.jobs:
             logger.info("took over the previous holder's work for %s: %s", connection.label, taken)
         metrics.account_seen(connection.label)
         await sync.after_connect(connection)
@@ -2331,7 +2333,8 @@ async def cli_history(settings: WorkerSettings, args: argparse.Namespace) -> int
     try:
         account = await account_by_label(db, args.account)
         chat_id = await chat_id_of(db, settings, account, args.chat)
-        job = await db.create_history_job(account.id, chat_id, target_count=args.limit)
+        payload = {"chat_id": chat_id} if args.limit is None else {"chat_id": chat_id, "target_count": args.limit}
+        job = await db.create_job(account.id, JobKind.HISTORY, payload)
     finally:
         await db.close()
     what = f"the last {args.limit} messages" if args.limit else "the whole history"
@@ -2345,17 +2348,17 @@ async def cli_schedule(settings: WorkerSettings, args: argparse.Namespace) -> in
     when = parse_when(args.at)
     payload: dict[str, Any] = {"peer": args.to}
     if args.delete is not None:
-        kind = MessageJobKind.DELETE
+        kind = JobKind.DELETE
         payload["message_ids"] = [args.delete]
     elif args.edit is not None:
-        kind = MessageJobKind.EDIT
+        kind = JobKind.EDIT
         if not (args.text or "").strip():
             raise CliError("an edit needs the new text", "give it after the options")
         payload.update(message_id=args.edit, text=args.text)
     else:
-        kind = MessageJobKind.SEND
+        kind = JobKind.SEND
         payload["text"] = args.text
-    if kind is not MessageJobKind.DELETE:
+    if kind is not JobKind.DELETE:
         try:
             check_message(args.text, ())
         except PermanentError as exc:
@@ -2363,7 +2366,7 @@ async def cli_schedule(settings: WorkerSettings, args: argparse.Namespace) -> in
     db = await open_cli_database(settings)
     try:
         account = await account_by_label(db, args.account)
-        job = await db.create_message_job(account.id, kind, payload, run_at=when, dedupe_key=args.key)
+        job = await db.create_job(account.id, kind, payload, run_at=when, dedupe_key=args.key)
     finally:
         await db.close()
     print(f"{kind.value} job {job.id} for {account.label} to {args.to} at {job.run_at:%Y-%m-%d %H:%M:%S} UTC; "
@@ -2377,8 +2380,8 @@ async def cli_jobs(settings: WorkerSettings, args: argparse.Namespace) -> int:
     db = await open_cli_database(settings)
     try:
         labels = {a.id: a.label for a in await db.list_accounts()}
-        history = await db.list_history_jobs(statuses=statuses, limit=args.limit)
-        scheduled = await db.list_message_jobs(statuses=statuses, limit=args.limit)
+        history = await db.list_jobs(statuses=statuses, kinds=[JobKind.HISTORY], limit=args.limit)
+        scheduled = await db.list_jobs(statuses=statuses, kinds=MESSAGE_JOB_KINDS, limit=args.limit)
     finally:
         await db.close()
     rows: list[dict[str, Any]] = []

@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from shared.breaker import registry as breakers
+from shared.db import JobKind
 from shared.errors import TransientError
 from shared.health import ResourceSample, ResourceThresholds, resources_status
 from devkit.sandbox import FaultKind, World
@@ -228,7 +229,7 @@ async def test_operator_page_shows_loops_accounts_queues_breakers_history_errors
         for n in range(3):
             await db.enqueue_outbound(ids["demo_one"], "bob", f"scheduled {n}", send_at=later)
         await db.enqueue_outbound(ids["demo_two"], "@nobody_by_this_name", "to nobody")
-        await db.create_history_job(ids["demo_one"], world.peer("@alice").id, target_count=60)
+        await db.create_job(ids["demo_one"], JobKind.HISTORY, {"chat_id": world.peer("@alice").id, "target_count": 60})
 
         history = worker.history
         await wait_until(lambda: any(p.fetched >= 10 for p in history.progress.values()), what="history job under way")

@@ -337,7 +337,7 @@ async def test_the_status_shows_accounts_loops_and_the_sandbox(worker_env: dict[
 
 
 async def test_message_jobs_send_later_edit_delete_and_mark_read(worker_env: dict[str, str], database_url: str) -> None:
-    from shared.db.records import JobStatus, MessageJobKind
+    from shared.db.records import JobKind, JobStatus
 
     world = world_of(worker_env)
     world.seed_demo()
@@ -346,23 +346,23 @@ async def test_message_jobs_send_later_edit_delete_and_mark_read(worker_env: dic
         assert db is not None
         ids = await account_ids(worker)
         one = ids["demo_one"]
-        send = await db.create_message_job(one, MessageJobKind.SEND, {"peer": "bob", "text": "scheduled hello"})
+        send = await db.create_job(one, JobKind.SEND, {"peer": "bob", "text": "scheduled hello"})
         await wait_until(lambda: "scheduled hello" in texts_received(world, "bob"), what="scheduled send")
         sent = next(m for m in world.received("bob") if m.text == "scheduled hello")
-        edit = await db.create_message_job(
-            one, MessageJobKind.EDIT, {"peer": "bob", "message_id": sent.id, "text": "edited hello"}
+        edit = await db.create_job(
+            one, JobKind.EDIT, {"peer": "bob", "message_id": sent.id, "text": "edited hello"}
         )
         incoming = world.send_incoming("@bob", "@demo_one", "please read me")
-        read = await db.create_message_job(one, MessageJobKind.MARK_READ, {"peer": "bob", "max_id": incoming.id})
-        delete = await db.create_message_job(one, MessageJobKind.DELETE, {"peer": "bob", "message_ids": [sent.id]})
+        read = await db.create_job(one, JobKind.MARK_READ, {"peer": "bob", "max_id": incoming.id})
+        delete = await db.create_job(one, JobKind.DELETE, {"peer": "bob", "message_ids": [sent.id]})
 
         async def all_done() -> bool:
-            jobs = [await db.get_message_job(j.id) for j in (send, edit, read, delete)]
+            jobs = [await db.get_job(j.id) for j in (send, edit, read, delete)]
             return all(j is not None and j.status is JobStatus.DONE for j in jobs)
 
         await wait_until(all_done, what="all four jobs done")
-        again = await db.create_message_job(one, MessageJobKind.SEND, {"peer": "bob", "text": "x"}, dedupe_key="once")
-        same = await db.create_message_job(one, MessageJobKind.SEND, {"peer": "bob", "text": "x"}, dedupe_key="once")
+        again = await db.create_job(one, JobKind.SEND, {"peer": "bob", "text": "x"}, dedupe_key="once")
+        same = await db.create_job(one, JobKind.SEND, {"peer": "bob", "text": "x"}, dedupe_key="once")
         assert again.id == same.id, "a repeated dedupe key schedules one job"
         rows = [r for r in await outbound_rows(database_url) if r["text"] == "scheduled hello"]
         assert len(rows) == 1, "the scheduled send queued exactly one message"

@@ -15,7 +15,7 @@ import asyncpg
 
 from shared.alerts import AlertType
 from shared.breaker import registry as breaker_registry
-from shared.db.records import JobStatus, MessageJobKind
+from shared.db.records import JobKind, JobStatus
 from devkit.sandbox import FaultKind
 from tests.helpers import RecordingAlerts, wait_until
 from tests.test_worker import account_ids, outbound_rows, running_worker, texts_received, worker_cli, worker_env, world_of  # noqa: F401
@@ -75,20 +75,20 @@ async def test_a_job_telegram_always_fails_is_dead_with_its_reason_and_the_next_
         db = worker.db
         assert db is not None
         incoming = world.send_incoming("@carol", "@demo_one", "read me if you can")
-        poison = await db.create_message_job(one, MessageJobKind.MARK_READ, {"peer": "carol", "max_id": incoming.id})
-        normal = [await db.create_message_job(one, MessageJobKind.SEND, {"peer": "bob", "text": f"job {n}"}) for n in range(2)]
+        poison = await db.create_job(one, JobKind.MARK_READ, {"peer": "carol", "max_id": incoming.id})
+        normal = [await db.create_job(one, JobKind.SEND, {"peer": "bob", "text": f"job {n}"}) for n in range(2)]
 
         await wait_until(lambda: all(f"job {n}" in texts_received(world, "bob") for n in range(2)), timeout=20, what="normal jobs")
 
         async def poison_dead() -> bool:
-            job = await db.get_message_job(poison.id)
+            job = await db.get_job(poison.id)
             return job is not None and job.status is JobStatus.DEAD
 
         await wait_until(poison_dead, timeout=30, what="the poison job dead")
-        dead = await db.get_message_job(poison.id)
+        dead = await db.get_job(poison.id)
         assert dead is not None and "RpcCallFail" in (dead.last_error or "")
         for job in normal:
-            done = await db.get_message_job(job.id)
+            done = await db.get_job(job.id)
             assert done is not None and done.status is JobStatus.DONE
         [alert] = dead_alerts(alerts)
         assert f"Job {poison.id}" in alert[1] and "RpcCallFail" in alert[1]
@@ -146,13 +146,13 @@ async def test_a_history_job_telegram_always_fails_is_dead_with_one_alert_and_th
         one = (await account_ids(worker))["demo_one"]
         db = worker.db
         assert db is not None
-        poison = await db.create_history_job(one, carol.id)
-        normal = await db.create_history_job(one, bob.id)
+        poison = await db.create_job(one, JobKind.HISTORY, {"chat_id": carol.id})
+        normal = await db.create_job(one, JobKind.HISTORY, {"chat_id": bob.id})
 
         async def status_of(job_id: int) -> asyncpg.Record:
             conn = await asyncpg.connect(database_url)
             try:
-                return await conn.fetchrow("select status, last_error from history_sync_jobs where id = $1", job_id)
+                return await conn.fetchrow("select status, last_error from jobs where id = $1", job_id)
             finally:
                 await conn.close()
 

@@ -239,18 +239,18 @@ async def test_a_killed_history_job_resumes_at_its_cursor(env: dict[str, str], d
         acct = await account_id(database_url, "demo_one")
         alice = world.peer("@alice").id
         world.set_fault(FaultKind.LATENCY, method="GetHistory", ms=150)
-        await fetch(database_url, "select * from history_job_create(p_account_id => $1, p_chat_id => $2)", acct, alice)
+        await fetch(database_url, "select * from job_create(p_account_id => $1, p_kind => 'history', p_payload => jsonb_build_object('chat_id', $2::bigint))", acct, alice)
         await wait_until(
             lambda: _job_fetched(database_url, 40), timeout=30, what="history job part-way", proc=first
         )
         first.kill9()
         await first.proc.wait()  # type: ignore[union-attr]
-        before = (await fetch(database_url, "select cursor, fetched_count from history_sync_jobs"))[0]
+        before = (await fetch(database_url, "select cursor, fetched_count from jobs"))[0]
         assert before["cursor"] > 0
         world.clear_faults()
         second = await WorkerProcess(env, tmp_path / "h2.log").start()
         await wait_until(lambda: _job_done(database_url), timeout=60, what="history job done", proc=second)
-        job = (await fetch(database_url, "select fetched_count, stored_count from history_sync_jobs"))[0]
+        job = (await fetch(database_url, "select fetched_count, stored_count from jobs"))[0]
         assert job["fetched_count"] <= 120 + 10, "resumed at the cursor: at most one page fetched twice"
         stored = await fetch(
             database_url, "select count(*) as n, count(distinct telegram_message_id) as d from messages where account_id = $1", acct
@@ -263,12 +263,12 @@ async def test_a_killed_history_job_resumes_at_its_cursor(env: dict[str, str], d
 
 
 async def _job_fetched(database_url: str, at_least: int) -> bool:
-    rows = await fetch(database_url, "select fetched_count from history_sync_jobs")
+    rows = await fetch(database_url, "select fetched_count from jobs")
     return bool(rows) and rows[0]["fetched_count"] >= at_least
 
 
 async def _job_done(database_url: str) -> bool:
-    rows = await fetch(database_url, "select status from history_sync_jobs")
+    rows = await fetch(database_url, "select status from jobs")
     return bool(rows) and rows[0]["status"] == "done"
 
 

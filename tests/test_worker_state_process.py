@@ -126,18 +126,18 @@ async def test_after_a_restart_chats_seen_before_work_by_numeric_id_and_unseen_o
         await wait_until(lambda: accounts_connected(database_url), timeout=30, what="accounts leased again", proc=second)
         await enqueue(database_url, acct, str(seen.id), "to a user seen before")
         await enqueue(database_url, acct, str(group.marked_id), "to a group seen before")
-        await fetch(database_url, "select * from history_job_create(p_account_id => $1, p_chat_id => $2)", acct, seen.id)
+        await fetch(database_url, "select * from job_create(p_account_id => $1, p_kind => 'history', p_payload => jsonb_build_object('chat_id', $2::bigint))", acct, seen.id)
         await enqueue(database_url, acct, str(ghost.id), "to a user never seen")
-        await fetch(database_url, "select * from history_job_create(p_account_id => $1, p_chat_id => $2)", acct, ghost.id)
+        await fetch(database_url, "select * from job_create(p_account_id => $1, p_kind => 'history', p_payload => jsonb_build_object('chat_id', $2::bigint))", acct, ghost.id)
 
         async def settled() -> bool:
             rows = await fetch(database_url, "select status from messages where status is not null")
-            jobs = await fetch(database_url, "select status from history_sync_jobs")
+            jobs = await fetch(database_url, "select status from jobs")
             return all(r["status"] in ("sent", "failed") for r in rows) and all(j["status"] in ("done", "failed") for j in jobs)
 
         await wait_until(settled, timeout=40, what="every message and job settled", proc=second)
         outbound = {r["peer"]: r for r in await fetch(database_url, "select peer, status, last_error from messages where status is not null")}
-        jobs = {r["chat_id"]: r for r in await fetch(database_url, "select chat_id, status, last_error from history_sync_jobs")}
+        jobs = {r["chat_id"]: r for r in await fetch(database_url, "select (payload ->> 'chat_id')::bigint as chat_id, status, last_error from jobs")}
         assert outbound[str(seen.id)]["status"] == "sent"
         assert outbound[str(group.marked_id)]["status"] == "sent"
         assert jobs[seen.id]["status"] == "done"

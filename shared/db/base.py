@@ -31,14 +31,13 @@ from shared.db.records import (
     Enqueued,
     FleetReplica,
     Heartbeat,
-    HistoryJob,
     InboundMessage,
     IngestImage,
     IngestRecorded,
     IngestStatus,
+    Job,
+    JobKind,
     JobStatus,
-    MessageJob,
-    MessageJobKind,
     OutboundMessage,
     OutboundStatus,
     RecoveredTweet,
@@ -71,8 +70,7 @@ logger = logging.getLogger(__name__)
 
 #: Channels the SQL functions notify on.
 OUTBOUND_CHANNEL = "outbound"
-HISTORY_JOBS_CHANNEL = "history_jobs"
-MESSAGE_JOBS_CHANNEL = "message_jobs"
+JOBS_CHANNEL = "jobs"
 
 #: Longest wait between two looks at the queue when notifications are not available.
 DEFAULT_POLL_INTERVAL = 1.0
@@ -784,88 +782,22 @@ class Database(abc.ABC):
         rows = await self._pages("worker_heartbeats_list", {}, lambda r: {"p_after": r["worker_id"]})
         return [from_row(Heartbeat, r) for r in rows]
 
-    # --- history sync jobs -------------------------------------------------------------------
+    # --- jobs (history sync and scheduled message work) ---------------------------------------
 
-    async def create_history_job(
-        self, account_id: int, chat_id: int, *, target_count: int | None = None, run_at: datetime | None = None
-    ) -> HistoryJob:
-        """Ask for a chat's history; while one is open for the chat, that one is returned."""
-        args = {"p_account_id": account_id, "p_chat_id": chat_id, "p_target_count": target_count, "p_run_at": _when(run_at)}
-        return from_row(HistoryJob, (await self.call("history_job_create", args))[0])
-
-    async def claim_history_jobs(
-        self, account_ids: Sequence[int], *, owner: str, limit: int = 1, lease_seconds: float = 300.0, max_retries: int = 5
-    ) -> list[HistoryJob]:
-        if not account_ids:
-            return []
-        args = {
-            "p_account_ids": list(account_ids),
-            "p_owner": owner,
-            "p_limit": self.batch_limit(limit),
-            "p_lease_seconds": float(lease_seconds),
-            "p_max_retries": max_retries,
-        }
-        return [from_row(HistoryJob, r) for r in await self.call("history_job_claim", args)]
-
-    async def save_history_cursor(
-        self,
-        job_id: int,
-        token: str,
-        *,
-        cursor: int,
-        fetched: int = 0,
-        stored: int = 0,
-        lease_seconds: float = 300.0,
-    ) -> bool:
-        """Save a page's progress and extend the lease; False when the lease was lost."""
-        args = {
-            "p_id": job_id,
-            "p_token": token,
-            "p_cursor": cursor,
-            "p_fetched_delta": fetched,
-            "p_stored_delta": stored,
-            "p_lease_seconds": float(lease_seconds),
-        }
-        return bool(await self._scalar("history_job_save_cursor", args))
-
-    async def complete_history_job(self, job_id: int, token: str) -> bool:
-        return bool(await self._scalar("history_job_complete", {"p_id": job_id, "p_token": token}))
-
-    async def fail_history_job(
-        self,
-        job_id: int,
-        token: str,
-        error: str,
-        *,
-        permanent: bool,
-        retry_at: datetime | None = None,
-        max_retries: int = 5,
-        base_delay: float = 60.0,
-        max_delay: float = 3600.0,
-    ) -> JobStatus | None:
-        args = _fail_args(job_id, token, error, permanent, retry_at, max_retries, base_delay, max_delay)
-        status = await self._scalar("history_job_fail", args)
-        return None if status is None else JobStatus(status)
-
-    async def release_history_job(self, job_id: int, token: str) -> bool:
-        return bool(await self._scalar("history_job_release", {"p_id": job_id, "p_token": token}))
-
-    async def get_history_job(self, job_id: int) -> HistoryJob | None:
-        rows = await self.call("history_job_get", {"p_id": job_id}, read_only=True)
-        return from_row(HistoryJob, rows[0]) if rows else None
-
-    # --- message jobs ----------------------------------------------------------------------
-
-    async def create_message_job(
+    async def create_job(
         self,
         account_id: int,
-        kind: MessageJobKind,
+        kind: JobKind,
         payload: Mapping[str, Any],
         *,
         run_at: datetime | None = None,
         dedupe_key: str | None = None,
-    ) -> MessageJob:
-        """Schedule work; a repeated ``dedupe_key`` returns the first job.
+    ) -> Job:
+        """Schedule work; a repeated ``dedupe_key`` returns the first job, and a
+        history job for a chat that has one open returns the open one.
+
+        A history job's payload is ``{"chat_id": ..., "target_count": ...}``
+        (no target: the whole history).
 
         Raises:
             DatabaseRejected: the payload's text cannot be stored (a send or an
@@ -881,27 +813,58 @@ class Database(abc.ABC):
             "p_run_at": _when(run_at),
             "p_dedupe_key": dedupe_key,
         }
-        return from_row(MessageJob, (await self.call("message_job_create", args))[0])
+        return from_row(Job, (await self.call("job_create", args))[0])
 
-    async def claim_message_jobs(
-        self, account_ids: Sequence[int], *, owner: str, limit: int = 10, lease_seconds: float = 120.0, max_retries: int = 5
-    ) -> list[MessageJob]:
+    async def claim_jobs(
+        self,
+        account_ids: Sequence[int],
+        kinds: Iterable[JobKind],
+        *,
+        owner: str,
+        limit: int = 10,
+        lease_seconds: float = 120.0,
+        max_retries: int = 5,
+    ) -> list[Job]:
+        """Due jobs of these kinds and accounts, oldest first, under one fresh lease token."""
         if not account_ids:
             return []
         args = {
             "p_account_ids": list(account_ids),
+            "p_kinds": [_value(k) for k in kinds],
             "p_owner": owner,
             "p_limit": self.batch_limit(limit),
             "p_lease_seconds": float(lease_seconds),
             "p_max_retries": max_retries,
         }
-        return [from_row(MessageJob, r) for r in await self.call("message_job_claim", args)]
+        return [from_row(Job, r) for r in await self.call("job_claim", args)]
 
-    async def complete_message_job(self, job_id: int, token: str, *, result: Any = None) -> bool:
+    async def save_job_progress(
+        self,
+        job_id: int,
+        token: str,
+        *,
+        cursor: int,
+        fetched: int = 0,
+        stored: int = 0,
+        lease_seconds: float = 300.0,
+    ) -> bool:
+        """Save a resumable job's progress (a history page) and extend the lease; False when the lease was lost."""
+        args = {
+            "p_id": job_id,
+            "p_token": token,
+            "p_cursor": cursor,
+            "p_fetched_delta": fetched,
+            "p_stored_delta": stored,
+            "p_lease_seconds": float(lease_seconds),
+        }
+        return bool(await self._scalar("job_save_progress", args))
+
+    async def complete_job(self, job_id: int, token: str, *, result: Any = None) -> bool:
+        """Done (with ``result``); False when the lease was lost."""
         args = {"p_id": job_id, "p_token": token, "p_result": json_safe(result)}
-        return bool(await self._scalar("message_job_complete", args))
+        return bool(await self._scalar("job_complete", args))
 
-    async def fail_message_job(
+    async def fail_job(
         self,
         job_id: int,
         token: str,
@@ -913,28 +876,37 @@ class Database(abc.ABC):
         base_delay: float = 60.0,
         max_delay: float = 3600.0,
     ) -> JobStatus | None:
+        """Record a failure: the new status (pending again, failed, dead), or None when the lease was lost."""
         args = _fail_args(job_id, token, error, permanent, retry_at, max_retries, base_delay, max_delay)
-        status = await self._scalar("message_job_fail", args)
+        status = await self._scalar("job_fail", args)
         return None if status is None else JobStatus(status)
 
-    async def release_message_jobs(self, job_ids: Sequence[int], token: str) -> int:
+    async def release_jobs(self, job_ids: Sequence[int], token: str) -> int:
+        """Hand running jobs back without counting the attempt (progress kept); how many were released."""
         if not job_ids:
             return 0
-        return int(await self._scalar("message_job_release", {"p_ids": list(job_ids), "p_token": token}) or 0)
+        return int(await self._scalar("job_release", {"p_ids": list(job_ids), "p_token": token}) or 0)
 
-    async def list_history_jobs(self, *, statuses: Iterable[JobStatus] | None = None, limit: int = 50) -> list[HistoryJob]:
-        """History jobs, newest first (the operator's ``jobs``)."""
-        args = {"p_statuses": [s.value for s in statuses] if statuses is not None else None, "p_limit": limit}
-        return [from_row(HistoryJob, r) for r in await self.call("history_jobs_list", args, read_only=True)]
+    async def requeue_jobs(self, job_ids: Sequence[int]) -> list[Job]:
+        """Failed or dead jobs due again now with fresh attempts; returns the named jobs as they are now."""
+        if not job_ids:
+            return []
+        return [from_row(Job, r) for r in await self.call("job_requeue", {"p_ids": list(job_ids)})]
 
-    async def list_message_jobs(self, *, statuses: Iterable[JobStatus] | None = None, limit: int = 50) -> list[MessageJob]:
-        """Message jobs, newest first (the operator's ``jobs``)."""
-        args = {"p_statuses": [s.value for s in statuses] if statuses is not None else None, "p_limit": limit}
-        return [from_row(MessageJob, r) for r in await self.call("message_jobs_list", args, read_only=True)]
+    async def get_job(self, job_id: int) -> Job | None:
+        rows = await self.call("job_get", {"p_id": job_id}, read_only=True)
+        return from_row(Job, rows[0]) if rows else None
 
-    async def get_message_job(self, job_id: int) -> MessageJob | None:
-        rows = await self.call("message_job_get", {"p_id": job_id}, read_only=True)
-        return from_row(MessageJob, rows[0]) if rows else None
+    async def list_jobs(
+        self, *, statuses: Iterable[JobStatus] | None = None, kinds: Iterable[JobKind] | None = None, limit: int = 50
+    ) -> list[Job]:
+        """Jobs, newest first (the operator's ``jobs``), read in pages."""
+        args = {
+            "p_statuses": [s.value for s in statuses] if statuses is not None else None,
+            "p_kinds": [_value(k) for k in kinds] if kinds is not None else None,
+        }
+        rows = await self._pages("jobs_list", args, lambda r: {"p_after": r["id"]}, limit=limit)
+        return [from_row(Job, r) for r in rows]
 
     # --- retry queue rows (see shared.db.retry_store for the RetryStore protocol) ------------
 
@@ -1184,8 +1156,7 @@ __all__ = [
     "Database",
     "Subscription",
     "OUTBOUND_CHANNEL",
-    "HISTORY_JOBS_CHANNEL",
-    "MESSAGE_JOBS_CHANNEL",
+    "JOBS_CHANNEL",
     "json_safe",
     "utc_now",
 ]

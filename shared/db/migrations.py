@@ -19,6 +19,7 @@ from pathlib import Path
 import asyncpg
 
 from shared.db.errors import MigrationError
+from shared.db.statements import statements
 from shared.errors import describe
 from shared.timeouts import db_op
 
@@ -32,14 +33,8 @@ _FILE_NAME = re.compile(r"^(?P<version>\d{14})_(?P<name>[A-Za-z0-9_]+)\.sql$")
 # Any constant: the key of the advisory lock migrators take.
 _LOCK_KEY = 4_815_162_342
 
-_BOOKKEEPING = """
-create schema if not exists supabase_migrations;
-create table if not exists supabase_migrations.schema_migrations (
-    version text primary key,
-    statements text[],
-    name text
-);
-"""
+#: The bookkeeping's SQL (shared/db/sql/migrations.sql).
+_SQL = statements("migrations")
 
 
 @dataclass(frozen=True)
@@ -90,12 +85,12 @@ def discover(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
 async def applied_versions(conn: asyncpg.Connection, *, timeout: float = 30.0) -> dict[str, str | None]:
     """Applied versions and the SQL recorded for each (None when not recorded)."""
     exists = await db_op(
-        conn.fetchval("select to_regclass('supabase_migrations.schema_migrations') is not null"), timeout, "migrations_check"
+        conn.fetchval(_SQL["bookkeeping_exists"]), timeout, "migrations_check"
     )
     if not exists:
         return {}
     rows = await db_op(
-        conn.fetch("select version, statements from supabase_migrations.schema_migrations order by version"),
+        conn.fetch(_SQL["applied_versions"]),
         timeout,
         "migrations_list",
     )
@@ -131,8 +126,8 @@ async def apply_migrations(
     try:
         if not dry_run:
             async with conn.transaction():
-                await db_op(conn.execute(f"select pg_advisory_xact_lock({_LOCK_KEY})"), timeout, "migrate_lock")
-                await db_op(conn.execute(_BOOKKEEPING), timeout, "migrate_bookkeeping")
+                await db_op(conn.execute(_SQL["lock"], _LOCK_KEY), timeout, "migrate_lock")
+                await db_op(conn.execute(_SQL["bookkeeping"]), timeout, "migrate_bookkeeping")
         recorded = await applied_versions(conn, timeout=timeout)
         for migration in migrations:
             if migration.version in recorded:
@@ -166,9 +161,9 @@ async def _apply_one(conn: asyncpg.Connection, migration: Migration, timeout: fl
     sql = migration.sql
     try:
         async with conn.transaction():
-            await db_op(conn.execute(f"select pg_advisory_xact_lock({_LOCK_KEY})"), timeout, "migrate_lock")
+            await db_op(conn.execute(_SQL["lock"], _LOCK_KEY), timeout, "migrate_lock")
             done = await db_op(
-                conn.fetchval("select 1 from supabase_migrations.schema_migrations where version = $1", migration.version),
+                conn.fetchval(_SQL["is_applied"], migration.version),
                 timeout,
                 "migrate_check",
             )
@@ -177,7 +172,7 @@ async def _apply_one(conn: asyncpg.Connection, migration: Migration, timeout: fl
             await db_op(conn.execute(sql), timeout, "migrate_apply")
             await db_op(
                 conn.execute(
-                    "insert into supabase_migrations.schema_migrations (version, name, statements) values ($1, $2, $3)",
+                    _SQL["record_applied"],
                     migration.version,
                     migration.name,
                     [sql],

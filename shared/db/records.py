@@ -64,7 +64,7 @@ class OutboundStatus(str, enum.Enum):
 
 
 class JobStatus(str, enum.Enum):
-    """Life of a history sync job or a message job."""
+    """Life of a job (every kind)."""
 
     PENDING = "pending"
     RUNNING = "running"
@@ -73,11 +73,18 @@ class JobStatus(str, enum.Enum):
     DEAD = "dead"
 
 
-class MessageJobKind(str, enum.Enum):
+class JobKind(str, enum.Enum):
+    """What a job does: fetch a chat's history, or scheduled message work."""
+
+    HISTORY = "history"
     SEND = "send"
     EDIT = "edit"
     DELETE = "delete"
     MARK_READ = "mark_read"
+
+
+#: The kinds the jobs loop runs (everything but history, which has its own loop).
+MESSAGE_JOB_KINDS: tuple[JobKind, ...] = (JobKind.SEND, JobKind.EDIT, JobKind.DELETE, JobKind.MARK_READ)
 
 
 class RetryItemStatus(str, enum.Enum):
@@ -262,8 +269,7 @@ class Takeover:
     """What taking over an account handed back to the queue."""
 
     outbound: int
-    history_jobs: int
-    message_jobs: int
+    jobs: int
 
 
 class SendHoldKind(str, enum.Enum):
@@ -341,35 +347,18 @@ class FleetReplica:
 
 
 @dataclasses.dataclass(frozen=True)
-class HistoryJob:
-    """Fetching a chat's history page by page; ``cursor`` is the id the next page starts below (0: newest)."""
+class Job:
+    """A row of ``jobs``: work for one account, due at ``run_at``, run under a lease.
+
+    ``payload`` holds the job's arguments (a history job's ``chat_id`` and
+    ``target_count``); a resumable job keeps its progress in ``cursor``,
+    ``fetched_count`` and ``stored_count`` (history: the next page starts below
+    message id ``cursor``; 0: from the newest).
+    """
 
     id: int
     account_id: int
-    chat_id: int
-    cursor: int
-    target_count: int | None
-    fetched_count: int
-    stored_count: int
-    status: JobStatus
-    attempts: int
-    run_at: datetime
-    lease_owner: str | None
-    lease_token: str | None
-    lease_expires_at: datetime | None
-    last_error: str | None
-    created_at: datetime
-    updated_at: datetime
-    finished_at: datetime | None
-
-
-@dataclasses.dataclass(frozen=True)
-class MessageJob:
-    """Scheduled work for the jobs loop (send later, edit, delete, mark read)."""
-
-    id: int
-    account_id: int
-    kind: MessageJobKind
+    kind: JobKind
     payload: dict[str, Any]
     dedupe_key: str | None
     run_at: datetime
@@ -380,9 +369,24 @@ class MessageJob:
     lease_expires_at: datetime | None
     last_error: str | None
     result: Any
+    cursor: int
+    fetched_count: int
+    stored_count: int
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None
+
+    @property
+    def chat_id(self) -> int | None:
+        """A history job's chat (None for other kinds that do not name one)."""
+        value = self.payload.get("chat_id")
+        return None if value is None else int(value)
+
+    @property
+    def target_count(self) -> int | None:
+        """A history job's stop after this many messages (None: the whole history)."""
+        value = self.payload.get("target_count")
+        return None if value is None else int(value)
 
 
 @dataclasses.dataclass(frozen=True)

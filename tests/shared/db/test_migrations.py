@@ -76,7 +76,7 @@ async def test_every_table_has_row_level_security_and_no_policy_for_the_public_r
         roles = {r[0] for r in await conn.fetch("select rolname from pg_roles where rolname in ('anon', 'authenticated', 'service_role')")}
     finally:
         await conn.close()
-    assert len(tables) == 15  # the ten of the schema, reply_cursors, account_send_holds, telegram_update_state, telegram_entities and process_leases
+    assert len(tables) == 14  # the ten of the schema (its two job tables now one, jobs), reply_cursors, account_send_holds, telegram_update_state, telegram_entities and process_leases
     assert all(row["relrowsecurity"] for row in tables), [r["relname"] for r in tables if not r["relrowsecurity"]]
     assert policies == 0
     assert anon_may_call is False

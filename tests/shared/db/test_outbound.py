@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import pytest
 
-from shared.db import Database, DatabaseRejected, OutboundMessage, OutboundStatus, PostgresDatabase, utc_now
+from shared.db import Database, DatabaseRejected, JobKind, OutboundMessage, OutboundStatus, PostgresDatabase, utc_now
 from shared.errors import ErrorKind, classify
 from tests.shared.db.polling import eventually
 
@@ -268,10 +268,10 @@ async def test_new_lease_holder_takes_back_the_rows_its_predecessor_was_sending(
     queued = await backend_db.enqueue_outbound(account, "alice", "a")
     old = await _claim_one(backend_db, account, owner="old-process", lease_seconds=600)
     assert old.lease_token
-    await backend_db.create_history_job(account, 555)
-    assert len(await backend_db.claim_history_jobs([account], owner="old-process")) == 1
+    await backend_db.create_job(account, JobKind.HISTORY, {"chat_id": 555})
+    assert len(await backend_db.claim_jobs([account], [JobKind.HISTORY], owner="old-process")) == 1
     takeover = await backend_db.take_over_account(account, owner="new-process")
-    assert (takeover.outbound, takeover.history_jobs, takeover.message_jobs) == (1, 1, 0)
+    assert (takeover.outbound, takeover.jobs) == (1, 1)
     assert await backend_db.mark_sent(old.id, old.lease_token, telegram_message_id=1, chat_id=2) is False
     again = await _claim_one(backend_db, account, owner="new-process")
     assert again.id == queued.id and again.random_id == queued.random_id

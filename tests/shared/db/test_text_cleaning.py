@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from shared.db import Database, DatabaseRejected, MessageJobKind, PostgresDatabase
+from shared.db import Database, DatabaseRejected, JobKind, PostgresDatabase
 from shared.db.records import InboundMessage, TweetStatus
 from shared.errors import NUL_IN_TEXT, ErrorKind, classify, classify_sqlstate
 
@@ -37,7 +37,7 @@ async def test_an_outbound_message_with_a_nul_is_refused_with_its_position(backe
     assert classify(refused.value).kind is ErrorKind.PERMANENT
 
     with pytest.raises(DatabaseRejected, match="lone surrogate"):
-        await backend_db.create_message_job(account, MessageJobKind.SEND, {"peer": "alice", "text": "cut \ud83d"})
+        await backend_db.create_job(account, JobKind.SEND, {"peer": "alice", "text": "cut \ud83d"})
 
 
 async def test_a_client_calling_the_enqueue_function_directly_gets_a_readable_reason(backend_db: Database) -> None:
