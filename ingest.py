@@ -9,23 +9,31 @@ only then recorded in ``ingest_images`` (unique per channel and message).
 With no Telegram credentials and no database configured it runs on the
 local Telegram sandbox and an embedded PostgreSQL, and says so loudly.
 
-The story, top to bottom:
+The story, top to bottom, one class per loop or step:
 
 1. what a message carries (:func:`media_of`), read from its metadata only;
-2. one image, start to end (:meth:`Ingestor.handle`): the order of effects
-   is *upload, then row*, so a crash in between leaves an orphan object
-   (swept later), never a row without its object;
-3. the channel reader (:meth:`Ingestor.read_cycle`): the only owner of each
-   channel's cursor. The ``NewMessage`` handler wakes it; it reads the
-   history after the cursor (so a missed update, downtime or a first run's
-   backfill are the same code path), handles the messages in order with
-   bounded concurrency, and moves the cursor only over messages that were
-   handled: stored, skipped, failed with a reason, or durably queued;
-4. the retry loop: transient failures (R2 or the database down, a timeout)
-   wait in the durable retry queue (60 s doubling, 5 retries) and are
-   re-fetched from Telegram when due; the orphan sweep (``gc``);
-5. the process: account lease and reconnects (:mod:`shared.telegram`),
-   runtime, loops, ``/status``; then the command line.
+2. the channels (:class:`Channels`): resolved after every connect; the
+   ``NewMessage`` handler only notes the message and wakes the reader;
+3. one image, start to end (:class:`ImageHandler` with its
+   :class:`Downloader` and :class:`ImageStore`): the order of effects is
+   *upload, then row*, so a crash in between leaves an orphan object (swept
+   later), never a row without its object;
+4. the channel reader (:class:`ChannelReader`): the only owner of each
+   channel's cursor. It reads the history after the cursor (so a missed
+   update, downtime or a first run's backfill are the same code path),
+   handles the messages in order with bounded concurrency, and moves the
+   cursor only over messages that were handled: stored, skipped, failed with
+   a reason, or durably queued;
+5. the retry drain (:class:`RetryDrain`): transient failures (R2 or the
+   database down, a timeout) wait in the durable retry queue (60 s doubling,
+   5 retries) and are re-fetched from Telegram when due;
+6. the orphan sweep (:class:`OrphanSweep`), which needs only storage and the
+   database (``gc`` runs it alone);
+7. the account (:class:`IngestAccount`): the one-account case of
+   :class:`shared.telegram.AccountPool` (lease, reconnects, dead sessions);
+8. the process: :meth:`Ingest.assemble` builds every part complete, in one
+   place, once the database and storage are open (:class:`IngestBot`); then
+   the command line.
 
 Exactly once, in short: the row's (channel, message) key is unique and a
 stored or skipped row is final, the object key is the content hash (a second
@@ -104,7 +112,6 @@ PAGE_SIZE = 100
 RETRY_KIND = "ingest_message"
 #: Pause of the reader after a page it could not finish (Telegram or the database failing).
 STALL_PAUSE = 5.0
-#: Key file of the sandbox's session key (the worker uses the same file).
 #: Formats a document may declare and still be taken for an image (Pillow decides in the end).
 IMAGE_MIME_TYPES = frozenset(
     {"image/jpeg", "image/jpg", "image/pjpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff"}
