@@ -30,10 +30,11 @@ from shared.alerts import AlertType
 from shared.breaker import CircuitBreaker, CircuitState
 from shared.config import IngestSettings, load_settings
 from shared.db import PostgresDatabase, SupabaseDatabase
-from shared.db.records import IngestImage, IngestStatus, from_row
+from shared.db.records import AccountStatus, IngestImage, IngestStatus, from_row
 from shared.runtime import BotRuntime
 from devkit.sandbox import FaultKind, ImageKind, World
 from shared.storage import LocalBackend, S3Backend, Storage
+from shared.telegram import AccountPool, ConnectionPolicy, client_factory, session_cipher
 from tests.fixtures.postgrest import PostgrestEndpoint
 from tests.helpers import RecordingAlerts
 from tests.helpers import wait_until as shared_wait_until
@@ -426,6 +427,38 @@ async def test_a_dropped_connection_is_reconnected_and_reading_goes_on(h: Harnes
 
     assert h.world.faults()[0]["hits"] == 1
     assert account["reconnects"] >= 1 and account["connected"]
+
+
+async def test_without_ingest_account_the_first_active_account_is_read_with_and_kept_once_taken(h: Harness) -> None:
+    """AccountPool.single without a label: one account, the lowest active id; a lower one coming back does not take over."""
+    settings = load_settings(IngestSettings, h.env)
+    cipher = session_cipher(settings)
+    demo = h.world.seed_demo()
+    first, second = [
+        await h.db.upsert_account(
+            peer.username, phone=peer.phone, session=cipher.encrypt(h.world.session_string(peer.phone)),
+            status=AccountStatus.ACTIVE,
+        )
+        for peer in demo.accounts[:2]
+    ]
+    await h.db.set_account_status(first.id, AccountStatus.NEEDS_LOGIN)
+    pool = AccountPool.single(
+        db=h.db, cipher=cipher, client_factory=client_factory(settings, h.world), owner="ingest:test",
+        policy=ConnectionPolicy(lease_seconds=5, connect_timeout=5, call_timeout=5),
+    )
+
+    async def serving() -> list[str]:
+        await pool.refresh()
+        return [c.label for c in pool.connected()]
+
+    try:
+        await wait_until(serving, what="an account connected")
+        assert await serving() == [second.label]
+        await h.db.set_account_status(first.id, AccountStatus.ACTIVE)
+        assert await serving() == [second.label]
+        assert list(pool.connections) == [second.id]
+    finally:
+        await pool.close()
 
 
 def test_media_is_judged_from_metadata_alone() -> None:
