@@ -9,23 +9,31 @@ only then recorded in ``ingest_images`` (unique per channel and message).
 With no Telegram credentials and no database configured it runs on the
 local Telegram sandbox and an embedded PostgreSQL, and says so loudly.
 
-The story, top to bottom:
+The story, top to bottom, one class per loop or step:
 
 1. what a message carries (:func:`media_of`), read from its metadata only;
-2. one image, start to end (:meth:`Ingestor.handle`): the order of effects
-   is *upload, then row*, so a crash in between leaves an orphan object
-   (swept later), never a row without its object;
-3. the channel reader (:meth:`Ingestor.read_cycle`): the only owner of each
-   channel's cursor. The ``NewMessage`` handler wakes it; it reads the
-   history after the cursor (so a missed update, downtime or a first run's
-   backfill are the same code path), handles the messages in order with
-   bounded concurrency, and moves the cursor only over messages that were
-   handled: stored, skipped, failed with a reason, or durably queued;
-4. the retry loop: transient failures (R2 or the database down, a timeout)
-   wait in the durable retry queue (60 s doubling, 5 retries) and are
-   re-fetched from Telegram when due; the orphan sweep (``gc``);
-5. the process: account lease and reconnects (:mod:`shared.telegram`),
-   runtime, loops, ``/status``; then the command line.
+2. the channels (:class:`Channels`): resolved after every connect; the
+   ``NewMessage`` handler only notes the message and wakes the reader;
+3. one image, start to end (:class:`ImageHandler` with its
+   :class:`Downloader` and :class:`ImageStore`): the order of effects is
+   *upload, then row*, so a crash in between leaves an orphan object (swept
+   later), never a row without its object;
+4. the channel reader (:class:`ChannelReader`): the only owner of each
+   channel's cursor. It reads the history after the cursor (so a missed
+   update, downtime or a first run's backfill are the same code path),
+   handles the messages in order with bounded concurrency, and moves the
+   cursor only over messages that were handled: stored, skipped, failed with
+   a reason, or durably queued;
+5. the retry drain (:class:`RetryDrain`): transient failures (R2 or the
+   database down, a timeout) wait in the durable retry queue (60 s doubling,
+   5 retries) and are re-fetched from Telegram when due;
+6. the orphan sweep (:class:`OrphanSweep`), which needs only storage and the
+   database (``gc`` runs it alone);
+7. the account (:class:`IngestAccount`): the one-account case of
+   :class:`shared.telegram.AccountPool` (lease, reconnects, dead sessions);
+8. the process: :meth:`Ingest.assemble` builds every part complete, in one
+   place, once the database and storage are open (:class:`IngestBot`); then
+   the command line.
 
 Exactly once, in short: the row's (channel, message) key is unique and a
 stored or skipped row is final, the object key is the content hash (a second
@@ -47,7 +55,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -59,7 +67,7 @@ from shared.alerts import AlertSink, AlertType
 from shared.breaker import CircuitBreaker, CircuitOpenError, CircuitState
 from shared.config import IngestSettings
 from shared.db import Database, open_database
-from shared.db.records import Account, AccountStatus, IngestStatus
+from shared.db.records import AccountStatus, IngestStatus
 from shared.db.retry_store import DbRetryStore
 from shared.errors import ErrorKind, PermanentError, classify, describe
 from shared.health import TEMP_SUBDIR
@@ -74,9 +82,9 @@ from shared.telegram import (
     SANDBOX_INGEST_ACCOUNT,
     SANDBOX_INGEST_PHONE,
     AccountConnection,
+    AccountPool,
     ClientFactory,
     ConnectionPolicy,
-    ConnectionState,
     client_factory,
     session_cipher,
 )
@@ -104,7 +112,6 @@ PAGE_SIZE = 100
 RETRY_KIND = "ingest_message"
 #: Pause of the reader after a page it could not finish (Telegram or the database failing).
 STALL_PAUSE = 5.0
-#: Key file of the sandbox's session key (the worker uses the same file).
 #: Formats a document may declare and still be taken for an image (Pillow decides in the end).
 IMAGE_MIME_TYPES = frozenset(
     {"image/jpeg", "image/jpg", "image/pjpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff"}
@@ -210,21 +217,23 @@ class DownloadTooLarge(PermanentError):
     """More bytes arrived than the limit allows (the metadata understated the size)."""
 
 
-# --- channels -------------------------------------------------------------------------
+# --- 2. the channels: resolved on every connect, woken by new messages ----------------
 
 
 @dataclass
 class ChannelState:
-    """One watched channel: its entity on the current client and its cursor.
+    """One watched channel as it stands: its peer once resolved, its cursor and counters.
 
-    ``cursor`` is the greatest message id up to which every message was
-    handled (recorded or queued); it only moves forward. It is None until it
-    has been loaded, or, for a channel never read, until the first run has
-    saved where it starts.
+    ``peer_id`` is known once the channel was resolved (it never changes);
+    ``entity`` belongs to the current client and is None while the channel
+    cannot be resolved. ``cursor`` is the greatest message id up to which every
+    message was handled (recorded or queued); it only moves forward. It is None
+    until it has been loaded, or, for a channel never read, until the first
+    run has saved where it starts.
     """
 
     ref: str
-    id: int | None = None
+    peer_id: int | None = None
     title: str | None = None
     entity: Any = None
     cursor: int | None = None
@@ -233,13 +242,19 @@ class ChannelState:
     error: str | None = None
     counts: dict[str, int] = field(default_factory=dict)
 
+    def resolved(self) -> ResolvedChannel | None:
+        """The channel as the loops use it, or None while it is not resolved on the current client."""
+        if self.peer_id is None or self.entity is None:
+            return None
+        return ResolvedChannel(self, self.peer_id, self.entity)
+
     def count(self, outcome: Outcome) -> None:
         self.counts[outcome.value] = self.counts.get(outcome.value, 0) + 1
 
     def status(self) -> dict[str, Any]:
         cursor = self.cursor or 0
         return {
-            "id": self.id,
+            "id": self.peer_id,
             "title": self.title,
             "resolved": self.entity is not None,
             "cursor": self.cursor,
@@ -251,112 +266,64 @@ class ChannelState:
         }
 
 
+@dataclass(frozen=True)
+class ResolvedChannel:
+    """A channel resolved on the current client: its id and entity are known."""
+
+    state: ChannelState
+    id: int
+    entity: Any
+
+    @property
+    def ref(self) -> str:
+        return self.state.ref
+
+    def count(self, outcome: Outcome) -> None:
+        self.state.count(outcome)
+
+
 def parse_channel_ref(ref: str) -> str | int:
     """What Telethon resolves: a numeric id as an int, a username as text."""
     text = ref.strip()
     return int(text) if text.lstrip("-").isdigit() else text
 
 
-@dataclass(frozen=True)
-class SweepReport:
-    """What an orphan sweep found and did."""
+@dataclass
+class Counters:
+    """What the loops count together, and the messages waiting in the retry queue."""
 
-    scanned: int
-    orphans: list[ObjectInfo]
-    deleted: int
-    dry_run: bool
-    complete: bool
-
-
-# --- 2-4. the ingestor ------------------------------------------------------------------
+    ignored: int = 0
+    duplicates: int = 0
+    exhausted: int = 0
+    handler_errors: int = 0
+    queued: set[tuple[int, int]] = field(default_factory=set)
 
 
-class Ingestor:
-    """Channels in, objects and rows out: the handler, the reader, the retry loop and the sweep.
+class Channels:
+    """The INGEST_CHANNELS: resolved after every (re)connect, woken by the ``NewMessage`` handler.
 
     Args:
-        db: the database.
-        storage: where images go.
-        queue: the durable retry queue.
-        stats: the runtime's counters (processed, failed, retried, skipped by reason).
-        shutdown: in-flight work is registered here so SIGTERM lets it finish.
-        policy: Pillow limits.
-        channels: the INGEST_CHANNELS references.
-        max_bytes: MAX_IMAGE_SIZE_BYTES.
-        backfill_limit: messages read back on a channel's first run.
-        media_timeout / entity_timeout / history_timeout: deadlines of downloads,
-            entity lookups and history reads.
-        cycle_budget: a reader or retry cycle stops starting new work after this long.
-        tmp_dir: where large downloads are written.
-        alerts: where exhausted items are reported.
-        concurrency / image_workers: messages in flight / images decoded at once.
-        reconcile_interval: seconds between reads of every channel without a wake-up.
-        clock: monotonic seconds.
+        refs: the channel references.
+        entity_timeout: deadline of one entity lookup.
+        counters: shared counters (handler errors).
+        alerts: told about a channel that cannot be watched.
     """
 
     def __init__(
-        self,
-        *,
-        db: Database,
-        storage: Storage,
-        queue: RetryQueue,
-        stats: Stats,
-        shutdown: GracefulShutdown,
-        policy: ImagePolicy,
-        channels: Iterable[str],
-        max_bytes: int,
-        backfill_limit: int,
-        media_timeout: float,
-        entity_timeout: float,
-        history_timeout: float,
-        cycle_budget: float,
-        tmp_dir: Path,
-        alerts: AlertSink | None = None,
-        concurrency: int = CONCURRENCY,
-        image_workers: int = IMAGE_WORKERS,
-        reconcile_interval: float = RECONCILE_INTERVAL,
-        clock: Callable[[], float] = time.monotonic,
+        self, refs: Iterable[str], *, entity_timeout: float, counters: Counters, alerts: AlertSink | None = None
     ) -> None:
-        self.db = db
-        self.storage = storage
-        self.queue = queue
-        self.stats = stats
-        self.shutdown = shutdown
-        self.policy = policy
-        self.channels: dict[str, ChannelState] = {ref: ChannelState(ref=ref) for ref in channels}
-        self.max_bytes = max_bytes
-        self.backfill_limit = backfill_limit
-        self.media_timeout = media_timeout
+        self.states: dict[str, ChannelState] = {ref: ChannelState(ref=ref) for ref in refs}
         self.entity_timeout = entity_timeout
-        self.history_timeout = history_timeout
-        self.cycle_budget = cycle_budget
-        self.tmp_dir = Path(tmp_dir)
+        self.counters = counters
         self.alerts = alerts
-        self.concurrency = max(1, concurrency)
-        self.reconcile_interval = reconcile_interval
-        self._clock = clock
-        self._images = asyncio.Semaphore(max(1, image_workers))
+        #: Set when there may be something new to read; the reader waits on it.
         self.wake = asyncio.Event()
-        self.client: TelegramClient | None = None
-        self.connection: AccountConnection | None = None
-        self.ignored = 0
-        self.duplicates = 0
-        self.exhausted = 0
-        self.handler_errors = 0
-        self._queued: set[tuple[int, int]] = set()
 
-    # --- wiring -------------------------------------------------------------------------
+    def resolved(self) -> list[ResolvedChannel]:
+        return [r for r in (c.resolved() for c in self.states.values()) if r is not None]
 
-    def _by_id(self, channel_id: int) -> ChannelState | None:
-        return next((c for c in self.channels.values() if c.id == channel_id), None)
-
-    def _connected_client(self) -> TelegramClient | None:
-        client = self.client
-        if client is None or not client.is_connected():
-            return None
-        if self.connection is not None and self.connection.state is not ConnectionState.CONNECTED:
-            return None
-        return client
+    def find(self, channel_id: int) -> ChannelState | None:
+        return next((c for c in self.states.values() if c.peer_id == channel_id), None)
 
     async def on_connected(self, connection: AccountConnection) -> None:
         """After every (re)connect: resolve the channels, attach the handler, wake the reader.
@@ -365,9 +332,9 @@ class Ingestor:
             Exception: a transient failure resolving a channel (the connection backs off and retries).
         """
         client = connection.client
-        assert client is not None
-        self.connection = connection
-        for channel in self.channels.values():
+        if client is None:
+            raise ConnectionError("the connection has no client")
+        for channel in self.states.values():
             try:
                 entity = await telegram_op(
                     client.get_entity(parse_channel_ref(channel.ref)), self.entity_timeout, "get_entity", detail=channel.ref
@@ -376,29 +343,28 @@ class Ingestor:
                 verdict = classify(exc)
                 if verdict.kind in (ErrorKind.TRANSIENT, ErrorKind.RATE_LIMITED, ErrorKind.UNKNOWN_OUTCOME):
                     raise
-                channel.entity = None
-                channel.error = f"cannot resolve {channel.ref}: {verdict.reason}"
-                logger.error("channel %s cannot be watched: %s", channel.ref, verdict.reason)
-                if self.alerts is not None:
-                    self.alerts.alert(
-                        AlertType.INITIALIZATION_FAILED,
-                        f"Channel {channel.ref} cannot be watched: {verdict.reason}",
-                        key=f"ingest-channel:{channel.ref}",
-                        details={"channel": channel.ref, "fix": "check INGEST_CHANNELS and that the account is a member"},
-                    )
+                self._unwatchable(channel, verdict.reason)
                 continue
             channel.entity = entity
-            channel.id = utils.get_peer_id(entity)
+            channel.peer_id = utils.get_peer_id(entity)
             channel.title = getattr(entity, "title", None)
             channel.error = None
         client.add_event_handler(self.on_new_message, events.NewMessage())
-        self.client = client
-        logger.info(
-            "watching %d channel(s): %s",
-            sum(1 for c in self.channels.values() if c.entity is not None),
-            ", ".join(c.ref for c in self.channels.values() if c.entity is not None) or "none",
-        )
+        watched = [c.ref for c in self.resolved()]
+        logger.info("watching %d channel(s): %s", len(watched), ", ".join(watched) or "none")
         self.wake.set()
+
+    def _unwatchable(self, channel: ChannelState, reason: str) -> None:
+        channel.entity = None
+        channel.error = f"cannot resolve {channel.ref}: {reason}"
+        logger.error("channel %s cannot be watched: %s", channel.ref, reason)
+        if self.alerts is not None:
+            self.alerts.alert(
+                AlertType.INITIALIZATION_FAILED,
+                f"Channel {channel.ref} cannot be watched: {reason}",
+                key=f"ingest-channel:{channel.ref}",
+                details={"channel": channel.ref, "fix": "check INGEST_CHANNELS and that the account is a member"},
+            )
 
     async def on_new_message(self, event: events.NewMessage.Event) -> None:
         """The ``NewMessage`` handler: note the message and wake the reader (which handles it in order).
@@ -406,110 +372,36 @@ class Ingestor:
         Telethon only logs a handler's exception, so nothing may escape here.
         """
         try:
-            channel = self._by_id(event.chat_id) if event.chat_id is not None else None
+            channel = self.find(event.chat_id) if event.chat_id is not None else None
             if channel is None:
                 return
             channel.last_message_id = max(channel.last_message_id, int(event.message.id))
             self.wake.set()
         except Exception as exc:  # pragma: no cover - defensive: reading attributes of a TL object
-            self.handler_errors += 1
+            self.counters.handler_errors += 1
             logger.warning("NewMessage handler failed: %s", describe(exc))
 
-    # --- 2. one image, start to end ----------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        return {c.ref: c.status() for c in self.states.values()}
 
-    async def handle(self, channel: ChannelState, message: Any) -> Outcome:
-        """Take one message from metadata to a stored object and its row.
 
-        Returns:
-            What happened; deliberate skips and broken files are recorded as rows.
+# --- 3. one image, start to end ---------------------------------------------------------
+
+
+class Downloader:
+    """A message's media, under TIMEOUT_TELEGRAM_MEDIA, into memory (small) or a temporary file (large)."""
+
+    def __init__(self, *, max_bytes: int, timeout: float, tmp_dir: Path) -> None:
+        self.max_bytes = max_bytes
+        self.timeout = timeout
+        self.tmp_dir = Path(tmp_dir)
+
+    async def download(self, client: TelegramClient, message: Any, ref: MediaRef) -> tuple[bytes | Path, Path | None]:
+        """The bytes (or the temporary file holding them) and the temporary file to remove, if any.
 
         Raises:
-            Exception: operational failures (Telegram, storage or database
-                unavailable, timeouts), for the caller to queue or retry.
+            DownloadTooLarge: more bytes arrived than MAX_IMAGE_SIZE_BYTES.
         """
-        assert channel.id is not None
-        ref = media_of(message)
-        if ref is None:
-            if getattr(message, "media", None) is not None and not isinstance(message.media, types.MessageMediaWebPage):
-                self.ignored += 1
-                self.stats.skip("not_an_image")
-                metrics.IMAGES_SKIPPED.labels("not_an_image").inc()
-            return Outcome.IGNORED
-        existing = await self.db.get_ingest_image(channel.id, message.id)
-        if existing is not None and existing.status in (IngestStatus.STORED, IngestStatus.SKIPPED):
-            self.duplicates += 1
-            metrics.IMAGES_SKIPPED.labels("duplicate").inc()
-            return Outcome.DUPLICATE
-        if ref.size > self.max_bytes:
-            return await self._record_rejection(
-                channel,
-                message.id,
-                "too_large",
-                f"{ref.size} bytes is more than MAX_IMAGE_SIZE_BYTES ({self.max_bytes})",
-                ref.mime,
-            )
-        self._refuse_when_open(self.storage.breaker)
-        try:
-            source, temp = await metrics.timed(metrics.DOWNLOAD_SECONDS, self._download(message, ref))
-        except DownloadTooLarge as exc:
-            return await self._record_rejection(channel, message.id, "too_large", str(exc), ref.mime)
-        try:
-            try:
-                async with self._images:
-                    processing = metrics.timed(metrics.PROCESSING_SECONDS, asyncio.to_thread(process_image, source, policy=self.policy))
-                    image = await tracing.traced("ingest.process", processing)
-            except ImageRejected as rejected:
-                return await self._record_rejection(
-                    channel, message.id, rejected.reason.value, rejected.detail, ref.mime, failure=rejected.reason.is_failure
-                )
-        finally:
-            source = b""
-            if temp is not None:
-                temp.unlink(missing_ok=True)
-        key = object_key(image)
-        await self.storage.put(key, image.data, content_type=image.mime)
-        recorded = await self.db.record_ingest_image(
-            channel.id,
-            message.id,
-            status=IngestStatus.STORED,
-            storage_key=key,
-            sha256=image.sha256,
-            width=image.width,
-            height=image.height,
-            size_bytes=image.size,
-            mime=image.mime,
-        )
-        if not recorded.applied:
-            self.duplicates += 1
-            metrics.IMAGES_SKIPPED.labels("duplicate").inc()
-            return Outcome.DUPLICATE
-        self.stats.processed += 1
-        metrics.image_stored(image.size)
-        tracing.annotate(outcome="stored", size_bytes=image.size)
-        logger.info(
-            "stored %s message %d as %s (%dx%d, %d bytes)",
-            channel.ref,
-            message.id,
-            key,
-            image.width,
-            image.height,
-            image.size,
-            extra={"channel": channel.ref, "message_id": message.id, "key": key, "resized": image.resized},
-        )
-        return Outcome.STORED
-
-    @staticmethod
-    def _refuse_when_open(breaker: CircuitBreaker) -> None:
-        """Fail fast (before downloading) while the store's breaker is open."""
-        status = breaker.get_status()
-        if status["state"] == CircuitState.OPEN.value:
-            raise CircuitOpenError(breaker.name, float(status["retry_in_s"] or 0.0))
-
-    async def _download(self, message: Any, ref: MediaRef) -> tuple[bytes | Path, Path | None]:
-        """Download under TIMEOUT_TELEGRAM_MEDIA into memory (small) or a temporary file (large)."""
-        client = self.client
-        if client is None:
-            raise ConnectionError("not connected to Telegram")
         limit = self.max_bytes
 
         def guard(received: int, total: int) -> None:
@@ -519,7 +411,7 @@ class Ingestor:
         if ref.size <= MEMORY_DOWNLOAD_LIMIT:
             data = await telegram_op(
                 client.download_media(message, file=bytes, progress_callback=guard),
-                self.media_timeout,
+                self.timeout,
                 "download_media",
                 detail=str(message.id),
             )
@@ -532,7 +424,7 @@ class Ingestor:
         try:
             await telegram_op(
                 client.download_media(message, file=handle, progress_callback=guard),
-                self.media_timeout,
+                self.timeout,
                 "download_media",
                 detail=str(message.id),
             )
@@ -543,10 +435,57 @@ class Ingestor:
         await asyncio.to_thread(handle.close)
         return temp, temp
 
-    async def _record_rejection(
-        self, channel: ChannelState, message_id: int, reason: str, detail: str, mime: str | None, *, failure: bool = False
+
+class ImageStore:
+    """Where an image's fate is written: the object in storage, then its row (or a row with the reason)."""
+
+    def __init__(self, *, db: Database, storage: Storage, stats: Stats, counters: Counters) -> None:
+        self.db = db
+        self.storage = storage
+        self.stats = stats
+        self.counters = counters
+
+    async def store(self, channel: ResolvedChannel, message_id: int, image: ProcessedImage) -> Outcome:
+        """Upload under the content hash, then record the row; a row already there makes it a duplicate."""
+        key = object_key(image)
+        await self.storage.put(key, image.data, content_type=image.mime)
+        recorded = await self.db.record_ingest_image(
+            channel.id,
+            message_id,
+            status=IngestStatus.STORED,
+            storage_key=key,
+            sha256=image.sha256,
+            width=image.width,
+            height=image.height,
+            size_bytes=image.size,
+            mime=image.mime,
+        )
+        if not recorded.applied:
+            return self.duplicate()
+        self.stats.processed += 1
+        metrics.image_stored(image.size)
+        tracing.annotate(outcome="stored", size_bytes=image.size)
+        logger.info(
+            "stored %s message %d as %s (%dx%d, %d bytes)",
+            channel.ref,
+            message_id,
+            key,
+            image.width,
+            image.height,
+            image.size,
+            extra={"channel": channel.ref, "message_id": message_id, "key": key, "resized": image.resized},
+        )
+        return Outcome.STORED
+
+    def duplicate(self) -> Outcome:
+        self.counters.duplicates += 1
+        metrics.IMAGES_SKIPPED.labels("duplicate").inc()
+        return Outcome.DUPLICATE
+
+    async def reject(
+        self, channel: ResolvedChannel, message_id: int, reason: str, detail: str, mime: str | None, *, failure: bool = False
     ) -> Outcome:
-        assert channel.id is not None
+        """A deliberate skip or a broken file: a final row with the reason."""
         status = IngestStatus.FAILED if failure else IngestStatus.SKIPPED
         await self.db.record_ingest_image(channel.id, message_id, status=status, mime=mime, error=f"{reason}: {detail}")
         (metrics.IMAGES_FAILED if failure else metrics.IMAGES_SKIPPED).labels(reason).inc()
@@ -566,83 +505,196 @@ class Ingestor:
         )
         return Outcome.FAILED if failure else Outcome.SKIPPED
 
-    # --- a message from the reader: handled means recorded or queued --------------------
 
-    async def ingest(self, channel: ChannelState, message: Any) -> bool:
-        """Handle one message for the reader. True when it is recorded or durably queued."""
-        channel.last_message_id = max(channel.last_message_id, int(message.id))
-        try:
-            outcome = await tracing.traced("ingest.image", self.handle(channel, message), attributes=tracing.of_image(channel, message))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            outcome = await self._defer(channel, int(message.id), exc)
-            if outcome is None:
-                return False
-        channel.count(outcome)
-        return True
+class ImageHandler:
+    """One message from its metadata to a stored object and its row.
 
-    async def _defer(self, channel: ChannelState, message_id: int, exc: BaseException) -> Outcome | None:
-        """A failed attempt: a permanent error is recorded, anything else goes to the retry queue.
+    Args:
+        db: where earlier rows are looked up.
+        store: uploads and records.
+        downloader: fetches the media.
+        policy: Pillow limits.
+        max_bytes: MAX_IMAGE_SIZE_BYTES, checked against the metadata before any download.
+        stats / counters: what was skipped or ignored.
+        image_workers: images decoded at once.
+    """
 
-        Returns None when neither worked (the reader must not move past this message).
+    def __init__(
+        self,
+        *,
+        db: Database,
+        store: ImageStore,
+        downloader: Downloader,
+        policy: ImagePolicy,
+        max_bytes: int,
+        stats: Stats,
+        counters: Counters,
+        image_workers: int = IMAGE_WORKERS,
+    ) -> None:
+        self.db = db
+        self.store = store
+        self.downloader = downloader
+        self.policy = policy
+        self.max_bytes = max_bytes
+        self.stats = stats
+        self.counters = counters
+        self._images = asyncio.Semaphore(max(1, image_workers))
+
+    async def handle(self, client: TelegramClient, channel: ResolvedChannel, message: Any) -> Outcome:
+        """Take one message from metadata to a stored object and its row.
+
+        Returns:
+            What happened; deliberate skips and broken files are recorded as rows.
+
+        Raises:
+            Exception: operational failures (Telegram, storage or database
+                unavailable, timeouts), for the caller to queue or retry.
         """
-        assert channel.id is not None
-        verdict = classify(exc)
-        where = f"{channel.ref} message {message_id}"
-        self.stats.error(where, exc)
-        if verdict.kind is ErrorKind.ACCOUNT_DEAD and self.connection is not None:
-            await self.connection.handle_error(exc)
-        if verdict.kind is ErrorKind.PERMANENT and not _refetch_fixes(exc):
-            try:
-                await self.db.record_ingest_image(channel.id, message_id, status=IngestStatus.FAILED, error=verdict.reason)
-                self.stats.failed += 1
-                metrics.IMAGES_FAILED.labels(verdict.kind.value).inc()
-                logger.warning("failed %s: %s", where, verdict.reason)
-                return Outcome.FAILED
-            except Exception as record_error:
-                logger.warning("could not record the failure of %s (%s); queueing it", where, describe(record_error))
-        if (channel.id, message_id) in self._queued:
-            return Outcome.QUEUED  # already waiting (the reader met it again before its retry)
-        delay = max(self.queue.base_delay, verdict.retry_after or 0.0)
+        ref = media_of(message)
+        if ref is None:
+            if getattr(message, "media", None) is not None and not isinstance(message.media, types.MessageMediaWebPage):
+                self.counters.ignored += 1
+                self.stats.skip("not_an_image")
+                metrics.IMAGES_SKIPPED.labels("not_an_image").inc()
+            return Outcome.IGNORED
+        existing = await self.db.get_ingest_image(channel.id, message.id)
+        if existing is not None and existing.status in (IngestStatus.STORED, IngestStatus.SKIPPED):
+            return self.store.duplicate()
+        if ref.size > self.max_bytes:
+            detail = f"{ref.size} bytes is more than MAX_IMAGE_SIZE_BYTES ({self.max_bytes})"
+            return await self.store.reject(channel, message.id, "too_large", detail, ref.mime)
+        refuse_when_open(self.store.storage.breaker)
         try:
-            await self.queue.put(
-                RETRY_KIND, {"channel_id": channel.id, "channel": channel.ref, "message_id": message_id},
-                error=verdict.reason, delay=delay,
-            )
-        except Exception as queue_error:
-            logger.error("could not queue %s for a retry (%s); the reader will read it again", where, describe(queue_error))
-            return None
-        self._queued.add((channel.id, message_id))
-        logger.warning("queued %s for a retry in %.0fs: %s", where, delay, verdict.reason)
-        return Outcome.QUEUED
+            source, temp = await metrics.timed(metrics.DOWNLOAD_SECONDS, self.downloader.download(client, message, ref))
+        except DownloadTooLarge as exc:
+            return await self.store.reject(channel, message.id, "too_large", str(exc), ref.mime)
+        try:
+            try:
+                async with self._images:
+                    processing = metrics.timed(metrics.PROCESSING_SECONDS, asyncio.to_thread(process_image, source, policy=self.policy))
+                    image = await tracing.traced("ingest.process", processing)
+            except ImageRejected as rejected:
+                return await self.store.reject(
+                    channel, message.id, rejected.reason.value, rejected.detail, ref.mime, failure=rejected.reason.is_failure
+                )
+        finally:
+            source = b""
+            if temp is not None:
+                temp.unlink(missing_ok=True)
+        return await self.store.store(channel, message.id, image)
 
-    # --- 3. the channel reader ------------------------------------------------------------
 
-    async def read_cycle(self) -> float:
+def refuse_when_open(breaker: CircuitBreaker) -> None:
+    """Fail fast (before downloading) while the store's breaker is open."""
+    status = breaker.get_status()
+    if status["state"] == CircuitState.OPEN.value:
+        raise CircuitOpenError(breaker.name, float(status["retry_in_s"] or 0.0))
+
+
+def open_breaker_wait(breaker: Any) -> float | None:
+    """Seconds until an open breaker admits a probe, or None when it is not open."""
+    if not isinstance(breaker, CircuitBreaker):
+        return None
+    status = breaker.get_status()
+    if status["state"] != CircuitState.OPEN.value:
+        return None
+    return max(0.05, float(status["retry_in_s"] or 0.0))
+
+
+def refetch_fixes(exc: BaseException) -> bool:
+    """Telegram's expired file references are permanent for a message object but not for a fresh fetch."""
+    return type(exc).__name__ in ("FileReferenceExpiredError", "FileReferenceInvalidError", "FileReferenceEmptyError")
+
+
+async def history(client: TelegramClient, entity: Any, *, timeout: float, limit: int, min_id: int | None = None) -> list[Any]:
+    """Messages after ``min_id``, oldest first; without it, the latest ``limit``, newest first."""
+
+    async def collect() -> list[Any]:
+        if min_id is not None:
+            return [m async for m in client.iter_messages(entity, min_id=min_id, reverse=True, limit=limit, wait_time=0)]
+        return [m async for m in client.iter_messages(entity, limit=limit, wait_time=0)]
+
+    return await telegram_op(collect(), timeout, "get_history")
+
+
+# --- 4. the channel reader: handled means recorded or queued ----------------------------------
+
+
+class ChannelReader:
+    """The only owner of each channel's cursor: reads after it, handles in order, moves it over what was handled.
+
+    Args:
+        account: the connected account (nothing is read without one).
+        channels: the watched channels; their ``wake`` starts a cycle at once.
+        handler: one message to its row.
+        queue: where transient failures wait.
+        db: cursors and failure rows.
+        stats / counters: the runtime's counters and ours.
+        shutdown: in-flight work is registered here so SIGTERM lets it finish.
+        backfill_limit: messages read back on a channel's first run.
+        history_timeout: deadline of one history read.
+        cycle_budget: a cycle stops starting new work after this long.
+        concurrency: messages in flight.
+        reconcile_interval: seconds between reads of every channel without a wake-up.
+        clock: monotonic seconds.
+    """
+
+    def __init__(
+        self,
+        *,
+        account: IngestAccount,
+        channels: Channels,
+        handler: ImageHandler,
+        queue: RetryQueue,
+        db: Database,
+        stats: Stats,
+        counters: Counters,
+        shutdown: GracefulShutdown,
+        backfill_limit: int,
+        history_timeout: float,
+        cycle_budget: float,
+        concurrency: int = CONCURRENCY,
+        reconcile_interval: float = RECONCILE_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.account = account
+        self.channels = channels
+        self.handler = handler
+        self.queue = queue
+        self.db = db
+        self.stats = stats
+        self.counters = counters
+        self.shutdown = shutdown
+        self.backfill_limit = backfill_limit
+        self.history_timeout = history_timeout
+        self.cycle_budget = cycle_budget
+        self.concurrency = max(1, concurrency)
+        self.reconcile_interval = reconcile_interval
+        self._clock = clock
+
+    async def cycle(self) -> float:
         """Read every channel after its cursor and handle what is there; the pause until the next cycle."""
-        self.wake.clear()
-        client = self._connected_client()
-        if client is None or self.shutdown.stopping:
+        self.channels.wake.clear()
+        session = self.account.session()
+        if session is None or self.shutdown.stopping:
             return self.reconcile_interval
-        wait = self._open_breaker_wait(getattr(self.db, "breaker", None))
+        wait = open_breaker_wait(getattr(self.db, "breaker", None))
         if wait is not None:
             return wait  # reading now would only queue every message again
         deadline = self._clock() + self.cycle_budget
         more = stalled = False
-        for channel in list(self.channels.values()):
-            if channel.entity is None or self.shutdown.stopping:
-                continue
+        for channel in self.channels.resolved():
+            if self.shutdown.stopping:
+                break
             try:
-                state = await self._read_channel(client, channel, deadline)
+                state = await self._read(session, channel, deadline)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                channel.error = describe(exc)
+                channel.state.error = describe(exc)
                 self.stats.error(f"reading {channel.ref}", exc)
                 logger.warning("reading %s failed: %s", channel.ref, describe(exc))
-                if self.connection is not None:
-                    await self.connection.handle_error(exc)
+                await session.connection.handle_error(exc)
                 stalled = True
                 continue
             more = more or state == "more"
@@ -651,24 +703,24 @@ class Ingestor:
             return 0.0
         return STALL_PAUSE if stalled else self.reconcile_interval
 
-    async def _read_channel(self, client: TelegramClient, channel: ChannelState, deadline: float) -> str:
-        assert channel.id is not None
-        if channel.cursor is None:  # not loaded yet, or a channel never read: its first run saves a start
-            channel.cursor = await self.db.get_ingest_cursor(channel.id)
-        if channel.cursor is None:
-            await self._first_run(client, channel)
-        cursor = channel.cursor
-        assert cursor is not None
-        messages = await self._history(client, channel.entity, min_id=cursor, limit=PAGE_SIZE)
-        channel.last_read_at = time.time()
-        channel.error = None
+    async def _read(self, session: Session, channel: ResolvedChannel, deadline: float) -> str:
+        state = channel.state
+        cursor = state.cursor
+        if cursor is None:  # not loaded yet, or a channel never read: its first run saves a start
+            cursor = await self.db.get_ingest_cursor(channel.id)
+        if cursor is None:
+            cursor = await self._first_run(session.client, channel)
+        state.cursor = cursor
+        messages = await history(session.client, channel.entity, timeout=self.history_timeout, min_id=cursor, limit=PAGE_SIZE)
+        state.last_read_at = time.time()
+        state.error = None
         messages = sorted((m for m in messages if m.id > cursor), key=lambda m: m.id)
         for start in range(0, len(messages), self.concurrency):
             if self.shutdown.stopping or self._clock() > deadline:
                 return "more"
             chunk = messages[start : start + self.concurrency]
             async with self.shutdown.in_flight():
-                handled = await asyncio.gather(*(self.ingest(channel, m) for m in chunk))
+                handled = await asyncio.gather(*(self.ingest(session, channel, m) for m in chunk))
             upto = None
             for message, ok in zip(chunk, handled, strict=True):
                 if not ok:
@@ -680,12 +732,12 @@ class Ingestor:
                 return "stalled"
         return "more" if len(messages) >= PAGE_SIZE else "done"
 
-    async def _advance(self, channel: ChannelState, upto: int) -> None:
+    async def _advance(self, channel: ResolvedChannel, upto: int) -> None:
         """Move the cursor to ``upto``; while the database refuses, it moves in memory only."""
-        assert channel.id is not None
-        channel.cursor = max(channel.cursor or 0, upto)
+        state = channel.state
+        state.cursor = max(state.cursor or 0, upto)
         try:
-            channel.cursor = max(channel.cursor, await self.db.advance_ingest_cursor(channel.id, upto))
+            state.cursor = max(state.cursor, await self.db.advance_ingest_cursor(channel.id, upto))
         except Exception as exc:
             logger.warning(
                 "could not save the cursor of %s (%s); it is kept in memory and saved with the next one",
@@ -693,7 +745,7 @@ class Ingestor:
                 describe(exc),
             )
 
-    async def _first_run(self, client: TelegramClient, channel: ChannelState) -> None:
+    async def _first_run(self, client: TelegramClient, channel: ResolvedChannel) -> int:
         """A channel never read before: choose and save where reading starts, before handling anything.
 
         The start is just before the oldest of the last INGEST_BACKFILL_LIMIT
@@ -702,8 +754,7 @@ class Ingestor:
         to save raises, so a stop at any point after it resumes from there:
         what is posted while ingest is down is caught up however much it is.
         """
-        assert channel.id is not None
-        latest_first = await self._history(client, channel.entity, limit=max(1, self.backfill_limit))
+        latest_first = await history(client, channel.entity, timeout=self.history_timeout, limit=max(1, self.backfill_limit))
         if self.backfill_limit <= 0:
             start = latest_first[0].id if latest_first else 0
             how = f"starting after message {start} (INGEST_BACKFILL_LIMIT=0)"
@@ -713,28 +764,111 @@ class Ingestor:
         else:
             start = min(m.id for m in latest_first) - 1
             how = f"reading back the last {len(latest_first)} message(s), after message {start}"
-        channel.cursor = await self.db.advance_ingest_cursor(channel.id, start)
+        saved = await self.db.advance_ingest_cursor(channel.id, start)
         logger.info("first run on %s: %s", channel.ref, how)
+        return saved
 
-    async def _history(self, client: TelegramClient, entity: Any, *, limit: int, min_id: int | None = None) -> list[Any]:
-        """Messages after ``min_id``, oldest first; without it, the latest ``limit``, newest first."""
+    async def ingest(self, session: Session, channel: ResolvedChannel, message: Any) -> bool:
+        """Handle one message for the reader. True when it is recorded or durably queued."""
+        channel.state.last_message_id = max(channel.state.last_message_id, int(message.id))
+        try:
+            handling = self.handler.handle(session.client, channel, message)
+            outcome = await tracing.traced("ingest.image", handling, attributes=tracing.of_image(channel, message))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            deferred = await self._defer(session, channel, int(message.id), exc)
+            if deferred is None:
+                return False
+            outcome = deferred
+        channel.count(outcome)
+        return True
 
-        async def collect() -> list[Any]:
-            if min_id is not None:
-                return [m async for m in client.iter_messages(entity, min_id=min_id, reverse=True, limit=limit, wait_time=0)]
-            return [m async for m in client.iter_messages(entity, limit=limit, wait_time=0)]
+    async def _defer(self, session: Session, channel: ResolvedChannel, message_id: int, exc: BaseException) -> Outcome | None:
+        """A failed attempt: a permanent error is recorded, anything else goes to the retry queue.
 
-        return await telegram_op(collect(), self.history_timeout, "get_history")
+        Returns None when neither worked (the reader must not move past this message).
+        """
+        verdict = classify(exc)
+        where = f"{channel.ref} message {message_id}"
+        self.stats.error(where, exc)
+        if verdict.kind is ErrorKind.ACCOUNT_DEAD:
+            await session.connection.handle_error(exc)
+        if verdict.kind is ErrorKind.PERMANENT and not refetch_fixes(exc):
+            try:
+                await self.db.record_ingest_image(channel.id, message_id, status=IngestStatus.FAILED, error=verdict.reason)
+                self.stats.failed += 1
+                metrics.IMAGES_FAILED.labels(verdict.kind.value).inc()
+                logger.warning("failed %s: %s", where, verdict.reason)
+                return Outcome.FAILED
+            except Exception as record_error:
+                logger.warning("could not record the failure of %s (%s); queueing it", where, describe(record_error))
+        if (channel.id, message_id) in self.counters.queued:
+            return Outcome.QUEUED  # already waiting (the reader met it again before its retry)
+        delay = max(self.queue.base_delay, verdict.retry_after or 0.0)
+        try:
+            await self.queue.put(
+                RETRY_KIND, {"channel_id": channel.id, "channel": channel.ref, "message_id": message_id},
+                error=verdict.reason, delay=delay,
+            )
+        except Exception as queue_error:
+            logger.error("could not queue %s for a retry (%s); the reader will read it again", where, describe(queue_error))
+            return None
+        self.counters.queued.add((channel.id, message_id))
+        logger.warning("queued %s for a retry in %.0fs: %s", where, delay, verdict.reason)
+        return Outcome.QUEUED
 
-    # --- 4. the retry loop ----------------------------------------------------------------
 
-    async def retry_cycle(self) -> float:
-        """Retry the items that are due (not while storage or the database is known to be down)."""
-        client = self._connected_client()
-        if client is None or self.shutdown.stopping:
+# --- 5. the retry drain: transient failures, fetched again when due ---------------------------
+
+
+class RetryDrain:
+    """Retries the queued messages when due: fetched again from Telegram, handled again.
+
+    Nothing is retried while storage or the database is known to be down (its
+    breaker is open), so an outage does not spend the items' attempts.
+    """
+
+    def __init__(
+        self,
+        *,
+        account: IngestAccount,
+        channels: Channels,
+        handler: ImageHandler,
+        queue: RetryQueue,
+        db: Database,
+        storage: Storage,
+        stats: Stats,
+        counters: Counters,
+        shutdown: GracefulShutdown,
+        entity_timeout: float,
+        cycle_budget: float,
+        concurrency: int = CONCURRENCY,
+        alerts: AlertSink | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.account = account
+        self.channels = channels
+        self.handler = handler
+        self.queue = queue
+        self.db = db
+        self.storage = storage
+        self.stats = stats
+        self.counters = counters
+        self.shutdown = shutdown
+        self.entity_timeout = entity_timeout
+        self.cycle_budget = cycle_budget
+        self.concurrency = max(1, concurrency)
+        self.alerts = alerts
+        self._clock = clock
+
+    async def cycle(self) -> float:
+        """Retry the items that are due; the pause until the next cycle."""
+        session = self.account.session()
+        if session is None or self.shutdown.stopping:
             return 1.0
         for breaker in (self.storage.breaker, getattr(self.db, "breaker", None)):
-            wait = self._open_breaker_wait(breaker)
+            wait = open_breaker_wait(breaker)
             if wait is not None:
                 return wait  # a retry now would only spend one of the item's attempts
         deadline = self._clock() + self.cycle_budget
@@ -745,7 +879,7 @@ class Ingestor:
                 break
             took += len(items)
             async with self.shutdown.in_flight():
-                settled = await asyncio.gather(*(self._retry(client, item) for item in items))
+                settled = await asyncio.gather(*(self._retry(session, item) for item in items))
             if not all(settled):
                 return 1.0  # some items wait for their channel: they come back next cycle
         if took:
@@ -753,51 +887,48 @@ class Ingestor:
         due_in = self.queue.next_due_in()
         return 5.0 if due_in is None else min(5.0, max(0.05, due_in))
 
-    @staticmethod
-    def _open_breaker_wait(breaker: Any) -> float | None:
-        """Seconds until an open breaker admits a probe, or None when it is not open."""
-        if not isinstance(breaker, CircuitBreaker):
-            return None
-        status = breaker.get_status()
-        if status["state"] != CircuitState.OPEN.value:
-            return None
-        return max(0.05, float(status["retry_in_s"] or 0.0))
-
-    async def _retry(self, client: TelegramClient, item: RetryItem) -> bool:
+    async def _retry(self, session: Session, item: RetryItem) -> bool:
         """One due item; False when it was given back untouched (its channel is not resolved now)."""
         channel_id = int(item.payload.get("channel_id", 0))
         message_id = int(item.payload.get("message_id", 0))
-        channel = self._by_id(channel_id)
-        if channel is None or channel.entity is None:
-            if channel is None:
-                logger.warning("dropping retry of message %d: channel %s is no longer watched", message_id, channel_id)
-                await self.queue.succeeded(item)
-                return True
+        state = self.channels.find(channel_id)
+        if state is None:
+            logger.warning("dropping retry of message %d: channel %s is no longer watched", message_id, channel_id)
+            await self.queue.succeeded(item)
+            return True
+        channel = state.resolved()
+        if channel is None:
             await self.queue.release(item)
             return False
         self.stats.retried += 1
         try:
             message = await telegram_op(
-                client.get_messages(channel.entity, ids=message_id), self.entity_timeout, "get_messages", detail=str(message_id)
+                session.client.get_messages(channel.entity, ids=message_id),
+                self.entity_timeout,
+                "get_messages",
+                detail=str(message_id),
             )
-            image = tracing.of_image(channel, message, retry=True)
-            outcome = Outcome.DELETED if message is None else await tracing.traced("ingest.image", self.handle(channel, message), attributes=image)
+            if message is None:
+                outcome = Outcome.DELETED
+            else:
+                handling = self.handler.handle(session.client, channel, message)
+                outcome = await tracing.traced("ingest.image", handling, attributes=tracing.of_image(channel, message, retry=True))
         except asyncio.CancelledError:
             await self.queue.release(item)
             raise
         except Exception as exc:
-            await self._retry_failed(channel, item, message_id, exc)
+            await self._failed(session, channel, item, message_id, exc)
             return True
         if outcome is Outcome.DELETED:
             self.stats.skip("deleted")
             metrics.IMAGES_SKIPPED.labels("deleted").inc()
             logger.info("message %d of %s was deleted before its retry", message_id, channel.ref)
         channel.count(outcome)
-        self._queued.discard((channel_id, message_id))
+        self.counters.queued.discard((channel_id, message_id))
         await self.queue.succeeded(item)
         return True
 
-    async def _retry_failed(self, channel: ChannelState, item: RetryItem, message_id: int, exc: BaseException) -> None:
+    async def _failed(self, session: Session, channel: ResolvedChannel, item: RetryItem, message_id: int, exc: BaseException) -> None:
         verdict = classify(exc)
         if isinstance(exc, CircuitOpenError):
             # Refused before anything was tried (another item's failures opened the breaker):
@@ -806,41 +937,77 @@ class Ingestor:
                 await self.queue.postpone(item, max(1.0, exc.retry_after), reason=verdict.reason)
             return
         self.stats.error(f"retry of {channel.ref} message {message_id}", exc)
-        if verdict.kind is ErrorKind.ACCOUNT_DEAD and self.connection is not None:
-            await self.connection.handle_error(exc)
-        permanent = verdict.kind is ErrorKind.PERMANENT and not _refetch_fixes(exc)
+        if verdict.kind is ErrorKind.ACCOUNT_DEAD:
+            await session.connection.handle_error(exc)
+        permanent = verdict.kind is ErrorKind.PERMANENT and not refetch_fixes(exc)
         retry_after = verdict.retry_after if verdict.kind in (ErrorKind.RATE_LIMITED, ErrorKind.TRANSIENT) else None
         try:
             dead = await self.queue.failed(item, verdict.reason, permanent=permanent, retry_after=retry_after)
         except Exception as queue_error:
             logger.error("could not update retry item %s (%s); it comes back at the next start", item.id, describe(queue_error))
             return
-        if not dead:
-            return
-        self._queued.discard((int(item.payload.get("channel_id", 0)), message_id))
-        self.exhausted += 1
+        if dead:
+            await self._give_up(channel, item, message_id, verdict.reason)
+
+    async def _give_up(self, channel: ResolvedChannel, item: RetryItem, message_id: int, reason: str) -> None:
+        """The last retry failed: a ``failed`` row and an alert."""
+        self.counters.queued.discard((channel.id, message_id))
+        self.counters.exhausted += 1
         self.stats.failed += 1
         metrics.IMAGES_FAILED.labels("exhausted").inc()
         channel.count(Outcome.FAILED)
-        assert channel.id is not None
         with contextlib.suppress(Exception):
             await self.db.record_ingest_image(
-                channel.id,
-                message_id,
-                status=IngestStatus.FAILED,
-                error=f"gave up after {item.attempts + 1} retries: {verdict.reason}",
+                channel.id, message_id, status=IngestStatus.FAILED, error=f"gave up after {item.attempts + 1} retries: {reason}"
             )
         if self.alerts is not None:
             self.alerts.alert(
                 AlertType.PROCESSING_FAILED,
-                f"Ingest gave up on {channel.ref} message {message_id}: {verdict.reason}",
+                f"Ingest gave up on {channel.ref} message {message_id}: {reason}",
                 key="ingest:exhausted",
-                details={"channel": channel.ref, "message_id": message_id, "gave_up_total": self.exhausted},
+                details={"channel": channel.ref, "message_id": message_id, "gave_up_total": self.counters.exhausted},
             )
 
-    # --- the orphan sweep -------------------------------------------------------------------
 
-    async def sweep_orphans(
+# --- 6. the orphan sweep: objects no row points at -------------------------------------------
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    """What an orphan sweep found and did."""
+
+    scanned: int
+    orphans: list[ObjectInfo]
+    deleted: int
+    dry_run: bool
+    complete: bool
+
+
+class OrphanSweep:
+    """Deletes the stored objects no row points at: what a crash between upload and row leaves.
+
+    It needs only the storage and the database, so ``./start.sh ingest gc`` runs it alone.
+
+    Args:
+        storage: where the objects are.
+        db: where the rows are.
+        cycle_budget: a periodic sweep starts nothing new after this long.
+        clock: monotonic seconds.
+    """
+
+    def __init__(
+        self, *, storage: Storage, db: Database, cycle_budget: float = 30.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.storage = storage
+        self.db = db
+        self.cycle_budget = cycle_budget
+        self._clock = clock
+
+    async def cycle(self) -> None:
+        """The periodic sweep (INGEST_GC_INTERVAL), within one cycle's budget."""
+        await self.sweep(deadline=self._clock() + self.cycle_budget)
+
+    async def sweep(
         self,
         *,
         older_than: float = ORPHAN_MIN_AGE,
@@ -850,7 +1017,6 @@ class Ingestor:
     ) -> SweepReport:
         """Delete stored objects older than ``older_than`` seconds that no row points at.
 
-        An object without a row is what a crash between upload and row leaves.
         The keys are checked ``batch_size`` at a time, one database call per
         batch; an image shared by several messages is one object and stays
         while any of them has a row. Past ``deadline`` (monotonic seconds) no
@@ -892,116 +1058,47 @@ class Ingestor:
             )
         return SweepReport(scanned=len(objects), orphans=orphans, deleted=deleted, dry_run=dry_run, complete=complete)
 
-    async def gc_cycle(self) -> None:
-        await self.sweep_orphans(deadline=self._clock() + self.cycle_budget)
 
-    # --- status ---------------------------------------------------------------------------
-
-    def status(self) -> dict[str, Any]:
-        connection = self.connection
-        return {
-            "connected": self._connected_client() is not None,
-            "processed": self.stats.processed,
-            "failed": self.stats.failed,
-            "retried": self.stats.retried,
-            "skipped": dict(self.stats.skipped),
-            "duplicates": self.duplicates,
-            "ignored": self.ignored,
-            "gave_up": self.exhausted,
-            "queue_size": len(self.queue),
-            "last_error": self.stats.last_error,
-            "channels": {c.ref: c.status() for c in self.channels.values()},
-            "account": None if connection is None else {"label": connection.label, **connection.status()},
-            "storage": self.storage.describe(),
-            "limits": {
-                "max_image_size_bytes": self.max_bytes,
-                "max_image_dimension": self.policy.max_dimension,
-                "oversize": self.policy.oversize.value,
-                "keep_exif": self.policy.keep_exif,
-            },
-        }
+# --- 7. the account: the one-account case of the worker's pool --------------------------------
 
 
-def _refetch_fixes(exc: BaseException) -> bool:
-    """Telegram's expired file references are permanent for a message object but not for a fresh fetch."""
-    return type(exc).__name__ in ("FileReferenceExpiredError", "FileReferenceInvalidError", "FileReferenceEmptyError")
+@dataclass(frozen=True)
+class Session:
+    """The account while it is connected: its connection and that connection's client."""
+
+    connection: AccountConnection
+    client: TelegramClient
 
 
-# --- 5. the process ------------------------------------------------------------------------
+class SandboxAccount:
+    """Sandbox only: ingest's own demo account, provisioned when missing and given a fresh session when dead.
 
-
-class AccountKeeper:
-    """The one account ingest logs in with: chosen, leased, connected and supervised.
-
-    The account is INGEST_ACCOUNT, else the first active one; in sandbox mode
-    it is ingest's own sandbox account (``demo_ingest``, a member of the demo
-    channel), so a worker running at the same time keeps the demo accounts.
-    In sandbox mode the account is provisioned when there is none, and given
-    a fresh session when its old one stopped working. Everything else (lease,
-    reconnect with backoff, alert after RECONNECT_ALERT_AFTER failures, dead
-    sessions) is :class:`shared.telegram.AccountConnection`.
+    ``demo_ingest`` is a member of the demo channel, so a worker running at the
+    same time keeps the demo accounts.
     """
 
-    def __init__(
-        self,
-        *,
-        settings: IngestSettings,
-        db: Database,
-        cipher: SessionCipher,
-        client_factory: ClientFactory,
-        ingestor: Ingestor,
-        alerts: AlertSink | None,
-        world: Any | None,
-    ) -> None:
-        self.settings = settings
+    def __init__(self, *, world: Any, db: Database, cipher: SessionCipher) -> None:
+        self.world = world
         self.db = db
         self.cipher = cipher
-        self.client_factory = client_factory
-        self.ingestor = ingestor
-        self.alerts = alerts
-        self.world = world
-        self.owner = f"ingest:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        self.policy = ConnectionPolicy(
-            lease_seconds=settings.account_lease_seconds,
-            connect_timeout=settings.timeout_telegram_connect,
-            call_timeout=settings.timeout_telegram_entity,
-            backoff_max=settings.reconnect_backoff_max,
-            alert_after=settings.reconnect_alert_after,
-        )
-        self.connection: AccountConnection | None = None
-        self.wake = asyncio.Event()
-        self.problem: str | None = None
-        self._key_alerted = False
 
-    async def _choose(self) -> Account | None:
-        accounts = sorted(await self.db.list_accounts(), key=lambda a: a.id)
-        wanted = self.settings.ingest_account or (SANDBOX_INGEST_ACCOUNT if self.world is not None else None)
-        if wanted:
-            return next((a for a in accounts if a.label == wanted), None)
-        return next((a for a in accounts if a.status is AccountStatus.ACTIVE), None)
-
-    async def _provision_sandbox(self, label: str | None) -> Account:
-        """Sandbox only: the demo account with a fresh session (encrypted like a real one)."""
-        assert self.world is not None
+    async def ensure(self, label: str) -> None:
+        """Provision ``label`` when it is missing, not active or has no session (a sandbox can always log in again)."""
+        account = next((a for a in await self.db.list_accounts() if a.label == label), None)
+        if account is not None and account.status is AccountStatus.ACTIVE and account.has_session:
+            return
         demo = await asyncio.to_thread(self.world.seed_demo)
         peer = demo.accounts[0]
-        label = label or SANDBOX_INGEST_ACCOUNT
         if label == SANDBOX_INGEST_ACCOUNT:
-            peer = await asyncio.to_thread(self._sandbox_ingest_peer, demo)
-        elif label:
+            peer = await asyncio.to_thread(self._ingest_peer, demo)
+        else:
             with contextlib.suppress(Exception):
                 peer = await asyncio.to_thread(self.world.peer, f"@{label}")
         session = await asyncio.to_thread(self.world.session_string, peer.phone)
-        account = await self.db.upsert_account(
-            label or peer.username or str(peer.id),
-            phone=peer.phone,
-            session=self.cipher.encrypt(session),
-            status=AccountStatus.ACTIVE,
-        )
-        logger.info("sandbox: account %s provisioned with a fresh session", account.label)
-        return account
+        await self.db.upsert_account(label, phone=peer.phone, session=self.cipher.encrypt(session), status=AccountStatus.ACTIVE)
+        logger.info("sandbox: account %s provisioned with a fresh session", label)
 
-    def _sandbox_ingest_peer(self, demo: Any) -> Any:
+    def _ingest_peer(self, demo: Any) -> Any:
         """Ingest's own sandbox user, a member of the demo channel (created once)."""
         from devkit.sandbox import SandboxError
 
@@ -1012,74 +1109,115 @@ class AccountKeeper:
         self.world.add_member(demo.channel, peer)
         return peer
 
-    async def cycle(self) -> float:
-        """The accounts loop: pick the account once, then keep its lease and connection."""
-        self.wake.clear()
-        if self.connection is None:
-            account = await self._choose()
-            unusable = account is None or account.status is not AccountStatus.ACTIVE or not account.has_session
-            if self.world is not None and unusable:
-                account = await self._provision_sandbox(account.label if account else self.settings.ingest_account)
-            if account is None or account.status is not AccountStatus.ACTIVE:
-                self.problem = (
-                    f"account {self.settings.ingest_account!r} not found or not active"
-                    if self.settings.ingest_account
-                    else "no active account in telegram_accounts (./start.sh worker login)"
-                )
-                logger.error("ingest cannot start reading: %s", self.problem)
-                if self.alerts is not None:
-                    self.alerts.alert(
-                        AlertType.ACCOUNT_NEEDS_LOGIN,
-                        f"ingest has no Telegram account to read with: {self.problem}",
-                        key="ingest:no-account",
-                        details={"fix": "./start.sh worker login, or set INGEST_ACCOUNT to an active account's label"},
-                    )
-                return self.settings.account_check_interval
-            if self.problem is not None and self.alerts is not None:
-                self.alerts.resolve(
-                    AlertType.ACCOUNT_NEEDS_LOGIN, key="ingest:no-account", message=f"ingest found account {account.label}"
-                )
-            self.problem = None
-            self.connection = AccountConnection(
-                account,
-                db=self.db,
-                cipher=self.cipher,
-                client_factory=self.client_factory,
-                owner=self.owner,
-                policy=self.policy,
-                on_connected=self.ingestor.on_connected,
-                on_change=self.wake.set,
-                alerts=self.alerts,
-            )
-            self.ingestor.connection = self.connection
-        await self.connection.step()
-        if self.connection.state is ConnectionState.KEY_MISMATCH and self.alerts is not None and not self._key_alerted:
-            self._key_alerted = True  # once: this process's key does not change while it runs
-            self.alerts.alert(
-                AlertType.SESSION_KEY_MISMATCH,
-                f"ingest's SESSION_ENCRYPTION_KEY cannot decrypt the session of {self.connection.label}; "
-                "the account is left as it is (not needs_login)",
-                key=f"session-key:{self.owner}",
-                details={"fix": "give ingest the SESSION_ENCRYPTION_KEY the session was stored with"},
-            )
-        if self.connection.state is ConnectionState.NEEDS_LOGIN and self.world is not None:
-            # The sandbox can always log in again: a fresh session, then start over.
-            label = self.connection.label
-            await self.connection.close()
-            self.connection = None
-            await self._provision_sandbox(label)
-            return 0.1
-        return self.settings.account_check_interval
 
-    async def close(self) -> None:
-        if self.connection is not None:
-            await self.connection.close()
+class IngestAccount:
+    """The one account ingest reads with: :meth:`AccountPool.single` plus what only ingest needs.
+
+    The account is INGEST_ACCOUNT, else the first active one; in sandbox mode it
+    is ``demo_ingest`` (see :class:`SandboxAccount`). The pool keeps its lease
+    and connection (reconnect with backoff, alerts, dead sessions, a session
+    key that does not fit); this class alerts while there is no account to use.
+    """
+
+    def __init__(self, *, pool: AccountPool, label: str | None, interval: float, sandbox: SandboxAccount | None = None) -> None:
+        self.pool = pool
+        self.label = label
+        self.interval = interval
+        self.sandbox = sandbox
+        self.problem: str | None = None
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: IngestSettings,
+        *,
+        db: Database,
+        cipher: SessionCipher,
+        factory: ClientFactory,
+        on_connected: Callable[[AccountConnection], Awaitable[None]],
+        alerts: AlertSink | None,
+        world: Any | None,
+    ) -> IngestAccount:
+        label = settings.ingest_account or (SANDBOX_INGEST_ACCOUNT if world is not None else None)
+        pool = AccountPool.single(
+            label=label,
+            db=db,
+            cipher=cipher,
+            client_factory=factory,
+            owner=f"ingest:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}",
+            policy=ConnectionPolicy(
+                lease_seconds=settings.account_lease_seconds,
+                connect_timeout=settings.timeout_telegram_connect,
+                call_timeout=settings.timeout_telegram_entity,
+                backoff_max=settings.reconnect_backoff_max,
+                alert_after=settings.reconnect_alert_after,
+            ),
+            on_connected=on_connected,
+            alerts=alerts,
+        )
+        sandbox = SandboxAccount(world=world, db=db, cipher=cipher) if world is not None and label is not None else None
+        return cls(pool=pool, label=label, interval=settings.account_check_interval, sandbox=sandbox)
+
+    @property
+    def wake(self) -> asyncio.Event:
+        return self.pool.wake
+
+    async def cycle(self) -> float:
+        """The accounts loop: (sandbox) make sure the account can log in, then keep its lease and connection."""
+        self.pool.wake.clear()
+        if self.sandbox is not None and self.label is not None:
+            await self.sandbox.ensure(self.label)
+        await self.pool.refresh()
+        self._watch_for_none()
+        return self.interval
+
+    def _watch_for_none(self) -> None:
+        alerts = self.pool.alerts
+        if self.pool.connections:
+            if self.problem is not None and alerts is not None:
+                label = next(iter(self.pool.connections.values())).label
+                alerts.resolve(AlertType.ACCOUNT_NEEDS_LOGIN, key="ingest:no-account", message=f"ingest found account {label}")
+            self.problem = None
+            return
+        first = self.problem is None
+        self.problem = (
+            f"account {self.label!r} not found or not active"
+            if self.label
+            else "no active account in telegram_accounts (./start.sh worker login)"
+        )
+        if first:
+            logger.error("ingest cannot start reading: %s", self.problem)
+        if alerts is not None:
+            alerts.alert(
+                AlertType.ACCOUNT_NEEDS_LOGIN,
+                f"ingest has no Telegram account to read with: {self.problem}",
+                key="ingest:no-account",
+                details={"fix": "./start.sh worker login, or set INGEST_ACCOUNT to an active account's label"},
+            )
+
+    def session(self) -> Session | None:
+        """The connected account, or None while there is none."""
+        for connection in self.pool.connected():
+            if connection.client is not None:
+                return Session(connection, connection.client)
+        return None
 
     async def ready(self) -> None:
         """Raises unless the account is connected (for /ready)."""
-        if self.connection is None or not self.connection.connected:
-            state = self.connection.state.value if self.connection is not None else (self.problem or "starting")
+        if self.session() is None:
+            connection = next(iter(self.pool.connections.values()), None)
+            state = connection.state.value if connection is not None else (self.problem or "starting")
             raise ConnectionError(f"Telegram not connected ({state})")
+
+    def status(self) -> dict[str, Any] | None:
+        connection = next(iter(self.pool.connections.values()), None)
+        return None if connection is None else {"label": connection.label, **connection.status()}
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+
+# --- 8. the process: assembled in one place, then run ----------------------------------------
 
 
 def image_policy(settings: IngestSettings) -> ImagePolicy:
@@ -1098,8 +1236,146 @@ def channel_refs(settings: IngestSettings) -> tuple[str, ...]:
     return ("@demo_photos",)
 
 
+@dataclass(frozen=True)
+class Tuning:
+    """Numbers tests and benchmarks change; the defaults are production's."""
+
+    concurrency: int = CONCURRENCY
+    image_workers: int = IMAGE_WORKERS
+    reconcile_interval: float = RECONCILE_INTERVAL
+
+
+@dataclass(frozen=True)
+class Ingest:
+    """Every part of a running ingest, complete: made by :meth:`assemble`, started by :meth:`attach`."""
+
+    settings: IngestSettings
+    stats: Stats
+    counters: Counters
+    queue: RetryQueue
+    storage: Storage
+    policy: ImagePolicy
+    channels: Channels
+    account: IngestAccount
+    reader: ChannelReader
+    retries: RetryDrain
+    sweep: OrphanSweep
+
+    @classmethod
+    async def assemble(
+        cls, settings: IngestSettings, runtime: BotRuntime, *, db: Database, storage: Storage, world: Any | None, tuning: Tuning
+    ) -> Ingest:
+        """Build every part from the settings and the opened database and storage."""
+        tmp_dir = Path(settings.data_dir) / TEMP_SUBDIR / "ingest"
+        await asyncio.to_thread(shutil.rmtree, tmp_dir, True)  # leftovers of a killed process
+        queue = RetryQueue(
+            name="ingest",
+            store=DbRetryStore(db, "ingest"),
+            fallback=JsonlRetryStore(Path(settings.data_dir) / "retry-ingest.jsonl"),
+            capacity=settings.retry_queue_capacity,
+            base_delay=settings.retry_base_delay,
+            max_retries=settings.max_message_retries,
+            store_timeout=settings.timeout_db,
+        )
+        await queue.load()
+        stats, counters, policy = runtime.stats, Counters(), image_policy(settings)
+        channels = Channels(
+            channel_refs(settings), entity_timeout=settings.timeout_telegram_entity, counters=counters, alerts=runtime.alerts
+        )
+        account = IngestAccount.from_settings(
+            settings,
+            db=db,
+            cipher=await asyncio.to_thread(session_cipher, settings),
+            factory=client_factory(settings, world),
+            on_connected=channels.on_connected,
+            alerts=runtime.alerts,
+            world=world,
+        )
+        handler = ImageHandler(
+            db=db,
+            store=ImageStore(db=db, storage=storage, stats=stats, counters=counters),
+            downloader=Downloader(max_bytes=settings.max_image_size_bytes, timeout=settings.timeout_telegram_media, tmp_dir=tmp_dir),
+            policy=policy,
+            max_bytes=settings.max_image_size_bytes,
+            stats=stats,
+            counters=counters,
+            image_workers=tuning.image_workers,
+        )
+        budget = settings.timeout_loop_cycle * 0.5
+        reader = ChannelReader(
+            account=account, channels=channels, handler=handler, queue=queue, db=db, stats=stats, counters=counters,
+            shutdown=runtime.shutdown,
+            backfill_limit=settings.ingest_backfill_limit,
+            history_timeout=max(settings.timeout_telegram_entity, settings.timeout_db),
+            cycle_budget=budget,
+            concurrency=tuning.concurrency,
+            reconcile_interval=tuning.reconcile_interval,
+        )
+        retries = RetryDrain(
+            account=account, channels=channels, handler=handler, queue=queue, db=db, stats=stats, counters=counters,
+            storage=storage,
+            shutdown=runtime.shutdown,
+            entity_timeout=settings.timeout_telegram_entity,
+            cycle_budget=budget,
+            concurrency=tuning.concurrency,
+            alerts=runtime.alerts,
+        )
+        sweep = OrphanSweep(storage=storage, db=db, cycle_budget=budget)
+        return cls(settings, stats, counters, queue, storage, policy, channels, account, reader, retries, sweep)
+
+    def attach(self, runtime: BotRuntime) -> None:
+        """Hand the loops, the queue, the ``ingest`` section and the /ready checks to the runtime."""
+        settings = self.settings
+        runtime.add_queue(self.queue)
+        runtime.add_section("ingest", self.status)
+        runtime.add_ready_check("storage", self.storage_answers)
+        runtime.add_ready_check("telegram", self.account.ready)
+        runtime.add_cleanup("telegram", self.account.close, timeout=settings.timeout_telegram_entity + 5)
+        runtime.add_loop(
+            "account",
+            self.account.cycle,
+            interval=settings.account_check_interval,
+            wake=self.account.wake,
+            max_silence=settings.watchdog_max_silence + settings.timeout_loop_cycle,
+        )
+        runtime.add_loop("channels", self.reader.cycle, interval=self.reader.reconcile_interval, wake=self.channels.wake)
+        runtime.add_loop("retry", self.retries.cycle, interval=5.0)
+        if settings.ingest_gc_interval > 0:
+            runtime.add_loop("orphan_sweep", self.sweep.cycle, interval=settings.ingest_gc_interval)
+
+    async def storage_answers(self) -> None:
+        await self.storage.exists(f"{OBJECT_PREFIX}ready-probe")
+
+    def status(self) -> dict[str, Any]:
+        stats, counters = self.stats, self.counters
+        return {
+            "connected": self.account.session() is not None,
+            "processed": stats.processed,
+            "failed": stats.failed,
+            "retried": stats.retried,
+            "skipped": dict(stats.skipped),
+            "duplicates": counters.duplicates,
+            "ignored": counters.ignored,
+            "gave_up": counters.exhausted,
+            "queue_size": len(self.queue),
+            "last_error": stats.last_error,
+            "channels": self.channels.status(),
+            "account": self.account.status(),
+            "storage": self.storage.describe(),
+            "limits": {
+                "max_image_size_bytes": self.settings.max_image_size_bytes,
+                "max_image_dimension": self.policy.max_dimension,
+                "oversize": self.policy.oversize.value,
+                "keep_exif": self.policy.keep_exif,
+            },
+        }
+
+
 class IngestBot:
-    """The ingest process: database, storage, retry queue, account, the loops.
+    """The ingest process: start-up (database, storage, sandbox), then :class:`Ingest`, then the loops.
+
+    Until start-up is over, /status and /ready answer "starting"; once the
+    parts are assembled, :meth:`Ingest.attach` puts the real ones in their place.
 
     Args:
         settings: the bot's settings.
@@ -1107,7 +1383,7 @@ class IngestBot:
         db / storage / world: given ones are used and left open; otherwise
             they are opened from the settings and closed at the end.
         storage_breaker: the breaker for a storage opened here (default: ``r2``).
-        concurrency / image_workers / reconcile_interval: see :class:`Ingestor`.
+        concurrency / image_workers / reconcile_interval: see :class:`Tuning`.
     """
 
     def __init__(
@@ -1125,142 +1401,60 @@ class IngestBot:
     ) -> None:
         self.settings = settings
         self.runtime = runtime or BotRuntime(bot="ingest", settings=settings)
-        self.db = db
-        self.storage = storage
-        self.world = world
+        self.given_db = db
+        self.given_storage = storage
+        self.given_world = world
         self.storage_breaker = storage_breaker
-        self.concurrency = concurrency
-        self.image_workers = image_workers
-        self.reconcile_interval = reconcile_interval
-        self.ingestor: Ingestor | None = None
-        self.accounts: AccountKeeper | None = None
+        self.tuning = Tuning(concurrency=concurrency, image_workers=image_workers, reconcile_interval=reconcile_interval)
+        #: Set once every loop runs.
         self.ready = asyncio.Event()
 
     async def run(self) -> None:
         """Run until SIGTERM/SIGINT (or ``runtime.shutdown.request_stop()``), finish in-flight images, stop."""
         settings, runtime = self.settings, self.runtime
         async with runtime:
-            self._register_status()
-            if settings.sandbox:
-                await self._announce_sandbox()
-            db, storage = await self._open()  # waits while the database is away; a bad setting stops here
-            tmp_dir = Path(settings.data_dir) / TEMP_SUBDIR / "ingest"
-            await asyncio.to_thread(shutil.rmtree, tmp_dir, True)  # leftovers of a killed process
-            queue = RetryQueue(
-                name="ingest",
-                store=DbRetryStore(db, "ingest"),
-                fallback=JsonlRetryStore(Path(settings.data_dir) / "retry-ingest.jsonl"),
-                capacity=settings.retry_queue_capacity,
-                base_delay=settings.retry_base_delay,
-                max_retries=settings.max_message_retries,
-                store_timeout=settings.timeout_db,
+            self._register_starting()
+            world = await self._open_sandbox() if settings.sandbox else self.given_world
+            db = self.given_db or await runtime.open_database(settings)  # waits while the database is away
+            runtime.backend = db.backend.value
+            storage = self.given_storage or await runtime.until_started(
+                "storage", lambda: open_storage(settings, breaker=self.storage_breaker), fix="check the R2_* settings"
             )
-            await queue.load()
-            runtime.add_queue(queue)
-            ingestor = self.ingestor = Ingestor(
-                db=db,
-                storage=storage,
-                queue=queue,
-                stats=runtime.stats,
-                shutdown=runtime.shutdown,
-                policy=image_policy(settings),
-                channels=channel_refs(settings),
-                max_bytes=settings.max_image_size_bytes,
-                backfill_limit=settings.ingest_backfill_limit,
-                media_timeout=settings.timeout_telegram_media,
-                entity_timeout=settings.timeout_telegram_entity,
-                history_timeout=max(settings.timeout_telegram_entity, settings.timeout_db),
-                cycle_budget=settings.timeout_loop_cycle * 0.5,
-                tmp_dir=tmp_dir,
-                alerts=runtime.alerts,
-                concurrency=self.concurrency,
-                image_workers=self.image_workers,
-                reconcile_interval=self.reconcile_interval,
-            )
-            accounts = self.accounts = AccountKeeper(
-                settings=settings,
-                db=db,
-                cipher=await asyncio.to_thread(session_cipher, settings),
-                client_factory=client_factory(settings, self.world),
-                ingestor=ingestor,
-                alerts=runtime.alerts,
-                world=self.world,
-            )
-            runtime.add_cleanup("telegram", accounts.close, timeout=settings.timeout_telegram_entity + 5)
-            runtime.add_loop(
-                "account",
-                accounts.cycle,
-                interval=settings.account_check_interval,
-                wake=accounts.wake,
-                max_silence=settings.watchdog_max_silence + settings.timeout_loop_cycle,
-            )
-            runtime.add_loop("channels", ingestor.read_cycle, interval=self.reconcile_interval, wake=ingestor.wake)
-            runtime.add_loop("retry", ingestor.retry_cycle, interval=5.0)
-            if settings.ingest_gc_interval > 0:
-                runtime.add_loop("orphan_sweep", ingestor.gc_cycle, interval=settings.ingest_gc_interval)
+            runtime.add_ready_check("database", db.ping)
+            ingest = await Ingest.assemble(settings, runtime, db=db, storage=storage, world=world, tuning=self.tuning)
+            ingest.attach(runtime)
             runtime.start_heartbeat(worker_id="ingest", store=db)
             self.ready.set()
             await runtime.run_until_stopped()
 
-    def _register_status(self) -> None:
-        """Every /status section and /ready check, registered before the first await.
+    def _register_starting(self) -> None:
+        """Every /status section and /ready check, answering "starting", registered before the first await.
 
         The runtime walks its sections and checks across awaits while answering a
-        request, so none may be added while the process is already serving.
+        request; later registrations only replace these, never add a name.
         """
-        self.runtime.add_section("ingest", self._ingest_status)
+
+        def starting(what: str) -> Callable[[], Awaitable[None]]:
+            async def check() -> None:
+                raise ConnectionError(f"starting: {what}")
+
+            return check
+
+        self.runtime.add_section("ingest", lambda: {"starting": True, "connected": False})
         if self.settings.sandbox:
-            self.runtime.add_section("sandbox_world", self._sandbox_status)
-        self.runtime.add_ready_check("database", self._ready_database)
-        self.runtime.add_ready_check("storage", self._ready_storage)
-        self.runtime.add_ready_check("telegram", self._ready_telegram)
+            self.runtime.add_section("sandbox_world", lambda: {"mode": "sandbox", "starting": True})
+        self.runtime.add_ready_check("database", starting("the database is not open yet"))
+        self.runtime.add_ready_check("storage", starting("storage is not open yet"))
+        self.runtime.add_ready_check("telegram", starting("Telegram is not connected yet"))
 
-    def _ingest_status(self) -> dict[str, Any]:
-        if self.ingestor is None:
-            return {"starting": True, "connected": False}
-        return self.ingestor.status()
-
-    async def _sandbox_status(self) -> dict[str, Any]:
+    async def _open_sandbox(self) -> Any:
+        """The sandbox world, announced loudly, with its /status section."""
+        from devkit.sandbox import World, banner
         from devkit.sandbox import describe as describe_sandbox
 
-        if self.world is None:
-            return {"mode": "sandbox", "starting": True}
-        return await asyncio.to_thread(describe_sandbox, self.world)
-
-    async def _ready_database(self) -> None:
-        if self.db is None:
-            raise ConnectionError("starting: the database is not open yet")
-        await self.db.ping()
-
-    async def _ready_storage(self) -> None:
-        if self.storage is None:
-            raise ConnectionError("starting: storage is not open yet")
-        await self.storage.exists(f"{OBJECT_PREFIX}ready-probe")
-
-    async def _ready_telegram(self) -> None:
-        if self.accounts is None:
-            raise ConnectionError("starting")
-        await self.accounts.ready()
-
-    async def _open(self) -> tuple[Database, Storage]:
-        settings, runtime = self.settings, self.runtime
-        if self.db is None:
-            self.db = await runtime.open_database(settings)
-        runtime.backend = self.db.backend.value
-        if self.storage is None:
-            self.storage = await runtime.until_started(
-                "storage", lambda: open_storage(settings, breaker=self.storage_breaker), fix="check the R2_* settings"
-            )
-        return self.db, self.storage
-
-    async def _announce_sandbox(self) -> None:
-        from devkit.sandbox import World, banner
-
-        directory = self.settings.sandbox_path
-        if self.world is None:
-            self.world = await asyncio.to_thread(World.open, directory)
-        world = self.world
+        world = self.given_world or await asyncio.to_thread(World.open, self.settings.sandbox_path)
         self.runtime.sandbox = True
+        self.runtime.add_section("sandbox_world", lambda: asyncio.to_thread(describe_sandbox, world))
         for line in (
             "*" * 78,
             banner(world.directory),
@@ -1269,6 +1463,7 @@ class IngestBot:
             "*" * 78,
         ):
             logger.warning("%s", line)
+        return world
 
 
 # --- the command line ------------------------------------------------------------------------
@@ -1278,25 +1473,8 @@ async def cli_gc(settings: IngestSettings, *, dry_run: bool, older_than_hours: f
     """``python ingest.py gc [--dry-run]``: the orphan sweep, once, from the command line."""
     db = await open_database(settings)
     try:
-        storage = await open_storage(settings)
-        queue = RetryQueue(name="ingest-gc", store=JsonlRetryStore(Path(settings.data_dir) / "retry-ingest-gc.jsonl"))
-        ingestor = Ingestor(
-            db=db,
-            storage=storage,
-            queue=queue,
-            stats=Stats(),
-            shutdown=GracefulShutdown(),
-            policy=image_policy(settings),
-            channels=(),
-            max_bytes=settings.max_image_size_bytes,
-            backfill_limit=0,
-            media_timeout=settings.timeout_telegram_media,
-            entity_timeout=settings.timeout_telegram_entity,
-            history_timeout=settings.timeout_db,
-            cycle_budget=settings.timeout_loop_cycle,
-            tmp_dir=Path(settings.data_dir) / TEMP_SUBDIR / "ingest",
-        )
-        report = await ingestor.sweep_orphans(older_than=older_than_hours * 3600.0, dry_run=dry_run)
+        sweep = OrphanSweep(storage=await open_storage(settings), db=db)
+        report = await sweep.sweep(older_than=older_than_hours * 3600.0, dry_run=dry_run)
     finally:
         await db.close()
     if as_json:

@@ -749,6 +749,7 @@ class AccountPool:
         on_client: Callable[[AccountConnection], None] | None = None,
         accepts: Callable[[Account], bool] | None = None,
         fleet: FleetPolicy | None = None,
+        most: int | None = None,
     ) -> None:
         self.db = db
         self.cipher = cipher
@@ -761,6 +762,8 @@ class AccountPool:
         self.on_client = on_client
         self.accepts = accepts
         self.fleet = fleet
+        #: Serve at most this many accounts: the ones served already first, then the lowest ids.
+        self.most = most
         self.wake = asyncio.Event()
         self.connections: dict[int, AccountConnection] = {}
         self.replicas: list[Any] = []
@@ -772,6 +775,20 @@ class AccountPool:
         self._alerted_key_mismatch = False
         self._undecryptable: set[str] = set()
         self._wakeups: Any | None = None
+
+    @classmethod
+    def single(cls, *, label: str | None = None, **options: Any) -> AccountPool:
+        """The one-account case: the account ``label``, else the first active account (lowest id).
+
+        Once connected it stays the one served; ``options`` are the constructor's.
+        """
+        return cls(labels={label} if label else None, most=1, **options)
+
+    def _over_limit(self, account_id: int, seen: set[int]) -> bool:
+        """True when ``most`` accounts are served already and ``account_id`` is not one of them."""
+        if self.most is None or account_id in self.connections:
+            return False
+        return sum(1 for served in seen if served in self.connections) >= self.most
 
     @property
     def cadence(self) -> float:
@@ -802,6 +819,8 @@ class AccountPool:
             # Listening before the first look: a lease released meanwhile still wakes us.
             self._wakeups = await self.db.subscribe("accounts")
         accounts = await self.db.list_accounts()
+        if self.most is not None:
+            accounts = sorted(accounts, key=lambda a: (a.id not in self.connections, a.id))
         mine = await self._share(
             [a for a in accounts if a.status is AccountStatus.ACTIVE and (self.accepts is None or self.accepts(a))]
         )
@@ -818,6 +837,8 @@ class AccountPool:
                 continue
             if account.id in self._handing_off:
                 continue  # back to us before the handoff finished: the next cycle takes it again
+            if account.status is AccountStatus.ACTIVE and self._over_limit(account.id, seen):
+                continue
             seen.add(account.id)
             if account.status is not AccountStatus.ACTIVE:
                 if connection is not None and connection.state not in (ConnectionState.NEEDS_LOGIN, ConnectionState.KEY_MISMATCH):

@@ -25,18 +25,16 @@ from PIL import Image
 from telethon.tl import types
 
 from bench._common import TcpProxy, free_port
-from ingest import IngestBot, Ingestor, media_of, object_key, sha256_of_key
+from ingest import IngestBot, OrphanSweep, media_of, object_key, sha256_of_key
 from shared.alerts import AlertType
 from shared.breaker import CircuitBreaker, CircuitState
 from shared.config import IngestSettings, load_settings
 from shared.db import PostgresDatabase, SupabaseDatabase
-from shared.db.records import IngestImage, IngestStatus, from_row
-from shared.images import ImagePolicy
-from shared.retry_queue import JsonlRetryStore, RetryQueue
-from shared.runtime import BotRuntime, Stats
+from shared.db.records import AccountStatus, IngestImage, IngestStatus, from_row
+from shared.runtime import BotRuntime
 from devkit.sandbox import FaultKind, ImageKind, World
-from shared.shutdown import GracefulShutdown
 from shared.storage import LocalBackend, S3Backend, Storage
+from shared.telegram import AccountPool, ConnectionPolicy, client_factory, session_cipher
 from tests.fixtures.postgrest import PostgrestEndpoint
 from tests.helpers import RecordingAlerts
 from tests.helpers import wait_until as shared_wait_until
@@ -146,13 +144,24 @@ class Harness:
             await wait_until(lambda: bot.ready.is_set() or task.done(), what="ingest ready")
             if task.done():
                 task.result()
-            ingestor = bot.ingestor
-            assert ingestor is not None
-            await wait_until(lambda: ingestor.status()["connected"], what="connected to the sandbox")
+            await wait_until(lambda: connected(bot), what="connected to the sandbox")
             yield bot
         finally:
             runtime.shutdown.request_stop("test over")
             await asyncio.wait_for(task, 30)
+
+
+async def ingest_status(bot: IngestBot) -> dict[str, Any]:
+    """The ``ingest`` section of /status, as an operator reads it."""
+    return (await bot.runtime.status())["ingest"]
+
+
+async def connected(bot: IngestBot) -> bool:
+    return bool((await ingest_status(bot))["connected"])
+
+
+async def cursor_is(bot: IngestBot, message_id: int) -> bool:
+    return (await ingest_status(bot))["channels"][CHANNEL]["cursor"] == message_id
 
 
 @pytest.fixture
@@ -174,6 +183,8 @@ async def test_jpeg_png_and_webp_are_stored_with_rows_pointing_at_their_objects(
         posted = [h.world.post_to_channel(CHANNEL, kind) for kind in (ImageKind.JPEG, ImageKind.PNG, ImageKind.WEBP)]
         h.world.post_to_channel(CHANNEL, text="just words")
         await wait_until(lambda: h.count(3), what="three rows stored")
+        # The cursor moves once the whole batch is handled, just after its last row.
+        await wait_until(lambda: cursor_is(bot, max(m.id for m in posted) + 1), what="the cursor past the text message")
         status = bot.runtime.status
         body = await status()
 
@@ -227,7 +238,7 @@ async def test_a_20000x20000_bomb_is_skipped_a_truncated_file_fails_with_its_rea
         marker = h.world.post_to_channel(CHANNEL, ImageKind.PNG)
         await wait_until(lambda: h.count(1), what="the marker after them stored")
         counters = bot.runtime.stats.as_dict()
-        channel = bot.ingestor.status()["channels"][CHANNEL]  # type: ignore[union-attr]
+        channel = (await ingest_status(bot))["channels"][CHANNEL]
 
     rows = {r.message_id: r for r in await h.rows()}
     assert rows[bomb.id].status is IngestStatus.SKIPPED and rows[bomb.id].error.startswith("decompression_bomb: ")
@@ -278,7 +289,7 @@ async def test_an_r2_outage_opens_the_breaker_and_every_queued_image_is_stored_o
         await wait_until(lambda: queue.get_status()["queued"] == 7, what="all seven queued")
         # Queued counts as handled: the reader moves on (its cursor is saved right after the batch).
         await wait_until(
-            lambda: bot.ingestor.status()["channels"][CHANNEL]["cursor"] == posted[-1].id,  # type: ignore[union-attr]
+            lambda: cursor_is(bot, posted[-1].id),
             what="the cursor past the queued images",
         )
         assert await h.rows() == []  # no row without its object
@@ -330,7 +341,7 @@ async def test_a_database_outage_mid_stream_loses_and_duplicates_no_image(h: Har
             await wait_until(lambda: relayed.breaker.state is not CircuitState.CLOSED, what="the database breaker open")
             await proxy.restore()
             await wait_until(lambda: h.count(8), timeout=60, what="every image stored once the database is back")
-            channel = bot.ingestor.status()["channels"][CHANNEL]  # type: ignore[union-attr]
+            channel = (await ingest_status(bot))["channels"][CHANNEL]
     finally:
         await relayed.close()
         await proxy.close()
@@ -412,10 +423,42 @@ async def test_a_dropped_connection_is_reconnected_and_reading_goes_on(h: Harnes
         h.world.set_fault(FaultKind.DROP, method="GetHistory", count=1)
         h.post_png(2)
         await wait_until(lambda: h.count(2), what="the second stored after a reconnect")
-        account = bot.ingestor.status()["account"]  # type: ignore[union-attr]
+        account = (await ingest_status(bot))["account"]
 
     assert h.world.faults()[0]["hits"] == 1
     assert account["reconnects"] >= 1 and account["connected"]
+
+
+async def test_without_ingest_account_the_first_active_account_is_read_with_and_kept_once_taken(h: Harness) -> None:
+    """AccountPool.single without a label: one account, the lowest active id; a lower one coming back does not take over."""
+    settings = load_settings(IngestSettings, h.env)
+    cipher = session_cipher(settings)
+    demo = h.world.seed_demo()
+    first, second = [
+        await h.db.upsert_account(
+            peer.username, phone=peer.phone, session=cipher.encrypt(h.world.session_string(peer.phone)),
+            status=AccountStatus.ACTIVE,
+        )
+        for peer in demo.accounts[:2]
+    ]
+    await h.db.set_account_status(first.id, AccountStatus.NEEDS_LOGIN)
+    pool = AccountPool.single(
+        db=h.db, cipher=cipher, client_factory=client_factory(settings, h.world), owner="ingest:test",
+        policy=ConnectionPolicy(lease_seconds=5, connect_timeout=5, call_timeout=5),
+    )
+
+    async def serving() -> list[str]:
+        await pool.refresh()
+        return [c.label for c in pool.connected()]
+
+    try:
+        await wait_until(serving, what="an account connected")
+        assert await serving() == [second.label]
+        await h.db.set_account_status(first.id, AccountStatus.ACTIVE)
+        assert await serving() == [second.label]
+        assert list(pool.connections) == [second.id]
+    finally:
+        await pool.close()
 
 
 def test_media_is_judged_from_metadata_alone() -> None:
@@ -509,15 +552,11 @@ async def test_gc_checks_keys_in_batches_and_keeps_every_object_a_row_points_at(
     kept = {keys[0], keys[3], keys[6]}  # one in each batch of the sorted listing
     for message_id, key in enumerate(sorted(kept), start=1):
         await supabase_database.record_ingest_image(-100123, message_id, storage_key=key)
-    ingestor = Ingestor(
-        db=supabase_database, storage=local, queue=RetryQueue(name="gc-batch", store=JsonlRetryStore(tmp_path / "retry.jsonl")),
-        stats=Stats(), shutdown=GracefulShutdown(), policy=ImagePolicy(), channels=(), max_bytes=1 << 20, backfill_limit=0,
-        media_timeout=5.0, entity_timeout=5.0, history_timeout=5.0, cycle_budget=30.0, tmp_dir=tmp_path / "tmp",
-    )
+    sweep = OrphanSweep(storage=local, db=supabase_database)
     orphans = sorted(set(keys) - kept)
 
-    dry = await ingestor.sweep_orphans(dry_run=True, batch_size=3)
-    real = await ingestor.sweep_orphans(batch_size=3)
+    dry = await sweep.sweep(dry_run=True, batch_size=3)
+    real = await sweep.sweep(batch_size=3)
 
     calls = [r.function for r in postgrest.requests if r.function.startswith("ingest_")]
     assert calls.count("ingest_stored_keys") == 6, "ceil(7 / 3) calls per sweep, two sweeps"
