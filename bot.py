@@ -93,7 +93,7 @@ BREAKERS: dict[str, dict[str, Any]] = {
     "ai_service": {"failure_threshold": 3, "recovery_timeout": 60.0, "half_open_max_calls": 2, "success_threshold": 2},
     "database": {"failure_threshold": 3, "recovery_timeout": 30.0, "half_open_max_calls": 2, "success_threshold": 2},
 }
-"""The seed's breakers: failures in a row that open it, seconds it stays open, and the
+"""The breakers, by name: failures in a row that open it, seconds it stays open, and the
 trial calls admitted when half-open, all of which must succeed to close it again."""
 
 STALE_MINUTES = 30.0
@@ -217,7 +217,7 @@ def plan_for(settings: ReplyGuySettings) -> Plan:
 
 
 def configure_breakers(registry: BreakerRegistry = breaker_registry, **kwargs: Any) -> dict[str, CircuitBreaker]:
-    """The three breakers, as the seed configures them (``kwargs``: e.g. a test clock).
+    """The three breakers, as the Reply Guy configures them (``kwargs``: e.g. a test clock).
 
     The ``database`` breaker must exist before ``open_database`` (which takes
     the process-wide one), or the data layer's defaults would win.
@@ -239,7 +239,10 @@ def seconds_to_utc_midnight(wall: float) -> float:
     return max(1.0, (tomorrow - now).total_seconds())
 
 
-def wait_for(exc: BaseException) -> float | None:
+# --- 2. what every step shares ------------------------------------------------------------
+
+
+def pause_asked_by(exc: BaseException) -> float | None:
     """Seconds to wait when ``exc`` says "not now" (a rate limit, an open breaker), else None."""
     verdict = classify(exc)
     if verdict.kind is ErrorKind.RATE_LIMITED or isinstance(exc, CircuitOpenError):
@@ -251,9 +254,6 @@ def breaker_wait(breaker: CircuitBreaker) -> float:
     """Seconds until an open breaker admits a trial call (at least 1)."""
     retry_in = breaker.get_status().get("retry_in_s") or 1.0
     return max(1.0, float(retry_in))
-
-
-# --- 2. what every step shares ------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -482,7 +482,7 @@ class Discover:
             try:
                 new += await tracing.traced("replyguy.discover", self._discover(key, what), attributes={"source": key})
             except Exception as exc:
-                wait = wait_for(exc)
+                wait = pause_asked_by(exc)
                 if wait is not None:
                     waits.append(wait)
                     continue
@@ -551,7 +551,7 @@ class Draft:
                 async with crew.runtime.shutdown.in_flight():
                     await tracing.traced("replyguy.draft", self.draft_one(tweet), attributes=tracing.of_tweet(tweet))
             except Exception as exc:
-                wait = wait_for(exc)
+                wait = pause_asked_by(exc)
                 if wait is not None:
                     return wait  # not this tweet's fault: it stays discovered
                 crew.failures.failed("draft", exc, tweet=tweet)
@@ -606,7 +606,7 @@ class Approve:
             try:
                 message_id = await tracing.traced("replyguy.approval_request", self.desk.request(tweet), attributes=tracing.of_tweet(tweet))
             except Exception as exc:
-                wait = wait_for(exc)
+                wait = pause_asked_by(exc)
                 if wait is not None:
                     return wait
                 if classify(exc).kind is ErrorKind.PERMANENT and not concerns_the_chat(exc):
@@ -682,7 +682,7 @@ class Post:
             try:
                 await tracing.traced("replyguy.post", self.post_one(tweet), attributes=tracing.of_tweet(tweet))
             except Exception as exc:
-                wait = wait_for(exc)
+                wait = pause_asked_by(exc)
                 if wait is not None:
                     self._not_before[tweet.id] = crew.clock() + wait
                     return wait
@@ -758,7 +758,7 @@ class Post:
                 await self._mark_posted(tweet, existing, [TweetStatus.POSTING])
                 return existing
         # Refused before anything was sent (rate limit, open breaker): back in line, not a failure of the tweet.
-        back_to = TweetStatus.APPROVED if wait_for(exc) is not None else TweetStatus.FAILED
+        back_to = TweetStatus.APPROVED if pause_asked_by(exc) is not None else TweetStatus.FAILED
         await self.crew.db.tweet_transition(tweet.id, [TweetStatus.POSTING], back_to, last_error=verdict.reason)
         raise exc
 
@@ -880,7 +880,7 @@ class RetryDeadLetters:
             try:
                 await tracing.traced("replyguy.post", self.post.post_one(fresh), attributes=tracing.of_tweet(fresh, retry=True))
             except Exception as exc:
-                if wait_for(exc) is not None:
+                if pause_asked_by(exc) is not None:
                     return  # back in ``approved``: the post loop takes it when allowed
                 raise
             return

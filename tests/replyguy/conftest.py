@@ -38,7 +38,7 @@ from tests.replyguy.helpers import settings_for
 PLUGIN = "tests.fixtures.postgres"
 
 FAST_RETRY = RetryPolicy(max_retries=3, base_delay=0.01, max_delay=0.05)
-"""The issue's 3 retries, with millisecond delays."""
+"""The production policy's 3 retries, with millisecond delays."""
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -1,4 +1,4 @@
-"""The three breakers open and close as the seed configures them, on real calls.
+"""The three breakers open and close as bot.BREAKERS configures them, on real calls.
 
 twitter_api: 5 failures, 120 s open, 3 trial calls; ai_service: 3, 60 s, 2;
 database: 3, 30 s, 2. Time is a clock the test moves; the calls are real
