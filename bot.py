@@ -3,31 +3,37 @@
 ``BOT=bot ./start.sh`` runs it. The story, top to bottom:
 
 1. settings: what this run talks to (X, the AI API, the Telegram bot), or
-   local stand-ins of all three when no credentials are set;
-2. the bot (:class:`ReplyGuy`), one loop per step, each watched by the
-   watchdog and beating under the heartbeat id ``reply-guy``:
+   local stand-ins of all three when no credentials are set (:class:`Plan`);
+2. what every step shares (:class:`Crew`): the wake-up events, the failure
+   counts behind ``multiple_failures`` and the dead-letter queue
+   (:class:`Failures`);
+3. the steps, one class each, one watched loop each, all beating under the
+   heartbeat id ``reply-guy``:
 
-   * **discover**: X recent search for REPLY_KEYWORDS and the recent tweets
-     of REPLY_TARGET_ACCOUNTS, from persisted ``since_id`` cursors; each tweet
-     is stored once in ``tweet_queue``;
-   * **draft**: a reply from the AI API that fits X's 280 weighted
+   * :class:`Recovery`, once at start: puts back what a crash left stuck;
+   * :class:`Discover`: X recent search for REPLY_KEYWORDS and the recent
+     tweets of REPLY_TARGET_ACCOUNTS, from persisted ``since_id`` cursors;
+     each tweet is stored once in ``tweet_queue``;
+   * :class:`Draft`: a reply from the AI API that fits X's 280 weighted
      characters (regenerated, then cut at a word boundary);
-   * **approve**: the draft goes to the operators' Telegram chat with
+   * :class:`Approve`: the draft goes to the operators' Telegram chat with
      Approve / Reject / Regenerate buttons (or an answer with new text);
-   * **post**: approved replies go out through ``POST /2/tweets`` after a
+   * :class:`Post`: approved replies go out through ``POST /2/tweets`` after a
      random delay and within the daily cap, exactly once (below);
-   * **dlq**: failed drafts and posts are retried from ``retry_items`` (at
-     most MAX_MESSAGE_RETRIES attempts, then they stay as dead letters and
-     the operator is told once);
+   * :class:`RetryDeadLetters`: failed drafts and posts are retried from
+     ``retry_items`` (at most MAX_MESSAGE_RETRIES attempts, then they stay as
+     dead letters and the operator is told once);
 
-3. crash recovery at start, ``health_check_all()`` and the status sections;
-4. wiring and ``main()``: ``python bot.py`` runs it, ``python bot.py health``
-   asks the running bot how it is (exit 0 healthy, 1 degraded, 2 error).
+4. :class:`ReplyGuy`, the steps together with ``health_check_all()`` and the
+   status section;
+5. assembly (:func:`assemble`, the one place every part is built, complete)
+   and ``main()``: ``python bot.py`` runs it, ``python bot.py health`` asks
+   the running bot how it is (exit 0 healthy, 1 degraded, 2 error).
 
 Exactly-once posting, in short: the intent is recorded (status ``posting``,
 ``attempts + 1``) *before* the POST; a tweet that ever had an intent
 (``attempts > 0``) is never posted again before our own timeline has been
-searched for a reply to it. See :meth:`ReplyGuy.post_one`.
+searched for a reply to it. See :meth:`Post.post_one`.
 """
 
 from __future__ import annotations
@@ -44,10 +50,10 @@ import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 from telethon import TelegramClient
@@ -59,7 +65,7 @@ from shared.alerts import AlertType
 from shared.breaker import BreakerRegistry, CircuitBreaker, CircuitOpenError, CircuitState
 from shared.breaker import registry as breaker_registry
 from shared.cli import ArgumentParser
-from shared.config import BY_NAME, ReplyGuySettings
+from shared.config import BY_NAME, ConfigError, ReplyGuySettings
 from shared.db import Database, Tweet, TweetStatus
 from shared.db.retry_store import DbRetryStore
 from shared.errors import ErrorKind, classify, concerns_the_chat, describe
@@ -71,6 +77,7 @@ from shared.timeouts import db_op
 from replyguy.ai import AIClient, Drafter, load_prompt
 from replyguy.approval import ApprovalDesk, Decision
 from replyguy.health import Health
+from replyguy.http import HttpSettings
 from replyguy.state import ReplyState
 from replyguy.xapi import DuplicateContentError, XClient, XCredentials
 
@@ -86,7 +93,7 @@ BREAKERS: dict[str, dict[str, Any]] = {
     "ai_service": {"failure_threshold": 3, "recovery_timeout": 60.0, "half_open_max_calls": 2, "success_threshold": 2},
     "database": {"failure_threshold": 3, "recovery_timeout": 30.0, "half_open_max_calls": 2, "success_threshold": 2},
 }
-"""The seed's breakers: failures in a row that open it, seconds it stays open, and the
+"""The breakers, by name: failures in a row that open it, seconds it stays open, and the
 trial calls admitted when half-open, all of which must succeed to close it again."""
 
 STALE_MINUTES = 30.0
@@ -114,12 +121,22 @@ class Stage(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class LiveTelegram:
+    """The operator bot on real Telegram: its token, the MTProto app (bots need it too) and the chat."""
+
+    bot_token: str
+    api_id: int
+    api_hash: str
+    operator_chat: str
+
+
+@dataclass(frozen=True)
 class Plan:
     """What this run talks to, resolved from the settings.
 
     ``x_base`` / ``ai_base`` None means "start the local stand-in";
-    ``operator_chat`` None and empty ``operator_ids`` mean "the sandbox's
-    demo operator chat and operator".
+    ``telegram`` None means "the Telegram sandbox", where ``operator_chat``
+    None and empty ``operator_ids`` mean its demo operator chat and operator.
     """
 
     sandbox: bool
@@ -132,9 +149,17 @@ class Plan:
     accounts: tuple[str, ...]
     operator_chat: str | None
     operator_ids: tuple[int, ...]
-    bot_token: str | None
-    telegram_api_id: int | None
-    telegram_api_hash: str | None
+    telegram: LiveTelegram | None
+
+
+V = TypeVar("V")
+
+
+def _required(value: V | None, name: str) -> V:
+    """A credential that ``ReplyGuySettings.validate`` already demanded outside sandbox mode."""
+    if value is None or value == "":
+        raise ConfigError(name, BY_NAME[name].expected, None)
+    return value
 
 
 def plan_for(settings: ReplyGuySettings) -> Plan:
@@ -142,6 +167,9 @@ def plan_for(settings: ReplyGuySettings) -> Plan:
 
     Outside sandbox mode every credential is present: ``ReplyGuySettings.validate``
     checked them, TELEGRAM_API_ID/HASH included (MTProto needs them for bots too).
+
+    Raises:
+        ConfigError: a credential is missing outside sandbox mode (settings not validated).
     """
     if settings.sandbox:
         from devkit.local_ai import SANDBOX_AI_KEY, SANDBOX_AI_MODEL
@@ -158,38 +186,38 @@ def plan_for(settings: ReplyGuySettings) -> Plan:
             accounts=settings.reply_target_accounts or (() if settings.reply_keywords else SANDBOX_TARGET_ACCOUNTS),
             operator_chat=settings.operator_chat_id,
             operator_ids=settings.operator_ids or (),
-            bot_token=None,
-            telegram_api_id=None,
-            telegram_api_hash=None,
+            telegram=None,
         )
-    assert settings.x_bearer_token and settings.x_consumer_key and settings.x_consumer_secret
-    assert settings.x_access_token and settings.x_access_token_secret and settings.ai_api_key
+    operator_chat = _required(settings.operator_chat_id, "OPERATOR_CHAT_ID")
     return Plan(
         sandbox=False,
         x_base=settings.x_api_base,
         x_credentials=XCredentials(
-            bearer_token=settings.x_bearer_token,
-            consumer_key=settings.x_consumer_key,
-            consumer_secret=settings.x_consumer_secret,
-            access_token=settings.x_access_token,
-            access_token_secret=settings.x_access_token_secret,
+            bearer_token=_required(settings.x_bearer_token, "X_BEARER_TOKEN"),
+            consumer_key=_required(settings.x_consumer_key, "X_CONSUMER_KEY"),
+            consumer_secret=_required(settings.x_consumer_secret, "X_CONSUMER_SECRET"),
+            access_token=_required(settings.x_access_token, "X_ACCESS_TOKEN"),
+            access_token_secret=_required(settings.x_access_token_secret, "X_ACCESS_TOKEN_SECRET"),
             user_id=settings.x_user_id,
         ),
         ai_base=settings.ai_base_url,
-        ai_key=settings.ai_api_key,
+        ai_key=_required(settings.ai_api_key, "AI_API_KEY"),
         ai_model=settings.ai_model,
         keywords=settings.reply_keywords or (),
         accounts=settings.reply_target_accounts or (),
-        operator_chat=settings.operator_chat_id,
+        operator_chat=operator_chat,
         operator_ids=settings.operator_ids or (),
-        bot_token=settings.telegram_bot_token,
-        telegram_api_id=settings.telegram_api_id,
-        telegram_api_hash=settings.telegram_api_hash,
+        telegram=LiveTelegram(
+            bot_token=_required(settings.telegram_bot_token, "TELEGRAM_BOT_TOKEN"),
+            api_id=_required(settings.telegram_api_id, "TELEGRAM_API_ID"),
+            api_hash=_required(settings.telegram_api_hash, "TELEGRAM_API_HASH"),
+            operator_chat=operator_chat,
+        ),
     )
 
 
 def configure_breakers(registry: BreakerRegistry = breaker_registry, **kwargs: Any) -> dict[str, CircuitBreaker]:
-    """The three breakers, as the seed configures them (``kwargs``: e.g. a test clock).
+    """The three breakers, as the Reply Guy configures them (``kwargs``: e.g. a test clock).
 
     The ``database`` breaker must exist before ``open_database`` (which takes
     the process-wide one), or the data layer's defaults would win.
@@ -205,130 +233,91 @@ def search_query(keywords: Sequence[str]) -> str:
 
 
 def seconds_to_utc_midnight(wall: float) -> float:
+    """Seconds until the next UTC midnight, when the daily cap starts over (at least 1)."""
     now = datetime.fromtimestamp(wall, UTC)
     tomorrow = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
     return max(1.0, (tomorrow - now).total_seconds())
 
 
-# --- 2. the bot ---------------------------------------------------------------------------
+# --- 2. what every step shares ------------------------------------------------------------
 
 
-class ReplyGuy:
-    """The Reply Guy's steps, each one cycle of a watched loop.
+def pause_asked_by(exc: BaseException) -> float | None:
+    """Seconds to wait when ``exc`` says "not now" (a rate limit, an open breaker), else None."""
+    verdict = classify(exc)
+    if verdict.kind is ErrorKind.RATE_LIMITED or isinstance(exc, CircuitOpenError):
+        return max(1.0, verdict.retry_after or 1.0)
+    return None
+
+
+def breaker_wait(breaker: CircuitBreaker) -> float:
+    """Seconds until an open breaker admits a trial call (at least 1)."""
+    retry_in = breaker.get_status().get("retry_in_s") or 1.0
+    return max(1.0, float(retry_in))
+
+
+@dataclass(frozen=True)
+class Wakeups:
+    """One event per loop that another step (or an operator) can wake early."""
+
+    draft: asyncio.Event = field(default_factory=asyncio.Event)
+    approve: asyncio.Event = field(default_factory=asyncio.Event)
+    post: asyncio.Event = field(default_factory=asyncio.Event)
+    dlq: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def of(self, loop: str) -> asyncio.Event | None:
+        """The event of the loop named ``loop`` (None: nothing wakes it, e.g. ``discover``)."""
+        event = getattr(self, loop, None)
+        return event if isinstance(event, asyncio.Event) else None
+
+    def on_decision(self, decision: Decision, tweet_id: str) -> None:
+        """An operator decided (the approval desk calls this): wake the step that acts next."""
+        metrics.DECISIONS.labels(decision.name.lower()).inc()
+        (self.post if decision is Decision.APPROVE else self.draft).set()
+
+
+class Failures:
+    """What happens when a step fails: counted, alerted after a streak, kept as a dead letter or retried.
 
     Args:
-        settings: the bot's settings.
-        plan: what this run talks to.
-        runtime: the kit (alerts, watchdog, stats, shutdown).
-        db: tweets and dead letters.
-        x: the X API client.
-        drafter: the AI drafter.
-        desk: the operators' approval desk.
+        runtime: the kit (alerts and stats).
         queue: the dead-letter queue (``retry_items`` of bot ``bot``).
-        state: discovery cursors and the day's post count.
+        wake: woken when a retry is queued.
         clock: wall-clock seconds.
-        rng: chooses the random posting delays.
-        settle_after: seconds after which a ``posting`` intent is settled
-            (default TIMEOUT_HTTP + 5 s: no POST can still be in flight).
-        stale_minutes: crash recovery's threshold (30 minutes by default).
     """
 
-    def __init__(
-        self,
-        *,
-        settings: ReplyGuySettings,
-        plan: Plan,
-        runtime: BotRuntime,
-        db: Database,
-        x: XClient,
-        drafter: Drafter,
-        desk: ApprovalDesk,
-        queue: RetryQueue,
-        state: ReplyState,
-        clock: Callable[[], float] = time.time,
-        rng: random.Random | None = None,
-        settle_after: float | None = None,
-        stale_minutes: float = STALE_MINUTES,
-    ) -> None:
-        self.settings = settings
-        self.plan = plan
+    def __init__(self, *, runtime: BotRuntime, queue: RetryQueue, wake: Wakeups, clock: Callable[[], float]) -> None:
         self.runtime = runtime
-        self.db = db
-        self.x = x
-        self.drafter = drafter
-        self.ai = drafter.ai
-        self.desk = desk
         self.queue = queue
-        self.state = state
+        self.wake = wake
         self.clock = clock
-        self.rng = rng or random.Random()
-        self.settle_after = settings.timeout_http + SETTLE_MARGIN if settle_after is None else settle_after
-        self.stale_minutes = stale_minutes
-        self.wake = {name: asyncio.Event() for name in ("draft", "approve", "post", "dlq")}
-        self._not_before: dict[str, float] = {}
         self._streaks: dict[str, int] = {}
-        self._unknown_accounts: set[str] = set()
-        self._cap_logged_for: str | None = None
-        desk.on_decision = self.on_decision
-
-    # --- helpers ----------------------------------------------------------------------------
-
-    @property
-    def alerts(self) -> Any:
-        return self.runtime.alerts
-
-    def _ping(self, loop: str) -> None:
-        self.runtime.watchdog.ping(loop)
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self.clock(), UTC)
 
-    def on_decision(self, decision: Decision, tweet_id: str) -> None:
-        """An operator decided: wake the step that acts next."""
-        metrics.DECISIONS.labels(decision.name.lower()).inc()
-        self.wake["post" if decision is Decision.APPROVE else "draft"].set()
-
-    def _succeeded(self, step: str) -> None:
+    def succeeded(self, step: str) -> None:
+        """``step`` worked: a ``multiple_failures`` alert of it is resolved."""
         if self._streaks.get(step):
             self._streaks[step] = 0
-            self.alerts.resolve(AlertType.MULTIPLE_FAILURES, key=f"step:{step}", message=f"{step} works again")
+            self.runtime.alerts.resolve(AlertType.MULTIPLE_FAILURES, key=f"step:{step}", message=f"{step} works again")
 
-    def _failed(self, step: str, exc: BaseException, *, tweet: Tweet | None = None) -> None:
+    def failed(self, step: str, exc: BaseException, *, tweet: Tweet | None = None) -> None:
+        """``step`` failed: counted, and the MULTIPLE_FAILURES_AFTER-th failure in a row alerts."""
         verdict = classify(exc)
         self.runtime.stats.failed += 1
         self.runtime.stats.error(f"{step}" + (f" tweet {tweet.target_tweet_id}" if tweet else ""), verdict.reason)
         count = self._streaks.get(step, 0) + 1
         self._streaks[step] = count
         if count == MULTIPLE_FAILURES_AFTER:
-            self.alerts.alert(
+            self.runtime.alerts.alert(
                 AlertType.MULTIPLE_FAILURES,
                 f"{count} failures in a row in the {step} step",
                 key=f"step:{step}",
                 details={"step": step, "last_error": verdict.reason},
             )
 
-    def watched(self, step: str, cycle: Callable[[], Awaitable[float | None]]) -> Callable[[], Awaitable[float | None]]:
-        """``cycle`` with its failures counted toward ``multiple_failures``."""
-
-        async def run() -> float | None:
-            try:
-                result = await cycle()
-            except Exception as exc:
-                self._failed(step, exc)
-                raise
-            return result
-
-        return run
-
-    @staticmethod
-    def _waits(exc: BaseException) -> float | None:
-        """Seconds to wait when ``exc`` says "not now" (a rate limit, an open breaker), else None."""
-        verdict = classify(exc)
-        if verdict.kind is ErrorKind.RATE_LIMITED or isinstance(exc, CircuitOpenError):
-            return max(1.0, verdict.retry_after or 1.0)
-        return None
-
-    async def _dead_letter(self, stage: Stage, tweet: Tweet, exc: BaseException) -> None:
+    async def dead_letter(self, stage: Stage, tweet: Tweet, exc: BaseException) -> None:
         """A tweet that can never succeed as it is: keep it as a dead letter and tell the operator."""
         reason = classify(exc).reason
         item = RetryItem(
@@ -345,18 +334,18 @@ class ReplyGuy:
             await self.queue.dead_letter(item)
         except Exception as store_exc:
             logger.error("could not record dead letter for tweet %s: %s", tweet.target_tweet_id, describe(store_exc))
-        self.alerts.alert(
+        self.runtime.alerts.alert(
             AlertType.TWEET_PROCESSING_FAILED,
             f"tweet {tweet.target_tweet_id} failed for good in the {stage.value} step: {reason}",
             key=f"tweet:{tweet.id}",
             details={"tweet": tweet.target_tweet_id, "author": tweet.author or "", "stage": stage.value, "error": reason},
         )
 
-    async def _to_dlq(self, stage: Stage, tweet: Tweet, exc: BaseException) -> None:
+    async def retry_later(self, stage: Stage, tweet: Tweet, exc: BaseException) -> None:
         """A failed tweet (already in status ``failed``): retry later, or keep it dead if hopeless."""
         verdict = classify(exc)
         if verdict.kind is ErrorKind.PERMANENT:
-            await self._dead_letter(stage, tweet, exc)
+            await self.dead_letter(stage, tweet, exc)
             return
         await self.queue.put(
             stage.value,
@@ -365,7 +354,7 @@ class ReplyGuy:
             delay=verdict.retry_after,
         )
         self.runtime.stats.retried += 1
-        self.wake["dlq"].set()
+        self.wake.dlq.set()
         logger.warning(
             "tweet %s: %s failed (%s); queued for a retry",
             tweet.target_tweet_id,
@@ -374,10 +363,50 @@ class ReplyGuy:
             extra={"tweet": tweet.target_tweet_id, "stage": stage.value},
         )
 
-    # --- 3a. crash recovery ----------------------------------------------------------------------
 
-    async def recover(self) -> dict[str, int]:
-        """Put back what a crash left stuck (tweets left in ``posting`` or ``failed``).
+@dataclass(frozen=True)
+class Crew:
+    """What every step works with: the settings, the kit, the tweets, the cursors, one another."""
+
+    settings: ReplyGuySettings
+    runtime: BotRuntime
+    db: Database
+    state: ReplyState
+    wake: Wakeups
+    failures: Failures
+    clock: Callable[[], float]
+
+    def ping(self, loop: str) -> None:
+        """Tell the watchdog ``loop`` is alive."""
+        self.runtime.watchdog.ping(loop)
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock(), UTC)
+
+    @property
+    def stopping(self) -> bool:
+        return self.runtime.shutdown.stopping
+
+
+# --- 3. the steps -------------------------------------------------------------------------
+
+
+class Recovery:
+    """Crash recovery, once at start: put back what a crash left stuck (tweets left in ``posting`` or ``failed``).
+
+    Args:
+        crew: what every step shares.
+        queue: the dead-letter queue, loaded first.
+        stale_minutes: how long a tweet must be stuck to be put back.
+    """
+
+    def __init__(self, crew: Crew, *, queue: RetryQueue, stale_minutes: float = STALE_MINUTES) -> None:
+        self.crew = crew
+        self.queue = queue
+        self.stale_minutes = stale_minutes
+
+    async def run(self) -> dict[str, int]:
+        """Put the stale tweets back where they can safely continue.
 
         Tweets stuck for STALE_MINUTES in ``failed`` or ``posting`` are sent
         back, by one SQL statement, to where they can safely continue (so a
@@ -395,7 +424,7 @@ class ReplyGuy:
         # The queue first: dead letters written to the fallback file while the database was
         # down move into the database, where the recovery statement looks for them.
         waiting = await self.queue.load()
-        recovered = await self.db.recover_stale_tweets(minutes=self.stale_minutes, max_attempts=MAX_POST_ATTEMPTS, bot=BOT)
+        recovered = await self.crew.db.recover_stale_tweets(minutes=self.stale_minutes, max_attempts=MAX_POST_ATTEMPTS, bot=BOT)
         key_for = {
             TweetStatus.DISCOVERED: "to_discovered",
             TweetStatus.DRAFTED: "to_drafted",
@@ -405,7 +434,7 @@ class ReplyGuy:
         counts = {"recovered": len(recovered), **dict.fromkeys(key_for.values(), 0)}
         for item in recovered:
             counts[key_for[item.status]] += 1
-        await self.state.load()  # cursors, and today's posts as the database counts them after recovery
+        await self.crew.state.load()  # cursors, and today's posts as the database counts them after recovery
         logger.info(
             "crash recovery: %d stale tweets found (%s); %d dead-letter retries waiting",
             counts["recovered"],
@@ -415,46 +444,62 @@ class ReplyGuy:
         )
         return counts
 
-    # --- 3b. discover ------------------------------------------------------------------------------
+
+class Discover:
+    """Step 1: new tweets from X recent search and the target accounts' timelines, stored once.
+
+    Args:
+        crew: what every step shares.
+        x: the X API client.
+        keywords: REPLY_KEYWORDS (one search for all of them).
+        accounts: REPLY_TARGET_ACCOUNTS (one timeline each).
+    """
+
+    def __init__(self, crew: Crew, *, x: XClient, keywords: Sequence[str], accounts: Sequence[str]) -> None:
+        self.crew = crew
+        self.x = x
+        self.keywords = tuple(keywords)
+        self.accounts = tuple(accounts)
+        self._unknown_accounts: set[str] = set()
 
     def sources(self) -> list[tuple[str, str]]:
         """(cursor key, what) per discovery source: one search, one timeline per account."""
         found: list[tuple[str, str]] = []
-        if self.plan.keywords:
-            query = search_query(self.plan.keywords)
+        if self.keywords:
+            query = search_query(self.keywords)
             found.append((f"search:{query}", query))
-        found += [(f"account:{a.lstrip('@').lower()}", a.lstrip("@")) for a in self.plan.accounts]
+        found += [(f"account:{a.lstrip('@').lower()}", a.lstrip("@")) for a in self.accounts]
         return found
 
-    async def discover_cycle(self) -> float | None:
+    async def cycle(self) -> float | None:
         """Store new tweets from every source; a failing source does not stop the others."""
         sources = self.sources()
         failures: list[BaseException] = []
         waits: list[float] = []
         new = 0
         for key, what in sources:
-            self._ping("discover")
+            self.crew.ping("discover")
             try:
                 new += await tracing.traced("replyguy.discover", self._discover(key, what), attributes={"source": key})
             except Exception as exc:
-                wait = self._waits(exc)
+                wait = pause_asked_by(exc)
                 if wait is not None:
                     waits.append(wait)
                     continue
                 failures.append(exc)
                 logger.warning("discovery from %s failed: %s", key, describe(exc))
         if new:
-            self.wake["draft"].set()
+            self.crew.wake.draft.set()
             logger.info("discovered %d new tweet(s)", new)
         if failures and len(failures) + len(waits) == len(sources):
             raise failures[-1]
-        self._succeeded("discover")
+        self.crew.failures.succeeded("discover")
         if waits and len(waits) == len(sources):
-            return min(max(waits), self.settings.discover_interval)
+            return min(max(waits), self.crew.settings.discover_interval)
         return None
 
     async def _discover(self, key: str, what: str) -> int:
-        since = self.state.cursor(key)
+        since = self.crew.state.cursor(key)
         if key.startswith("search:"):
             tweets = await self.x.search_recent(what, since_id=since)
         else:
@@ -470,37 +515,51 @@ class ReplyGuy:
         for tweet in tweets:
             if tweet.is_retweet or tweet.author_id == me:
                 continue
-            inserted = await self.db.insert_tweet(tweet.id, author=tweet.author, text=tweet.text)
+            inserted = await self.crew.db.insert_tweet(tweet.id, author=tweet.author, text=tweet.text)
             created += int(inserted.created)
         if tweets:
-            await self.state.advance(key, tweets[-1].id)
+            await self.crew.state.advance(key, tweets[-1].id)
         return created
 
-    # --- 3c. draft ----------------------------------------------------------------------------------
 
-    async def draft_cycle(self) -> float | None:
+class Draft:
+    """Step 2: a reply from the AI API for each discovered tweet.
+
+    Args:
+        crew: what every step shares.
+        drafter: the AI drafter (its client's breaker decides when to wait).
+    """
+
+    BATCH = 5
+
+    def __init__(self, crew: Crew, *, drafter: Drafter) -> None:
+        self.crew = crew
+        self.drafter = drafter
+
+    async def cycle(self) -> float | None:
         """Draft replies for discovered tweets, a few per cycle."""
-        if self.ai.http.breaker.state is CircuitState.OPEN:
-            return self._breaker_wait(self.ai.http.breaker)
-        batch = 5
-        tweets = await self.db.list_tweets(statuses=[TweetStatus.DISCOVERED], limit=batch)
+        crew = self.crew
+        breaker = self.drafter.ai.http.breaker
+        if breaker.state is CircuitState.OPEN:
+            return breaker_wait(breaker)
+        tweets = await crew.db.list_tweets(statuses=[TweetStatus.DISCOVERED], limit=self.BATCH)
         for tweet in tweets:
-            self._ping("draft")
-            if self.runtime.shutdown.stopping:
+            crew.ping("draft")
+            if crew.stopping:
                 return None
             try:
-                async with self.runtime.shutdown.in_flight():
+                async with crew.runtime.shutdown.in_flight():
                     await tracing.traced("replyguy.draft", self.draft_one(tweet), attributes=tracing.of_tweet(tweet))
             except Exception as exc:
-                wait = self._waits(exc)
+                wait = pause_asked_by(exc)
                 if wait is not None:
                     return wait  # not this tweet's fault: it stays discovered
-                self._failed("draft", exc, tweet=tweet)
-                if await self.db.tweet_transition(tweet.id, [TweetStatus.DISCOVERED], TweetStatus.FAILED, last_error=classify(exc).reason):
-                    await self._to_dlq(Stage.DRAFT, tweet, exc)
+                crew.failures.failed("draft", exc, tweet=tweet)
+                if await crew.db.tweet_transition(tweet.id, [TweetStatus.DISCOVERED], TweetStatus.FAILED, last_error=classify(exc).reason):
+                    await crew.failures.retry_later(Stage.DRAFT, tweet, exc)
                 continue
-            self._succeeded("draft")
-        return 0.0 if len(tweets) == batch else None
+            crew.failures.succeeded("draft")
+        return 0.0 if len(tweets) == self.BATCH else None
 
     async def draft_one(self, tweet: Tweet) -> bool:
         """Draft a reply for a ``discovered`` tweet and move it to ``drafted``.
@@ -509,7 +568,7 @@ class ReplyGuy:
             Whatever the AI client raises (the tweet stays ``discovered``).
         """
         draft = await self.drafter.draft(text=tweet.tweet_text or "", author=tweet.author, previous=tweet.draft)
-        moved = await self.db.tweet_transition(tweet.id, [TweetStatus.DISCOVERED], TweetStatus.DRAFTED, draft=draft.text)
+        moved = await self.crew.db.tweet_transition(tweet.id, [TweetStatus.DISCOVERED], TweetStatus.DRAFTED, draft=draft.text)
         if moved:
             metrics.DRAFTS.inc()
             logger.info(
@@ -519,95 +578,123 @@ class ReplyGuy:
                 ", cut" if draft.trimmed else "",
                 extra={"tweet": tweet.target_tweet_id, "regenerations": draft.regenerations},
             )
-            self.wake["approve"].set()
+            self.crew.wake.approve.set()
         return moved
 
-    def _breaker_wait(self, breaker: CircuitBreaker) -> float:
-        retry_in = breaker.get_status().get("retry_in_s") or 1.0
-        return max(1.0, float(retry_in))
 
-    # --- 3d. approve --------------------------------------------------------------------------------
+class Approve:
+    """Step 3: every draft goes to the operators' chat; their decision comes back through :class:`Wakeups`.
 
-    async def approve_cycle(self) -> float | None:
+    Args:
+        crew: what every step shares.
+        desk: the operators' approval desk.
+    """
+
+    BATCH = 10
+
+    def __init__(self, crew: Crew, *, desk: ApprovalDesk) -> None:
+        self.crew = crew
+        self.desk = desk
+
+    async def cycle(self) -> float | None:
         """Keep the bot connected and send every drafted tweet to the operators."""
+        crew = self.crew
         await self.desk.ensure_connected()
-        batch = 10
-        tweets = await self.db.list_tweets(statuses=[TweetStatus.DRAFTED], limit=batch)
+        tweets = await crew.db.list_tweets(statuses=[TweetStatus.DRAFTED], limit=self.BATCH)
         for tweet in tweets:
-            self._ping("approve")
+            crew.ping("approve")
             try:
                 message_id = await tracing.traced("replyguy.approval_request", self.desk.request(tweet), attributes=tracing.of_tweet(tweet))
             except Exception as exc:
-                wait = self._waits(exc)
+                wait = pause_asked_by(exc)
                 if wait is not None:
                     return wait
                 if classify(exc).kind is ErrorKind.PERMANENT and not concerns_the_chat(exc):
                     # This draft's own problem (Telegram refuses its text): a dead letter with
                     # its reason, so it cannot hold up the drafts after it.
-                    self._failed("approve", exc, tweet=tweet)
-                    if await self.db.tweet_transition(
+                    crew.failures.failed("approve", exc, tweet=tweet)
+                    if await crew.db.tweet_transition(
                         tweet.id, [TweetStatus.DRAFTED], TweetStatus.FAILED, last_error=classify(exc).reason
                     ):
-                        await self._dead_letter(Stage.APPROVE, tweet, exc)
+                        await crew.failures.dead_letter(Stage.APPROVE, tweet, exc)
                     continue
                 raise  # Telegram or the operator chat as a whole: every draft waits for the next cycle
-            await self.db.tweet_transition(
+            await crew.db.tweet_transition(
                 tweet.id, [TweetStatus.DRAFTED], TweetStatus.PENDING_APPROVAL, approval_message_id=message_id
             )
             logger.info("draft for %s sent to the operators (message %d)", tweet.target_tweet_id, message_id,
                         extra={"tweet": tweet.target_tweet_id})
-        self._succeeded("approve")
-        return 0.0 if len(tweets) == batch else None
+        crew.failures.succeeded("approve")
+        return 0.0 if len(tweets) == self.BATCH else None
 
-    # --- 3e. post ----------------------------------------------------------------------------------
+
+class Post:
+    """Step 4: approved replies go out through ``POST /2/tweets``, exactly once, within the daily cap.
+
+    Args:
+        crew: what every step shares.
+        x: the X API client.
+        rng: chooses the random posting delays.
+        settle_after: seconds after which a ``posting`` intent is settled
+            (default TIMEOUT_HTTP + 5 s: no POST can still be in flight).
+    """
+
+    def __init__(self, crew: Crew, *, x: XClient, rng: random.Random | None = None, settle_after: float | None = None) -> None:
+        self.crew = crew
+        self.x = x
+        self.rng = rng or random.Random()
+        self.settle_after = crew.settings.timeout_http + SETTLE_MARGIN if settle_after is None else settle_after
+        self._not_before: dict[str, float] = {}
+        self._cap_logged_for: str | None = None
 
     def cap_reached(self) -> bool:
-        reached = self.state.posted_today() >= self.settings.post_daily_cap
-        day = self._now().strftime("%Y-%m-%d")
+        """Today's posts reached POST_DAILY_CAP (said once a day in the log)."""
+        cap = self.crew.settings.post_daily_cap
+        reached = self.crew.state.posted_today() >= cap
+        day = self.crew.now().strftime("%Y-%m-%d")
         if reached and self._cap_logged_for != day:
             self._cap_logged_for = day
-            logger.warning("daily cap of %d replies reached; posting again after midnight UTC", self.settings.post_daily_cap)
+            logger.warning("daily cap of %d replies reached; posting again after midnight UTC", cap)
         return reached
 
-    async def post_cycle(self) -> float | None:
+    async def cycle(self) -> float | None:
         """Settle old intents, then post the approved replies that are due."""
-        if self.runtime.shutdown.stopping:
+        crew, settings = self.crew, self.crew.settings
+        if crew.stopping:
             return None
         await self.settle_posting()
         breaker = self.x.http.breaker
         if breaker.state is CircuitState.OPEN:
-            return self._breaker_wait(breaker)
-        tweets = await self.db.list_tweets(statuses=[TweetStatus.APPROVED], limit=10)
-        now = self.clock()
+            return breaker_wait(breaker)
+        tweets = await crew.db.list_tweets(statuses=[TweetStatus.APPROVED], limit=10)
+        now = crew.clock()
         next_due: float | None = None
         for tweet in tweets:
-            self._ping("post")
-            if self.runtime.shutdown.stopping:
+            crew.ping("post")
+            if crew.stopping:
                 return None
             if self.cap_reached():
                 return min(seconds_to_utc_midnight(now), 600.0)
-            due = self._not_before.setdefault(
-                tweet.id, now + self.rng.uniform(self.settings.post_delay_min, self.settings.post_delay_max)
-            )
+            due = self._not_before.setdefault(tweet.id, now + self.rng.uniform(settings.post_delay_min, settings.post_delay_max))
             if due > now:
                 next_due = due - now if next_due is None else min(next_due, due - now)
                 continue
             try:
                 await tracing.traced("replyguy.post", self.post_one(tweet), attributes=tracing.of_tweet(tweet))
             except Exception as exc:
-                wait = self._waits(exc)
+                wait = pause_asked_by(exc)
                 if wait is not None:
-                    self._not_before[tweet.id] = self.clock() + wait
+                    self._not_before[tweet.id] = crew.clock() + wait
                     return wait
-                self._failed("post", exc, tweet=tweet)
-                current = await self.db.get_tweet(tweet.id)
+                crew.failures.failed("post", exc, tweet=tweet)
+                current = await crew.db.get_tweet(tweet.id)
                 if current is not None and current.status is TweetStatus.FAILED:
-                    await self._to_dlq(Stage.POST, current, exc)
+                    await crew.failures.retry_later(Stage.POST, current, exc)
                 continue
             finally:
-                if self._not_before.get(tweet.id, 0) <= self.clock():
+                if self._not_before.get(tweet.id, 0) <= crew.clock():
                     self._not_before.pop(tweet.id, None)
-            self._succeeded("post")
+            crew.failures.succeeded("post")
         return next_due
 
     async def post_one(self, tweet: Tweet) -> str | None:
@@ -648,8 +735,8 @@ class ReplyGuy:
                             tweet.target_tweet_id, existing)
                 await self._mark_posted(tweet, existing, [TweetStatus.APPROVED])
                 return existing
-        async with self.runtime.shutdown.in_flight():
-            if not await self.db.tweet_transition(tweet.id, [TweetStatus.APPROVED], TweetStatus.POSTING):
+        async with self.crew.runtime.shutdown.in_flight():
+            if not await self.crew.db.tweet_transition(tweet.id, [TweetStatus.APPROVED], TweetStatus.POSTING):
                 return None
             try:
                 reply_id = await self.x.post_reply(tweet.draft or "", tweet.target_tweet_id)
@@ -670,54 +757,68 @@ class ReplyGuy:
                 logger.info("the post of %s went through after all (%s)", tweet.target_tweet_id, existing)
                 await self._mark_posted(tweet, existing, [TweetStatus.POSTING])
                 return existing
-        if self._waits(exc) is not None:
-            # Refused before anything was sent: back in line, not a failure of the tweet.
-            await self.db.tweet_transition(tweet.id, [TweetStatus.POSTING], TweetStatus.APPROVED, last_error=verdict.reason)
-        else:
-            await self.db.tweet_transition(tweet.id, [TweetStatus.POSTING], TweetStatus.FAILED, last_error=verdict.reason)
+        # Refused before anything was sent (rate limit, open breaker): back in line, not a failure of the tweet.
+        back_to = TweetStatus.APPROVED if pause_asked_by(exc) is not None else TweetStatus.FAILED
+        await self.crew.db.tweet_transition(tweet.id, [TweetStatus.POSTING], back_to, last_error=verdict.reason)
         raise exc
 
     async def _mark_posted(self, tweet: Tweet, reply_id: str, from_statuses: list[TweetStatus]) -> None:
-        if await self.db.tweet_transition(tweet.id, from_statuses, TweetStatus.POSTED, posted_tweet_id=reply_id):
+        crew = self.crew
+        if await crew.db.tweet_transition(tweet.id, from_statuses, TweetStatus.POSTED, posted_tweet_id=reply_id):
             metrics.POSTS.inc()
-            count = await self.state.count_post()
-            self.runtime.stats.processed += 1
+            count = await crew.state.count_post()
+            crew.runtime.stats.processed += 1
             logger.info(
                 "replied to %s with %s (%d of %d today)",
                 tweet.target_tweet_id,
                 reply_id,
                 count,
-                self.settings.post_daily_cap,
+                crew.settings.post_daily_cap,
                 extra={"tweet": tweet.target_tweet_id, "reply": reply_id},
             )
 
     async def settle_posting(self) -> int:
         """Resolve ``posting`` intents old enough that no POST can be in flight; how many."""
         settled = 0
-        cutoff = self._now() - timedelta(seconds=self.settle_after)
-        for tweet in await self.db.list_tweets(statuses=[TweetStatus.POSTING], limit=20):
+        cutoff = self.crew.now() - timedelta(seconds=self.settle_after)
+        for tweet in await self.crew.db.list_tweets(statuses=[TweetStatus.POSTING], limit=20):
             if tweet.updated_at > cutoff:
                 continue
-            self._ping("post")
+            self.crew.ping("post")
             existing = await self.x.find_reply(tweet.target_tweet_id)
             if existing is not None:
                 logger.info("recovered the reply %s to %s left by an interrupted post", existing, tweet.target_tweet_id)
                 await self._mark_posted(tweet, existing, [TweetStatus.POSTING])
             else:
                 logger.info("interrupted post of %s left no reply; it will be posted again", tweet.target_tweet_id)
-                await self.db.tweet_transition(
+                await self.crew.db.tweet_transition(
                     tweet.id, [TweetStatus.POSTING], TweetStatus.APPROVED, last_error="interrupted before X had the reply"
                 )
             settled += 1
         return settled
 
-    # --- 3f. dead letters ---------------------------------------------------------------------------
 
-    async def dlq_cycle(self) -> float | None:
+class RetryDeadLetters:
+    """Step 5: failed drafts and posts, retried from the dead-letter queue through the steps that failed.
+
+    Args:
+        crew: what every step shares.
+        queue: the dead-letter queue.
+        draft: retries of ``draft`` items.
+        post: retries of ``post`` items.
+    """
+
+    def __init__(self, crew: Crew, *, queue: RetryQueue, draft: Draft, post: Post) -> None:
+        self.crew = crew
+        self.queue = queue
+        self.draft = draft
+        self.post = post
+
+    async def cycle(self) -> float | None:
         """Retry the dead-letter items that are due; the exhausted ones alert once."""
         for item in await self.queue.due(limit=10):
-            self._ping("dlq")
-            if self.runtime.shutdown.stopping:
+            self.crew.ping("dlq")
+            if self.crew.stopping:
                 await self.queue.release(item)
                 continue
             try:
@@ -738,15 +839,15 @@ class ReplyGuy:
                     self._exhausted(item, verdict.reason)
                 continue
             await self.queue.succeeded(item)
-        self._succeeded("dlq")
+        self.crew.failures.succeeded("dlq")
         pause = self.queue.next_due_in()
         return None if pause is None else min(pause, 60.0)
 
     def _exhausted(self, item: RetryItem, reason: str) -> None:
         target = item.payload.get("target_tweet_id", "?")
         metrics.DEAD_LETTERS.inc()
-        self.runtime.stats.failed += 1
-        self.alerts.alert(
+        self.crew.runtime.stats.failed += 1
+        self.crew.runtime.alerts.alert(
             AlertType.TWEET_PROCESSING_FAILED,
             f"gave up on tweet {target} after {item.attempts + 1} retries of its {item.kind} step: {reason}",
             key=f"dead:{item.id}",
@@ -755,36 +856,128 @@ class ReplyGuy:
 
     async def _retry(self, item: RetryItem) -> None:
         """One dead-letter retry. Returns when done (or moot); raises when it failed again."""
-        tweet = await self.db.get_tweet(str(item.payload.get("tweet_id")))
+        db = self.crew.db
+        tweet = await db.get_tweet(str(item.payload.get("tweet_id")))
         if tweet is None or tweet.status is not TweetStatus.FAILED:
             return  # moved on meanwhile (recovered, or an operator acted)
         if item.kind == Stage.DRAFT.value:
-            if not await self.db.tweet_transition(tweet.id, [TweetStatus.FAILED], TweetStatus.DISCOVERED):
+            if not await db.tweet_transition(tweet.id, [TweetStatus.FAILED], TweetStatus.DISCOVERED):
                 return
             try:
-                await tracing.traced("replyguy.draft", self.draft_one(tweet), attributes=tracing.of_tweet(tweet, retry=True))
+                await tracing.traced("replyguy.draft", self.draft.draft_one(tweet), attributes=tracing.of_tweet(tweet, retry=True))
             except Exception as exc:
-                await self.db.tweet_transition(tweet.id, [TweetStatus.DISCOVERED], TweetStatus.FAILED, last_error=classify(exc).reason)
+                await db.tweet_transition(tweet.id, [TweetStatus.DISCOVERED], TweetStatus.FAILED, last_error=classify(exc).reason)
                 raise
             return
         if item.kind == Stage.POST.value:
-            if not await self.db.tweet_transition(tweet.id, [TweetStatus.FAILED], TweetStatus.APPROVED):
+            if not await db.tweet_transition(tweet.id, [TweetStatus.FAILED], TweetStatus.APPROVED):
                 return
-            if self.cap_reached():
+            if self.post.cap_reached():
                 return  # the post loop takes it after midnight
-            fresh = await self.db.get_tweet(tweet.id)
+            fresh = await db.get_tweet(tweet.id)
             if fresh is None:
                 return
             try:
-                await tracing.traced("replyguy.post", self.post_one(fresh), attributes=tracing.of_tweet(fresh, retry=True))
+                await tracing.traced("replyguy.post", self.post.post_one(fresh), attributes=tracing.of_tweet(fresh, retry=True))
             except Exception as exc:
-                if self._waits(exc) is not None:
+                if pause_asked_by(exc) is not None:
                     return  # back in ``approved``: the post loop takes it when allowed
                 raise
             return
         logger.error("dead-letter item %s has an unknown kind %r; dropping it", item.id, item.kind)
 
-    # --- 3g. health and status ------------------------------------------------------------------------
+
+# --- 4. the Reply Guy: the steps together -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Loop:
+    """One watched loop: its name (the watchdog's and the wake-up's), its cycle and its pause."""
+
+    name: str
+    cycle: Callable[[], Awaitable[float | None]]
+    interval: float
+
+
+class ReplyGuy:
+    """The Reply Guy's steps over one set of parts, complete when constructed.
+
+    Args:
+        settings: the bot's settings.
+        plan: what this run talks to.
+        runtime: the kit (alerts, watchdog, stats, shutdown).
+        db: tweets and dead letters.
+        x: the X API client.
+        drafter: the AI drafter.
+        desk: the operators' approval desk (built with ``on_decision=wake.on_decision``).
+        queue: the dead-letter queue (``retry_items`` of bot ``bot``).
+        state: discovery cursors and the day's post count.
+        wake: the loops' wake-up events, shared with the desk.
+        clock: wall-clock seconds.
+        rng: chooses the random posting delays.
+        settle_after: see :class:`Post`.
+        stale_minutes: crash recovery's threshold (30 minutes by default).
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: ReplyGuySettings,
+        plan: Plan,
+        runtime: BotRuntime,
+        db: Database,
+        x: XClient,
+        drafter: Drafter,
+        desk: ApprovalDesk,
+        queue: RetryQueue,
+        state: ReplyState,
+        wake: Wakeups,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+        settle_after: float | None = None,
+        stale_minutes: float = STALE_MINUTES,
+    ) -> None:
+        self.settings = settings
+        self.plan = plan
+        self.runtime = runtime
+        self.db = db
+        self.x = x
+        self.ai = drafter.ai
+        self.desk = desk
+        self.queue = queue
+        self.state = state
+        self.wake = wake
+        self.failures = Failures(runtime=runtime, queue=queue, wake=wake, clock=clock)
+        crew = Crew(settings=settings, runtime=runtime, db=db, state=state, wake=wake, failures=self.failures, clock=clock)
+        self.recovery = Recovery(crew, queue=queue, stale_minutes=stale_minutes)
+        self.discover = Discover(crew, x=x, keywords=plan.keywords, accounts=plan.accounts)
+        self.draft = Draft(crew, drafter=drafter)
+        self.approve = Approve(crew, desk=desk)
+        self.post = Post(crew, x=x, rng=rng, settle_after=settle_after)
+        self.dlq = RetryDeadLetters(crew, queue=queue, draft=self.draft, post=self.post)
+
+    def loops(self) -> list[Loop]:
+        """The watched loops, in the order a tweet passes them."""
+        return [
+            Loop("discover", self.discover.cycle, self.settings.discover_interval),
+            Loop("draft", self.draft.cycle, 10.0),
+            Loop("approve", self.approve.cycle, 10.0),
+            Loop("post", self.post.cycle, 10.0),
+            Loop("dlq", self.dlq.cycle, 30.0),
+        ]
+
+    def watched(self, step: str, cycle: Callable[[], Awaitable[float | None]]) -> Callable[[], Awaitable[float | None]]:
+        """``cycle`` with its failures counted toward ``multiple_failures``."""
+
+        async def run() -> float | None:
+            try:
+                result = await cycle()
+            except Exception as exc:
+                self.failures.failed(step, exc)
+                raise
+            return result
+
+        return run
 
     async def health_check_all(self) -> dict[str, Any]:
         """Database, twitter, ai and telegram, each healthy | degraded | error, and overall (one shape for every bot)."""
@@ -824,17 +1017,82 @@ class ReplyGuy:
         }
 
 
-# --- 4. wiring and main() ----------------------------------------------------------------------------
+# --- 5. assembly and main() ---------------------------------------------------------------
 
 
-def _banner(*, x_url: str, ai_url: str, sandbox_dir: Path, operator_chat: Any) -> None:
+@dataclass(frozen=True)
+class ApiUrls:
+    """Where the X and AI clients send their requests (a stand-in's URL in the sandbox)."""
+
+    x: str
+    ai: str
+
+
+@dataclass(frozen=True)
+class OperatorChat:
+    """The operator bot's Telegram client and where it asks."""
+
+    client: TelegramClient
+    chat: str | int
+    operator_ids: tuple[int, ...]
+    bot_token: str | None
+
+
+async def start_apis(settings: ReplyGuySettings, plan: Plan, runtime: BotRuntime) -> ApiUrls:
+    """The X and AI base URLs: the configured ones, or local stand-ins started (and stopped at the end) here."""
+    x_url, ai_url = plan.x_base, plan.ai_base
+    if x_url is None:
+        from devkit.local_x import LocalX
+
+        local_x = await LocalX(state_path=settings.data_dir / "replyguy" / "local_x.json").start()
+        runtime.add_cleanup("local X API", local_x.stop)
+        x_url = local_x.base_url
+    if ai_url is None:
+        from devkit.local_ai import LocalAI
+
+        local_ai = await LocalAI().start()
+        runtime.add_cleanup("local AI API", local_ai.stop)
+        ai_url = f"{local_ai.base_url}/v1"
+    return ApiUrls(x=x_url, ai=ai_url)
+
+
+def sandbox_dir(settings: ReplyGuySettings) -> Path:
+    return settings.sandbox_dir or settings.data_dir / "sandbox"
+
+
+async def open_operator_chat(settings: ReplyGuySettings, plan: Plan, runtime: BotRuntime) -> OperatorChat:
+    """The operator bot on Telegram, or in the sandbox world with its demo peers (the operator chat, the operator, the bot)."""
+    if plan.telegram is not None:
+        live = plan.telegram
+        client = TelegramClient(StringSession(), live.api_id, live.api_hash,
+                                flood_sleep_threshold=0, raise_last_call_error=True, request_retries=1)
+        return OperatorChat(client=client, chat=live.operator_chat, operator_ids=plan.operator_ids, bot_token=live.bot_token)
+
+    from devkit.sandbox import SandboxClient, World
+    from devkit.sandbox import describe as describe_sandbox
+
+    world = await asyncio.to_thread(World.open, sandbox_dir(settings))
+    demo = await asyncio.to_thread(world.seed_demo)
+    runtime.sandbox = True
+    runtime.add_section("sandbox", lambda: describe_sandbox(world))
+    client = SandboxClient(world, bot_token=demo.reply_bot.bot_token, flood_sleep_threshold=0,
+                           raise_last_call_error=True, request_retries=0)
+    return OperatorChat(
+        client=client,
+        chat=plan.operator_chat if plan.operator_chat is not None else -demo.operators.id,
+        operator_ids=plan.operator_ids or (demo.operator.id,),
+        bot_token=None,
+    )
+
+
+def _banner(*, urls: ApiUrls, sandbox_dir: Path, operator_chat: Any) -> None:
     from devkit.sandbox import banner
 
     lines = [
         "*" * 78,
         "*** REPLY GUY SANDBOX MODE: no X, AI or Telegram credentials are set. ***",
-        f"*** X API: local stand-in at {x_url} (nothing is posted to X). ***",
-        f"*** AI API: local stand-in at {ai_url} (no model is called). ***",
+        f"*** X API: local stand-in at {urls.x} (nothing is posted to X). ***",
+        f"*** AI API: local stand-in at {urls.ai} (no model is called). ***",
         banner(sandbox_dir),
         f"Drafts go to the sandbox chat {operator_chat!r}; press Approve with:",
         f"  ./start.sh sandbox --dir {sandbox_dir} press operator --chat \"Demo Operators\" --button Approve --wait 5",
@@ -844,108 +1102,52 @@ def _banner(*, x_url: str, ai_url: str, sandbox_dir: Path, operator_chat: Any) -
         logger.warning("%s", line)
 
 
-class Wiring:
-    """Builds the Reply Guy's dependencies for a run and closes them afterwards."""
+async def assemble(settings: ReplyGuySettings, plan: Plan, runtime: BotRuntime, db: Database) -> ReplyGuy:
+    """Build every part of the Reply Guy for a run, each complete when constructed; the runtime closes them.
 
-    def __init__(self, settings: ReplyGuySettings, plan: Plan, runtime: BotRuntime) -> None:
-        self.settings = settings
-        self.plan = plan
-        self.runtime = runtime
-        self.local_x: Any = None  # devkit.local_x.LocalX in sandbox mode
-        self.local_ai: Any = None  # devkit.local_ai.LocalAI in sandbox mode
-        self.world: Any = None
+    The one place the parts meet: breakers, the X and AI clients (one
+    :class:`HttpSettings` for both), the operator chat and its approval desk,
+    the dead-letter queue and the cursors.
+    """
+    breakers = configure_breakers()
+    urls = await start_apis(settings, plan, runtime)
+    http = HttpSettings.from_settings(settings, alerts=runtime.alerts)
+    x = XClient(base_url=urls.x, credentials=plan.x_credentials, breaker=breakers["twitter_api"], settings=http)
+    runtime.add_cleanup("X client", x.close)
+    ai = AIClient(base_url=urls.ai, api_key=plan.ai_key, model=plan.ai_model, breaker=breakers["ai_service"], settings=http)
+    runtime.add_cleanup("AI client", ai.close)
+    drafter = Drafter(ai, system_prompt=load_prompt(settings.reply_prompt_file))
 
-    async def build(self, db: Database | None = None) -> ReplyGuy:
-        settings, plan, runtime = self.settings, self.plan, self.runtime
-        breakers = configure_breakers()
-        if db is None:
-            db = await runtime.open_database(settings)  # waits while the database is away
+    wake = Wakeups()
+    operators = await open_operator_chat(settings, plan, runtime)
+    desk = ApprovalDesk(
+        client=operators.client,
+        db=db,
+        chat=operators.chat,
+        operator_ids=operators.operator_ids,
+        send_timeout=settings.timeout_telegram_send,
+        entity_timeout=settings.timeout_telegram_entity,
+        bot_token=operators.bot_token,
+        on_decision=wake.on_decision,
+        on_error=lambda where, exc: runtime.stats.error(f"approval {where}", exc),
+    )
+    runtime.add_cleanup("Telegram bot", desk.close, timeout=settings.timeout_telegram_entity + 2)
+    await desk.start()
 
-        x_url, ai_url = plan.x_base, plan.ai_base
-        if x_url is None:
-            from devkit.local_x import LocalX
-
-            self.local_x = await LocalX(state_path=settings.data_dir / "replyguy" / "local_x.json").start()
-            runtime.add_cleanup("local X API", self.local_x.stop)
-            x_url = self.local_x.base_url
-        if ai_url is None:
-            from devkit.local_ai import LocalAI
-
-            self.local_ai = await LocalAI().start()
-            runtime.add_cleanup("local AI API", self.local_ai.stop)
-            ai_url = f"{self.local_ai.base_url}/v1"
-
-        x = XClient(base_url=x_url, credentials=plan.x_credentials, timeout=settings.timeout_http,
-                    breaker=breakers["twitter_api"], alerts=runtime.alerts)
-        runtime.add_cleanup("X client", x.close)
-        ai = AIClient(base_url=ai_url, api_key=plan.ai_key, model=plan.ai_model, timeout=settings.timeout_http,
-                      breaker=breakers["ai_service"], alerts=runtime.alerts)
-        runtime.add_cleanup("AI client", ai.close)
-        drafter = Drafter(ai, system_prompt=load_prompt(settings.reply_prompt_file))
-
-        demo = await self._open_sandbox() if plan.sandbox else None
-        desk = self._desk(db, demo)
-        runtime.add_cleanup("Telegram bot", desk.close, timeout=settings.timeout_telegram_entity + 2)
-        await desk.start()
-
-        queue = RetryQueue(
-            name="dlq",
-            store=DbRetryStore(db, BOT),
-            fallback=JsonlRetryStore(settings.data_dir / "replyguy" / "dlq-fallback.jsonl"),
-            capacity=settings.retry_queue_capacity,
-            base_delay=settings.retry_base_delay,
-            max_retries=settings.max_message_retries,
-            store_timeout=settings.timeout_db,
-        )
-        runtime.add_queue(queue)
-        state = ReplyState(db, clock=time.time)
-        if plan.sandbox:
-            _banner(x_url=x_url, ai_url=ai_url, sandbox_dir=self._sandbox_dir(), operator_chat=desk.chat)
-        return ReplyGuy(settings=settings, plan=plan, runtime=runtime, db=db, x=x, drafter=drafter, desk=desk,
-                        queue=queue, state=state)
-
-    def _sandbox_dir(self) -> Path:
-        return self.settings.sandbox_dir or self.settings.data_dir / "sandbox"
-
-    async def _open_sandbox(self) -> Any:
-        """The Telegram sandbox world with its demo peers (the operator chat, the operator, the bot)."""
-        from devkit.sandbox import World
-        from devkit.sandbox import describe as describe_sandbox
-
-        world = self.world = await asyncio.to_thread(World.open, self._sandbox_dir())
-        demo = await asyncio.to_thread(world.seed_demo)
-        self.runtime.sandbox = True
-        self.runtime.add_section("sandbox", lambda: describe_sandbox(world))
-        return demo
-
-    def _desk(self, db: Database, demo: Any) -> ApprovalDesk:
-        settings, plan = self.settings, self.plan
-        chat: str | int | None = plan.operator_chat
-        operators = plan.operator_ids
-        client: TelegramClient
-        if demo is not None:
-            from devkit.sandbox import SandboxClient
-
-            chat = chat if chat is not None else -demo.operators.id
-            operators = operators or (demo.operator.id,)
-            client = SandboxClient(self.world, bot_token=demo.reply_bot.bot_token, flood_sleep_threshold=0,
-                                   raise_last_call_error=True, request_retries=0)
-        else:
-            assert plan.telegram_api_id is not None and plan.telegram_api_hash is not None
-            client = TelegramClient(StringSession(), plan.telegram_api_id, plan.telegram_api_hash,
-                                    flood_sleep_threshold=0, raise_last_call_error=True, request_retries=1)
-        assert chat is not None
-        desk = ApprovalDesk(
-            client=client,
-            db=db,
-            chat=chat,
-            operator_ids=operators,
-            send_timeout=settings.timeout_telegram_send,
-            entity_timeout=settings.timeout_telegram_entity,
-            bot_token=plan.bot_token,
-            on_error=lambda where, exc: self.runtime.stats.error(f"approval {where}", exc),
-        )
-        return desk
+    queue = RetryQueue(
+        name="dlq",
+        store=DbRetryStore(db, BOT),
+        fallback=JsonlRetryStore(settings.data_dir / "replyguy" / "dlq-fallback.jsonl"),
+        capacity=settings.retry_queue_capacity,
+        base_delay=settings.retry_base_delay,
+        max_retries=settings.max_message_retries,
+        store_timeout=settings.timeout_db,
+    )
+    runtime.add_queue(queue)
+    if plan.sandbox:
+        _banner(urls=urls, sandbox_dir=sandbox_dir(settings), operator_chat=desk.chat)
+    return ReplyGuy(settings=settings, plan=plan, runtime=runtime, db=db, x=x, drafter=drafter, desk=desk,
+                    queue=queue, state=ReplyState(db, clock=time.time), wake=wake)
 
 
 async def serve(settings: ReplyGuySettings, plan: Plan, *, runtime: BotRuntime | None = None) -> None:
@@ -971,8 +1173,8 @@ async def serve(settings: ReplyGuySettings, plan: Plan, *, runtime: BotRuntime |
             return  # stopped while standing by
         runtime.add_cleanup("active lease", lease.release)  # after everything else: the next replica starts clean
         try:
-            guy = await Wiring(settings, plan, runtime).build(db)
-            await runtime.until_started("crash recovery", guy.recover, fix="check the database")
+            guy = await assemble(settings, plan, runtime, db)
+            await runtime.until_started("crash recovery", guy.recovery.run, fix="check the database")
         except (StartupFailed, StartupAborted):
             raise  # said and alerted by the runtime
         except Exception as exc:
@@ -985,15 +1187,9 @@ async def serve(settings: ReplyGuySettings, plan: Plan, *, runtime: BotRuntime |
             raise
         # One call may retry 3 times, each under TIMEOUT_HTTP, between two pings: allow that much silence.
         silence = settings.watchdog_max_silence + 4 * max(settings.timeout_http, settings.timeout_telegram_send) + 20
-        loops = (
-            ("discover", guy.discover_cycle, settings.discover_interval),
-            ("draft", guy.draft_cycle, 10.0),
-            ("approve", guy.approve_cycle, 10.0),
-            ("post", guy.post_cycle, 10.0),
-            ("dlq", guy.dlq_cycle, 30.0),
-        )
-        for name, cycle, interval in loops:
-            runtime.add_loop(name, guy.watched(name, cycle), interval=interval, wake=guy.wake.get(name), max_silence=silence)
+        for loop in guy.loops():
+            runtime.add_loop(loop.name, guy.watched(loop.name, loop.cycle), interval=loop.interval,
+                             wake=guy.wake.of(loop.name), max_silence=silence)
         runtime.add_section("reply_guy", guy.status)
         runtime.set_detailed_health(guy.health_check_all)
         for name, health in (("twitter", guy.x.health), ("ai", guy.ai.health), ("telegram", guy.desk.health)):

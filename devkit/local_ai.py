@@ -20,7 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
-from devkit.standins import FaultKind, StandInServer
+from devkit.standins import HttpFaultKind, StandInServer
 
 logger = logging.getLogger(__name__)
 
@@ -80,9 +80,9 @@ class LocalAI(StandInServer):
         self.hits["models"] += 1
         fault = self.faults.take("models")
         if fault is not None:
-            if fault.kind is FaultKind.STATUS:
+            if fault.kind is HttpFaultKind.STATUS:
                 return web.json_response({"error": {"message": "stand-in fault", "type": "server_error"}}, status=fault.status)
-            if fault.kind is FaultKind.HANG:
+            if fault.kind is HttpFaultKind.HANG:
                 return await self.hang()
         if request.headers.get("Authorization") != f"Bearer {self.api_key}":
             return web.json_response({"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}}, status=401)
@@ -92,24 +92,24 @@ class LocalAI(StandInServer):
         self.hits["chat"] += 1
         raw = await request.text()
         fault = self.faults.take("chat", raw)
-        overlong = fault is not None and fault.kind is FaultKind.OVERLONG
-        with_nul = fault is not None and fault.kind is FaultKind.NUL_IN_TEXT
+        overlong = fault is not None and fault.kind is HttpFaultKind.OVERLONG
+        with_nul = fault is not None and fault.kind is HttpFaultKind.NUL_IN_TEXT
         if fault is not None and not overlong and not with_nul:
-            if fault.kind is FaultKind.STATUS:
+            if fault.kind is HttpFaultKind.STATUS:
                 return web.json_response({"error": {"message": "stand-in fault", "type": "server_error"}}, status=fault.status)
-            if fault.kind is FaultKind.RATE_LIMIT:
+            if fault.kind is HttpFaultKind.RATE_LIMIT:
                 return web.json_response(
                     {"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}},
                     status=429,
                     headers={"retry-after": str(int(fault.reset_in))},
                 )
-            if fault.kind is FaultKind.HANG:
+            if fault.kind is HttpFaultKind.HANG:
                 return await self.hang()
-            if fault.kind is FaultKind.MALFORMED:
+            if fault.kind is HttpFaultKind.MALFORMED:
                 return self.malformed()
-            if fault.kind is FaultKind.CONTENT_FILTER:
+            if fault.kind is HttpFaultKind.CONTENT_FILTER:
                 return web.json_response(self._completion(None, "content_filter"))
-            if fault.kind is FaultKind.NO_CHOICES:
+            if fault.kind is HttpFaultKind.NO_CHOICES:
                 return web.json_response({**self._completion(None, "stop"), "choices": []})
         if request.headers.get("Authorization") != f"Bearer {self.api_key}":
             return web.json_response({"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}}, status=401)

@@ -40,7 +40,7 @@ from aiohttp import web
 from oauthlib.oauth1 import RequestValidator, ResourceEndpoint
 
 from replyguy.length import MAX_WEIGHTED_LENGTH, weighted_length
-from devkit.standins import Fault, FaultKind, StandInServer
+from devkit.standins import HttpFault, HttpFaultKind, StandInServer
 from replyguy.xapi import XCredentials
 
 logger = logging.getLogger(__name__)
@@ -321,18 +321,18 @@ class LocalX(StandInServer):
         fault = self.faults.take(endpoint)
         return None if fault is None else await self._fault_response(fault)
 
-    async def _fault_response(self, fault: Fault) -> web.Response | None:
-        if fault.kind is FaultKind.STATUS:
+    async def _fault_response(self, fault: HttpFault) -> web.Response | None:
+        if fault.kind is HttpFaultKind.STATUS:
             return _problem(fault.status, "Service Unavailable" if fault.status >= 500 else "Error", "stand-in fault")
-        if fault.kind is FaultKind.RATE_LIMIT:
+        if fault.kind is HttpFaultKind.RATE_LIMIT:
             response = _problem(429, "Too Many Requests", "Too Many Requests")
             response.headers["x-rate-limit-limit"] = "50"
             response.headers["x-rate-limit-remaining"] = "0"
             response.headers["x-rate-limit-reset"] = str(int(time.time() + fault.reset_in))
             return response
-        if fault.kind is FaultKind.HANG:
+        if fault.kind is HttpFaultKind.HANG:
             return await self.hang()
-        if fault.kind is FaultKind.MALFORMED:
+        if fault.kind is HttpFaultKind.MALFORMED:
             return self.malformed()
         return None  # answer_lost and overlong mean nothing to reads
 
@@ -407,7 +407,7 @@ class LocalX(StandInServer):
     async def _post(self, request: web.Request) -> web.Response:
         self.hits["post"] += 1
         fault = self.faults.take("post", await request.text())
-        answer_lost = fault is not None and fault.kind is FaultKind.ANSWER_LOST
+        answer_lost = fault is not None and fault.kind is HttpFaultKind.ANSWER_LOST
         if fault is not None and not answer_lost and (response := await self._fault_response(fault)) is not None:
             return response
         if not self._oauth_user(request):

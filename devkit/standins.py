@@ -45,8 +45,15 @@ from aiohttp import web
 logger = logging.getLogger(__name__)
 
 
-class FaultKind(str, enum.Enum):
-    """How a stand-in misbehaves for a matching request."""
+class HttpFaultKind(str, enum.Enum):
+    """How a stand-in HTTP API misbehaves for a matching request.
+
+    Not the Telegram sandbox's ``devkit.sandbox.FaultKind``: that one fails
+    MTProto calls (flood waits, RPC errors, dropped connections) inside the
+    sandbox's own client, this one shapes HTTP answers (status codes, 429
+    headers, bodies) of a real server. The two share two words (``hang``,
+    ``answer_lost``) but no code path, so each keeps its own enum.
+    """
 
     STATUS = "status"
     RATE_LIMIT = "rate_limit"
@@ -60,7 +67,7 @@ class FaultKind(str, enum.Enum):
 
 
 @dataclass
-class Fault:
+class HttpFault:
     """One fault rule.
 
     Attributes:
@@ -74,7 +81,7 @@ class Fault:
         id: assigned when added.
     """
 
-    kind: FaultKind
+    kind: HttpFaultKind
     endpoint: str = "*"
     count: int | None = None
     status: int = 500
@@ -83,11 +90,11 @@ class Fault:
     id: int = 0
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Fault:
+    def from_json(cls, data: dict[str, Any]) -> HttpFault:
         """Build a rule from JSON fields; raises ValueError on bad ones."""
         try:
             return cls(
-                kind=FaultKind(str(data["kind"])),
+                kind=HttpFaultKind(str(data["kind"])),
                 endpoint=str(data.get("endpoint", "*")),
                 count=None if data.get("count") is None else int(data["count"]),
                 status=int(data.get("status", 500)),
@@ -107,25 +114,25 @@ class FaultPlan:
     """The fault rules of one stand-in (thread-safe: tests may set them from another thread)."""
 
     def __init__(self) -> None:
-        self._rules: list[Fault] = []
+        self._rules: list[HttpFault] = []
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
 
     def add(
         self,
-        kind: FaultKind | str,
+        kind: HttpFaultKind | str,
         *,
         endpoint: str = "*",
         count: int | None = None,
         status: int = 500,
         reset_in: float = 60.0,
         match: str = "",
-    ) -> Fault:
+    ) -> HttpFault:
         """Add a rule; the newest matching rule wins."""
-        fault = Fault(FaultKind(kind), endpoint=endpoint, count=count, status=status, reset_in=reset_in, match=match)
+        fault = HttpFault(HttpFaultKind(kind), endpoint=endpoint, count=count, status=status, reset_in=reset_in, match=match)
         return self.add_rule(fault)
 
-    def add_rule(self, fault: Fault) -> Fault:
+    def add_rule(self, fault: HttpFault) -> HttpFault:
         with self._lock:
             fault.id = next(self._ids)
             self._rules.append(fault)
@@ -138,7 +145,7 @@ class FaultPlan:
             self._rules.clear()
             return removed
 
-    def take(self, endpoint: str, body: str = "") -> Fault | None:
+    def take(self, endpoint: str, body: str = "") -> HttpFault | None:
         """The rule that hits this request (using up one of its count), or None."""
         with self._lock:
             for fault in reversed(self._rules):
@@ -247,7 +254,7 @@ class StandInServer:
 
     async def _admin_add_fault(self, request: web.Request) -> web.Response:
         try:
-            fault = self.faults.add_rule(Fault.from_json(await request.json()))
+            fault = self.faults.add_rule(HttpFault.from_json(await request.json()))
         except (ValueError, json.JSONDecodeError) as exc:
             return web.json_response({"error": str(exc)}, status=400)
         return web.json_response(fault.as_dict(), status=201)
@@ -259,4 +266,4 @@ class StandInServer:
         return web.json_response({"hits": dict(self.hits), "faults": self.faults.rules(), **self.state()})
 
 
-__all__ = ["Fault", "FaultKind", "FaultPlan", "StandInServer"]
+__all__ = ["HttpFault", "HttpFaultKind", "FaultPlan", "StandInServer"]

@@ -15,19 +15,15 @@ most ``max_regenerations`` times, then cut at a word boundary.
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 
-from shared.alerts import AlertSink
 from shared.breaker import CircuitBreaker
 from shared.errors import PermanentError, TransientError
 
-from replyguy.http import HttpService, RetryPolicy, retry_after_header
+from replyguy.http import HttpService, HttpSettings, retry_after_header
 from replyguy.length import MAX_WEIGHTED_LENGTH, fits, trim_to_fit, weighted_length
 
 logger = logging.getLogger(__name__)
@@ -81,31 +77,15 @@ class AIClient:
         base_url: AI_BASE_URL (``https://api.openai.com/v1``).
         api_key: AI_API_KEY.
         model: AI_MODEL.
-        timeout: TIMEOUT_HTTP.
         breaker: the ``ai_service`` breaker.
-        retry: backoff for transient failures.
-        alerts: where ``rate_limit_exceeded`` goes.
-        clock: wall-clock seconds.
-        session: an aiohttp session (tests).
+        settings: deadline (TIMEOUT_HTTP), backoff, alert sink and clock.
     """
 
-    def __init__(
-        self,
-        *,
-        base_url: str,
-        api_key: str,
-        model: str,
-        timeout: float,
-        breaker: CircuitBreaker,
-        retry: RetryPolicy = RetryPolicy(),
-        alerts: AlertSink | None = None,
-        clock: Callable[[], float] = time.time,
-        session: aiohttp.ClientSession | None = None,
-    ) -> None:
+    def __init__(self, *, base_url: str, api_key: str, model: str, breaker: CircuitBreaker, settings: HttpSettings) -> None:
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.api_key = api_key
         self.model = model
-        self.http = HttpService("ai", timeout=timeout, breaker=breaker, retry=retry, alerts=alerts, clock=clock, session=session)
+        self.http = HttpService("ai", breaker=breaker, settings=settings)
         self.models_url = base_url.rstrip("/") + "/models"
         breaker.set_probe(self.probe)
 

@@ -27,6 +27,7 @@ import aiohttp
 from shared import metrics
 from shared.alerts import AlertSink, AlertType
 from shared.breaker import CircuitBreaker, CircuitOpenError
+from shared.config import ReplyGuySettings
 from shared.errors import ErrorKind, RateLimitedError, TransientError, UnknownOutcomeError, classify, describe
 from shared.retry import retry_async
 from shared.timeouts import bounded
@@ -64,6 +65,32 @@ class RetryPolicy:
     max_retries: int = 3
     base_delay: float = 1.0
     max_delay: float = 10.0
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """How the X and AI clients call their service, built once from the settings.
+
+    One object handed to every client (and by the client to its
+    :class:`HttpService`), instead of the same loose parameters passed on at
+    each level.
+
+    Attributes:
+        timeout: deadline of one request, including reading the answer (TIMEOUT_HTTP).
+        retry: backoff for transient failures.
+        alerts: where ``rate_limit_exceeded`` goes (None: logged only).
+        clock: wall-clock seconds (rate-limit resets are wall-clock times).
+    """
+
+    timeout: float
+    retry: RetryPolicy = RetryPolicy()
+    alerts: AlertSink | None = None
+    clock: Callable[[], float] = time.time
+
+    @classmethod
+    def from_settings(cls, settings: ReplyGuySettings, *, alerts: AlertSink | None, retry: RetryPolicy = RetryPolicy()) -> HttpSettings:
+        """From a bot's settings (``timeout_http``, TIMEOUT_HTTP) and its alert sink."""
+        return cls(timeout=settings.timeout_http, retry=retry, alerts=alerts)
 
 
 @dataclass(frozen=True)
@@ -110,33 +137,19 @@ class HttpService:
 
     Args:
         name: ``twitter`` or ``ai``; names metrics, logs and alerts.
-        timeout: deadline of one request, including reading the answer.
         breaker: the service's circuit breaker (``twitter_api``, ``ai_service``).
-        retry: backoff for transient failures.
-        alerts: where ``rate_limit_exceeded`` goes.
-        clock: wall-clock seconds (rate-limit resets are wall-clock times).
-        session: an aiohttp session to use (one is made on first use otherwise).
+        settings: deadline, backoff, alert sink and clock.
     """
 
-    def __init__(
-        self,
-        name: str,
-        *,
-        timeout: float,
-        breaker: CircuitBreaker,
-        retry: RetryPolicy = RetryPolicy(),
-        alerts: AlertSink | None = None,
-        clock: Callable[[], float] = time.time,
-        session: aiohttp.ClientSession | None = None,
-    ) -> None:
+    def __init__(self, name: str, *, breaker: CircuitBreaker, settings: HttpSettings) -> None:
         self.name = name
-        self.timeout = timeout
         self.breaker = breaker
-        self.retry = retry
-        self.alerts = alerts
-        self.clock = clock
-        self._session = session
-        self._own_session = session is None
+        self.settings = settings
+        self.timeout = settings.timeout
+        self.retry = settings.retry
+        self.alerts = settings.alerts
+        self.clock = settings.clock
+        self._session: aiohttp.ClientSession | None = None
         self._limited_until: dict[str, float] = {}
         self.last_ok_at: float | None = None
         self.last_error: str | None = None
@@ -153,12 +166,11 @@ class HttpService:
                 timeout=aiohttp.ClientTimeout(total=self.timeout + 5),
                 raise_for_status=False,
             )
-            self._own_session = True
         return self._session
 
     async def close(self) -> None:
         """Close the session this service made."""
-        if self._own_session and self._session is not None and not self._session.closed:
+        if self._session is not None and not self._session.closed:
             await self._session.close()
 
     async def send(
@@ -348,4 +360,4 @@ def retry_after_header(headers: Mapping[str, str], default: float) -> float:
     return default
 
 
-__all__ = ["HttpResult", "HttpService", "RetryPolicy", "retry_after_header"]
+__all__ = ["HttpResult", "HttpService", "HttpSettings", "RetryPolicy", "retry_after_header"]

@@ -25,20 +25,17 @@ Errors, by what they mean for the caller:
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 from oauthlib.oauth1 import SIGNATURE_HMAC_SHA1
 from oauthlib.oauth1 import Client as OAuth1Client
 
-from shared.alerts import AlertSink
 from shared.breaker import CircuitBreaker
 from shared.errors import PermanentError, TransientError, UnknownOutcomeError
 
-from replyguy.http import HttpResult, HttpService, RetryPolicy, retry_after_header
+from replyguy.http import HttpResult, HttpService, HttpSettings, retry_after_header
 
 logger = logging.getLogger(__name__)
 
@@ -135,31 +132,15 @@ class XClient:
     Args:
         base_url: ``https://api.twitter.com`` (or a stand-in's URL).
         credentials: tokens and keys.
-        timeout: TIMEOUT_HTTP, the deadline of one request.
         breaker: the ``twitter_api`` breaker.
-        retry: backoff for transient failures.
-        alerts: where ``rate_limit_exceeded`` goes.
-        clock: wall-clock seconds (X's reset header is wall-clock).
-        session: an aiohttp session (tests); one is made otherwise.
+        settings: deadline (TIMEOUT_HTTP), backoff, alert sink and clock
+            (X's reset header is wall-clock).
     """
 
-    def __init__(
-        self,
-        *,
-        base_url: str,
-        credentials: XCredentials,
-        timeout: float,
-        breaker: CircuitBreaker,
-        retry: RetryPolicy = RetryPolicy(),
-        alerts: AlertSink | None = None,
-        clock: Callable[[], float] = time.time,
-        session: aiohttp.ClientSession | None = None,
-    ) -> None:
+    def __init__(self, *, base_url: str, credentials: XCredentials, breaker: CircuitBreaker, settings: HttpSettings) -> None:
         self.base_url = base_url.rstrip("/")
         self.credentials = credentials
-        self.http = HttpService(
-            "twitter", timeout=timeout, breaker=breaker, retry=retry, alerts=alerts, clock=clock, session=session
-        )
+        self.http = HttpService("twitter", breaker=breaker, settings=settings)
         self._me: str | None = credentials.user_id
         self._user_ids: dict[str, XUser] = {}
         breaker.set_probe(self.probe)

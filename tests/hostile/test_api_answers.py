@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 
 from replyguy.ai import AIClient
-from replyguy.http import RetryPolicy
+from replyguy.http import HttpSettings, RetryPolicy
 from replyguy.xapi import XClient, XCredentials
 from shared.breaker import CircuitBreaker
 from shared.errors import BotError
@@ -128,7 +128,7 @@ async def expect_our_error(call: Any, case: str) -> BaseException:
 
 @pytest.mark.parametrize(("case", "answer"), _params(AI_BODIES))
 async def test_a_hostile_ai_answer_raises_our_own_readable_error(stand: Stand, case: str, answer: Answer) -> None:
-    client = AIClient(base_url=f"{stand.url}/v1", api_key="k", model="m", timeout=5, breaker=breaker("ai_service"), retry=NO_RETRY)
+    client = AIClient(base_url=f"{stand.url}/v1", api_key="k", model="m", breaker=breaker("ai_service"), settings=HttpSettings(timeout=5, retry=NO_RETRY))
     try:
         stand.answer = answer
         await expect_our_error(lambda: client.complete([{"role": "user", "content": "hi"}]), case)
@@ -140,7 +140,7 @@ async def test_a_hostile_ai_answer_raises_our_own_readable_error(stand: Stand, c
 
 @pytest.mark.parametrize(("case", "answer"), _params(X_BODIES))
 async def test_a_hostile_x_answer_raises_our_own_readable_error(stand: Stand, case: str, answer: Answer) -> None:
-    client = XClient(base_url=stand.url, credentials=CREDENTIALS, timeout=5, breaker=breaker("twitter_api"), retry=NO_RETRY)
+    client = XClient(base_url=stand.url, credentials=CREDENTIALS, breaker=breaker("twitter_api"), settings=HttpSettings(timeout=5, retry=NO_RETRY))
     try:
         stand.answer = answer
         await expect_our_error(lambda: client.search_recent("bot"), case)
@@ -152,7 +152,7 @@ async def test_a_hostile_x_answer_raises_our_own_readable_error(stand: Stand, ca
 
 
 async def test_tweets_that_are_not_objects_are_skipped(stand: Stand) -> None:
-    client = XClient(base_url=stand.url, credentials=CREDENTIALS, timeout=5, breaker=breaker("twitter_api"), retry=NO_RETRY)
+    client = XClient(base_url=stand.url, credentials=CREDENTIALS, breaker=breaker("twitter_api"), settings=HttpSettings(timeout=5, retry=NO_RETRY))
     try:
         stand.answer = Answer(b'{"data": [1, "two", null, {"text": "no id"}, {"id": {"a": 1}, "text": "an object id"}]}')
         assert await client.search_recent("bot") == []
@@ -165,11 +165,11 @@ async def test_a_huge_answer_is_refused_as_too_large(stand: Stand, client_kind: 
     content = "y" * HUGE
     if client_kind == "ai":
         stand.answer = Answer(json.dumps({"choices": [{"message": {"content": content}}]}).encode())
-        client: Any = AIClient(base_url=f"{stand.url}/v1", api_key="k", model="m", timeout=10, breaker=breaker("ai_service"), retry=NO_RETRY)
+        client: Any = AIClient(base_url=f"{stand.url}/v1", api_key="k", model="m", breaker=breaker("ai_service"), settings=HttpSettings(timeout=10, retry=NO_RETRY))
         call = lambda: client.complete([{"role": "user", "content": "hi"}])  # noqa: E731
     else:
         stand.answer = Answer(json.dumps({"data": [{"id": "1", "text": content}]}).encode())
-        client = XClient(base_url=stand.url, credentials=CREDENTIALS, timeout=10, breaker=breaker("twitter_api"), retry=NO_RETRY)
+        client = XClient(base_url=stand.url, credentials=CREDENTIALS, breaker=breaker("twitter_api"), settings=HttpSettings(timeout=10, retry=NO_RETRY))
         call = lambda: client.search_recent("bot")  # noqa: E731
     try:
         exc = await expect_our_error(call, f"a {HUGE >> 20} MB {client_kind} answer")

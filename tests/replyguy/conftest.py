@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
-from bot import Plan, ReplyGuy, configure_breakers, plan_for
+from bot import Plan, ReplyGuy, Wakeups, configure_breakers, plan_for
 from replyguy.ai import AIClient, Drafter, load_prompt
 from replyguy.approval import ApprovalDesk
-from replyguy.http import RetryPolicy
+from replyguy.http import HttpSettings, RetryPolicy
 from devkit.local_ai import SANDBOX_AI_KEY, LocalAI
 from devkit.local_x import SANDBOX_X_CREDENTIALS, LocalX
 from replyguy.state import ReplyState
@@ -38,7 +38,7 @@ from tests.replyguy.helpers import settings_for
 PLUGIN = "tests.fixtures.postgres"
 
 FAST_RETRY = RetryPolicy(max_retries=3, base_delay=0.01, max_delay=0.05)
-"""The issue's 3 retries, with millisecond delays."""
+"""The production policy's 3 retries, with millisecond delays."""
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -78,8 +78,8 @@ def alert_sink() -> LogAlertSink:
 
 @pytest.fixture
 async def x_client(local_x: LocalX, breakers: dict[str, CircuitBreaker], alert_sink: LogAlertSink) -> AsyncIterator[XClient]:
-    client = XClient(base_url=local_x.base_url, credentials=SANDBOX_X_CREDENTIALS, timeout=1.0,
-                     breaker=breakers["twitter_api"], retry=FAST_RETRY, alerts=alert_sink)
+    client = XClient(base_url=local_x.base_url, credentials=SANDBOX_X_CREDENTIALS, breaker=breakers["twitter_api"],
+                     settings=HttpSettings(timeout=1.0, retry=FAST_RETRY, alerts=alert_sink))
     try:
         yield client
     finally:
@@ -88,8 +88,8 @@ async def x_client(local_x: LocalX, breakers: dict[str, CircuitBreaker], alert_s
 
 @pytest.fixture
 async def ai_client(local_ai: LocalAI, breakers: dict[str, CircuitBreaker], alert_sink: LogAlertSink) -> AsyncIterator[AIClient]:
-    client = AIClient(base_url=f"{local_ai.base_url}/v1", api_key=SANDBOX_AI_KEY, model="test-model", timeout=1.0,
-                      breaker=breakers["ai_service"], retry=FAST_RETRY, alerts=alert_sink)
+    client = AIClient(base_url=f"{local_ai.base_url}/v1", api_key=SANDBOX_AI_KEY, model="test-model",
+                      breaker=breakers["ai_service"], settings=HttpSettings(timeout=1.0, retry=FAST_RETRY, alerts=alert_sink))
     try:
         yield client
     finally:
@@ -136,21 +136,22 @@ async def rig_factory(
     breakers: dict[str, CircuitBreaker],
     alert_sink: LogAlertSink,
 ) -> AsyncIterator[RigFactory]:
-    """``await rig_factory(env={...}, **ReplyGuy_options)``: the bot's parts wired like ``bot.Wiring``, on test servers."""
+    """``await rig_factory(env={...}, **ReplyGuy_options)``: the bot's parts built like ``bot.assemble``, on test servers."""
     closers: list[Callable[[], Awaitable[Any]]] = []
 
     async def build(*, env: Mapping[str, str] | None = None, max_regenerations: int = 2, **options: Any) -> Rig:
         settings = settings_for(tmp_path, env)
         plan = plan_for(settings)
         runtime = BotRuntime(bot="bot", settings=settings, alerts=alert_sink)
-        x = XClient(base_url=local_x.base_url, credentials=plan.x_credentials, timeout=settings.timeout_http,
-                    breaker=breakers["twitter_api"], retry=FAST_RETRY, alerts=alert_sink)
+        http = HttpSettings.from_settings(settings, alerts=alert_sink, retry=FAST_RETRY)
+        x = XClient(base_url=local_x.base_url, credentials=plan.x_credentials, breaker=breakers["twitter_api"], settings=http)
         ai = AIClient(base_url=f"{local_ai.base_url}/v1", api_key=plan.ai_key, model=plan.ai_model,
-                      timeout=settings.timeout_http, breaker=breakers["ai_service"], retry=FAST_RETRY, alerts=alert_sink)
+                      breaker=breakers["ai_service"], settings=http)
         closers.extend([x.close, ai.close])
         client = SandboxClient(sandbox_world, bot_token=sandbox_demo.reply_bot.bot_token, **CLIENT_DEFAULTS)
-        desk = ApprovalDesk(client=client, db=database, chat=-sandbox_demo.operators.id,
-                            operator_ids=(sandbox_demo.operator.id,), send_timeout=5, entity_timeout=5)
+        wake = Wakeups()
+        desk = ApprovalDesk(client=client, db=database, chat=-sandbox_demo.operators.id, operator_ids=(sandbox_demo.operator.id,),
+                            send_timeout=5, entity_timeout=5, on_decision=wake.on_decision)
         await desk.start()
         closers.append(desk.close)
         queue = RetryQueue(name="dlq", store=DbRetryStore(database, "bot"), base_delay=settings.retry_base_delay,
@@ -159,7 +160,7 @@ async def rig_factory(
         await state.load()
         guy = ReplyGuy(settings=settings, plan=plan, runtime=runtime, db=database, x=x,
                        drafter=Drafter(ai, system_prompt=load_prompt(None), max_regenerations=max_regenerations),
-                       desk=desk, queue=queue, state=state, **options)
+                       desk=desk, queue=queue, state=state, wake=wake, **options)
         await queue.load()
         return Rig(guy=guy, settings=settings, plan=plan, db=database, local_x=local_x, local_ai=local_ai,
                    world=sandbox_world, demo=sandbox_demo, desk=desk, sink=alert_sink, queue=queue, breakers=breakers)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from replyguy.http import HttpSettings
 from replyguy.ai import AIClient, Drafter, load_prompt
 from replyguy.length import ELLIPSIS, MAX_WEIGHTED_LENGTH, weighted_length
 from devkit.local_ai import LocalAI
@@ -92,7 +93,7 @@ async def test_malformed_json_is_retried_until_the_ai_breaker_opens(
 
 
 async def test_a_wrong_key_is_permanent_and_not_retried(local_ai: LocalAI, breakers: dict) -> None:
-    client = AIClient(base_url=f"{local_ai.base_url}/v1", api_key="wrong", model="m", timeout=1, breaker=breakers["ai_service"])
+    client = AIClient(base_url=f"{local_ai.base_url}/v1", api_key="wrong", model="m", breaker=breakers["ai_service"], settings=HttpSettings(timeout=1))
     try:
         with pytest.raises(PermanentError, match="401"):
             await client.complete([{"role": "user", "content": "hi"}])

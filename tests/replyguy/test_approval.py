@@ -14,7 +14,7 @@ async def drafted_tweet(rig: Rig, target: str = "1860000000000000001") -> Tweet:
     """A tweet already drafted, sent to the operators by one approve cycle."""
     inserted = await rig.db.insert_tweet(target, author="demo_dev", text="How do you make a bot reliable?")
     await rig.db.tweet_transition(inserted.tweet.id, [TweetStatus.DISCOVERED], TweetStatus.DRAFTED, draft=DRAFT)
-    await rig.guy.approve_cycle()
+    await rig.guy.approve.cycle()
     tweet = await rig.db.get_tweet(inserted.tweet.id)
     assert tweet is not None
     return tweet
@@ -60,7 +60,7 @@ async def test_an_operators_approve_press_approves_and_closes_the_buttons(rig_fa
     assert await status_of(rig, tweet) is TweetStatus.APPROVED
     edited = await eventually(lambda: [m for m in rig.world.history("operator", rig.operator_chat) if "Approved by" in m.text])
     assert "@operator" in edited[0].text and not edited[0].buttons
-    assert rig.guy.wake["post"].is_set()
+    assert rig.guy.wake.post.is_set()
 
 
 async def test_a_strangers_press_is_not_allowed_and_changes_nothing(rig_factory: RigFactory) -> None:
@@ -144,8 +144,8 @@ async def test_regenerate_drafts_again_and_asks_again(rig_factory: RigFactory) -
     assert await answered(rig, query) == "Regenerating."
     assert await status_of(rig, tweet) is TweetStatus.DISCOVERED
 
-    await rig.guy.draft_cycle()
-    await rig.guy.approve_cycle()
+    await rig.guy.draft.cycle()
+    await rig.guy.approve.cycle()
 
     assert await status_of(rig, tweet) is TweetStatus.PENDING_APPROVAL
     assert DRAFT in rig.local_ai.requests[-1][1]["content"]  # the model saw the rejected draft

@@ -1,4 +1,4 @@
-"""The three breakers open and close as the seed configures them, on real calls.
+"""The three breakers open and close as bot.BREAKERS configures them, on real calls.
 
 twitter_api: 5 failures, 120 s open, 3 trial calls; ai_service: 3, 60 s, 2;
 database: 3, 30 s, 2. Time is a clock the test moves; the calls are real
@@ -11,7 +11,7 @@ import pytest
 
 from bot import configure_breakers
 from replyguy.ai import AIClient
-from replyguy.http import RetryPolicy
+from replyguy.http import HttpSettings, RetryPolicy
 from devkit.local_ai import SANDBOX_AI_KEY, LocalAI
 from devkit.local_x import SANDBOX_X_CREDENTIALS, LocalX
 from replyguy.xapi import XClient
@@ -27,7 +27,7 @@ ONE_ATTEMPT = RetryPolicy(max_retries=0, base_delay=0.0, max_delay=0.0)
 async def test_twitter_api_opens_after_5_failures_and_closes_after_120_s_and_3_good_trials(local_x: LocalX) -> None:
     clock = FakeClock()
     breaker = configure_breakers(BreakerRegistry(), clock=clock)["twitter_api"]
-    client = XClient(base_url=local_x.base_url, credentials=SANDBOX_X_CREDENTIALS, timeout=1, breaker=breaker, retry=ONE_ATTEMPT)
+    client = XClient(base_url=local_x.base_url, credentials=SANDBOX_X_CREDENTIALS, breaker=breaker, settings=HttpSettings(timeout=1, retry=ONE_ATTEMPT))
     local_x.faults.add("status", endpoint="search", status=502)
     try:
         for _ in range(4):
@@ -59,7 +59,7 @@ async def test_twitter_api_opens_after_5_failures_and_closes_after_120_s_and_3_g
 async def test_a_failed_trial_opens_the_twitter_breaker_again(local_x: LocalX) -> None:
     clock = FakeClock()
     breaker = configure_breakers(BreakerRegistry(), clock=clock)["twitter_api"]
-    client = XClient(base_url=local_x.base_url, credentials=SANDBOX_X_CREDENTIALS, timeout=1, breaker=breaker, retry=ONE_ATTEMPT)
+    client = XClient(base_url=local_x.base_url, credentials=SANDBOX_X_CREDENTIALS, breaker=breaker, settings=HttpSettings(timeout=1, retry=ONE_ATTEMPT))
     local_x.faults.add("status", endpoint="search", status=500)
     try:
         for _ in range(5):
@@ -80,7 +80,7 @@ async def test_a_failed_trial_opens_the_twitter_breaker_again(local_x: LocalX) -
 async def test_ai_service_opens_after_3_failures_and_closes_after_60_s_and_2_good_trials(local_ai: LocalAI) -> None:
     clock = FakeClock()
     breaker = configure_breakers(BreakerRegistry(), clock=clock)["ai_service"]
-    client = AIClient(base_url=local_ai.base_url, api_key=SANDBOX_AI_KEY, model="m", timeout=1, breaker=breaker, retry=ONE_ATTEMPT)
+    client = AIClient(base_url=local_ai.base_url, api_key=SANDBOX_AI_KEY, model="m", breaker=breaker, settings=HttpSettings(timeout=1, retry=ONE_ATTEMPT))
     messages = [{"role": "user", "content": '"""a tweet about bots"""'}]
     local_ai.faults.add("status", status=503)
     try:
@@ -139,7 +139,7 @@ async def test_after_an_x_outage_the_probe_of_users_me_closes_the_breaker_withou
     registry = BreakerRegistry()
     registry.set_probe_interval(0.1)
     breaker = configure_breakers(registry)["twitter_api"]
-    client = XClient(base_url=local_x.base_url, credentials=SANDBOX_X_CREDENTIALS, timeout=1, breaker=breaker, retry=ONE_ATTEMPT)
+    client = XClient(base_url=local_x.base_url, credentials=SANDBOX_X_CREDENTIALS, breaker=breaker, settings=HttpSettings(timeout=1, retry=ONE_ATTEMPT))
     try:
         local_x.faults.add("status", endpoint="*", status=503)
         for _ in range(5):
@@ -160,7 +160,7 @@ async def test_the_ai_breaker_probes_get_models(local_ai: LocalAI) -> None:
     registry = BreakerRegistry()
     registry.set_probe_interval(0.1)
     breaker = configure_breakers(registry)["ai_service"]
-    client = AIClient(base_url=local_ai.base_url, api_key=SANDBOX_AI_KEY, model="m", timeout=1, breaker=breaker, retry=ONE_ATTEMPT)
+    client = AIClient(base_url=local_ai.base_url, api_key=SANDBOX_AI_KEY, model="m", breaker=breaker, settings=HttpSettings(timeout=1, retry=ONE_ATTEMPT))
     try:
         local_ai.faults.add("status", endpoint="*", status=503)
         for _ in range(3):

@@ -52,15 +52,15 @@ def test_the_search_query_asks_for_any_keyword_without_retweets_or_replies() -> 
 async def test_one_tweet_goes_from_discovery_to_one_posted_reply(rig_factory: RigFactory) -> None:
     rig = await rig_factory()
 
-    await rig.guy.discover_cycle()
+    await rig.guy.discover.cycle()
     assert len((await tweets_by_status(rig))["discovered"]) == 3
-    await rig.guy.draft_cycle()
-    await rig.guy.approve_cycle()
+    await rig.guy.draft.cycle()
+    await rig.guy.approve.cycle()
     assert len(rig.drafts_in_chat()) == 3
 
     rig.world.press("operator", chat=rig.demo.operators, text="Approve")
     approved = await eventually(lambda: _with_status(rig, TweetStatus.APPROVED), what="an approved tweet")
-    await rig.guy.post_cycle()
+    await rig.guy.post.cycle()
 
     posted = await current(rig, approved[0])
     assert posted.status is TweetStatus.POSTED and posted.posted_tweet_id
@@ -75,12 +75,12 @@ async def _with_status(rig: Rig, status: TweetStatus) -> list[Tweet]:
 
 async def test_discovery_stores_each_tweet_once_and_reads_from_its_cursor(rig_factory: RigFactory) -> None:
     rig = await rig_factory()
-    await rig.guy.discover_cycle()
+    await rig.guy.discover.cycle()
     searches = rig.local_x.hits["search"]
 
-    await rig.guy.discover_cycle()
+    await rig.guy.discover.cycle()
     fresh = rig.local_x.add_tweet("someone_new", "is this bot any good?")
-    await rig.guy.discover_cycle()
+    await rig.guy.discover.cycle()
 
     tweets = await rig.db.list_tweets()
     assert len(tweets) == 4 and tweets[-1].target_tweet_id == fresh["id"] and tweets[-1].author == "someone_new"
@@ -93,7 +93,7 @@ async def test_our_own_tweets_are_not_discovered(rig_factory: RigFactory) -> Non
     rig.local_x.add_tweet("replyguy_demo", "thanks for reading")
     rig.local_x.add_tweet("demo_dev", "thanks everyone")
 
-    await rig.guy.discover_cycle()
+    await rig.guy.discover.cycle()
 
     assert [t.author for t in await rig.db.list_tweets()] == ["demo_dev"]
 
@@ -102,7 +102,7 @@ async def test_a_failing_source_does_not_stop_the_others(rig_factory: RigFactory
     rig = await rig_factory()
     rig.local_x.faults.add("status", endpoint="search", status=500)
 
-    await rig.guy.discover_cycle()
+    await rig.guy.discover.cycle()
 
     assert [t.author for t in await rig.db.list_tweets()] == ["demo_news"]
 
@@ -112,20 +112,20 @@ async def test_rate_limited_discovery_waits_for_the_reset_and_alerts(rig_factory
     rig.local_x.faults.add("rate_limit", endpoint="search", reset_in=90)
     rig.local_x.faults.add("rate_limit", endpoint="user", reset_in=90)
 
-    pause = await rig.guy.discover_cycle()
+    pause = await rig.guy.discover.cycle()
 
     assert pause is not None and 60 <= pause <= 91
     assert {"rate_limit_exceeded:twitter:search", "rate_limit_exceeded:twitter:user"} <= set(active_alerts(rig.sink))
-    await rig.guy.discover_cycle()
+    await rig.guy.discover.cycle()
     assert rig.local_x.hits["search"] == 1 and rig.local_x.hits["user"] == 1  # nothing asked before the reset
 
 
 async def test_an_ai_outage_leaves_tweets_waiting_while_its_breaker_is_open(rig_factory: RigFactory) -> None:
     rig = await rig_factory()
-    await rig.guy.discover_cycle()
+    await rig.guy.discover.cycle()
     rig.local_ai.faults.add("status", status=500)
 
-    pause = await rig.guy.draft_cycle()
+    pause = await rig.guy.draft.cycle()
 
     assert pause is not None and pause >= 1
     by_status = await tweets_by_status(rig)
@@ -139,10 +139,10 @@ async def test_an_ai_outage_leaves_tweets_waiting_while_its_breaker_is_open(rig_
 
 async def test_an_overlong_draft_is_regenerated_before_the_operator_sees_it(rig_factory: RigFactory) -> None:
     rig = await rig_factory(env={"REPLY_TARGET_ACCOUNTS": "demo_news", "REPLY_KEYWORDS": ""})
-    await rig.guy.discover_cycle()
+    await rig.guy.discover.cycle()
     rig.local_ai.faults.add("overlong", count=1)
 
-    await rig.guy.draft_cycle()
+    await rig.guy.draft.cycle()
 
     [tweet] = await rig.db.list_tweets(statuses=[TweetStatus.DRAFTED])
     assert tweet.draft and len(tweet.draft) < 280 and rig.local_ai.hits["chat"] == 2
@@ -153,7 +153,7 @@ async def test_a_post_whose_answer_was_lost_is_found_and_recorded_once(rig_facto
     tweet = await approved_tweet(rig)
     rig.local_x.faults.add("answer_lost", endpoint="post", count=1)
 
-    await rig.guy.post_cycle()
+    await rig.guy.post.cycle()
 
     posted = await current(rig, tweet)
     [reply] = rig.local_x.replies_to(tweet.target_tweet_id)
@@ -166,7 +166,7 @@ async def test_a_rate_limited_post_waits_in_line_and_alerts(rig_factory: RigFact
     tweet = await approved_tweet(rig)
     rig.local_x.faults.add("rate_limit", endpoint="post", reset_in=300, count=1)
 
-    pause = await rig.guy.post_cycle()
+    pause = await rig.guy.post.cycle()
 
     assert pause is not None and pause > 200
     assert (await current(rig, tweet)).status is TweetStatus.APPROVED
@@ -179,12 +179,12 @@ async def test_a_failed_post_is_retried_from_the_dlq_and_goes_out_once(rig_facto
     tweet = await approved_tweet(rig)
     rig.local_x.faults.add("status", endpoint="post", status=503, count=1)
 
-    await rig.guy.post_cycle()
+    await rig.guy.post.cycle()
     failed = await current(rig, tweet)
     assert failed.status is TweetStatus.FAILED and "503" in (failed.last_error or "")
     assert await rig.db.count_retry_items("bot", [RetryItemStatus.PENDING]) == 1
 
-    await rig.guy.dlq_cycle()
+    await rig.guy.dlq.cycle()
 
     posted = await current(rig, tweet)
     assert posted.status is TweetStatus.POSTED
@@ -198,9 +198,9 @@ async def test_the_dlq_retries_as_configured_then_keeps_a_dead_letter_and_alerts
     tweet = await approved_tweet(rig)
     rig.local_x.faults.add("status", endpoint="post", status=500)
 
-    await rig.guy.post_cycle()
+    await rig.guy.post.cycle()
     for _ in range(5):
-        await rig.guy.dlq_cycle()
+        await rig.guy.dlq.cycle()
 
     assert rig.local_x.hits["post"] == 1 + 3  # the first attempt, then 3 retries
     [dead] = await rig.db.exhausted_retry_items("bot")
@@ -214,7 +214,7 @@ async def test_a_permanent_post_error_is_a_dead_letter_at_once(rig_factory: RigF
     rig = await rig_factory()
     tweet = await approved_tweet(rig, target="999")  # X knows no such tweet: 400
 
-    await rig.guy.post_cycle()
+    await rig.guy.post.cycle()
 
     assert (await current(rig, tweet)).status is TweetStatus.FAILED
     [dead] = await rig.db.exhausted_retry_items("bot")
@@ -230,7 +230,7 @@ async def test_an_interrupted_post_whose_reply_exists_is_recorded_not_posted_aga
     await rig.db.tweet_transition(tweet.id, [TweetStatus.APPROVED], TweetStatus.POSTING)
     landed = rig.local_x.add_tweet("replyguy_demo", tweet.draft or "", in_reply_to=tweet.target_tweet_id)
 
-    await rig.guy.post_cycle()
+    await rig.guy.post.cycle()
 
     posted = await current(rig, tweet)
     assert posted.status is TweetStatus.POSTED and posted.posted_tweet_id == landed["id"]
@@ -242,7 +242,7 @@ async def test_an_interrupted_post_that_never_reached_x_is_posted_once(rig_facto
     tweet = await approved_tweet(rig)
     await rig.db.tweet_transition(tweet.id, [TweetStatus.APPROVED], TweetStatus.POSTING)
 
-    await rig.guy.post_cycle()
+    await rig.guy.post.cycle()
 
     posted = await current(rig, tweet)
     assert posted.status is TweetStatus.POSTED and posted.attempts == 2
@@ -254,7 +254,7 @@ async def test_a_young_posting_intent_is_left_alone_while_a_post_may_be_in_fligh
     tweet = await approved_tweet(rig)
     await rig.db.tweet_transition(tweet.id, [TweetStatus.APPROVED], TweetStatus.POSTING)
 
-    assert await rig.guy.settle_posting() == 0
+    assert await rig.guy.post.settle_posting() == 0
     assert (await current(rig, tweet)).status is TweetStatus.POSTING and rig.local_x.hits["timeline"] == 0
 
 
@@ -271,7 +271,7 @@ async def test_recovery_puts_stuck_tweets_back_where_they_can_safely_continue(ri
     await rig.db.exhaust_retry_item("bot", item_id="draft-dead", kind="draft", payload={"tweet_id": dead.id},
                                     attempts=5, last_error="gave up")
 
-    counts = await rig.guy.recover()
+    counts = await rig.guy.recovery.run()
 
     assert counts == {"recovered": 4, "to_discovered": 1, "to_drafted": 1, "approved": 1, "kept_dead": 1}
     assert (await current(rig, no_draft)).status is TweetStatus.DISCOVERED
@@ -283,11 +283,11 @@ async def test_recovery_puts_stuck_tweets_back_where_they_can_safely_continue(ri
 async def test_a_tweet_the_bot_dead_lettered_stays_failed_through_recovery(rig_factory: RigFactory) -> None:
     rig = await rig_factory(stale_minutes=0)
     tweet = await approved_tweet(rig, target="999")  # X knows no such tweet: 400, a dead letter at once
-    await rig.guy.post_cycle()
+    await rig.guy.post.cycle()
     failed = await current(rig, tweet)
     assert failed.status is TweetStatus.FAILED
 
-    counts = await rig.guy.recover()
+    counts = await rig.guy.recovery.run()
 
     assert counts == {"recovered": 1, "to_discovered": 0, "to_drafted": 0, "approved": 0, "kept_dead": 1}
     assert await current(rig, tweet) == failed
@@ -299,7 +299,7 @@ async def test_the_daily_cap_stops_posting_until_midnight(rig_factory: RigFactor
     first = await approved_tweet(rig, target="1860000000000000001", draft="first reply")
     second = await approved_tweet(rig, target="1860000000000000002", draft="second reply")
 
-    pause = await rig.guy.post_cycle()
+    pause = await rig.guy.post.cycle()
 
     statuses = {(await current(rig, t)).status for t in (first, second)}
     assert statuses == {TweetStatus.POSTED, TweetStatus.APPROVED}
@@ -310,7 +310,7 @@ async def test_an_approved_reply_waits_its_random_delay(rig_factory: RigFactory)
     rig = await rig_factory(env={"POST_DELAY_MIN": "30", "POST_DELAY_MAX": "60"}, rng=random.Random(7))
     tweet = await approved_tweet(rig)
 
-    pause = await rig.guy.post_cycle()
+    pause = await rig.guy.post.cycle()
 
     assert pause is not None and 29 <= pause <= 60
     assert (await current(rig, tweet)).status is TweetStatus.APPROVED and rig.local_x.hits["post"] == 0
@@ -321,7 +321,7 @@ async def test_three_failed_cycles_in_a_row_alert_multiple_failures_and_a_succes
     inserted = await rig.db.insert_tweet("1860000000000000001", author="demo_dev", text="t")
     await rig.db.tweet_transition(inserted.tweet.id, [TweetStatus.DISCOVERED], TweetStatus.DRAFTED, draft="d")
     fault = rig.world.set_fault("error", method="SendMessage", error="ChatWriteForbiddenError")
-    cycle = rig.guy.watched("approve", rig.guy.approve_cycle)
+    cycle = rig.guy.watched("approve", rig.guy.approve.cycle)
 
     for _ in range(3):
         with pytest.raises(Exception):
@@ -363,7 +363,7 @@ async def test_health_reports_each_dependency_and_the_worst_overall(rig_factory:
 
 async def test_status_shows_the_pipeline(rig_factory: RigFactory) -> None:
     rig = await rig_factory()
-    await rig.guy.discover_cycle()
+    await rig.guy.discover.cycle()
 
     status = await rig.guy.status()
 

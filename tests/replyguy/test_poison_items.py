@@ -66,7 +66,7 @@ async def test_a_tweet_the_ai_never_answers_is_dead_lettered_and_the_others_are_
     rig.local_ai.faults.add(fault, endpoint="chat", match=POISON)
 
     # Its failures open the breaker; the opening failure is counted against it, with its reason.
-    await rig.guy.draft_cycle()
+    await rig.guy.draft.cycle()
     failed = await status_of(rig, poison)
     assert failed.status is TweetStatus.FAILED and reason in (failed.last_error or "")
     assert ai.state is CircuitState.OPEN
@@ -74,14 +74,14 @@ async def test_a_tweet_the_ai_never_answers_is_dead_lettered_and_the_others_are_
 
     # The half-open trials go to the tweets after it, which are drafted and close the breaker.
     clock.advance(61)
-    await rig.guy.draft_cycle()
+    await rig.guy.draft.cycle()
     assert [(await status_of(rig, t)).status for t in normal] == [TweetStatus.DRAFTED] * 2
     assert ai.state is CircuitState.CLOSED
 
     # Its retries from the dead-letter queue fail too: after MAX_MESSAGE_RETRIES it is dead, alerted once.
-    await rig.guy.dlq_cycle()
+    await rig.guy.dlq.cycle()
     clock.advance(61)
-    await rig.guy.dlq_cycle()
+    await rig.guy.dlq.cycle()
     [dead] = await rig.db.exhausted_retry_items("bot")
     assert dead.status is RetryItemStatus.EXHAUSTED and dead.kind == "draft" and reason in (dead.last_error or "")
     assert (await status_of(rig, poison)).status is TweetStatus.FAILED
@@ -90,7 +90,7 @@ async def test_a_tweet_the_ai_never_answers_is_dead_lettered_and_the_others_are_
     # Later tweets are drafted as soon as the AI answers them, and the breaker closes again.
     clock.advance(61)
     later = [await discovered(rig, f"187000000000000002{i}", f"Another normal question {i}") for i in range(2)]
-    await rig.guy.draft_cycle()
+    await rig.guy.draft.cycle()
     assert [(await status_of(rig, t)).status for t in later] == [TweetStatus.DRAFTED] * 2
     assert ai.state is CircuitState.CLOSED
 
@@ -99,11 +99,11 @@ async def test_a_retry_refused_by_an_open_breaker_spends_no_attempt(rig_factory:
     rig = await rig_factory(env={"MAX_MESSAGE_RETRIES": "2"})
     poison = await discovered(rig, "1870000000000000031", f"{POISON} once more")
     rig.local_ai.faults.add("content_filter", endpoint="chat", match=POISON)
-    await rig.guy.draft_cycle()
+    await rig.guy.draft.cycle()
     assert rig.breakers["ai_service"].state is CircuitState.OPEN
     hits = rig.local_ai.hits["chat"]
 
-    await rig.guy.dlq_cycle()  # the breaker is still open: nothing is tried
+    await rig.guy.dlq.cycle()  # the breaker is still open: nothing is tried
 
     assert rig.local_ai.hits["chat"] == hits
     assert await rig.db.count_retry_items("bot", [RetryItemStatus.PENDING]) == 1
@@ -123,7 +123,7 @@ async def test_a_draft_telegram_refuses_is_dead_lettered_and_the_next_drafts_rea
         await rig.db.tweet_transition(tweet.id, [TweetStatus.DISCOVERED], TweetStatus.DRAFTED, draft=f"A fine reply {i}")
         normal.append(tweet)
 
-    await rig.guy.approve_cycle()
+    await rig.guy.approve.cycle()
 
     failed = await status_of(rig, poison)
     assert failed.status is TweetStatus.FAILED and "text too long" in (failed.last_error or "")
@@ -148,12 +148,12 @@ async def test_a_reply_x_always_refuses_is_dead_lettered_and_the_next_replies_go
     poison, *normal = tweets
     rig.local_x.faults.add("status", endpoint="post", status=503, match=POISON)
 
-    await rig.guy.post_cycle()
+    await rig.guy.post.cycle()
 
     assert (await status_of(rig, poison)).status is TweetStatus.FAILED
     assert [(await status_of(rig, t)).status for t in normal] == [TweetStatus.POSTED] * 2
     for _ in range(3):
-        await rig.guy.dlq_cycle()
+        await rig.guy.dlq.cycle()
     [dead] = await rig.db.exhausted_retry_items("bot")
     assert dead.kind == "post" and "503" in (dead.last_error or "")
     assert poison_alerts(rig) == [f"tweet_processing_failed:dead:{dead.id}"]
@@ -166,7 +166,7 @@ async def test_an_ai_reply_with_a_nul_character_is_drafted_without_it(rig_factor
     tweet = await discovered(rig, "1870000000000000071", "A question about reliability")
     rig.local_ai.faults.add("nul_in_text", endpoint="chat", count=1)
 
-    await rig.guy.draft_cycle()
+    await rig.guy.draft.cycle()
 
     drafted = await status_of(rig, tweet)
     assert drafted.status is TweetStatus.DRAFTED and drafted.draft and "\x00" not in drafted.draft

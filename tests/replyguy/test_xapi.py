@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from replyguy.http import RetryPolicy
+from replyguy.http import HttpSettings, RetryPolicy
 from devkit.local_x import SANDBOX_X_CREDENTIALS, LocalX
 from replyguy.xapi import DuplicateContentError, XClient
 from shared.alerts import LogAlertSink
@@ -56,7 +56,7 @@ async def test_a_reply_is_posted_with_a_verified_oauth1_signature(x_client: XCli
 
 async def test_a_post_signed_with_the_wrong_secret_is_refused_and_not_retried(local_x: LocalX) -> None:
     wrong = dataclasses.replace(SANDBOX_X_CREDENTIALS, consumer_secret="not-the-secret")
-    client = XClient(base_url=local_x.base_url, credentials=wrong, timeout=1, breaker=CircuitBreaker("x"), retry=FAST_RETRY)
+    client = XClient(base_url=local_x.base_url, credentials=wrong, breaker=CircuitBreaker("x"), settings=HttpSettings(timeout=1, retry=FAST_RETRY))
     try:
         with pytest.raises(PermanentError, match="credentials"):
             await client.post_reply("hello", "1860000000000000001")
@@ -83,7 +83,7 @@ async def test_a_429_honours_the_reset_header_alerts_and_stops_further_calls(
 
 async def test_a_short_rate_limit_is_waited_out_inside_the_call(local_x: LocalX) -> None:
     policy = RetryPolicy(max_retries=3, base_delay=0.01, max_delay=10.0)  # waits up to the 10 s cap are honoured
-    client = XClient(base_url=local_x.base_url, credentials=SANDBOX_X_CREDENTIALS, timeout=1, breaker=CircuitBreaker("x"), retry=policy)
+    client = XClient(base_url=local_x.base_url, credentials=SANDBOX_X_CREDENTIALS, breaker=CircuitBreaker("x"), settings=HttpSettings(timeout=1, retry=policy))
     local_x.faults.add("rate_limit", endpoint="user", reset_in=0, count=1)
     try:
         user = await client.user_by_username("demo_dev")
@@ -159,7 +159,7 @@ async def test_posting_the_same_text_twice_is_refused_as_a_duplicate(x_client: X
 
 async def test_our_own_id_comes_from_users_me_when_not_configured(local_x: LocalX) -> None:
     creds = dataclasses.replace(SANDBOX_X_CREDENTIALS, user_id=None)
-    client = XClient(base_url=local_x.base_url, credentials=creds, timeout=1, breaker=CircuitBreaker("x"), retry=FAST_RETRY)
+    client = XClient(base_url=local_x.base_url, credentials=creds, breaker=CircuitBreaker("x"), settings=HttpSettings(timeout=1, retry=FAST_RETRY))
     try:
         assert await client.me() == "1000"
         assert await client.me() == "1000"
