@@ -19,6 +19,10 @@ create index if not exists messages_account_due_idx
     on messages (account_id, next_attempt_at, id) where status = 'queued';
 create index if not exists messages_account_lease_idx
     on messages (account_id, lease_expires_at) where status = 'sending';
+-- They replace the indexes without the account (every change of a row's state rewrites
+-- each index that holds it, so an index nobody needs costs every send).
+drop index if exists messages_due_idx;
+drop index if exists messages_lease_idx;
 
 create or replace function outbound_claim(
     p_account_ids bigint[],
