@@ -61,7 +61,7 @@ return until every one of those messages is delivered and /health answers
   after return = X back -> that reply posted.
 
 ``--quick`` with ``--defaults`` shortens the outages to 8 s (database) and
-6 s (Telegram).
+6 s (Telegram, X).
 """
 
 from __future__ import annotations
@@ -639,7 +639,8 @@ async def run_defaults(*, quick: bool, db_outage: float, telegram_outage: float,
 def render_defaults(result: dict[str, Any]) -> str:
     lines = [
         "recovery with the default settings: worker.py in sandbox mode, 2 accounts, embedded PostgreSQL "
-        f"{result['postgres']}; after return = the dependency back -> every message in hand delivered and /health 200",
+        f"{result['postgres']}; after return = the dependency back -> every message in hand delivered and /health 200 "
+        "(bot.py: the reply approved during the outage posted)",
         f"machine: {machine_line(result['machine'])}; load average after: "
         f"{' '.join(f'{v:.2f}' for v in result['load_average_after'])}",
         "settings: every default (only the fault lengths set)",
@@ -683,6 +684,7 @@ def main(argv: list[str] | None = None) -> int:
     args_parser = parser("recovery", __doc__)
     args_parser.add_argument("--outage", type=float, default=None, help="database outage length in seconds (default 30; 8 with --defaults --quick)")
     args_parser.add_argument("--defaults", action="store_true", help="the cost of outages with every default setting (after_return_s per case)")
+    args_parser.add_argument("--x-outage", type=float, default=None, help="with --defaults: X outage length for bot.py (default 10; 6 with --quick)")
     args_parser.add_argument("--telegram-outage", type=float, default=None, help="with --defaults: Telegram outage length (default 20; 6 with --quick)")
     args = args_parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -690,7 +692,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.defaults:
         db_outage = args.outage if args.outage is not None else (8.0 if args.quick else 30.0)
         tg_outage = args.telegram_outage if args.telegram_outage is not None else (6.0 if args.quick else 20.0)
-        outcome = asyncio.run(run_defaults(quick=args.quick, db_outage=db_outage, telegram_outage=tg_outage))
+        x_outage = args.x_outage if args.x_outage is not None else (6.0 if args.quick else 10.0)
+        outcome = asyncio.run(run_defaults(quick=args.quick, db_outage=db_outage, telegram_outage=tg_outage, x_outage=x_outage))
         outcome["wall_seconds"] = round(time.monotonic() - started, 1)
         emit(render_defaults(outcome), outcome, as_json=args.json)
         return 0
