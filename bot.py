@@ -58,21 +58,19 @@ from shared import metrics, tracing
 from shared.alerts import AlertType
 from shared.breaker import BreakerRegistry, CircuitBreaker, CircuitOpenError, CircuitState
 from shared.breaker import registry as breaker_registry
-from shared.cli import ArgumentParser, run_cli
-from shared.config import BY_NAME, ReplyGuySettings, load_or_exit, refuse_implicit_sandbox_or_exit
+from shared.cli import ArgumentParser
+from shared.config import BY_NAME, ReplyGuySettings
 from shared.db import Database, Tweet, TweetStatus
 from shared.db.retry_store import DbRetryStore
 from shared.errors import ErrorKind, classify, concerns_the_chat, describe
 from shared.health import report_of
 from shared.retry_queue import JsonlRetryStore, RetryItem, RetryQueue
-from shared.runtime import BotRuntime, StartupAborted, StartupFailed, configure_logging, run_bot
+from shared.runtime import BotRuntime, StartupAborted, StartupFailed, bot_main
 from shared.timeouts import db_op
 
 from replyguy.ai import AIClient, Drafter, load_prompt
 from replyguy.approval import ApprovalDesk, Decision
 from replyguy.health import Health
-from replyguy.local_ai import SANDBOX_AI_KEY, SANDBOX_AI_MODEL, LocalAI
-from replyguy.local_x import SANDBOX_KEYWORDS, SANDBOX_TARGET_ACCOUNTS, SANDBOX_X_CREDENTIALS, LocalX
 from replyguy.state import ReplyState
 from replyguy.xapi import DuplicateContentError, XClient, XCredentials
 
@@ -146,6 +144,9 @@ def plan_for(settings: ReplyGuySettings) -> Plan:
     checked them, TELEGRAM_API_ID/HASH included (MTProto needs them for bots too).
     """
     if settings.sandbox:
+        from devkit.local_ai import SANDBOX_AI_KEY, SANDBOX_AI_MODEL
+        from devkit.local_x import SANDBOX_KEYWORDS, SANDBOX_TARGET_ACCOUNTS, SANDBOX_X_CREDENTIALS
+
         return Plan(
             sandbox=True,
             x_base=None if settings.x_api_base == DEFAULT_X_API_BASE else settings.x_api_base,
@@ -832,7 +833,7 @@ class ReplyGuy:
 
 
 def _banner(*, x_url: str, ai_url: str, sandbox_dir: Path, operator_chat: Any) -> None:
-    from shared.sandbox import banner
+    from devkit.sandbox import banner
 
     lines = [
         "*" * 78,
@@ -855,8 +856,8 @@ class Wiring:
         self.settings = settings
         self.plan = plan
         self.runtime = runtime
-        self.local_x: LocalX | None = None
-        self.local_ai: LocalAI | None = None
+        self.local_x: Any = None  # devkit.local_x.LocalX in sandbox mode
+        self.local_ai: Any = None  # devkit.local_ai.LocalAI in sandbox mode
         self.world: Any = None
 
     async def build(self, db: Database | None = None) -> ReplyGuy:
@@ -867,10 +868,14 @@ class Wiring:
 
         x_url, ai_url = plan.x_base, plan.ai_base
         if x_url is None:
+            from devkit.local_x import LocalX
+
             self.local_x = await LocalX(state_path=settings.data_dir / "replyguy" / "local_x.json").start()
             runtime.add_cleanup("local X API", self.local_x.stop)
             x_url = self.local_x.base_url
         if ai_url is None:
+            from devkit.local_ai import LocalAI
+
             self.local_ai = await LocalAI().start()
             runtime.add_cleanup("local AI API", self.local_ai.stop)
             ai_url = f"{self.local_ai.base_url}/v1"
@@ -909,8 +914,8 @@ class Wiring:
 
     async def _open_sandbox(self) -> Any:
         """The Telegram sandbox world with its demo peers (the operator chat, the operator, the bot)."""
-        from shared.sandbox import World
-        from shared.sandbox import describe as describe_sandbox
+        from devkit.sandbox import World
+        from devkit.sandbox import describe as describe_sandbox
 
         world = self.world = await asyncio.to_thread(World.open, self._sandbox_dir())
         demo = await asyncio.to_thread(world.seed_demo)
@@ -924,7 +929,7 @@ class Wiring:
         operators = plan.operator_ids
         client: TelegramClient
         if demo is not None:
-            from shared.sandbox import SandboxClient
+            from devkit.sandbox import SandboxClient
 
             chat = chat if chat is not None else -demo.operators.id
             operators = operators or (demo.operator.id,)
@@ -1069,20 +1074,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: bad input and failures end as one line (see shared.cli), never a traceback."""
-    return run_cli(_main, argv)
-
-
-def _main(argv: list[str]) -> int:
-    args = parse_args(argv)
-    settings = load_or_exit(ReplyGuySettings)
-    command = args.command or "run"
-    if command == "run":
-        refuse_implicit_sandbox_or_exit(settings, "TELEGRAM_API_ID")
-    configure_logging(settings, stream=sys.stdout if command == "run" else sys.stderr, quiet=command != "run")
-    if command == "health":
-        return asyncio.run(cli_health(settings, args))
-    return run_bot(serve(settings, plan_for(settings)))
+    """Entry point: the Reply Guy, or ``health``; bad input ends as one line, never a traceback."""
+    return bot_main(
+        argv,
+        parse_args=parse_args,
+        settings_type=ReplyGuySettings,
+        serve=lambda settings: serve(settings, plan_for(settings)),
+        commands={"health": cli_health},
+    )
 
 
 if __name__ == "__main__":

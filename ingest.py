@@ -57,7 +57,7 @@ from telethon import TelegramClient, events, types, utils
 from shared import metrics, tracing
 from shared.alerts import AlertSink, AlertType
 from shared.breaker import CircuitBreaker, CircuitOpenError, CircuitState
-from shared.config import IngestSettings, load_or_exit, refuse_implicit_sandbox_or_exit
+from shared.config import IngestSettings
 from shared.db import Database, open_database
 from shared.db.records import Account, AccountStatus, IngestStatus
 from shared.db.retry_store import DbRetryStore
@@ -65,8 +65,8 @@ from shared.errors import ErrorKind, PermanentError, classify, describe
 from shared.health import TEMP_SUBDIR
 from shared.images import ImagePolicy, ImageRejected, OversizePolicy, ProcessedImage, process_image
 from shared.retry_queue import JsonlRetryStore, RetryItem, RetryQueue
-from shared.cli import ArgumentParser, run_cli
-from shared.runtime import BotRuntime, Stats, configure_logging, run_bot
+from shared.cli import ArgumentParser
+from shared.runtime import BotRuntime, Stats, bot_main
 from shared.sessions import SessionCipher
 from shared.shutdown import GracefulShutdown
 from shared.storage import ObjectInfo, Storage, open_storage
@@ -1003,7 +1003,7 @@ class AccountKeeper:
 
     def _sandbox_ingest_peer(self, demo: Any) -> Any:
         """Ingest's own sandbox user, a member of the demo channel (created once)."""
-        from shared.sandbox import SandboxError
+        from devkit.sandbox import SandboxError
 
         try:
             peer = self.world.peer(f"@{SANDBOX_INGEST_ACCOUNT}")
@@ -1221,7 +1221,7 @@ class IngestBot:
         return self.ingestor.status()
 
     async def _sandbox_status(self) -> dict[str, Any]:
-        from shared.sandbox import describe as describe_sandbox
+        from devkit.sandbox import describe as describe_sandbox
 
         if self.world is None:
             return {"mode": "sandbox", "starting": True}
@@ -1254,7 +1254,7 @@ class IngestBot:
         return self.db, self.storage
 
     async def _announce_sandbox(self) -> None:
-        from shared.sandbox import World, banner
+        from devkit.sandbox import World, banner
 
         directory = self.settings.sandbox_path
         if self.world is None:
@@ -1333,23 +1333,20 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: bad input and failures end as one line (see shared.cli), never a traceback."""
-    return run_cli(_main, argv)
-
-
-def _main(argv: list[str]) -> int:
-    args = parse_args(argv)
-    settings = load_or_exit(IngestSettings)
-    command = args.command or "run"
-    if command == "run":
-        refuse_implicit_sandbox_or_exit(settings, "TELEGRAM_API_ID")
-    configure_logging(settings, stream=sys.stdout if command == "run" else sys.stderr, quiet=command != "run")
-    logging.getLogger("telethon.client.downloads").setLevel(logging.WARNING)  # one INFO line per download otherwise
-    if command == "gc":
-        return asyncio.run(
-            cli_gc(settings, dry_run=args.dry_run, older_than_hours=args.older_than_hours, as_json=args.json)
-        )
-    return run_bot(IngestBot(settings, reconcile_interval=settings.reconcile_interval).run())
+    """Entry point: the ingest bot, or ``gc``; bad input ends as one line, never a traceback."""
+    return bot_main(
+        argv,
+        parse_args=parse_args,
+        settings_type=IngestSettings,
+        serve=lambda settings: IngestBot(settings, reconcile_interval=settings.reconcile_interval).run(),
+        commands={
+            "gc": lambda settings, args: cli_gc(
+                settings, dry_run=args.dry_run, older_than_hours=args.older_than_hours, as_json=args.json
+            ),
+        },
+        # one INFO line per download otherwise
+        after_logging=lambda command: logging.getLogger("telethon.client.downloads").setLevel(logging.WARNING),
+    )
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 #   ./start.sh test [pytest args]   run the test suite
 #   ./start.sh bench NAME [args]    run bench/NAME.py (--quick, --json)
 #   ./start.sh worker|ingest|bot [COMMAND ...]   that bot, or one of its commands (--help lists them)
-#   ./start.sh sandbox|db|health|config|sessions [...]  python -m shared.<that> in the venv
+#   ./start.sh sandbox [...]        python -m devkit.sandbox in the venv (the Telegram stand-in)
+#   ./start.sh db|health|config|sessions [...]  python -m shared.<that> in the venv
 #   ./start.sh supervisor [...]     supervisor.py (restarts the bot when it crashes or hangs)
 #
 # Creates .venv on first use and reinstalls only when the requirements change
@@ -131,7 +132,12 @@ case "${1:-run}" in
         ensure_env requirements.txt
         exec "$PY" supervisor.py "$@"
         ;;
-    sandbox | db | health | config | sessions)
+    sandbox)
+        shift
+        ensure_env requirements.txt
+        exec "$PY" -m devkit.sandbox "$@"
+        ;;
+    db | health | config | sessions)
         module=$1
         shift
         ensure_env requirements.txt

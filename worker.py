@@ -52,8 +52,8 @@ from telethon import events, functions, types, utils
 from shared.alerts import AlertType
 from shared.breaker import CircuitOpenError
 from shared import metrics, tracing
-from shared.cli import ArgumentParser, CliError, run_cli
-from shared.config import WorkerSettings, load_or_exit, refuse_implicit_sandbox_or_exit
+from shared.cli import ArgumentParser, CliError
+from shared.config import WorkerSettings
 from shared.db import Database, open_database
 from shared.db.records import (
     Account,
@@ -73,7 +73,7 @@ from shared.errors import ErrorKind, LimitScope, PermanentError, UnresolvedPeerE
 from shared.health import TEMP_SUBDIR, run_checks
 from shared.logs import mask_phone
 from shared.ratelimit import KeyedBuckets
-from shared.runtime import BotRuntime, StartupFailed, configure_logging, run_bot
+from shared.runtime import BotRuntime, StartupFailed, bot_main
 from shared.sessions import SessionCipher
 from shared.storage import Storage, open_storage
 from shared.telegram import (
@@ -1772,8 +1772,8 @@ class Worker:
             )
 
     def _announce_sandbox(self) -> None:
-        from shared.sandbox import World, banner
-        from shared.sandbox import describe as describe_sandbox
+        from devkit.sandbox import World, banner
+        from devkit.sandbox import describe as describe_sandbox
 
         directory = self.settings.sandbox_path
         self.world = World.open(directory)
@@ -1847,7 +1847,7 @@ async def open_cli_database(settings: WorkerSettings) -> Database:
     """The database for a command; in sandbox mode with the sandbox's demo accounts in it (once)."""
     db = await open_database(settings)
     if settings.sandbox:
-        from shared.sandbox import World
+        from devkit.sandbox import World
 
         try:
             await seed_sandbox_accounts(db, World.open(settings.sandbox_path), session_cipher(settings))
@@ -2145,7 +2145,7 @@ async def chat_id_of(db: Database, settings: WorkerSettings, account: Account, p
     if chat is not None:
         return chat.telegram_chat_id
     if settings.sandbox:
-        from shared.sandbox import World, SandboxError
+        from devkit.sandbox import World, SandboxError
 
         try:
             found = World.open(settings.sandbox_path).peer(text)
@@ -2285,7 +2285,7 @@ async def cli_login(settings: WorkerSettings, args: argparse.Namespace) -> int:
     label = args.label or phone
     world = None
     if settings.sandbox:
-        from shared.sandbox import LOGIN_CODE, World
+        from devkit.sandbox import LOGIN_CODE, World
 
         world = World.open(settings.sandbox_path)
         world.seed_demo()
@@ -2426,42 +2426,27 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: bad input and failures end as one line (see shared.cli), never a traceback."""
-    return run_cli(_main, argv)
-
-
-def _main(argv: list[str]) -> int:
-    args = parse_args(argv)
-    settings = load_or_exit(WorkerSettings)
-    command = args.command or "run"
-    if command == "run":
-        refuse_implicit_sandbox_or_exit(settings, "TELEGRAM_API_ID")
-    # A command's own output is its answer on stdout; its logs go to stderr, warnings only unless -v.
-    configure_logging(settings, stream=sys.stdout if command == "run" else sys.stderr, quiet=command != "run")
-    tracing.setup("worker")  # only when OTEL_EXPORTER_OTLP_ENDPOINT is set: `send` starts a message's trace
-    if command == "run":
-        return run_bot(Worker(settings).run())
-    if command == "accounts":
-        return asyncio.run(cli_accounts(settings, args.json))
-    if command == "send":
-        return asyncio.run(cli_send(settings, args))
-    if command == "messages":
-        return asyncio.run(cli_messages(settings, args))
-    if command == "history":
-        return asyncio.run(cli_history(settings, args))
-    if command == "schedule":
-        return asyncio.run(cli_schedule(settings, args))
-    if command == "jobs":
-        return asyncio.run(cli_jobs(settings, args))
-    if command == "login":
-        return asyncio.run(cli_login(settings, args))
-    if command == "rotate-key":
-        return asyncio.run(cli_rotate_key(settings))
-    if command == "fleet":
-        return asyncio.run(cli_fleet(settings, args.json))
-    if command == "requeue":
-        return asyncio.run(cli_requeue(settings, args))
-    return 2
+    """Entry point: the worker, or one of its commands; bad input ends as one line, never a traceback."""
+    return bot_main(
+        argv,
+        parse_args=parse_args,
+        settings_type=WorkerSettings,
+        serve=lambda settings: Worker(settings).run(),
+        commands={
+            "accounts": lambda settings, args: cli_accounts(settings, args.json),
+            "send": cli_send,
+            "messages": cli_messages,
+            "history": cli_history,
+            "schedule": cli_schedule,
+            "jobs": cli_jobs,
+            "login": cli_login,
+            "rotate-key": lambda settings, args: cli_rotate_key(settings),
+            "fleet": lambda settings, args: cli_fleet(settings, args.json),
+            "requeue": cli_requeue,
+        },
+        # only when OTEL_EXPORTER_OTLP_ENDPOINT is set: `send` starts a message's trace
+        after_logging=lambda command: tracing.setup("worker"),
+    )
 
 
 if __name__ == "__main__":

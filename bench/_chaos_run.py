@@ -30,7 +30,7 @@ from typing import Any, Generic, TypeVar
 
 from bench._chaos_faults import ChaosPostgres, ChaosProcess
 from bench._common import emit, parser
-from shared.sandbox import World
+from devkit.sandbox import World
 
 ProcT = TypeVar("ProcT", bound=ChaosProcess)
 PlanT = TypeVar("PlanT")

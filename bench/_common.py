@@ -325,7 +325,7 @@ async def make_accounts(dsn: str, world_dir: Path, count: int, *, recipients: in
     """
     from shared.db import PostgresDatabase
     from shared.db.records import AccountStatus
-    from shared.sandbox import World
+    from devkit.sandbox import World
     from shared.sessions import SessionCipher, generate_key
 
     key = generate_key()

@@ -53,7 +53,7 @@ from PIL import Image  # noqa: E402
 from bench._chaos_faults import ChaosProcess  # noqa: E402
 from bench._chaos_run import ChaosRun, Step, chaos_main, closing_lines, phase_table, process_lines, reason_lines  # noqa: E402
 from bench._common import S3Server  # noqa: E402
-from shared.sandbox import FaultKind, ImageKind, World  # noqa: E402
+from devkit.sandbox import FaultKind, ImageKind, World  # noqa: E402
 
 
 CHANNEL = "@demo_photos"

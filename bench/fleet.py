@@ -336,7 +336,7 @@ async def run(*, n_accounts: int, per_account: int, quick: bool) -> dict[str, An
     async with BenchDatabase("bench-fleet-") as bench_db:
         dsn = await bench_db.create("bench_fleet")
         accounts = await make_accounts(dsn, bench_db.root / "sandbox", n_accounts, recipients=10)
-        from shared.sandbox import FaultKind
+        from devkit.sandbox import FaultKind
 
         accounts.world.set_fault(FaultKind.LATENCY, ms=LATENCY_MS)
         pool = await asyncpg.create_pool(dsn, min_size=2, max_size=8)

@@ -378,7 +378,7 @@ async def run_realistic_load(
 
 
 async def run_realistic(*, seconds: float, n_accounts: int, chats: int, percents: list[float]) -> dict[str, Any]:
-    from shared.sandbox import FaultKind
+    from devkit.sandbox import FaultKind
 
     info = machine()
     cap = n_accounts * min(DEFAULT_LIMITS["per_account_rate"], chats * DEFAULT_LIMITS["per_chat_rate"])

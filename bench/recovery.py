@@ -249,7 +249,7 @@ def result(case: str, started: float, ended: float | None, promised: float, boun
 
 async def telegram_cases(h: Harness, *, stuck: bool) -> list[CaseResult]:
     """Hung send and dropped connection (one worker), or the stuck loop (a worker with a long send deadline)."""
-    from shared.sandbox import FaultKind
+    from devkit.sandbox import FaultKind
 
     world = h.accounts.world
     extra = {"TIMEOUT_TELEGRAM_SEND": "60"} if stuck else {}
@@ -459,7 +459,7 @@ def defaults_env(h: Harness, *, dsn: str | None = None) -> dict[str, str]:
 
 async def defaults_database(h: Harness, kind: str, outage: float) -> AfterReturn:
     from bench._chaos_faults import PgProxy
-    from shared.sandbox import FaultKind
+    from devkit.sandbox import FaultKind
 
     name = f"database {kind} ({outage:g} s)"
     progress(f"--defaults case: {name}")
@@ -508,7 +508,7 @@ async def defaults_database(h: Harness, kind: str, outage: float) -> AfterReturn
 
 
 async def defaults_telegram(h: Harness, outage: float) -> AfterReturn:
-    from shared.sandbox import FaultKind
+    from devkit.sandbox import FaultKind
 
     name = f"Telegram outage ({outage:g} s)"
     progress(f"--defaults case: {name}")

@@ -7,6 +7,6 @@
 * :mod:`replyguy.approval`: the operators' approval desk on a Telethon bot.
 * :mod:`replyguy.state`: discovery cursors and the day's post count.
 * :mod:`replyguy.health`: healthy | degraded | error.
-* :mod:`replyguy.standins`, :mod:`replyguy.local_x`, :mod:`replyguy.local_ai`:
+* :mod:`devkit.standins`, :mod:`devkit.local_x`, :mod:`devkit.local_ai`:
   the local stand-in X and AI APIs of the embedded default and the tests.
 """

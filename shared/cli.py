@@ -115,7 +115,7 @@ def _bad_input_types() -> tuple[type[BaseException], ...]:
     from shared.config import ConfigError
 
     types: list[type[BaseException]] = [ConfigError, PermanentError, ValueError]
-    sandbox = sys.modules.get("shared.sandbox")  # loaded only when the sandbox could have raised
+    sandbox = sys.modules.get("devkit.sandbox")  # loaded only when the sandbox could have raised
     if sandbox is not None:
         types.append(sandbox.SandboxError)
     return tuple(types)

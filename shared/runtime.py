@@ -17,12 +17,13 @@ watchdog's monitor is checking, and no loop is ``failing``.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -32,8 +33,8 @@ import shared
 from shared import tracing
 from shared.alerts import AlertSink, AlertType, build_alert_sink
 from shared.breaker import registry as breakers
-from shared.cli import CliError, cli_log_level, error_line, port_error
-from shared.config import CommonSettings
+from shared.cli import CliError, cli_log_level, error_line, port_error, run_cli
+from shared.config import CommonSettings, load_or_exit, refuse_implicit_sandbox_or_exit
 from shared.db import Database, DatabaseSettings, open_database
 from shared.errors import ErrorKind, classify, describe
 from shared.health import ResourceMonitor, ResourceThresholds, temp_files
@@ -116,6 +117,47 @@ def run_bot(main: Coroutine[Any, Any, None]) -> int:
     except Exception:
         return 1
     return 0
+
+
+Command = Callable[[Any, argparse.Namespace], Coroutine[Any, Any, int]]
+"""One of a bot's commands: ``(settings, arguments) -> exit code``."""
+
+
+def bot_main(
+    argv: Sequence[str] | None,
+    *,
+    parse_args: Callable[[list[str]], argparse.Namespace],
+    settings_type: type[CommonSettings],
+    serve: Callable[[Any], Coroutine[Any, Any, None]],
+    commands: Mapping[str, Command],
+    after_logging: Callable[[str], None] | None = None,
+) -> int:
+    """The one ``main()`` of the three bots: arguments, settings, logging, then the command or the bot.
+
+    ``serve(settings)`` is the bot itself (command ``run``, the default); it
+    refuses to start on a configured database without Telegram credentials
+    unless ``SANDBOX=1``. Any other command runs ``commands[name](settings,
+    args)``: its answer goes to stdout and its logs to stderr, warnings only
+    unless ``-v``. ``after_logging(command)`` is a bot's own set-up that needs
+    logging (tracing, quieter library loggers). Errors end as one line
+    (:func:`shared.cli.run_cli`), never a traceback.
+    """
+
+    def entry(arguments: list[str]) -> int:
+        args = parse_args(arguments)
+        settings = load_or_exit(settings_type)
+        command = getattr(args, "command", None) or "run"
+        running = command == "run"
+        if running:
+            refuse_implicit_sandbox_or_exit(settings, "TELEGRAM_API_ID")
+        configure_logging(settings, stream=sys.stdout if running else sys.stderr, quiet=not running)
+        if after_logging is not None:
+            after_logging(command)
+        if running:
+            return run_bot(serve(settings))
+        return asyncio.run(commands[command](settings, args))
+
+    return run_cli(entry, argv)
 
 
 def code_version() -> str:

@@ -168,7 +168,7 @@ def client_factory(settings: TelegramSettings, world: Any | None) -> ClientFacto
     # catch_up=True: Telethon loads the session's saved update state only then (and catches up at connect).
     common: dict[str, Any] = {"flood_sleep_threshold": 0, "raise_last_call_error": True, "catch_up": True}
     if world is not None:
-        from shared.sandbox import SandboxClient
+        from devkit.sandbox import SandboxClient
 
         class WatchedSandboxClient(_WatchesDifferences, SandboxClient):
             pass

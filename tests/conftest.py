@@ -34,7 +34,7 @@ PROCESS_MODULES = frozenset({
     "test_docs.py",
     "ingest/test_ingest_process.py",
     "hostile/test_environment.py",
-    "shared/sandbox/test_cli.py",
+    "devkit/sandbox/test_cli.py",
     "shared/db/test_main.py",
     "shared/db/test_embedded.py",
 })

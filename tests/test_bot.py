@@ -23,10 +23,10 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from replyguy.local_ai import LocalAI
-from replyguy.local_x import LocalX
+from devkit.local_ai import LocalAI
+from devkit.local_x import LocalX
 from shared.db import PostgresDatabase, Tweet, TweetStatus
-from shared.sandbox import World
+from devkit.sandbox import World
 from tests.helpers import eventually
 
 REPO = Path(__file__).resolve().parent.parent
@@ -181,7 +181,7 @@ async def test_the_embedded_default_takes_a_tweet_from_discovery_to_a_posted_rep
     await bot.wait_for(r"draft for \d+ sent to the operators", count=3, timeout=60)
 
     # The README's step: the operator presses Approve with the sandbox's command line.
-    code, out = await run_cli(sys.executable, "-m", "shared.sandbox", "--dir", env["SANDBOX_DIR"], "press", "operator",
+    code, out = await run_cli(sys.executable, "-m", "devkit.sandbox", "--dir", env["SANDBOX_DIR"], "press", "operator",
                               "--chat", "Demo Operators", "--button", "Approve", "--wait", "15", env=env)
     assert code == 0 and "bot answered: 'Approved.'" in out, out
     posted = await bot.wait_for(r"replied to (\d+) with (\d+) \(1 of 50 today\)", timeout=30)

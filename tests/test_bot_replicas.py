@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from replyguy.local_x import LocalX
-from shared.sandbox import World
+from devkit.local_x import LocalX
+from devkit.sandbox import World
 from tests.test_bot import BotProcess, base_env, bots, get_json, local_x  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.slow

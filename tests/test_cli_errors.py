@@ -67,11 +67,11 @@ def table(files: dict[str, str]) -> list[Bad]:
         Bad("ingest with a bad setting", (*py, "ingest.py", "gc"), 2, "INGEST_OVERSIZE", env={"INGEST_OVERSIZE": "squash"}),
         Bad("bot health of nothing running", (*py, "bot.py", "health", "--port", "1", "--timeout", "2"), 2, "not answering"),
         Bad("bot health with a bad timeout", (*py, "bot.py", "health", "--timeout", "x"), 2, "--timeout"),
-        # python -m shared.db / shared.sandbox / shared.health, supervisor.py
+        # python -m shared.db / devkit.sandbox / shared.health, supervisor.py
         Bad("db migrate of an unreachable server", (*py, "-m", "shared.db", "migrate", "--database-url", "postgresql://u@127.0.0.1:9/x"), 1, "cannot connect"),
         Bad("db without a command", (*py, "-m", "shared.db"), 2, "required"),
-        Bad("sandbox inbox of nobody", (*py, "-m", "shared.sandbox", "inbox", "@ghost"), 2, "no peer"),
-        Bad("sandbox fault of a bad kind", (*py, "-m", "shared.sandbox", "fault", "set", "explode"), 2, "invalid choice"),
+        Bad("sandbox inbox of nobody", (*py, "-m", "devkit.sandbox", "inbox", "@ghost"), 2, "no peer"),
+        Bad("sandbox fault of a bad kind", (*py, "-m", "devkit.sandbox", "fault", "set", "explode"), 2, "invalid choice"),
         Bad("health of an unknown check", (*py, "-m", "shared.health", "kidneys"), 2, "kidneys"),
         Bad("health with a zero timeout", (*py, "-m", "shared.health", "--timeout", "0"), 2, "--timeout"),
         Bad("supervisor with a bad setting", (*py, "supervisor.py"), 2, "MAX_RESTARTS", env={"MAX_RESTARTS": "many"}),

@@ -18,7 +18,7 @@ import pytest
 from shared.alerts import AlertType
 from shared.config import WorkerSettings, load_settings
 from shared.db import open_database
-from shared.sandbox import World
+from devkit.sandbox import World
 from shared.sessions import SessionCipher, generate_key
 from shared.telegram import SANDBOX_KEY_FILE, session_cipher
 from tests.helpers import RecordingAlerts, wait_until

@@ -20,7 +20,7 @@ import asyncpg
 import pytest
 
 from bench._common import Accounts, free_port, make_accounts
-from shared.sandbox import World
+from devkit.sandbox import World
 from shared.sessions import DECRYPT_FAILURE, generate_key
 from tests.test_worker import worker_cli
 from tests.test_worker_process import WorkerProcess, account_id, enqueue, fetch, wait_until

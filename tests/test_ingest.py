@@ -34,7 +34,7 @@ from shared.db.records import IngestImage, IngestStatus, from_row
 from shared.images import ImagePolicy
 from shared.retry_queue import JsonlRetryStore, RetryQueue
 from shared.runtime import BotRuntime, Stats
-from shared.sandbox import FaultKind, ImageKind, World
+from devkit.sandbox import FaultKind, ImageKind, World
 from shared.shutdown import GracefulShutdown
 from shared.storage import LocalBackend, S3Backend, Storage
 from tests.fixtures.postgrest import PostgrestEndpoint

@@ -28,7 +28,7 @@ import pytest
 from shared.breaker import registry as breakers
 from shared.errors import TransientError
 from shared.health import ResourceSample, ResourceThresholds, resources_status
-from shared.sandbox import FaultKind, World
+from devkit.sandbox import FaultKind, World
 from shared.status_server import StatusServer
 from tests.test_worker import FAST, account_ids, running_worker, wait_until
 

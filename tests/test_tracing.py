@@ -15,7 +15,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from shared.sandbox import World
+from devkit.sandbox import World
 from tests.fixtures.otlp import OtlpReceiver, hung_otlp_receiver, otlp_receiver  # noqa: F401 - fixtures
 from tests.test_worker import worker_cli
 from tests.test_worker_process import WorkerProcess, env, fetch, wait_until  # noqa: F401 - a fixture

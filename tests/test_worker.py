@@ -23,7 +23,7 @@ from shared.alerts import AlertType
 from shared.config import WorkerSettings, load_settings
 from shared.db import DatabaseRejected
 from shared.runtime import BotRuntime
-from shared.sandbox import FaultKind, World
+from devkit.sandbox import FaultKind, World
 from tests.helpers import RecordingAlerts, wait_until
 from worker import Worker
 

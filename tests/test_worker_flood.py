@@ -16,7 +16,7 @@ import asyncpg
 import pytest
 
 from shared.alerts import AlertType
-from shared.sandbox import FaultKind, World
+from devkit.sandbox import FaultKind, World
 from tests.helpers import RecordingAlerts, wait_until
 from tests.test_worker import FAST, account_ids, outbound_rows, running_worker, texts_received, world_of
 from worker import Worker

@@ -16,7 +16,7 @@ import asyncpg
 from shared.alerts import AlertType
 from shared.breaker import registry as breaker_registry
 from shared.db.records import JobStatus, MessageJobKind
-from shared.sandbox import FaultKind
+from devkit.sandbox import FaultKind
 from tests.helpers import RecordingAlerts, wait_until
 from tests.test_worker import account_ids, outbound_rows, running_worker, texts_received, worker_cli, worker_env, world_of  # noqa: F401
 

@@ -20,7 +20,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from shared.sandbox import FaultKind, World
+from devkit.sandbox import FaultKind, World
 from tests.helpers import wait_until as shared_wait_until
 from tests.test_worker import FAST
 

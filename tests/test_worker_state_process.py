@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.sandbox import World
+from devkit.sandbox import World
 from tests.test_worker_process import WorkerProcess, account_id, accounts_connected, enqueue, fetch, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.process]

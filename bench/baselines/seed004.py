@@ -67,7 +67,7 @@ class Seed004Outbound:
 
     async def start(self) -> None:
         """Connect one Telethon client per account (as the seed's ``start`` does)."""
-        from shared.sandbox import SandboxClient, World
+        from devkit.sandbox import SandboxClient, World
 
         world = World.open(self.world_dir)
         for account_id, session in self.sessions.items():

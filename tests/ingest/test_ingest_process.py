@@ -22,7 +22,7 @@ import asyncpg
 import pytest
 from PIL import Image
 
-from shared.sandbox import FaultKind, World
+from devkit.sandbox import FaultKind, World
 from tests.helpers import wait_until as shared_wait_until
 from tests.ingest.s3_server import S3Server, s3_bucket, s3_server  # noqa: F401
 

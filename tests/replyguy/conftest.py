@@ -20,8 +20,8 @@ from bot import Plan, ReplyGuy, configure_breakers, plan_for
 from replyguy.ai import AIClient, Drafter, load_prompt
 from replyguy.approval import ApprovalDesk
 from replyguy.http import RetryPolicy
-from replyguy.local_ai import SANDBOX_AI_KEY, LocalAI
-from replyguy.local_x import SANDBOX_X_CREDENTIALS, LocalX
+from devkit.local_ai import SANDBOX_AI_KEY, LocalAI
+from devkit.local_x import SANDBOX_X_CREDENTIALS, LocalX
 from replyguy.state import ReplyState
 from replyguy.xapi import XClient
 from shared.alerts import LogAlertSink
@@ -31,7 +31,7 @@ from shared.db import Database
 from shared.db.retry_store import DbRetryStore
 from shared.retry_queue import RetryQueue
 from shared.runtime import BotRuntime
-from shared.sandbox import DemoWorld, SandboxClient, World
+from devkit.sandbox import DemoWorld, SandboxClient, World
 from tests.fixtures.sandbox import CLIENT_DEFAULTS
 from tests.replyguy.helpers import settings_for
 

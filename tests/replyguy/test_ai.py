@@ -8,7 +8,7 @@ import pytest
 
 from replyguy.ai import AIClient, Drafter, load_prompt
 from replyguy.length import ELLIPSIS, MAX_WEIGHTED_LENGTH, weighted_length
-from replyguy.local_ai import LocalAI
+from devkit.local_ai import LocalAI
 from shared.alerts import LogAlertSink
 from shared.errors import TransientError
 from shared.breaker import CircuitBreaker, CircuitOpenError, CircuitState

@@ -12,8 +12,8 @@ import pytest
 from bot import configure_breakers
 from replyguy.ai import AIClient
 from replyguy.http import RetryPolicy
-from replyguy.local_ai import SANDBOX_AI_KEY, LocalAI
-from replyguy.local_x import SANDBOX_X_CREDENTIALS, LocalX
+from devkit.local_ai import SANDBOX_AI_KEY, LocalAI
+from devkit.local_x import SANDBOX_X_CREDENTIALS, LocalX
 from replyguy.xapi import XClient
 from shared.breaker import BreakerRegistry, CircuitOpenError, CircuitState
 from shared.db import DatabaseUnavailable, PostgresDatabase

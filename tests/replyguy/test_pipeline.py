@@ -12,7 +12,7 @@ import random
 import pytest
 
 from bot import search_query
-from replyguy.local_x import SANDBOX_X_CREDENTIALS
+from devkit.local_x import SANDBOX_X_CREDENTIALS
 from shared.db import RetryItemStatus, Tweet, TweetStatus
 from tests.replyguy.conftest import Rig, RigFactory
 from tests.replyguy.helpers import active_alerts, eventually

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from replyguy.http import RetryPolicy
-from replyguy.local_x import SANDBOX_X_CREDENTIALS, LocalX
+from devkit.local_x import SANDBOX_X_CREDENTIALS, LocalX
 from replyguy.xapi import DuplicateContentError, XClient
 from shared.alerts import LogAlertSink
 from shared.breaker import CircuitBreaker

@@ -22,8 +22,8 @@ from shared.images import (
     probe,
     process_image,
 )
-from shared.sandbox import ImageKind
-from shared.sandbox._media import generate
+from devkit.sandbox import ImageKind
+from devkit.sandbox._media import generate
 
 ROOT = Path(__file__).resolve().parents[2]
 ORIENTATION = 0x0112
@@ -180,7 +180,7 @@ def test_the_20000x20000_bomb_is_refused_with_memory_bounded() -> None:
     code = (
         "import json, resource, sys\n"
         "from shared.images import ImagePolicy, ImageRejected, process_image\n"
-        "from shared.sandbox._media import generate, ImageKind\n"
+        "from devkit.sandbox._media import generate, ImageKind\n"
         "data = generate(ImageKind.BOMB)\n"
         "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "try:\n"

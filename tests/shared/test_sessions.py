@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 from telethon import events, types
 
-from shared.sandbox import SandboxClient
+from devkit.sandbox import SandboxClient
 from shared.sessions import DatabaseSession, SessionCipher, SessionKeyError, generate_key
 from tests.helpers import eventually
 

@@ -9,8 +9,8 @@ import pytest
 from telethon import Button, errors, events, functions, types
 from telethon.sessions import StringSession
 
-from shared.sandbox import ImageKind, SandboxClient, World
-from shared.sandbox._media import generate
+from devkit.sandbox import ImageKind, SandboxClient, World
+from devkit.sandbox._media import generate
 
 from ._helpers import eventually
 

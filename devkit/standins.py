@@ -1,7 +1,7 @@
 """What the local stand-in APIs share: an aiohttp server on 127.0.0.1 with faults you set.
 
-The stand-in X API (:mod:`replyguy.local_x`) and AI API
-(:mod:`replyguy.local_ai`) are real HTTP servers. The bot talks to them over
+The stand-in X API (:mod:`devkit.local_x`) and AI API
+(:mod:`devkit.local_ai`) are real HTTP servers. The bot talks to them over
 TCP exactly as it talks to the real services, so the client code under test
 is the production code. Faults are *server state*: a test (or a person with
 ``curl``) adds a rule, and the next matching requests misbehave:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from telethon import errors, functions
 
-from shared.sandbox import PeerKind, SandboxError, UnknownPeerError, World
+from devkit.sandbox import PeerKind, SandboxError, UnknownPeerError, World
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -88,7 +88,7 @@ _CHILD = textwrap.dedent(
     """
     import asyncio, sys
     from telethon import errors, functions
-    from shared.sandbox import SandboxClient
+    from devkit.sandbox import SandboxClient
 
     async def main(directory: str, random_id: int) -> None:
         client = SandboxClient(directory, phone="+15550100001", flood_sleep_threshold=0,

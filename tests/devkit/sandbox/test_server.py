@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from telethon import errors, functions, types
 
-from shared.sandbox import CAPTION_LIMIT, TEXT_LIMIT, ImageKind, utf16_len
-from shared.sandbox._media import generate
+from devkit.sandbox import CAPTION_LIMIT, TEXT_LIMIT, ImageKind, utf16_len
+from devkit.sandbox._media import generate
 
 
 async def test_text_limit_is_4096_utf16_code_units(sandbox_world, sandbox_demo, sandbox_connect):

@@ -1,4 +1,4 @@
-"""Command line for the Telegram sandbox: ``python -m shared.sandbox --help``.
+"""Command line for the Telegram sandbox: ``python -m devkit.sandbox --help``.
 
 Everything acts on the world in ``--dir`` (default: ``SANDBOX_DIR``, else
 ``<DATA_DIR>/sandbox``), the same file running bots use, so a message sent

@@ -7,8 +7,8 @@ import asyncio
 import pytest
 from telethon import errors, events, functions
 
-from shared.sandbox import FaultKind, SandboxError, World
-from shared.sandbox._faults import error_code_for, error_message_for, normalize_method
+from devkit.sandbox import FaultKind, SandboxError, World
+from devkit.sandbox._faults import error_code_for, error_message_for, normalize_method
 
 from ._helpers import eventually
 

@@ -14,7 +14,7 @@ and the tests. Endpoints:
   author's tweets is refused with 403 like X does.
 
 Reads need ``Authorization: Bearer <token>`` (or OAuth 1.0a). Faults come
-from :class:`replyguy.standins.FaultPlan` (endpoint names: ``search``,
+from :class:`devkit.standins.FaultPlan` (endpoint names: ``search``,
 ``user``, ``me``, ``timeline``, ``post``). ``POST /_standin/tweets`` with
 ``{"author": ..., "text": ...}`` adds a tweet by anyone (curl it to give the
 bot something new to answer).
@@ -40,7 +40,7 @@ from aiohttp import web
 from oauthlib.oauth1 import RequestValidator, ResourceEndpoint
 
 from replyguy.length import MAX_WEIGHTED_LENGTH, weighted_length
-from replyguy.standins import Fault, FaultKind, StandInServer
+from devkit.standins import Fault, FaultKind, StandInServer
 from replyguy.xapi import XCredentials
 
 logger = logging.getLogger(__name__)

@@ -4,7 +4,7 @@
 media, faults, flood limits) kept in one SQLite file so several processes
 share it. ``SandboxClient`` is a real ``telethon.TelegramClient`` whose
 transport talks to that world, so production code runs unchanged against
-it. ``python -m shared.sandbox`` is the command line for people.
+it. ``python -m devkit.sandbox`` is the command line for people.
 
 Usage::
 

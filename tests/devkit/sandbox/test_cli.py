@@ -1,4 +1,4 @@
-"""``python -m shared.sandbox``: the command line round trip."""
+"""``python -m devkit.sandbox``: the command line round trip."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from telethon import Button, errors, events
 
-from shared.sandbox.__main__ import main
+from devkit.sandbox.__main__ import main
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[3]
 def cli(directory: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """Run the sandbox CLI in a subprocess, like a person would."""
     return subprocess.run(
-        [sys.executable, "-m", "shared.sandbox", "--dir", str(directory), *args],
+        [sys.executable, "-m", "devkit.sandbox", "--dir", str(directory), *args],
         capture_output=True, text=True, timeout=60, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shared.sandbox import SANDBOX_BANNER, banner, default_sandbox_dir, describe
+from devkit.sandbox import SANDBOX_BANNER, banner, default_sandbox_dir, describe
 
 
 def test_default_directory_follows_sandbox_dir_then_data_dir():

@@ -7,8 +7,8 @@ import io
 import pytest
 from PIL import Image
 
-from shared.sandbox import HUGE_DOCUMENT_SIZE, ImageKind
-from shared.sandbox._media import SPECS, generate, image_size, lazy_range, to_jpeg
+from devkit.sandbox import HUGE_DOCUMENT_SIZE, ImageKind
+from devkit.sandbox._media import SPECS, generate, image_size, lazy_range, to_jpeg
 
 
 @pytest.mark.parametrize(("kind", "fmt"), [(ImageKind.JPEG, "JPEG"), (ImageKind.PNG, "PNG"), (ImageKind.WEBP, "WEBP"),

@@ -3,7 +3,7 @@
 ``POST /v1/chat/completions`` (and ``/chat/completions``) answers with a
 short, friendly reply built from the tweet in the prompt: no model, no
 network, deterministic. It serves the embedded default and the tests.
-Faults come from :class:`replyguy.standins.FaultPlan` (endpoint ``chat``):
+Faults come from :class:`devkit.standins.FaultPlan` (endpoint ``chat``):
 ``status``, ``rate_limit`` (429 with ``retry-after``), ``hang``,
 ``malformed``, ``overlong`` (a reply far over X's 280 weighted
 characters), ``content_filter`` (``content: null`` with ``finish_reason:
@@ -20,7 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
-from replyguy.standins import FaultKind, StandInServer
+from devkit.standins import FaultKind, StandInServer
 
 logger = logging.getLogger(__name__)
 
