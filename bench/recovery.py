@@ -541,7 +541,7 @@ _DRAFT = re.compile(r"Reply draft for @\S+ \(tweet (\d+)\)")
 
 def _drafts(world_dir: Path) -> list[str]:
     """The tweets whose reply drafts reached the operator chat of the sandbox world, in order."""
-    from shared.sandbox import World
+    from devkit.sandbox import World
 
     if not world_dir.exists():
         return []
@@ -556,7 +556,7 @@ def _drafts(world_dir: Path) -> list[str]:
 
 
 def _approve(world_dir: Path) -> None:
-    from shared.sandbox import World
+    from devkit.sandbox import World
 
     world = World(world_dir)
     try:
@@ -568,7 +568,7 @@ def _approve(world_dir: Path) -> None:
 async def defaults_x(h: Harness, outage: float) -> AfterReturn:
     """bot.py with every default: X fails (HTTP 503 on every endpoint, its breakers' probe
     included) while the operator approves a draft; after return = X back -> the reply posted."""
-    from replyguy.local_x import LocalX
+    from devkit.local_x import LocalX
 
     name = f"X outage, bot.py ({outage:g} s)"
     progress(f"--defaults case: {name}")
