@@ -814,6 +814,11 @@ class RetryDeadLetters:
         self.draft = draft
         self.post = post
 
+    def retry_now(self) -> None:
+        """The service the waiting items failed on is back: retry them now, not after their delay."""
+        if self.queue.retry_now():
+            self.crew.wake.dlq.set()
+
     async def cycle(self) -> float | None:
         """Retry the dead-letter items that are due; the exhausted ones alert once."""
         for item in await self.queue.due(limit=10):
@@ -1190,6 +1195,10 @@ async def serve(settings: ReplyGuySettings, plan: Plan, *, runtime: BotRuntime |
         for loop in guy.loops():
             runtime.add_loop(loop.name, guy.watched(loop.name, loop.cycle), interval=loop.interval,
                              wake=guy.wake.of(loop.name), max_silence=silence)
+        # Drafts and posts that failed while X or the AI was down go again as soon as its breaker closes.
+        loop = asyncio.get_running_loop()
+        for breaker_name in ("twitter_api", "ai_service"):
+            breaker_registry.get_or_create(breaker_name).on_close(lambda: loop.call_soon_threadsafe(guy.dlq.retry_now))
         runtime.add_section("reply_guy", guy.status)
         runtime.set_detailed_health(guy.health_check_all)
         for name, health in (("twitter", guy.x.health), ("ai", guy.ai.health), ("telegram", guy.desk.health)):

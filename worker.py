@@ -676,7 +676,7 @@ class Outbound:
         self._in_hand: dict[asyncio.Task[None], list[OutboundMessage]] = {}
         self._finished = asyncio.Event()
         self._late_error: BaseException | None = None
-        self._take_back_due = False
+        self._take_back: set[int] = set()  # accounts whose claimed rows a failure may have left behind
 
     async def cycle(self) -> float:
         if self.runtime.shutdown.stopping:
@@ -688,13 +688,13 @@ class Outbound:
             raise
         except Exception:
             # A database failure may have left claimed rows whose release could not reach it.
-            self._take_back_due = True
+            self._take_back |= set(self.pool.connections)
             raise
 
     async def _claim_and_send(self) -> float:
         self._raise_late_error()
         await self.watch.cut_stuck_sends(self._in_hand)
-        if self._take_back_due:
+        if self._take_back:
             await self._take_back_own_rows()
         self._finished.clear()  # a chat finishing from here on wakes the idle wait below
         connected = self.pool.connected()
@@ -750,7 +750,7 @@ class Outbound:
             return
         exc = task.exception()
         if exc is not None:
-            self._take_back_due = True
+            self._take_back |= set(self.pool.connections)
             if self._late_error is None:
                 self._late_error = exc
 
@@ -797,12 +797,13 @@ class Outbound:
         account lease in SQL), instead of letting them wait out their message lease."""
         keep = sorted({r.lease_token for rows in self._in_hand.values() for r in rows if r.lease_token})
         total = 0
+        # An account whose lease lapsed in the outage is owed its take-back until it is leased again.
         for connection in list(self.pool.connections.values()):
-            if connection.lease_token:
+            if connection.id in self._take_back and connection.lease_token:
                 total += await self.db.take_back_own_outbound(
                     connection.id, owner=self.owner, account_token=connection.lease_token, keep_tokens=keep
                 )
-        self._take_back_due = False
+                self._take_back.discard(connection.id)
         if total:
             logger.info("took back %d claimed message(s) a failure had left behind", total)
 

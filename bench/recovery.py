@@ -56,9 +56,12 @@ return until every one of those messages is delivered and /health answers
   answered, nothing is closed) for the outage, then resets them: a failover.
 * Telegram outage (20 s): the sandbox never answers any request, lookups of
   new recipients included.
+* X outage (10 s, bot.py): the local X stand-in answers 503 to every request
+  (its breakers' probe included) while the operator approves a reply draft;
+  after return = X back -> that reply posted.
 
 ``--quick`` with ``--defaults`` shortens the outages to 8 s (database) and
-6 s (Telegram).
+6 s (Telegram, X).
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ sys.path.insert(0, str(_BENCH_DIR.parent))
 import asyncio  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
+import re  # noqa: E402
 import signal  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Awaitable, Callable  # noqa: E402
@@ -88,6 +92,7 @@ from bench._common import (  # noqa: E402
     UNLIMITED_SENDS,
     Accounts,
     BenchDatabase,
+    WORKER_BASE_ENV,
     TcpProxy,
     WorkerProcess,
     emit,
@@ -531,7 +536,77 @@ async def defaults_telegram(h: Harness, outage: float) -> AfterReturn:
         await worker.stop()
 
 
-async def run_defaults(*, quick: bool, db_outage: float, telegram_outage: float) -> dict[str, Any]:
+_DRAFT = re.compile(r"Reply draft for @\S+ \(tweet (\d+)\)")
+
+
+def _drafts(world_dir: Path) -> list[str]:
+    """The tweets whose reply drafts reached the operator chat of the sandbox world, in order."""
+    from devkit.sandbox import World
+
+    if not world_dir.exists():
+        return []
+    world = World(world_dir)
+    try:
+        messages = world.history("operator", "Demo Operators")
+    except LookupError:
+        return []  # bot.py has not made its sandbox's operator chat yet
+    finally:
+        world.close()
+    return [m.group(1) for m in (_DRAFT.search(x.text or "") for x in messages) if m]
+
+
+def _approve(world_dir: Path) -> None:
+    from devkit.sandbox import World
+
+    world = World(world_dir)
+    try:
+        world.press("operator", chat="Demo Operators", text="Approve")
+    finally:
+        world.close()
+
+
+async def defaults_x(h: Harness, outage: float) -> AfterReturn:
+    """bot.py with every default: X fails (HTTP 503 on every endpoint, its breakers' probe
+    included) while the operator approves a draft; after return = X back -> the reply posted."""
+    from devkit.local_x import LocalX
+
+    name = f"X outage, bot.py ({outage:g} s)"
+    progress(f"--defaults case: {name}")
+    root = h.bench_db.root / "bot-defaults-x"
+    world_dir = root / "sandbox"
+    local_x = await LocalX().start()
+    env = {
+        **WORKER_BASE_ENV,
+        "LOG_LEVEL": "INFO",
+        "DATABASE_URL": await h.bench_db.create("bench_recovery_bot"),
+        "SANDBOX": "1",
+        "SANDBOX_DIR": str(world_dir),
+        "DATA_DIR": str(root / "data"),
+        "X_API_BASE": local_x.base_url,
+        "PORT": str(free_port()),
+    }
+    bot = await WorkerProcess(env, root.with_suffix(".log"), argv=[sys.executable, "bot.py"]).start()
+    try:
+        await wait_until(lambda: bool(_drafts(world_dir)), timeout=120, what="a first draft", interval=0.2, check=bot.check_alive)
+        local_x.faults.add("status", endpoint="*", status=503)
+        failed_at = time.monotonic()
+        await asyncio.to_thread(_approve, world_dir)  # the operator approves while X is down
+        await asyncio.sleep(max(0.0, outage - (time.monotonic() - failed_at)))
+        local_x.faults.clear()
+        restored = time.monotonic()
+        try:
+            ended = await wait_until(
+                lambda: any(local_x.replies_to(t) for t in _drafts(world_dir)), timeout=120, what="the approved reply posted", interval=0.1, check=bot.check_alive
+            )
+            return AfterReturn(name, outage, round(ended - restored, 2), 1)
+        except (TimeoutError, RuntimeError) as exc:
+            return AfterReturn(name, outage, None, 1, error=str(exc).splitlines()[0])
+    finally:
+        await bot.stop()
+        await local_x.stop()
+
+
+async def run_defaults(*, quick: bool, db_outage: float, telegram_outage: float, x_outage: float = 10.0) -> dict[str, Any]:
     info = machine()
     async with BenchDatabase("bench-recovery-defaults-") as bench_db:
         dsn = await bench_db.create("bench_recovery")
@@ -541,6 +616,7 @@ async def run_defaults(*, quick: bool, db_outage: float, telegram_outage: float)
             await defaults_database(h, "reset", db_outage),
             await defaults_database(h, "hung", db_outage),
             await defaults_telegram(h, telegram_outage),
+            await defaults_x(h, x_outage),
         ]
         version = bench_db.version
     measured = [c.after_return_s for c in cases if c.after_return_s is not None]
@@ -563,7 +639,8 @@ async def run_defaults(*, quick: bool, db_outage: float, telegram_outage: float)
 def render_defaults(result: dict[str, Any]) -> str:
     lines = [
         "recovery with the default settings: worker.py in sandbox mode, 2 accounts, embedded PostgreSQL "
-        f"{result['postgres']}; after return = the dependency back -> every message in hand delivered and /health 200",
+        f"{result['postgres']}; after return = the dependency back -> every message in hand delivered and /health 200 "
+        "(bot.py: the reply approved during the outage posted)",
         f"machine: {machine_line(result['machine'])}; load average after: "
         f"{' '.join(f'{v:.2f}' for v in result['load_average_after'])}",
         "settings: every default (only the fault lengths set)",
@@ -607,6 +684,7 @@ def main(argv: list[str] | None = None) -> int:
     args_parser = parser("recovery", __doc__)
     args_parser.add_argument("--outage", type=float, default=None, help="database outage length in seconds (default 30; 8 with --defaults --quick)")
     args_parser.add_argument("--defaults", action="store_true", help="the cost of outages with every default setting (after_return_s per case)")
+    args_parser.add_argument("--x-outage", type=float, default=None, help="with --defaults: X outage length for bot.py (default 10; 6 with --quick)")
     args_parser.add_argument("--telegram-outage", type=float, default=None, help="with --defaults: Telegram outage length (default 20; 6 with --quick)")
     args = args_parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -614,7 +692,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.defaults:
         db_outage = args.outage if args.outage is not None else (8.0 if args.quick else 30.0)
         tg_outage = args.telegram_outage if args.telegram_outage is not None else (6.0 if args.quick else 20.0)
-        outcome = asyncio.run(run_defaults(quick=args.quick, db_outage=db_outage, telegram_outage=tg_outage))
+        x_outage = args.x_outage if args.x_outage is not None else (6.0 if args.quick else 10.0)
+        outcome = asyncio.run(run_defaults(quick=args.quick, db_outage=db_outage, telegram_outage=tg_outage, x_outage=x_outage))
         outcome["wall_seconds"] = round(time.monotonic() - started, 1)
         emit(render_defaults(outcome), outcome, as_json=args.json)
         return 0

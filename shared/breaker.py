@@ -149,6 +149,7 @@ class CircuitBreaker:
         self._probe_task: asyncio.Task[None] | None = None
         self._next_probe_at: float | None = None
         self._probes_run = 0
+        self._on_close: list[Callable[[], None]] = []
         BREAKER_STATE.labels(name).set(0)
 
     # --- state ------------------------------------------------------------
@@ -191,6 +192,18 @@ class CircuitBreaker:
         self._notify(previous, to)
         if to is CircuitState.OPEN:
             self._start_probing()
+        if to is CircuitState.CLOSED:
+            for callback in list(self._on_close):
+                try:
+                    callback()
+                except Exception:  # a listener must never break the caller
+                    logger.exception("breaker %s: an on_close listener failed", self.name)
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` each time the circuit closes again (the service is back): work that
+        failed while it was down can go again at once instead of waiting out its retry delay.
+        It runs in the thread that closed the circuit and must not block."""
+        self._on_close.append(callback)
 
     def _notify(self, previous: CircuitState, to: CircuitState) -> None:
         if self.alerts is None:

@@ -504,6 +504,21 @@ class RetryQueue:
             self._checked_out.pop(item.id, None)
             self._push_memory(item)
 
+    def retry_now(self, kinds: frozenset[str] | None = None) -> int:
+        """Make the items in memory (of these kinds; all when None) due now: the service they
+        failed on is back, so they need not wait out their delay. Attempts are not touched.
+        Returns how many were brought forward."""
+        now = self._now()
+        moved = 0
+        for entry in self._heap:
+            if entry.due > now and (kinds is None or entry.item.kind in kinds):
+                entry.due = now
+                moved += 1
+        if moved:
+            heapq.heapify(self._heap)
+            self._changed.set()
+        return moved
+
     def next_due_in(self) -> float | None:
         """Seconds until the soonest item in memory is due (None when empty)."""
         if not self._heap:

@@ -115,7 +115,7 @@ def test_bench_ingest_reports_peak_rss_of_the_large_images_against_the_memory_bu
 MORE: dict[str, tuple[list[str], tuple[str, ...]]] = {
     "queue": (["queue.py", "--quick", "--json"], ("pgqueuer_per_s", "ratio_pgqueuer", "pgqueuer_p99_ms", "settings")),
     "recovery-defaults": (
-        ["recovery.py", "--defaults", "--quick", "--json", "--outage", "4", "--telegram-outage", "4"],
+        ["recovery.py", "--defaults", "--quick", "--json", "--outage", "4", "--telegram-outage", "4", "--x-outage", "4"],
         ("cases", "after_return_s", "worst_after_return_s", "machine"),
     ),
     "outbound-realistic": (
@@ -174,6 +174,7 @@ def test_peer_limit_and_default_recovery_runs_carry_their_fields(more_runs: dict
         assert _number_or_none(result["worst_after_return_s"])
         assert result["cases"] and all("after_return_s" in c and _number_or_none(c["after_return_s"]) for c in result["cases"])
         assert set(result["after_return_s"]) == {c["case"] for c in result["cases"]}
+        assert any(c["case"].startswith("X outage, bot.py") for c in result["cases"]), "bot.py's X outage is a case"
     else:
         assert _number_or_none(result["efficiency"]) and isinstance(result["flood_waits"], int)
         assert [load["percent"] for load in result["loads"]] == [50.0, 100.0, 150.0]

@@ -413,3 +413,18 @@ async def test_the_registry_applies_the_probe_interval_to_every_breaker() -> Non
     reg.set_probe_interval(0.5)
     second = reg.get_or_create("second")
     assert first.probe_interval == second.probe_interval == 0.5
+
+
+async def test_on_close_listeners_hear_each_time_the_service_is_back_and_a_failing_one_breaks_nothing() -> None:
+    clock = FakeClock()
+    breaker = make("t_on_close", clock)
+    heard: list[str] = []
+    breaker.on_close(lambda: heard.append("back"))
+    breaker.on_close(lambda: 1 / 0)  # type: ignore[func-returns-value]
+    await fail_n(breaker, 3)
+    assert heard == []
+    clock.advance(30)
+    assert await breaker.call(ok) == "ok"
+    assert await breaker.call(ok) == "ok"
+    assert breaker.state is CircuitState.CLOSED
+    assert heard == ["back"]

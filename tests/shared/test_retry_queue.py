@@ -373,3 +373,18 @@ async def test_compaction_keeps_the_state_and_shrinks_the_file(tmp_path: Path) -
     reopened = JsonlRetryStore(path)
     assert sorted(i.id for i in await reopened.load_pending(limit=100)) == sorted(f"i{n}" for n in range(0, 30, 3))
     assert [i.id for i in await reopened.exhausted_items()] == ["i29"]
+
+
+async def test_retry_now_brings_waiting_items_of_the_named_kinds_forward_without_counting_an_attempt(tmp_path: Path) -> None:
+    clock = FakeClock(START)
+    queue = make_queue(tmp_path / "now.jsonl", clock)
+    await queue.put("post", {"n": "post"}, error="X answered 503", delay=60)
+    await queue.put("draft", {"n": "draft"}, error="AI answered 503", delay=60)
+    assert await queue.due() == []
+
+    assert queue.retry_now(frozenset({"post"})) == 1
+    [item] = await queue.due()
+    assert item.payload["n"] == "post" and item.attempts == 0
+    assert await queue.due() == [], "other kinds keep their delay"
+    assert queue.retry_now() == 1
+    assert [i.payload["n"] for i in await queue.due()] == ["draft"]
