@@ -81,11 +81,17 @@ class RecordingAlerts:
 
     def __init__(self) -> None:
         self.alerts: list[tuple[AlertType, str, str | None]] = []
+        self.details: list[Any] = []  # each alert's details, in the order of ``alerts``
         self.resolved: list[tuple[AlertType, str | None]] = []
 
     def alert(self, type: AlertType, message: str, *, key: str | None = None, details: Any = None) -> bool:  # noqa: A002
         self.alerts.append((type, message, key))
+        self.details.append(details)
         return True
+
+    def of_type(self, kind: AlertType | str) -> list[tuple[AlertType, str, str | None]]:
+        """The alerts of one type (an AlertType or its value)."""
+        return [a for a in self.alerts if a[0] == kind]
 
     def resolve(self, type: AlertType, *, key: str | None = None, message: str = "") -> bool:  # noqa: A002
         self.resolved.append((type, key))

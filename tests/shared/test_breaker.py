@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -11,23 +10,8 @@ from prometheus_client import REGISTRY
 
 from shared.breaker import BreakerRegistry, CircuitBreaker, CircuitOpenError, CircuitState, registry
 from shared.errors import ErrorKind, PermanentError, TransientError, classify
-from tests.helpers import FakeClock, wait_until
+from tests.helpers import FakeClock, RecordingAlerts, wait_until
 
-
-@dataclass
-class RecordingSink:
-    """An AlertSink that remembers what it was told."""
-
-    alerts: list[tuple[str, str, str | None, dict[str, Any] | None]] = field(default_factory=list)
-    resolved: list[tuple[str, str | None, str]] = field(default_factory=list)
-
-    def alert(self, type: str, message: str, *, key: str | None = None, details: dict[str, Any] | None = None) -> bool:
-        self.alerts.append((str(type.value if hasattr(type, "value") else type), message, key, details))
-        return True
-
-    def resolve(self, type: str, *, key: str | None = None, message: str = "") -> bool:
-        self.resolved.append((str(type.value if hasattr(type, "value") else type), key, message))
-        return True
 
 
 async def ok() -> str:
@@ -281,12 +265,12 @@ async def test_get_status_reports_state_counts_and_time_to_next_probe() -> None:
 
 async def test_opening_alerts_once_and_closing_resolves() -> None:
     clock = FakeClock()
-    sink = RecordingSink()
+    sink = RecordingAlerts()
     breaker = make("t_alerts", clock, alerts=sink, success_threshold=1)
     await fail_n(breaker, 3)
     assert [(a[0], a[2]) for a in sink.alerts] == [("circuit_breaker_open", "breaker:t_alerts")]
     assert "t_alerts" in sink.alerts[0][1]
-    assert sink.alerts[0][3] is not None and "service down" in sink.alerts[0][3]["error"]
+    assert sink.details[0] is not None and "service down" in sink.details[0]["error"]
 
     # Re-opening from half-open is the same incident: no second alert.
     clock.advance(30)
@@ -301,7 +285,7 @@ async def test_opening_alerts_once_and_closing_resolves() -> None:
 
 
 async def test_a_failing_alert_sink_never_breaks_the_caller() -> None:
-    class BrokenSink(RecordingSink):
+    class BrokenSink(RecordingAlerts):
         def alert(self, type: str, message: str, *, key: str | None = None, details: dict[str, Any] | None = None) -> bool:
             raise RuntimeError("sink exploded")
 
@@ -319,7 +303,7 @@ def test_invalid_thresholds_are_refused() -> None:
 
 async def test_registry_returns_one_breaker_per_name_and_reports_every_status() -> None:
     own = BreakerRegistry()
-    sink = RecordingSink()
+    sink = RecordingAlerts()
     first = own.get_or_create("t_reg_db", failure_threshold=1)
     assert own.get_or_create("t_reg_db", failure_threshold=99) is first
     assert first.failure_threshold == 1

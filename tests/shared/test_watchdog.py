@@ -10,7 +10,6 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -19,6 +18,7 @@ from prometheus_client import REGISTRY
 from shared.breaker import CircuitOpenError
 from shared.timeouts import OperationTimeout
 from shared.watchdog import LoopState, LoopWatchdog, periodic
+from tests.helpers import RecordingAlerts
 from tests.helpers import wait_until as until
 
 MAX_SILENCE = 0.3
@@ -27,24 +27,6 @@ BACKOFF = 0.05
 SLACK = 0.3  # scheduling slack on a busy 2-core machine; a correctness bound, not a speed target
 EARLY = 0.01  # asyncio may fire a timer up to its clock resolution early
 
-
-@dataclass
-class RecordingSink:
-    """An AlertSink that remembers what it was told."""
-
-    alerts: list[tuple[str, str, str | None]] = field(default_factory=list)
-    resolved: list[tuple[str, str | None]] = field(default_factory=list)
-
-    def alert(self, type: Any, message: str, *, key: str | None = None, details: dict[str, Any] | None = None) -> bool:
-        self.alerts.append((getattr(type, "value", type), message, key))
-        return True
-
-    def resolve(self, type: Any, *, key: str | None = None, message: str = "") -> bool:
-        self.resolved.append((getattr(type, "value", type), key))
-        return True
-
-    def of_type(self, kind: str) -> list[tuple[str, str, str | None]]:
-        return [a for a in self.alerts if a[0] == kind]
 
 
 @pytest.fixture
@@ -211,7 +193,7 @@ async def test_a_loop_that_ignores_cancellation_is_abandoned_reported_and_replac
 async def test_a_restart_storm_marks_the_loop_failing_and_alerts_exactly_once(
     make_watchdog: Callable[..., LoopWatchdog],
 ) -> None:
-    sink = RecordingSink()
+    sink = RecordingAlerts()
     watchdog = make_watchdog(storm_restarts=3, backoff_max=BACKOFF, alerts=sink)
     starts = Starts()
 
@@ -239,7 +221,7 @@ async def test_a_restart_storm_marks_the_loop_failing_and_alerts_exactly_once(
 async def test_a_storm_clears_with_a_resolved_alert_once_the_loop_is_stable(
     make_watchdog: Callable[..., LoopWatchdog],
 ) -> None:
-    sink = RecordingSink()
+    sink = RecordingAlerts()
     watchdog = make_watchdog(storm_restarts=2, storm_window=0.5, backoff_max=BACKOFF, alerts=sink)
     starts = Starts()
 
