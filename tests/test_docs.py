@@ -11,12 +11,14 @@ from the settings registry and must be current.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -143,25 +145,104 @@ def fresh_clone(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return target
 
 
+#: What start.sh runs for its first word (a path of the repository, or a module); the rest run only through start.sh.
+ENTRY_POINTS = {
+    "worker": ("path", "worker.py"),
+    "ingest": ("path", "ingest.py"),
+    "bot": ("path", "bot.py"),
+    "supervisor": ("path", "supervisor.py"),
+    "sandbox": ("module", "devkit.sandbox"),
+    "db": ("module", "shared.db"),
+    "health": ("module", "shared.health"),
+    "config": ("module", "shared.config"),
+    "sessions": ("module", "shared.sessions"),
+}
+
+#: Runs many command lines of our programs in one interpreter: each as ``__main__`` with its own
+#: ``sys.argv``; prints, per command, its exit code and what it wrote on stderr.
+DRIVER = r"""
+import contextlib, io, json, runpy, sys, traceback
+sys.path.insert(0, ".")
+results = []
+for kind, target, argv in json.loads(sys.stdin.read()):
+    err = io.StringIO()
+    code = 0
+    sys.argv = [target, *argv]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        try:
+            if kind == "module":
+                runpy.run_module(target, run_name="__main__", alter_sys=True)
+            else:
+                runpy.run_path(target, run_name="__main__")
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except BaseException:
+            traceback.print_exc(file=err)
+            code = 1
+    results.append([code, err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def entry_of(form: tuple[str, ...]) -> tuple[str, str, list[str]] | None:
+    """How a start.sh form runs without start.sh: (kind, target, argv), or None when only start.sh can run it."""
+    words = list(form[1:])
+    if words and words[0] == "bench" and len(words) > 1 and not words[1].startswith("-"):
+        return ("path", f"bench/{words[1]}.py", words[2:])
+    if words and words[0] in ENTRY_POINTS:
+        kind, target = ENTRY_POINTS[words[0]]
+        return (kind, target, words[1:])
+    return None
+
+
 @pytest.mark.slow
 async def test_every_command_in_readme_and_docs_runs_as_copied_from_a_fresh_clone(fresh_clone: Path, tmp_path: Path) -> None:
+    """Each program is reached through start.sh as copied (its shortest form); its other forms run in
+    one interpreter per program, as start.sh would run them, which keeps a Python start-up per command
+    out of the suite's time."""
     # As after `./start.sh` ran once: the requirements are installed (here: in the test's interpreter).
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TELEGRAM_", "SUPABASE_", "DATABASE_URL", "BOT"))}
     env.update(NO_VENV="1", PYTHON=sys.executable, DATA_DIR=str(tmp_path / "data"))
+    forms = every_command()
+    through_start: list[tuple[str, ...]] = []
+    in_driver: dict[str, list[tuple[str, ...]]] = {}
+    for form in sorted(forms, key=len):
+        program = form[1] if len(form) > 1 else ""
+        if entry_of(form) is None or program not in {f[1] for f in through_start if len(f) > 1}:
+            through_start.append(form)  # the shortest form of each program goes through start.sh
+        else:
+            in_driver.setdefault(program, []).append(form)
     limit = asyncio.Semaphore(3)
 
-    async def check(form: tuple[str, ...], where: str) -> str | None:
+    async def run(command: Sequence[str], stdin: bytes | None = None) -> tuple[int, str, str]:
         async with limit:
             proc = await asyncio.create_subprocess_exec(
-                *form, cwd=fresh_clone, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+                *command, cwd=fresh_clone, env=env, stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             )
-            out, err = await asyncio.wait_for(proc.communicate(), 120)
-        if proc.returncode == 0 and "Traceback" not in err.decode(errors="replace"):
-            return None
-        return f"{where}\n    ran {shlex.join(form)}: exit {proc.returncode}\n    {err.decode(errors='replace').strip()[-400:]}"
+            out, err = await asyncio.wait_for(proc.communicate(stdin), 120)
+        return proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")
 
-    problems = [p for p in await asyncio.gather(*(check(f, w) for f, w in every_command().items())) if p]
+    def problem(form: tuple[str, ...], code: int, err: str) -> str | None:
+        if code == 0 and "Traceback" not in err:
+            return None
+        return f"{forms[form]}\n    ran {shlex.join(form)}: exit {code}\n    {err.strip()[-400:]}"
+
+    async def check_one(form: tuple[str, ...]) -> list[str | None]:
+        code, _, err = await run(form)
+        return [problem(form, code, err)]
+
+    async def check_many(group: list[tuple[str, ...]]) -> list[str | None]:
+        jobs = [entry_of(form) for form in group]
+        code, out, err = await run([sys.executable, "-c", DRIVER], json.dumps(jobs).encode())
+        if code != 0:
+            return [f"the command driver failed for {group}: exit {code}\n    {err.strip()[-400:]}"]
+        return [problem(form, c, e) for form, (c, e) in zip(group, json.loads(out.strip().splitlines()[-1]))]
+
+    checks = [check_one(f) for f in through_start] + [check_many(g) for g in in_driver.values()]
+    problems = [p for found in await asyncio.gather(*checks) for p in found if p]
     assert not problems, "\n".join(problems)
+    assert len(through_start) + sum(map(len, in_driver.values())) == len(forms)
 
 
 # --- links -------------------------------------------------------------------------------------
