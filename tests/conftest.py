@@ -62,3 +62,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         tier = tier_of(item)
         if item.get_closest_marker(tier) is None:
             item.add_marker(getattr(pytest.mark, tier))
+    # Long modules first: with parallel workers, a 30 s test handed out last is the whole run's tail.
+    # Whole modules move, in their own order, so module-scoped fixtures are still set up once.
+    rank: dict[str, int] = {}
+    for item in items:
+        module = str(item.fspath)
+        here = 0 if item.get_closest_marker("slow") is not None else 1 if item.get_closest_marker("process") else 2
+        rank[module] = min(rank.get(module, 2), here)
+    items.sort(key=lambda item: rank[str(item.fspath)])
