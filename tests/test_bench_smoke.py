@@ -109,8 +109,8 @@ def test_bench_ingest_reports_peak_rss_of_the_large_images_against_the_memory_bu
     assert result["peak_rss_mb"] == max(case["peak_rss_mb"] for case in cases)
 
 
-#: Runs of the comparisons against peers, against Telegram's limits and with the default settings
-#: (issue 20), each a little smaller than --quick where an option allows, started together after the
+#: Runs of the comparisons against peers, against Telegram's limits and with the default settings,
+#: each a little smaller than --quick where an option allows, started together after the
 #: first group: benchmark id -> (arguments after bench/, the fields its JSON line must carry).
 MORE: dict[str, tuple[list[str], tuple[str, ...]]] = {
     "queue": (["queue.py", "--quick", "--json"], ("pgqueuer_per_s", "ratio_pgqueuer", "pgqueuer_p99_ms", "settings")),
