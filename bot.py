@@ -64,7 +64,7 @@ from shared import metrics, tracing
 from shared.alerts import AlertType
 from shared.breaker import BreakerRegistry, CircuitBreaker, CircuitOpenError, CircuitState
 from shared.breaker import registry as breaker_registry
-from shared.cli import ArgumentParser
+from shared.cli import bot_parser
 from shared.config import BY_NAME, ConfigError, ReplyGuySettings
 from shared.db import Database, Tweet, TweetStatus
 from shared.db.retry_store import DbRetryStore
@@ -1254,13 +1254,7 @@ async def cli_health(settings: ReplyGuySettings, args: argparse.Namespace) -> in
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = ArgumentParser(
-        prog="./start.sh bot",
-        description="The Reply Guy: tweets in, approved replies out.",
-        epilog="Global flags: -v shows INFO logs, --debug shows a traceback on errors. Manual: docs/reply-guy.md",
-    )
-    sub = parser.add_subparsers(dest="command")
-    sub.add_parser("run", help="run the bot (the default)")
+    parser, sub = bot_parser("bot", "The Reply Guy: tweets in, approved replies out.", "docs/reply-guy.md")
     health = sub.add_parser("health", help="ask the running bot how it is: exit 0 healthy, 1 degraded, 2 error")
     health.add_argument("--url", help="the bot's status server (default http://127.0.0.1:$PORT)")
     health.add_argument("--port", type=int, help="the bot's status port (default $PORT)")

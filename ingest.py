@@ -73,7 +73,7 @@ from shared.errors import ErrorKind, PermanentError, classify, describe
 from shared.health import TEMP_SUBDIR
 from shared.images import ImagePolicy, ImageRejected, OversizePolicy, ProcessedImage, process_image
 from shared.retry_queue import JsonlRetryStore, RetryItem, RetryQueue
-from shared.cli import ArgumentParser
+from shared.cli import bot_parser
 from shared.runtime import BotRuntime, Stats, bot_main
 from shared.sessions import SessionCipher
 from shared.shutdown import GracefulShutdown
@@ -1494,13 +1494,7 @@ async def cli_gc(settings: IngestSettings, *, dry_run: bool, older_than_hours: f
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = ArgumentParser(
-        prog="./start.sh ingest",
-        description="Store the images of Telegram channels in R2.",
-        epilog="Global flags: -v shows INFO logs, --debug shows a traceback on errors. Manual: docs/ingest.md",
-    )
-    sub = parser.add_subparsers(dest="command")
-    sub.add_parser("run", help="run the bot (the default)")
+    parser, sub = bot_parser("ingest", "Store the images of Telegram channels in R2.", "docs/ingest.md")
     gc = sub.add_parser("gc", help="delete stored objects that no row points at (try --dry-run first)")
     gc.add_argument("--dry-run", action="store_true", help="list the orphans, delete nothing")
     gc.add_argument(

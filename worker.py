@@ -52,7 +52,7 @@ from telethon import events, functions, types, utils
 from shared.alerts import AlertType
 from shared.breaker import CircuitOpenError
 from shared import metrics, tracing
-from shared.cli import ArgumentParser, CliError
+from shared.cli import CliError, bot_parser
 from shared.config import WorkerSettings
 from shared.db import Database, open_database
 from shared.db.records import (
@@ -2485,13 +2485,7 @@ def _seconds(raw: str) -> float:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = ArgumentParser(
-        prog="./start.sh worker",
-        description="The Telegram account worker.",
-        epilog="Global flags: -v shows INFO logs, --debug shows a traceback on errors. Manual: docs/worker.md",
-    )
-    sub = parser.add_subparsers(dest="command")
-    sub.add_parser("run", help="run the worker (the default)")
+    parser, sub = bot_parser("worker", "The Telegram account worker.", "docs/worker.md")
     login = sub.add_parser("login", help="log in an account and store its encrypted session")
     login.add_argument("--label")
     login.add_argument("--phone")

@@ -22,7 +22,7 @@ import errno
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from shared.errors import BotError, ErrorKind, PermanentError, TransientError, classify, describe
 from shared.logs import redact
@@ -179,3 +179,15 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_BAD_INPUT, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def bot_parser(bot: str, description: str, manual: str) -> tuple[ArgumentParser, Any]:
+    """A bot's command line: ``./start.sh BOT [COMMAND]``, ``run`` the default; (parser, its subparsers)."""
+    parser = ArgumentParser(
+        prog=f"./start.sh {bot}",
+        description=description,
+        epilog=f"Global flags: -v shows INFO logs, --debug shows a traceback on errors. Manual: {manual}",
+    )
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("run", help=f"run the {'worker' if bot == 'worker' else 'bot'} (the default)")
+    return parser, sub
