@@ -47,6 +47,8 @@ from typing import TYPE_CHECKING, Any, Self
 
 import asyncpg
 
+from devkit.polling import eventually
+
 if TYPE_CHECKING:
     from moto.server import ThreadedMotoServer
 
@@ -152,23 +154,21 @@ async def fixed_rate(count: int, rate: float, send: Callable[[int], Awaitable[No
 async def wait_until(
     condition: Callable[[], Any], *, timeout: float, what: str, interval: float = 0.02, check: Callable[[], None] | None = None
 ) -> float:
-    """Poll ``condition`` (sync or async) until true; returns the monotonic time it became true.
+    """Poll ``condition`` (sync or async) until true (:func:`devkit.polling.eventually`); the monotonic time it became true.
+
+    ``check`` is called on every poll that finds the condition false (it raises to stop early).
 
     Raises:
         TimeoutError: not true within ``timeout`` (the message names ``what``).
     """
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return time.monotonic()
+
+    def gone() -> None:
         if check is not None:
             check()
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout:g} s")
-        await asyncio.sleep(interval)
+        return None
+
+    await eventually(condition, timeout=timeout, interval=interval, what=what, gone=gone, error=TimeoutError)
+    return time.monotonic()
 
 
 # --- where the figures come from -------------------------------------------------

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins: list[str] = ["tests.fixtures.sandbox", "tests.fixtures.postgres", "tests.fixtures.bot_api"]
+pytest_plugins: list[str] = ["tests.fixtures.sandbox", "tests.fixtures.postgres", "tests.fixtures.bot_api", "tests.fixtures.standins"]
 
 TESTS = Path(__file__).resolve().parent
 

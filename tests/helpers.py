@@ -1,53 +1,13 @@
-"""Helpers the test modules share: waiting on a condition with a deadline, a clock the test moves, an alert sink that records."""
+"""Helpers the test modules share: waiting on a condition with a deadline (devkit.polling), a clock the test moves, an alert sink that records."""
 
 from __future__ import annotations
 
-import asyncio
-import inspect
-import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
+from devkit.polling import eventually
 from shared.alerts import AlertType
 
-T = TypeVar("T")
-
-
-async def eventually(
-    probe: Callable[[], T | Awaitable[T]],
-    *,
-    timeout: float = 10.0,
-    interval: float = 0.02,
-    what: str = "condition",
-    gone: Callable[[], str | None] | None = None,
-    context: Callable[[], str] | None = None,
-) -> T:
-    """Poll ``probe`` (sync or async) until it returns something truthy, and return that value.
-
-    Never a bare sleep: it returns as soon as the value is truthy, and fails
-    with ``what`` (and the last value) when ``timeout`` passes.
-
-    Args:
-        gone: called on every poll; a text means the thing being watched died
-            (a subprocess exited): fail at once with that text instead of
-            waiting out the deadline.
-        context: text added to a timeout's message (a process's last output).
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value  # type: ignore[return-value]
-        if gone is not None:
-            death = gone()
-            if death:
-                raise AssertionError(f"{what}: {death}")
-        if time.monotonic() > deadline:
-            detail = "\n" + context() if context is not None else ""
-            raise AssertionError(f"{what} not met within {timeout}s (last value {value!r}){detail}")
-        await asyncio.sleep(interval)
 
 
 async def wait_until(

@@ -120,25 +120,6 @@ class BotProcess:
 
 
 @pytest.fixture
-async def local_x() -> AsyncIterator[LocalX]:
-    """The stand-in X API in this process, so the test sets its faults and sees every reply."""
-    server = await LocalX().start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
-@pytest.fixture
-async def local_ai() -> AsyncIterator[LocalAI]:
-    server = await LocalAI().start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
-@pytest.fixture
 async def bots() -> AsyncIterator[list[BotProcess]]:
     """Started bots; any still running at the end is stopped (killed when it will not stop)."""
     started: list[BotProcess] = []

@@ -47,25 +47,6 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @pytest.fixture
-async def local_x() -> AsyncIterator[LocalX]:
-    """The stand-in X API, seeded with the demo tweets."""
-    server = await LocalX().start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
-@pytest.fixture
-async def local_ai() -> AsyncIterator[LocalAI]:
-    server = await LocalAI().start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
-@pytest.fixture
 def breakers() -> dict[str, CircuitBreaker]:
     """The three breakers as configured, in a registry of this test's own."""
     return configure_breakers(BreakerRegistry())
