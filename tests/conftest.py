@@ -32,6 +32,7 @@ PROCESS_MODULES = frozenset({
     "test_chaos_quick.py",
     "test_chaos_ingest_quick.py",
     "test_docs.py",
+    "test_ready_during_startup.py",
     "ingest/test_ingest_process.py",
     "hostile/test_environment.py",
     "devkit/sandbox/test_cli.py",
