@@ -86,11 +86,12 @@ case "${1:-run}" in
         shift
         ensure_env requirements-dev.txt
         # Three workers by default (pytest-xdist; the process tests mostly wait, so 3 beat 2 on 2 cores;
-        # TEST_WORKERS=0 for one process); a -n of your own wins.
+        # TEST_WORKERS=0 for one process); a -n of your own wins. loadgroup keeps a module marked
+        # xdist_group on one worker (its module fixtures start benchmarks: once, not per worker).
         workers=()
         case " $* " in
             *" -n "* | *" -n="* | *" --numprocesses"*) ;;
-            *) workers=(-n "${TEST_WORKERS:-3}") ;;
+            *) workers=(-n "${TEST_WORKERS:-3}" --dist loadgroup) ;;
         esac
         exec "$PY" -m pytest "${workers[@]}" "$@"
         ;;

@@ -40,6 +40,16 @@ PROCESS_MODULES = frozenset({
     "shared/db/test_embedded.py",
 })
 
+#: Modules whose module-scoped fixtures do the expensive part once (start every benchmark, run every
+#: bad-environment case, copy the repository, write huge images): one worker runs each of them whole,
+#: or every worker that gets one of their tests would do it all again (``--dist loadgroup``).
+WHOLE_MODULES = frozenset({
+    "test_bench_smoke.py",
+    "test_docs.py",
+    "hostile/test_environment.py",
+    "shared/test_images_memory.py",
+})
+
 # Modules about a service itself: every test in them needs it.
 SERVICE_DIRECTORIES = ("shared/db/",)
 
@@ -63,6 +73,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         tier = tier_of(item)
         if item.get_closest_marker(tier) is None:
             item.add_marker(getattr(pytest.mark, tier))
+        module = Path(str(item.fspath)).resolve().relative_to(TESTS).as_posix()
+        if module in WHOLE_MODULES:
+            item.add_marker(pytest.mark.xdist_group(module))
     # Long modules first: with parallel workers, a 30 s test handed out last is the whole run's tail.
     # Whole modules move, in their own order, so module-scoped fixtures are still set up once.
     rank: dict[str, int] = {}

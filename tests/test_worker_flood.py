@@ -16,8 +16,8 @@ import asyncpg
 import pytest
 
 from shared.alerts import AlertType
-from devkit.sandbox import FaultKind, World
-from tests.helpers import RecordingAlerts, wait_until
+from devkit.sandbox import FaultKind
+from tests.helpers import RecordingAlerts, eventually, wait_until
 from tests.test_worker import FAST, account_ids, outbound_rows, running_worker, texts_received, world_of
 from worker import Worker
 
@@ -105,7 +105,7 @@ async def test_a_flood_wait_on_one_chat_holds_every_chat_of_the_account_and_draw
         assert texts_received(world, "bob") == []
         waiting = await _row(database_url, "another chat of the held account")
         assert (waiting["status"], waiting["attempts"]) == ("queued", 0), "not even tried during the hold"
-        other = await _sent_at(database_url, "another account")
+        other = await eventually(lambda: _sent_at(database_url, "another account"), what="the other account's message marked sent")
         assert other is not None and other < hold["flood_until"], "the other account sent during the hold"
         state = await _account_state(worker, "demo_one")
         assert state["state"] == "flood_wait" and state["flood_wait_until"] is not None
@@ -119,7 +119,8 @@ async def test_a_flood_wait_on_one_chat_holds_every_chat_of_the_account_and_draw
             what="the held messages after the flood wait",
         )
         for text in ("draws the flood wait", "another chat of the held account"):
-            sent_at = await _sent_at(database_url, text)
+            # Telegram has it; the worker marks it sent when Telegram's answer is back.
+            sent_at = await eventually(lambda: _sent_at(database_url, text), what=f"{text!r} marked sent")
             assert sent_at is not None and sent_at >= hold["flood_until"], f"{text!r} went before the hold ended"
         assert texts_received(world, "alice").count("draws the flood wait") == 1
         assert texts_received(world, "bob") == ["another chat of the held account"]
@@ -258,7 +259,8 @@ async def test_peer_flood_pauses_messages_to_strangers_alerts_once_and_loses_not
             what="the paused messages after PEER_FLOOD_PAUSE",
         )
         for text in ("draws PEER_FLOOD", "a second cold message"):
-            sent_at = await _sent_at(database_url, text)
+            # Telegram has it; the worker marks it sent when Telegram's answer is back.
+            sent_at = await eventually(lambda: _sent_at(database_url, text), what=f"{text!r} marked sent")
             assert sent_at is not None and sent_at >= hold["limited_until"], f"{text!r} went during the pause"
         await wait_until(lambda: (AlertType.ACCOUNT_LIMITED, "limited:demo_one") in alerts.resolved, what="resolved")
         assert [t for t, _, _ in alerts.alerts].count(AlertType.ACCOUNT_LIMITED) == 1
