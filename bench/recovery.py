@@ -606,18 +606,26 @@ async def defaults_x(h: Harness, outage: float) -> AfterReturn:
         await local_x.stop()
 
 
-async def run_defaults(*, quick: bool, db_outage: float, telegram_outage: float, x_outage: float = 10.0) -> dict[str, Any]:
+DEFAULTS_CASES = ("reset", "hung", "telegram", "x")
+"""The cases of ``--defaults``: the database reset, the database hung then reset, Telegram away, X away (bot.py)."""
+
+
+async def run_defaults(
+    *, quick: bool, db_outage: float, telegram_outage: float, x_outage: float = 10.0, only: tuple[str, ...] = DEFAULTS_CASES
+) -> dict[str, Any]:
     info = machine()
     async with BenchDatabase("bench-recovery-defaults-") as bench_db:
         dsn = await bench_db.create("bench_recovery")
         accounts = await make_accounts(dsn, bench_db.root / "sandbox", 2, recipients=4)
         h = Harness(bench_db, "bench_recovery", dsn, accounts, free_port())
-        cases = [
-            await defaults_database(h, "reset", db_outage),
-            await defaults_database(h, "hung", db_outage),
-            await defaults_telegram(h, telegram_outage),
-            await defaults_x(h, x_outage),
-        ]
+        cases = []
+        for name in only:
+            if name in ("reset", "hung"):
+                cases.append(await defaults_database(h, name, db_outage))
+            elif name == "telegram":
+                cases.append(await defaults_telegram(h, telegram_outage))
+            else:
+                cases.append(await defaults_x(h, x_outage))
         version = bench_db.version
     measured = [c.after_return_s for c in cases if c.after_return_s is not None]
     failed = any(c.after_return_s is None for c in cases)
@@ -686,14 +694,24 @@ def main(argv: list[str] | None = None) -> int:
     args_parser.add_argument("--defaults", action="store_true", help="the cost of outages with every default setting (after_return_s per case)")
     args_parser.add_argument("--x-outage", type=float, default=None, help="with --defaults: X outage length for bot.py (default 10; 6 with --quick)")
     args_parser.add_argument("--telegram-outage", type=float, default=None, help="with --defaults: Telegram outage length (default 20; 6 with --quick)")
+    args_parser.add_argument(
+        "--cases", default=",".join(DEFAULTS_CASES),
+        help=f"with --defaults: the cases to run, comma-separated (default all: {','.join(DEFAULTS_CASES)})",
+    )
     args = args_parser.parse_args(argv)
+    only = tuple(c.strip() for c in args.cases.split(",") if c.strip())
+    unknown = [c for c in only if c not in DEFAULTS_CASES]
+    if unknown or not only:
+        args_parser.error(f"--cases takes some of {','.join(DEFAULTS_CASES)} (got {args.cases!r})")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     started = time.monotonic()
     if args.defaults:
         db_outage = args.outage if args.outage is not None else (8.0 if args.quick else 30.0)
         tg_outage = args.telegram_outage if args.telegram_outage is not None else (6.0 if args.quick else 20.0)
         x_outage = args.x_outage if args.x_outage is not None else (6.0 if args.quick else 10.0)
-        outcome = asyncio.run(run_defaults(quick=args.quick, db_outage=db_outage, telegram_outage=tg_outage, x_outage=x_outage))
+        outcome = asyncio.run(
+            run_defaults(quick=args.quick, db_outage=db_outage, telegram_outage=tg_outage, x_outage=x_outage, only=only)
+        )
         outcome["wall_seconds"] = round(time.monotonic() - started, 1)
         emit(render_defaults(outcome), outcome, as_json=args.json)
         return 0

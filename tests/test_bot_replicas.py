@@ -16,7 +16,7 @@ import pytest
 
 from devkit.local_x import LocalX
 from devkit.sandbox import World
-from tests.test_bot import BotProcess, base_env, bots, get_json, local_x  # noqa: F401 (fixtures)
+from tests.test_bot import BotProcess, base_env, bots, get_json  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.slow
 
