@@ -421,8 +421,12 @@ async def test_a_replica_whose_key_opens_only_some_sessions_leaves_the_others_to
         async with aiohttp.ClientSession() as http:
             async with http.get(f"http://127.0.0.1:{DoubleConnectionWatch.port(partial)}/ready") as response:
                 assert response.status == 503 and "key_mismatch" in await response.text()
-            async with http.get(f"http://127.0.0.1:{DoubleConnectionWatch.port(full)}/ready") as response:
-                assert response.status == 200
+
+            async def full_ready() -> bool:  # its readiness checks run on their own schedule: ready soon, not at once
+                async with http.get(f"http://127.0.0.1:{DoubleConnectionWatch.port(full)}/ready") as response:
+                    return response.status == 200
+
+            await wait_until(full_ready, timeout=30, what="the replica with every key ready", proc=full)
         code, out, err = await worker_cli(both, "fleet", "--json")
         assert code == 0, err
         shown = {r["pid"]: r for r in json.loads(out)["fleet"]}
