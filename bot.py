@@ -1196,9 +1196,9 @@ async def serve(settings: ReplyGuySettings, plan: Plan, *, runtime: BotRuntime |
             runtime.add_loop(loop.name, guy.watched(loop.name, loop.cycle), interval=loop.interval,
                              wake=guy.wake.of(loop.name), max_silence=silence)
         # Drafts and posts that failed while X or the AI was down go again as soon as its breaker closes.
-        loop = asyncio.get_running_loop()
+        event_loop = asyncio.get_running_loop()
         for breaker_name in ("twitter_api", "ai_service"):
-            breaker_registry.get_or_create(breaker_name).on_close(lambda: loop.call_soon_threadsafe(guy.dlq.retry_now))
+            breaker_registry.get_or_create(breaker_name).on_close(lambda: event_loop.call_soon_threadsafe(guy.dlq.retry_now))
         runtime.add_section("reply_guy", guy.status)
         runtime.set_detailed_health(guy.health_check_all)
         for name, health in (("twitter", guy.x.health), ("ai", guy.ai.health), ("telegram", guy.desk.health)):
