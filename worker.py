@@ -1373,8 +1373,11 @@ class SentMarks:
     finished while the previous write was under way, with no added wait (group commit).
 
     A mark still comes after its send, as before; a crash between the two leaves the row to be
-    sent again with its random_id, which Telegram drops as a duplicate. If a batch fails, its
-    marks are written one by one, so one bad row never fails the others.
+    sent again with its random_id, which Telegram drops as a duplicate. A batch's commit does not
+    wait for the disk (``outbound_mark_sent_many`` turns synchronous_commit off for its own
+    transaction): a crash of the database server itself may lose the last marks, which leaves
+    their rows as that crash between send and mark does. If a batch fails, its marks are
+    written one by one, so one bad row never fails the others.
     """
 
     def __init__(self, db: Database, *, max_batch: int = 100) -> None:

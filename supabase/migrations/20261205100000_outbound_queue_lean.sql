@@ -16,6 +16,18 @@
 --   database) could otherwise join the input to a sequential scan of the
 --   table and keep that plan; by primary key it is an index lookup at any size.
 --
+-- * The marks' transaction commits without waiting for its WAL flush
+--   (synchronous_commit off for that transaction only, set inside
+--   outbound_mark_sent_many). A commit that waits for the disk took about
+--   3.5 ms here, and the claim that follows a batch's marks queued behind it.
+--   What this gives up: after a crash of the server itself (not of a worker,
+--   not a restart, which flushes), the marks of the last fraction of a second
+--   may be gone. Those rows are then in the state a worker killed between the
+--   send and its mark leaves them (sending, under a lease that runs out): they
+--   are claimed again and sent with the same random_id, which Telegram drops
+--   as a duplicate, as it always did for that case (see worker.SentMarks).
+--   Claims, enqueues and the other marks still wait for the disk.
+--
 -- * messages_chat_idx (account_id, chat_id, telegram_message_id desc) repeats
 --   the unique constraint messages_telegram_key on the same columns (a B-tree
 --   is read in both directions), and every query on these columns is an
@@ -28,7 +40,8 @@ alter function outbound_claim(bigint[], text, integer, double precision, integer
 
 drop index if exists messages_chat_idx;
 
--- As in 20261204100000, with the generic plan and the rows named by primary key (above).
+-- As in 20261204100000, with the generic plan, the rows named by primary key and an
+-- asynchronous commit (above).
 create or replace function outbound_mark_sent_many(
     p_ids bigint[],
     p_tokens uuid[],
@@ -43,6 +56,8 @@ declare
     i integer;
     v_done bigint[];
 begin
+    -- This transaction's commit does not wait for the disk (see the top of this file).
+    perform set_config('synchronous_commit', 'off', true);
     if coalesce(array_length(p_ids, 1), 0) <> coalesce(array_length(p_tokens, 1), 0)
        or coalesce(array_length(p_ids, 1), 0) <> coalesce(array_length(p_telegram_message_ids, 1), 0)
        or coalesce(array_length(p_ids, 1), 0) <> coalesce(array_length(p_chat_ids, 1), 0) then
