@@ -580,7 +580,10 @@ class Database(abc.ABC):
 
     async def mark_sent_many(self, marks: Sequence[tuple[int, str, int, int | None]]) -> list[bool]:
         """Record several sends in one statement (one commit): ``(message_id, token,
-        telegram_message_id, chat_id)`` each; per mark, what :meth:`mark_sent` would return."""
+        telegram_message_id, chat_id)`` each; per mark, what :meth:`mark_sent` would return.
+
+        The commit does not wait for the disk (see worker.SentMarks for why a mark lost in a
+        crash of the database server is safe); the marks are visible to every claimer at once."""
         if not marks:
             return []
         args = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
+import asyncpg
 import pytest
 
 from shared.db import Database, DatabaseRejected, JobKind, OutboundMessage, OutboundStatus, PostgresDatabase, utc_now
@@ -368,6 +369,30 @@ async def test_marks_of_sends_that_finished_together_are_written_in_one_statemen
     assert await backend_db.mark_sent_many([marks[0]]) == [True], "repeating a mark changes nothing"
     assert (await backend_db.get_outbound(rows[0].id)).status is OutboundStatus.SENT  # type: ignore[union-attr]
     assert (await backend_db.get_outbound(rows[1].id)).status is OutboundStatus.SENDING  # type: ignore[union-attr]
+
+
+async def test_the_marks_commit_without_waiting_for_the_disk_only_in_their_own_transaction(
+    database: PostgresDatabase, database_url: str
+) -> None:
+    """outbound_mark_sent_many turns synchronous_commit off for its own transaction: its marks are
+    visible at once to everyone, and the session's next transactions (claims, enqueues) still wait
+    for the disk."""
+    account = await _account(database)
+    await database.enqueue_outbound(account, "alice", "hello")
+    row = await _claim_one(database, account)
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("set synchronous_commit = on")  # the test server's default may be off
+        async with conn.transaction():
+            marked = await conn.fetch(
+                "select * from outbound_mark_sent_many($1, $2, $3, $4)", [row.id], [row.lease_token], [7], [8]
+            )
+            assert [(r["id"], r["marked"]) for r in marked] == [(row.id, True)]
+            assert await conn.fetchval("show synchronous_commit") == "off"
+        assert await conn.fetchval("show synchronous_commit") == "on"
+    finally:
+        await conn.close()
+    assert (await database.get_outbound(row.id)).status is OutboundStatus.SENT  # type: ignore[union-attr]
 
 
 async def test_rows_waiting_behind_a_flood_waited_head_never_starve_other_chats(backend_db: Database) -> None:
