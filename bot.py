@@ -341,8 +341,13 @@ class Failures:
             details={"tweet": tweet.target_tweet_id, "author": tweet.author or "", "stage": stage.value, "error": reason},
         )
 
-    async def retry_later(self, stage: Stage, tweet: Tweet, exc: BaseException) -> None:
-        """A failed tweet (already in status ``failed``): retry later, or keep it dead if hopeless."""
+    async def retry_later(self, stage: Stage, tweet: Tweet, exc: BaseException, *, service_back: bool = False) -> None:
+        """A failed tweet (already in status ``failed``): retry later, or keep it dead if hopeless.
+
+        ``service_back``: the service the step failed on was seen back while the step was still
+        failing (its lookups and retries outlasted the outage), so the retry is due at once: the
+        "back" signal came before this item was queued and would otherwise be missed.
+        """
         verdict = classify(exc)
         if verdict.kind is ErrorKind.PERMANENT:
             await self.dead_letter(stage, tweet, exc)
@@ -351,7 +356,7 @@ class Failures:
             stage.value,
             {"tweet_id": tweet.id, "target_tweet_id": tweet.target_tweet_id},
             error=verdict.reason,
-            delay=verdict.retry_after,
+            delay=0.0 if service_back else verdict.retry_after,
         )
         self.runtime.stats.retried += 1
         self.wake.dlq.set()
@@ -547,6 +552,7 @@ class Draft:
             crew.ping("draft")
             if crew.stopping:
                 return None
+            seen_back = breaker.times_back
             try:
                 async with crew.runtime.shutdown.in_flight():
                     await tracing.traced("replyguy.draft", self.draft_one(tweet), attributes=tracing.of_tweet(tweet))
@@ -556,7 +562,7 @@ class Draft:
                     return wait  # not this tweet's fault: it stays discovered
                 crew.failures.failed("draft", exc, tweet=tweet)
                 if await crew.db.tweet_transition(tweet.id, [TweetStatus.DISCOVERED], TweetStatus.FAILED, last_error=classify(exc).reason):
-                    await crew.failures.retry_later(Stage.DRAFT, tweet, exc)
+                    await crew.failures.retry_later(Stage.DRAFT, tweet, exc, service_back=breaker.times_back != seen_back)
                 continue
             crew.failures.succeeded("draft")
         return 0.0 if len(tweets) == self.BATCH else None
@@ -679,6 +685,7 @@ class Post:
             if due > now:
                 next_due = due - now if next_due is None else min(next_due, due - now)
                 continue
+            seen_back = breaker.times_back
             try:
                 await tracing.traced("replyguy.post", self.post_one(tweet), attributes=tracing.of_tweet(tweet))
             except Exception as exc:
@@ -689,7 +696,7 @@ class Post:
                 crew.failures.failed("post", exc, tweet=tweet)
                 current = await crew.db.get_tweet(tweet.id)
                 if current is not None and current.status is TweetStatus.FAILED:
-                    await crew.failures.retry_later(Stage.POST, current, exc)
+                    await crew.failures.retry_later(Stage.POST, current, exc, service_back=breaker.times_back != seen_back)
                 continue
             finally:
                 if self._not_before.get(tweet.id, 0) <= crew.clock():
@@ -814,6 +821,10 @@ class RetryDeadLetters:
         self.draft = draft
         self.post = post
 
+    def _times_back(self) -> int:
+        """How often X or the AI was seen back (see :attr:`CircuitBreaker.times_back`)."""
+        return self.post.x.http.breaker.times_back + self.draft.drafter.ai.http.breaker.times_back
+
     def retry_now(self) -> None:
         """The service the waiting items failed on is back: retry them now, not after their delay."""
         if self.queue.retry_now():
@@ -826,6 +837,7 @@ class RetryDeadLetters:
             if self.crew.stopping:
                 await self.queue.release(item)
                 continue
+            seen_back = self._times_back()
             try:
                 await self._retry(item)
             except CircuitOpenError as exc:
@@ -838,7 +850,11 @@ class RetryDeadLetters:
                     item,
                     verdict.reason,
                     permanent=verdict.kind is ErrorKind.PERMANENT,
-                    retry_after=verdict.retry_after if verdict.kind is ErrorKind.RATE_LIMITED else None,
+                    retry_after=(
+                        verdict.retry_after if verdict.kind is ErrorKind.RATE_LIMITED
+                        else 0.0 if self._times_back() != seen_back  # back while it failed: go again now
+                        else None
+                    ),
                 )
                 if dead:
                     self._exhausted(item, verdict.reason)

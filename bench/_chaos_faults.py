@@ -28,6 +28,7 @@ import asyncpg
 
 from shared.db import apply_migrations
 from shared.db.embedded import EmbeddedPostgres
+from bench._common import die_with_parent
 
 logger = logging.getLogger("bench.chaos.faults")
 
@@ -50,7 +51,8 @@ class ChaosProcess:
         handle = self.log.open("ab")
         try:
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, self.script, cwd=ROOT, env={**os.environ, **self.env}, stdout=handle, stderr=handle
+                sys.executable, self.script, cwd=ROOT, env={**os.environ, **self.env}, stdout=handle, stderr=handle,
+                preexec_fn=die_with_parent,
             )
         finally:
             handle.close()

@@ -17,6 +17,17 @@ still refused while it is open: only the probe touches the failing service,
 once per interval. The recovery timeout stays as the fallback (a probe that
 cannot tell, e.g. one the credentials may not make).
 
+A counted failure that leaves the circuit closed (fewer than
+``failure_threshold``) makes the service *suspect*: the probe runs at the same
+interval until it answers. A short outage often fails one call and never
+opens the circuit, and that call's work then waits out its retry delay (a
+minute by default) although the service came back seconds later. So when a
+probe failed (the service was seen down) and a later one succeeds while the
+circuit is still closed, the ``on_close`` listeners hear "the service is
+back" just as when a circuit closes. If the first probe succeeds, the service
+was never seen down: the failure may be the call's own, so nothing is retried
+early and its delay stands.
+
 Why our own code and not a library: pybreaker is synchronous (its async
 support needs Tornado) and has no half-open call limit; purgatory is async
 but has neither a half-open call limit nor a success threshold, and neither
@@ -165,6 +176,8 @@ class CircuitBreaker:
         self._probe_task: asyncio.Task[None] | None = None
         self._next_probe_at: float | None = None
         self._probes_run = 0
+        self._suspect = False
+        self._times_back = 0
         self._on_close: list[Callable[[], None]] = []
         self._close_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         BREAKER_STATE.labels(name).set(0)
@@ -210,17 +223,30 @@ class CircuitBreaker:
         if to is CircuitState.OPEN:
             self._start_probing()
         if to is CircuitState.CLOSED:
+            self._suspect = False
             self._wake_close_waiters()
-            for callback in list(self._on_close):
-                try:
-                    callback()
-                except Exception:  # a listener must never break the caller
-                    logger.exception("breaker %s: an on_close listener failed", self.name)
+            self._service_back()
+
+    @property
+    def times_back(self) -> int:
+        """How often the service was seen back (a close, or a suspect service answering after failed
+        probes). A caller that notes it before a call and finds it changed after the call failed knows
+        the service returned meanwhile: that call's retry need not wait out its delay."""
+        return self._times_back
+
+    def _service_back(self) -> None:
+        self._times_back += 1
+        for callback in list(self._on_close):
+            try:
+                callback()
+            except Exception:  # a listener must never break the caller
+                logger.exception("breaker %s: an on_close listener failed", self.name)
 
     def on_close(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` each time the circuit closes again (the service is back): work that
-        failed while it was down can go again at once instead of waiting out its retry delay.
-        It runs in the thread that closed the circuit and must not block."""
+        """Call ``callback`` each time the service is back: the circuit closes again, or a probe
+        answers after probes of a suspect service (a failure that left the circuit closed) failed.
+        Work that failed while it was down can then go again at once instead of waiting out its
+        retry delay. It runs in the thread that saw the service back and must not block."""
         self._on_close.append(callback)
 
     def closing(self) -> asyncio.Future[None]:
@@ -308,6 +334,10 @@ class CircuitBreaker:
                 self._failures += 1
                 if self._failures >= self.failure_threshold:
                     self._transition(CircuitState.OPEN)
+                else:
+                    # Suspect: probe until it answers (see the module's docstring).
+                    self._suspect = True
+                    self._start_probing()
 
     # --- calling ----------------------------------------------------------
 
@@ -378,7 +408,7 @@ class CircuitBreaker:
             self.probe_interval = interval
         if probe is None:
             self._stop_probing()
-        elif self._state is CircuitState.OPEN:
+        elif self._state is CircuitState.OPEN or self._suspect:
             self._start_probing()
 
     def clear_probe(self, probe: Probe) -> None:
@@ -417,11 +447,13 @@ class CircuitBreaker:
                 pass
 
     async def _probe_until_closed(self) -> None:
+        """Probe while the circuit is open (until it closes) or the service is suspect (until it answers)."""
         successes = 0
         gap = self.probe_interval
+        seen_down = False
         while True:
             with self._lock:
-                if self._state is CircuitState.CLOSED or self._probe is None:
+                if self._probe is None or (self._state is CircuitState.CLOSED and not self._suspect):
                     self._next_probe_at = None
                     return
                 self._next_probe_at = self._clock() + gap
@@ -438,6 +470,7 @@ class CircuitBreaker:
             except Exception as exc:
                 if self._counts(exc) or isinstance(exc, TimeoutError):
                     successes = 0
+                    seen_down = True
                     # The next probe is due one interval after this one *started*: a probe that hung
                     # until the service came back (a failover resets the stalled connection) is
                     # followed at once, not an interval later. Still one probe at a time.
@@ -448,6 +481,18 @@ class CircuitBreaker:
                             self._transition(CircuitState.OPEN)
                     logger.debug("breaker %s: probe failed: %s", self.name, exc)
                     continue
+            with self._lock:
+                if self._state is CircuitState.CLOSED:  # a suspect service answered
+                    self._suspect = False
+                    self._next_probe_at = None
+                    back = seen_down
+                else:
+                    back = None
+            if back is not None:
+                if back:
+                    logger.info("breaker %s: the service answers again after failed probes", self.name)
+                    self._service_back()
+                return
             successes += 1
             gap = min(CONFIRM_PROBE_GAP, self.probe_interval)
             if successes >= self.success_threshold:
@@ -463,6 +508,7 @@ class CircuitBreaker:
         with self._lock:
             self._transition(CircuitState.CLOSED)
             self._failures = 0
+            self._suspect = False
 
     def get_status(self) -> dict[str, Any]:
         with self._lock:

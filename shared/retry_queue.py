@@ -436,7 +436,7 @@ class RetryQueue:
 
         Args:
             permanent: the error can never go away: dead at once.
-            retry_after: the service asked for this wait (a rate limit).
+            retry_after: wait this long instead of the doubling delay (a rate limit's wait; 0: the service came back while this attempt failed).
         """
         async with self._lock:
             self._checked_out.pop(item.id, None)

@@ -161,6 +161,26 @@ async def test_a_post_whose_answer_was_lost_is_found_and_recorded_once(rig_facto
     assert rig.local_x.hits["post"] == 1 and rig.guy.state.posted_today() == 1
 
 
+async def test_a_post_still_failing_when_x_was_seen_back_is_retried_at_once_not_after_a_minute(rig_factory: RigFactory) -> None:
+    """A short X outage: the POST fails, the probe sees X down, then back, while the lookup for the
+    reply still retries; the "back" signal came before the retry was queued, so the retry is due now."""
+    rig = await rig_factory(env={"RETRY_BASE_DELAY": "60"})
+    breaker = rig.breakers["twitter_api"]
+    breaker.probe_interval = 0.005  # the probe sees X down, then back, within the lookup's retries
+    tweet = await approved_tweet(rig)
+    rig.local_x.faults.add("status", endpoint="post", status=503, count=1)
+    rig.local_x.faults.add("status", endpoint="timeline", status=503, count=3)
+    rig.local_x.faults.add("status", endpoint="me", status=503, count=1)
+
+    await rig.guy.post.cycle()
+
+    assert (await current(rig, tweet)).status is TweetStatus.FAILED and breaker.times_back == 1
+    assert rig.queue.next_due_in() == 0.0, "due now, not after RETRY_BASE_DELAY"
+    await rig.guy.dlq.cycle()
+    assert (await current(rig, tweet)).status is TweetStatus.POSTED
+    assert len(rig.local_x.replies_to(tweet.target_tweet_id)) == 1
+
+
 async def test_a_rate_limited_post_waits_in_line_and_alerts(rig_factory: RigFactory) -> None:
     rig = await rig_factory()
     tweet = await approved_tweet(rig)

@@ -368,6 +368,41 @@ async def test_an_open_breaker_probes_and_closes_as_soon_as_the_service_is_back(
     assert breaker.get_status()["probe_interval_s"] == 0.05
 
 
+async def test_a_failure_that_leaves_the_circuit_closed_probes_and_says_when_the_service_is_back() -> None:
+    """A short outage fails one call and never opens the circuit: its work hears "back" from the probe."""
+    service = Service()
+    breaker = CircuitBreaker("suspect", failure_threshold=5, recovery_timeout=3600.0, probe_interval=0.05)
+    breaker.set_probe(service.probe)
+    heard: list[str] = []
+    breaker.on_close(lambda: heard.append("back"))
+    with pytest.raises(TransientError):
+        await breaker.call(service.work)
+    await wait_until(lambda: service.probes >= 2, timeout=5, what="the suspect service probed")
+    assert breaker.state is CircuitState.CLOSED and heard == [], "down: probed, nothing heard yet"
+    assert service.calls == 1, "probing touches only the probe"
+
+    service.up = True
+    await wait_until(lambda: heard == ["back"], timeout=5, what="the service heard back")
+    await wait_until(lambda: breaker._probe_task is not None and breaker._probe_task.done(), timeout=5,
+                     what="probing ended: a service that answered is probed no more")
+    assert breaker.state is CircuitState.CLOSED
+
+
+async def test_a_suspect_service_whose_first_probe_answers_retries_nothing_early() -> None:
+    """The failure may be the call's own (one bad request): the service was never seen down."""
+    service = Service()
+    breaker = CircuitBreaker("suspect-up", failure_threshold=5, recovery_timeout=3600.0, probe_interval=0.05)
+    breaker.set_probe(service.probe)
+    heard: list[str] = []
+    breaker.on_close(lambda: heard.append("back"))
+    with pytest.raises(TransientError):
+        await breaker.call(service.work)
+    service.up = True
+    await wait_until(lambda: service.probes >= 1 and breaker._probe_task is not None and breaker._probe_task.done(),
+                     timeout=5, what="the probe answered")
+    assert heard == []
+
+
 async def test_a_probe_answered_with_a_permanent_error_still_says_the_service_is_up() -> None:
     service = Service()
     breaker = CircuitBreaker("probed-permanent", failure_threshold=1, recovery_timeout=3600.0, success_threshold=1,
