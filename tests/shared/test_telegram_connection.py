@@ -15,7 +15,8 @@ from shared.config import WorkerSettings, load_settings
 from shared.db import Database
 from shared.db.records import Account, AccountStatus
 from shared.errors import ErrorKind, classify
-from shared.telegram import AccountConnection, AccountDisconnected, ConnectionPolicy, client_factory
+from shared.telegram import AccountConnection, AccountDisconnected, AccountPool, ConnectionPolicy, client_factory
+from tests.helpers import wait_until
 
 
 def _no_client(account: Account, session: object) -> object:
@@ -65,3 +66,31 @@ async def test_random_id_duplicate_comes_back_at_once_not_after_telethons_sleep_
     assert classify(again.value).kind is ErrorKind.ALREADY_DONE
     assert "internal issues" not in caplog.text, "it came through Telethon's retry loop, which sleeps 2 s on a 5xx"
     assert [m.text for m in sandbox_world.received("bob")] == ["exactly once"]
+
+
+async def test_the_pool_says_when_an_account_counts_as_connected(
+    database: Database, sandbox_world: World, sandbox_demo: DemoWorld, tmp_path: Path
+) -> None:
+    """``on_ready`` is how the worker wakes its outbound loop when an account is back (after a database
+    outage its lease lapsed): called once the connection counts as connected, not before."""
+    settings = load_settings(WorkerSettings, {"SANDBOX": "1", "SANDBOX_DIR": str(tmp_path / "sandbox"), "DATA_DIR": str(tmp_path)})
+    demo_one = sandbox_demo.accounts[0]
+    await database.upsert_account(
+        "demo_one", phone=demo_one.phone, session=sandbox_world.session_string(demo_one.phone), status=AccountStatus.ACTIVE
+    )
+    ready: list[tuple[str, bool]] = []
+    pool = AccountPool(
+        db=database, cipher=None, client_factory=client_factory(settings, sandbox_world), owner="test",
+        policy=ConnectionPolicy(lease_seconds=5, connect_timeout=5, call_timeout=5),
+        on_ready=lambda connection: ready.append((connection.label, connection.connected)),
+    )
+
+    async def connected() -> bool:
+        await pool.refresh()
+        return bool(pool.connected())
+
+    try:
+        await wait_until(connected, what="demo_one connected")
+        assert ready == [("demo_one", True)]
+    finally:
+        await pool.close()
