@@ -28,7 +28,6 @@ PROCESS_MODULES = frozenset({
     "test_bot.py",
     "test_supervisor.py",
     "test_status_page.py",
-    "test_bench_smoke.py",
     "test_chaos_quick.py",
     "test_chaos_ingest_quick.py",
     "test_docs.py",
@@ -40,11 +39,10 @@ PROCESS_MODULES = frozenset({
     "shared/db/test_embedded.py",
 })
 
-#: Modules whose module-scoped fixtures do the expensive part once (start every benchmark, run every
+#: Modules whose module-scoped fixtures do the expensive part once (run every
 #: bad-environment case, copy the repository, write huge images): one worker runs each of them whole,
 #: or every worker that gets one of their tests would do it all again (``--dist loadgroup``).
 WHOLE_MODULES = frozenset({
-    "test_bench_smoke.py",
     "test_docs.py",
     "hostile/test_environment.py",
     "shared/test_images_memory.py",
