@@ -1739,6 +1739,7 @@ async def assemble_worker(settings: WorkerSettings, runtime: BotRuntime) -> Work
         alerts=runtime.alerts,
         labels=set(settings.worker_accounts) if settings.worker_accounts else None,
         on_client=sync.attach,
+        on_ready=lambda connection: db.wake("outbound"),  # its queued messages go now, not at the next poll
         accepts=accepts,
         fleet=FleetPolicy(live_seconds=fleet_live_seconds(settings), handoff_grace=settings.account_handoff_grace),
     )

@@ -73,12 +73,23 @@ _STATE_VALUE = {CircuitState.CLOSED: 0, CircuitState.HALF_OPEN: 1, CircuitState.
 
 
 class CircuitOpenError(TransientError):
-    """Raised instead of calling a service whose breaker is open."""
+    """Raised instead of calling a service whose breaker is open.
 
-    def __init__(self, breaker: str, retry_after: float) -> None:
+    ``source`` is the breaker that refused: a caller that waits ``retry_after``
+    can wait on :meth:`closing` as well and go on the moment the circuit
+    closes (a probe succeeded), instead of sleeping out a pause that was only
+    an estimate.
+    """
+
+    def __init__(self, breaker: str, retry_after: float, *, source: CircuitBreaker | None = None) -> None:
         self.breaker = breaker
         self.retry_after = max(0.0, retry_after)
+        self.source = source
         super().__init__(f"circuit breaker '{breaker}' is open; next probe in {self.retry_after:.1f}s")
+
+    def closing(self) -> asyncio.Future[None] | None:
+        """A future that resolves when the refusing breaker closes again (None: breaker unknown)."""
+        return self.source.closing() if self.source is not None else None
 
 
 #: Seconds between probes of an open circuit (BREAKER_PROBE_INTERVAL).
@@ -91,6 +102,11 @@ PROBE_TIMEOUT = 10.0
 CONFIRM_PROBE_GAP = 0.5
 
 Probe = Callable[[], Awaitable[Any]]
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _counts_by_default(exc: BaseException) -> bool:
@@ -163,6 +179,7 @@ class CircuitBreaker:
         self._suspect = False
         self._times_back = 0
         self._on_close: list[Callable[[], None]] = []
+        self._close_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         BREAKER_STATE.labels(name).set(0)
 
     # --- state ------------------------------------------------------------
@@ -207,6 +224,7 @@ class CircuitBreaker:
             self._start_probing()
         if to is CircuitState.CLOSED:
             self._suspect = False
+            self._wake_close_waiters()
             self._service_back()
 
     @property
@@ -230,6 +248,33 @@ class CircuitBreaker:
         Work that failed while it was down can then go again at once instead of waiting out its
         retry delay. It runs in the thread that saw the service back and must not block."""
         self._on_close.append(callback)
+
+    def closing(self) -> asyncio.Future[None]:
+        """A future of the running loop that resolves when the circuit closes (at once when it is closed).
+
+        Why: a loop refused by the open circuit waits until the next probe, but
+        the probe's outcome is not known in advance; waiting on this as well
+        lets it go on the instant the service is confirmed back. The caller
+        cancels the future when it stops waiting (it is then forgotten).
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        with self._lock:
+            if self._state is CircuitState.CLOSED:
+                future.set_result(None)
+                return future
+            self._close_waiters = [(lp, f) for lp, f in self._close_waiters if not f.done()]
+            self._close_waiters.append((loop, future))
+        return future
+
+    def _wake_close_waiters(self) -> None:
+        """Resolve every :meth:`closing` future (called under the lock, from any thread)."""
+        waiters, self._close_waiters = self._close_waiters, []
+        for loop, future in waiters:
+            try:
+                loop.call_soon_threadsafe(_resolve, future)
+            except RuntimeError:  # its loop is closed
+                pass
 
     def _notify(self, previous: CircuitState, to: CircuitState) -> None:
         if self.alerts is None:
@@ -255,11 +300,11 @@ class CircuitBreaker:
             self._maybe_half_open()
             if self._state is CircuitState.OPEN:
                 self._rejected += 1
-                raise CircuitOpenError(self.name, self._retry_in())
+                raise CircuitOpenError(self.name, self._retry_in(), source=self)
             if self._state is CircuitState.HALF_OPEN:
                 if self._trials_admitted >= self.half_open_max_calls:
                     self._rejected += 1
-                    raise CircuitOpenError(self.name, 0.0)
+                    raise CircuitOpenError(self.name, 0.0, source=self)
                 self._trials_admitted += 1
 
     def record_success(self) -> None:
@@ -417,6 +462,7 @@ class CircuitBreaker:
             if probe is None:
                 continue
             self._probes_run += 1
+            started = self._clock()
             try:
                 await asyncio.wait_for(probe(), PROBE_TIMEOUT)
             except asyncio.CancelledError:
@@ -425,7 +471,10 @@ class CircuitBreaker:
                 if self._counts(exc) or isinstance(exc, TimeoutError):
                     successes = 0
                     seen_down = True
-                    gap = self.probe_interval
+                    # The next probe is due one interval after this one *started*: a probe that hung
+                    # until the service came back (a failover resets the stalled connection) is
+                    # followed at once, not an interval later. Still one probe at a time.
+                    gap = max(0.0, self.probe_interval - (self._clock() - started))
                     with self._lock:
                         self._last_error = f"probe: {type(exc).__name__}: {exc}"[:300]
                         if self._state is CircuitState.HALF_OPEN:

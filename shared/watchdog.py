@@ -32,6 +32,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from shared.breaker import CircuitOpenError
 from shared.errors import classify, describe
 from shared.metrics import LOOP_ABANDONED, LOOP_CYCLE_ERRORS, LOOP_CYCLE_SECONDS, LOOP_CYCLES, LOOP_RESTARTS
 from shared.retry import exponential_delay
@@ -440,9 +441,11 @@ def periodic(
     A failed cycle is logged, classified, counted and recorded in the
     watchdog; the loop goes on after a growing pause, or, when the error says
     how long to wait (an open breaker's next probe, a rate limit), after
-    exactly that long (capped at ``error_backoff_max``), so a loop stopped by
-    the ``database`` breaker resumes the moment the breaker lets a probe
-    through. Only cancellation (a restart or shutdown) ends it.
+    exactly that long (capped at ``error_backoff_max``). A loop refused by an
+    open breaker also wakes the moment that breaker closes (its probes
+    succeeded), so it resumes within milliseconds of the service's return
+    rather than at the end of a pause that was only an estimate. Only
+    cancellation (a restart or shutdown) ends it.
     """
 
     async def run() -> None:
@@ -450,6 +453,7 @@ def periodic(
         while True:
             watchdog.ping(name)
             pause: float | None
+            closing: asyncio.Future[None] | None = None
             started = time.monotonic()
             try:
                 async with asyncio.timeout(cycle_timeout):
@@ -472,6 +476,9 @@ def periodic(
                     # A breaker that is open, or a service that said when: wait exactly that
                     # long (at least a moment, at most the cap), not a blind growing pause.
                     pause = min(error_backoff_max, max(verdict.retry_after, min(interval, 1.0)))
+                    refused = _circuit_open(exc)
+                    if refused is not None:
+                        closing = refused.closing()
                     logger.warning(
                         "loop %s waits %.1fs: %s",
                         name,
@@ -493,15 +500,36 @@ def periodic(
             wait = interval if pause is None else pause
             watchdog.ping(name, pause=max(0.0, wait))
             if wait <= 0:
+                if closing is not None:
+                    closing.cancel()
                 await asyncio.sleep(0)
                 continue
-            if wake is None:
+            if wake is None and closing is None:
                 await asyncio.sleep(wait)
                 continue
+            waiters: set[asyncio.Future[Any]] = set()
+            if closing is not None:
+                waiters.add(closing)
+            if wake is not None:
+                waiters.add(asyncio.ensure_future(wake.wait()))
             try:
-                await asyncio.wait_for(wake.wait(), wait)
-            except TimeoutError:
-                pass
-            wake.clear()
+                await asyncio.wait(waiters, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
+            if wake is not None:
+                wake.clear()
 
     return run
+
+
+def _circuit_open(exc: BaseException) -> CircuitOpenError | None:
+    """The breaker refusal behind ``exc`` (itself, or what it was raised from), if any."""
+    seen = 0
+    current: BaseException | None = exc
+    while current is not None and seen < 5:
+        if isinstance(current, CircuitOpenError):
+            return current
+        current = current.__cause__ or current.__context__
+        seen += 1
+    return None

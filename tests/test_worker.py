@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 import pytest
@@ -514,3 +515,92 @@ async def test_a_send_telegram_lost_is_cut_as_soon_as_the_connection_check_is_an
         # STUCK_SEND_AFTER (5 s) + a ping answered + the retry, far below the 600 s send deadline.
         assert time.monotonic() - started < 20
         assert texts_received(world, "alice").count("lost in the outage") == 1
+
+
+async def _leases_lapsed(database_url: str, ids: list[int]) -> bool:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return bool(await conn.fetchval(
+            "select bool_and(lease_expires_at is null or lease_expires_at < now()) from telegram_accounts where id = any($1::bigint[])",
+            ids,
+        ))
+    finally:
+        await conn.close()
+
+
+async def _claimed(database_url: str, texts: list[str]) -> int:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return int(await conn.fetchval("select count(*) from messages where text = any($1::text[]) and status = 'sending'", texts))
+    finally:
+        await conn.close()
+
+
+async def _all_sent_of(database_url: str, texts: list[str]) -> bool:
+    conn = await asyncpg.connect(database_url)
+    try:
+        sent = await conn.fetchval("select count(*) from messages where text = any($1::text[]) and status = 'sent'", texts)
+        return int(sent) == len(texts)
+    finally:
+        await conn.close()
+
+
+async def test_rows_claimed_before_a_database_outage_that_outlasts_the_account_lease_go_out_once_it_is_back(
+    worker_env: dict[str, str], database_url: str
+) -> None:
+    """The worker reaches PostgreSQL through a relay that is cut while its rows are claimed and in
+    flight; the outage outlasts the account leases, so the accounts are leased again (new lease
+    tokens) after it. Each account is owed the take-back of its own claimed rows until then: they
+    go out within seconds of the return, not after their message lease (335 s here), each once."""
+    from bench._common import TcpProxy, free_port
+    from shared.breaker import registry
+
+    url = urlsplit(database_url)
+    socket_dir = parse_qs(url.query)["host"][0]
+    port = parse_qs(url.query).get("port", ["5432"])[0]
+    proxy = await TcpProxy(Path(socket_dir) / f".s.PGSQL.{port}", free_port()).start()
+    env = {
+        **worker_env,
+        "DATABASE_URL": f"postgresql://{url.username or 'postgres'}@127.0.0.1:{proxy.port}{url.path}",
+        "TIMEOUT_DB": "1",
+        "DB_BREAKER_RECOVERY": "1",
+        "BREAKER_PROBE_INTERVAL": "0.2",
+        "TIMEOUT_TELEGRAM_MEDIA": "300",  # the message lease: 5 + 300 + 30 s, far past the wait below
+    }
+    world = world_of(env)
+    world.seed_demo()
+    try:
+        async with running_worker(env) as worker:
+            ids = await account_ids(worker)
+            accounts = [ids["demo_one"], ids["demo_two"]]
+            world.set_fault(FaultKind.LATENCY, method="SendMessage", ms=1500)  # rows claimed and in flight at the cut
+            texts = []
+            for account in accounts:
+                for peer in ("alice", "bob", "carol"):
+                    for n in range(2):
+                        text = f"claimed before the outage {account} {peer} {n}"
+                        await worker.db.enqueue_outbound(account, peer, text)
+                        texts.append(text)
+            await wait_until(lambda: _at_least(_claimed(database_url, texts), 2), timeout=15, what="rows claimed")
+            await proxy.cut()
+            await wait_until(lambda: not worker.pool.connected(), timeout=30, what="the accounts let go before their leases lapse")
+            await wait_until(lambda: _leases_lapsed(database_url, accounts), timeout=30, what="the account leases lapsed")
+            stranded = await _claimed(database_url, texts)
+            assert stranded > 0, "claimed rows were left behind by the outage"
+            world.clear_faults()
+            await proxy.restore()
+            # Taken back at once: well within this wait, not after the 335 s message lease.
+            await wait_until(lambda: _all_sent_of(database_url, texts), timeout=60, what="every claimed row delivered")
+            for account in accounts:
+                for peer in ("alice", "bob", "carol"):
+                    got = [t for t in texts_received(world, peer) if t.startswith(f"claimed before the outage {account} {peer} ")]
+                    assert got == [f"claimed before the outage {account} {peer} {n}" for n in range(2)], "each once, in order"
+    finally:
+        breaker = registry.get("database")
+        if breaker is not None:
+            breaker.reset()
+        await proxy.close()
+
+
+async def _at_least(value: Awaitable[int], n: int) -> bool:
+    return await value >= n

@@ -223,6 +223,17 @@ class Database(abc.ABC):
             self._default_subscriptions[channel] = sub
         return await sub.wait(timeout)
 
+    def wake(self, channel: str) -> None:
+        """Wake this process's waiter on ``channel`` (:meth:`wait_for_wakeup`) without a round trip.
+
+        For work that became possible here rather than in the database, e.g. an
+        account connected again after an outage: its queued messages may go at
+        once instead of at the next poll.
+        """
+        sub = self._default_subscriptions.get(channel)
+        if sub is not None and not sub.closed:
+            sub.notify()
+
     async def _scalar(self, function: str, args: Mapping[str, Any], *, read_only: bool = False) -> Any:
         rows = await self.call(function, args, read_only=read_only)
         if not rows:

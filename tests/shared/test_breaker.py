@@ -447,3 +447,51 @@ async def test_on_close_listeners_hear_each_time_the_service_is_back_and_a_faili
     assert await breaker.call(ok) == "ok"
     assert breaker.state is CircuitState.CLOSED
     assert heard == ["back"]
+
+
+class HungService(Service):
+    """A service whose probes hang until the test lets them go: a failover that stalls every connection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.released = asyncio.Event()
+
+    async def probe(self) -> None:
+        self.probes += 1
+        if self.probes == 1:
+            await self.released.wait()  # stalled until the connection is reset
+            raise TransientError("connection reset")
+        if not self.up:
+            raise self.error
+
+
+async def test_a_probe_that_hung_until_the_service_came_back_is_followed_at_once_and_waiters_wake_on_close() -> None:
+    clock = FakeClock()
+    service = HungService()
+    breaker = CircuitBreaker("probed-hung", failure_threshold=1, recovery_timeout=1e9, success_threshold=2, probe_interval=0.05,
+                             clock=clock)
+    breaker.set_probe(service.probe)
+    with pytest.raises(TransientError):
+        await breaker.call(service.work)
+    closing = breaker.closing()
+    await wait_until(lambda: service.probes == 1, timeout=5, what="the first probe hung")
+    breaker.probe_interval = 3600.0  # from now on a probe is due an hour after the last one started
+    clock.advance(3601.0)  # the hung probe has been in flight longer than that
+    service.up = True
+    service.released.set()  # the service is back: the stalled connection is reset, the probe fails
+    await wait_until(lambda: breaker.state is CircuitState.CLOSED, timeout=10, what="closed by the next probes, not an hour later")
+    assert service.probes >= 3, "the failed probe and two that confirm the return"
+    await asyncio.wait_for(closing, 1)
+    assert breaker.closing().done(), "a closed breaker's closing() is resolved at once"
+
+
+async def test_closing_futures_that_were_given_up_are_forgotten() -> None:
+    breaker = CircuitBreaker("closing-forgotten", failure_threshold=1, recovery_timeout=1e9)
+    with pytest.raises(TransientError):
+        await breaker.call(down)
+    for _ in range(100):
+        breaker.closing().cancel()  # each loop pause gives up its future when it ends
+    kept = breaker.closing()
+    assert len(breaker._close_waiters) == 1
+    breaker.reset()
+    await asyncio.wait_for(kept, 1)

@@ -390,6 +390,41 @@ async def test_periodic_resumes_when_an_open_breaker_lets_a_probe_through_not_af
     assert "loop t_periodic_breaker waits 1.0s: circuit breaker 'database' is open" in caplog.text
 
 
+async def test_periodic_refused_by_an_open_breaker_goes_on_the_moment_it_closes(
+    make_watchdog: Callable[..., LoopWatchdog],
+) -> None:
+    from shared.breaker import CircuitBreaker
+    from shared.errors import TransientError
+
+    breaker = CircuitBreaker("t_periodic_close", failure_threshold=1, recovery_timeout=3600.0)
+    calls = 0
+    ran = asyncio.Event()
+
+    async def down() -> None:
+        raise TransientError("database away")
+
+    async def work() -> None:
+        return None
+
+    async def cycle() -> None:
+        nonlocal calls
+        calls += 1
+        ran.set()
+        await breaker.call(work)
+
+    with pytest.raises(TransientError):
+        await breaker.call(down)
+    # The breaker says "an hour" (no probe): the pause is the 60 s cap, unless its closing wakes the loop.
+    await run_periodic(make_watchdog, "t_periodic_close", cycle, interval=60.0, error_backoff_max=60.0)
+    await asyncio.wait_for(ran.wait(), 5)
+    ran.clear()
+    assert calls == 1
+    breaker.reset()  # closed: what a probe that succeeded does
+    await asyncio.wait_for(ran.wait(), 5)  # far less than the 60 s pause
+    assert calls == 2
+    assert not breaker._close_waiters, "the loop's waiter is gone once it woke"
+
+
 async def test_periodic_wakes_early_on_its_event(make_watchdog: Callable[..., LoopWatchdog]) -> None:
     wake = asyncio.Event()
     calls = 0

@@ -408,3 +408,12 @@ async def test_rows_waiting_behind_a_flood_waited_head_never_starve_other_chats(
     # The window of candidates (limit * 4 = 4 rows) would hold only alice's waiting rows.
     nxt = await _claim_one(backend_db, account, limit=1)
     assert nxt.id == other.id, "bob's message is claimed although alice's rows wait behind her head"
+
+
+async def test_a_local_wake_ends_the_outbound_wait_without_a_notification(backend_db: Database) -> None:
+    """What the worker does when an account connects again: its queued rows may go now, so the outbound
+    loop's wait ends at once instead of at the next poll (nothing changed in the database)."""
+    backend_db.wake("outbound")  # nobody waits yet: nothing is latched for later
+    await backend_db.wait_for_wakeup("outbound", 0)  # the loop's subscription, as at its first idle wait
+    backend_db.wake("outbound")
+    assert await asyncio.wait_for(backend_db.wait_for_wakeup("outbound", 3600), 10) is True
