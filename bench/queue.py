@@ -1,6 +1,6 @@
 """Benchmark: our outbound queue against procrastinate and pgqueuer, on the same embedded PostgreSQL.
 
-    ./start.sh bench queue [--quick] [--json] [--claimers N]
+    ./start.sh bench queue [--quick] [--json] [--claimers N] [--messages N] [--rounds N] [--seconds S]
 
 Two measurements, each run for both systems in the same process, on two
 databases of one embedded PostgreSQL (default settings, fsync on):
@@ -41,7 +41,6 @@ _BENCH_DIR = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH_DIR]
 sys.path.insert(0, str(_BENCH_DIR.parent))
 
-import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
@@ -55,6 +54,7 @@ from typing import Any  # noqa: E402
 
 import asyncpg  # noqa: E402
 
+from bench._common import fixed_rate, machine, machine_line, parser, percentile  # noqa: E402
 from shared.breaker import CircuitBreaker  # noqa: E402
 from shared.db import PostgresDatabase, apply_migrations  # noqa: E402
 from shared.db.embedded import EmbeddedPostgres  # noqa: E402
@@ -72,6 +72,8 @@ class Plan:
     offered_per_s: float
     seconds: float
     consumers: int
+    machine: dict[str, Any]
+    """Where the figures come from (bench._common.machine), taken before the run."""
 
 
 @dataclass
@@ -80,30 +82,6 @@ class Result:
     p50_ms: float
     p99_ms: float
     latency_samples: int
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0..100) by the nearest-rank method."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
-    return ordered[rank - 1]
-
-
-async def _fixed_rate(count: int, rate: float, send: Callable[[int], Awaitable[None]]) -> None:
-    """Call ``send(i)`` at ``rate`` per second, on schedule (not after the previous one)."""
-    start = time.perf_counter()
-    pending: set[asyncio.Task[None]] = set()
-    for i in range(count):
-        delay = start + i / rate - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        task = asyncio.create_task(send(i))
-        pending.add(task)
-        task.add_done_callback(pending.discard)
-    if pending:
-        await asyncio.gather(*pending)
 
 
 # --- ours ----------------------------------------------------------------------
@@ -188,7 +166,7 @@ class Ours:
 
         consumers = [asyncio.create_task(consume(n)) for n in range(self.plan.consumers)]
         await asyncio.sleep(0.2)  # let the consumers LISTEN first
-        await _fixed_rate(count, self.plan.offered_per_s, produce)
+        await fixed_rate(count, self.plan.offered_per_s, produce, max_in_flight=count)
         await asyncio.wait_for(finished.wait(), timeout=60)
         await asyncio.gather(*consumers)
         return latencies
@@ -284,7 +262,7 @@ class Procrastinate:
 
         consumers = [asyncio.create_task(consume(n)) for n in range(self.plan.consumers)]
         await asyncio.sleep(0.2)
-        await _fixed_rate(count, self.plan.offered_per_s, produce)
+        await fixed_rate(count, self.plan.offered_per_s, produce, max_in_flight=count)
         await asyncio.wait_for(finished.wait(), timeout=60)
         await asyncio.gather(*consumers)
         listener.cancel()
@@ -389,7 +367,7 @@ class Pgqueuer:
 
         runs = [asyncio.create_task(qm.run(batch_size=self.plan.batch)) for qm in managers]
         await asyncio.sleep(0.5)  # let the managers LISTEN first
-        await _fixed_rate(count, self.plan.offered_per_s, produce)
+        await fixed_rate(count, self.plan.offered_per_s, produce, max_in_flight=count)
         await asyncio.wait_for(finished.wait(), timeout=60)
         await asyncio.wait_for(asyncio.gather(*runs, return_exceptions=True), timeout=60)
         return latencies
@@ -485,6 +463,7 @@ async def run(plan: Plan) -> dict[str, Any]:
         "offered_per_s": plan.offered_per_s,
         "postgres": version,
         "load_average_after": [round(v, 2) for v in os.getloadavg()],
+        "machine": plan.machine,
     }
 
 
@@ -512,6 +491,7 @@ def render(result: dict[str, Any]) -> str:
         f"{result['pgqueuer_p99_ms']:>12.2f}",
         "",
         f"throughput ratio (ours / procrastinate): {result['ratio']}; (ours / pgqueuer): {result['ratio_pgqueuer']} (aim >= 1.5)",
+        machine_line(result["machine"]),
         f"load average after: {' '.join(f'{v:.2f}' for v in result['load_average_after'])}",
         f"versions: procrastinate {result['procrastinate_version']}, pgqueuer {result['pgqueuer_version']}",
         "settings:",
@@ -521,25 +501,27 @@ def render(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="./start.sh bench queue", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a smaller run (seconds, not a minute)")
-    parser.add_argument("--json", action="store_true", help="end with one JSON line")
-    parser.add_argument("--claimers", type=int, default=4, help="concurrent claimers (default 4)")
-    parser.add_argument("--consumers", type=int, default=2, help="consumers in the latency run, each system (default 2)")
-    parser.add_argument("--rate", type=float, default=200.0, help="offered load for the latency run (msg/s)")
-    args = parser.parse_args(argv)
+    args_parser = parser("queue", __doc__, quick_help="1000 messages, 2 rounds, 3 s of latency (under a minute)")
+    args_parser.add_argument("--claimers", type=int, default=4, help="concurrent claimers (default 4)")
+    args_parser.add_argument("--consumers", type=int, default=2, help="consumers in the latency run, each system (default 2)")
+    args_parser.add_argument("--rate", type=float, default=200.0, help="offered load for the latency run (msg/s)")
+    args_parser.add_argument("--messages", type=int, default=None, help="backlog drained per round (default 3000, 1000 with --quick)")
+    args_parser.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 3, 2 with --quick)")
+    args_parser.add_argument("--seconds", type=float, default=None, help="latency run per system (default 10, 3 with --quick)")
+    args = args_parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # procrastinate warns that its App lives in __main__; true here, and harmless.
     logging.getLogger("procrastinate.blueprints").setLevel(logging.ERROR)
     plan = Plan(
-        messages=1000 if args.quick else 3000,
-        rounds=2 if args.quick else 3,
+        messages=args.messages or (1000 if args.quick else 3000),
+        rounds=args.rounds or (2 if args.quick else 3),
         claimers=args.claimers,
         peers=200,
         batch=20,
         offered_per_s=args.rate,
-        seconds=3.0 if args.quick else 10.0,
+        seconds=args.seconds or (3.0 if args.quick else 10.0),
         consumers=args.consumers,
+        machine=machine(),
     )
     result = asyncio.run(run(plan))
     print(render(result))
