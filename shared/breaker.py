@@ -427,12 +427,13 @@ class CircuitBreaker:
     def _start_probing(self) -> None:
         if self._probe is None or self.probe_interval <= 0:
             return
-        task = self._probe_task
-        if task is not None and not task.done():
-            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # opened from a thread: the recovery timeout applies
+            return
+        task = self._probe_task
+        # A probe of another event loop (one that has ended, e.g. an earlier asyncio.run) never finishes.
+        if task is not None and not task.done() and task.get_loop() is loop:
             return
         self._next_probe_at = self._clock() + self.probe_interval
         self._probe_task = loop.create_task(self._probe_until_closed(), name=f"breaker-probe-{self.name}")

@@ -495,3 +495,27 @@ async def test_closing_futures_that_were_given_up_are_forgotten() -> None:
     assert len(breaker._close_waiters) == 1
     breaker.reset()
     await asyncio.wait_for(kept, 1)
+
+
+def test_a_probe_left_behind_by_an_ended_event_loop_does_not_stop_probing_in_the_next() -> None:
+    """A process-wide breaker outlives an ``asyncio.run`` (a CLI call, a test): its probe there never ends."""
+    service = Service()
+    breaker = CircuitBreaker("two-loops", failure_threshold=5, recovery_timeout=3600.0, probe_interval=0.01)
+    breaker.set_probe(service.probe)
+
+    async def fail_once() -> None:
+        with pytest.raises(TransientError):
+            await breaker.call(service.work)
+
+    async def fail_then_recover() -> None:
+        await fail_once()
+        await wait_until(lambda: service.probes >= 1, timeout=5, what="probed in this loop")
+        service.up = True
+        await wait_until(lambda: breaker.times_back == 1, timeout=5, what="the service seen back")
+
+    first = asyncio.new_event_loop()
+    try:
+        first.run_until_complete(fail_once())  # suspect: a probe starts in this loop...
+    finally:
+        first.close()  # ...which ends without cancelling it (asyncio.run would)
+    asyncio.run(fail_then_recover())
