@@ -822,6 +822,8 @@ async def release_quietly(db: Database, rows: Sequence[OutboundMessage]) -> None
     if not rows:
         return
     task = asyncio.ensure_future(release(db, rows))
+    # The shield lets the release outlive the wait; its late failure is expected, not "never retrieved".
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())
     try:
         await asyncio.wait_for(asyncio.shield(task), 2.0)
     except BaseException:  # cancelled again or the database is away: the take-back or the lease does it
