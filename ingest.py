@@ -540,6 +540,12 @@ class ImageHandler:
         self.counters = counters
         self._images = asyncio.Semaphore(max(1, image_workers))
 
+    def times_back(self) -> int:
+        """How often storage or the database was seen back (:attr:`CircuitBreaker.times_back`): changed
+        across a failed attempt, the service returned while the attempt was still failing."""
+        breakers = (self.store.storage.breaker, getattr(self.db, "breaker", None))
+        return sum(b.times_back for b in breakers if isinstance(b, CircuitBreaker))
+
     async def handle(self, client: TelegramClient, channel: ResolvedChannel, message: Any) -> Outcome:
         """Take one message from metadata to a stored object and its row.
 
@@ -771,21 +777,26 @@ class ChannelReader:
     async def ingest(self, session: Session, channel: ResolvedChannel, message: Any) -> bool:
         """Handle one message for the reader. True when it is recorded or durably queued."""
         channel.state.last_message_id = max(channel.state.last_message_id, int(message.id))
+        seen_back = self.handler.times_back()
         try:
             handling = self.handler.handle(session.client, channel, message)
             outcome = await tracing.traced("ingest.image", handling, attributes=tracing.of_image(channel, message))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            deferred = await self._defer(session, channel, int(message.id), exc)
+            back = self.handler.times_back() != seen_back
+            deferred = await self._defer(session, channel, int(message.id), exc, service_back=back)
             if deferred is None:
                 return False
             outcome = deferred
         channel.count(outcome)
         return True
 
-    async def _defer(self, session: Session, channel: ResolvedChannel, message_id: int, exc: BaseException) -> Outcome | None:
-        """A failed attempt: a permanent error is recorded, anything else goes to the retry queue.
+    async def _defer(
+        self, session: Session, channel: ResolvedChannel, message_id: int, exc: BaseException, *, service_back: bool = False
+    ) -> Outcome | None:
+        """A failed attempt: a permanent error is recorded, anything else goes to the retry queue
+        (due at once when ``service_back``: storage or the database returned while it failed).
 
         Returns None when neither worked (the reader must not move past this message).
         """
@@ -805,7 +816,7 @@ class ChannelReader:
                 logger.warning("could not record the failure of %s (%s); queueing it", where, describe(record_error))
         if (channel.id, message_id) in self.counters.queued:
             return Outcome.QUEUED  # already waiting (the reader met it again before its retry)
-        delay = max(self.queue.base_delay, verdict.retry_after or 0.0)
+        delay = 0.0 if service_back and verdict.kind is not ErrorKind.RATE_LIMITED else max(self.queue.base_delay, verdict.retry_after or 0.0)
         try:
             await self.queue.put(
                 RETRY_KIND, {"channel_id": channel.id, "channel": channel.ref, "message_id": message_id},
@@ -862,6 +873,11 @@ class RetryDrain:
         self.alerts = alerts
         self._clock = clock
 
+    def retry_now(self) -> None:
+        """Storage or the database is back: the items that failed on it go now, not after their delay
+        (bringing them forward wakes the retry loop: it waits on :attr:`RetryQueue.changed`)."""
+        self.queue.retry_now()
+
     async def cycle(self) -> float:
         """Retry the items that are due; the pause until the next cycle."""
         session = self.account.session()
@@ -901,6 +917,7 @@ class RetryDrain:
             await self.queue.release(item)
             return False
         self.stats.retried += 1
+        seen_back = self.handler.times_back()
         try:
             message = await telegram_op(
                 session.client.get_messages(channel.entity, ids=message_id),
@@ -917,7 +934,7 @@ class RetryDrain:
             await self.queue.release(item)
             raise
         except Exception as exc:
-            await self._failed(session, channel, item, message_id, exc)
+            await self._failed(session, channel, item, message_id, exc, service_back=self.handler.times_back() != seen_back)
             return True
         if outcome is Outcome.DELETED:
             self.stats.skip("deleted")
@@ -928,7 +945,10 @@ class RetryDrain:
         await self.queue.succeeded(item)
         return True
 
-    async def _failed(self, session: Session, channel: ResolvedChannel, item: RetryItem, message_id: int, exc: BaseException) -> None:
+    async def _failed(
+        self, session: Session, channel: ResolvedChannel, item: RetryItem, message_id: int, exc: BaseException,
+        *, service_back: bool = False,
+    ) -> None:
         verdict = classify(exc)
         if isinstance(exc, CircuitOpenError):
             # Refused before anything was tried (another item's failures opened the breaker):
@@ -941,6 +961,8 @@ class RetryDrain:
             await session.connection.handle_error(exc)
         permanent = verdict.kind is ErrorKind.PERMANENT and not refetch_fixes(exc)
         retry_after = verdict.retry_after if verdict.kind in (ErrorKind.RATE_LIMITED, ErrorKind.TRANSIENT) else None
+        if service_back and verdict.kind is not ErrorKind.RATE_LIMITED:
+            retry_after = 0.0  # storage or the database came back while this attempt failed: again now
         try:
             dead = await self.queue.failed(item, verdict.reason, permanent=permanent, retry_after=retry_after)
         except Exception as queue_error:
@@ -1339,7 +1361,12 @@ class Ingest:
             max_silence=settings.watchdog_max_silence + settings.timeout_loop_cycle,
         )
         runtime.add_loop("channels", self.reader.cycle, interval=self.reader.reconcile_interval, wake=self.channels.wake)
-        runtime.add_loop("retry", self.retries.cycle, interval=5.0)
+        runtime.add_loop("retry", self.retries.cycle, interval=5.0, wake=self.queue.changed)
+        # Images that failed while storage or the database was down go again as soon as it is back.
+        event_loop = asyncio.get_running_loop()
+        for breaker in (self.storage.breaker, getattr(self.reader.db, "breaker", None)):
+            if isinstance(breaker, CircuitBreaker):
+                breaker.on_close(lambda: event_loop.call_soon_threadsafe(self.retries.retry_now))
         if settings.ingest_gc_interval > 0:
             runtime.add_loop("orphan_sweep", self.sweep.cycle, interval=settings.ingest_gc_interval)
 

@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import platform
 import shutil
@@ -537,6 +538,7 @@ class S3Server:
         """Serve on the port it had before (an ephemeral one the first time)."""
         from moto.server import ThreadedMotoServer  # a dev/bench requirement: imported only when used
 
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         server.start()
         self.port = server.get_host_and_port()[1]

@@ -56,6 +56,9 @@ return until every one of those messages is delivered and /health answers
   answered, nothing is closed) for the outage, then resets them: a failover.
 * Telegram outage (20 s): the sandbox never answers any request, lookups of
   new recipients included.
+* storage outage (3 s, ingest.py): R2 (moto's S3 server) refuses every
+  connection while four images are posted to the watched channel; after
+  return = R2 back -> every one of them stored.
 * X outage (10 s, bot.py): the local X stand-in answers 503 to every request
   (its breakers' probe included) while the operator approves a reply draft;
   after return = X back -> that reply posted.
@@ -92,6 +95,7 @@ from bench._common import (  # noqa: E402
     UNLIMITED_SENDS,
     Accounts,
     BenchDatabase,
+    S3Server,
     WORKER_BASE_ENV,
     TcpProxy,
     WorkerProcess,
@@ -606,12 +610,82 @@ async def defaults_x(h: Harness, outage: float) -> AfterReturn:
         await local_x.stop()
 
 
-DEFAULTS_CASES = ("reset", "hung", "telegram", "x")
-"""The cases of ``--defaults``: the database reset, the database hung then reset, Telegram away, X away (bot.py)."""
+async def _stored(dsn: str, message_ids: list[int]) -> bool:
+    """Every one of these channel messages has its image stored (row ``stored``, so its object is in the bucket)."""
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        n = await conn.fetchval(
+            "select count(distinct message_id) from ingest_images where status = 'stored' and message_id = any($1::bigint[])",
+            message_ids,
+        )
+    finally:
+        await conn.close()
+    return int(n) == len(message_ids)
+
+
+async def defaults_storage(h: Harness, outage: float) -> AfterReturn:
+    """ingest.py with every default: R2 (moto's S3 server) refuses every connection while images are
+    posted to the watched channel; after return = storage back -> every one of those images stored."""
+    from bench.chaos_ingest import CHANNEL, unique_image
+    from devkit.sandbox import World
+
+    name = f"storage outage, ingest ({outage:g} s)"
+    progress(f"--defaults case: {name}")
+    root = h.bench_db.root / "ingest-defaults-storage"
+    world_dir = root / "sandbox"
+    world_dir.mkdir(parents=True)
+    s3 = S3Server(access_key="bench-access-key", secret_key="bench-secret-key")
+    await asyncio.to_thread(s3.start)
+    world = World(world_dir)
+    await asyncio.to_thread(world.seed_demo)
+    port = free_port()
+    dsn = await h.bench_db.create("bench_recovery_ingest")
+    env = {
+        **WORKER_BASE_ENV,
+        **s3.env(await asyncio.to_thread(s3.create_bucket, "bench")),
+        "LOG_LEVEL": "INFO",
+        "DATABASE_URL": dsn,
+        "SANDBOX": "1",
+        "SANDBOX_DIR": str(world_dir),
+        "DATA_DIR": str(root / "data"),
+        "PORT": str(port),
+    }
+    ingest = await WorkerProcess(env, root.with_suffix(".log"), argv=[sys.executable, "ingest.py"]).start()
+
+    def post(n: int) -> int:
+        data, mime, file_name = unique_image(n)
+        return int(world.post_to_channel(CHANNEL, data, as_document=True, mime_type=mime, file_name=file_name).id)
+
+    try:
+        first = [await asyncio.to_thread(post, 0)]
+        await wait_until(lambda: _stored(dsn, first), timeout=120, what="a first image stored", interval=0.2, check=ingest.check_alive)
+        await asyncio.to_thread(s3.stop)
+        started = time.monotonic()
+        posted = [await asyncio.to_thread(post, n) for n in range(1, 5)]  # read, fetched, refused by storage
+        await asyncio.sleep(max(0.0, outage - (time.monotonic() - started)))
+        await asyncio.to_thread(s3.start)
+        restored = time.monotonic()
+        try:
+            ended = await wait_until(
+                lambda: _stored(dsn, posted), timeout=180, what="every image stored", interval=0.1, check=ingest.check_alive
+            )
+            return AfterReturn(name, outage, round(ended - restored, 2), len(posted))
+        except (TimeoutError, RuntimeError) as exc:
+            return AfterReturn(name, outage, None, len(posted), error=str(exc).splitlines()[0])
+    finally:
+        await ingest.stop()
+        world.close()
+        await asyncio.to_thread(s3.stop)
+
+
+DEFAULTS_CASES = ("reset", "hung", "telegram", "storage", "x")
+"""The cases of ``--defaults``: the database reset, the database hung then reset, Telegram away,
+R2 away (ingest.py), X away (bot.py)."""
 
 
 async def run_defaults(
-    *, quick: bool, db_outage: float, telegram_outage: float, x_outage: float = 10.0, only: tuple[str, ...] = DEFAULTS_CASES
+    *, quick: bool, db_outage: float, telegram_outage: float, x_outage: float = 10.0, storage_outage: float = 3.0,
+    only: tuple[str, ...] = DEFAULTS_CASES,
 ) -> dict[str, Any]:
     info = machine()
     async with BenchDatabase("bench-recovery-defaults-") as bench_db:
@@ -624,6 +698,8 @@ async def run_defaults(
                 cases.append(await defaults_database(h, name, db_outage))
             elif name == "telegram":
                 cases.append(await defaults_telegram(h, telegram_outage))
+            elif name == "storage":
+                cases.append(await defaults_storage(h, storage_outage))
             else:
                 cases.append(await defaults_x(h, x_outage))
         version = bench_db.version
@@ -694,6 +770,7 @@ def main(argv: list[str] | None = None) -> int:
     args_parser.add_argument("--defaults", action="store_true", help="the cost of outages with every default setting (after_return_s per case)")
     args_parser.add_argument("--x-outage", type=float, default=None, help="with --defaults: X outage length for bot.py (default 10; 6 with --quick)")
     args_parser.add_argument("--telegram-outage", type=float, default=None, help="with --defaults: Telegram outage length (default 20; 6 with --quick)")
+    args_parser.add_argument("--storage-outage", type=float, default=3.0, help="with --defaults: R2 outage length for ingest.py (default 3)")
     args_parser.add_argument(
         "--cases", default=",".join(DEFAULTS_CASES),
         help=f"with --defaults: the cases to run, comma-separated (default all: {','.join(DEFAULTS_CASES)})",
@@ -710,7 +787,10 @@ def main(argv: list[str] | None = None) -> int:
         tg_outage = args.telegram_outage if args.telegram_outage is not None else (6.0 if args.quick else 20.0)
         x_outage = args.x_outage if args.x_outage is not None else (6.0 if args.quick else 10.0)
         outcome = asyncio.run(
-            run_defaults(quick=args.quick, db_outage=db_outage, telegram_outage=tg_outage, x_outage=x_outage, only=only)
+            run_defaults(
+                quick=args.quick, db_outage=db_outage, telegram_outage=tg_outage, x_outage=x_outage,
+                storage_outage=args.storage_outage, only=only,
+            )
         )
         outcome["wall_seconds"] = round(time.monotonic() - started, 1)
         emit(render_defaults(outcome), outcome, as_json=args.json)

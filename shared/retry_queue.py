@@ -519,6 +519,12 @@ class RetryQueue:
             self._changed.set()
         return moved
 
+    @property
+    def changed(self) -> asyncio.Event:
+        """Set whenever an item is queued, given back or brought forward: a loop that drains the
+        queue may wake on it (cleared by whoever waits on it)."""
+        return self._changed
+
     def next_due_in(self) -> float | None:
         """Seconds until the soonest item in memory is due (None when empty)."""
         if not self._heap:

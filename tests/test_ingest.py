@@ -305,6 +305,29 @@ async def test_an_r2_outage_opens_the_breaker_and_every_queued_image_is_stored_o
     assert len({r.storage_key for r in rows}) == 7
 
 
+async def test_an_image_refused_in_a_short_r2_outage_is_stored_as_soon_as_r2_answers_not_after_its_retry_delay(
+    h: Harness, s3_outage: S3Server
+) -> None:
+    """Too short to open the breaker: the probe of the suspect storage sees it down, then back, and the
+    image queued for RETRY_BASE_DELAY (60 s) goes at once."""
+    bucket = s3_outage.create_bucket()
+    storage = s3_storage(s3_outage, bucket)
+    storage.breaker.probe_interval = 0.1
+    async with h.running(env={**s3_outage.env(bucket), "RETRY_BASE_DELAY": "60"}, storage=storage) as bot:
+        s3_outage.stop()
+        posted = h.post_png(1)
+        queue = bot.runtime.queues["ingest"]
+        await wait_until(lambda: queue.get_status()["queued"] == 1, what="queued for a retry")
+        assert queue.next_due_in() is not None and queue.next_due_in() > 30, "its retry is a minute away"
+        await wait_until(lambda: storage.breaker.get_status()["probes_run"] >= 1, what="a probe saw R2 down")
+        s3_outage.start()
+        await wait_until(lambda: h.count(1), timeout=20, what="stored within seconds of R2's return")
+        assert storage.breaker.times_back >= 1
+
+    (row,) = await h.rows()
+    assert row.message_id == posted.id and row.status is IngestStatus.STORED
+
+
 async def test_a_download_telegram_never_answers_times_out_and_the_image_is_stored_on_retry(h: Harness) -> None:
     h.world.set_fault(FaultKind.HANG, method="GetFile", count=1)  # the first download request never gets an answer
     async with h.running(env={"TIMEOUT_TELEGRAM_MEDIA": "1"}) as bot:
