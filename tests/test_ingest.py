@@ -319,7 +319,7 @@ async def test_an_image_refused_in_a_short_r2_outage_is_stored_as_soon_as_r2_ans
         queue = bot.runtime.queues["ingest"]
         await wait_until(lambda: queue.get_status()["queued"] == 1, what="queued for a retry")
         assert queue.next_due_in() is not None and queue.next_due_in() > 30, "its retry is a minute away"
-        await wait_until(lambda: storage.breaker.get_status()["probes_run"] >= 1, what="a probe saw R2 down")
+        await wait_until(lambda: (storage.breaker.get_status()["last_error"] or "").startswith("probe:"), what="a probe saw R2 down")
         s3_outage.start()
         await wait_until(lambda: h.count(1), timeout=20, what="stored within seconds of R2's return")
         assert storage.breaker.times_back >= 1
