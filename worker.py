@@ -54,7 +54,7 @@ from shared.breaker import CircuitOpenError
 from shared import metrics, tracing
 from shared.cli import CliError, bot_parser
 from shared.config import WorkerSettings
-from shared.db import Database, open_database
+from shared.db import JOBS_CHANNEL, Database, open_database
 from shared.db.records import (
     Account,
     AccountStatus,
@@ -1454,6 +1454,34 @@ async def fail_job(
     return verdict.reason, status
 
 
+class SoonestRetry:
+    """When a job this loop failed may be due again, so the loop looks then instead of a whole
+    interval later (a retry 0.2 s away would otherwise wait the loop's 5 s).
+
+    A lower bound of the delay ``job_fail`` sets (``retry_delay``: RETRY_BASE_DELAY doubling per
+    attempt): waking too early finds nothing due and falls back to the interval, as before.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._at: float | None = None
+
+    def note(self, *, attempts: int, base_delay: float, status: JobStatus | None) -> None:
+        """A job failed after ``attempts`` earlier attempts and is now ``status``."""
+        if status is not JobStatus.PENDING:
+            return  # done with it: dead or failed for good
+        delay = base_delay * 2 ** max(0, attempts - 1)
+        at = self._clock() + delay
+        self._at = at if self._at is None else min(self._at, at)
+
+    def pause(self, interval: float) -> float:
+        """The loop's pause when it found nothing to claim: its interval, or less when a retry is due sooner."""
+        if self._at is None:
+            return interval
+        left, self._at = self._at - self._clock(), None
+        return interval if left >= interval else max(0.05, left)
+
+
 @dataclass
 class HistoryProgress:
     job_id: int
@@ -1495,6 +1523,7 @@ class History:
         self.pool = pool
         self.entities = entities
         self.progress: dict[int, HistoryProgress] = {}
+        self.retries = SoonestRetry()
 
     async def cycle(self) -> float:
         connected = {c.id: c for c in self.pool.connected()}
@@ -1503,7 +1532,7 @@ class History:
         jobs = await self.db.claim_jobs(list(connected), [JobKind.HISTORY], owner=self.owner, limit=1, lease_seconds=300)
         for job in jobs:
             await self._run(connected[job.account_id], job)
-        return 0.0 if jobs else 5.0
+        return 0.0 if jobs else self.retries.pause(5.0)
 
     async def _run(self, connection: AccountConnection, job: Job) -> None:
         token = job.lease_token or ""
@@ -1550,6 +1579,7 @@ class History:
             raise
         except Exception as exc:
             reason, status = await fail_job(self.db, job, exc, connection, self.settings)
+            self.retries.note(attempts=job.attempts, base_delay=self.settings.retry_base_delay, status=status)
             metrics.HISTORY_JOBS.labels("failed").inc()
             self.runtime.stats.error(f"history job {job.id}", reason)
             if status is JobStatus.DEAD:
@@ -1588,6 +1618,7 @@ class Jobs:
         self.entities = entities
         self.done = 0
         self.failed = 0
+        self.retries = SoonestRetry()
 
     async def cycle(self) -> float:
         connected = {c.id: c for c in self.pool.connected()}
@@ -1597,7 +1628,7 @@ class Jobs:
         for job in jobs:
             self.runtime.watchdog.ping("jobs")
             await self._run(connected[job.account_id], job)
-        return 0.0 if jobs else 2.0
+        return 0.0 if jobs else self.retries.pause(2.0)
 
     async def _run(self, connection: AccountConnection, job: Job) -> None:
         token = job.lease_token or ""
@@ -1607,6 +1638,7 @@ class Jobs:
             raise
         except Exception as exc:
             reason, status = await fail_job(self.db, job, exc, connection, self.settings)
+            self.retries.note(attempts=job.attempts, base_delay=self.settings.retry_base_delay, status=status)
             self.failed += 1
             metrics.MESSAGE_JOBS.labels(job.kind.value, "failed").inc()
             self.runtime.stats.error(f"job {job.id} ({job.kind.value})", reason)
@@ -1911,8 +1943,9 @@ class Worker:
         )
         runtime.add_loop("sync", lambda: self.sync.cycle(pool.connected()), interval=10.0)
         runtime.add_loop("outbound", self.outbound.cycle, interval=settings.outbound_poll_interval)
-        runtime.add_loop("history", self.history.cycle, interval=5.0)
-        runtime.add_loop("jobs", self.jobs.cycle, interval=2.0)
+        # A job created (job_create notifies "jobs") starts at once, not at the next look.
+        runtime.add_loop("history", self.history.cycle, interval=5.0, wake=(await db.subscribe(JOBS_CHANNEL)).event)
+        runtime.add_loop("jobs", self.jobs.cycle, interval=2.0, wake=(await db.subscribe(JOBS_CHANNEL)).event)
         runtime.gauges.add("outbound_queue", lambda: metrics.refresh_worker_gauges(db, pool), timeout=settings.timeout_db)
         runtime.add_section("accounts", self.accounts_status)
         runtime.add_ready_check("accounts", self.can_send)

@@ -26,7 +26,7 @@ from shared.db import DatabaseRejected
 from shared.runtime import BotRuntime
 from devkit.sandbox import FaultKind, World
 from tests.helpers import RecordingAlerts, wait_until
-from worker import Worker, run_worker
+from worker import SoonestRetry, Worker, run_worker
 
 FAST = {
     "PORT": "0",
@@ -604,3 +604,22 @@ async def test_rows_claimed_before_a_database_outage_that_outlasts_the_account_l
 
 async def _at_least(value: Awaitable[int], n: int) -> bool:
     return await value >= n
+
+
+def test_a_failed_jobs_retry_shortens_the_loops_next_pause_to_when_it_is_due() -> None:
+    """A retry 0.2 s away is looked for then, not after the loop's 5 s; dead jobs and no failure change nothing."""
+    from shared.db import JobStatus
+    from tests.helpers import FakeClock
+
+    clock = FakeClock()
+    retries = SoonestRetry(clock=clock)
+    assert retries.pause(5.0) == 5.0
+    retries.note(attempts=1, base_delay=0.2, status=JobStatus.PENDING)
+    retries.note(attempts=3, base_delay=0.2, status=JobStatus.PENDING)  # 0.8 s: the sooner one counts
+    clock.advance(0.05)
+    assert retries.pause(5.0) == pytest.approx(0.15)
+    assert retries.pause(5.0) == 5.0, "looked once: nothing due then means the interval again"
+    retries.note(attempts=1, base_delay=60.0, status=JobStatus.PENDING)
+    assert retries.pause(5.0) == 5.0, "a retry further away than the interval leaves the interval"
+    retries.note(attempts=9, base_delay=0.2, status=JobStatus.DEAD)
+    assert retries.pause(2.0) == 2.0

@@ -140,6 +140,13 @@ class Subscription:
         """Latch a wake-up (called by the transport)."""
         self._event.set()
 
+    @property
+    def event(self) -> asyncio.Event:
+        """The latched wake-up as an event, for a loop that waits on it beside its own pause
+        (``BotRuntime.add_loop(wake=...)``, which clears it). While notifications are not
+        available it is never set, and the loop keeps its interval."""
+        return self._event
+
     async def wait(self, timeout: float) -> bool:
         """Wait for a notification.
 
