@@ -543,8 +543,7 @@ class ImageHandler:
     def times_back(self) -> int:
         """How often storage or the database was seen back (:attr:`CircuitBreaker.times_back`): changed
         across a failed attempt, the service returned while the attempt was still failing."""
-        breakers = (self.store.storage.breaker, getattr(self.db, "breaker", None))
-        return sum(b.times_back for b in breakers if isinstance(b, CircuitBreaker))
+        return self.store.storage.breaker.times_back + self.db.breaker.times_back
 
     async def handle(self, client: TelegramClient, channel: ResolvedChannel, message: Any) -> Outcome:
         """Take one message from metadata to a stored object and its row.
@@ -597,10 +596,8 @@ def refuse_when_open(breaker: CircuitBreaker) -> None:
         raise CircuitOpenError(breaker.name, float(status["retry_in_s"] or 0.0))
 
 
-def open_breaker_wait(breaker: Any) -> float | None:
+def open_breaker_wait(breaker: CircuitBreaker) -> float | None:
     """Seconds until an open breaker admits a probe, or None when it is not open."""
-    if not isinstance(breaker, CircuitBreaker):
-        return None
     status = breaker.get_status()
     if status["state"] != CircuitState.OPEN.value:
         return None
@@ -684,7 +681,7 @@ class ChannelReader:
         session = self.account.session()
         if session is None or self.shutdown.stopping:
             return self.reconcile_interval
-        wait = open_breaker_wait(getattr(self.db, "breaker", None))
+        wait = open_breaker_wait(self.db.breaker)
         if wait is not None:
             return wait  # reading now would only queue every message again
         deadline = self._clock() + self.cycle_budget
@@ -873,17 +870,12 @@ class RetryDrain:
         self.alerts = alerts
         self._clock = clock
 
-    def retry_now(self) -> None:
-        """Storage or the database is back: the items that failed on it go now, not after their delay
-        (bringing them forward wakes the retry loop: it waits on :attr:`RetryQueue.changed`)."""
-        self.queue.retry_now()
-
     async def cycle(self) -> float:
         """Retry the items that are due; the pause until the next cycle."""
         session = self.account.session()
         if session is None or self.shutdown.stopping:
             return 1.0
-        for breaker in (self.storage.breaker, getattr(self.db, "breaker", None)):
+        for breaker in (self.storage.breaker, self.db.breaker):
             wait = open_breaker_wait(breaker)
             if wait is not None:
                 return wait  # a retry now would only spend one of the item's attempts
@@ -1362,11 +1354,11 @@ class Ingest:
         )
         runtime.add_loop("channels", self.reader.cycle, interval=self.reader.reconcile_interval, wake=self.channels.wake)
         runtime.add_loop("retry", self.retries.cycle, interval=5.0, wake=self.queue.changed)
-        # Images that failed while storage or the database was down go again as soon as it is back.
+        # Images that failed while storage or the database was down go again as soon as it is back
+        # (brought forward, they wake the retry loop: it waits on the queue's `changed`).
         event_loop = asyncio.get_running_loop()
-        for breaker in (self.storage.breaker, getattr(self.reader.db, "breaker", None)):
-            if isinstance(breaker, CircuitBreaker):
-                breaker.on_close(lambda: event_loop.call_soon_threadsafe(self.retries.retry_now))
+        for breaker in (self.storage.breaker, self.reader.db.breaker):
+            breaker.on_close(lambda: event_loop.call_soon_threadsafe(self.queue.retry_now))
         if settings.ingest_gc_interval > 0:
             runtime.add_loop("orphan_sweep", self.sweep.cycle, interval=settings.ingest_gc_interval)
 

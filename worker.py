@@ -74,6 +74,7 @@ from shared.errors import ErrorKind, LimitScope, PermanentError, UnresolvedPeerE
 from shared.health import TEMP_SUBDIR, run_checks
 from shared.logs import mask_phone
 from shared.ratelimit import KeyedBuckets
+from shared.retry_queue import doubling_delay
 from shared.runtime import BotRuntime, StartupFailed, bot_main
 from shared.sessions import SessionCipher
 from shared.storage import Storage, open_storage
@@ -1470,8 +1471,7 @@ class SoonestRetry:
         """A job failed after ``attempts`` earlier attempts and is now ``status``."""
         if status is not JobStatus.PENDING:
             return  # done with it: dead or failed for good
-        delay = base_delay * 2 ** max(0, attempts - 1)
-        at = self._clock() + delay
+        at = self._clock() + doubling_delay(base_delay, attempts)
         self._at = at if self._at is None else min(self._at, at)
 
     def pause(self, interval: float) -> float:

@@ -230,6 +230,12 @@ class _Entry:
     item: RetryItem = field(compare=False)
 
 
+def doubling_delay(base_delay: float, attempts: int) -> float:
+    """Seconds to wait after the ``attempts``-th failure: base, 2*base, 4*base... (RETRY_BASE_DELAY's
+    doubling, as the SQL ``retry_delay`` computes it below its cap)."""
+    return base_delay * (2 ** max(0, attempts - 1))
+
+
 class RetryQueue:
     """Bounded in memory, durable underneath; see the module docstring.
 
@@ -283,7 +289,7 @@ class RetryQueue:
 
     def delay_for(self, attempts: int) -> float:
         """Seconds to wait after the ``attempts``-th failure: base, 2*base, 4*base..."""
-        return self.base_delay * (2 ** max(0, attempts - 1))
+        return doubling_delay(self.base_delay, attempts)
 
     async def _write(self, op: str, *args: Any) -> None:
         """Write to the store, or to the fallback when the store fails."""

@@ -64,6 +64,7 @@ from shared.db.errors import DatabaseRejected
 from shared.text import storable, unstorable_reason
 
 if TYPE_CHECKING:
+    from shared.breaker import CircuitBreaker
     from shared.heartbeat import HeartbeatRecord
 
 logger = logging.getLogger(__name__)
@@ -206,6 +207,11 @@ class Database(abc.ABC):
         ``read_only`` calls cannot have an unknown outcome (and may be retried
         by the transport after a dropped connection).
         """
+
+    @property
+    @abc.abstractmethod
+    def breaker(self) -> CircuitBreaker:
+        """The ``database`` circuit breaker every call goes through."""
 
     @abc.abstractmethod
     async def subscribe(self, channel: str) -> Subscription:
