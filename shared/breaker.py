@@ -483,14 +483,12 @@ class CircuitBreaker:
                     logger.debug("breaker %s: probe failed: %s", self.name, exc)
                     continue
             with self._lock:
-                if self._state is CircuitState.CLOSED:  # a suspect service answered
+                suspect_answered = self._state is CircuitState.CLOSED
+                if suspect_answered:
                     self._suspect = False
                     self._next_probe_at = None
-                    back = seen_down
-                else:
-                    back = None
-            if back is not None:
-                if back:
+            if suspect_answered:
+                if seen_down:
                     logger.info("breaker %s: the service answers again after failed probes", self.name)
                     self._service_back()
                 return
