@@ -86,8 +86,8 @@ case "${1:-run}" in
         shift
         ensure_env requirements-dev.txt
         # Three workers by default (pytest-xdist; the process tests mostly wait, so 3 beat 2 on 2 cores;
-        # TEST_WORKERS=0 for one process); a -n of your own wins. loadgroup keeps a module marked
-        # xdist_group on one worker (its module fixtures start benchmarks: once, not per worker).
+        # TEST_WORKERS=0 for one process); a -n of your own wins. With no groups marked, loadgroup hands
+        # out one test at a time, in the order tests/conftest.py sorts them (longest first).
         workers=()
         case " $* " in
             *" -n "* | *" -n="* | *" --numprocesses"*) ;;

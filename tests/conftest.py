@@ -13,6 +13,8 @@ Every test gets one tier marker, decided here from what it needs, so
 
 from __future__ import annotations
 
+import json
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,13 @@ import pytest
 pytest_plugins: list[str] = ["tests.fixtures.sandbox", "tests.fixtures.postgres", "tests.fixtures.bot_api", "tests.fixtures.standins"]
 
 TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+
+DURATIONS = TESTS / "durations.json"
+"""Seconds each slower test took in a run on 2 cores (``./start.sh test --store-durations`` rewrites it)."""
+STORED_FROM = 0.5
+GUESSED_SECONDS = {"process": 3.0, "integration": 0.3, "unit": 0.05}
+"""How long a test not in DURATIONS is taken to be, by tier."""
 
 PROCESS_MODULES = frozenset({
     "test_worker_process.py",
@@ -37,15 +46,6 @@ PROCESS_MODULES = frozenset({
     "devkit/sandbox/test_cli.py",
     "shared/db/test_main.py",
     "shared/db/test_embedded.py",
-})
-
-#: Modules whose module-scoped fixtures do the expensive part once (run every
-#: bad-environment case, copy the repository, write huge images): one worker runs each of them whole,
-#: or every worker that gets one of their tests would do it all again (``--dist loadgroup``).
-WHOLE_MODULES = frozenset({
-    "test_docs.py",
-    "hostile/test_environment.py",
-    "shared/test_images_memory.py",
 })
 
 # Modules about a service itself: every test in them needs it.
@@ -66,19 +66,41 @@ def tier_of(item: pytest.Item) -> str:
     return "unit"
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--store-durations", action="store_true",
+        help=f"write this run's test durations to {DURATIONS.relative_to(ROOT)} (the order parallel workers take tests in)",
+    )
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         tier = tier_of(item)
         if item.get_closest_marker(tier) is None:
             item.add_marker(getattr(pytest.mark, tier))
-        module = Path(str(item.fspath)).resolve().relative_to(TESTS).as_posix()
-        if module in WHOLE_MODULES:
-            item.add_marker(pytest.mark.xdist_group(module))
-    # Long modules first: with parallel workers, a 30 s test handed out last is the whole run's tail.
-    # Whole modules move, in their own order, so module-scoped fixtures are still set up once.
-    rank: dict[str, int] = {}
-    for item in items:
-        module = str(item.fspath)
-        here = 0 if item.get_closest_marker("slow") is not None else 1 if item.get_closest_marker("process") else 2
-        rank[module] = min(rank.get(module, 2), here)
-    items.sort(key=lambda item: rank[str(item.fspath)])
+    # Longest first: with parallel workers taking one test at a time, a 30 s test handed out last is
+    # the whole run's tail. The measured durations say how long; a test not measured yet ranks by its tier.
+    measured = load_durations()
+    items.sort(key=lambda item: -measured.get(item.nodeid, GUESSED_SECONDS[tier_of(item)]))
+
+
+def load_durations() -> dict[str, float]:
+    try:
+        return {str(k): float(v) for k, v in json.loads(DURATIONS.read_text()).items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+_spent: dict[str, float] = defaultdict(float)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _spent[report.nodeid] += report.duration
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    config = session.config
+    if not config.getoption("store_durations") or hasattr(config, "workerinput"):
+        return  # the controller writes, from every worker's reports
+    slow = {nodeid: round(seconds, 1) for nodeid, seconds in sorted(_spent.items()) if seconds >= STORED_FROM}
+    DURATIONS.write_text(json.dumps(slow, indent=0, sort_keys=True) + "\n")

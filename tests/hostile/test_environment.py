@@ -89,29 +89,10 @@ COMMON: list[tuple[str, str]] = [
 ]
 
 
-@pytest.fixture(scope="module")
-def common_results(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Exit]:
-    """Every COMMON case run once, a few at a time (each is a Python start-up)."""
-    scratch = tmp_path_factory.mktemp("config-check")
-
-    async def all_cases() -> dict[tuple[str, str], Exit]:
-        gate = asyncio.Semaphore(4)
-
-        async def one(name: str, value: str) -> Exit:
-            async with gate:
-                return await run(["-m", "shared.config", "check"], clean_env(scratch, {name: value}), scratch)
-
-        results = await asyncio.gather(*(one(n, v) for n, v in COMMON))
-        return dict(zip(COMMON, results, strict=True))
-
-    return asyncio.run(all_cases())
-
-
 @pytest.mark.parametrize(("name", "value"), COMMON, ids=[f"{n}={v}" for n, v in COMMON])
-def test_a_bad_common_value_is_refused_by_config_check_in_one_line(
-    common_results: dict[tuple[str, str], Exit], name: str, value: str
-) -> None:
-    assert_one_line_naming(common_results[(name, value)], name, value)
+async def test_a_bad_common_value_is_refused_by_config_check_in_one_line(tmp_path: Path, name: str, value: str) -> None:
+    result = await run(["-m", "shared.config", "check"], clean_env(tmp_path, {name: value}), tmp_path)
+    assert_one_line_naming(result, name, value)
 
 
 async def test_config_check_accepts_the_defaults(tmp_path: Path) -> None:
@@ -131,30 +112,13 @@ WORKER: list[tuple[str, str, dict[str, str]]] = [
 ]
 
 
-@pytest.fixture(scope="module")
-def worker_results(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Exit]:
-    """Every WORKER case run once, a few at a time."""
-    scratch = tmp_path_factory.mktemp("worker-env")
-
-    async def all_cases() -> dict[tuple[str, str], Exit]:
-        gate = asyncio.Semaphore(4)
-
-        async def one(name: str, value: str, extra: dict[str, str]) -> Exit:
-            values = {**extra, **({name: value} if value else {})}
-            async with gate:
-                return await run([str(ROOT / "worker.py")], clean_env(scratch, values), scratch)
-
-        results = await asyncio.gather(*(one(*case) for case in WORKER))
-        return {(n, v): r for (n, v, _), r in zip(WORKER, results, strict=True)}
-
-    return asyncio.run(all_cases())
-
-
-@pytest.mark.parametrize(("name", "value"), [(n, v) for n, v, _ in WORKER], ids=[f"{n}={v or '(unset)'}" for n, v, _ in WORKER])
-def test_a_bad_worker_value_stops_worker_py_with_exit_2_and_one_line(
-    worker_results: dict[tuple[str, str], Exit], name: str, value: str
+@pytest.mark.parametrize(("name", "value", "extra"), WORKER, ids=[f"{n}={v or '(unset)'}" for n, v, _ in WORKER])
+async def test_a_bad_worker_value_stops_worker_py_with_exit_2_and_one_line(
+    tmp_path: Path, name: str, value: str, extra: dict[str, str]
 ) -> None:
-    assert_one_line_naming(worker_results[(name, value)], name, value)
+    values = {**extra, **({name: value} if value else {})}
+    result = await run([str(ROOT / "worker.py")], clean_env(tmp_path, values), tmp_path)
+    assert_one_line_naming(result, name, value)
 
 
 async def test_a_malformed_session_key_stops_worker_py_with_exit_2_and_one_line(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ import pytest
 from ingest import image_policy
 from shared.config import IngestSettings, load_settings
 from shared.images import MB, ImagePolicy, ImageRejected, RejectReason, process_image, working_memory
+from tests.fixtures.once import once
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 BUDGET_MB = 256
@@ -81,16 +82,19 @@ def test_ingest_takes_its_budget_from_the_setting(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def large_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The issue's two images, written by the benchmark's generators in a process of their own."""
-    directory = tmp_path_factory.mktemp("large-images")
-    code = (
-        "import sys; from pathlib import Path; from bench.ingest import LARGE_JPEG, generate, generate_png; "
-        "d = Path(sys.argv[1]); print(generate_png(d)); print(generate(d, [LARGE_JPEG])[0])"
-    )
-    done = subprocess.run([sys.executable, "-c", code, str(directory)], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    png, jpeg = done.stdout.split()
-    return {"png": Path(png), "jpeg": Path(jpeg)}
+    """The issue's two images, written once per run by the benchmark's generators in a process of their own."""
+
+    def write(directory: Path) -> dict[str, str]:
+        code = (
+            "import sys; from pathlib import Path; from bench.ingest import LARGE_JPEG, generate, generate_png; "
+            "d = Path(sys.argv[1]); print(generate_png(d)); print(generate(d, [LARGE_JPEG])[0])"
+        )
+        done = subprocess.run([sys.executable, "-c", code, str(directory)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        png, jpeg = done.stdout.split()
+        return {"png": png, "jpeg": jpeg}
+
+    return {kind: Path(path) for kind, path in once(tmp_path_factory, "large-images", write).items()}
 
 
 def process_measured(path: Path, budget_mb: int, *, timeout: float = 120.0) -> tuple[float, dict[str, Any]]:
