@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import pytest
 
 from shared.cli import CliError
@@ -31,6 +32,19 @@ async def jobs(env: dict[str, str]) -> list[dict]:
     return json.loads(out)
 
 
+async def job_statuses(env: dict[str, str]) -> dict[str, list[str]]:
+    """Each kind's job statuses, read from the database: what the waits poll (``jobs`` is a process start each)."""
+    conn = await asyncpg.connect(env["DATABASE_URL"])
+    try:
+        rows = await conn.fetch("select kind, status from jobs order by id")
+    finally:
+        await conn.close()
+    statuses: dict[str, list[str]] = {}
+    for row in rows:
+        statuses.setdefault(row["kind"], []).append(row["status"])
+    return statuses
+
+
 async def test_history_schedule_edit_and_delete_run_as_jobs_that_jobs_lists_with_progress(worker_env: dict[str, str]) -> None:
     world = world_of(worker_env)
     world.seed_demo()
@@ -41,8 +55,7 @@ async def test_history_schedule_edit_and_delete_run_as_jobs_that_jobs_lists_with
         assert code == 0 and out.startswith("history job "), err
 
         async def history_done() -> bool:
-            listed = [j for j in await jobs(worker_env) if j["type"] == "history"]
-            return bool(listed) and listed[0]["status"] == "done"
+            return (await job_statuses(worker_env)).get("history") == ["done"]
 
         await wait_until(history_done, timeout=30, what="the history job done")
         history = [j for j in await jobs(worker_env) if j["type"] == "history"][0]
@@ -62,9 +75,11 @@ async def test_history_schedule_edit_and_delete_run_as_jobs_that_jobs_lists_with
         assert code == 0, err
 
         async def all_done() -> bool:
-            return all(j["status"] == "done" for j in await jobs(worker_env))
+            return all(status == "done" for kind in (await job_statuses(worker_env)).values() for status in kind)
 
         await wait_until(all_done, timeout=30, what="every job done")
+        listed = await jobs(worker_env)
+        assert all(j["status"] == "done" for j in listed) and {"history", "send", "edit", "delete"} <= {j["type"] for j in listed}, listed
         code, out, err = await worker_cli(worker_env, "jobs")
         assert code == 0, err
         for kind in ("history", "send", "edit", "delete"):
