@@ -93,6 +93,9 @@ case "${1:-run}" in
             *" -n "* | *" -n="* | *" --numprocesses"*) ;;
             *) workers=(-n "${TEST_WORKERS:-3}" --dist loadgroup) ;;
         esac
+        # The suite starts a few hundred interpreters: without bytecode files (PYTHONDONTWRITEBYTECODE,
+        # set on some machines) each would compile our sources again.
+        unset PYTHONDONTWRITEBYTECODE
         exec "$PY" -m pytest "${workers[@]}" "$@"
         ;;
     bench)
