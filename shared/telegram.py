@@ -49,7 +49,7 @@ from pathlib import Path
 from shared.config import TelegramSettings
 from shared.errors import ErrorKind, classify, describe
 from shared.retry import exponential_delay
-from shared.sessions import DatabaseSession, SessionCipher, SessionKeyError, generate_key
+from shared.cipher import SessionCipher, SessionKeyError, generate_key
 from shared.timeouts import telegram_op
 
 if TYPE_CHECKING:
@@ -525,6 +525,8 @@ class AccountConnection:
             string = None
             if stored:
                 string = self.cipher.decrypt(stored) if self.cipher is not None else stored
+            from shared.sessions import DatabaseSession  # Telethon's session type: imported by the first connect
+
             # The update state and entities are read once per connect; what Telethon learns is written back.
             session = await DatabaseSession.load(
                 string, db=self.db, account_id=self.id, cipher=self.cipher, timeout=self.policy.call_timeout
@@ -624,6 +626,8 @@ class AccountConnection:
             await telegram_op(client.disconnect(), self.policy.call_timeout, "disconnect", detail=self.label)
         except Exception as exc:
             logger.debug("account %s: disconnect raised %s", self.label, describe(exc))
+        from shared.sessions import DatabaseSession
+
         # The disconnect handed the session its final update state: write it before the next connect reads it.
         session = getattr(client, "session", None)
         if isinstance(session, DatabaseSession):
@@ -749,6 +753,8 @@ class AccountConnection:
 
     def _session_status(self) -> dict[str, Any] | None:
         """What the session keeps in the database: peers known, whether catch-up had a state to resume from."""
+        from shared.sessions import DatabaseSession
+
         session = getattr(self.client, "session", None)
         if not isinstance(session, DatabaseSession):
             return None
