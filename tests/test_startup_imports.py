@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.process  # they run our programs as real processes
 
 #: What only a running bot (or the one backend, or the one check) needs.
-HEAVY = frozenset({"telethon", "aiohttp", "httpx", "supabase", "boto3", "botocore"})
+HEAVY = frozenset({"telethon", "aiohttp", "httpx", "supabase", "boto3", "botocore", "PIL"})
 
 #: One command per program; each goes as far as its program's module-level imports and more:
 #: the refused send loads the settings (the session key's check too), sets up logging and tracing.
