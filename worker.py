@@ -1221,12 +1221,12 @@ class SendLimits:
 
     @staticmethod
     def _forget_local_flood(connection: AccountConnection) -> None:
+        from telethon import functions
+
         # After a FloodWaitError Telethon refuses further requests of that type
         # locally, until its own record lapses. Our hold (per account, stored,
         # covering text and media alike) is the one authority on when sends
         # resume: drop Telethon's copy so the two never disagree.
-        from telethon import functions
-
         flooded = getattr(connection.client, "_flood_waited_requests", None)
         if isinstance(flooded, dict):
             flooded.pop(functions.messages.SendMessageRequest.CONSTRUCTOR_ID, None)

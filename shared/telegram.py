@@ -518,6 +518,8 @@ class AccountConnection:
             self._fence = None
 
     async def _connect(self) -> None:
+        from shared.sessions import DatabaseSession  # Telethon's session type: imported by the first connect
+
         self.state = ConnectionState.CONNECTING
         await self._drop_client()
         try:
@@ -525,8 +527,6 @@ class AccountConnection:
             string = None
             if stored:
                 string = self.cipher.decrypt(stored) if self.cipher is not None else stored
-            from shared.sessions import DatabaseSession  # Telethon's session type: imported by the first connect
-
             # The update state and entities are read once per connect; what Telethon learns is written back.
             session = await DatabaseSession.load(
                 string, db=self.db, account_id=self.id, cipher=self.cipher, timeout=self.policy.call_timeout
@@ -622,12 +622,12 @@ class AccountConnection:
         await self._disconnect(client, save=save)
 
     async def _disconnect(self, client: TelegramClient, *, save: bool = True) -> None:
+        from shared.sessions import DatabaseSession
+
         try:
             await telegram_op(client.disconnect(), self.policy.call_timeout, "disconnect", detail=self.label)
         except Exception as exc:
             logger.debug("account %s: disconnect raised %s", self.label, describe(exc))
-        from shared.sessions import DatabaseSession
-
         # The disconnect handed the session its final update state: write it before the next connect reads it.
         session = getattr(client, "session", None)
         if isinstance(session, DatabaseSession):
