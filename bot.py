@@ -53,11 +53,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
-from telethon import TelegramClient
-from telethon.sessions import StringSession
 
 from shared.active import ActiveLease
 from shared import metrics, tracing
@@ -75,11 +73,15 @@ from shared.runtime import BotRuntime, StartupAborted, StartupFailed, bot_main
 from shared.timeouts import db_op
 
 from replyguy.ai import AIClient, Drafter, load_prompt
-from replyguy.approval import ApprovalDesk, Decision
 from replyguy.health import Health
 from replyguy.http import HttpSettings
 from replyguy.state import ReplyState
 from replyguy.xapi import DuplicateContentError, XClient, XCredentials
+
+if TYPE_CHECKING:  # Telethon (and the approval desk on it) is imported where the bot builds its chat: `health` starts without it
+    from telethon import TelegramClient
+
+    from replyguy.approval import ApprovalDesk, Decision
 
 logger = logging.getLogger("bot")
 
@@ -272,6 +274,8 @@ class Wakeups:
 
     def on_decision(self, decision: Decision, tweet_id: str) -> None:
         """An operator decided (the approval desk calls this): wake the step that acts next."""
+        from replyguy.approval import Decision
+
         metrics.DECISIONS.labels(decision.name.lower()).inc()
         (self.post if decision is Decision.APPROVE else self.draft).set()
 
@@ -1084,6 +1088,9 @@ def sandbox_dir(settings: ReplyGuySettings) -> Path:
 async def open_operator_chat(settings: ReplyGuySettings, plan: Plan, runtime: BotRuntime) -> OperatorChat:
     """The operator bot on Telegram, or in the sandbox world with its demo peers (the operator chat, the operator, the bot)."""
     if plan.telegram is not None:
+        from telethon import TelegramClient
+        from telethon.sessions import StringSession
+
         live = plan.telegram
         client = TelegramClient(StringSession(), live.api_id, live.api_hash,
                                 flood_sleep_threshold=0, raise_last_call_error=True, request_retries=1)
@@ -1130,6 +1137,8 @@ async def assemble(settings: ReplyGuySettings, plan: Plan, runtime: BotRuntime, 
     :class:`HttpSettings` for both), the operator chat and its approval desk,
     the dead-letter queue and the cursors.
     """
+    from replyguy.approval import ApprovalDesk
+
     breakers = configure_breakers()
     urls = await start_apis(settings, plan, runtime)
     http = HttpSettings.from_settings(settings, alerts=runtime.alerts)

@@ -58,9 +58,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
-
-from telethon import TelegramClient, events, types, utils
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from shared import metrics, tracing
 from shared.alerts import AlertSink, AlertType
@@ -75,7 +73,7 @@ from shared.images import ImagePolicy, ImageRejected, OversizePolicy, ProcessedI
 from shared.retry_queue import JsonlRetryStore, RetryItem, RetryQueue
 from shared.cli import bot_parser
 from shared.runtime import BotRuntime, Stats, bot_main
-from shared.sessions import SessionCipher
+from shared.cipher import SessionCipher
 from shared.shutdown import GracefulShutdown
 from shared.storage import ObjectInfo, Storage, open_storage
 from shared.telegram import (
@@ -89,6 +87,9 @@ from shared.telegram import (
     session_cipher,
 )
 from shared.timeouts import telegram_op
+
+if TYPE_CHECKING:  # Telethon is imported where a Telegram object is made or looked at: the commands start without it
+    from telethon import TelegramClient, events
 
 logger = logging.getLogger("ingest")
 
@@ -147,6 +148,8 @@ class MediaRef:
 
 
 def _photo_size_bytes(size: Any) -> int:
+    from telethon import types
+
     if isinstance(size, types.PhotoSize):
         return int(size.size)
     if isinstance(size, types.PhotoSizeProgressive):
@@ -163,6 +166,8 @@ def media_of(message: Any) -> MediaRef | None:
     a document is an image when its MIME type (or, for a generic type, its
     file name) says so and it is not a sticker.
     """
+    from telethon import types
+
     media = getattr(message, "media", None)
     if isinstance(media, types.MessageMediaPhoto) and isinstance(media.photo, types.Photo):
         sizes = [s for s in media.photo.sizes if _photo_size_bytes(s) > 0]
@@ -331,6 +336,8 @@ class Channels:
         Raises:
             Exception: a transient failure resolving a channel (the connection backs off and retries).
         """
+        from telethon import events, utils
+
         client = connection.client
         if client is None:
             raise ConnectionError("the connection has no client")
@@ -555,6 +562,8 @@ class ImageHandler:
             Exception: operational failures (Telegram, storage or database
                 unavailable, timeouts), for the caller to queue or retry.
         """
+        from telethon import types
+
         ref = media_of(message)
         if ref is None:
             if getattr(message, "media", None) is not None and not isinstance(message.media, types.MessageMediaWebPage):

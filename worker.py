@@ -45,9 +45,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
-
-from telethon import events, functions, types, utils
+from typing import TYPE_CHECKING, Any
 
 from shared.alerts import AlertType
 from shared.breaker import CircuitOpenError
@@ -76,7 +74,7 @@ from shared.logs import mask_phone
 from shared.ratelimit import KeyedBuckets
 from shared.retry_queue import doubling_delay
 from shared.runtime import BotRuntime, StartupFailed, bot_main
-from shared.sessions import SessionCipher
+from shared.cipher import SessionCipher
 from shared.storage import Storage, open_storage
 from shared.telegram import (
     SANDBOX_INGEST_ACCOUNT,
@@ -92,6 +90,9 @@ from shared.telegram import (
 )
 from shared.text import unstorable_reason
 from shared.timeouts import OperationTimeout, telegram_op
+
+if TYPE_CHECKING:  # Telethon is imported where a Telegram object is made or looked at: the commands start without it
+    from telethon import types
 
 logger = logging.getLogger("worker")
 
@@ -262,6 +263,8 @@ def parse_peer(peer: str | int) -> str | int:
 
 
 def chat_kind(entity: Any) -> ChatKind:
+    from telethon import types
+
     if isinstance(entity, types.User):
         return ChatKind.BOT if entity.bot else ChatKind.USER
     if isinstance(entity, (types.Chat, types.ChatForbidden)):
@@ -273,6 +276,8 @@ def chat_kind(entity: Any) -> ChatKind:
 
 def media_descriptor(message: types.Message) -> list[dict[str, Any]]:
     """What an incoming message carries, without downloading it."""
+    from telethon import types
+
     media = message.media
     if media is None:
         return []
@@ -285,6 +290,8 @@ def media_descriptor(message: types.Message) -> list[dict[str, Any]]:
 
 
 def inbound_from(message: types.Message, chat: Any | None) -> InboundMessage:
+    from telethon import utils
+
     title = getattr(chat, "title", None) or " ".join(
         part for part in (getattr(chat, "first_name", None), getattr(chat, "last_name", None)) if part
     )
@@ -507,6 +514,8 @@ class Sync:
 
     async def _read_chat(self, connection: AccountConnection, peer: Any, entity: Any, cursor: int | None) -> int:
         """Store a chat's messages after ``cursor`` (None: its newest few). Returns how many were new."""
+        from telethon import types
+
         client = connection.live_client()
         stored = 0
         for _ in range(self.SCAN_PAGES_PER_CHAT):
@@ -545,6 +554,7 @@ class Sync:
 
     def attach(self, connection: AccountConnection) -> None:
         """Register the handler on a fresh client, before it connects."""
+        from telethon import events
 
         async def on_message(event: events.NewMessage.Event) -> None:
             # Telethon only logs a handler's exception: catch, record and count our own.
@@ -569,6 +579,8 @@ class Sync:
 
     async def reconcile_account(self, connection: AccountConnection) -> int:
         """Store every message after each active chat's cursor. Returns how many were new."""
+        from telethon import types
+
         if connection.client is None:
             return 0
         since = datetime.now(UTC) - timedelta(seconds=self.settings.reconcile_window)
@@ -931,6 +943,8 @@ class MessageSender:
 
     async def _deliver(self, connection: AccountConnection, row: OutboundMessage) -> tuple[int, int]:
         """One raw request carrying the row's ``random_id``; returns (message id, chat id)."""
+        from telethon import functions, types, utils
+
         client = connection.live_client()
         self.limits.check_flood(connection)
         entity = await self.entities.resolve(connection, row.peer)
@@ -1207,6 +1221,8 @@ class SendLimits:
 
     @staticmethod
     def _forget_local_flood(connection: AccountConnection) -> None:
+        from telethon import functions
+
         # After a FloodWaitError Telethon refuses further requests of that type
         # locally, until its own record lapses. Our hold (per account, stored,
         # covering text and media alike) is the one authority on when sends
@@ -1287,6 +1303,8 @@ class SendLimits:
 
     async def _is_contact(self, connection: AccountConnection, entity: Any) -> bool:
         """Whether Telegram's spam limit spares this chat: a contact, the account itself, or a group it is in."""
+        from telethon import functions, types
+
         if isinstance(entity, types.InputPeerSelf):
             return True
         user_id = getattr(entity, "user_id", None)
@@ -1535,6 +1553,8 @@ class History:
         return 0.0 if jobs else self.retries.pause(5.0)
 
     async def _run(self, connection: AccountConnection, job: Job) -> None:
+        from telethon import types
+
         token = job.lease_token or ""
         chat_id = int(job.payload["chat_id"])
         progress = self.progress.setdefault(
@@ -1668,6 +1688,8 @@ class Jobs:
                 dedupe_key=f"job:{job.id}",
             )
             return {"message_id": enqueued.id}
+        from telethon import functions
+
         client = connection.live_client()
         entity = await self.entities.resolve(connection, payload["peer"])
         timeout = self.settings.timeout_telegram_send
@@ -2328,6 +2350,7 @@ async def chat_id_of(db: Database, settings: WorkerSettings, account: Account, p
         return chat.telegram_chat_id
     if settings.sandbox:
         from devkit.sandbox import World, SandboxError
+        from telethon import types, utils
 
         try:
             found = World.open(settings.sandbox_path).peer(text)

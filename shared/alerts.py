@@ -26,12 +26,14 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import aiohttp
 from prometheus_client import Counter
 
 from shared.logs import redact, register_secret
+
+if TYPE_CHECKING:
+    import aiohttp
 
 logger = logging.getLogger(__name__)
 
@@ -583,6 +585,8 @@ class TelegramAlertSender:
     # ------------------------------------------------------------ worker side
 
     async def _run(self) -> None:
+        import aiohttp  # a command that never alerts does not pay for aiohttp's import
+
         assert self._wakeup is not None
         timeout = aiohttp.ClientTimeout(total=self._send_timeout)
         try:
@@ -658,6 +662,8 @@ class TelegramAlertSender:
             self._waiting_for = None
 
     async def _send_once(self, session: aiohttp.ClientSession, pending: _Pending) -> tuple[_SendOutcome, float | None]:
+        import aiohttp
+
         url = f"{self._api_base}/bot{self._token}/sendMessage"
         body = {"chat_id": self._chat_id, "text": pending.text, "disable_web_page_preview": True}
         try:

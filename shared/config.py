@@ -132,7 +132,7 @@ def _int_csv(raw: str) -> tuple[int, ...]:
 
 def _fernet_keys(raw: str) -> str:
     """One Fernet key, or several comma-separated (newest first): each must open."""
-    from shared.sessions import SessionCipher, SessionKeyError
+    from shared.cipher import SessionCipher, SessionKeyError
 
     value = raw.strip()
     try:

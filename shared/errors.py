@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,12 +152,19 @@ _READABLE_TELETHON = {
 }
 
 
+def _loaded(module: str) -> Any:
+    """``module`` when something imported it already, else None.
+
+    An exception of a library's types cannot exist before the library is
+    imported, so classifying one never has to import it (Telethon alone costs
+    half a second of a command's start).
+    """
+    return sys.modules.get(module)
+
+
 def _classify_telethon(exc: BaseException) -> Classification | None:
-    try:
-        from telethon import errors as tg
-    except ImportError:  # pragma: no cover - telethon is a runtime dependency
-        return None
-    if not isinstance(exc, tg.RPCError):
+    tg = _loaded("telethon.errors")
+    if tg is None or not isinstance(exc, tg.RPCError):
         return None
     name = type(exc).__name__
     text = _short(exc)
@@ -206,9 +214,8 @@ def concerns_the_chat(exc: BaseException) -> bool:
     entities) is that message's problem; "may not write in that chat" is
     everyone's problem and must not be pinned on the first message that met it.
     """
-    try:
-        from telethon import errors as tg
-    except ImportError:  # pragma: no cover - telethon is a runtime dependency
+    tg = _loaded("telethon.errors")
+    if tg is None:
         return False
     return isinstance(exc, tg.ForbiddenError) or type(exc).__name__ in _ABOUT_THE_CHAT_TELETHON
 
@@ -242,9 +249,8 @@ def classify_sqlstate(sqlstate: str | None, message: str) -> Classification:
 
 
 def _classify_asyncpg(exc: BaseException) -> Classification | None:
-    try:
-        import asyncpg
-    except ImportError:  # pragma: no cover
+    asyncpg = _loaded("asyncpg")
+    if asyncpg is None:
         return None
     if isinstance(exc, asyncpg.PostgresError):
         return classify_sqlstate(getattr(exc, "sqlstate", None), _short(exc))
@@ -281,9 +287,8 @@ def classify_http_status(status: int, *, retry_after: float | None = None, what:
 
 
 def _classify_aiohttp(exc: BaseException) -> Classification | None:
-    try:
-        import aiohttp
-    except ImportError:  # pragma: no cover
+    aiohttp = _loaded("aiohttp")
+    if aiohttp is None:
         return None
     if isinstance(exc, aiohttp.ClientResponseError):
         return classify_http_status(exc.status, retry_after=_retry_after_from_headers(exc.headers))
@@ -293,9 +298,8 @@ def _classify_aiohttp(exc: BaseException) -> Classification | None:
 
 
 def _classify_httpx(exc: BaseException) -> Classification | None:
-    try:
-        import httpx
-    except ImportError:  # pragma: no cover
+    httpx = _loaded("httpx")
+    if httpx is None:
         return None
     if isinstance(exc, httpx.HTTPStatusError):
         return classify_http_status(
@@ -323,9 +327,8 @@ _S3_PERMANENT = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", 
 
 
 def _classify_botocore(exc: BaseException) -> Classification | None:
-    try:
-        from botocore import exceptions as bc
-    except ImportError:  # pragma: no cover
+    bc = _loaded("botocore.exceptions")
+    if bc is None:
         return None
     if isinstance(exc, bc.ClientError):
         error = exc.response.get("Error", {})

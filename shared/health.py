@@ -52,9 +52,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import psutil
 
 from shared.breaker import CircuitBreaker
@@ -73,6 +72,9 @@ from shared.cli import ArgumentParser
 from shared.errors import describe
 from shared.logs import redact, register_secret, setup_logging
 from shared.timeouts import OperationTimeout, bounded, deadline
+
+if TYPE_CHECKING:
+    import aiohttp
 
 logger = logging.getLogger(__name__)
 
@@ -843,6 +845,8 @@ class HealthChecker:
     # --- alerts --------------------------------------------------------------------------
 
     async def check_alerts(self) -> tuple[HealthStatus, str, dict[str, Any]]:
+        import aiohttp  # only this check speaks HTTP: the other checks and the CLI start without it
+
         token = self.settings.alert_bot_token
         chat = self.settings.alert_chat_id
         if not token:

@@ -61,10 +61,12 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-
-from PIL import Image, ImageOps, UnidentifiedImageError
+from typing import TYPE_CHECKING
 
 from shared.errors import PermanentError
+
+if TYPE_CHECKING:  # Pillow is imported by the first image handled: ingest's commands start without it
+    from PIL import Image
 
 logger = logging.getLogger(__name__)
 
@@ -219,6 +221,8 @@ def _pillow_allows(header_limit: int) -> None:
     budget decide those images.
     """
     global _warning_silenced
+    from PIL import Image
+
     with _pillow_lock:
         current = Image.MAX_IMAGE_PIXELS
         if current is not None and current < header_limit:
@@ -234,6 +238,8 @@ def _open(source: bytes | Path, *, header_limit: int) -> Image.Image:
     Pillow's refusals become :class:`ImageRejected`; the returned image has
     passed the bomb check of this call (nothing is decoded yet).
     """
+    from PIL import Image, UnidentifiedImageError
+
     _pillow_allows(header_limit)
     fp: io.BytesIO | Path = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else Path(source)
     try:
@@ -416,6 +422,8 @@ def process_image(source: bytes | Path, *, policy: ImagePolicy) -> ProcessedImag
         ImageRejected: with the reason (see :class:`RejectReason`); ``CORRUPT``
             is a failure, the others are deliberate skips.
     """
+    from PIL import Image, ImageOps
+
     with _open(source, header_limit=policy.header_limit) as image:
         source_format = str(image.format)
         width, height = image.size

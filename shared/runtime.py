@@ -44,7 +44,6 @@ from shared.metrics import GaugeRefresher
 from shared.retry import exponential_delay
 from shared.retry_queue import RetryQueue
 from shared.shutdown import GracefulShutdown
-from shared.status_server import StatusServer
 from shared.trends import trends
 from shared.watchdog import LoopWatchdog, periodic
 
@@ -228,6 +227,8 @@ class BotRuntime:
         host: str = "0.0.0.0",
         startup_retry_base: float = 1.0,
     ) -> None:
+        from shared.status_server import StatusServer  # aiohttp's web server: a running bot's, not a command's
+
         self.bot = bot
         self.startup_retry_base = startup_retry_base
         self.settings = settings

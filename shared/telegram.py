@@ -49,7 +49,7 @@ from pathlib import Path
 from shared.config import TelegramSettings
 from shared.errors import ErrorKind, classify, describe
 from shared.retry import exponential_delay
-from shared.sessions import DatabaseSession, SessionCipher, SessionKeyError, generate_key
+from shared.cipher import SessionCipher, SessionKeyError, generate_key
 from shared.timeouts import telegram_op
 
 if TYPE_CHECKING:
@@ -518,6 +518,8 @@ class AccountConnection:
             self._fence = None
 
     async def _connect(self) -> None:
+        from shared.sessions import DatabaseSession  # Telethon's session type: imported by the first connect
+
         self.state = ConnectionState.CONNECTING
         await self._drop_client()
         try:
@@ -620,6 +622,8 @@ class AccountConnection:
         await self._disconnect(client, save=save)
 
     async def _disconnect(self, client: TelegramClient, *, save: bool = True) -> None:
+        from shared.sessions import DatabaseSession
+
         try:
             await telegram_op(client.disconnect(), self.policy.call_timeout, "disconnect", detail=self.label)
         except Exception as exc:
@@ -749,6 +753,8 @@ class AccountConnection:
 
     def _session_status(self) -> dict[str, Any] | None:
         """What the session keeps in the database: peers known, whether catch-up had a state to resume from."""
+        from shared.sessions import DatabaseSession
+
         session = getattr(self.client, "session", None)
         if not isinstance(session, DatabaseSession):
             return None

@@ -36,6 +36,7 @@ class Bad:
     says: str  # a fragment of the one line on stderr
     env: dict[str, str] = field(default_factory=dict)
     stdin: bytes = b""
+    world: bool = False  # opens the sandbox world (and seeds its accounts): after the first such case, never with it
 
 
 def table(files: dict[str, str]) -> list[Bad]:
@@ -52,13 +53,13 @@ def table(files: dict[str, str]) -> list[Bad]:
         Bad("send a file over 2 GiB", (*send, "--file", files["huge"], "caption"), 2, "attachment too large: 2147483649 bytes"),
         Bad("send a long caption", (*send, "--file", files["small"], "c" * 1100), 2, "caption too long: 1100"),
         Bad("send two attachments", (*send, "--file", files["small"], "--storage-key", "k", "x"), 2, "2 attachments"),
-        Bad("send from an unknown account", (*py, "worker.py", "send", "--account", "nobody", "--to", "alice", "x"), 2, "no account labelled 'nobody'"),
+        Bad("send from an unknown account", (*py, "worker.py", "send", "--account", "nobody", "--to", "alice", "x"), 2, "no account labelled 'nobody'", world=True),
         Bad("send --wait of no seconds", (*send, "--wait", "0", "x"), 2, "--wait"),
         Bad("send without --to", (*py, "worker.py", "send", "--account", "demo_one", "x"), 2, "--to"),
-        Bad("messages of an unknown account", (*py, "worker.py", "messages", "--account", "nobody"), 2, "no account labelled"),
+        Bad("messages of an unknown account", (*py, "worker.py", "messages", "--account", "nobody"), 2, "no account labelled", world=True),
         Bad("messages of a bad status", (*py, "worker.py", "messages", "--status", "lost"), 2, "invalid choice"),
         Bad("requeue of nothing named", (*py, "worker.py", "requeue"), 2, "--all"),
-        Bad("login of an unknown sandbox phone", (*py, "worker.py", "login", "--phone", "+19999999", "--label", "x"), 2, "no sandbox account", stdin=b"12345\n"),
+        Bad("login of an unknown sandbox phone", (*py, "worker.py", "login", "--phone", "+19999999", "--label", "x"), 2, "no sandbox account", stdin=b"12345\n", world=True),
         Bad("rotate-key with one key", (*py, "worker.py", "rotate-key"), 2, "SESSION_ENCRYPTION_KEY"),
         Bad("an unknown worker command", (*py, "worker.py", "fly"), 2, "invalid choice"),
         Bad("a bad setting", (*py, "worker.py", "accounts"), 2, "TIMEOUT_DB", env={"TIMEOUT_DB": "soon"}),
@@ -70,7 +71,7 @@ def table(files: dict[str, str]) -> list[Bad]:
         # python -m shared.db / devkit.sandbox / shared.health, supervisor.py
         Bad("db migrate of an unreachable server", (*py, "-m", "shared.db", "migrate", "--database-url", "postgresql://u@127.0.0.1:9/x"), 1, "cannot connect"),
         Bad("db without a command", (*py, "-m", "shared.db"), 2, "required"),
-        Bad("sandbox inbox of nobody", (*py, "-m", "devkit.sandbox", "inbox", "@ghost"), 2, "no peer"),
+        Bad("sandbox inbox of nobody", (*py, "-m", "devkit.sandbox", "inbox", "@ghost"), 2, "no peer", world=True),
         Bad("sandbox fault of a bad kind", (*py, "-m", "devkit.sandbox", "fault", "set", "explode"), 2, "invalid choice"),
         Bad("health of an unknown check", (*py, "-m", "shared.health", "kidneys"), 2, "kidneys"),
         Bad("health with a zero timeout", (*py, "-m", "shared.health", "--timeout", "0"), 2, "--timeout"),
@@ -129,9 +130,6 @@ async def test_every_cli_answers_bad_input_with_one_line_and_its_exit_code(
     tmp_path: Path, database_url: str, files: dict[str, str]
 ) -> None:
     env = base_env(tmp_path, database_url)
-    # The sandbox accounts exist before the table runs (a send seeds them).
-    code, _, err = await run((sys.executable, "worker.py", "send", "--account", "demo_one", "--to", "alice", "seed"), env)
-    assert code == 0, err
     limit = asyncio.Semaphore(3)
 
     async def check(case: Bad) -> str | None:
@@ -144,19 +142,30 @@ async def test_every_cli_answers_bad_input_with_one_line_and_its_exit_code(
             problem = f"does not say {case.says!r}"
         return None if problem is None else f"{case.name}: {problem}\n    stderr: {err.strip()[-600:]}\n    stdout: {out.strip()[-200:]}"
 
-    problems = [p for p in await asyncio.gather(*(check(c) for c in table(files))) if p]
+    async def in_the_world(cases: list[Bad]) -> list[str | None]:
+        # The first makes the sandbox world and seeds its accounts; the others find them there.
+        first = await check(cases[0])
+        return [first, *await asyncio.gather(*(check(c) for c in cases[1:]))]
+
+    cases = table(files)
+    world = [c for c in cases if c.world]
+    assert world, "no case opens the sandbox world"
+    world_problems, *other_problems = await asyncio.gather(in_the_world(world), *(check(c) for c in cases if not c.world))
+    problems = [p for p in [*world_problems, *other_problems] if p]
     assert not problems, "\n".join(problems)
 
 
 async def test_debug_shows_the_traceback_and_v_the_info_logs(tmp_path: Path, database_url: str) -> None:
     env = base_env(tmp_path, database_url)
     send = (sys.executable, "worker.py", "send", "--account", "demo_one", "--to", "alice")
+    # The first makes the sandbox world and seeds its accounts; the two sends then run side by side.
     code, _, err = await run((*send, "--debug", "--account", "nobody", "x"), env)
     assert code == 2 and "Traceback" in err and err.strip().endswith("./start.sh worker accounts lists them)")
-    code, out, err = await run((*send, "hello"), env)
+    (code, out, err), (verbose_code, _, verbose_err) = await asyncio.gather(
+        run((*send, "hello"), env), run((*send, "-v", "hello again"), env)
+    )
     assert code == 0 and out.strip().isdigit() and err == "", "quiet: no INFO lines of the embedded database or the sandbox"
-    code, out, err = await run((*send, "-v", "hello again"), env)
-    assert code == 0 and " INFO " in err
+    assert verbose_code == 0 and " INFO " in verbose_err
 
 
 def test_global_flags_are_taken_out_before_the_command_sees_them_but_not_after_a_double_dash() -> None:
@@ -198,13 +207,15 @@ async def test_a_database_without_the_schema_is_named_as_such_with_exit_2(
         env.pop("DATABASE_URL")
         env.update(SUPABASE_URL=endpoint.url, SUPABASE_SERVICE_ROLE_KEY=endpoint.service_key)
     try:
-        code, _, err = await run((sys.executable, "worker.py", "accounts"), env)
+        # A command and the bot itself, side by side: neither changes the database.
+        (code, _, err), (bot_code, bot_out, bot_err) = await asyncio.gather(
+            run((sys.executable, "worker.py", "accounts"), env), run((sys.executable, "worker.py"), {**env, "PORT": "0"})
+        )
         assert code == 2 and one_clean_line(err) is None, err
         assert "the database has no schema yet" in err and "./start.sh db migrate" in err and "DB_AUTO_MIGRATE=1" in err
-        code, out, err = await run((sys.executable, "worker.py"), {**env, "PORT": "0"})
-        assert code == 2, out + err
-        assert "the database has no schema yet" in out + err
-        assert "Traceback" not in out + err
+        assert bot_code == 2, bot_out + bot_err
+        assert "the database has no schema yet" in bot_out + bot_err
+        assert "Traceback" not in bot_out + bot_err
     finally:
         if endpoint is not None:
             await endpoint.stop()

@@ -197,21 +197,21 @@ def entry_of(form: tuple[str, ...]) -> tuple[str, str, list[str]] | None:
 
 @pytest.mark.slow
 async def test_every_command_in_readme_and_docs_runs_as_copied_from_a_fresh_clone(fresh_clone: Path, tmp_path: Path) -> None:
-    """Each program is reached through start.sh as copied (its shortest form); its other forms run in
-    one interpreter per program, as start.sh would run them, which keeps a Python start-up per command
-    out of the suite's time."""
+    """Each program is reached through start.sh as copied (its shortest form); the other forms of every
+    program run in one interpreter, each as start.sh would run it (as ``__main__`` with its own argv),
+    which keeps a Python start-up per command out of the suite's time."""
     # As after `./start.sh` ran once: the requirements are installed (here: in the test's interpreter).
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TELEGRAM_", "SUPABASE_", "DATABASE_URL", "BOT"))}
     env.update(NO_VENV="1", PYTHON=sys.executable, DATA_DIR=str(tmp_path / "data"))
     forms = every_command()
     through_start: list[tuple[str, ...]] = []
-    in_driver: dict[str, list[tuple[str, ...]]] = {}
+    in_driver: list[tuple[str, ...]] = []
     for form in sorted(forms, key=len):
         program = form[1] if len(form) > 1 else ""
         if entry_of(form) is None or program not in {f[1] for f in through_start if len(f) > 1}:
             through_start.append(form)  # the shortest form of each program goes through start.sh
         else:
-            in_driver.setdefault(program, []).append(form)
+            in_driver.append(form)
     limit = asyncio.Semaphore(3)
 
     async def run(command: Sequence[str], stdin: bytes | None = None) -> tuple[int, str, str]:
@@ -239,10 +239,10 @@ async def test_every_command_in_readme_and_docs_runs_as_copied_from_a_fresh_clon
             return [f"the command driver failed for {group}: exit {code}\n    {err.strip()[-400:]}"]
         return [problem(form, c, e) for form, (c, e) in zip(group, json.loads(out.strip().splitlines()[-1]))]
 
-    checks = [check_one(f) for f in through_start] + [check_many(g) for g in in_driver.values()]
+    checks = [check_many(in_driver)] + [check_one(f) for f in through_start]  # the longest first
     problems = [p for found in await asyncio.gather(*checks) for p in found if p]
     assert not problems, "\n".join(problems)
-    assert len(through_start) + sum(map(len, in_driver.values())) == len(forms)
+    assert len(through_start) + len(in_driver) == len(forms)
 
 
 # --- links -------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from shared.breaker import CircuitBreaker
 from shared.db.base import (
@@ -69,7 +69,9 @@ from shared.db.records import (
     TweetStatus,
     UpdateState,
 )
-from shared.db.supabase_http import SupabaseDatabase
+
+if TYPE_CHECKING:
+    from shared.db.supabase_http import SupabaseDatabase
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +150,8 @@ async def open_database(
                 "DB_AUTO_MIGRATE is ignored over Supabase's HTTP API: apply supabase/migrations with "
                 "`supabase db push` or `DATABASE_URL=... ./start.sh db migrate`"
             )
+        from shared.db.supabase_http import SupabaseDatabase  # httpx and supabase: only for this backend
+
         db = await SupabaseDatabase(settings.supabase_url, key, timeout=timeout, breaker=breaker).open()
         await _check_schema(db, dsn=None)
     else:
@@ -205,6 +209,15 @@ async def _migrate_or_close(db: PostgresDatabase, dsn: str) -> None:
         raise
     if report.applied:
         logger.info("migrations applied: %s", ", ".join(report.applied))
+
+
+def __getattr__(name: str) -> Any:
+    """``SupabaseDatabase`` on first use: its module imports httpx, which no other backend needs."""
+    if name == "SupabaseDatabase":
+        from shared.db.supabase_http import SupabaseDatabase
+
+        return SupabaseDatabase
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
