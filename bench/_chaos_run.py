@@ -175,8 +175,10 @@ class ChaosRun(abc.ABC, Generic[PlanT, ProcT]):
         drain_started = time.monotonic()
         drained_ok = await self.wait_for(drained, timeout=timeout, what=what)
         drain_seconds = time.monotonic() - drain_started
-        for proc in self.live():
-            self.sigterm_codes.append(await proc.terminate(timeout=grace + 20))
+        self.log.info("%s after %.1fs; SIGTERM to the %d live process(es)", what, drain_seconds, len(self.live()))
+        # All at once, as a deploy stops its replicas: each drains on its own.
+        self.sigterm_codes += await asyncio.gather(*(proc.terminate(timeout=grace + 20) for proc in self.live()))
+        self.log.info("judging the run")
         result = await self.verdict()
         result.update(
             drain_seconds=round(drain_seconds, 1),
