@@ -3,8 +3,11 @@
 Only the shape of the output is checked, never a figure: benchmarks measure,
 and speed on a shared 2-core machine is not a test's business. Each runs at
 the smallest size its options allow (the JSON's shape does not depend on the
-size), as its own test, so the parallel workers spread them like any other
-slow test instead of one worker starting all of them at once.
+size: a fraction of a second of load, one or two accounts, no footprint
+settle, one small JPEG in ingest's speed comparison, recovery's independent
+cases at once with ``--parallel``), as its own test, so the parallel workers
+spread them like any other slow test instead of one worker starting all of
+them at once.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 RUN_TIMEOUT = 240.0
-"""Seconds one benchmark may take: alone the slowest needs about 30 s, beside the rest of the suite
+"""Seconds one benchmark may take: alone the slowest needs about 15 s, beside the rest of the suite
 on two busy cores several times that."""
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(RUN_TIMEOUT + 10)]
