@@ -28,7 +28,7 @@ import asyncpg
 
 from shared.db import apply_migrations
 from shared.db.embedded import EmbeddedPostgres
-from bench._common import die_with_parent
+from bench._common import die_with_parent, discard_server
 
 logger = logging.getLogger("bench.chaos.faults")
 
@@ -286,8 +286,15 @@ class ChaosPostgres:
         if info is not None:
             server._postmaster_info = info
 
-    async def close(self) -> None:
-        """Stop the server and remove its data (when the directory is ours)."""
+    async def close(self, *, discard: bool = False) -> None:
+        """Stop the server and remove its data (when the directory is ours).
+
+        Args:
+            discard: its data is deleted next (the caller's directory too): stop it at once, no checkpoint.
+        """
+        if discard and self.embedded.running:
+            self._refresh()
+            await discard_server(self.embedded)
         if self.embedded.running:
             try:
                 self._refresh()

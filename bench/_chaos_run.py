@@ -72,6 +72,8 @@ class ChaosRun(abc.ABC, Generic[PlanT, ProcT]):
         self.sigterm_codes: list[int | None] = []
         self.phases: list[PhaseRecord] = []
         self.t0 = time.monotonic()
+        #: The run directory is deleted after the run (not ``--keep``): the database need not be stopped cleanly.
+        self.discard_data = False
 
     @abc.abstractmethod
     def new_process(self, number: int) -> ProcT:
@@ -175,8 +177,10 @@ class ChaosRun(abc.ABC, Generic[PlanT, ProcT]):
         drain_started = time.monotonic()
         drained_ok = await self.wait_for(drained, timeout=timeout, what=what)
         drain_seconds = time.monotonic() - drain_started
-        for proc in self.live():
-            self.sigterm_codes.append(await proc.terminate(timeout=grace + 20))
+        self.log.info("%s after %.1fs; SIGTERM to the %d live process(es)", what, drain_seconds, len(self.live()))
+        # All at once, as a deploy stops its replicas: each drains on its own.
+        self.sigterm_codes += await asyncio.gather(*(proc.terminate(timeout=grace + 20) for proc in self.live()))
+        self.log.info("judging the run")
         result = await self.verdict()
         result.update(
             drain_seconds=round(drain_seconds, 1),
@@ -195,7 +199,7 @@ class ChaosRun(abc.ABC, Generic[PlanT, ProcT]):
         await self.kill_all()
         if self.world is not None:
             self.world.close()
-        await self.pg.close()
+        await self.pg.close(discard=self.discard_data)
 
 
 # --- the report ------------------------------------------------------------------------------
@@ -242,6 +246,7 @@ async def run_in_temp_dir(run_class: type[ChaosRun[PlanT, Any]], plan: PlanT, *,
     """Run ``plan`` in a fresh temporary directory; removed afterwards unless ``keep``."""
     run_dir = Path(tempfile.mkdtemp(prefix=f"{run_class.name.replace('_', '-')}-"))
     chaos = run_class(plan, run_dir=run_dir)
+    chaos.discard_data = not keep
     try:
         return await chaos.run()
     except BaseException:

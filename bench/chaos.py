@@ -74,6 +74,9 @@ class Plan:
     seed: int = 10
     drain_timeout: float = 300.0
     timeout_send: float = 4.0
+    timeout_db: float = 3.0
+    breaker_probe_interval: float | None = None
+    """BREAKER_PROBE_INTERVAL; None: the default."""
     poison_chats: int = 2
 
     @property
@@ -91,14 +94,19 @@ QUICK = Plan(
     recipients=8,
     per_chat=5,
     kills=1,
-    pg_outage=4.0,
-    telegram_hang=4.0,
-    drop_window=1.5,
+    # Each outage outlasts the deadline it must trip (Telegram hanging 2 s > TIMEOUT_TELEGRAM_SEND,
+    # PostgreSQL unreachable 2 s > TIMEOUT_DB), as the full run's do; probes of an open breaker
+    # every 0.5 s instead of 2 s, so the next fault does not wait for the end of the last one.
+    pg_outage=2.0,
+    telegram_hang=2.0,
+    drop_window=1.0,
     flood_seconds=1,
     progress_share=0.1,
     progress_timeout=5.0,
     drain_timeout=90.0,
-    timeout_send=3.0,
+    timeout_send=1.5,
+    timeout_db=1.5,
+    breaker_probe_interval=0.5,
     poison_chats=1,
 )
 
@@ -129,13 +137,14 @@ def worker_env(plan: Plan) -> dict[str, str]:
         "TIMEOUT_TELEGRAM_ENTITY": "3",
         "TIMEOUT_TELEGRAM_CONNECT": "4",
         "TIMEOUT_TELEGRAM_MEDIA": "5",
-        "TIMEOUT_DB": "3",
+        "TIMEOUT_DB": f"{plan.timeout_db:g}",
         "RECONNECT_BACKOFF_MAX": "1",
         "SEND_RATE_PER_ACCOUNT": "1000",
         "SEND_BURST_PER_ACCOUNT": "1000",
         "SEND_RATE_PER_CHAT": "1000",
         "SEND_BURST_PER_CHAT": "1000",
         "SHUTDOWN_GRACE": "4",
+        **({"BREAKER_PROBE_INTERVAL": f"{plan.breaker_probe_interval:g}"} if plan.breaker_probe_interval is not None else {}),
     }
 
 
@@ -185,6 +194,9 @@ class Chaos(ChaosRun[Plan, WorkerProcess]):
         self.enqueued = 0
         self.fault_ids: list[int] = []
         self.latency_rule: int | None = None
+        self.cleared_rules: list[dict[str, Any]] = []
+        """Fault rules taken away at the end of their phase, as they stood then (their hits count)."""
+        self.replicas_leasing = 0
 
     # set-up --------------------------------------------------------------------------
 
@@ -307,6 +319,25 @@ class Chaos(ChaosRun[Plan, WorkerProcess]):
         finally:
             await conn.close()
 
+    async def lease_holders(self) -> int:
+        """How many processes hold a live lease on one of the run's accounts."""
+        conn = await asyncpg.connect(self.direct_dsn, timeout=5)
+        try:
+            return int(
+                await conn.fetchval(
+                    "select count(distinct lease_owner) from telegram_accounts where label like 'chaos_acct_%' "
+                    "and lease_owner is not null and lease_expires_at > now()"
+                )
+            )
+        finally:
+            await conn.close()
+
+    def _clear_rule(self, rule: int) -> None:
+        """Take fault ``rule`` away, keeping how it stood (its hits) for the report."""
+        assert self.world is not None
+        self.cleared_rules += [r for r in self.world.faults() if r["id"] == rule]
+        self.world.clear_faults(rule)
+
     def fault(self, kind: FaultKind, **kwargs: Any) -> int:
         """Add a fault rule ahead of the background latency (the sandbox applies the oldest matching rule)."""
         assert self.world is not None
@@ -358,10 +389,12 @@ class Chaos(ChaosRun[Plan, WorkerProcess]):
     async def sigterm(self) -> str:
         await self.wave_with_progress()
         victim = self.live()[0]
+        # The successor starts as the SIGTERM is sent (a deploy's new container), so its start-up
+        # overlaps the victim's drain; it takes the accounts the victim hands back.
+        successor = await self.start_process()
         code = await victim.terminate(timeout=float(self.env["SHUTDOWN_GRACE"]) + 20)
         self.sigterm_codes.append(code)
-        await self.start_process()
-        return f"{victim.name} exited with {code}"
+        return f"{victim.name} exited with {code}; {successor.name} started with it"
 
     async def pg_restart(self) -> str:
         await self.wave_with_progress()
@@ -386,7 +419,7 @@ class Chaos(ChaosRun[Plan, WorkerProcess]):
         try:
             await self.sleep_watching(self.plan.telegram_hang)
         finally:
-            await asyncio.to_thread(self.world.clear_faults, rule)
+            await asyncio.to_thread(self._clear_rule, rule)
         return "every request unanswered"
 
     async def telegram_drops(self) -> str:
@@ -396,7 +429,7 @@ class Chaos(ChaosRun[Plan, WorkerProcess]):
         try:
             await self.sleep_watching(self.plan.drop_window)
         finally:
-            await asyncio.to_thread(self.world.clear_faults, rule)
+            await asyncio.to_thread(self._clear_rule, rule)
         return "every request drops its connection"
 
     async def answer_lost(self) -> str:
@@ -409,7 +442,14 @@ class Chaos(ChaosRun[Plan, WorkerProcess]):
     async def two_replicas(self) -> str:
         await self.start_process()
         await self.wave_with_progress()
-        return f"{len(self.live())} workers running"
+
+        async def both_leasing() -> bool:
+            self.replicas_leasing = await self.lease_holders()
+            return self.replicas_leasing >= 2
+
+        # Two replicas running is not yet two serving: wait until the newcomer holds its share.
+        await self.wait_for(both_leasing, timeout=self.plan.progress_timeout * 2, what="two replicas holding accounts")
+        return f"{len(self.live())} workers running, {self.replicas_leasing} holding accounts"
 
     # the run --------------------------------------------------------------------------------
 
@@ -445,7 +485,8 @@ class Chaos(ChaosRun[Plan, WorkerProcess]):
             what="queue drained",
             grace=float(self.env["SHUTDOWN_GRACE"]),
             started_key="workers_started",
-            fault_hits=fault_hits(remaining_faults),
+            fault_hits=fault_hits([*self.cleared_rules, *remaining_faults]),
+            replicas_leasing=self.replicas_leasing,
         )
 
     async def verdict(self) -> dict[str, Any]:
@@ -577,6 +618,7 @@ def report(result: dict[str, Any], plan: Plan) -> str:
         f"sent but not received    {result['marked_sent_not_received']}",
         *process_lines(result),
         f"fault hits               {result.get('fault_hits')}",
+        f"replicas holding accounts {result.get('replicas_leasing')} (at once, in the two-replica phase)",
         *closing_lines(result),
     ]
     return "\n".join(lines)

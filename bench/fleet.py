@@ -12,7 +12,10 @@ account at once and measures delivered/s (messages over the time from the
 enqueue to the last delivery) in total and per replica (from each sent
 row's lease owner).
 
-Then, with the 3 replicas and messages enqueued without pause, the three
+Then, with the 3 replicas and messages enqueued without pause (a message
+every 5 ms, or slower when that is more than half of what the accounts may
+send at the default limits: a smaller run stays under its capacity as the
+full one does, instead of piling up a backlog to drain), the three
 handoffs: a 4th replica joins (seconds until every replica has its share),
 one stops with SIGTERM and one is killed with kill -9 (seconds until every
 account it held is held by another). The bound of the kill is
@@ -64,6 +67,8 @@ from bench._common import (  # noqa: E402
     wait_until,
     worker_env,
 )
+
+from shared.config import BY_NAME  # noqa: E402
 
 logger = logging.getLogger("bench.fleet")
 
@@ -206,12 +211,25 @@ async def _sent(dsn: str, tag: str, count: int) -> bool:
     return (await delivered(dsn, tag))[0] >= count
 
 
+#: The pause between two messages enqueued during the handoffs, at the most.
+BACKGROUND_PAUSE = 0.005
+
+
+def background_pause(accounts: int, recipients: int) -> float:
+    """Seconds between two messages enqueued during the handoffs: :data:`BACKGROUND_PAUSE`, or longer when
+    that would offer more than half of what ``accounts`` x ``recipients`` chats may send at the default
+    limits (SEND_RATE_PER_ACCOUNT, SEND_RATE_PER_CHAT). 60 accounts may send 600/s: 5 ms it is."""
+    per_account = min(float(BY_NAME["SEND_RATE_PER_ACCOUNT"].default), recipients * float(BY_NAME["SEND_RATE_PER_CHAT"].default))
+    return max(BACKGROUND_PAUSE, 2 / (accounts * per_account))
+
+
 class Background:
     """Messages enqueued without pause during the handoffs (round-robin over accounts and recipients)."""
 
     def __init__(self, pool: asyncpg.Pool, accounts: Accounts) -> None:
         self.pool = pool
         self.accounts = accounts
+        self.pause = background_pause(len(accounts.ids), len(accounts.recipients))
         self.count = 0
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -231,7 +249,7 @@ class Background:
             n += 1
             self.count = n
             try:
-                await asyncio.wait_for(self._stop.wait(), 0.005)
+                await asyncio.wait_for(self._stop.wait(), self.pause)
             except TimeoutError:
                 pass
 
@@ -283,6 +301,7 @@ async def handoffs(fleet: Fleet, pool: asyncpg.Pool, total: int) -> dict[str, An
         kill_s = time.monotonic() - killed
     finally:
         await background.stop()
+    progress(f"handoffs done: waiting for the {background.count} messages enqueued during them")
     await wait_until(lambda: _sent(fleet.dsn, "moves", background.count), timeout=300, what="moves delivered", interval=0.2, check=fleet.check)
     return {
         "handoff_join_s": round(join_s, 2),
@@ -348,8 +367,10 @@ async def run(*, n_accounts: int, per_account: int, quick: bool) -> dict[str, An
                 progress(f"{replicas} replica(s): {phases[-1]['delivered_per_s']} delivered/s")
             moves = await handoffs(fleet, pool, n_accounts)
         finally:
+            progress("stopping the replicas")
             await fleet.stop_all()
             await pool.close()
+        progress("exactly once: every message looked up in the sandbox world")
         lost, duplicated = exactly_once(accounts, await expected_texts(dsn))
     one, three = phases[0]["delivered_per_s"], phases[-1]["delivered_per_s"]
     spreads = [p["max_minus_min"] for p in phases if p["max_minus_min"] is not None]

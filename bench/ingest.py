@@ -1,8 +1,8 @@
 """Benchmark: ingest's image processing against a naive Pillow pipeline, on large JPEGs.
 
-    ./start.sh bench ingest [--quick] [--json] [--max-dimension N] [--repeat N]
+    ./start.sh bench ingest [--quick] [--json] [--max-dimension N] [--repeat N] [--sizes WxH,...]
 
-The benchmark generates large JPEGs (8K and bigger) in a temporary directory,
+The benchmark generates large JPEGs (8K and bigger; ``--sizes`` names others) in a temporary directory,
 then runs each pipeline over the whole set in a process of its own and
 reports that process's peak RSS (``ru_maxrss``) and images per second:
 
@@ -19,6 +19,8 @@ Then the memory ceiling (INGEST_MEMORY_BUDGET_MB, ``--budget-mb``, default
 process of its own, with the budget (``ours``) and without it (``no-budget``,
 ingest's pipeline before the ceiling existed), peak RSS against the budget
 and what became of the image (stored at which size, or skipped and why).
+These four runs go two at a time: they report no speed, and a process's
+peak RSS is its own.
 
 Prints a table; with ``--json`` the last line is one JSON object with
 ``rss_ratio`` (ours/naive peak RSS), ``speed_ratio`` (ours/naive images per
@@ -48,6 +50,7 @@ import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -228,11 +231,23 @@ def run_variant(variant: str, files: list[Path], max_dimension: int, repeat: int
     )
 
 
-def large_cases(png: Path, jpeg: Path, max_dimension: int, budget_mb: int) -> list[dict[str, Any]]:
-    """Each large image alone, with and without the budget, each run in a process of its own."""
+def large_cases(directory: Path, jpeg: Path, max_dimension: int, budget_mb: int) -> list[dict[str, Any]]:
+    """Each large image alone, with and without the budget, each run in a process of its own.
+
+    Two at a time (the PNG is made meanwhile): these runs report each process's own peak RSS
+    and what became of the image, never a speed, so running beside another changes neither.
+    """
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        png = pool.submit(generate_png, directory)
+        jpeg_runs = {variant: pool.submit(run_variant, variant, [jpeg], max_dimension, 1, budget_mb) for variant in BUDGET_VARIANTS}
+        png_path = png.result()
+        png_runs = {variant: pool.submit(run_variant, variant, [png_path], max_dimension, 1, budget_mb) for variant in BUDGET_VARIANTS}
+        done = {
+            f"png {LARGE_PNG[0]}x{LARGE_PNG[1]} RGBA": {v: f.result() for v, f in png_runs.items()},
+            f"jpeg {LARGE_JPEG[0]}x{LARGE_JPEG[1]}": {v: f.result() for v, f in jpeg_runs.items()},
+        }
     cases = []
-    for name, path in ((f"png {LARGE_PNG[0]}x{LARGE_PNG[1]} RGBA", png), (f"jpeg {LARGE_JPEG[0]}x{LARGE_JPEG[1]}", jpeg)):
-        runs = {variant: run_variant(variant, [path], max_dimension, 1, budget_mb) for variant in BUDGET_VARIANTS}
+    for name, runs in done.items():
         ours, before = runs["ours"], runs["no-budget"]
         cases.append({
             "case": name,
@@ -244,9 +259,22 @@ def large_cases(png: Path, jpeg: Path, max_dimension: int, budget_mb: int) -> li
     return cases
 
 
+def parse_sizes(parser: argparse.ArgumentParser, text: str) -> list[tuple[int, int]]:
+    """``8192x6144,12000x9000`` as [(8192, 6144), (12000, 9000)]; a usage error otherwise."""
+    sizes = []
+    for item in text.split(","):
+        width, _, height = item.strip().lower().partition("x")
+        if not (width.isdigit() and height.isdigit() and int(width) > 0 and int(height) > 0):
+            parser.error(f"--sizes takes WxH,... (got {text!r})")
+        sizes.append((int(width), int(height)))
+    return sizes
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="./start.sh bench ingest", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="two images up to 12000x9000 instead of four up to 16384x16384")
+    parser.add_argument("--sizes", default=None,
+                        help="the JPEGs of the speed comparison, WxH,... (default: four up to 16384x16384; two with --quick)")
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
     parser.add_argument("--max-dimension", type=int, default=8192, help="MAX_IMAGE_DIMENSION (default 8192)")
     parser.add_argument("--repeat", type=int, default=1, help="passes over the set per variant")
@@ -261,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    sizes = QUICK_SIZES if args.quick else FULL_SIZES
+    sizes = parse_sizes(parser, args.sizes) if args.sizes else (QUICK_SIZES if args.quick else FULL_SIZES)
     directory = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     try:
         files = generate(directory, sizes)
@@ -269,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         jpeg = next((f for f, size in zip(files, sizes, strict=True) if size == LARGE_JPEG), None)
         if jpeg is None:
             jpeg = generate(directory, [LARGE_JPEG])[0]
-        large = large_cases(generate_png(directory), jpeg, args.max_dimension, args.budget_mb)
+        large = large_cases(directory, jpeg, args.max_dimension, args.budget_mb)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 

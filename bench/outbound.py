@@ -61,6 +61,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH_DIR]
 sys.path.insert(0, str(_BENCH_DIR.parent))
 
 import asyncio  # noqa: E402
+import contextlib  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
@@ -330,12 +331,13 @@ async def run_realistic_load(
     floods_before = await asyncio.to_thread(flood_waits, world)
     samples: list[tuple[float, int]] = []
     started = time.monotonic()
-    sampling = True
+    done = asyncio.Event()
 
     async def sample() -> None:
-        while sampling:
+        while not done.is_set():
             samples.append((round(time.monotonic() - started, 1), await backlog(dsn, tag)))
-            await asyncio.sleep(1.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), 1.0)  # a sample a second; the end ends the wait
 
     sampler = asyncio.create_task(sample())
     try:
@@ -347,7 +349,7 @@ async def run_realistic_load(
                          interval=0.2, check=check)
         drain_s = time.monotonic() - drain_started
     finally:
-        sampling = False
+        done.set()
         await sampler
     messages, delivered, latencies, per_s = await measure(dsn, tag, deadline_age=False)
     floods = await asyncio.to_thread(flood_waits, world) - floods_before

@@ -1,6 +1,6 @@
 """Benchmark: time from an injected fault to healthy again, next to the bound the configuration promises.
 
-    ./start.sh bench recovery [--quick] [--json] [--outage S]
+    ./start.sh bench recovery [--quick] [--json] [--outage S] [--parallel]
 
 Each case runs ``python worker.py`` (sandbox mode, 2 sandbox accounts) on an
 embedded PostgreSQL, warms it up (one message per account delivered), then
@@ -65,6 +65,13 @@ return until every one of those messages is delivered and /health answers
 
 ``--quick`` with ``--defaults`` shortens the outages to 8 s (database) and
 6 s (Telegram, X).
+
+``--parallel`` runs independent cases at once, to be done sooner (the smoke
+test uses it): the stuck loop beside the hung send and the dropped
+connection, on a database, world and accounts of its own; with
+``--defaults``, bot.py's and ingest.py's cases beside worker.py's (which
+still come one after another). The cases then share the machine's cores, so
+the figures to compare come from runs without it.
 """
 
 from __future__ import annotations
@@ -164,12 +171,13 @@ class Harness:
         self.accounts = accounts
         self.port = port
         self.counter = 0
+        self.data_dir = bench_db.root / ("worker-data" if db_name == "bench_recovery" else f"worker-data-{db_name}")
 
     def env(self, extra: dict[str, str], *, dsn: str | None = None) -> dict[str, str]:
         return worker_env(
             dsn=dsn or self.dsn,
             accounts=self.accounts,
-            data_dir=self.bench_db.root / "worker-data",
+            data_dir=self.data_dir,
             extra={**BASE, "PORT": str(self.port), **extra},
         )
 
@@ -381,14 +389,25 @@ async def kill_9_supervised(h: Harness) -> CaseResult:
                 child.kill()
 
 
-async def run(*, quick: bool, outage: float) -> dict[str, Any]:
+async def harness(bench_db: BenchDatabase, name: str, *, recipients: int) -> Harness:
+    """A fresh database ``name`` with 2 sandbox accounts in a world of its own, and a port for the worker."""
+    dsn = await bench_db.create(name)
+    suffix = "" if name == "bench_recovery" else f"-{name}"
+    accounts = await make_accounts(dsn, bench_db.root / f"sandbox{suffix}", 2, recipients=recipients)
+    return Harness(bench_db, name, dsn, accounts, free_port())
+
+
+async def run(*, quick: bool, outage: float, parallel: bool = False) -> dict[str, Any]:
     info = machine()
     async with BenchDatabase("bench-recovery-") as bench_db:
-        dsn = await bench_db.create("bench_recovery")
-        accounts = await make_accounts(dsn, bench_db.root / "sandbox", 2, recipients=1)
-        h = Harness(bench_db, "bench_recovery", dsn, accounts, free_port())
-        cases = await telegram_cases(h, stuck=False)
-        cases += await telegram_cases(h, stuck=True)
+        h = await harness(bench_db, "bench_recovery", recipients=1)
+        if parallel:  # the stuck loop's worker beside the other one, on its own database, world and accounts
+            stuck = await harness(bench_db, "bench_recovery_stuck", recipients=1)
+            first, second = await asyncio.gather(telegram_cases(h, stuck=False), telegram_cases(stuck, stuck=True))
+            cases = first + second
+        else:
+            cases = await telegram_cases(h, stuck=False)
+            cases += await telegram_cases(h, stuck=True)
         if not quick:
             cases.append(await database_outage(h, outage))
             cases.append(await kill_9_supervised(h))
@@ -457,7 +476,7 @@ async def _enqueue_spread(h: Harness, label: str, per_account: int) -> list[int]
 def defaults_env(h: Harness, *, dsn: str | None = None) -> dict[str, str]:
     """Every setting at its default: only what the sandbox process needs."""
     return worker_env(
-        dsn=dsn or h.dsn, accounts=h.accounts, data_dir=h.bench_db.root / "worker-data", extra={"PORT": str(h.port), "SANDBOX": "1"}
+        dsn=dsn or h.dsn, accounts=h.accounts, data_dir=h.data_dir, extra={"PORT": str(h.port), "SANDBOX": "1"}
     )
 
 
@@ -685,23 +704,34 @@ R2 away (ingest.py), X away (bot.py)."""
 
 async def run_defaults(
     *, quick: bool, db_outage: float, telegram_outage: float, x_outage: float = 10.0, storage_outage: float = 3.0,
-    only: tuple[str, ...] = DEFAULTS_CASES,
+    only: tuple[str, ...] = DEFAULTS_CASES, parallel: bool = False,
 ) -> dict[str, Any]:
     info = machine()
     async with BenchDatabase("bench-recovery-defaults-") as bench_db:
-        dsn = await bench_db.create("bench_recovery")
-        accounts = await make_accounts(dsn, bench_db.root / "sandbox", 2, recipients=4)
-        h = Harness(bench_db, "bench_recovery", dsn, accounts, free_port())
-        cases = []
-        for name in only:
+        h = await harness(bench_db, "bench_recovery", recipients=4)
+
+        async def one(name: str) -> AfterReturn:
             if name in ("reset", "hung"):
-                cases.append(await defaults_database(h, name, db_outage))
-            elif name == "telegram":
-                cases.append(await defaults_telegram(h, telegram_outage))
-            elif name == "storage":
-                cases.append(await defaults_storage(h, storage_outage))
-            else:
-                cases.append(await defaults_x(h, x_outage))
+                return await defaults_database(h, name, db_outage)
+            if name == "telegram":
+                return await defaults_telegram(h, telegram_outage)
+            if name == "storage":
+                return await defaults_storage(h, storage_outage)
+            return await defaults_x(h, x_outage)
+
+        if parallel:
+            # worker.py's cases share the accounts and the port: one after another; ingest.py's and
+            # bot.py's have their own database and world, so they run beside them.
+            async def in_turn(names: list[str]) -> list[AfterReturn]:
+                return [await one(name) for name in names]
+
+            worker_cases = [n for n in only if n in ("reset", "hung", "telegram")]
+            others = [n for n in only if n not in worker_cases]
+            done = await asyncio.gather(in_turn(worker_cases), *(one(n) for n in others))
+            by_name = dict(zip(worker_cases, done[0], strict=True)) | dict(zip(others, done[1:], strict=True))
+            cases = [by_name[n] for n in only]
+        else:
+            cases = [await one(name) for name in only]
         version = bench_db.version
     measured = [c.after_return_s for c in cases if c.after_return_s is not None]
     failed = any(c.after_return_s is None for c in cases)
@@ -772,6 +802,10 @@ def main(argv: list[str] | None = None) -> int:
     args_parser.add_argument("--telegram-outage", type=float, default=None, help="with --defaults: Telegram outage length (default 20; 6 with --quick)")
     args_parser.add_argument("--storage-outage", type=float, default=3.0, help="with --defaults: R2 outage length for ingest.py (default 3)")
     args_parser.add_argument(
+        "--parallel", action="store_true",
+        help="independent cases at once, each on its own database and world (quicker; the figures then share the cores)",
+    )
+    args_parser.add_argument(
         "--cases", default=",".join(DEFAULTS_CASES),
         help=f"with --defaults: the cases to run, comma-separated (default all: {','.join(DEFAULTS_CASES)})",
     )
@@ -789,14 +823,14 @@ def main(argv: list[str] | None = None) -> int:
         outcome = asyncio.run(
             run_defaults(
                 quick=args.quick, db_outage=db_outage, telegram_outage=tg_outage, x_outage=x_outage,
-                storage_outage=args.storage_outage, only=only,
+                storage_outage=args.storage_outage, only=only, parallel=args.parallel,
             )
         )
         outcome["wall_seconds"] = round(time.monotonic() - started, 1)
         emit(render_defaults(outcome), outcome, as_json=args.json)
         return 0
     args.outage = 30.0 if args.outage is None else args.outage
-    outcome = asyncio.run(run(quick=args.quick, outage=args.outage))
+    outcome = asyncio.run(run(quick=args.quick, outage=args.outage, parallel=args.parallel))
     outcome["wall_seconds"] = round(time.monotonic() - started, 1)
     emit(render(outcome), outcome, as_json=args.json)
     return 0

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-#: A whole quick run (about a minute on 2 cores); past this the subprocess is killed.
+#: A whole quick run (15-25 s alone on 2 cores, a minute beside a busy suite); past this the subprocess is killed.
 QUICK_RUN_DEADLINE = 150.0
 
 

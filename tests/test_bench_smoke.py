@@ -3,8 +3,11 @@
 Only the shape of the output is checked, never a figure: benchmarks measure,
 and speed on a shared 2-core machine is not a test's business. Each runs at
 the smallest size its options allow (the JSON's shape does not depend on the
-size), as its own test, so the parallel workers spread them like any other
-slow test instead of one worker starting all of them at once.
+size: a fraction of a second of load, one or two accounts, no footprint
+settle, one small JPEG in ingest's speed comparison, recovery's independent
+cases at once with ``--parallel``), as its own test, so the parallel workers
+spread them like any other slow test instead of one worker starting all of
+them at once.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 RUN_TIMEOUT = 240.0
-"""Seconds one benchmark may take: alone the slowest needs about 30 s, beside the rest of the suite
+"""Seconds one benchmark may take: alone the slowest needs about 15 s, beside the rest of the suite
 on two busy cores several times that."""
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(RUN_TIMEOUT + 10)]
@@ -73,15 +76,15 @@ class Run:
 
 RUNS: dict[str, Run] = {
     "outbound": Run(
-        ["outbound.py", "--quick", "--json", "--seconds", "1", "--rates", "50", "--accounts", "2"],
+        ["outbound.py", "--quick", "--json", "--seconds", "0.2", "--rates", "50", "--accounts", "2"],
         ("p50_ms", "p99_ms", "per_s", "baseline_p50_ms", "loads", "machine"),
     ),
-    "recovery": Run(["recovery.py", "--quick", "--json", "--outage", "2"], ("cases", "worst_ratio", "machine")),
+    "recovery": Run(["recovery.py", "--quick", "--json", "--outage", "2", "--parallel"], ("cases", "worst_ratio", "machine")),
     "footprint": Run(
-        ["footprint.py", "--quick", "--json", "--seconds", "1", "--accounts", "1"], ("cases", "rss_mb", "cpu_percent", "machine")
+        ["footprint.py", "--quick", "--json", "--seconds", "1", "--accounts", "1", "--settle", "0"], ("cases", "rss_mb", "cpu_percent", "machine")
     ),
     "ingest": Run(
-        ["ingest.py", "--quick", "--json"],
+        ["ingest.py", "--quick", "--json", "--sizes", "2048x1536"],
         ("rss_ratio", "speed_ratio", "budget_mb", "peak_rss_mb", "ceiling_mb", "large_images", "machine"),
         _ingest,
     ),
@@ -91,18 +94,18 @@ RUNS: dict[str, Run] = {
     ),
     # The comparisons against peers, against Telegram's limits and with the default settings.
     "queue": Run(
-        ["queue.py", "--quick", "--json", "--messages", "200", "--rounds", "1", "--seconds", "1"],
+        ["queue.py", "--quick", "--json", "--messages", "50", "--rounds", "1", "--seconds", "0.25"],
         ("pgqueuer_per_s", "ratio_pgqueuer", "pgqueuer_p99_ms", "settings", "machine"),
         _queue,
     ),
     "recovery-defaults": Run(
         # One worker case and bot.py's: the JSON's shape is the same for all four.
-        ["recovery.py", "--defaults", "--quick", "--json", "--cases", "reset,x", "--outage", "3", "--x-outage", "3"],
+        ["recovery.py", "--defaults", "--quick", "--json", "--parallel", "--cases", "reset,x", "--outage", "1", "--x-outage", "3"],
         ("cases", "after_return_s", "worst_after_return_s", "machine"),
         _recovery_defaults,
     ),
     "outbound-realistic": Run(
-        ["outbound.py", "--realistic", "--quick", "--json", "--seconds", "1", "--accounts", "2"],
+        ["outbound.py", "--realistic", "--quick", "--json", "--seconds", "0.5", "--accounts", "2"],
         ("efficiency", "flood_waits", "p99_ms", "loads", "machine"),
         _outbound_realistic,
     ),

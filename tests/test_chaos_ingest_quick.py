@@ -24,3 +24,7 @@ async def test_quick_ingest_chaos_run_stores_every_image_once_with_its_object_th
     run.assert_zero("duplicated", "missing", "rows_without_object", "not_stored", "hostile_without_reason")
     assert result["stored"] + sum(result["failed_by_reason"].values()) == result["posted"], run.summary
     run.assert_processes_ended_well()
+    assert [phase["name"] for phase in result["phases"]] == ["kill -9 mid-batch", "SIGTERM mid-batch", "R2 unreachable 2s mid-batch"]
+    assert result["processes_started"] == 3, run.summary  # the first, after kill -9, after SIGTERM
+    assert len(result["sigterm_exit_codes"]) == 2, run.summary  # the SIGTERM phase and the last one at the end
+    assert result["waited_out_r2"] > 0, run.summary  # images were in flight while R2 refused connections
