@@ -1460,7 +1460,9 @@ class SoonestRetry:
     interval later (a retry 0.2 s away would otherwise wait the loop's 5 s).
 
     A lower bound of the delay ``job_fail`` sets (``retry_delay``: RETRY_BASE_DELAY doubling per
-    attempt): waking too early finds nothing due and falls back to the interval, as before.
+    attempt). The time is kept until it has passed: a loop woken before it (a ``job_create``
+    NOTIFY) still comes back for the retry; once it has passed and nothing was due, the loop falls
+    back to its interval, as before.
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
@@ -1471,14 +1473,19 @@ class SoonestRetry:
         """A job failed after ``attempts`` earlier attempts and is now ``status``."""
         if status is not JobStatus.PENDING:
             return  # done with it: dead or failed for good
-        at = self._clock() + doubling_delay(base_delay, attempts)
-        self._at = at if self._at is None else min(self._at, at)
+        now = self._clock()
+        at = now + doubling_delay(base_delay, attempts)
+        if self._at is None or self._at <= now or at < self._at:  # a time already passed counts no more
+            self._at = at
 
     def pause(self, interval: float) -> float:
         """The loop's pause when it found nothing to claim: its interval, or less when a retry is due sooner."""
         if self._at is None:
             return interval
-        left, self._at = self._at - self._clock(), None
+        left = self._at - self._clock()
+        if left <= 0:
+            self._at = None  # looked after it was due: nothing left to come back for
+            return interval
         return interval if left >= interval else max(0.05, left)
 
 
