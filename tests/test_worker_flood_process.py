@@ -26,6 +26,11 @@ async def _row(database_url: str, text: str) -> dict | None:
     return dict(rows[0]) if rows else None
 
 
+async def _is_sent(database_url: str, text: str) -> bool:
+    row = await _row(database_url, text)
+    return row is not None and row["status"] == "sent"
+
+
 async def _held_by(database_url: str, pid: int) -> bool:
     """Both accounts are leased by the process ``pid`` (lease owners are ``worker:host:pid:...``)."""
     rows = await fetch(
@@ -104,6 +109,8 @@ async def test_the_next_process_keeps_to_a_flood_wait_drawn_before_a_kill_9(
             proc=second,
         )
         for text in ("draws the flood wait", "queued while no process runs"):
+            # Telegram has it; the worker marks it sent when Telegram's answer is back.
+            await wait_until(lambda text=text: _is_sent(database_url, text), timeout=15, what=f"{text!r} marked sent", proc=second)
             row = await _row(database_url, text)
             assert row is not None and row["status"] == "sent"
             assert row["sent_at"] >= flood_until, f"{text!r} went during the flood wait"
