@@ -656,6 +656,7 @@ class Post:
         self.settle_after = crew.settings.timeout_http + SETTLE_MARGIN if settle_after is None else settle_after
         self._not_before: dict[str, float] = {}
         self._cap_logged_for: str | None = None
+        self._settle_in: float | None = None  # seconds until the youngest unsettled intent may be settled
 
     def cap_reached(self) -> bool:
         """Today's posts reached POST_DAILY_CAP (said once a day in the log)."""
@@ -706,6 +707,9 @@ class Post:
                 if self._not_before.get(tweet.id, 0) <= crew.clock():
                     self._not_before.pop(tweet.id, None)
             crew.failures.succeeded("post")
+        if self._settle_in is not None:
+            # A young intent (a crash moments ago) is settled when it is old enough, not an interval later.
+            next_due = self._settle_in if next_due is None else min(next_due, self._settle_in)
         return next_due
 
     async def post_one(self, tweet: Tweet) -> str | None:
@@ -789,11 +793,17 @@ class Post:
             )
 
     async def settle_posting(self) -> int:
-        """Resolve ``posting`` intents old enough that no POST can be in flight; how many."""
+        """Resolve ``posting`` intents old enough that no POST can be in flight; how many.
+
+        The seconds until the youngest of the others is old enough are kept for :meth:`cycle`'s pause.
+        """
         settled = 0
         cutoff = self.crew.now() - timedelta(seconds=self.settle_after)
+        self._settle_in = None
         for tweet in await self.crew.db.list_tweets(statuses=[TweetStatus.POSTING], limit=20):
             if tweet.updated_at > cutoff:
+                left = max(0.05, (tweet.updated_at - cutoff).total_seconds())
+                self._settle_in = left if self._settle_in is None else min(self._settle_in, left)
                 continue
             self.crew.ping("post")
             existing = await self.x.find_reply(tweet.target_tweet_id)

@@ -1478,7 +1478,9 @@ class SoonestRetry:
     interval later (a retry 0.2 s away would otherwise wait the loop's 5 s).
 
     A lower bound of the delay ``job_fail`` sets (``retry_delay``: RETRY_BASE_DELAY doubling per
-    attempt): waking too early finds nothing due and falls back to the interval, as before.
+    attempt). The time is kept until it has passed: a loop woken before it (a ``job_create``
+    NOTIFY) still comes back for the retry; once it has passed and nothing was due, the loop falls
+    back to its interval, as before.
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
@@ -1489,14 +1491,19 @@ class SoonestRetry:
         """A job failed after ``attempts`` earlier attempts and is now ``status``."""
         if status is not JobStatus.PENDING:
             return  # done with it: dead or failed for good
-        at = self._clock() + doubling_delay(base_delay, attempts)
-        self._at = at if self._at is None else min(self._at, at)
+        now = self._clock()
+        at = now + doubling_delay(base_delay, attempts)
+        if self._at is None or self._at <= now or at < self._at:  # a time already passed counts no more
+            self._at = at
 
     def pause(self, interval: float) -> float:
         """The loop's pause when it found nothing to claim: its interval, or less when a retry is due sooner."""
         if self._at is None:
             return interval
-        left, self._at = self._at - self._clock(), None
+        left = self._at - self._clock()
+        if left <= 0:
+            self._at = None  # looked after it was due: nothing left to come back for
+            return interval
         return interval if left >= interval else max(0.05, left)
 
 
@@ -1779,6 +1786,14 @@ async def assemble_worker(settings: WorkerSettings, runtime: BotRuntime) -> Work
         metrics.account_seen(connection.label)
         await sync.after_connect(connection)
 
+    # Loops that wait for a connected account (Worker.serve adds the history and jobs loops' wake-ups).
+    ready_wakes: list[asyncio.Event] = []
+
+    def account_ready() -> None:
+        db.wake("outbound")  # its queued messages go now, not at the next poll
+        for wake in ready_wakes:
+            wake.set()  # and its jobs start now, not after the history loop's 5 s or the jobs loop's 2 s
+
     pool = AccountPool(
         db=db,
         cipher=cipher,
@@ -1795,7 +1810,7 @@ async def assemble_worker(settings: WorkerSettings, runtime: BotRuntime) -> Work
         alerts=runtime.alerts,
         labels=set(settings.worker_accounts) if settings.worker_accounts else None,
         on_client=sync.attach,
-        on_ready=lambda connection: db.wake("outbound"),  # its queued messages go now, not at the next poll
+        on_ready=lambda connection: account_ready(),
         accepts=accepts,
         fleet=FleetPolicy(live_seconds=fleet_live_seconds(settings), handoff_grace=settings.account_handoff_grace),
     )
@@ -1826,6 +1841,7 @@ async def assemble_worker(settings: WorkerSettings, runtime: BotRuntime) -> Work
         ),
         history=History(db=db, runtime=runtime, settings=settings, owner=owner, pool=pool, entities=entities),
         jobs=Jobs(db=db, runtime=runtime, settings=settings, owner=owner, pool=pool, entities=entities),
+        ready_wakes=ready_wakes,
     )
 
 
@@ -1928,7 +1944,10 @@ class Worker:
         outbound: Outbound,
         history: History,
         jobs: Jobs,
+        ready_wakes: list[asyncio.Event] | None = None,
     ) -> None:
+        """``ready_wakes``: set whenever an account is connected (the pool's ``on_ready``); :meth:`serve`
+        adds the wake-ups of the loops that wait for a connected account."""
         self.settings = settings
         self.runtime = runtime
         self.db = db
@@ -1937,6 +1956,7 @@ class Worker:
         self.outbound = outbound
         self.history = history
         self.jobs = jobs
+        self.ready_wakes = ready_wakes if ready_wakes is not None else []
 
     async def serve(self, started: Callable[[Worker], None] | None = None) -> None:
         """Run the loops until shutdown, then leave the fleet; ``started(self)`` once they run."""
@@ -1965,9 +1985,12 @@ class Worker:
         )
         runtime.add_loop("sync", lambda: self.sync.cycle(pool.connected()), interval=10.0)
         runtime.add_loop("outbound", self.outbound.cycle, interval=settings.outbound_poll_interval)
-        # A job created (job_create notifies "jobs") starts at once, not at the next look.
-        runtime.add_loop("history", self.history.cycle, interval=5.0, wake=(await db.subscribe(JOBS_CHANNEL)).event)
-        runtime.add_loop("jobs", self.jobs.cycle, interval=2.0, wake=(await db.subscribe(JOBS_CHANNEL)).event)
+        # A job created (job_create notifies "jobs") starts at once, not at the next look; so do the
+        # jobs of an account that just connected (a loop with no connected account waits its interval).
+        history_wake, jobs_wake = (await db.subscribe(JOBS_CHANNEL)).event, (await db.subscribe(JOBS_CHANNEL)).event
+        self.ready_wakes.extend((history_wake, jobs_wake))
+        runtime.add_loop("history", self.history.cycle, interval=5.0, wake=history_wake)
+        runtime.add_loop("jobs", self.jobs.cycle, interval=2.0, wake=jobs_wake)
         runtime.gauges.add("outbound_queue", lambda: metrics.refresh_worker_gauges(db, pool), timeout=settings.timeout_db)
         runtime.add_section("accounts", self.accounts_status)
         runtime.add_ready_check("accounts", self.can_send)

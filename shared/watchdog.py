@@ -449,7 +449,8 @@ def periodic(
     """
 
     async def run() -> None:
-        failures = 0
+        failures = 0  # consecutive failed cycles (logged)
+        blind = 0  # of those, the ones that did not say how long to wait: they grow the pause
         while True:
             watchdog.ping(name)
             pause: float | None
@@ -458,7 +459,7 @@ def periodic(
             try:
                 async with asyncio.timeout(cycle_timeout):
                     pause = await cycle()
-                failures = 0
+                failures = blind = 0
                 LOOP_CYCLES.labels(name, "ok").inc()
                 LOOP_CYCLE_SECONDS.labels(name).observe(time.monotonic() - started)
             except asyncio.CancelledError:
@@ -496,7 +497,10 @@ def periodic(
                         exc_info=failures >= 3,
                         extra={"loop": name, "kind": verdict.kind.value, "consecutive_failures": failures},
                     )
-                    pause = min(error_backoff_max, max(interval, exponential_delay(failures, base=1.0, cap=error_backoff_max)))
+                    # Only blind failures grow the pause: refusals by an open breaker were waited out
+                    # exactly, and counting them made a failure right after an outage wait up to the cap.
+                    blind += 1
+                    pause = min(error_backoff_max, max(interval, exponential_delay(blind, base=1.0, cap=error_backoff_max)))
             wait = interval if pause is None else pause
             watchdog.ping(name, pause=max(0.0, wait))
             if wait <= 0:

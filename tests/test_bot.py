@@ -200,7 +200,9 @@ async def test_the_embedded_default_takes_a_tweet_from_discovery_to_a_posted_rep
 async def test_a_kill_between_posting_and_recording_leaves_exactly_one_reply(
     tmp_path: Path, bots: list[BotProcess], local_x: LocalX, database_url: str
 ) -> None:
-    env = base_env(tmp_path, {"X_API_BASE": local_x.base_url, "DATABASE_URL": database_url, "TIMEOUT_HTTP": "60"})
+    # A short lease: the restarted bot takes over from the killed one after 3 s, not the default 20 s.
+    env = base_env(tmp_path, {"X_API_BASE": local_x.base_url, "DATABASE_URL": database_url, "TIMEOUT_HTTP": "60",
+                              "BOT_LEASE_SECONDS": "3"})
     bot = await BotProcess.start(env)
     bots.append(bot)
     await bot.wait_for(r"draft for \d+ sent to the operators", count=3, timeout=60)
@@ -251,7 +253,7 @@ async def test_health_exit_codes_follow_the_bots_state(
     token = "health-test-token"
     env = base_env(tmp_path, {
         "X_API_BASE": local_x.base_url, "AI_BASE_URL": f"{local_ai.base_url}/v1", "DATABASE_URL": database_url,
-        "STATUS_TOKEN": token,
+        "STATUS_TOKEN": token, "RETRY_BASE_DELAY": "0.1",  # the AI's three failures come 0.1 s apart, not 1 s
     })
     bot = await BotProcess.start(env)
     bots.append(bot)
@@ -259,11 +261,12 @@ async def test_health_exit_codes_follow_the_bots_state(
     await bot.wait_for(r"draft for \d+ sent to the operators", count=3, timeout=60)
     health = [sys.executable, str(BOT_PY), "health", "--port", str(port)]
 
-    code, out = await run_cli(*health, env=env)
+    # Two operators ask at once: one with the bot's token, one with a wrong one.
+    (code, out), (wrong_code, wrong_out) = await asyncio.gather(
+        run_cli(*health, env=env), run_cli(*health, env={**env, "STATUS_TOKEN": "wrong"})
+    )
     assert code == 0 and "overall: healthy" in out, out
-
-    code, out = await run_cli(*health, env={**env, "STATUS_TOKEN": "wrong"})
-    assert code == 2 and "refused the token" in out
+    assert wrong_code == 2 and "refused the token" in wrong_out
 
     # Degraded: X rate-limits the search (the breaker stays closed; we wait for the reset).
     local_x.faults.add("rate_limit", endpoint="search", reset_in=600)
@@ -294,11 +297,12 @@ async def _component(port: int, token: str, name: str, state: str) -> bool:
 
 
 async def test_bad_settings_exit_2_with_one_line(tmp_path: Path) -> None:
-    code, out = await run_cli(sys.executable, str(BOT_PY), env=base_env(tmp_path, {"POST_DELAY_MIN": "10", "POST_DELAY_MAX": "5"}))
+    (code, out), (partial_code, partial_out) = await asyncio.gather(
+        run_cli(sys.executable, str(BOT_PY), env=base_env(tmp_path, {"POST_DELAY_MIN": "10", "POST_DELAY_MAX": "5"})),
+        run_cli(sys.executable, str(BOT_PY), env=base_env(tmp_path, {"X_BEARER_TOKEN": "only-this-one"})),
+    )
     assert code == 2 and out.strip().splitlines() == ["CONFIG ERROR: POST_DELAY_MAX must be at least POST_DELAY_MIN (10), got '5.0'"]
-
-    code, out = await run_cli(sys.executable, str(BOT_PY), env=base_env(tmp_path, {"X_BEARER_TOKEN": "only-this-one"}))
-    assert code == 2 and "X_CONSUMER_KEY" in out and "only-this-one" not in out
+    assert partial_code == 2 and "X_CONSUMER_KEY" in partial_out and "only-this-one" not in partial_out
 
 
 async def test_live_mode_needs_telegram_api_credentials_for_the_bot(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ trace. A collector that hangs must not slow or block the worker.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -52,11 +53,12 @@ async def test_an_enqueue_in_one_process_and_its_send_in_another_are_one_trace(
     worker = await WorkerProcess(traced_env(env, otlp_receiver, "worker"), tmp_path / "worker.log").start()
     try:
         cli = traced_env(env, otlp_receiver, "worker-cli")
-        code, _, err = await worker_cli(cli, "send", "--account", "demo_one", "--to", "alice", TEXT)
-        assert code == 0, err
-        # Queued, then refused by Telegram: bob has blocked demo_one (USER_IS_BLOCKED).
-        code, _, err = await worker_cli(cli, "send", "--account", "demo_one", "--to", "bob", FAILING)
-        assert code == 0, err
+        # Two CLI processes at once; bob's is queued, then refused by Telegram: bob has blocked demo_one (USER_IS_BLOCKED).
+        for code, _, err in await asyncio.gather(
+            worker_cli(cli, "send", "--account", "demo_one", "--to", "alice", TEXT),
+            worker_cli(cli, "send", "--account", "demo_one", "--to", "bob", FAILING),
+        ):
+            assert code == 0, err
         await wait_until(
             lambda: _settled(database_url), timeout=30, what="both messages settled", proc=worker
         )
@@ -113,18 +115,14 @@ async def test_a_hung_collector_neither_slows_nor_blocks_the_worker(
     traced = {**traced_env(env, hung_otlp_receiver, "worker"), "OTEL_EXPORTER_OTLP_TIMEOUT": "30", "OTEL_BSP_MAX_QUEUE_SIZE": "64"}
     worker = await WorkerProcess(traced, tmp_path / "worker.log").start()
     try:
-        for n in range(3):
-            code, _, err = await worker_cli(traced, "send", "--account", "demo_one", "--to", "alice", f"through a hung collector {n}")
-            assert code == 0, err  # the CLI stops on time although its spans cannot be delivered
-        account = (await fetch(database_url, "select id from telegram_accounts where label = 'demo_one'"))[0]["id"]
-        conn = await asyncpg.connect(database_url)
-        try:
-            await conn.executemany(
-                "select 1 from outbound_enqueue(p_account_id => $1, p_peer => $2, p_text => $3)",
-                [(account, "bob", f"burst {n}") for n in range(150)],
-            )
-        finally:
-            await conn.close()
+        # Three sends from the command line at once, each stopping on time although its spans cannot be
+        # delivered, while a burst of 150 is queued directly.
+        results = await asyncio.gather(
+            *(worker_cli(traced, "send", "--account", "demo_one", "--to", "alice", f"through a hung collector {n}") for n in range(3)),
+            _enqueue_burst(database_url, 150, worker),
+        )
+        for code, _, err in results[:3]:
+            assert code == 0, err
         await wait_until(
             lambda: _all_sent(database_url, 153), timeout=60, what="every message sent while the collector hangs", proc=worker
         )
@@ -136,6 +134,21 @@ async def test_a_hung_collector_neither_slows_nor_blocks_the_worker(
     output = worker.output()
     assert "Queue full, dropping" not in output
     assert output.count("span export queue full") == 1, output[-3000:]
+
+
+async def _enqueue_burst(database_url: str, count: int, worker: WorkerProcess) -> None:
+    """``count`` messages from demo_one to bob, queued directly once the worker has registered demo_one."""
+    query = "select id from telegram_accounts where label = 'demo_one'"
+    await wait_until(lambda: fetch(database_url, query), timeout=30, what="demo_one registered", proc=worker)
+    account = (await fetch(database_url, query))[0]["id"]
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.executemany(
+            "select 1 from outbound_enqueue(p_account_id => $1, p_peer => $2, p_text => $3)",
+            [(account, "bob", f"burst {n}") for n in range(count)],
+        )
+    finally:
+        await conn.close()
 
 
 async def _all_sent(database_url: str, count: int) -> bool:

@@ -607,7 +607,8 @@ async def _at_least(value: Awaitable[int], n: int) -> bool:
 
 
 def test_a_failed_jobs_retry_shortens_the_loops_next_pause_to_when_it_is_due() -> None:
-    """A retry 0.2 s away is looked for then, not after the loop's 5 s; dead jobs and no failure change nothing."""
+    """A retry 0.2 s away is looked for then, not after the loop's 5 s, even when a NOTIFY woke the
+    loop before it; dead jobs and no failure change nothing."""
     from shared.db import JobStatus
     from tests.helpers import FakeClock
 
@@ -618,8 +619,18 @@ def test_a_failed_jobs_retry_shortens_the_loops_next_pause_to_when_it_is_due() -
     retries.note(attempts=3, base_delay=0.2, status=JobStatus.PENDING)  # 0.8 s: the sooner one counts
     clock.advance(0.05)
     assert retries.pause(5.0) == pytest.approx(0.15)
-    assert retries.pause(5.0) == 5.0, "looked once: nothing due then means the interval again"
+    clock.advance(0.1)  # woken early (a job_create NOTIFY): the retry is still 0.05 s away
+    assert retries.pause(5.0) == pytest.approx(0.05)
+    clock.advance(0.06)
+    assert retries.pause(5.0) == 5.0, "looked when it was due: nothing due then means the interval again"
+    assert retries.pause(5.0) == 5.0
     retries.note(attempts=1, base_delay=60.0, status=JobStatus.PENDING)
     assert retries.pause(5.0) == 5.0, "a retry further away than the interval leaves the interval"
     retries.note(attempts=9, base_delay=0.2, status=JobStatus.DEAD)
     assert retries.pause(2.0) == 2.0
+
+    clock.advance(120)  # the 60 s one passed
+    retries.note(attempts=1, base_delay=0.2, status=JobStatus.PENDING)
+    clock.advance(0.3)  # due, but the loop found work and did not pause
+    retries.note(attempts=2, base_delay=0.2, status=JobStatus.PENDING)
+    assert retries.pause(5.0) == pytest.approx(0.4), "the next failure's retry, not the one already passed"

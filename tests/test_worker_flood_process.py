@@ -16,13 +16,39 @@ from tests.test_worker_process import WorkerProcess, account_id, accounts_connec
 
 pytestmark = [pytest.mark.slow, pytest.mark.process]
 
-#: Long enough that the second process is up and working well within the hold.
-FLOOD_WAIT = 20
+#: Long enough that the second process is up and holds demo_one well within the hold (the test
+#: checks that it does: otherwise it would prove nothing).
+FLOOD_WAIT = 10
 
 
 async def _row(database_url: str, text: str) -> dict | None:
     rows = await fetch(database_url, "select status, last_error, sent_at from messages where text = $1", text)
     return dict(rows[0]) if rows else None
+
+
+async def _is_sent(database_url: str, text: str) -> bool:
+    row = await _row(database_url, text)
+    return row is not None and row["status"] == "sent"
+
+
+async def _held_by(database_url: str, pid: int) -> bool:
+    """Both accounts are leased by the process ``pid`` (lease owners are ``worker:host:pid:...``)."""
+    rows = await fetch(
+        database_url,
+        "select count(*) as n from telegram_accounts where split_part(lease_owner, ':', 3) = $1 and lease_expires_at > now()",
+        str(pid),
+    )
+    return rows[0]["n"] == 2
+
+
+async def _within_the_hold(database_url: str, label: str) -> bool:
+    rows = await fetch(
+        database_url,
+        "select h.flood_until > now() as holding from account_send_holds h join telegram_accounts a on a.id = h.account_id "
+        "where a.label = $1",
+        label,
+    )
+    return bool(rows) and rows[0]["holding"]
 
 
 async def _flood_until(database_url: str, label: str) -> object | None:
@@ -63,12 +89,15 @@ async def test_the_next_process_keeps_to_a_flood_wait_drawn_before_a_kill_9(
 
         await enqueue(database_url, one, "bob", "queued while no process runs")
         second = await WorkerProcess(env, tmp_path / "second.log").start()
-        await wait_until(lambda: accounts_connected(database_url), timeout=30, what="accounts leased again", proc=second)
+        assert second.proc is not None
+        pid = second.proc.pid
+        await wait_until(lambda: _held_by(database_url, pid), timeout=30, what="accounts leased by the second process", proc=second)
         await enqueue(database_url, two, "carol", "the other account goes on")
         await wait_until(
             lambda: "the other account goes on" in _received(world, "carol"), timeout=15, what="demo_two's send", proc=second
         )
         assert world.limit_answers("demo_one") == {"FLOOD_WAIT": 1}
+        assert await _within_the_hold(database_url, "demo_one"), "the second process had demo_one while the hold lasted"
 
         # From here a send into the hold would succeed: its time would give it away.
         world.clear_flood_limits()
@@ -80,6 +109,8 @@ async def test_the_next_process_keeps_to_a_flood_wait_drawn_before_a_kill_9(
             proc=second,
         )
         for text in ("draws the flood wait", "queued while no process runs"):
+            # Telegram has it; the worker marks it sent when Telegram's answer is back.
+            await wait_until(lambda text=text: _is_sent(database_url, text), timeout=15, what=f"{text!r} marked sent", proc=second)
             row = await _row(database_url, text)
             assert row is not None and row["status"] == "sent"
             assert row["sent_at"] >= flood_until, f"{text!r} went during the flood wait"

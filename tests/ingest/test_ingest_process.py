@@ -36,7 +36,7 @@ FAST = {
     "SANDBOX": "1",
     "LOG_LEVEL": "INFO",
     "ACCOUNT_CHECK_INTERVAL": "0.2",
-    "ACCOUNT_LEASE_SECONDS": "5",
+    "ACCOUNT_LEASE_SECONDS": "3",  # a killed replica's account is taken over 3 s after its last renewal
     "WATCHDOG_CHECK_INTERVAL": "0.2",
     "WATCHDOG_MAX_SILENCE": "10",
     "WATCHDOG_STARTUP_GRACE": "0",

@@ -276,6 +276,10 @@ async def test_a_young_posting_intent_is_left_alone_while_a_post_may_be_in_fligh
 
     assert await rig.guy.post.settle_posting() == 0
     assert (await current(rig, tweet)).status is TweetStatus.POSTING and rig.local_x.hits["timeline"] == 0
+    # The loop comes back when the intent is old enough to settle, not a whole interval later.
+    pause = await rig.guy.post.cycle()
+    assert pause is not None and 0 < pause <= rig.guy.post.settle_after
+    assert (await current(rig, tweet)).status is TweetStatus.POSTING and rig.local_x.hits["timeline"] == 0
 
 
 async def test_recovery_puts_stuck_tweets_back_where_they_can_safely_continue(rig_factory: RigFactory) -> None:

@@ -390,6 +390,32 @@ async def test_periodic_resumes_when_an_open_breaker_lets_a_probe_through_not_af
     assert "loop t_periodic_breaker waits 1.0s: circuit breaker 'database' is open" in caplog.text
 
 
+async def test_periodic_refusals_by_an_open_breaker_do_not_grow_the_pause_after_a_plain_failure(
+    make_watchdog: Callable[..., LoopWatchdog], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A long outage means many refusals; the plain failure after them (a probe let through that
+    failed) waits as a first failure does, about a second, not the 60 s cap."""
+    from shared.errors import TransientError
+
+    calls = 0
+    done = asyncio.Event()
+
+    async def cycle() -> None:
+        nonlocal calls
+        calls += 1
+        if calls <= 8:
+            raise CircuitOpenError("database", retry_after=0.0)
+        if calls == 9:
+            raise TransientError("database away")
+        done.set()
+
+    caplog.set_level(logging.WARNING, logger="shared.watchdog")
+    await run_periodic(make_watchdog, "t_periodic_refusals", cycle, interval=0.01, error_backoff_max=60.0)
+    await asyncio.wait_for(done.wait(), 10)  # counted with the refusals: 9 failures, a 30-60 s pause
+    assert calls == 10
+    assert "loop t_periodic_refusals cycle failed (transient): database away" in caplog.text
+
+
 async def test_periodic_refused_by_an_open_breaker_goes_on_the_moment_it_closes(
     make_watchdog: Callable[..., LoopWatchdog],
 ) -> None:
