@@ -1786,13 +1786,9 @@ async def assemble_worker(settings: WorkerSettings, runtime: BotRuntime) -> Work
         metrics.account_seen(connection.label)
         await sync.after_connect(connection)
 
-    # Loops that wait for a connected account (Worker.serve adds the history and jobs loops' wake-ups).
-    ready_wakes: list[asyncio.Event] = []
-
     def account_ready() -> None:
         db.wake("outbound")  # its queued messages go now, not at the next poll
-        for wake in ready_wakes:
-            wake.set()  # and its jobs start now, not after the history loop's 5 s or the jobs loop's 2 s
+        db.wake(JOBS_CHANNEL)  # and its jobs start now, not after the history loop's 5 s or the jobs loop's 2 s
 
     pool = AccountPool(
         db=db,
@@ -1841,7 +1837,6 @@ async def assemble_worker(settings: WorkerSettings, runtime: BotRuntime) -> Work
         ),
         history=History(db=db, runtime=runtime, settings=settings, owner=owner, pool=pool, entities=entities),
         jobs=Jobs(db=db, runtime=runtime, settings=settings, owner=owner, pool=pool, entities=entities),
-        ready_wakes=ready_wakes,
     )
 
 
@@ -1944,10 +1939,7 @@ class Worker:
         outbound: Outbound,
         history: History,
         jobs: Jobs,
-        ready_wakes: list[asyncio.Event] | None = None,
     ) -> None:
-        """``ready_wakes``: set whenever an account is connected (the pool's ``on_ready``); :meth:`serve`
-        adds the wake-ups of the loops that wait for a connected account."""
         self.settings = settings
         self.runtime = runtime
         self.db = db
@@ -1956,7 +1948,6 @@ class Worker:
         self.outbound = outbound
         self.history = history
         self.jobs = jobs
-        self.ready_wakes = ready_wakes if ready_wakes is not None else []
 
     async def serve(self, started: Callable[[Worker], None] | None = None) -> None:
         """Run the loops until shutdown, then leave the fleet; ``started(self)`` once they run."""
@@ -1986,11 +1977,9 @@ class Worker:
         runtime.add_loop("sync", lambda: self.sync.cycle(pool.connected()), interval=10.0)
         runtime.add_loop("outbound", self.outbound.cycle, interval=settings.outbound_poll_interval)
         # A job created (job_create notifies "jobs") starts at once, not at the next look; so do the
-        # jobs of an account that just connected (a loop with no connected account waits its interval).
-        history_wake, jobs_wake = (await db.subscribe(JOBS_CHANNEL)).event, (await db.subscribe(JOBS_CHANNEL)).event
-        self.ready_wakes.extend((history_wake, jobs_wake))
-        runtime.add_loop("history", self.history.cycle, interval=5.0, wake=history_wake)
-        runtime.add_loop("jobs", self.jobs.cycle, interval=2.0, wake=jobs_wake)
+        # jobs of an account that just connected (assemble_worker's account_ready wakes the channel here).
+        runtime.add_loop("history", self.history.cycle, interval=5.0, wake=(await db.subscribe(JOBS_CHANNEL)).event)
+        runtime.add_loop("jobs", self.jobs.cycle, interval=2.0, wake=(await db.subscribe(JOBS_CHANNEL)).event)
         runtime.gauges.add("outbound_queue", lambda: metrics.refresh_worker_gauges(db, pool), timeout=settings.timeout_db)
         runtime.add_section("accounts", self.accounts_status)
         runtime.add_ready_check("accounts", self.can_send)

@@ -196,6 +196,7 @@ class Database(abc.ABC):
         self.poll_interval = poll_interval
         self.page_size = page_size
         self._default_subscriptions: dict[str, Subscription] = {}
+        self._subscriptions: list[Subscription] = []
 
     # --- transport ----------------------------------------------------------
 
@@ -237,15 +238,22 @@ class Database(abc.ABC):
         return await sub.wait(timeout)
 
     def wake(self, channel: str) -> None:
-        """Wake this process's waiter on ``channel`` (:meth:`wait_for_wakeup`) without a round trip.
+        """Wake this process's subscribers to ``channel`` (:meth:`wait_for_wakeup`, loops waiting on a
+        :attr:`Subscription.event`) without a round trip.
 
         For work that became possible here rather than in the database, e.g. an
-        account connected again after an outage: its queued messages may go at
-        once instead of at the next poll.
+        account connected again after an outage: its queued messages and jobs may
+        go at once instead of at the next poll.
         """
-        sub = self._default_subscriptions.get(channel)
-        if sub is not None and not sub.closed:
-            sub.notify()
+        for sub in self._subscriptions:
+            if sub.channel == channel and not sub.closed:
+                sub.notify()
+
+    def _subscribed(self, sub: Subscription) -> Subscription:
+        """Keep ``sub`` for :meth:`wake` until it is closed (each backend's :meth:`subscribe` ends here)."""
+        self._subscriptions = [kept for kept in self._subscriptions if not kept.closed]
+        self._subscriptions.append(sub)
+        return sub
 
     async def _scalar(self, function: str, args: Mapping[str, Any], *, read_only: bool = False) -> Any:
         rows = await self.call(function, args, read_only=read_only)

@@ -343,7 +343,7 @@ class PostgresDatabase(Database):
         )
         if self.listen_enabled:
             await self._listener.add(sub)
-        return sub
+        return self._subscribed(sub)
 
     # --- lifecycle -------------------------------------------------------------
 

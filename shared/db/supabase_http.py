@@ -178,7 +178,7 @@ class SupabaseDatabase(Database):
 
     async def subscribe(self, channel: str) -> Subscription:
         """A polling subscription: NOTIFY does not cross the HTTP API."""
-        return Subscription(channel, poll_interval=self.poll_interval, live=lambda: False)
+        return self._subscribed(Subscription(channel, poll_interval=self.poll_interval, live=lambda: False))
 
     async def close(self) -> None:
         if self._closed:

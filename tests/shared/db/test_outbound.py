@@ -417,3 +417,18 @@ async def test_a_local_wake_ends_the_outbound_wait_without_a_notification(backen
     await backend_db.wait_for_wakeup("outbound", 0)  # the loop's subscription, as at its first idle wait
     backend_db.wake("outbound")
     assert await asyncio.wait_for(backend_db.wait_for_wakeup("outbound", 3600), 10) is True
+
+
+async def test_a_local_wake_reaches_every_subscription_of_the_channel_and_none_of_another(backend_db: Database) -> None:
+    """The worker's history and jobs loops each wait on their own subscription to the jobs channel:
+    an account that connects wakes both, and nothing listening elsewhere."""
+    history, jobs, accounts = [await backend_db.subscribe(c) for c in ("jobs", "jobs", "accounts")]
+    closed = await backend_db.subscribe("jobs")
+    closed.close()
+
+    backend_db.wake("jobs")
+
+    assert history.event.is_set() and jobs.event.is_set()
+    assert not accounts.event.is_set() and not closed.event.is_set()
+    for sub in (history, jobs, accounts):
+        sub.close()
