@@ -356,7 +356,7 @@ async def make_accounts(dsn: str, world_dir: Path, count: int, *, recipients: in
     from shared.db import PostgresDatabase
     from shared.db.records import AccountStatus
     from devkit.sandbox import World
-    from shared.sessions import SessionCipher, generate_key
+    from shared.cipher import SessionCipher, generate_key
 
     key = generate_key()
     cipher = SessionCipher(key)

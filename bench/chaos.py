@@ -47,7 +47,7 @@ from bench._chaos_faults import ChaosProcess, PgProxy  # noqa: E402
 from bench._chaos_run import ChaosRun, Step, chaos_main, closing_lines, phase_table, process_lines, reason_lines  # noqa: E402
 from shared.db.records import AccountStatus  # noqa: E402
 from devkit.sandbox import FaultKind, World  # noqa: E402
-from shared.sessions import SessionCipher, generate_key  # noqa: E402
+from shared.cipher import SessionCipher, generate_key  # noqa: E402
 
 
 # --- the plan ---------------------------------------------------------------------------

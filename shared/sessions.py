@@ -2,8 +2,7 @@
 
 A Telethon ``StringSession`` holds the account's auth key: whoever has it *is*
 the account. It is stored only encrypted under SESSION_ENCRYPTION_KEY
-(:mod:`shared.cipher`, whose names this module re-exports), and decrypted in
-memory just before connecting.
+(:mod:`shared.cipher`), and decrypted in memory just before connecting.
 
 The rest of a session, which a ``StringSession`` keeps only in memory, lives
 in the database too (:class:`DatabaseSession`): the update state (pts, qts,
@@ -27,7 +26,7 @@ from telethon.sessions import StringSession
 from telethon.tl import types
 from telethon.tl.tlobject import TLObject
 
-from shared.cipher import DECRYPT_FAILURE, SessionCipher, SessionKeyError, generate_key
+from shared.cipher import SessionCipher, generate_key
 from shared.db.records import KnownEntity, UpdateState
 from shared.errors import describe
 from shared.timeouts import bounded
@@ -36,8 +35,6 @@ if TYPE_CHECKING:
     from shared.db import Database
 
 logger = logging.getLogger(__name__)
-
-__all__ = ["DECRYPT_FAILURE", "DatabaseSession", "SessionCipher", "SessionKeyError", "entity_kind", "generate_key"]
 
 
 def entity_kind(entity: Any) -> str | None:

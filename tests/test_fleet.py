@@ -19,7 +19,7 @@ from shared.alerts import AlertType
 from shared.config import WorkerSettings, load_settings
 from shared.db import open_database
 from devkit.sandbox import World
-from shared.sessions import SessionCipher, generate_key
+from shared.cipher import SessionCipher, generate_key
 from shared.telegram import SANDBOX_KEY_FILE, session_cipher
 from tests.helpers import RecordingAlerts, wait_until
 from tests.test_worker import FAST, running_worker, worker_cli

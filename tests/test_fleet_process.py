@@ -21,7 +21,7 @@ import pytest
 
 from bench._common import Accounts, free_port, make_accounts
 from devkit.sandbox import World
-from shared.sessions import DECRYPT_FAILURE, generate_key
+from shared.cipher import DECRYPT_FAILURE, generate_key
 from tests.test_worker import worker_cli
 from tests.test_worker_process import WorkerProcess, account_id, enqueue, fetch, wait_until
 
@@ -391,7 +391,7 @@ async def _moved(database_url: str, labels: set[str], to: set[str]) -> bool:
 async def test_a_replica_whose_key_opens_only_some_sessions_leaves_the_others_to_a_replica_that_can(
     env: dict[str, str], database_url: str, tmp_path: Path
 ) -> None:
-    from shared.sessions import SessionCipher
+    from shared.cipher import SessionCipher
 
     accounts = await make_accounts(database_url, Path(env["SANDBOX_DIR"]), 12, recipients=1)
     newer = generate_key()

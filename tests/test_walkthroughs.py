@@ -17,7 +17,7 @@ import pytest
 
 from shared.config import DEFAULT_PORTS, IngestSettings, ReplyGuySettings, WorkerSettings, load_settings
 from shared.db import embedded_dir
-from shared.sessions import generate_key
+from shared.cipher import generate_key
 from tests.helpers import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -401,7 +401,7 @@ async def test_the_cli_sends_lists_and_logs_in_without_showing_secrets(tmp_path:
 async def test_rotate_key_re_encrypts_every_session_and_an_interrupted_run_loses_nothing(
     tmp_path: Path, database_url: str
 ) -> None:
-    from shared.sessions import SessionCipher, generate_key
+    from shared.cipher import SessionCipher, generate_key
 
     old, new = generate_key(), generate_key()
     base = {"DATABASE_URL": database_url, "SANDBOX_DIR": str(tmp_path / "sb"), "DATA_DIR": str(tmp_path / "d")}

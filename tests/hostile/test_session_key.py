@@ -18,7 +18,7 @@ from shared.db import PostgresDatabase
 from shared.db.records import AccountStatus
 from shared.runtime import BotRuntime
 from devkit.sandbox import World
-from shared.sessions import SessionCipher, generate_key
+from shared.cipher import SessionCipher, generate_key
 from tests.fixtures.postgres import fresh_breaker
 from tests.test_worker import outbound_rows, texts_received, wait_until, worker_env  # noqa: F401 (worker_env is a fixture)
 from worker import Worker, run_worker

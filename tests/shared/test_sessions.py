@@ -9,7 +9,8 @@ import pytest
 from telethon import events, types
 
 from devkit.sandbox import SandboxClient
-from shared.sessions import DatabaseSession, SessionCipher, SessionKeyError, generate_key
+from shared.cipher import SessionCipher, SessionKeyError, generate_key
+from shared.sessions import DatabaseSession
 from tests.helpers import eventually
 
 SESSION = "1BVtsOKABu" + "x" * 340

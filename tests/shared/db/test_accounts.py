@@ -101,7 +101,7 @@ async def test_work_in_hand_counts_what_one_owner_is_sending_for_an_account(back
 
 
 async def test_only_a_needs_login_for_a_key_that_could_not_decrypt_is_undone(backend_db: Database) -> None:
-    from shared.sessions import DECRYPT_FAILURE
+    from shared.cipher import DECRYPT_FAILURE
 
     by_key = (await backend_db.upsert_account("by-key", status=AccountStatus.ACTIVE)).id
     logged_out = (await backend_db.upsert_account("logged-out", status=AccountStatus.ACTIVE)).id
