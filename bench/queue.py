@@ -54,7 +54,7 @@ from typing import Any  # noqa: E402
 
 import asyncpg  # noqa: E402
 
-from bench._common import discard_server, fixed_rate, machine, machine_line, parser, percentile  # noqa: E402
+from bench._common import fixed_rate, machine, machine_line, parser, percentile  # noqa: E402
 from shared.breaker import CircuitBreaker  # noqa: E402
 from shared.db import PostgresDatabase, apply_migrations  # noqa: E402
 from shared.db.embedded import EmbeddedPostgres  # noqa: E402
@@ -146,11 +146,8 @@ class Ours:
             enqueued_at[i] = time.perf_counter()
             await self.db.enqueue_outbound(self.account, f"peer{i % self.plan.peers}", f"{i}")
 
-        subscriptions: list[Any] = []
-
         async def consume(n: int) -> None:
             subscription = await self.db.subscribe("outbound")
-            subscriptions.append(subscription)
             try:
                 while not finished.is_set():
                     rows = await self.db.claim_outbound([self.account], owner=f"consumer-{n}", limit=self.plan.batch)
@@ -160,8 +157,7 @@ class Ours:
                     await asyncio.gather(*(self._mark(row) for row in rows))
                     if len(latencies) >= count:
                         finished.set()
-                        for other in subscriptions:  # the other consumers stop now, not at their next timeout
-                            other.notify()
+                        self.db.wake("outbound")  # the other consumers stop now, not at their next timeout
                     elif len(rows) < self.plan.batch:
                         # As the worker does (Outbound._claim_and_send): look again at once only after
                         # a full batch; else wait (a NOTIFY that came during the claim is latched).
@@ -433,7 +429,7 @@ async def run(plan: Plan) -> dict[str, Any]:
         )
         ours_runs, their_runs = runs["ours"], runs["procrastinate"]
     finally:
-        await discard_server(server)
+        await server.discard()
         shutil.rmtree(root, ignore_errors=True)
     return {
         "ours_per_s": round(ours.per_s, 1),

