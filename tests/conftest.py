@@ -74,14 +74,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Longest first: with parallel workers taking one test at a time, a 30 s test handed out last is
+    # the whole run's tail. The measured durations say how long; a test not measured yet ranks by its tier.
+    measured = load_durations()
+    expected: dict[str, float] = {}
     for item in items:
         tier = tier_of(item)
         if item.get_closest_marker(tier) is None:
             item.add_marker(getattr(pytest.mark, tier))
-    # Longest first: with parallel workers taking one test at a time, a 30 s test handed out last is
-    # the whole run's tail. The measured durations say how long; a test not measured yet ranks by its tier.
-    measured = load_durations()
-    items.sort(key=lambda item: -measured.get(item.nodeid, GUESSED_SECONDS[tier_of(item)]))
+        expected[item.nodeid] = measured.get(item.nodeid, GUESSED_SECONDS[tier])
+    items.sort(key=lambda item: -expected[item.nodeid])
 
 
 def load_durations() -> dict[str, float]:
